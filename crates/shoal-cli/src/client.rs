@@ -1,0 +1,185 @@
+//! The client commands: plain HTTP calls to a node's API. The token comes
+//! from `--token`/`SHOAL_TOKEN`, else `SHOAL_ADMIN_TOKEN`, else the admin
+//! token file in the data directory, so on the machine running `shoal
+//! serve` the commands work with no setup.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+
+use crate::units::{parse_duration, parse_size};
+
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// The node's base URL.
+    #[arg(long, global = true, env = "SHOAL_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Bearer token; defaults to the admin token of the local data directory.
+    #[arg(long, global = true, env = "SHOAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Data directory to read the admin token from.
+    #[arg(long = "client-data-dir", global = true, env = "SHOAL_DATA_DIR", default_value = ".shoal")]
+    data_dir: PathBuf,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+fn read_token(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join("admin.token")).ok()?;
+    Some(text.trim().to_string()).filter(|t| !t.is_empty())
+}
+
+/// `tenant/name`, split.
+pub fn function_ref(text: &str) -> anyhow::Result<(&str, &str)> {
+    match text.split_once('/') {
+        Some((tenant, name)) if !tenant.is_empty() && !name.is_empty() && !name.contains('/') => Ok((tenant, name)),
+        _ => bail!("{text:?} is not TENANT/NAME"),
+    }
+}
+
+impl Client {
+    pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
+        let token = args
+            .token
+            .clone()
+            .or_else(|| std::env::var("SHOAL_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()))
+            .or_else(|| read_token(&args.data_dir));
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Self { http, base: args.url.trim_end_matches('/').to_string(), token })
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    /// Send and turn an error response into a readable error.
+    async fn send(&self, builder: RequestBuilder) -> anyhow::Result<Response> {
+        let response = builder.send().await.with_context(|| format!("reaching the node at {}", self.base))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let call_id = response
+            .headers()
+            .get("x-shoal-call-id")
+            .and_then(|v| v.to_str().ok())
+            .map(|id| format!(" (call {id})"))
+            .unwrap_or_default();
+        let body = response.text().await.unwrap_or_default();
+        let detail = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                let e = v.get("error")?;
+                Some(format!("{}: {}", e.get("kind")?.as_str()?, e.get("message")?.as_str()?))
+            })
+            .unwrap_or(body);
+        if status == StatusCode::UNAUTHORIZED && self.token.is_none() {
+            bail!(
+                "{detail}; no token given (--token, SHOAL_TOKEN, or run where `shoal serve` keeps its data directory)"
+            );
+        }
+        bail!("{detail}{call_id}")
+    }
+
+    async fn json(&self, builder: RequestBuilder) -> anyhow::Result<serde_json::Value> {
+        let response = self.send(builder).await?;
+        response.json().await.context("reading the node's answer")
+    }
+
+    pub async fn deploy(
+        &self,
+        function: &str,
+        file: &Path,
+        memory: Option<&str>,
+        timeout: Option<&str>,
+        env: &[String],
+    ) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(function)?;
+        let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(memory) = memory {
+            let bytes = parse_size(memory).map_err(anyhow::Error::msg)?;
+            query.push(("memory_mb", (bytes.div_ceil(1 << 20)).to_string()));
+        }
+        if let Some(timeout) = timeout {
+            query.push(("timeout_ms", parse_duration(timeout).map_err(anyhow::Error::msg)?.as_millis().to_string()));
+        }
+        for var in env {
+            if !var.contains('=') {
+                bail!("--env {var:?} must be NAME=VALUE");
+            }
+            query.push(("env", var.clone()));
+        }
+        let builder = self.request(Method::PUT, &format!("/v1/functions/{tenant}/{name}")).query(&query).body(wasm);
+        let described = self.json(builder).await?;
+        println!("{}", serde_json::to_string_pretty(&described)?);
+        Ok(())
+    }
+
+    /// Call a function and write its output to stdout as it is.
+    pub async fn invoke(&self, function: &str, input: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+        let (tenant, name) = function_ref(function)?;
+        let response =
+            self.send(self.request(Method::POST, &format!("/v1/functions/{tenant}/{name}/invoke")).body(input)).await?;
+        Ok(response.bytes().await.context("reading the output")?.to_vec())
+    }
+
+    pub async fn list(&self, tenant: &str) -> anyhow::Result<()> {
+        let listed = self.json(self.request(Method::GET, &format!("/v1/functions/{tenant}"))).await?;
+        let functions = listed["functions"].as_array().cloned().unwrap_or_default();
+        println!("{:<24} {:<10} {:>9} {:>9}  SHA-256", "NAME", "KIND", "MEMORY", "TIMEOUT");
+        for f in functions {
+            println!(
+                "{:<24} {:<10} {:>6}MiB {:>7}ms  {}",
+                format!("{tenant}/{}", f["name"].as_str().unwrap_or("?")),
+                f["kind"].as_str().unwrap_or("?"),
+                f["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+                f["timeout_ms"].as_u64().unwrap_or(0),
+                &f["sha256"].as_str().unwrap_or("?")[..12.min(f["sha256"].as_str().unwrap_or("?").len())],
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn remove(&self, function: &str) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(function)?;
+        self.send(self.request(Method::DELETE, &format!("/v1/functions/{tenant}/{name}"))).await?;
+        eprintln!("removed {tenant}/{name}");
+        Ok(())
+    }
+
+    pub async fn logs(&self, function: &str) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(function)?;
+        let logs = self.json(self.request(Method::GET, &format!("/v1/functions/{tenant}/{name}/logs"))).await?;
+        for line in logs["lines"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "{} {} {}",
+                line["call_id"].as_str().unwrap_or("?"),
+                line["stream"].as_str().unwrap_or("?"),
+                line["line"].as_str().unwrap_or("")
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn create_tenant(&self, name: &str) -> anyhow::Result<()> {
+        let created =
+            self.json(self.request(Method::POST, "/v1/tenants").json(&serde_json::json!({ "name": name }))).await?;
+        eprintln!("created tenant {name}; its token (shown once):");
+        println!("{}", created["token"].as_str().unwrap_or(""));
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! `shoal`: run a node (`shoal serve`) or talk to one (every other command).
+
+mod client;
+mod serve;
+mod units;
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::client::{Client, ClientArgs};
+
+/// Shoal: a serverless platform running WebAssembly functions.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node: the embedded single-node default, with the example
+    /// functions deployed under tenant `demo`.
+    Serve(serve::ServeArgs),
+    /// Deploy a wasm component or WASI command module as TENANT/NAME.
+    Deploy {
+        function: String,
+        file: PathBuf,
+        /// Linear memory limit, e.g. 64MiB.
+        #[arg(long)]
+        memory: Option<String>,
+        /// Time limit per call, e.g. 5s or 250ms.
+        #[arg(long)]
+        timeout: Option<String>,
+        /// An env var the function sees, NAME=VALUE; repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+    },
+    /// Call TENANT/NAME and print its output.
+    Invoke {
+        function: String,
+        /// Input given inline.
+        #[arg(short = 'd', long = "data", conflicts_with = "data_file")]
+        data: Option<String>,
+        /// Input read from a file (`-` for stdin).
+        #[arg(long = "data-file")]
+        data_file: Option<PathBuf>,
+    },
+    /// List a tenant's functions.
+    Ls {
+        #[arg(default_value = "demo")]
+        tenant: String,
+    },
+    /// Remove TENANT/NAME.
+    Rm { function: String },
+    /// Recent stdout/stderr lines of TENANT/NAME, with call ids.
+    Logs { function: String },
+    /// Manage tenants (admin).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Create a tenant and print its token (shown once).
+    Create { name: String },
+}
+
+fn read_input(data: Option<String>, data_file: Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
+    match (data, data_file) {
+        (Some(data), _) => Ok(data.into_bytes()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+            Ok(buf)
+        }
+        (None, Some(path)) => std::fs::read(&path).with_context(|| format!("reading {}", path.display())),
+        (None, None) => Ok(Vec::new()),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Serve(args) = cli.command {
+        return serve::run(args).await;
+    }
+    let client = Client::new(&cli.client)?;
+    match cli.command {
+        Command::Serve(_) => unreachable!("handled above"),
+        Command::Deploy { function, file, memory, timeout, env } => {
+            client.deploy(&function, &file, memory.as_deref(), timeout.as_deref(), &env).await
+        }
+        Command::Invoke { function, data, data_file } => {
+            let output = client.invoke(&function, read_input(data, data_file)?).await?;
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&output)?;
+            if stdout.is_terminal() && !output.ends_with(b"\n") {
+                stdout.write_all(b"\n")?;
+            }
+            Ok(())
+        }
+        Command::Ls { tenant } => client.list(&tenant).await,
+        Command::Rm { function } => client.remove(&function).await,
+        Command::Logs { function } => client.logs(&function).await,
+        Command::Tenant { command: TenantCommand::Create { name } } => client.create_tenant(&name).await,
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! `shoal serve`: one node. Settings come from defaults, then an optional
+//! TOML file (`--config`), then `SHOAL_*` env vars, then flags; they are
+//! checked once before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+use shoal_node::{Node, NodeConfig};
+
+use crate::units::{parse_duration, parse_size};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file of settings (same names as the flags, with underscores).
+    #[arg(long, env = "SHOAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "SHOAL_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Where the registry, the compiled-artifact cache and the admin token live.
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Largest invoke request and response body, e.g. 6MiB.
+    #[arg(long, env = "SHOAL_MAX_BODY", value_parser = parse_size)]
+    max_body: Option<u64>,
+    /// Largest wasm binary a deploy accepts, e.g. 64MiB.
+    #[arg(long, env = "SHOAL_MAX_MODULE", value_parser = parse_size)]
+    max_module: Option<u64>,
+    /// Calls running at once; each holds one sandbox.
+    #[arg(long, env = "SHOAL_MAX_CONCURRENT_CALLS")]
+    max_concurrent_calls: Option<u32>,
+    /// Limits of a function whose deploy sets none.
+    #[arg(long, env = "SHOAL_DEFAULT_TIMEOUT", value_parser = parse_duration)]
+    default_timeout: Option<Duration>,
+    #[arg(long, env = "SHOAL_DEFAULT_MEMORY", value_parser = parse_size)]
+    default_memory: Option<u64>,
+    /// Do not deploy the example functions under tenant `demo`.
+    #[arg(long)]
+    no_examples: bool,
+}
+
+/// The `--config` file. Every field is optional; unknown fields are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    max_body: Option<String>,
+    max_module: Option<String>,
+    max_concurrent_calls: Option<u32>,
+    default_timeout: Option<String>,
+    default_memory: Option<String>,
+    examples: Option<bool>,
+}
+
+fn size(text: &str) -> anyhow::Result<usize> {
+    let bytes = parse_size(text).map_err(anyhow::Error::msg)?;
+    usize::try_from(bytes).context("size does not fit this machine")
+}
+
+fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
+    let file: ServeFile = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => ServeFile::default(),
+    };
+    let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(".shoal"));
+    let mut config = NodeConfig::new(data_dir);
+    config.admin_token = std::env::var("SHOAL_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+    if let Some(listen) = args.listen.or(file.listen) {
+        config.listen = listen;
+    }
+    if let Some(text) = &file.max_body {
+        config.max_body_bytes = size(text)?;
+    }
+    if let Some(bytes) = args.max_body {
+        config.max_body_bytes = usize::try_from(bytes)?;
+    }
+    if let Some(text) = &file.max_module {
+        config.max_module_bytes = size(text)?;
+    }
+    if let Some(bytes) = args.max_module {
+        config.max_module_bytes = usize::try_from(bytes)?;
+    }
+    if let Some(n) = args.max_concurrent_calls.or(file.max_concurrent_calls) {
+        config.max_concurrent_calls = n;
+    }
+    if let Some(text) = &file.default_timeout {
+        config.default_timeout = parse_duration(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(timeout) = args.default_timeout {
+        config.default_timeout = timeout;
+    }
+    if let Some(text) = &file.default_memory {
+        config.default_memory_bytes = parse_size(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(bytes) = args.default_memory {
+        config.default_memory_bytes = bytes;
+    }
+    config.validate().map_err(anyhow::Error::msg)?;
+    let examples = !args.no_examples && file.examples.unwrap_or(true);
+    Ok((config, examples))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let (config, examples) = node_config(&args)?;
+    let listen = config.listen;
+    let data_dir = config.data_dir.clone();
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let node = Node::start(config).await.context("starting the node")?;
+    if examples {
+        node.deploy_defaults("demo", shoal_guests::EXAMPLES)
+            .await
+            .map_err(|e| anyhow::anyhow!("deploying the examples: {}", e.message))?;
+    }
+    let addr = listener.local_addr()?;
+    eprintln!("shoal: serving http://{addr} (data in {})", data_dir.display());
+    if examples {
+        let names: Vec<&str> = shoal_guests::EXAMPLES.iter().map(|(name, _)| *name).collect();
+        eprintln!("shoal: examples deployed as demo/{{{}}}", names.join(","));
+    }
+    node.serve(listener, shutdown_signal()).await.context("serving")?;
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! The HTTP API (DESIGN.md §4). Handlers are thin: authenticate, check
+//! names and limits, call the node, map the outcome. Bodies are read with
+//! their limit enforced while reading, so an oversized body is refused
+//! without being buffered.
+
+mod functions;
+mod tenants;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::extract::rejection::PathRejection;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+
+use crate::Node;
+use crate::auth::{self, Caller};
+use crate::error::{ApiError, ErrorKind};
+use crate::metrics::Gauges;
+
+pub(crate) fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/tenants", post(tenants::create))
+        .route("/v1/functions/{tenant}", get(functions::list))
+        .route(
+            "/v1/functions/{tenant}/{name}",
+            put(functions::deploy).get(functions::describe).delete(functions::remove),
+        )
+        .route("/v1/functions/{tenant}/{name}/invoke", post(functions::invoke))
+        .route("/v1/functions/{tenant}/{name}/logs", get(functions::logs))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(ErrorKind::MethodNotAllowed, "this route does not take that method")
+        })
+        .with_state(node)
+}
+
+impl Node {
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        auth::authenticate(headers, &self.admin_hash, |tenant| self.registry.tenant_hash(tenant))
+    }
+}
+
+fn path_error(rejection: PathRejection) -> ApiError {
+    ApiError::bad_request(format!("bad path: {}", rejection.body_text()))
+}
+
+/// Read a request body of at most `limit` bytes. A declared length over
+/// the limit is refused before reading; an undeclared one is cut off as
+/// soon as it passes the limit.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::new(ErrorKind::TooLarge, format!("request body is over the limit of {limit} bytes"));
+    if let Some(length) = headers.get(CONTENT_LENGTH) {
+        let length: u64 = length
+            .to_str()
+            .ok()
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| ApiError::bad_request("Content-Length is not a number"))?;
+        if length > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!("reading the request body: {e}"))),
+    }
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let gauges = Gauges {
+        n_tenants: node.registry.n_tenants(),
+        n_functions: node.registry.n_functions(),
+        n_running: node.executor.busy(),
+        n_slots: node.executor.n_slots(),
+        n_compiles: node.runtime().n_compiles(),
+    };
+    let mut response = node.metrics.render(&gauges).into_response();
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}

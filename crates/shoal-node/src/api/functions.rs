@@ -1,0 +1,252 @@
+//! Routes under `/v1/functions/{tenant}`: deploy, list, describe, remove,
+//! invoke and logs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use rand::RngCore;
+use serde_json::json;
+use tracing::Instrument;
+
+use super::{path_error, read_body};
+use crate::error::{ApiError, ErrorKind};
+use crate::names::check_name;
+use crate::registry::{DeployedFunction, FunctionRecord};
+use crate::{DeploySpec, Node, now_ms};
+
+const CALL_ID_HEADER: &str = "x-shoal-call-id";
+
+/// A function as clients see it: env var names, never their values.
+fn description(record: &FunctionRecord) -> serde_json::Value {
+    json!({
+        "tenant": record.tenant,
+        "name": record.name,
+        "kind": record.kind,
+        "sha256": record.sha256,
+        "size_bytes": record.size_bytes,
+        "memory_bytes": record.memory_bytes,
+        "timeout_ms": record.timeout_ms,
+        "env": record.env.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        "deployed_ms": record.deployed_ms,
+    })
+}
+
+/// Authenticate and check that the caller may act on `tenant/name`.
+fn authorise(node: &Node, headers: &HeaderMap, tenant: &str, name: Option<&str>) -> Result<(), ApiError> {
+    let caller = node.authenticate(headers)?;
+    caller.check_tenant(tenant)?;
+    check_name("tenant", tenant)?;
+    if let Some(name) = name {
+        check_name("function", name)?;
+    }
+    Ok(())
+}
+
+/// The function, or the same 404 whether or not the tenant exists.
+fn find(node: &Node, tenant: &str, name: &str) -> Result<Arc<DeployedFunction>, ApiError> {
+    node.registry
+        .get(tenant, name)
+        .ok_or_else(|| ApiError::not_found(format!("function `{tenant}/{name}` does not exist")))
+}
+
+fn env_name_is_valid(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parse `timeout_ms`, `memory_mb` and repeated `env=K=V` against the
+/// node's caps. Unknown parameters are refused, not ignored.
+fn deploy_spec(node: &Node, query: Option<&str>) -> Result<DeploySpec, ApiError> {
+    let config = &node.config;
+    let mut spec =
+        DeploySpec { memory_bytes: config.default_memory_bytes, timeout: config.default_timeout, env: Vec::new() };
+    let mut env_bytes = 0;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let number = || {
+            value.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{key}={value:?} is not a whole number")))
+        };
+        match key.as_ref() {
+            "timeout_ms" => {
+                let ms = number()?;
+                let max = config.max_timeout.as_millis() as u64;
+                if ms == 0 || ms > max {
+                    return Err(ApiError::bad_request(format!("timeout_ms={ms} is outside 1..={max}")));
+                }
+                spec.timeout = Duration::from_millis(ms);
+            }
+            "memory_mb" => {
+                let mb = number()?;
+                let max = config.max_memory_bytes >> 20;
+                if mb == 0 || mb > max {
+                    return Err(ApiError::bad_request(format!("memory_mb={mb} is outside 1..={max}")));
+                }
+                spec.memory_bytes = mb << 20;
+            }
+            "env" => {
+                let Some((name, val)) = value.split_once('=') else {
+                    return Err(ApiError::bad_request(format!("env={value:?} must be NAME=VALUE")));
+                };
+                if !env_name_is_valid(name) {
+                    return Err(ApiError::bad_request(format!(
+                        "env var name {name:?} must match [A-Za-z_][A-Za-z0-9_]*"
+                    )));
+                }
+                env_bytes += name.len() + val.len();
+                if spec.env.len() == config.max_env_vars || env_bytes > config.max_env_bytes {
+                    return Err(ApiError::new(
+                        ErrorKind::TooLarge,
+                        format!(
+                            "env vars are over the limit of {} vars or {} bytes",
+                            config.max_env_vars, config.max_env_bytes
+                        ),
+                    ));
+                }
+                spec.env.retain(|(k, _)| k != name);
+                spec.env.push((name.to_string(), val.to_string()));
+            }
+            other => return Err(ApiError::bad_request(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    Ok(spec)
+}
+
+pub(super) async fn deploy(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let Path((tenant, name)) = path.map_err(path_error)?;
+    authorise(&node, &headers, &tenant, Some(&name))?;
+    let spec = deploy_spec(&node, query.as_deref())?;
+    let wasm = read_body(body, &headers, node.config.max_module_bytes).await?;
+    let record = node.deploy(&tenant, &name, &wasm, spec).await?;
+    Ok((StatusCode::CREATED, Json(description(&record))))
+}
+
+pub(super) async fn list(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(tenant) = path.map_err(path_error)?;
+    authorise(&node, &headers, &tenant, None)?;
+    let functions: Vec<_> = node.registry.list(&tenant).iter().map(description).collect();
+    Ok(Json(json!({ "functions": functions })))
+}
+
+pub(super) async fn describe(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path((tenant, name)) = path.map_err(path_error)?;
+    authorise(&node, &headers, &tenant, Some(&name))?;
+    Ok(Json(description(&find(&node, &tenant, &name)?.record)))
+}
+
+pub(super) async fn remove(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let Path((tenant, name)) = path.map_err(path_error)?;
+    authorise(&node, &headers, &tenant, Some(&name))?;
+    if node.registry.remove(&tenant, &name)? {
+        tracing::info!(%tenant, function = %name, "removed");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("function `{tenant}/{name}` does not exist")))
+    }
+}
+
+pub(super) async fn logs(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path((tenant, name)) = path.map_err(path_error)?;
+    authorise(&node, &headers, &tenant, Some(&name))?;
+    let function = find(&node, &tenant, &name)?;
+    Ok(Json(json!({ "lines": function.logs.snapshot() })))
+}
+
+fn new_call_id() -> String {
+    format!("{:016x}", rand::rng().next_u64())
+}
+
+pub(super) async fn invoke(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let call_id = new_call_id();
+    let mut response = match invoke_inner(&node, path, query.as_deref(), &headers, body, &call_id).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&call_id) {
+        response.headers_mut().insert(CALL_ID_HEADER, value);
+    }
+    response
+}
+
+async fn invoke_inner(
+    node: &Node,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+    call_id: &str,
+) -> Result<Response, ApiError> {
+    let Path((tenant, name)) = path.map_err(path_error)?;
+    authorise(node, headers, &tenant, Some(&name))?;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match (key.as_ref(), value.as_ref()) {
+            ("async", "false") => {}
+            ("async", "true") => {
+                return Err(ApiError::bad_request("asynchronous calls are not available on this node yet"));
+            }
+            (key, value) => return Err(ApiError::bad_request(format!("unknown query parameter {key}={value:?}"))),
+        }
+    }
+    let function = find(node, &tenant, &name)?;
+    let input = read_body(body, headers, node.config.max_body_bytes).await?;
+
+    let span = tracing::debug_span!("call", %tenant, function = %name, %call_id);
+    let started = Instant::now();
+    let run = node.executor.run(&function.image, &function.settings, &input);
+    let out = match run.instrument(span).await {
+        Ok(out) => out,
+        Err(overloaded) => {
+            node.metrics.record_call(Err(ErrorKind::Overloaded), None);
+            return Err(overloaded.into());
+        }
+    };
+    let elapsed = started.elapsed();
+    function.logs.append(call_id, now_ms(), out.log_lines());
+    match out.result {
+        Ok(output) => {
+            node.metrics.record_call(Ok(()), Some(elapsed));
+            let mut response = output.into_response();
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            Ok(response)
+        }
+        Err(e) => {
+            let error = ApiError::from(e);
+            node.metrics.record_call(Err(error.kind), Some(elapsed));
+            Err(error)
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The node's typed configuration: every limit the node enforces, with its
+//! default. The binary fills it (defaults < file < env < flags); the node
+//! never reads settings itself.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Admin token; generated into `<data_dir>/admin.token` when unset.
+    pub admin_token: Option<String>,
+    /// Largest invoke request body and response body. Default 6 MiB.
+    pub max_body_bytes: usize,
+    /// Largest wasm binary a deploy accepts. Default 64 MiB.
+    pub max_module_bytes: usize,
+    /// Limits a function gets when its deploy names none.
+    pub default_timeout: Duration,
+    pub default_memory_bytes: u64,
+    /// The most a deploy may ask for.
+    pub max_timeout: Duration,
+    pub max_memory_bytes: u64,
+    /// Env vars per function and bytes of all of them. Defaults 64, 64 KiB.
+    pub max_env_vars: usize,
+    pub max_env_bytes: usize,
+    /// Calls running at once (each holds one sandbox). Default 1,000.
+    pub max_concurrent_calls: u32,
+    /// Concurrent compilations. Default 1.
+    pub compile_concurrency: usize,
+    /// Log lines kept per function. Default 1,000.
+    pub log_lines_per_function: usize,
+}
+
+impl NodeConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: data_dir.into(),
+            admin_token: None,
+            max_body_bytes: (6 * MIB) as usize,
+            max_module_bytes: (64 * MIB) as usize,
+            default_timeout: Duration::from_secs(5),
+            default_memory_bytes: 64 * MIB,
+            max_timeout: Duration::from_secs(900),
+            max_memory_bytes: 256 * MIB,
+            max_env_vars: 64,
+            max_env_bytes: 64 << 10,
+            max_concurrent_calls: 1000,
+            compile_concurrency: 1,
+            log_lines_per_function: 1000,
+        }
+    }
+
+    /// Check the settings once, at start.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.default_timeout > self.max_timeout || self.default_timeout.is_zero() {
+            return Err(format!(
+                "default timeout {:?} must be positive and at most the maximum {:?}",
+                self.default_timeout, self.max_timeout
+            ));
+        }
+        if self.default_memory_bytes > self.max_memory_bytes || self.default_memory_bytes < 65536 {
+            return Err(format!(
+                "default memory {} must be at least one wasm page and at most the maximum {}",
+                self.default_memory_bytes, self.max_memory_bytes
+            ));
+        }
+        if self.max_concurrent_calls == 0 {
+            return Err("max_concurrent_calls must be at least 1".into());
+        }
+        if let Some(token) = &self.admin_token
+            && token.len() < 16
+        {
+            return Err("the admin token must be at least 16 characters".into());
+        }
+        Ok(())
+    }
+}

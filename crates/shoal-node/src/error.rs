@@ -1,0 +1,152 @@
+//! The one mapping from failures to HTTP: every error a client sees is
+//! `{"error":{"kind":…,"message":…}}` with the status of its kind. Internal
+//! details (paths, host errors) are logged, not sent.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use shoal_runtime::{CallError, DeployError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    Conflict,
+    TooLarge,
+    UriTooLong,
+    InvalidWasm,
+    Overloaded,
+    Trap,
+    FunctionError,
+    OutOfMemory,
+    Timeout,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Conflict => "conflict",
+            Self::TooLarge => "too_large",
+            Self::UriTooLong => "uri_too_long",
+            Self::InvalidWasm => "invalid_wasm",
+            Self::Overloaded => "overloaded",
+            Self::Trap => "trap",
+            Self::FunctionError => "function_error",
+            Self::OutOfMemory => "out_of_memory",
+            Self::Timeout => "timeout",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict => StatusCode::CONFLICT,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
+            Self::InvalidWasm => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            Self::Trap | Self::FunctionError | Self::OutOfMemory | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), retry_after: None }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadRequest, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    /// A failure inside the node: logged in full, reported without details.
+    pub fn internal(context: &str, error: impl std::fmt::Display) -> Self {
+        tracing::error!(%error, "{context}");
+        Self::new(ErrorKind::Internal, format!("internal error while {context}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "kind": self.kind.as_str(), "message": self.message } });
+        let mut response = (self.kind.status(), axum::Json(body)).into_response();
+        if let Some(retry_after) = self.retry_after {
+            let secs = retry_after.as_secs().max(1);
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> Self {
+        match e {
+            DeployError::InvalidWasm(message) => Self::new(ErrorKind::InvalidWasm, message),
+            DeployError::TooLarge { .. } => Self::new(ErrorKind::TooLarge, e.to_string()),
+            DeployError::Internal(message) => Self::internal("compiling", message),
+        }
+    }
+}
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        let kind = match &e {
+            CallError::Trap { .. } => ErrorKind::Trap,
+            CallError::Timeout { .. } => ErrorKind::Timeout,
+            CallError::OutOfMemory { .. } => ErrorKind::OutOfMemory,
+            CallError::Function { .. } => ErrorKind::FunctionError,
+            CallError::OutputTooLarge { .. } => ErrorKind::TooLarge,
+            CallError::Overloaded { .. } => {
+                return Self {
+                    kind: ErrorKind::Overloaded,
+                    message: e.to_string(),
+                    retry_after: Some(Duration::from_secs(1)),
+                };
+            }
+            CallError::Internal(message) => return Self::internal("running a call", message),
+        };
+        Self::new(kind, e.to_string())
+    }
+}
+
+impl From<shoal_sched::Overloaded> for ApiError {
+    fn from(e: shoal_sched::Overloaded) -> Self {
+        Self { kind: ErrorKind::Overloaded, message: e.to_string(), retry_after: Some(e.retry_after) }
+    }
+}
+
+impl From<shoal_state::StoreError> for ApiError {
+    fn from(e: shoal_state::StoreError) -> Self {
+        Self::internal("using the embedded store", e)
+    }
+}

@@ -1,0 +1,226 @@
+//! A Shoal node: the runtime, the embedded store and the executor composed
+//! behind the HTTP API (DESIGN.md §4), with auth, logs and metrics.
+//!
+//! [`Node::start`] opens the data directory, loads every deployed function
+//! (from the compiled-artifact cache, without compiling) and returns a node
+//! ready to serve; [`Node::router`] is the HTTP API, testable in-process or
+//! on a real socket; [`Node::serve`] runs it until a shutdown signal.
+//!
+//! The node owns the mapping from typed errors to HTTP statuses and nothing
+//! below it ever sees HTTP.
+
+mod api;
+mod auth;
+mod config;
+mod error;
+mod logs;
+mod metrics;
+mod names;
+mod registry;
+
+pub use config::NodeConfig;
+pub use error::{ApiError, ErrorKind};
+pub use registry::FunctionRecord;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shoal_runtime::{Runtime, RuntimeConfig};
+use shoal_sched::Executor;
+use shoal_state::EmbeddedStore;
+use tokio::net::TcpListener;
+
+use crate::auth::TokenHash;
+use crate::metrics::Metrics;
+use crate::registry::{DeployedFunction, Registry, TenantRecord};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Runtime(#[from] shoal_runtime::RuntimeError),
+    #[error(transparent)]
+    Store(#[from] shoal_state::StoreError),
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The limits and env of a deploy, already checked against the node's caps.
+#[derive(Clone, Debug)]
+pub struct DeploySpec {
+    pub memory_bytes: u64,
+    pub timeout: Duration,
+    pub env: Vec<(String, String)>,
+}
+
+pub struct Node {
+    config: NodeConfig,
+    registry: Registry,
+    executor: Executor,
+    metrics: Metrics,
+    admin_hash: TokenHash,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Open the data directory and load every deployed function.
+    pub async fn start(config: NodeConfig) -> Result<Arc<Self>, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        let data_dir = &config.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| StartError::DataDir { path: data_dir.display().to_string(), source })?;
+        let admin_token = auth::admin_token(data_dir, config.admin_token.as_deref())
+            .map_err(|source| StartError::DataDir { path: data_dir.display().to_string(), source })?;
+        let store = Arc::new(EmbeddedStore::open(&data_dir.join("shoal.redb"))?);
+
+        let mut runtime_config = RuntimeConfig::new(data_dir.join("cache"));
+        runtime_config.max_instances = config.max_concurrent_calls;
+        runtime_config.max_memory_bytes = usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX);
+        runtime_config.max_module_bytes = config.max_module_bytes;
+        runtime_config.compile_concurrency = config.compile_concurrency;
+        runtime_config.max_output_bytes = config.max_body_bytes;
+        let runtime = Arc::new(Runtime::new(runtime_config)?);
+        let executor = Executor::new(runtime.clone(), config.max_concurrent_calls);
+
+        let registry = Registry::open(store)?;
+        let node = Self {
+            admin_hash: auth::hash_token(&admin_token),
+            config,
+            registry,
+            executor,
+            metrics: Metrics::default(),
+        };
+        node.load_functions().await?;
+        Ok(Arc::new(node))
+    }
+
+    async fn load_functions(&self) -> Result<(), StartError> {
+        let stored = self.registry.stored_functions()?;
+        let n_stored = stored.len();
+        let started = std::time::Instant::now();
+        for (record, wasm) in stored {
+            match self.executor.runtime().load(&wasm).await {
+                Ok(image) => {
+                    let logs = self.registry.logs_for(&record.tenant, &record.name, self.config.log_lines_per_function);
+                    self.registry.insert_loaded(DeployedFunction::new(record, image, logs));
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %record.tenant, function = %record.name, error = %e, "cannot load a stored function; skipping it")
+                }
+            }
+        }
+        tracing::info!(
+            n_functions = self.registry.n_functions(),
+            n_stored,
+            n_compiles = self.executor.runtime().n_compiles(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "loaded deployed functions"
+        );
+        Ok(())
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        self.executor.runtime()
+    }
+
+    /// The HTTP API.
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        api::router(self.clone())
+    }
+
+    /// Create `tenant` if it does not exist; returns its new token, or None
+    /// when it existed.
+    pub fn create_tenant(&self, tenant: &str) -> Result<Option<String>, ApiError> {
+        names::check_name("tenant", tenant)?;
+        let token = auth::new_tenant_token(tenant);
+        let record = TenantRecord {
+            name: tenant.to_string(),
+            token_sha256: hex::encode(auth::hash_token(&token)),
+            created_ms: now_ms(),
+        };
+        Ok(self.registry.create_tenant(record)?.then_some(token))
+    }
+
+    /// Deploy `wasm` as `tenant/name`: compile (or reuse), persist, publish.
+    pub async fn deploy(
+        &self,
+        tenant: &str,
+        name: &str,
+        wasm: &[u8],
+        spec: DeploySpec,
+    ) -> Result<FunctionRecord, ApiError> {
+        names::check_name("tenant", tenant)?;
+        names::check_name("function", name)?;
+        if !self.registry.tenant_exists(tenant) {
+            return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist; create it first")));
+        }
+        let image = self.runtime().load(wasm).await?;
+        let record = FunctionRecord {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            kind: image.kind().as_str().to_string(),
+            sha256: image.sha256_hex(),
+            size_bytes: wasm.len(),
+            memory_bytes: spec.memory_bytes,
+            timeout_ms: spec.timeout.as_millis() as u64,
+            env: spec.env,
+            deployed_ms: now_ms(),
+        };
+        let logs = self.registry.logs_for(tenant, name, self.config.log_lines_per_function);
+        let function = self.registry.deploy(DeployedFunction::new(record, image, logs), wasm)?;
+        self.metrics.record_deploy();
+        tracing::info!(%tenant, function = %name, sha256 = %function.record.sha256, "deployed");
+        Ok(function.record.clone())
+    }
+
+    /// Deploy `functions` under `tenant` with default limits, creating the
+    /// tenant if needed; a function already deployed with the same bytes is
+    /// left as it is.
+    pub async fn deploy_defaults(&self, tenant: &str, functions: &[(&str, &[u8])]) -> Result<(), ApiError> {
+        self.create_tenant(tenant)?;
+        for (name, wasm) in functions {
+            let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(wasm));
+            if self.registry.get(tenant, name).is_some_and(|f| f.record.sha256 == sha) {
+                continue;
+            }
+            let spec = DeploySpec {
+                memory_bytes: self.config.default_memory_bytes,
+                timeout: self.config.default_timeout,
+                env: Vec::new(),
+            };
+            self.deploy(tenant, name, wasm, spec).await?;
+        }
+        Ok(())
+    }
+
+    /// Serve the API on `listener` until `shutdown` resolves, then finish
+    /// the requests in flight and stop the runtime's threads.
+    pub async fn serve(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "serving");
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await?;
+        self.runtime().shutdown();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,121 @@
+//! Node metrics in the Prometheus text format: call outcomes, call latency
+//! (a fixed-bucket histogram), and gauges of what is deployed and running.
+//! Plain atomics; recording a call never takes a lock.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::error::ErrorKind;
+
+/// Upper bounds of the latency buckets, in microseconds.
+const BUCKETS_US: [u64; 12] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000, 10_000_000];
+
+/// Outcomes counted; index 0 is success.
+const OUTCOMES: [&str; 9] =
+    ["ok", "function_error", "trap", "timeout", "out_of_memory", "overloaded", "too_large", "internal", "other"];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    outcomes: [AtomicU64; OUTCOMES.len()],
+    buckets: [AtomicU64; BUCKETS_US.len()],
+    duration_us_sum: AtomicU64,
+    n_timed: AtomicU64,
+    n_deploys: AtomicU64,
+}
+
+fn outcome_index(outcome: Result<(), ErrorKind>) -> usize {
+    let name = match outcome {
+        Ok(()) => "ok",
+        Err(kind) => kind.as_str(),
+    };
+    OUTCOMES.iter().position(|o| *o == name).unwrap_or(OUTCOMES.len() - 1)
+}
+
+/// Gauges read at render time.
+#[derive(Debug)]
+pub struct Gauges {
+    pub n_tenants: usize,
+    pub n_functions: usize,
+    pub n_running: u32,
+    pub n_slots: u32,
+    pub n_compiles: u64,
+}
+
+impl Metrics {
+    /// Record a call that ran (refused calls have no duration).
+    pub fn record_call(&self, outcome: Result<(), ErrorKind>, duration: Option<Duration>) {
+        self.outcomes[outcome_index(outcome)].fetch_add(1, Ordering::Relaxed);
+        if let Some(duration) = duration {
+            let us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+            if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+            self.duration_us_sum.fetch_add(us, Ordering::Relaxed);
+            self.n_timed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn record_deploy(&self) {
+        self.n_deploys.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::new();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        out.push_str("# HELP shoal_calls_total Calls by outcome.\n# TYPE shoal_calls_total counter\n");
+        for (name, count) in OUTCOMES.iter().zip(&self.outcomes) {
+            let _ = writeln!(out, "shoal_calls_total{{outcome=\"{name}\"}} {}", load(count));
+        }
+        out.push_str("# HELP shoal_call_duration_seconds Time from start to end of calls that ran.\n");
+        out.push_str("# TYPE shoal_call_duration_seconds histogram\n");
+        let mut cumulative = 0;
+        for (bound, count) in BUCKETS_US.iter().zip(&self.buckets) {
+            cumulative += load(count);
+            let _ = writeln!(out, "shoal_call_duration_seconds_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        }
+        let n_timed = load(&self.n_timed);
+        let _ = writeln!(out, "shoal_call_duration_seconds_bucket{{le=\"+Inf\"}} {n_timed}");
+        let _ = writeln!(out, "shoal_call_duration_seconds_sum {}", load(&self.duration_us_sum) as f64 / 1e6);
+        let _ = writeln!(out, "shoal_call_duration_seconds_count {n_timed}");
+        let gauges = [
+            ("shoal_deploys_total", "counter", "Successful deploys since start.", load(&self.n_deploys)),
+            ("shoal_compiles_total", "counter", "Wasm binaries compiled since start.", gauges.n_compiles),
+            ("shoal_tenants", "gauge", "Tenants.", gauges.n_tenants as u64),
+            ("shoal_functions", "gauge", "Deployed functions.", gauges.n_functions as u64),
+            ("shoal_calls_running", "gauge", "Calls running now.", u64::from(gauges.n_running)),
+            ("shoal_call_slots", "gauge", "Calls that may run at once.", u64::from(gauges.n_slots)),
+        ];
+        for (name, kind, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_land_in_their_outcome_and_bucket() {
+        let m = Metrics::default();
+        m.record_call(Ok(()), Some(Duration::from_micros(80)));
+        m.record_call(Err(ErrorKind::Timeout), Some(Duration::from_secs(2)));
+        m.record_call(Err(ErrorKind::Overloaded), None);
+        let text = m.render(&Gauges { n_tenants: 1, n_functions: 2, n_running: 0, n_slots: 8, n_compiles: 3 });
+        for expected in [
+            "shoal_calls_total{outcome=\"ok\"} 1",
+            "shoal_calls_total{outcome=\"timeout\"} 1",
+            "shoal_calls_total{outcome=\"overloaded\"} 1",
+            "shoal_call_duration_seconds_bucket{le=\"0.00005\"} 0",
+            "shoal_call_duration_seconds_bucket{le=\"0.0001\"} 1",
+            "shoal_call_duration_seconds_bucket{le=\"10\"} 2",
+            "shoal_call_duration_seconds_count 2",
+            "shoal_functions 2",
+            "shoal_compiles_total 3",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! `cold_start`: a new instance of a deployed function + one call + drop,
+//! as in production (async, epoch deadlines, WASI context, pooling
+//! allocator). Compares a component built with shoal-sdk (echo of 64
+//! bytes) with a no-op WASI command module in the same run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use shoal_runtime::{CallSettings, Runtime, RuntimeConfig};
+
+fn cold_start(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
+    let runtime = Runtime::new(RuntimeConfig::new(dir.path().join("cache"))).expect("runtime");
+    let settings = CallSettings { memory_limit: 64 << 20, timeout: Duration::from_secs(5), env: Arc::from(Vec::new()) };
+    let input = [b'x'; 64];
+    let mut group = c.benchmark_group("cold_start");
+    for (name, wasm) in [
+        ("echo_component_64b", shoal_guests::ECHO),
+        ("hello_component", shoal_guests::HELLO),
+        ("noop_command_module", shoal_guests::NOOP_CMD),
+    ] {
+        let image = tokio.block_on(runtime.load(wasm)).expect("guest loads");
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let out = tokio.block_on(runtime.call(&image, &settings, &input));
+                assert!(out.result.is_ok(), "{:?}", out.result);
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, cold_start);
+criterion_main!(benches);

@@ -1,0 +1,93 @@
+//! Compiled artifacts on disk, keyed by the wasm's SHA-256 and the engine's
+//! fingerprint, so a restart loads previously deployed functions without
+//! compiling them again. Files are written whole (temporary file, then
+//! rename) and never edited in place; a file that fails to load is removed
+//! and the wasm compiled again.
+
+#![allow(unsafe_code)]
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use wasmtime::Engine;
+use wasmtime::Module;
+use wasmtime::component::Component;
+
+use crate::{DeployError, FunctionKind, RuntimeError};
+
+pub(crate) struct ArtifactCache {
+    dir: PathBuf,
+    fingerprint: String,
+}
+
+/// Compiled code, ready to link.
+pub(crate) enum Compiled {
+    Component(Component),
+    Module(Module),
+}
+
+impl ArtifactCache {
+    pub(crate) fn open(dir: &Path, engine: &Engine) -> Result<Self, RuntimeError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| RuntimeError::Cache { path: dir.display().to_string(), source })?;
+        // The engine's compatibility hash covers the wasmtime version and
+        // every setting that changes generated code.
+        let mut hasher = std::hash::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Ok(Self { dir: dir.to_path_buf(), fingerprint: format!("{:016x}", hasher.finish()) })
+    }
+
+    fn path(&self, sha256: &[u8; 32], kind: FunctionKind) -> PathBuf {
+        let suffix = match kind {
+            FunctionKind::Component => "component",
+            FunctionKind::Command => "module",
+        };
+        self.dir.join(format!("{}-{}.{suffix}.cwasm", hex::encode(sha256), self.fingerprint))
+    }
+
+    /// The cached artifact for `sha256`, if there is a usable one.
+    pub(crate) fn load(&self, engine: &Engine, sha256: &[u8; 32], kind: FunctionKind) -> Option<Compiled> {
+        let path = self.path(sha256, kind);
+        if !path.exists() {
+            return None;
+        }
+        match deserialize(engine, &path, kind) {
+            Ok(compiled) => Some(compiled),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "dropping unusable compiled artifact");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Write `artifact` (from `Engine::precompile_*`) and load it back, so
+    /// the code is mapped from the file and shared through the page cache.
+    pub(crate) fn store(
+        &self,
+        engine: &Engine,
+        sha256: &[u8; 32],
+        kind: FunctionKind,
+        artifact: &[u8],
+    ) -> Result<Compiled, DeployError> {
+        let path = self.path(sha256, kind);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let io = |e: std::io::Error| DeployError::Internal(format!("writing {}: {e}", path.display()));
+        std::fs::write(&tmp, artifact).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        deserialize(engine, &path, kind)
+            .map_err(|e| DeployError::Internal(format!("loading {}: {e:#}", path.display())))
+    }
+}
+
+fn deserialize(engine: &Engine, path: &Path, kind: FunctionKind) -> wasmtime::Result<Compiled> {
+    // SAFETY: `deserialize_file` trusts the file to be an artifact this
+    // engine produced. Only `ArtifactCache::store` writes into the cache
+    // directory, which belongs to the node's data directory, and the file
+    // name carries the engine fingerprint, so an artifact from another
+    // engine configuration is never picked up.
+    Ok(match kind {
+        FunctionKind::Component => Compiled::Component(unsafe { Component::deserialize_file(engine, path)? }),
+        FunctionKind::Command => Compiled::Module(unsafe { Module::deserialize_file(engine, path)? }),
+    })
+}

@@ -1,0 +1,209 @@
+//! One call: a fresh store and instance with the function's limits, run to
+//! completion or to its deadline, then dropped. Nothing of one call is
+//! visible to the next.
+//!
+//! Capabilities are granted here and only here: stdout and stderr are
+//! captured, env vars are exactly those set at deploy, clocks and random
+//! are available; no directory is preopened and no socket address is
+//! allowed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+
+use crate::host::{CallLimiter, CommandCtx, ComponentCtx};
+use crate::image::ImagePre;
+use crate::{CallError, FunctionImage, Runtime};
+
+/// How long past its deadline a call may take to notice it (epoch ticks
+/// are checked at function entries and loop heads) before the host stops
+/// waiting for it.
+const DEADLINE_GRACE: Duration = Duration::from_millis(50);
+
+/// The limits and environment of one call, set at deploy.
+#[derive(Clone, Debug)]
+pub struct CallSettings {
+    /// Linear memory, all of the call's memories together.
+    pub memory_limit: u64,
+    /// Wall-clock time from the start of instantiation.
+    pub timeout: Duration,
+    /// The env vars the guest sees; nothing of the host's leaks in.
+    pub env: Arc<[(String, String)]>,
+}
+
+/// What a call produced, whether it succeeded or not.
+#[derive(Debug)]
+pub struct CallOutput {
+    pub result: Result<Vec<u8>, CallError>,
+    /// Captured stdout (components only: a command's stdout is its output).
+    pub stdout: Bytes,
+    pub stderr: Bytes,
+}
+
+impl CallOutput {
+    /// The captured output as log lines, stdout first.
+    pub fn log_lines(&self) -> Vec<LogLine> {
+        let mut lines = Vec::new();
+        for (stream, bytes) in [(LogStream::Stdout, &self.stdout), (LogStream::Stderr, &self.stderr)] {
+            for line in String::from_utf8_lossy(bytes).lines() {
+                lines.push(LogLine { stream, line: line.to_string() });
+            }
+        }
+        lines
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LogLine {
+    pub stream: LogStream,
+    pub line: String,
+}
+
+/// Raised by the epoch callback when a call's deadline has passed.
+#[derive(Debug)]
+struct DeadlineExceeded;
+
+impl std::fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("deadline exceeded")
+    }
+}
+
+impl std::error::Error for DeadlineExceeded {}
+
+/// Make the store yield every epoch tick and stop the call at `deadline`.
+fn arm_deadline<T: 'static>(store: &mut Store<T>, deadline: Instant) {
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline {
+            Err(wasmtime::Error::new(DeadlineExceeded))
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+}
+
+pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &CallSettings, input: &[u8]) -> CallOutput {
+    let config = &runtime.config;
+    let deadline = Instant::now() + settings.timeout;
+    let stderr = MemoryOutputPipe::new(config.max_log_bytes);
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.stderr(stderr.clone()).envs(&settings.env);
+    let limiter = CallLimiter::new(settings.memory_limit);
+    let limit = settings.timeout + DEADLINE_GRACE;
+
+    match &image.pre {
+        ImagePre::Component(pre) => {
+            let stdout = MemoryOutputPipe::new(config.max_log_bytes);
+            wasi.stdout(stdout.clone());
+            let ctx = ComponentCtx { wasi: wasi.build(), table: ResourceTable::new(), limiter };
+            let mut store = Store::new(&runtime.engine, ctx);
+            store.limiter(|ctx| &mut ctx.limiter);
+            arm_deadline(&mut store, deadline);
+            let outcome = tokio::time::timeout(limit, async {
+                let function = pre.instantiate_async(&mut store).await?;
+                function.shoal_function_handler().call_handle(&mut store, input).await
+            })
+            .await;
+            let stderr = stderr.contents();
+            let result = match outcome {
+                Err(_elapsed) => Err(CallError::Timeout { limit: settings.timeout }),
+                Ok(Err(e)) => {
+                    Err(classify(e, store.data().limiter.memory_denied, settings, config.max_instances, &stderr))
+                }
+                Ok(Ok(Err(message))) => Err(CallError::Function { message }),
+                Ok(Ok(Ok(output))) if output.len() > config.max_output_bytes => {
+                    Err(CallError::OutputTooLarge { limit: config.max_output_bytes })
+                }
+                Ok(Ok(Ok(output))) => Ok(output),
+            };
+            CallOutput { result, stdout: stdout.contents(), stderr }
+        }
+        ImagePre::Command(pre) => {
+            let stdout = MemoryOutputPipe::new(config.max_output_bytes);
+            wasi.stdout(stdout.clone()).stdin(MemoryInputPipe::new(Bytes::copy_from_slice(input)));
+            let ctx = CommandCtx { wasi: wasi.build_p1(), limiter };
+            let mut store = Store::new(&runtime.engine, ctx);
+            store.limiter(|ctx| &mut ctx.limiter);
+            arm_deadline(&mut store, deadline);
+            let outcome = tokio::time::timeout(limit, async {
+                let instance = pre.instantiate_async(&mut store).await?;
+                let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                start.call_async(&mut store, ()).await
+            })
+            .await;
+            let stderr = stderr.contents();
+            let exit_code = match &outcome {
+                Ok(Ok(())) => Some(0),
+                Ok(Err(e)) => e.downcast_ref::<wasmtime_wasi::I32Exit>().map(|exit| exit.0),
+                Err(_) => None,
+            };
+            let result = match (exit_code, outcome) {
+                (Some(0), _) => Ok(stdout.contents().to_vec()),
+                (Some(code), _) => {
+                    Err(CallError::Function { message: format!("exited with code {code}{}", stderr_suffix(&stderr)) })
+                }
+                (None, Err(_elapsed)) => Err(CallError::Timeout { limit: settings.timeout }),
+                (None, Ok(Err(e))) => {
+                    Err(classify(e, store.data().limiter.memory_denied, settings, config.max_instances, &stderr))
+                }
+                (None, Ok(Ok(()))) => unreachable!("a successful return has exit code 0"),
+            };
+            CallOutput { result, stdout: Bytes::new(), stderr }
+        }
+    }
+}
+
+/// Most of what a failing guest printed last, for error messages.
+const STDERR_TAIL: usize = 1024;
+
+fn stderr_suffix(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(STDERR_TAIL)..]);
+    let text = text.trim();
+    if text.is_empty() { String::new() } else { format!("; stderr: {text}") }
+}
+
+fn classify(
+    error: wasmtime::Error,
+    memory_denied: bool,
+    settings: &CallSettings,
+    max_instances: u32,
+    stderr: &[u8],
+) -> CallError {
+    if error.downcast_ref::<DeadlineExceeded>().is_some() {
+        return CallError::Timeout { limit: settings.timeout };
+    }
+    if let Some(exhausted) = error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
+        tracing::warn!(%exhausted, "sandbox pool exhausted");
+        return CallError::Overloaded { limit: max_instances };
+    }
+    if memory_denied {
+        return CallError::OutOfMemory { limit: settings.memory_limit };
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(trap) => CallError::Trap { message: format!("{trap}{}", stderr_suffix(stderr)) },
+        // A host function failed in a way the guest cannot handle; report it
+        // as a trap of this call, never as a failure of the node.
+        None => CallError::Trap { message: format!("{error:#}{}", stderr_suffix(stderr)) },
+    }
+}

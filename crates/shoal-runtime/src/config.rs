@@ -1,0 +1,77 @@
+//! The runtime's one typed configuration. Every default is listed here;
+//! nothing else in the crate reads settings from anywhere.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::RuntimeError;
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Where compiled artifacts are cached, keyed by wasm SHA-256 and the
+    /// engine's fingerprint.
+    pub cache_dir: PathBuf,
+    /// Concurrent sandboxes (component or module instances) the pooling
+    /// allocator reserves slots for. Default 1,000.
+    pub max_instances: u32,
+    /// The largest linear memory any call may have; a function's own limit
+    /// must be at most this. Default 256 MiB.
+    pub max_memory_bytes: usize,
+    /// Wasm stack per call. Default 512 KiB.
+    pub max_wasm_stack: usize,
+    /// Stack of the fiber a call runs on: wasm stack plus room for host
+    /// calls. Must exceed `max_wasm_stack` by at least 256 KiB. Default 1 MiB.
+    pub async_stack_size: usize,
+    /// Largest wasm binary accepted. Default 64 MiB.
+    pub max_module_bytes: usize,
+    /// Compilations run at once on the compile pool. Default 1.
+    pub compile_concurrency: usize,
+    /// How often the epoch advances: the granularity of yields and deadline
+    /// checks. Default 1 ms.
+    pub epoch_tick: Duration,
+    /// Bytes of a call's stdout/stderr kept as logs (and, for command
+    /// modules, the largest stdout accepted as output). Default 1 MiB.
+    pub max_log_bytes: usize,
+    /// Largest output a call may return. Default 6 MiB.
+    pub max_output_bytes: usize,
+}
+
+impl RuntimeConfig {
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            max_instances: 1000,
+            max_memory_bytes: 256 * MIB,
+            max_wasm_stack: 512 * KIB,
+            async_stack_size: MIB,
+            max_module_bytes: 64 * MIB,
+            compile_concurrency: 1,
+            epoch_tick: Duration::from_millis(1),
+            max_log_bytes: MIB,
+            max_output_bytes: 6 * MIB,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), RuntimeError> {
+        let invalid = |msg: String| Err(RuntimeError::Config(msg));
+        if self.max_instances == 0 {
+            return invalid("max_instances must be at least 1".into());
+        }
+        if self.compile_concurrency == 0 {
+            return invalid("compile_concurrency must be at least 1".into());
+        }
+        if self.async_stack_size < self.max_wasm_stack + 256 * KIB {
+            return invalid(format!(
+                "async_stack_size ({}) must exceed max_wasm_stack ({}) by 256 KiB of host headroom",
+                self.async_stack_size, self.max_wasm_stack
+            ));
+        }
+        if self.epoch_tick.is_zero() {
+            return invalid("epoch_tick must be positive".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! The host side of the guest interface: the per-call store data, the
+//! linkers (WASI plus `shoal:function`) built once per runtime, and the
+//! `state` and `invoke` imports.
+//!
+//! What a call may reach is decided when its store is built (see
+//! `call.rs`): nothing here grants files, sockets or the host's env.
+
+mod invoke;
+mod state;
+
+use wasmtime::component::{HasSelf, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::RuntimeError;
+
+wasmtime::component::bindgen!({
+    path: "../../wit",
+    world: "shoal:function/function",
+    imports: { default: async | trappable },
+    exports: { default: async },
+});
+
+pub(crate) use self::shoal::function::types::Error as GuestError;
+
+/// Store data of a component call.
+pub(crate) struct ComponentCtx {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limiter: CallLimiter,
+}
+
+impl WasiView for ComponentCtx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl self::shoal::function::types::Host for ComponentCtx {}
+
+/// Store data of a command-module call.
+pub(crate) struct CommandCtx {
+    pub(crate) wasi: WasiP1Ctx,
+    pub(crate) limiter: CallLimiter,
+}
+
+/// Per-call memory and table limits. Remembers whether it refused memory,
+/// so a trap that follows can be reported as running out of memory.
+pub(crate) struct CallLimiter {
+    memory_limit: usize,
+    memory_used: usize,
+    pub(crate) memory_denied: bool,
+}
+
+/// Table elements one call may have in all its tables.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl CallLimiter {
+    pub(crate) fn new(memory_limit: u64) -> Self {
+        Self { memory_limit: usize::try_from(memory_limit).unwrap_or(usize::MAX), memory_used: 0, memory_denied: false }
+    }
+}
+
+impl ResourceLimiter for CallLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // The limit covers all of a call's memories together.
+        let after = self.memory_used.saturating_sub(current).saturating_add(desired);
+        if after > self.memory_limit {
+            self.memory_denied = true;
+            return Ok(false);
+        }
+        self.memory_used = after;
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// Linkers for both kinds of function, built once per runtime.
+pub(crate) struct Linkers {
+    pub(crate) component: wasmtime::component::Linker<ComponentCtx>,
+    pub(crate) command: wasmtime::Linker<CommandCtx>,
+}
+
+impl Linkers {
+    pub(crate) fn new(engine: &Engine) -> Result<Self, RuntimeError> {
+        let link_error = |e: wasmtime::Error| RuntimeError::Config(format!("linking host interfaces: {e:#}"));
+        let mut component = wasmtime::component::Linker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component).map_err(link_error)?;
+        Function::add_to_linker::<ComponentCtx, HasSelf<ComponentCtx>>(&mut component, |ctx| ctx)
+            .map_err(link_error)?;
+        let mut command = wasmtime::Linker::new(engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut command, |ctx: &mut CommandCtx| &mut ctx.wasi)
+            .map_err(link_error)?;
+        Ok(Self { component, command })
+    }
+}

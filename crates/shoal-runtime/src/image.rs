@@ -1,0 +1,130 @@
+//! A deployed function's code: validated, compiled and pre-linked once, then
+//! instantiated afresh for every call. Deploy-time checks live here: the
+//! kind of binary, what it imports (only WASI and `shoal:function`) and
+//! what it exports.
+
+use wasmtime::Engine;
+use wasmtime::InstancePre;
+
+use crate::DeployError;
+use crate::artifact_cache::Compiled;
+use crate::host::{CommandCtx, ComponentCtx, FunctionPre, Linkers};
+
+/// The two kinds of function Shoal runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FunctionKind {
+    /// A component of the `shoal:function` world.
+    Component,
+    /// A WASI preview-1 command module: stdin in, stdout out.
+    Command,
+}
+
+impl FunctionKind {
+    pub fn detect(wasm: &[u8]) -> Result<Self, DeployError> {
+        if wasmparser::Parser::is_component(wasm) {
+            Ok(Self::Component)
+        } else if wasmparser::Parser::is_core_wasm(wasm) {
+            Ok(Self::Command)
+        } else {
+            Err(DeployError::InvalidWasm("not a WebAssembly module or component: bad magic number or version".into()))
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Component => "component",
+            Self::Command => "command",
+        }
+    }
+}
+
+/// Validate and compile (on the compile pool's thread).
+pub(crate) fn precompile(engine: &Engine, kind: FunctionKind, wasm: &[u8]) -> Result<Vec<u8>, DeployError> {
+    match kind {
+        FunctionKind::Component => engine.precompile_component(wasm),
+        FunctionKind::Command => engine.precompile_module(wasm),
+    }
+    .map_err(|e| DeployError::InvalidWasm(format!("{e:#}")))
+}
+
+pub(crate) enum ImagePre {
+    Component(FunctionPre<ComponentCtx>),
+    Command(InstancePre<CommandCtx>),
+}
+
+/// Compiled, pre-linked code of one wasm binary. Shared by every function
+/// deployed with the same bytes.
+pub struct FunctionImage {
+    sha256: [u8; 32],
+    pub(crate) pre: ImagePre,
+}
+
+impl std::fmt::Debug for FunctionImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionImage").field("sha256", &self.sha256_hex()).field("kind", &self.kind()).finish()
+    }
+}
+
+const COMMAND_IMPORT_MODULE: &str = "wasi_snapshot_preview1";
+
+impl FunctionImage {
+    pub(crate) fn link(linkers: &Linkers, sha256: [u8; 32], compiled: Compiled) -> Result<Self, DeployError> {
+        let pre = match compiled {
+            Compiled::Component(component) => {
+                let engine = component.engine().clone();
+                for (name, _) in component.component_type().imports(&engine) {
+                    if !(name.starts_with("wasi:") || name.starts_with("shoal:function/")) {
+                        return Err(DeployError::InvalidWasm(format!(
+                            "import `{name}` is not provided by Shoal: a function may import only WASI 0.2 and shoal:function interfaces"
+                        )));
+                    }
+                }
+                let instance_pre = linkers
+                    .component
+                    .instantiate_pre(&component)
+                    .map_err(|e| DeployError::InvalidWasm(format!("{e:#}")))?;
+                let pre = FunctionPre::new(instance_pre).map_err(|e| {
+                    DeployError::InvalidWasm(format!(
+                        "component does not export shoal:function/handler@0.1.0 with `handle`: {e:#}"
+                    ))
+                })?;
+                ImagePre::Component(pre)
+            }
+            Compiled::Module(module) => {
+                for import in module.imports() {
+                    if import.module() != COMMAND_IMPORT_MODULE {
+                        return Err(DeployError::InvalidWasm(format!(
+                            "import `{}::{}` is not provided by Shoal: a command module may import only {COMMAND_IMPORT_MODULE}",
+                            import.module(),
+                            import.name()
+                        )));
+                    }
+                }
+                if !matches!(module.get_export("_start"), Some(wasmtime::ExternType::Func(_))) {
+                    return Err(DeployError::InvalidWasm(
+                        "module exports no `_start` function: a core module must be a WASI command".into(),
+                    ));
+                }
+                let pre =
+                    linkers.command.instantiate_pre(&module).map_err(|e| DeployError::InvalidWasm(format!("{e:#}")))?;
+                ImagePre::Command(pre)
+            }
+        };
+        Ok(Self { sha256, pre })
+    }
+
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.sha256
+    }
+
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+
+    pub fn kind(&self) -> FunctionKind {
+        match self.pre {
+            ImagePre::Component(_) => FunctionKind::Component,
+            ImagePre::Command(_) => FunctionKind::Command,
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Shoal's WebAssembly runtime.
+//!
+//! One [`Runtime`] per process owns the wasmtime `Engine` (pooling
+//! allocator, copy-on-write memory images, epoch interruption), the on-disk
+//! cache of compiled artifacts and the linkers for both kinds of function.
+//! Loading wasm gives a [`FunctionImage`]: validated, compiled and
+//! pre-linked. [`Runtime::call`] runs one call in a fresh store and instance
+//! with its own limits and drops both afterwards.
+//!
+//! This crate never decides *whether* a call should run (admission and
+//! fairness are the scheduler's) and never speaks HTTP.
+
+mod artifact_cache;
+mod call;
+mod config;
+mod engine;
+mod error;
+mod host;
+mod image;
+
+pub use call::{CallOutput, CallSettings, LogLine, LogStream};
+pub use config::RuntimeConfig;
+pub use error::{CallError, DeployError, RuntimeError};
+pub use image::{FunctionImage, FunctionKind};
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::artifact_cache::ArtifactCache;
+use crate::engine::EpochTicker;
+
+/// The process-wide runtime. Cheap to share behind an `Arc`.
+pub struct Runtime {
+    engine: wasmtime::Engine,
+    linkers: host::Linkers,
+    cache: ArtifactCache,
+    /// Bounds concurrent compilations so a burst of deploys cannot take
+    /// every core from running calls.
+    compile_permits: Semaphore,
+    /// Images by content hash: many names deploying the same bytes share one.
+    images: Mutex<HashMap<[u8; 32], Weak<FunctionImage>>>,
+    config: RuntimeConfig,
+    ticker: EpochTicker,
+    n_compiles: AtomicU64,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Build the engine, start the epoch ticker and open the artifact cache.
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        config.validate()?;
+        let engine = engine::build(&config)?;
+        let linkers = host::Linkers::new(&engine)?;
+        let cache = ArtifactCache::open(&config.cache_dir, &engine)?;
+        let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
+        Ok(Self {
+            compile_permits: Semaphore::new(config.compile_concurrency),
+            engine,
+            linkers,
+            cache,
+            images: Mutex::new(HashMap::new()),
+            config,
+            ticker,
+            n_compiles: AtomicU64::new(0),
+        })
+    }
+
+    /// Wasm binaries compiled since start (cache hits and shared images
+    /// are not counted).
+    pub fn n_compiles(&self) -> u64 {
+        self.n_compiles.load(Ordering::Relaxed)
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Stop the epoch ticker and join its thread. Calls still running are
+    /// no longer interrupted by deadline checks; call this after the last
+    /// call has finished. Also done on drop.
+    pub fn shutdown(&self) {
+        self.ticker.stop();
+    }
+
+    /// The image for `wasm`: shared if these bytes are loaded already, else
+    /// from the compiled-artifact cache, else compiled on the bounded
+    /// compile pool (never on the calling task's thread).
+    pub async fn load(&self, wasm: &[u8]) -> Result<Arc<FunctionImage>, DeployError> {
+        if wasm.len() > self.config.max_module_bytes {
+            return Err(DeployError::TooLarge { size: wasm.len(), limit: self.config.max_module_bytes });
+        }
+        let sha256: [u8; 32] = Sha256::digest(wasm).into();
+        if let Some(image) = self.lookup(&sha256) {
+            return Ok(image);
+        }
+        let kind = FunctionKind::detect(wasm)?;
+        let compiled = match self.cache.load(&self.engine, &sha256, kind) {
+            Some(compiled) => compiled,
+            None => {
+                let _permit = self
+                    .compile_permits
+                    .acquire()
+                    .await
+                    .map_err(|_| DeployError::Internal("compile pool closed".into()))?;
+                self.n_compiles.fetch_add(1, Ordering::Relaxed);
+                let engine = self.engine.clone();
+                let bytes = wasm.to_vec();
+                let artifact = tokio::task::spawn_blocking(move || image::precompile(&engine, kind, &bytes))
+                    .await
+                    .map_err(|e| DeployError::Internal(format!("compile task failed: {e}")))??;
+                self.cache.store(&self.engine, &sha256, kind, &artifact)?
+            }
+        };
+        let image = Arc::new(FunctionImage::link(&self.linkers, sha256, compiled)?);
+        let mut images = self.images.lock().expect("image map lock is never poisoned: no panics while held");
+        // Another task may have loaded the same bytes meanwhile; keep one.
+        if let Some(existing) = images.get(&sha256).and_then(Weak::upgrade) {
+            return Ok(existing);
+        }
+        images.retain(|_, weak| weak.strong_count() > 0);
+        images.insert(sha256, Arc::downgrade(&image));
+        Ok(image)
+    }
+
+    fn lookup(&self, sha256: &[u8; 32]) -> Option<Arc<FunctionImage>> {
+        let images = self.images.lock().expect("image map lock is never poisoned: no panics while held");
+        images.get(sha256).and_then(Weak::upgrade)
+    }
+
+    /// Run one call of `image` in a fresh sandbox.
+    pub async fn call(&self, image: &FunctionImage, settings: &CallSettings, input: &[u8]) -> CallOutput {
+        call::run(self, image, settings, input).await
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker.stop();
+    }
+}

@@ -1,0 +1,306 @@
+//! The runtime's integration tests: real guests from `guests/`, compiled by
+//! the build, run through the public API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_runtime::{CallError, CallOutput, CallSettings, DeployError, FunctionKind, Runtime, RuntimeConfig};
+
+const MIB: u64 = 1 << 20;
+
+fn runtime(dir: &tempfile::TempDir) -> Runtime {
+    let mut config = RuntimeConfig::new(dir.path().join("cache"));
+    config.max_instances = 8;
+    config.max_memory_bytes = 64 << 20;
+    Runtime::new(config).expect("runtime builds")
+}
+
+fn settings() -> CallSettings {
+    CallSettings {
+        memory_limit: 32 * MIB,
+        timeout: Duration::from_secs(5),
+        env: Arc::from(vec![("GREETING".to_string(), "hi".to_string())]),
+    }
+}
+
+async fn call_with(rt: &Runtime, wasm: &[u8], settings: &CallSettings, input: &[u8]) -> CallOutput {
+    let image = rt.load(wasm).await.expect("guest loads");
+    rt.call(&image, settings, input).await
+}
+
+async fn call(rt: &Runtime, wasm: &[u8], input: &[u8]) -> CallOutput {
+    call_with(rt, wasm, &settings(), input).await
+}
+
+fn ok(out: CallOutput) -> String {
+    String::from_utf8(out.result.expect("call succeeds")).expect("utf-8 output")
+}
+
+#[tokio::test]
+async fn examples_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    assert_eq!(ok(call(&rt, shoal_guests::HELLO, b"world").await), "hello world");
+    assert_eq!(ok(call(&rt, shoal_guests::ECHO, b"\x00\x01 bytes").await).as_bytes(), b"\x00\x01 bytes");
+    assert_eq!(ok(call(&rt, shoal_guests::FIB, b"20").await), "6765");
+    assert_eq!(ok(call(&rt, shoal_guests::UPPER, b"shout").await), "SHOUT");
+    assert_eq!(ok(call(&rt, shoal_guests::NOOP_CMD, b"").await), "");
+}
+
+#[tokio::test]
+async fn function_errors_carry_the_guests_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    match call(&rt, shoal_guests::FIB, b"ten").await.result {
+        Err(CallError::Function { message }) => assert!(message.contains("\"ten\" is not a decimal"), "{message}"),
+        other => panic!("expected a function error, got {other:?}"),
+    }
+    match call(&rt, shoal_guests::UPPER, b"\xff\xfe").await.result {
+        Err(CallError::Function { message }) => {
+            assert!(message.contains("exited with code 1"), "{message}");
+            assert!(message.contains("input is not UTF-8"), "{message}");
+        }
+        other => panic!("expected a function error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn every_call_gets_a_fresh_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    // `misbehave` answers the input of the previous call it saw in the same
+    // instance; a fresh instance has seen none.
+    assert_eq!(ok(call(&rt, shoal_guests::MISBEHAVE, b"first").await), "");
+    assert_eq!(ok(call(&rt, shoal_guests::MISBEHAVE, b"second").await), "");
+}
+
+#[tokio::test]
+async fn the_same_bytes_share_one_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let a = rt.load(shoal_guests::HELLO).await.unwrap();
+    let b = rt.load(shoal_guests::HELLO).await.unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+    assert_eq!(rt.n_compiles(), 1);
+    assert_eq!(a.kind(), FunctionKind::Component);
+    assert_eq!(rt.load(shoal_guests::UPPER).await.unwrap().kind(), FunctionKind::Command);
+}
+
+#[tokio::test]
+async fn compiled_artifacts_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let rt = runtime(&dir);
+        rt.load(shoal_guests::HELLO).await.unwrap();
+        rt.load(shoal_guests::UPPER).await.unwrap();
+        assert_eq!(rt.n_compiles(), 2);
+    }
+    let rt = runtime(&dir);
+    assert_eq!(ok(call(&rt, shoal_guests::HELLO, b"again").await), "hello again");
+    assert_eq!(ok(call(&rt, shoal_guests::UPPER, b"again").await), "AGAIN");
+    assert_eq!(rt.n_compiles(), 0, "a restart loads from the artifact cache");
+}
+
+#[tokio::test]
+async fn a_corrupt_cached_artifact_is_recompiled() {
+    let dir = tempfile::tempdir().unwrap();
+    runtime(&dir).load(shoal_guests::ECHO).await.unwrap();
+    for entry in std::fs::read_dir(dir.path().join("cache")).unwrap() {
+        std::fs::write(entry.unwrap().path(), b"garbage").unwrap();
+    }
+    let rt = runtime(&dir);
+    assert_eq!(ok(call(&rt, shoal_guests::ECHO, b"x").await), "x");
+    assert_eq!(rt.n_compiles(), 1);
+}
+
+#[tokio::test]
+async fn malformed_wasm_is_refused_with_the_validators_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    match rt.load(b"not wasm at all").await {
+        Err(DeployError::InvalidWasm(message)) => assert!(message.contains("magic"), "{message}"),
+        other => panic!("expected invalid wasm, got {other:?}"),
+    }
+    // Right header, broken body.
+    let mut truncated = shoal_guests::NOOP_CMD.to_vec();
+    truncated.truncate(100);
+    match rt.load(&truncated).await {
+        Err(DeployError::InvalidWasm(message)) => assert!(!message.is_empty()),
+        other => panic!("expected invalid wasm, got {other:?}"),
+    }
+    let bad_type = wat::parse_str(r#"(module (func (export "_start") (result i32) (i64.const 1)))"#).unwrap();
+    match rt.load(&bad_type).await {
+        Err(DeployError::InvalidWasm(message)) => assert!(message.contains("type mismatch"), "{message}"),
+        other => panic!("expected invalid wasm, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn unknown_imports_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let module =
+        wat::parse_str(r#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#).unwrap();
+    match rt.load(&module).await {
+        Err(DeployError::InvalidWasm(message)) => assert!(message.contains("env::launch_missiles"), "{message}"),
+        other => panic!("expected invalid wasm, got {other:?}"),
+    }
+    let component = wat::parse_str(r#"(component (import "acme:db/query" (instance)))"#).unwrap();
+    match rt.load(&component).await {
+        Err(DeployError::InvalidWasm(message)) => assert!(message.contains("acme:db/query"), "{message}"),
+        other => panic!("expected invalid wasm, got {other:?}"),
+    }
+    let no_start = wat::parse_str(r#"(module (func (export "main")))"#).unwrap();
+    match rt.load(&no_start).await {
+        Err(DeployError::InvalidWasm(message)) => assert!(message.contains("_start"), "{message}"),
+        other => panic!("expected invalid wasm, got {other:?}"),
+    }
+    let no_handler = wat::parse_str(r#"(component)"#).unwrap();
+    match rt.load(&no_handler).await {
+        Err(DeployError::InvalidWasm(message)) => assert!(message.contains("handler"), "{message}"),
+        other => panic!("expected invalid wasm, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn oversized_modules_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = RuntimeConfig::new(dir.path().join("cache"));
+    config.max_instances = 2;
+    config.max_module_bytes = 1000;
+    let rt = Runtime::new(config).unwrap();
+    assert!(matches!(rt.load(shoal_guests::HELLO).await, Err(DeployError::TooLarge { limit: 1000, .. })));
+}
+
+#[tokio::test]
+async fn a_trap_reports_its_message_and_the_guests_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    match call(&rt, shoal_guests::MISBEHAVE, b"panic").await.result {
+        Err(CallError::Trap { message }) => {
+            assert!(message.contains("unreachable"), "{message}");
+            assert!(message.contains("guest panicked on purpose"), "{message}");
+        }
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    let module =
+        wat::parse_str(r#"(module (func (export "_start") (drop (i32.div_u (i32.const 1) (i32.const 0)))))"#).unwrap();
+    match call(&rt, &module, b"").await.result {
+        Err(CallError::Trap { message }) => assert!(message.contains("divide by zero"), "{message}"),
+        other => panic!("expected a trap, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_infinite_loop_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let mut short = settings();
+    short.timeout = Duration::from_millis(100);
+    let out = call_with(&rt, shoal_guests::MISBEHAVE, &short, b"loop").await;
+    assert!(matches!(out.result, Err(CallError::Timeout { limit }) if limit == short.timeout), "{:?}", out.result);
+    let spin = wat::parse_str(r#"(module (func (export "_start") (loop (br 0))))"#).unwrap();
+    let out = call_with(&rt, &spin, &short, b"").await;
+    assert!(matches!(out.result, Err(CallError::Timeout { .. })), "{:?}", out.result);
+    // The runtime is unharmed.
+    assert_eq!(ok(call(&rt, shoal_guests::HELLO, b"after").await), "hello after");
+}
+
+#[tokio::test]
+async fn growing_past_the_memory_limit_is_out_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let out = call(&rt, shoal_guests::MISBEHAVE, b"oom").await;
+    assert!(matches!(out.result, Err(CallError::OutOfMemory { limit }) if limit == 32 * MIB), "{:?}", out.result);
+    let grow = wat::parse_str(
+        r#"(module (memory 1) (func (export "_start") (loop (br_if 0 (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) unreachable))"#,
+    )
+    .unwrap();
+    let out = call(&rt, &grow, b"").await;
+    assert!(matches!(out.result, Err(CallError::OutOfMemory { .. })), "{:?}", out.result);
+}
+
+#[tokio::test]
+async fn unbounded_recursion_is_a_trap_and_the_runtime_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    // Native wasm stack: the engine's `max_wasm_stack` stops it.
+    let recurse = wat::parse_str(r#"(module (func $f (export "_start") (call $f)))"#).unwrap();
+    match call(&rt, &recurse, b"").await.result {
+        Err(CallError::Trap { message }) => assert!(message.contains("call stack exhausted"), "{message}"),
+        other => panic!("expected a stack overflow trap, got {other:?}"),
+    }
+    // Rust keeps its frames on a stack in linear memory, which runs out
+    // first: that is a trap too.
+    assert!(matches!(call(&rt, shoal_guests::MISBEHAVE, b"recurse").await.result, Err(CallError::Trap { .. })));
+    assert_eq!(ok(call(&rt, shoal_guests::ECHO, b"alive").await), "alive");
+}
+
+#[tokio::test]
+async fn the_sandbox_grants_no_files_sockets_or_host_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    // A host env var must not reach the guest.
+    set_host_env();
+    for (input, expected) in
+        [(&b"read-passwd"[..], "open failed"), (b"list-root", "read_dir failed"), (b"connect", "connect failed")]
+    {
+        match call(&rt, shoal_guests::MISBEHAVE, input).await.result {
+            Err(CallError::Function { message }) => assert!(message.contains(expected), "{message}"),
+            other => panic!("{input:?}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(ok(call(&rt, shoal_guests::MISBEHAVE, b"env").await), "GREETING=hi");
+}
+
+#[allow(unsafe_code)]
+fn set_host_env() {
+    // SAFETY: no test in this binary reads the environment concurrently.
+    unsafe {
+        std::env::set_var("SHOAL_HOST_SECRET", "must-not-leak");
+    }
+}
+
+#[tokio::test]
+async fn stdout_and_stderr_are_captured_as_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let out = call(&rt, shoal_guests::MISBEHAVE, b"log").await;
+    let lines: Vec<(String, String)> =
+        out.log_lines().into_iter().map(|l| (l.stream.as_str().to_string(), l.line)).collect();
+    assert_eq!(lines, vec![("stdout".into(), "to stdout".into()), ("stderr".into(), "to stderr".into())]);
+    assert_eq!(ok(out), "logged");
+}
+
+#[tokio::test]
+async fn state_and_invoke_imports_answer_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    for (input, expected) in [(&b"state"[..], "state: "), (b"invoke", "invoke: ")] {
+        match call(&rt, shoal_guests::MISBEHAVE, input).await.result {
+            Err(CallError::Function { message }) => {
+                assert!(message.starts_with(expected), "{message}");
+                assert!(message.to_lowercase().contains("unavailable"), "{message}");
+            }
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn calls_run_concurrently_up_to_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(runtime(&dir));
+    let image = rt.load(shoal_guests::FIB).await.unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..8u32 {
+        let rt = rt.clone();
+        let image = image.clone();
+        tasks.push(tokio::spawn(async move { rt.call(&image, &settings(), n.to_string().as_bytes()).await }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(ok(task.await.unwrap()));
+    }
+    assert_eq!(answers, ["0", "1", "1", "2", "3", "5", "8", "13"]);
+}

@@ -1,0 +1,164 @@
+//! The embedded durable store: redb tables keyed by strings. Every write is
+//! its own transaction, committed durably (fsync) before it returns, so an
+//! acknowledged write survives `kill -9` and power loss.
+
+use std::path::Path;
+
+use redb::{Database, TableDefinition, TableError};
+
+/// A named table of the store. Names are fixed by the code that uses them.
+#[derive(Clone, Copy, Debug)]
+pub struct Table(&'static str);
+
+impl Table {
+    pub const fn new(name: &'static str) -> Self {
+        Self(name)
+    }
+
+    fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        TableDefinition::new(self.0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("embedded store at {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("embedded store: {0}")]
+    Io(String),
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// One redb file; cheap to share behind an `Arc`.
+pub struct EmbeddedStore {
+    db: Database,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Open or create the store at `path`. A second open of the same file in
+    /// another process fails (redb locks the file) rather than corrupting it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
+        Ok(Self { db })
+    }
+
+    pub fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let t = match tx.open_table(table.definition()) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        Ok(t.get(key).map_err(io)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Write `value` under `key`, durably.
+    pub fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.open_table(table.definition()).map_err(io)?.insert(key, value).map_err(io)?;
+            Ok(())
+        })
+    }
+
+    /// Write several entries in one durable transaction: all or none.
+    pub fn put_all(&self, entries: &[(Table, &str, &[u8])]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            for (table, key, value) in entries {
+                tx.open_table(table.definition()).map_err(io)?.insert(*key, *value).map_err(io)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Remove `key`; returns whether it was there.
+    pub fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
+        let mut existed = false;
+        self.write(|tx| {
+            existed = tx.open_table(table.definition()).map_err(io)?.remove(key).map_err(io)?.is_some();
+            Ok(())
+        })?;
+        Ok(existed)
+    }
+
+    /// Every entry whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let t = match tx.open_table(table.definition()) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(io(e)),
+        };
+        let mut out = Vec::new();
+        for entry in t.range(prefix..).map_err(io)? {
+            let (key, value) = entry.map_err(io)?;
+            if !key.value().starts_with(prefix) {
+                break;
+            }
+            out.push((key.value().to_string(), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        f(&tx)?;
+        tx.commit().map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Table = Table::new("t");
+    const U: Table = Table::new("u");
+
+    #[test]
+    fn writes_read_back_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            assert_eq!(store.get(T, "a").unwrap(), None, "a table never written is empty");
+            store.put(T, "a", b"1").unwrap();
+            store.put_all(&[(T, "b/x", b"2"), (U, "b/y", b"3")]).unwrap();
+            assert_eq!(store.get(T, "a").unwrap().as_deref(), Some(&b"1"[..]));
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.get(T, "b/x").unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(store.get(U, "b/y").unwrap().as_deref(), Some(&b"3"[..]));
+        assert_eq!(store.get(U, "a").unwrap(), None, "tables are separate");
+    }
+
+    #[test]
+    fn delete_reports_whether_the_key_existed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("db.redb")).unwrap();
+        store.put(T, "k", b"v").unwrap();
+        assert!(store.delete(T, "k").unwrap());
+        assert!(!store.delete(T, "k").unwrap());
+        assert_eq!(store.get(T, "k").unwrap(), None);
+    }
+
+    #[test]
+    fn scan_prefix_returns_only_matching_keys_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("db.redb")).unwrap();
+        assert!(store.scan_prefix(T, "x").unwrap().is_empty());
+        for key in ["acme/b", "acme/a", "acmf/c", "acm/d", "acme/"] {
+            store.put(T, key, key.as_bytes()).unwrap();
+        }
+        let keys: Vec<String> = store.scan_prefix(T, "acme/").unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["acme/", "acme/a", "acme/b"]);
+    }
+}

@@ -1,0 +1,2 @@
+//! A command module that does nothing: the baseline for start-up costs.
+fn main() {}
