@@ -2,6 +2,7 @@
 //! TOML file (`--config`), then `SHOAL_*` env vars, then flags; they are
 //! checked once before anything starts.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -139,10 +140,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("deploying the examples: {}", e.message))?;
     }
     let addr = listener.local_addr()?;
-    eprintln!("shoal: serving http://{addr} (data in {})", data_dir.display());
+    // Written with `writeln!`, not `eprintln!`: a closed stderr must not
+    // bring the node down.
+    let mut stderr = std::io::stderr();
+    let _ = writeln!(stderr, "shoal: serving http://{addr} (data in {})", data_dir.display());
     if examples {
         let names: Vec<&str> = shoal_guests::EXAMPLES.iter().map(|(name, _)| *name).collect();
-        eprintln!("shoal: examples deployed as demo/{{{}}}", names.join(","));
+        let _ = writeln!(stderr, "shoal: examples deployed as demo/{{{}}}", names.join(","));
     }
     node.serve(listener, shutdown_signal()).await.context("serving")?;
     Ok(())

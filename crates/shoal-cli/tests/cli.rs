@@ -1,0 +1,129 @@
+//! The `shoal` binary end to end: `shoal serve` as a child process (the
+//! embedded single-node default, examples deployed) and the client
+//! commands against it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+struct Served {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `shoal serve` in `dir` on a free port; returns once it is serving.
+fn serve(dir: &Path) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .env_remove("SHOAL_ADMIN_TOKEN")
+        .env_remove("SHOAL_DATA_DIR")
+        .env("SHOAL_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start shoal serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut url = None;
+    for line in lines.by_ref() {
+        let line = line.expect("read serve's stderr");
+        if let Some(rest) = line.strip_prefix("shoal: serving ") {
+            url = Some(rest.split_whitespace().next().unwrap().to_string());
+            break;
+        }
+    }
+    // Keep draining, so the node never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Served { child, url: url.expect("shoal serve printed its address") }
+}
+
+fn shoal(dir: &Path, url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .current_dir(dir)
+        .env("SHOAL_URL", url)
+        .env_remove("SHOAL_TOKEN")
+        .env_remove("SHOAL_ADMIN_TOKEN")
+        .env_remove("SHOAL_DATA_DIR")
+        .output()
+        .expect("run shoal")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+#[test]
+fn serve_deploys_the_examples_and_the_client_commands_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = serve(dir.path());
+    let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
+
+    // The client finds the admin token in ./.shoal by itself.
+    assert_eq!(stdout(&run(&["invoke", "demo/hello", "-d", "world"])), "hello world");
+    assert_eq!(stdout(&run(&["invoke", "demo/fib", "-d", "30"])), "832040");
+    std::fs::write(dir.path().join("input.txt"), "from a file").unwrap();
+    assert_eq!(stdout(&run(&["invoke", "demo/upper", "--data-file", "input.txt"])), "FROM A FILE");
+    let listed = stdout(&run(&["ls"]));
+    for name in ["demo/hello", "demo/echo", "demo/fib", "demo/upper"] {
+        assert!(listed.contains(name), "{listed}");
+    }
+
+    // Deploy from a file with limits and env, under a new tenant.
+    let token = stdout(&run(&["tenant", "create", "acme"])).trim().to_string();
+    assert!(token.starts_with("acme."), "{token}");
+    let wasm = dir.path().join("echo.wasm");
+    std::fs::write(&wasm, shoal_guests::ECHO).unwrap();
+    let described =
+        stdout(&run(&["deploy", "acme/echo", "echo.wasm", "--memory", "16MiB", "--timeout", "2s", "--env", "K=V"]));
+    let described: serde_json::Value = serde_json::from_str(&described).unwrap();
+    assert_eq!(described["memory_bytes"], 16u64 << 20);
+    assert_eq!(described["timeout_ms"], 2000);
+    let as_acme = shoal(dir.path(), &served.url, &["--token", &token, "invoke", "acme/echo", "-d", "hi"]);
+    assert_eq!(stdout(&as_acme), "hi");
+    let denied = shoal(dir.path(), &served.url, &["--token", &token, "invoke", "demo/hello", "-d", "hi"]);
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("forbidden"), "{denied:?}");
+
+    // Errors are reported with their kind, and the exit code says so.
+    let failed = run(&["invoke", "demo/fib", "-d", "nope"]);
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("function_error") && stderr.contains("(call "), "{stderr}");
+
+    assert!(run(&["rm", "acme/echo"]).status.success());
+    let gone = run(&["invoke", "acme/echo"]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("not_found"), "{gone:?}");
+    let bad_ref = run(&["invoke", "no-slash"]);
+    assert!(String::from_utf8_lossy(&bad_ref.stderr).contains("TENANT/NAME"), "{bad_ref:?}");
+}
+
+#[test]
+fn logs_show_what_a_function_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = serve(dir.path());
+    let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
+    // `upper` writes its reason for failing to stderr.
+    std::fs::write(dir.path().join("latin1.txt"), b"caf\xe9").unwrap();
+    assert!(!run(&["invoke", "demo/upper", "--data-file", "latin1.txt"]).status.success());
+    let logs = stdout(&run(&["logs", "demo/upper"]));
+    assert!(logs.contains("stderr input is not UTF-8"), "{logs}");
+}
+
+#[test]
+fn without_a_token_the_client_says_how_to_get_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = serve(dir.path());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let output = shoal(elsewhere.path(), &served.url, &["invoke", "demo/hello"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unauthorized") && stderr.contains("--token"), "{stderr}");
+}

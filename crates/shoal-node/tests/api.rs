@@ -1,0 +1,432 @@
+//! The HTTP API over real sockets: a node on 127.0.0.1:0 with the example
+//! and test guests deployed, driven by a real HTTP client.
+
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use shoal_node::{Node, NodeConfig};
+use tokio::sync::oneshot;
+
+const ADMIN: &str = "test-admin-token-0123456789";
+
+struct TestNode {
+    node: Arc<Node>,
+    base: String,
+    http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn config(dir: &std::path::Path) -> NodeConfig {
+    let mut config = NodeConfig::new(dir);
+    config.admin_token = Some(ADMIN.to_string());
+    config.max_concurrent_calls = 8;
+    config.max_body_bytes = 64 << 10;
+    config
+}
+
+impl TestNode {
+    async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut NodeConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        tweak(&mut config);
+        let mut node = Self::start_in(config).await;
+        node.node.deploy_defaults("demo", shoal_guests::EXAMPLES).await.unwrap();
+        node.node.deploy_defaults("demo", &[("misbehave", shoal_guests::MISBEHAVE)]).await.unwrap();
+        node._dir = Some(dir);
+        node
+    }
+
+    async fn start_in(config: NodeConfig) -> Self {
+        let node = Node::start(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = {
+            let node = node.clone();
+            tokio::spawn(async move {
+                node.serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            })
+        };
+        Self { node, base, http: reqwest::Client::new(), stop: Some(stop), served: Some(served), _dir: None }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.served.take().unwrap().await.unwrap();
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.base));
+        match token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    async fn invoke_as(&self, token: &str, function: &str, input: &[u8]) -> (StatusCode, Vec<u8>) {
+        let response = self
+            .req(reqwest::Method::POST, &format!("/v1/functions/{function}/invoke"), Some(token))
+            .body(input.to_vec())
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.bytes().await.unwrap().to_vec())
+    }
+
+    async fn invoke(&self, function: &str, input: &[u8]) -> (StatusCode, Vec<u8>) {
+        self.invoke_as(ADMIN, function, input).await
+    }
+
+    async fn deploy(&self, function: &str, query: &str, wasm: &[u8]) -> (StatusCode, Value) {
+        let response = self
+            .req(reqwest::Method::PUT, &format!("/v1/functions/{function}?{query}"), Some(ADMIN))
+            .body(wasm.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    async fn create_tenant(&self, name: &str) -> String {
+        let response = self
+            .req(reqwest::Method::POST, "/v1/tenants", Some(ADMIN))
+            .json(&serde_json::json!({ "name": name }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value = response.json().await.unwrap();
+        body["token"].as_str().unwrap().to_string()
+    }
+}
+
+/// The error kind and message of an error body.
+fn error_of(body: &[u8]) -> (String, String) {
+    let value: Value =
+        serde_json::from_slice(body).unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(body)));
+    (value["error"]["kind"].as_str().unwrap().to_string(), value["error"]["message"].as_str().unwrap().to_string())
+}
+
+fn assert_error(result: (StatusCode, Vec<u8>), status: StatusCode, kind: &str) -> String {
+    let (got_status, body) = result;
+    let (got_kind, message) = error_of(&body);
+    assert_eq!((got_status, got_kind.as_str()), (status, kind), "message: {message}");
+    message
+}
+
+#[tokio::test]
+async fn examples_answer_over_http() {
+    let node = TestNode::start().await;
+    assert_eq!(node.invoke("demo/hello", b"world").await, (StatusCode::OK, b"hello world".to_vec()));
+    assert_eq!(node.invoke("demo/echo", b"\x00\xff").await, (StatusCode::OK, b"\x00\xff".to_vec()));
+    assert_eq!(node.invoke("demo/fib", b"20").await, (StatusCode::OK, b"6765".to_vec()));
+    assert_eq!(node.invoke("demo/upper", b"abc").await, (StatusCode::OK, b"ABC".to_vec()));
+    let response = node.req(reqwest::Method::POST, "/v1/functions/demo/echo/invoke", Some(ADMIN)).send().await.unwrap();
+    assert_eq!(response.headers()["x-shoal-call-id"].len(), 16);
+    let message =
+        assert_error(node.invoke("demo/fib", b"ten").await, StatusCode::INTERNAL_SERVER_ERROR, "function_error");
+    assert!(message.contains("not a decimal number"), "{message}");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn bad_wasm_is_refused_with_a_clear_reason() {
+    let node = TestNode::start().await;
+    let (status, body) = node.deploy("demo/junk", "", b"\0asm\x01\0\0\0\x05garbage").await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_wasm")));
+    assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+    let (status, body) = node.deploy("demo/junk", "", b"hello").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body["error"]["message"].as_str().unwrap().contains("magic"), "{body}");
+    let module = wat::parse_str(r#"(module (import "env" "syscall" (func)) (func (export "_start")))"#).unwrap();
+    let (status, body) = node.deploy("demo/sneaky", "", &module).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body["error"]["message"].as_str().unwrap().contains("env::syscall"), "{body}");
+    assert_error(node.invoke("demo/sneaky", b"").await, StatusCode::NOT_FOUND, "not_found");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn misbehaving_guests_fail_alone() {
+    let node = TestNode::start().await;
+    let (status, _) = node.deploy("demo/slow", "timeout_ms=300&memory_mb=16", shoal_guests::MISBEHAVE).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // While a guest spins until its deadline, others keep being served.
+    let spinning = {
+        let http = node.http.clone();
+        let url = format!("{}/v1/functions/demo/slow/invoke", node.base);
+        tokio::spawn(async move {
+            let response = http.post(url).bearer_auth(ADMIN).body("loop").send().await.unwrap();
+            (response.status(), response.bytes().await.unwrap().to_vec())
+        })
+    };
+    for _ in 0..5 {
+        assert_eq!(node.invoke("demo/hello", b"x").await, (StatusCode::OK, b"hello x".to_vec()));
+    }
+    let message = assert_error(spinning.await.unwrap(), StatusCode::GATEWAY_TIMEOUT, "timeout");
+    assert!(message.contains("300 ms"), "{message}");
+
+    let message =
+        assert_error(node.invoke("demo/misbehave", b"panic").await, StatusCode::INTERNAL_SERVER_ERROR, "trap");
+    assert!(message.contains("guest panicked on purpose"), "{message}");
+    let message =
+        assert_error(node.invoke("demo/slow", b"oom").await, StatusCode::INTERNAL_SERVER_ERROR, "out_of_memory");
+    assert!(message.contains(&(16u64 << 20).to_string()), "{message}");
+    assert_error(node.invoke("demo/misbehave", b"recurse").await, StatusCode::INTERNAL_SERVER_ERROR, "trap");
+    let message = assert_error(
+        node.invoke("demo/misbehave", b"read-passwd").await,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "function_error",
+    );
+    assert!(message.contains("open failed"), "{message}");
+    assert_eq!(node.invoke("demo/hello", b"still here").await, (StatusCode::OK, b"hello still here".to_vec()));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_node_refuses_at_once_with_retry_after() {
+    let node = TestNode::start_with(|c| c.max_concurrent_calls = 1).await;
+    let (status, _) = node.deploy("demo/slow", "timeout_ms=3000", shoal_guests::MISBEHAVE).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let spinning = {
+        let http = node.http.clone();
+        let url = format!("{}/v1/functions/demo/slow/invoke", node.base);
+        tokio::spawn(async move { http.post(url).bearer_auth(ADMIN).body("loop").send().await.unwrap().status() })
+    };
+    // Wait (without sleeping blind) until the spinning call holds the slot.
+    loop {
+        let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+        if metrics.contains("shoal_calls_running 1") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let response =
+        node.req(reqwest::Method::POST, "/v1/functions/demo/hello/invoke", Some(ADMIN)).body("x").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let (kind, _) = error_of(&response.bytes().await.unwrap());
+    assert_eq!(kind, "overloaded");
+    assert_eq!(spinning.await.unwrap(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(node.invoke("demo/hello", b"x").await.0, StatusCode::OK, "the slot comes back");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_refused() {
+    let node = TestNode::start().await;
+    let big = vec![b'a'; (64 << 10) + 1];
+    assert_error(node.invoke("demo/echo", &big).await, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+    // Without a Content-Length the limit holds while reading.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..100).map(|_| Ok(vec![b'a'; 1024])).collect();
+    let response = node
+        .req(reqwest::Method::POST, "/v1/functions/demo/echo/invoke", Some(ADMIN))
+        .body(reqwest::Body::wrap_stream(futures_stream(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let exact = vec![b'a'; 64 << 10];
+    assert_eq!(node.invoke("demo/echo", &exact).await, (StatusCode::OK, exact));
+    node.stop().await;
+}
+
+fn futures_stream(
+    chunks: Vec<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
+    struct Chunks(std::vec::IntoIter<Result<Vec<u8>, std::io::Error>>);
+    impl futures_core::Stream for Chunks {
+        type Item = Result<Vec<u8>, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    Chunks(chunks.into_iter())
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_scoped_to_their_tenant() {
+    let node = TestNode::start().await;
+    let acme = node.create_tenant("acme").await;
+    let other = node.create_tenant("other").await;
+    let (status, _) = node.deploy("acme/echo", "", shoal_guests::ECHO).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    assert_eq!(node.invoke_as(&acme, "acme/echo", b"mine").await, (StatusCode::OK, b"mine".to_vec()));
+    assert_error(node.invoke_as("wrong", "acme/echo", b"").await, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(node.invoke_as("acme.0000", "acme/echo", b"").await, StatusCode::UNAUTHORIZED, "unauthorized");
+    let response = node.req(reqwest::Method::POST, "/v1/functions/acme/echo/invoke", None).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // Another tenant's token: forbidden, whether or not the function exists.
+    assert_error(node.invoke_as(&other, "acme/echo", b"").await, StatusCode::FORBIDDEN, "forbidden");
+    assert_error(node.invoke_as(&other, "acme/nothing", b"").await, StatusCode::FORBIDDEN, "forbidden");
+    // A tenant cannot create tenants.
+    let response = node
+        .req(reqwest::Method::POST, "/v1/tenants", Some(&acme))
+        .json(&serde_json::json!({"name": "evil"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    // Creating a tenant twice is a conflict, and the first token stays valid.
+    let response = node
+        .req(reqwest::Method::POST, "/v1/tenants", Some(ADMIN))
+        .json(&serde_json::json!({"name": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    assert_eq!(node.invoke_as(&acme, "acme/echo", b"ok").await.0, StatusCode::OK);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_functions_and_bad_names() {
+    let node = TestNode::start().await;
+    assert_error(node.invoke("demo/nothing", b"").await, StatusCode::NOT_FOUND, "not_found");
+    assert_error(node.invoke("nobody/nothing", b"").await, StatusCode::NOT_FOUND, "not_found");
+    for bad in ["demo/Hello", "demo/-x", "demo/a.b", "BAD/hello", &format!("demo/{}", "x".repeat(64))] {
+        assert_error(node.invoke(bad, b"").await, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    let (status, body) = node.deploy("demo/Bad_Name", "", shoal_guests::ECHO).await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+    let (status, body) = node.deploy("ghost/echo", "", shoal_guests::ECHO).await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    let response = node.req(reqwest::Method::GET, "/v2/whatever", Some(ADMIN)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn deploy_options_are_checked_and_applied() {
+    let node = TestNode::start().await;
+    for (query, kind) in [
+        ("memory_mb=0", "bad_request"),
+        ("memory_mb=100000", "bad_request"),
+        ("timeout_ms=abc", "bad_request"),
+        ("timeout_ms=0", "bad_request"),
+        ("colour=blue", "bad_request"),
+        ("env=NOEQUALS", "bad_request"),
+        ("env=1BAD=x", "bad_request"),
+    ] {
+        let (status, body) = node.deploy("demo/opts", query, shoal_guests::MISBEHAVE).await;
+        assert_eq!(body["error"]["kind"].as_str(), Some(kind), "{query}: {status} {body}");
+    }
+    let (status, body) =
+        node.deploy("demo/opts", "memory_mb=32&timeout_ms=1500&env=A=1&env=B=x%3Dy", shoal_guests::MISBEHAVE).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["memory_bytes"], 32u64 << 20);
+    assert_eq!(body["timeout_ms"], 1500);
+    assert_eq!(body["kind"], "component");
+    assert_eq!(body["env"], serde_json::json!(["A", "B"]), "values are never shown");
+    assert_eq!(node.invoke("demo/opts", b"env").await, (StatusCode::OK, b"A=1\nB=x=y".to_vec()));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn list_describe_remove_and_logs() {
+    let node = TestNode::start().await;
+    let list: Value =
+        node.req(reqwest::Method::GET, "/v1/functions/demo", Some(ADMIN)).send().await.unwrap().json().await.unwrap();
+    let names: Vec<&str> = list["functions"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["echo", "fib", "hello", "misbehave", "upper"]);
+    let described: Value = node
+        .req(reqwest::Method::GET, "/v1/functions/demo/upper", Some(ADMIN))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(described["kind"], "command");
+
+    let response = node
+        .req(reqwest::Method::POST, "/v1/functions/demo/misbehave/invoke", Some(ADMIN))
+        .body("log")
+        .send()
+        .await
+        .unwrap();
+    let call_id = response.headers()["x-shoal-call-id"].to_str().unwrap().to_string();
+    let logs: Value = node
+        .req(reqwest::Method::GET, "/v1/functions/demo/misbehave/logs", Some(ADMIN))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let lines: Vec<(String, String, String)> = logs["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["call_id"].as_str().unwrap().into(),
+                l["stream"].as_str().unwrap().into(),
+                l["line"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        [(call_id.clone(), "stdout".into(), "to stdout".into()), (call_id, "stderr".into(), "to stderr".into())]
+    );
+
+    let response = node.req(reqwest::Method::DELETE, "/v1/functions/demo/echo", Some(ADMIN)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_error(node.invoke("demo/echo", b"").await, StatusCode::NOT_FOUND, "not_found");
+    let response = node.req(reqwest::Method::DELETE, "/v1/functions/demo/echo", Some(ADMIN)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_and_health() {
+    let node = TestNode::start().await;
+    node.invoke("demo/hello", b"x").await;
+    node.invoke("demo/misbehave", b"panic").await;
+    let health = node.req(reqwest::Method::GET, "/healthz", None).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+    for expected in
+        ["shoal_calls_total{outcome=\"ok\"} 1", "shoal_calls_total{outcome=\"trap\"} 1", "shoal_functions 5"]
+    {
+        assert!(metrics.contains(expected), "missing {expected:?} in\n{metrics}");
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_keeps_every_function_without_compiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let acme_token;
+    {
+        let node = TestNode::start_in(config(dir.path())).await;
+        acme_token = node.create_tenant("acme").await;
+        let (status, _) = node.deploy("acme/greeter", "env=GREETING=hej&memory_mb=8", shoal_guests::MISBEHAVE).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (status, _) = node.deploy("acme/up", "", shoal_guests::UPPER).await;
+        assert_eq!(status, StatusCode::CREATED);
+        node.stop().await;
+    }
+    let node = TestNode::start_in(config(dir.path())).await;
+    assert_eq!(node.invoke_as(&acme_token, "acme/greeter", b"env").await, (StatusCode::OK, b"GREETING=hej".to_vec()));
+    assert_eq!(node.invoke_as(&acme_token, "acme/up", b"abc").await, (StatusCode::OK, b"ABC".to_vec()));
+    assert_eq!(node.node.runtime().n_compiles(), 0, "loaded from the compiled-artifact cache");
+    node.stop().await;
+}
