@@ -14,8 +14,9 @@ use bytes::Bytes;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
-use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 
+use crate::capture::CaptureBuffer;
 use crate::host::{CallLimiter, CommandCtx, ComponentCtx};
 use crate::image::ImagePre;
 use crate::{CallError, FunctionImage, Runtime};
@@ -106,7 +107,7 @@ fn arm_deadline<T: 'static>(store: &mut Store<T>, deadline: Instant) {
 pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &CallSettings, input: &[u8]) -> CallOutput {
     let config = &runtime.config;
     let deadline = Instant::now() + settings.timeout;
-    let stderr = MemoryOutputPipe::new(config.max_log_bytes);
+    let stderr = CaptureBuffer::new(config.max_log_bytes);
     let mut wasi = WasiCtxBuilder::new();
     wasi.stderr(stderr.clone()).envs(&settings.env);
     let limiter = CallLimiter::new(settings.memory_limit);
@@ -114,7 +115,7 @@ pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &Cal
 
     match &image.pre {
         ImagePre::Component(pre) => {
-            let stdout = MemoryOutputPipe::new(config.max_log_bytes);
+            let stdout = CaptureBuffer::new(config.max_log_bytes);
             wasi.stdout(stdout.clone());
             let ctx = ComponentCtx { wasi: wasi.build(), table: ResourceTable::new(), limiter };
             let mut store = Store::new(&runtime.engine, ctx);
@@ -125,7 +126,7 @@ pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &Cal
                 function.shoal_function_handler().call_handle(&mut store, input).await
             })
             .await;
-            let stderr = stderr.contents();
+            let (stderr, _) = stderr.take();
             let result = match outcome {
                 Err(_elapsed) => Err(CallError::Timeout { limit: settings.timeout }),
                 Ok(Err(e)) => {
@@ -137,10 +138,10 @@ pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &Cal
                 }
                 Ok(Ok(Ok(output))) => Ok(output),
             };
-            CallOutput { result, stdout: stdout.contents(), stderr }
+            CallOutput { result, stdout: stdout.take().0, stderr }
         }
         ImagePre::Command(pre) => {
-            let stdout = MemoryOutputPipe::new(config.max_output_bytes);
+            let stdout = CaptureBuffer::new(config.max_output_bytes);
             wasi.stdout(stdout.clone()).stdin(MemoryInputPipe::new(Bytes::copy_from_slice(input)));
             let ctx = CommandCtx { wasi: wasi.build_p1(), limiter };
             let mut store = Store::new(&runtime.engine, ctx);
@@ -152,14 +153,16 @@ pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &Cal
                 start.call_async(&mut store, ()).await
             })
             .await;
-            let stderr = stderr.contents();
+            let (stderr, _) = stderr.take();
+            let (output, output_truncated) = stdout.take();
             let exit_code = match &outcome {
                 Ok(Ok(())) => Some(0),
                 Ok(Err(e)) => e.downcast_ref::<wasmtime_wasi::I32Exit>().map(|exit| exit.0),
                 Err(_) => None,
             };
             let result = match (exit_code, outcome) {
-                (Some(0), _) => Ok(stdout.contents().to_vec()),
+                (Some(0), _) if output_truncated => Err(CallError::OutputTooLarge { limit: config.max_output_bytes }),
+                (Some(0), _) => Ok(output.to_vec()),
                 (Some(code), _) => {
                     Err(CallError::Function { message: format!("exited with code {code}{}", stderr_suffix(&stderr)) })
                 }

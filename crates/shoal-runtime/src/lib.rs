@@ -12,6 +12,7 @@
 
 mod artifact_cache;
 mod call;
+mod capture;
 mod config;
 mod engine;
 mod error;
@@ -46,6 +47,7 @@ pub struct Runtime {
     config: RuntimeConfig,
     ticker: EpochTicker,
     n_compiles: AtomicU64,
+    n_compiling: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -71,6 +73,7 @@ impl Runtime {
             config,
             ticker,
             n_compiles: AtomicU64::new(0),
+            n_compiling: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -78,6 +81,11 @@ impl Runtime {
     /// are not counted).
     pub fn n_compiles(&self) -> u64 {
         self.n_compiles.load(Ordering::Relaxed)
+    }
+
+    /// Compilations running now (never more than `compile_concurrency`).
+    pub fn n_compiling(&self) -> u64 {
+        self.n_compiling.load(Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -114,9 +122,15 @@ impl Runtime {
                 self.n_compiles.fetch_add(1, Ordering::Relaxed);
                 let engine = self.engine.clone();
                 let bytes = wasm.to_vec();
-                let artifact = tokio::task::spawn_blocking(move || image::precompile(&engine, kind, &bytes))
-                    .await
-                    .map_err(|e| DeployError::Internal(format!("compile task failed: {e}")))??;
+                let n_compiling = self.n_compiling.clone();
+                let artifact = tokio::task::spawn_blocking(move || {
+                    n_compiling.fetch_add(1, Ordering::Relaxed);
+                    let artifact = image::precompile(&engine, kind, &bytes);
+                    n_compiling.fetch_sub(1, Ordering::Relaxed);
+                    artifact
+                })
+                .await
+                .map_err(|e| DeployError::Internal(format!("compile task failed: {e}")))??;
                 self.cache.store(&self.engine, &sha256, kind, &artifact)?
             }
         };

@@ -273,6 +273,19 @@ async fn stdout_and_stderr_are_captured_as_logs() {
 }
 
 #[tokio::test]
+async fn printing_past_the_log_limit_truncates_and_never_fails_the_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = RuntimeConfig::new(dir.path().join("cache"));
+    config.max_instances = 2;
+    config.max_log_bytes = 4;
+    let rt = Runtime::new(config).unwrap();
+    let out = call(&rt, shoal_guests::MISBEHAVE, b"log").await;
+    assert_eq!(&out.stdout[..], b"to s");
+    assert_eq!(&out.stderr[..], b"to s");
+    assert_eq!(ok(out), "logged");
+}
+
+#[tokio::test]
 async fn state_and_invoke_imports_answer_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(&dir);
@@ -303,4 +316,61 @@ async fn calls_run_concurrently_up_to_the_pool() {
         answers.push(ok(task.await.unwrap()));
     }
     assert_eq!(answers, ["0", "1", "1", "2", "3", "5", "8", "13"]);
+}
+
+/// A module that takes long to compile: many functions with real bodies.
+fn slow_to_compile(tag: u32, n_functions: usize) -> Vec<u8> {
+    let mut text = String::from("(module (memory 1)");
+    for i in 0..n_functions {
+        text.push_str(&format!(
+            "(func (param i32) (result i32) (local.get 0) (i32.const {i}) (i32.add) (i32.const {tag}) (i32.mul) \
+             (i32.load (i32.const 0)) (i32.xor) (i32.const 7) (i32.rotl))"
+        ));
+    }
+    text.push_str(r#"(func (export "_start")))"#);
+    wat::parse_str(&text).unwrap()
+}
+
+#[tokio::test]
+async fn calls_run_while_the_compile_pool_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(runtime(&dir));
+    assert_eq!(rt.config().compile_concurrency, 1);
+    let echo = rt.load(shoal_guests::ECHO).await.unwrap();
+    let loads: Vec<_> = (0..2)
+        .map(|tag| {
+            let rt = rt.clone();
+            tokio::spawn(async move { rt.load(&slow_to_compile(tag, 8_000)).await.map(|_| ()) })
+        })
+        .collect();
+    while rt.n_compiling() == 0 {
+        tokio::task::yield_now().await;
+    }
+    // This test runs on one thread: were compiling done on it, no call
+    // could run until the compile ended. A call takes milliseconds; a
+    // compile of 40,000 functions takes far longer.
+    for _ in 0..3 {
+        let out = rt.call(&echo, &settings(), b"meanwhile").await;
+        assert_eq!(out.result.unwrap(), b"meanwhile");
+        assert_eq!(rt.n_compiling(), 1, "one compile at a time, still running");
+    }
+    for load in loads {
+        load.await.unwrap().unwrap();
+    }
+    assert_eq!(rt.n_compiling(), 0);
+}
+
+#[tokio::test]
+async fn output_over_the_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = RuntimeConfig::new(dir.path().join("cache"));
+    config.max_instances = 2;
+    config.max_output_bytes = 100;
+    let rt = Runtime::new(config).unwrap();
+    assert!(call(&rt, shoal_guests::ECHO, &[1; 100]).await.result.is_ok());
+    let out = call(&rt, shoal_guests::ECHO, &[1; 101]).await;
+    assert!(matches!(out.result, Err(CallError::OutputTooLarge { limit: 100 })), "{:?}", out.result);
+    assert!(call(&rt, shoal_guests::UPPER, &[b'a'; 100]).await.result.is_ok());
+    let out = call(&rt, shoal_guests::UPPER, &[b'a'; 101]).await;
+    assert!(matches!(out.result, Err(CallError::OutputTooLarge { limit: 100 })), "{:?}", out.result);
 }
