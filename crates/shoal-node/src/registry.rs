@@ -86,7 +86,9 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, key: &str, bytes: &[u8]) -> 
 pub struct Registry {
     store: Arc<EmbeddedStore>,
     tenants: RwLock<HashMap<String, TenantRecord>>,
-    functions: RwLock<HashMap<String, Arc<DeployedFunction>>>,
+    /// tenant → name → function: looked up with borrowed strings, so the
+    /// call path allocates nothing to find a function.
+    functions: RwLock<HashMap<String, HashMap<String, Arc<DeployedFunction>>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -147,20 +149,25 @@ impl Registry {
     }
 
     pub fn get(&self, tenant: &str, name: &str) -> Option<Arc<DeployedFunction>> {
-        self.functions.read().expect(POISON).get(&function_key(tenant, name)).cloned()
+        self.functions.read().expect(POISON).get(tenant)?.get(name).cloned()
     }
 
     pub fn list(&self, tenant: &str) -> Vec<FunctionRecord> {
-        let prefix = format!("{tenant}/");
         let functions = self.functions.read().expect(POISON);
         let mut records: Vec<FunctionRecord> =
-            functions.iter().filter(|(key, _)| key.starts_with(&prefix)).map(|(_, f)| f.record.clone()).collect();
+            functions.get(tenant).into_iter().flat_map(|by_name| by_name.values()).map(|f| f.record.clone()).collect();
         records.sort_by(|a, b| a.name.cmp(&b.name));
         records
     }
 
     pub fn n_functions(&self) -> usize {
-        self.functions.read().expect(POISON).len()
+        self.functions.read().expect(POISON).values().map(HashMap::len).sum()
+    }
+
+    fn publish(&self, function: Arc<DeployedFunction>) {
+        let record = &function.record;
+        let mut functions = self.functions.write().expect(POISON);
+        functions.entry(record.tenant.clone()).or_default().insert(record.name.clone(), function);
     }
 
     /// The log ring a (re)deployed function should use: its predecessor's,
@@ -184,28 +191,28 @@ impl Registry {
             self.store.put_all(&[(MODULES, &record.sha256, wasm), (FUNCTIONS, &key, &encoded)])?;
         }
         let function = Arc::new(function);
-        self.functions.write().expect(POISON).insert(key, function.clone());
+        self.publish(function.clone());
         Ok(function)
     }
 
     /// Make a function loaded from the store at start visible to calls.
     pub fn insert_loaded(&self, function: DeployedFunction) {
-        let key = function_key(&function.record.tenant, &function.record.name);
-        self.functions.write().expect(POISON).insert(key, Arc::new(function));
+        self.publish(Arc::new(function));
     }
 
     /// Remove a function; its wasm goes too when no other function uses it.
     pub fn remove(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
-        let key = function_key(tenant, name);
         let mut functions = self.functions.write().expect(POISON);
-        let Some(sha) = functions.get(&key).map(|f| f.record.sha256.clone()) else {
+        let Some(by_name) = functions.get_mut(tenant) else {
             return Ok(false);
         };
-        self.store.delete(FUNCTIONS, &key)?;
-        functions.remove(&key);
-        let sha = &sha;
-        if !functions.values().any(|f| &f.record.sha256 == sha) {
-            self.store.delete(MODULES, sha)?;
+        let Some(sha) = by_name.get(name).map(|f| f.record.sha256.clone()) else {
+            return Ok(false);
+        };
+        self.store.delete(FUNCTIONS, &function_key(tenant, name))?;
+        by_name.remove(name);
+        if !functions.values().flat_map(HashMap::values).any(|f| f.record.sha256 == sha) {
+            self.store.delete(MODULES, &sha)?;
         }
         Ok(true)
     }

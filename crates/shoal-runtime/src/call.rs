@@ -16,6 +16,9 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 
+mod backstop;
+
+use self::backstop::Backstop;
 use crate::capture::CaptureBuffer;
 use crate::host::{CallLimiter, CommandCtx, ComponentCtx};
 use crate::image::ImagePre;
@@ -107,11 +110,11 @@ fn arm_deadline<T: 'static>(store: &mut Store<T>, deadline: Instant) {
 pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &CallSettings, input: &[u8]) -> CallOutput {
     let config = &runtime.config;
     let deadline = Instant::now() + settings.timeout;
+    let backstop = tokio::time::Instant::from_std(deadline + DEADLINE_GRACE);
     let stderr = CaptureBuffer::new(config.max_log_bytes);
     let mut wasi = WasiCtxBuilder::new();
     wasi.stderr(stderr.clone()).envs(&settings.env);
     let limiter = CallLimiter::new(settings.memory_limit);
-    let limit = settings.timeout + DEADLINE_GRACE;
 
     match &image.pre {
         ImagePre::Component(pre) => {
@@ -121,7 +124,7 @@ pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &Cal
             let mut store = Store::new(&runtime.engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);
             arm_deadline(&mut store, deadline);
-            let outcome = tokio::time::timeout(limit, async {
+            let outcome = Backstop::new(backstop, async {
                 let function = pre.instantiate_async(&mut store).await?;
                 function.shoal_function_handler().call_handle(&mut store, input).await
             })
@@ -147,7 +150,7 @@ pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &Cal
             let mut store = Store::new(&runtime.engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);
             arm_deadline(&mut store, deadline);
-            let outcome = tokio::time::timeout(limit, async {
+            let outcome = Backstop::new(backstop, async {
                 let instance = pre.instantiate_async(&mut store).await?;
                 let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                 start.call_async(&mut store, ()).await

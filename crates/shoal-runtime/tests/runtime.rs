@@ -202,6 +202,9 @@ async fn an_infinite_loop_times_out() {
     let spin = wat::parse_str(r#"(module (func (export "_start") (loop (br 0))))"#).unwrap();
     let out = call_with(&rt, &spin, &short, b"").await;
     assert!(matches!(out.result, Err(CallError::Timeout { .. })), "{:?}", out.result);
+    // Blocked in a host call (a WASI sleep), where epochs do not reach it.
+    let out = call_with(&rt, shoal_guests::MISBEHAVE, &short, b"sleep").await;
+    assert!(matches!(out.result, Err(CallError::Timeout { .. })), "{:?}", out.result);
     // The runtime is unharmed.
     assert_eq!(ok(call(&rt, shoal_guests::HELLO, b"after").await), "hello after");
 }

@@ -56,6 +56,10 @@ impl shoal_sdk::Function for Misbehave {
                 Ok(_) => Ok(b"invoke answered".to_vec()),
                 Err(e) => Err(format!("invoke: {e}")),
             },
+            b"sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(b"woke up".to_vec())
+            }
             b"error" => Err("failed on purpose".to_string()),
             other => {
                 // Remember the input in a static: a fresh instance per call
