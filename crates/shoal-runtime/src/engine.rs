@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -52,35 +52,80 @@ pub(crate) fn build(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
     Engine::new(&wasm).map_err(|e| RuntimeError::Config(format!("building the wasm engine: {e:#}")))
 }
 
-/// Advances the engine's epoch every tick until stopped.
+/// Advances the engine's epoch every tick while calls are running, and
+/// sleeps (parked) while none are, so an idle node costs no wake-ups.
 pub(crate) struct EpochTicker {
-    stop: Arc<AtomicBool>,
+    shared: Arc<TickerShared>,
+    /// To wake the ticker; cloned out of the join handle.
+    waker: std::thread::Thread,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Idle ticks before the ticker parks: under steady load it never parks,
+/// so calls never pay for waking it.
+const IDLE_TICKS_BEFORE_PARKING: u32 = 100;
+
+struct TickerShared {
+    stop: AtomicBool,
+    n_running: AtomicUsize,
+}
+
+/// Held by a running call; the ticker ticks while any exists.
+pub(crate) struct TickerGuard<'a> {
+    ticker: &'a EpochTicker,
+}
+
+impl Drop for TickerGuard<'_> {
+    fn drop(&mut self) {
+        self.ticker.shared.n_running.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl EpochTicker {
     pub(crate) fn start(engine: Engine, tick: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(TickerShared { stop: AtomicBool::new(false), n_running: AtomicUsize::new(0) });
         let thread = {
-            let stop = stop.clone();
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name("shoal-epoch".into())
                 .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
+                    let mut n_idle_ticks = 0;
+                    while !shared.stop.load(Ordering::Acquire) {
+                        if shared.n_running.load(Ordering::Acquire) == 0 {
+                            n_idle_ticks += 1;
+                            if n_idle_ticks > IDLE_TICKS_BEFORE_PARKING {
+                                // Woken by the next call to start; the
+                                // timeout is only a safety net.
+                                std::thread::park_timeout(Duration::from_millis(100));
+                                continue;
+                            }
+                        } else {
+                            n_idle_ticks = 0;
+                        }
                         std::thread::sleep(tick);
                         engine.increment_epoch();
                     }
                 })
                 .expect("spawning the epoch thread: the process is out of threads")
         };
-        Self { stop, thread: Mutex::new(Some(thread)) }
+        Self { shared, waker: thread.thread().clone(), thread: Mutex::new(Some(thread)) }
+    }
+
+    /// Mark a call as running until the guard drops.
+    pub(crate) fn enter(&self) -> TickerGuard<'_> {
+        if self.shared.n_running.fetch_add(1, Ordering::AcqRel) == 0 {
+            // Cheap when the ticker is not parked: it only sets a flag.
+            self.waker.unpark();
+        }
+        TickerGuard { ticker: self }
     }
 
     /// Stop and join; idempotent.
     pub(crate) fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Release);
         let handle = self.thread.lock().map(|mut t| t.take()).unwrap_or(None);
         if let Some(handle) = handle {
+            self.waker.unpark();
             let _ = handle.join();
         }
     }

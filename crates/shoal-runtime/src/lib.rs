@@ -152,6 +152,7 @@ impl Runtime {
 
     /// Run one call of `image` in a fresh sandbox.
     pub async fn call(&self, image: &FunctionImage, settings: &CallSettings, input: &[u8]) -> CallOutput {
+        let _ticking = self.ticker.enter();
         call::run(self, image, settings, input).await
     }
 }

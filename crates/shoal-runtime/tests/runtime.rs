@@ -210,6 +210,21 @@ async fn an_infinite_loop_times_out() {
 }
 
 #[tokio::test]
+async fn deadlines_hold_after_the_epoch_ticker_has_parked() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let mut short = settings();
+    short.timeout = Duration::from_millis(100);
+    // Idle long enough for the ticker to park (it parks after ~100 idle
+    // ticks); the next call must wake it.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let out = call_with(&rt, shoal_guests::MISBEHAVE, &short, b"loop").await;
+        assert!(matches!(out.result, Err(CallError::Timeout { .. })), "{:?}", out.result);
+    }
+}
+
+#[tokio::test]
 async fn growing_past_the_memory_limit_is_out_of_memory() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(&dir);
