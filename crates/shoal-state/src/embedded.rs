@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use redb::{Database, TableDefinition, TableError};
+use redb::{Database, ReadableTable, TableDefinition, TableError};
 
 /// A named table of the store. Names are fixed by the code that uses them.
 #[derive(Clone, Copy, Debug)]
@@ -26,6 +26,9 @@ pub enum StoreError {
     Open { path: String, message: String },
     #[error("embedded store: {0}")]
     Io(String),
+    /// A state-level refusal raised inside a transaction (it is rolled back).
+    #[error(transparent)]
+    State(Box<crate::StateError>),
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -113,6 +116,61 @@ impl EmbeddedStore {
         let tx = self.db.begin_write().map_err(io)?;
         f(&tx)?;
         tx.commit().map_err(io)
+    }
+
+    /// Run `f` in one durable write transaction: every change it makes is
+    /// committed together, or none is (when it returns an error). Write
+    /// transactions are serialised, so a read-modify-write in `f` is atomic.
+    pub fn transaction<R>(&self, f: impl FnOnce(&WriteTx<'_>) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        let result = f(&WriteTx { tx: &tx })?;
+        tx.commit().map_err(io)?;
+        Ok(result)
+    }
+}
+
+/// Run `f` on one consistent snapshot of the store.
+impl EmbeddedStore {
+    pub fn snapshot<R>(&self, f: impl FnOnce(&ReadTx) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        f(&ReadTx { tx })
+    }
+}
+
+/// Access to tables inside [`EmbeddedStore::snapshot`].
+pub struct ReadTx {
+    tx: redb::ReadTransaction,
+}
+
+impl ReadTx {
+    pub fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let t = match self.tx.open_table(table.definition()) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        Ok(t.get(key).map_err(io)?.map(|v| v.value().to_vec()))
+    }
+}
+
+/// Access to tables inside [`EmbeddedStore::transaction`].
+pub struct WriteTx<'a> {
+    tx: &'a redb::WriteTransaction,
+}
+
+impl WriteTx<'_> {
+    pub fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let t = self.tx.open_table(table.definition()).map_err(io)?;
+        Ok(t.get(key).map_err(io)?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.tx.open_table(table.definition()).map_err(io)?.insert(key, value).map_err(io)?;
+        Ok(())
+    }
+
+    pub fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
+        Ok(self.tx.open_table(table.definition()).map_err(io)?.remove(key).map_err(io)?.is_some())
     }
 }
 

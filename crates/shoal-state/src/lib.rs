@@ -1,12 +1,38 @@
-//! Shoal's state.
+//! Shoal's state: the two tiers.
 //!
-//! For now this crate holds the embedded durable store of a single node
-//! ([`EmbeddedStore`]): named tables of byte values in one file in the data
-//! directory, where an acknowledged write survives a crash. The node keeps
-//! its function registry there; the global state tier will live beside it.
+//! - [`LocalTier`]: one in-process store per node shared by every instance
+//!   on it; values addressable by range, tracked in chunks with dirty bits.
+//! - The global tier: on a single node [`EmbeddedGlobal`], chunked values in
+//!   the embedded durable store ([`EmbeddedStore`], one redb file in the
+//!   data directory, where the node also keeps its registry), with atomic
+//!   `incr`/`append`, a per-tenant quota and a value size limit.
 //!
+//! Keys reach this crate already scoped to their tenant ([`ScopedKey`]).
 //! This crate never interprets the bytes it stores.
 
 mod embedded;
+mod global;
+mod key;
+mod local;
 
-pub use embedded::{EmbeddedStore, StoreError, Table};
+pub use embedded::{EmbeddedStore, ReadTx, StoreError, Table, WriteTx};
+pub use global::{EmbeddedGlobal, StateLimits};
+pub use key::{MAX_KEY_BYTES, ScopedKey};
+pub use local::{CHUNK_BYTES, DirtyChunks, LocalTier};
+
+/// Why a state operation failed; maps onto the guest interface's `error`.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    LimitExceeded(String),
+    #[error("{0}")]
+    NotAnInteger(String),
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Store(StoreError),
+}
