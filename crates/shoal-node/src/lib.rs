@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shoal_runtime::{Runtime, RuntimeConfig};
 use shoal_sched::Executor;
-use shoal_state::EmbeddedStore;
+use shoal_state::{EmbeddedGlobal, EmbeddedStore, StateLimits, StateTiers};
 use tokio::net::TcpListener;
 
 use crate::auth::TokenHash;
@@ -91,7 +91,8 @@ impl Node {
         runtime_config.max_module_bytes = config.max_module_bytes;
         runtime_config.compile_concurrency = config.compile_concurrency;
         runtime_config.max_output_bytes = config.max_body_bytes;
-        let runtime = Arc::new(Runtime::new(runtime_config)?);
+        let state = Arc::new(StateTiers::new(EmbeddedGlobal::new(store.clone(), StateLimits::default())));
+        let runtime = Arc::new(Runtime::with_state(runtime_config, state)?);
         let executor = Executor::new(runtime.clone(), config.max_concurrent_calls);
 
         let registry = Registry::open(store)?;

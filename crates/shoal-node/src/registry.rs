@@ -63,6 +63,7 @@ pub struct DeployedFunction {
 impl DeployedFunction {
     pub fn new(record: FunctionRecord, image: Arc<FunctionImage>, logs: Arc<LogRing>) -> Self {
         let settings = CallSettings {
+            tenant: Arc::from(record.tenant.as_str()),
             memory_limit: record.memory_bytes,
             timeout: Duration::from_millis(record.timeout_ms),
             env: Arc::from(record.env.clone()),

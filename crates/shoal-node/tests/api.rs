@@ -133,6 +133,8 @@ async fn examples_answer_over_http() {
     assert_eq!(node.invoke("demo/echo", b"\x00\xff").await, (StatusCode::OK, b"\x00\xff".to_vec()));
     assert_eq!(node.invoke("demo/fib", b"20").await, (StatusCode::OK, b"6765".to_vec()));
     assert_eq!(node.invoke("demo/upper", b"abc").await, (StatusCode::OK, b"ABC".to_vec()));
+    assert_eq!(node.invoke("demo/counter", b"").await, (StatusCode::OK, b"1".to_vec()));
+    assert_eq!(node.invoke("demo/counter", b"41").await, (StatusCode::OK, b"42".to_vec()));
     let response = node.req(reqwest::Method::POST, "/v1/functions/demo/echo/invoke", Some(ADMIN)).send().await.unwrap();
     assert_eq!(response.headers()["x-shoal-call-id"].len(), 16);
     let message =
@@ -344,7 +346,7 @@ async fn list_describe_remove_and_logs() {
     let list: Value =
         node.req(reqwest::Method::GET, "/v1/functions/demo", Some(ADMIN)).send().await.unwrap().json().await.unwrap();
     let names: Vec<&str> = list["functions"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["echo", "fib", "hello", "misbehave", "upper"]);
+    assert_eq!(names, ["counter", "echo", "fib", "hello", "misbehave", "upper"]);
     let described: Value = node
         .req(reqwest::Method::GET, "/v1/functions/demo/upper", Some(ADMIN))
         .send()
@@ -404,7 +406,7 @@ async fn metrics_and_health() {
     assert_eq!(health.status(), StatusCode::OK);
     let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
     for expected in
-        ["shoal_calls_total{outcome=\"ok\"} 1", "shoal_calls_total{outcome=\"trap\"} 1", "shoal_functions 5"]
+        ["shoal_calls_total{outcome=\"ok\"} 1", "shoal_calls_total{outcome=\"trap\"} 1", "shoal_functions 6"]
     {
         assert!(metrics.contains(expected), "missing {expected:?} in\n{metrics}");
     }
@@ -422,11 +424,19 @@ async fn a_restart_keeps_every_function_without_compiling() {
         assert_eq!(status, StatusCode::CREATED);
         let (status, _) = node.deploy("acme/up", "", shoal_guests::UPPER).await;
         assert_eq!(status, StatusCode::CREATED);
+        let (status, _) = node.deploy("acme/counter", "", shoal_guests::COUNTER).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(node.invoke_as(&acme_token, "acme/counter", b"5").await, (StatusCode::OK, b"5".to_vec()));
         node.stop().await;
     }
     let node = TestNode::start_in(config(dir.path())).await;
     assert_eq!(node.invoke_as(&acme_token, "acme/greeter", b"env").await, (StatusCode::OK, b"GREETING=hej".to_vec()));
     assert_eq!(node.invoke_as(&acme_token, "acme/up", b"abc").await, (StatusCode::OK, b"ABC".to_vec()));
+    assert_eq!(
+        node.invoke_as(&acme_token, "acme/counter", b"").await,
+        (StatusCode::OK, b"6".to_vec()),
+        "state is durable"
+    );
     assert_eq!(node.node.runtime().n_compiles(), 0, "loaded from the compiled-artifact cache");
     node.stop().await;
 }

@@ -13,7 +13,12 @@ fn cold_start(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
     let runtime = Runtime::new(RuntimeConfig::new(dir.path().join("cache"))).expect("runtime");
-    let settings = CallSettings { memory_limit: 64 << 20, timeout: Duration::from_secs(5), env: Arc::from(Vec::new()) };
+    let settings = CallSettings {
+        tenant: Arc::from("bench"),
+        memory_limit: 64 << 20,
+        timeout: Duration::from_secs(5),
+        env: Arc::from(Vec::new()),
+    };
     let input = [b'x'; 64];
     let mut group = c.benchmark_group("cold_start");
     for (name, wasm) in [

@@ -32,6 +32,8 @@ const DEADLINE_GRACE: Duration = Duration::from_millis(50);
 /// The limits and environment of one call, set at deploy.
 #[derive(Clone, Debug)]
 pub struct CallSettings {
+    /// The tenant the function belongs to: its state keys are scoped to it.
+    pub tenant: Arc<str>,
     /// Linear memory, all of the call's memories together.
     pub memory_limit: u64,
     /// Wall-clock time from the start of instantiation.
@@ -120,7 +122,13 @@ pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &Cal
         ImagePre::Component(pre) => {
             let stdout = CaptureBuffer::new(config.max_log_bytes);
             wasi.stdout(stdout.clone());
-            let ctx = ComponentCtx { wasi: wasi.build(), table: ResourceTable::new(), limiter };
+            let ctx = ComponentCtx {
+                wasi: wasi.build(),
+                table: ResourceTable::new(),
+                limiter,
+                tenant: settings.tenant.clone(),
+                state: runtime.state.clone(),
+            };
             let mut store = Store::new(&runtime.engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);
             arm_deadline(&mut store, deadline);

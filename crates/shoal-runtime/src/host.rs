@@ -8,6 +8,9 @@
 mod invoke;
 mod state;
 
+use std::sync::Arc;
+
+use shoal_state::StateTiers;
 use wasmtime::component::{HasSelf, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -29,6 +32,9 @@ pub(crate) struct ComponentCtx {
     pub(crate) wasi: WasiCtx,
     pub(crate) table: ResourceTable,
     pub(crate) limiter: CallLimiter,
+    /// The caller's tenant, from its deployment (never from the guest).
+    pub(crate) tenant: Arc<str>,
+    pub(crate) state: Option<Arc<StateTiers>>,
 }
 
 impl WasiView for ComponentCtx {

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use sha2::{Digest, Sha256};
+use shoal_state::StateTiers;
 use tokio::sync::Semaphore;
 
 use crate::artifact_cache::ArtifactCache;
@@ -48,6 +49,9 @@ pub struct Runtime {
     ticker: EpochTicker,
     n_compiles: AtomicU64,
     n_compiling: Arc<AtomicU64>,
+    /// The state tiers the `state` interface reaches; without them every
+    /// state operation answers `unavailable`.
+    state: Option<Arc<StateTiers>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -59,6 +63,15 @@ impl std::fmt::Debug for Runtime {
 impl Runtime {
     /// Build the engine, start the epoch ticker and open the artifact cache.
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        Self::build(config, None)
+    }
+
+    /// A runtime whose functions reach `state` through the `state` interface.
+    pub fn with_state(config: RuntimeConfig, state: Arc<StateTiers>) -> Result<Self, RuntimeError> {
+        Self::build(config, Some(state))
+    }
+
+    fn build(config: RuntimeConfig, state: Option<Arc<StateTiers>>) -> Result<Self, RuntimeError> {
         config.validate()?;
         let engine = engine::build(&config)?;
         let linkers = host::Linkers::new(&engine)?;
@@ -74,6 +87,7 @@ impl Runtime {
             ticker,
             n_compiles: AtomicU64::new(0),
             n_compiling: Arc::new(AtomicU64::new(0)),
+            state,
         })
     }
 

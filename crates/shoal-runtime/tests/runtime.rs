@@ -17,6 +17,7 @@ fn runtime(dir: &tempfile::TempDir) -> Runtime {
 
 fn settings() -> CallSettings {
     CallSettings {
+        tenant: Arc::from("acme"),
         memory_limit: 32 * MIB,
         timeout: Duration::from_secs(5),
         env: Arc::from(vec![("GREETING".to_string(), "hi".to_string())]),
@@ -391,4 +392,141 @@ async fn output_over_the_limit_is_refused() {
     assert!(call(&rt, shoal_guests::UPPER, &[b'a'; 100]).await.result.is_ok());
     let out = call(&rt, shoal_guests::UPPER, &[b'a'; 101]).await;
     assert!(matches!(out.result, Err(CallError::OutputTooLarge { limit: 100 })), "{:?}", out.result);
+}
+
+mod state {
+    //! The `state` interface from a real guest (`state-ops`), over the
+    //! embedded global tier.
+
+    use super::*;
+    use shoal_state::{EmbeddedGlobal, EmbeddedStore, StateLimits, StateTiers};
+
+    fn tiers(dir: &tempfile::TempDir, limits: StateLimits) -> Arc<StateTiers> {
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+        Arc::new(StateTiers::new(EmbeddedGlobal::new(store, limits)))
+    }
+
+    fn runtime_with(dir: &tempfile::TempDir, tiers: Arc<StateTiers>) -> Runtime {
+        let mut config = RuntimeConfig::new(dir.path().join("cache"));
+        config.max_instances = 128;
+        config.max_memory_bytes = 64 << 20;
+        Runtime::with_state(config, tiers).unwrap()
+    }
+
+    fn as_tenant(tenant: &str) -> CallSettings {
+        CallSettings { tenant: Arc::from(tenant), ..settings() }
+    }
+
+    async fn ops(rt: &Runtime, tenant: &str, script: &str) -> Result<String, String> {
+        match call_with(rt, shoal_guests::STATE_OPS, &as_tenant(tenant), script.as_bytes()).await.result {
+            Ok(out) => Ok(String::from_utf8(out).unwrap()),
+            Err(CallError::Function { message }) => Err(message),
+            Err(other) => panic!("{script}: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn local_writes_reach_the_global_tier_only_when_pushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiers = tiers(&dir, StateLimits::default());
+        let rt = runtime_with(&dir, tiers.clone());
+        assert_eq!(ops(&rt, "acme", "get k").await.unwrap(), "<none>");
+        assert_eq!(ops(&rt, "acme", "set k v1").await.unwrap(), "ok");
+        // Another call on the same node sees the local tier at once.
+        assert_eq!(ops(&rt, "acme", "get k").await.unwrap(), "v1");
+        let k = shoal_state::ScopedKey::new("acme", "k").unwrap();
+        assert_eq!(tiers.global().get(&k).unwrap(), None, "not pushed yet");
+        assert_eq!(ops(&rt, "acme", "push k").await.unwrap(), "ok");
+        assert_eq!(tiers.global().get(&k).unwrap().unwrap(), b"v1");
+        // Pull replaces the local copy with the global one.
+        tiers.global().set(&k, b"from elsewhere").unwrap();
+        assert_eq!(ops(&rt, "acme", "get k").await.unwrap(), "v1");
+        assert_eq!(ops(&rt, "acme", "pull k\nget k").await.unwrap(), "from elsewhere");
+        assert_eq!(ops(&rt, "acme", "push nothing-here").await.unwrap_err(), "push nothing-here: Error::NotFound");
+        assert_eq!(ops(&rt, "acme", "pull nothing-here").await.unwrap_err(), "pull nothing-here: Error::NotFound");
+    }
+
+    #[tokio::test]
+    async fn ranges_atomics_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime_with(&dir, tiers(&dir, StateLimits::default()));
+        assert_eq!(ops(&rt, "acme", "set r hello_world\nsetrange r 6 WORLD\nrange r 4 4").await.unwrap(), "o_WO");
+        assert_eq!(ops(&rt, "acme", "range missing 0 1").await.unwrap_err(), "range missing 0 1: Error::NotFound");
+        assert_eq!(ops(&rt, "acme", "incr n 5\nincr n -2").await.unwrap(), "3");
+        assert_eq!(ops(&rt, "acme", "get n").await.unwrap(), "3");
+        assert_eq!(ops(&rt, "acme", "append log a\nappend log b\nget log").await.unwrap(), "ab");
+        assert!(ops(&rt, "acme", "set r x\npush r\nincr r 1").await.unwrap_err().contains("not a decimal"));
+        assert_eq!(ops(&rt, "acme", "del log\nget log").await.unwrap(), "<none>");
+    }
+
+    #[tokio::test]
+    async fn concurrent_increments_add_up_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(runtime_with(&dir, tiers(&dir, StateLimits::default())));
+        let image = rt.load(shoal_guests::COUNTER).await.unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let (rt, image) = (rt.clone(), image.clone());
+            tasks.push(tokio::spawn(async move { rt.call(&image, &as_tenant("acme"), b"").await.result.unwrap() }));
+        }
+        let mut seen: Vec<i64> = Vec::new();
+        for task in tasks {
+            seen.push(String::from_utf8(task.await.unwrap()).unwrap().parse().unwrap());
+        }
+        seen.sort();
+        assert_eq!(seen, (1..=100).collect::<Vec<i64>>(), "every increment saw a distinct value");
+        assert_eq!(ok(call_with(&rt, shoal_guests::COUNTER, &as_tenant("acme"), b"10").await), "110");
+    }
+
+    #[tokio::test]
+    async fn guests_cannot_name_another_tenants_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime_with(&dir, tiers(&dir, StateLimits::default()));
+        ops(&rt, "acme", "set x secret\npush x").await.unwrap();
+        for probe in ["x", "../acme/x", "acme/x", "/acme/x", "x\\0", "..\\0acme/x"] {
+            assert_eq!(ops(&rt, "other", &format!("get {probe}")).await.unwrap(), "<none>", "{probe}");
+        }
+        let long = "k".repeat(513);
+        assert_eq!(
+            ops(&rt, "other", &format!("get {long}")).await.unwrap_err(),
+            format!("get {long}: Error::TooLarge")
+        );
+        assert_eq!(ops(&rt, "acme", "get x").await.unwrap(), "secret");
+    }
+
+    #[tokio::test]
+    async fn oversized_values_and_quota_are_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime_with(&dir, tiers(&dir, StateLimits { max_value_bytes: 1000, tenant_quota_bytes: 1500 }));
+        assert_eq!(ops(&rt, "acme", "fill big 1 1001").await.unwrap_err(), "fill big 1 1001: Error::TooLarge");
+        assert_eq!(ops(&rt, "acme", "setrange big 1000 x").await.unwrap_err(), "setrange big 1000 x: Error::TooLarge");
+        ops(&rt, "acme", "fill a 1 1000\npush a").await.unwrap();
+        assert_eq!(ops(&rt, "acme", "fill b 2 600\npush b").await.unwrap_err(), "push b: Error::LimitExceeded");
+        assert_eq!(
+            ops(&rt, "acme", "pull b").await.unwrap_err(),
+            "pull b: Error::NotFound",
+            "nothing partial was written"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_state_tiers_state_answers_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(&dir);
+        assert_eq!(ops(&rt, "acme", "get k").await.unwrap_err(), "get k: Error::Unavailable");
+    }
+
+    #[tokio::test]
+    async fn pushed_values_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let rt = runtime_with(&dir, tiers(&dir, StateLimits::default()));
+            ops(&rt, "acme", "set p kept\npush p\nset q lost").await.unwrap();
+            assert_eq!(ok(call_with(&rt, shoal_guests::COUNTER, &as_tenant("acme"), b"7").await), "7");
+        }
+        let rt = runtime_with(&dir, tiers(&dir, StateLimits::default()));
+        assert_eq!(ops(&rt, "acme", "get p").await.unwrap(), "kept");
+        assert_eq!(ops(&rt, "acme", "get q").await.unwrap(), "<none>", "never pushed");
+        assert_eq!(ops(&rt, "acme", "get counter").await.unwrap(), "7");
+    }
 }

@@ -79,8 +79,12 @@ mod tests {
         let runtime = Arc::new(Runtime::new(config).unwrap());
         let executor = Arc::new(Executor::new(runtime.clone(), 1));
         let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
-        let settings =
-            CallSettings { memory_limit: 16 << 20, timeout: Duration::from_millis(300), env: Arc::from(Vec::new()) };
+        let settings = CallSettings {
+            tenant: Arc::from("t"),
+            memory_limit: 16 << 20,
+            timeout: Duration::from_millis(300),
+            env: Arc::from(Vec::new()),
+        };
         let busy = {
             let (executor, image, settings) = (executor.clone(), image.clone(), settings.clone());
             tokio::spawn(async move { executor.run(&image, &settings, b"loop").await })

@@ -14,11 +14,13 @@ mod embedded;
 mod global;
 mod key;
 mod local;
+mod tiers;
 
 pub use embedded::{EmbeddedStore, ReadTx, StoreError, Table, WriteTx};
 pub use global::{EmbeddedGlobal, StateLimits};
 pub use key::{MAX_KEY_BYTES, ScopedKey};
 pub use local::{CHUNK_BYTES, DirtyChunks, LocalTier};
+pub use tiers::StateTiers;
 
 /// Why a state operation failed; maps onto the guest interface's `error`.
 #[derive(Debug, thiserror::Error)]

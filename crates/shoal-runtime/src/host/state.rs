@@ -1,48 +1,87 @@
-//! Host side of `shoal:function/state`. Until the state tier is wired in,
-//! every operation answers `unavailable`: the import links, so functions
-//! that use state deploy, and they get a clear error instead of a trap.
+//! Host side of `shoal:function/state`: the guest's keys are scoped to the
+//! tenant of the function being called (taken from its deployment, never
+//! from the guest), then handed to the state tiers. Locks are not wired in
+//! yet and answer `unavailable`.
+
+use shoal_state::{ScopedKey, StateError, StateTiers};
 
 use super::shoal::function::state::Host;
 use super::{ComponentCtx, GuestError};
 
 type HostResult<T> = wasmtime::Result<Result<T, GuestError>>;
 
-fn unavailable<T>() -> HostResult<T> {
-    Ok(Err(GuestError::Unavailable))
+fn guest_error(e: StateError) -> GuestError {
+    match e {
+        StateError::TooLarge(_) => GuestError::TooLarge,
+        StateError::LimitExceeded(_) => GuestError::LimitExceeded,
+        StateError::Unavailable(_) => GuestError::Unavailable,
+        StateError::InvalidKey(m) | StateError::NotAnInteger(m) => GuestError::Other(m),
+        StateError::Store(e) => {
+            tracing::error!(error = %e, "state store failed");
+            GuestError::Unavailable
+        }
+    }
+}
+
+impl ComponentCtx {
+    /// The tiers and the scoped key, or the guest-facing error.
+    fn scope(&self, key: &str) -> Result<(&StateTiers, ScopedKey), GuestError> {
+        let tiers = self.state.as_deref().ok_or(GuestError::Unavailable)?;
+        let key = ScopedKey::new(&self.tenant, key).map_err(guest_error)?;
+        Ok((tiers, key))
+    }
+}
+
+/// Run a state operation and turn its outcome into the guest's result.
+macro_rules! state_op {
+    ($ctx:expr, $key:expr, |$tiers:ident, $scoped:ident| $body:expr) => {{
+        let ($tiers, $scoped) = match $ctx.scope(&$key) {
+            Ok(scoped) => scoped,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok($body.await.map_err(guest_error))
+    }};
+}
+
+fn found<T>(found: Result<Option<T>, GuestError>) -> Result<T, GuestError> {
+    found.and_then(|v| v.ok_or(GuestError::NotFound))
 }
 
 impl Host for ComponentCtx {
-    async fn get(&mut self, _key: String) -> HostResult<Option<Vec<u8>>> {
-        unavailable()
+    async fn get(&mut self, key: String) -> HostResult<Option<Vec<u8>>> {
+        state_op!(self, key, |tiers, key| tiers.get(&key))
     }
-    async fn set(&mut self, _key: String, _value: Vec<u8>) -> HostResult<()> {
-        unavailable()
+    async fn set(&mut self, key: String, value: Vec<u8>) -> HostResult<()> {
+        state_op!(self, key, |tiers, key| tiers.set(&key, value))
     }
-    async fn delete(&mut self, _key: String) -> HostResult<()> {
-        unavailable()
+    async fn delete(&mut self, key: String) -> HostResult<()> {
+        state_op!(self, key, |tiers, key| tiers.delete(&key))
     }
-    async fn get_range(&mut self, _key: String, _offset: u64, _len: u64) -> HostResult<Vec<u8>> {
-        unavailable()
+    async fn get_range(&mut self, key: String, offset: u64, len: u64) -> HostResult<Vec<u8>> {
+        let got: HostResult<Option<Vec<u8>>> = state_op!(self, key, |tiers, key| tiers.get_range(&key, offset, len));
+        Ok(found(got?))
     }
-    async fn set_range(&mut self, _key: String, _offset: u64, _data: Vec<u8>) -> HostResult<()> {
-        unavailable()
+    async fn set_range(&mut self, key: String, offset: u64, data: Vec<u8>) -> HostResult<()> {
+        state_op!(self, key, |tiers, key| tiers.set_range(&key, offset, &data))
     }
-    async fn append(&mut self, _key: String, _data: Vec<u8>) -> HostResult<()> {
-        unavailable()
+    async fn append(&mut self, key: String, data: Vec<u8>) -> HostResult<()> {
+        state_op!(self, key, |tiers, key| tiers.append(&key, data))
     }
-    async fn incr(&mut self, _key: String, _delta: i64) -> HostResult<i64> {
-        unavailable()
+    async fn incr(&mut self, key: String, delta: i64) -> HostResult<i64> {
+        state_op!(self, key, |tiers, key| tiers.incr(&key, delta))
     }
-    async fn push(&mut self, _key: String) -> HostResult<()> {
-        unavailable()
+    async fn push(&mut self, key: String) -> HostResult<()> {
+        let pushed: HostResult<bool> = state_op!(self, key, |tiers, key| tiers.push(&key));
+        Ok(pushed?.and_then(|local| if local { Ok(()) } else { Err(GuestError::NotFound) }))
     }
-    async fn pull(&mut self, _key: String) -> HostResult<()> {
-        unavailable()
+    async fn pull(&mut self, key: String) -> HostResult<()> {
+        let pulled: HostResult<bool> = state_op!(self, key, |tiers, key| tiers.pull(&key));
+        Ok(pulled?.and_then(|global| if global { Ok(()) } else { Err(GuestError::NotFound) }))
     }
     async fn lock(&mut self, _key: String) -> HostResult<()> {
-        unavailable()
+        Ok(Err(GuestError::Unavailable))
     }
     async fn unlock(&mut self, _key: String) -> HostResult<()> {
-        unavailable()
+        Ok(Err(GuestError::Unavailable))
     }
 }

@@ -1,0 +1,61 @@
+//! Runs the state operations its input names, one per line, so host tests
+//! can drive the `state` interface from a real guest:
+//! `get K`, `set K V`, `del K`, `range K OFF LEN`, `setrange K OFF DATA`,
+//! `append K DATA`, `incr K DELTA`, `push K`, `pull K`, `fill K BYTE LEN`.
+//! The output is the last operation's result; an error stops the run and
+//! is returned as `<line>: <error>`.
+
+use shoal_sdk::state;
+
+struct StateOps;
+
+fn run(line: &str) -> Result<Vec<u8>, String> {
+    let mut words = line.splitn(4, ' ');
+    let op = words.next().unwrap_or_default();
+    // Keys may hold any character but a space here; `\0` spells NUL.
+    let key = words.next().ok_or("missing key")?.replace("\\0", "\0");
+    fn arg<'a>(op: &str, w: Option<&'a str>) -> Result<&'a str, String> {
+        w.ok_or_else(|| format!("{op}: missing argument"))
+    }
+    let num = |w: Option<&str>| arg(op, w)?.parse::<i64>().map_err(|e| e.to_string());
+    let ok = |r: Result<(), shoal_sdk::Error>| r.map(|()| b"ok".to_vec()).map_err(|e| format!("{e:?}"));
+    match op {
+        "get" => state::get(&key).map(|v| v.unwrap_or_else(|| b"<none>".to_vec())).map_err(|e| format!("{e:?}")),
+        "set" => ok(state::set(&key, arg(op, words.next())?.as_bytes())),
+        "del" => ok(state::delete(&key)),
+        "range" => {
+            let offset = num(words.next())? as u64;
+            let len = num(words.next())? as u64;
+            state::get_range(&key, offset, len).map_err(|e| format!("{e:?}"))
+        }
+        "setrange" => {
+            let offset = num(words.next())? as u64;
+            ok(state::set_range(&key, offset, arg(op, words.next())?.as_bytes()))
+        }
+        "fill" => {
+            let byte = num(words.next())? as u8;
+            let len = num(words.next())? as usize;
+            ok(state::set(&key, &vec![byte; len]))
+        }
+        "append" => ok(state::append(&key, arg(op, words.next())?.as_bytes())),
+        "incr" => {
+            state::incr(&key, num(words.next())?).map(|v| v.to_string().into_bytes()).map_err(|e| format!("{e:?}"))
+        }
+        "push" => ok(state::push(&key)),
+        "pull" => ok(state::pull(&key)),
+        other => Err(format!("unknown op {other:?}")),
+    }
+}
+
+impl shoal_sdk::Function for StateOps {
+    fn handle(input: Vec<u8>) -> Result<Vec<u8>, String> {
+        let text = String::from_utf8(input).map_err(|_| "input is not UTF-8".to_string())?;
+        let mut last = Vec::new();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            last = run(line).map_err(|e| format!("{line}: {e}"))?;
+        }
+        Ok(last)
+    }
+}
+
+shoal_sdk::export!(StateOps);
