@@ -99,6 +99,12 @@ impl TestNode {
         (status, response.json().await.unwrap())
     }
 
+    async fn get_json(&self, path: &str) -> Value {
+        let response = self.req(reqwest::Method::GET, path, Some(ADMIN)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+        response.json().await.unwrap()
+    }
+
     async fn create_tenant(&self, name: &str) -> String {
         let response = self
             .req(reqwest::Method::POST, "/v1/tenants", Some(ADMIN))
@@ -343,18 +349,10 @@ async fn deploy_options_are_checked_and_applied() {
 #[tokio::test]
 async fn list_describe_remove_and_logs() {
     let node = TestNode::start().await;
-    let list: Value =
-        node.req(reqwest::Method::GET, "/v1/functions/demo", Some(ADMIN)).send().await.unwrap().json().await.unwrap();
+    let list: Value = node.get_json("/v1/functions/demo").await;
     let names: Vec<&str> = list["functions"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["counter", "echo", "fib", "hello", "misbehave", "upper"]);
-    let described: Value = node
-        .req(reqwest::Method::GET, "/v1/functions/demo/upper", Some(ADMIN))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let described: Value = node.get_json("/v1/functions/demo/upper").await;
     assert_eq!(described["kind"], "command");
 
     let response = node
@@ -364,14 +362,7 @@ async fn list_describe_remove_and_logs() {
         .await
         .unwrap();
     let call_id = response.headers()["x-shoal-call-id"].to_str().unwrap().to_string();
-    let logs: Value = node
-        .req(reqwest::Method::GET, "/v1/functions/demo/misbehave/logs", Some(ADMIN))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let logs: Value = node.get_json("/v1/functions/demo/misbehave/logs").await;
     let lines: Vec<(String, String, String)> = logs["lines"]
         .as_array()
         .unwrap()
