@@ -175,11 +175,71 @@ impl Client {
         Ok(())
     }
 
+    /// `/v1/state/{tenant}/{key}` for TENANT/KEY (the key may hold `/`;
+    /// each segment is percent-encoded).
+    fn state_path(key_ref: &str) -> anyhow::Result<String> {
+        let Some((tenant, key)) = key_ref.split_once('/').filter(|(t, k)| !t.is_empty() && !k.is_empty()) else {
+            bail!("{key_ref:?} is not TENANT/KEY");
+        };
+        let encoded: Vec<String> = key.split('/').map(percent_encode).collect();
+        Ok(format!("/v1/state/{tenant}/{}", encoded.join("/")))
+    }
+
+    pub async fn state_get(&self, key: &str) -> anyhow::Result<Vec<u8>> {
+        let response = self.send(self.request(Method::GET, &Self::state_path(key)?)).await?;
+        Ok(response.bytes().await.context("reading the value")?.to_vec())
+    }
+
+    pub async fn state_set(&self, key: &str, value: Vec<u8>) -> anyhow::Result<()> {
+        self.send(self.request(Method::PUT, &Self::state_path(key)?).body(value)).await?;
+        Ok(())
+    }
+
+    pub async fn state_delete(&self, key: &str) -> anyhow::Result<()> {
+        self.send(self.request(Method::DELETE, &Self::state_path(key)?)).await?;
+        Ok(())
+    }
+
+    pub async fn state_list(&self, tenant: &str) -> anyhow::Result<()> {
+        let listed = self.json(self.request(Method::GET, &format!("/v1/state/{tenant}"))).await?;
+        for entry in listed["keys"].as_array().cloned().unwrap_or_default() {
+            println!("{:>10}  {}", entry["size"].as_u64().unwrap_or(0), entry["key"].as_str().unwrap_or("?"));
+        }
+        Ok(())
+    }
+
     pub async fn create_tenant(&self, name: &str) -> anyhow::Result<()> {
         let created =
             self.json(self.request(Method::POST, "/v1/tenants").json(&serde_json::json!({ "name": name }))).await?;
         eprintln!("created tenant {name}; its token (shown once):");
         println!("{}", created["token"].as_str().unwrap_or(""));
         Ok(())
+    }
+}
+
+/// Percent-encode everything but unreserved characters (RFC 3986).
+fn percent_encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_paths_encode_each_segment() {
+        assert_eq!(Client::state_path("demo/counter").unwrap(), "/v1/state/demo/counter");
+        assert_eq!(Client::state_path("demo/conf/a b").unwrap(), "/v1/state/demo/conf/a%20b");
+        assert_eq!(Client::state_path("demo/x?y#z%").unwrap(), "/v1/state/demo/x%3Fy%23z%25");
+        assert!(Client::state_path("demo").is_err());
+        assert!(Client::state_path("/k").is_err());
     }
 }

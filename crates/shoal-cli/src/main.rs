@@ -61,10 +61,35 @@ enum Command {
     Rm { function: String },
     /// Recent stdout/stderr lines of TENANT/NAME, with call ids.
     Logs { function: String },
+    /// Read and write the global state tier.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Manage tenants (admin).
     Tenant {
         #[command(subcommand)]
         command: TenantCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StateCommand {
+    /// Print the value of TENANT/KEY.
+    Get { key: String },
+    /// Set TENANT/KEY to a value given inline or read from a file.
+    Set {
+        key: String,
+        value: Option<String>,
+        #[arg(long = "data-file", conflicts_with = "value")]
+        data_file: Option<PathBuf>,
+    },
+    /// Delete TENANT/KEY.
+    Del { key: String },
+    /// List a tenant's keys with their sizes.
+    Ls {
+        #[arg(default_value = "demo")]
+        tenant: String,
     },
 }
 
@@ -110,6 +135,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rm { function } => client.remove(&function).await,
         Command::Logs { function } => client.logs(&function).await,
         Command::Tenant { command: TenantCommand::Create { name } } => client.create_tenant(&name).await,
+        Command::State { command } => match command {
+            StateCommand::Get { key } => {
+                let value = client.state_get(&key).await?;
+                let mut stdout = std::io::stdout().lock();
+                stdout.write_all(&value)?;
+                if stdout.is_terminal() && !value.ends_with(b"\n") {
+                    stdout.write_all(b"\n")?;
+                }
+                Ok(())
+            }
+            StateCommand::Set { key, value, data_file } => client.state_set(&key, read_input(value, data_file)?).await,
+            StateCommand::Del { key } => client.state_delete(&key).await,
+            StateCommand::Ls { tenant } => client.state_list(&tenant).await,
+        },
     }
 }
 

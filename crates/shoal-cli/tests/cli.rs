@@ -98,6 +98,17 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(stderr.contains("function_error") && stderr.contains("(call "), "{stderr}");
 
+    // State: set, get, list, delete; keys may hold `/` and spaces.
+    assert!(run(&["state", "set", "demo/conf/a b", "value one"]).status.success());
+    assert_eq!(stdout(&run(&["state", "get", "demo/conf/a b"])), "value one");
+    assert_eq!(stdout(&run(&["invoke", "demo/counter", "-d", "3"])), "3");
+    assert_eq!(stdout(&run(&["state", "get", "demo/counter"])), "3");
+    let keys = stdout(&run(&["state", "ls"]));
+    assert!(keys.contains("conf/a b") && keys.contains("counter"), "{keys}");
+    assert!(run(&["state", "del", "demo/conf/a b"]).status.success());
+    let gone = run(&["state", "get", "demo/conf/a b"]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("not_found"), "{gone:?}");
+
     assert!(run(&["rm", "acme/echo"]).status.success());
     let gone = run(&["invoke", "acme/echo"]);
     assert!(String::from_utf8_lossy(&gone.stderr).contains("not_found"), "{gone:?}");

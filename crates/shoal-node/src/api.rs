@@ -4,6 +4,7 @@
 //! without being buffered.
 
 mod functions;
+mod state;
 mod tenants;
 
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/functions/{tenant}/{name}/invoke", post(functions::invoke))
         .route("/v1/functions/{tenant}/{name}/logs", get(functions::logs))
+        .route("/v1/state/{tenant}", get(state::list))
+        .route("/v1/state/{tenant}/{*key}", get(state::get).put(state::put).delete(state::delete))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(|| async { ApiError::not_found("no such route") })

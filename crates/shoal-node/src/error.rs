@@ -17,6 +17,7 @@ pub enum ErrorKind {
     MethodNotAllowed,
     Conflict,
     TooLarge,
+    LimitExceeded,
     UriTooLong,
     InvalidWasm,
     Overloaded,
@@ -38,6 +39,7 @@ impl ErrorKind {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Conflict => "conflict",
             Self::TooLarge => "too_large",
+            Self::LimitExceeded => "limit_exceeded",
             Self::UriTooLong => "uri_too_long",
             Self::InvalidWasm => "invalid_wasm",
             Self::Overloaded => "overloaded",
@@ -59,6 +61,7 @@ impl ErrorKind {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict => StatusCode::CONFLICT,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::LimitExceeded => StatusCode::INSUFFICIENT_STORAGE,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::InvalidWasm => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
@@ -148,5 +151,18 @@ impl From<shoal_sched::Overloaded> for ApiError {
 impl From<shoal_state::StoreError> for ApiError {
     fn from(e: shoal_state::StoreError) -> Self {
         Self::internal("using the embedded store", e)
+    }
+}
+
+impl From<shoal_state::StateError> for ApiError {
+    fn from(e: shoal_state::StateError) -> Self {
+        use shoal_state::StateError;
+        match e {
+            StateError::InvalidKey(m) | StateError::NotAnInteger(m) => Self::bad_request(m),
+            StateError::TooLarge(m) => Self::new(ErrorKind::TooLarge, m),
+            StateError::LimitExceeded(m) => Self::new(ErrorKind::LimitExceeded, m),
+            StateError::Unavailable(m) => Self::new(ErrorKind::Unavailable, m),
+            StateError::Store(e) => Self::internal("using the state store", e),
+        }
     }
 }

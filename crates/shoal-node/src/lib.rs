@@ -62,6 +62,7 @@ pub struct DeploySpec {
 
 pub struct Node {
     config: NodeConfig,
+    state: Arc<StateTiers>,
     registry: Registry,
     executor: Executor,
     metrics: Metrics,
@@ -92,13 +93,14 @@ impl Node {
         runtime_config.compile_concurrency = config.compile_concurrency;
         runtime_config.max_output_bytes = config.max_body_bytes;
         let state = Arc::new(StateTiers::new(EmbeddedGlobal::new(store.clone(), StateLimits::default())));
-        let runtime = Arc::new(Runtime::with_state(runtime_config, state)?);
+        let runtime = Arc::new(Runtime::with_state(runtime_config, state.clone())?);
         let executor = Executor::new(runtime.clone(), config.max_concurrent_calls);
 
         let registry = Registry::open(store)?;
         let node = Self {
             admin_hash: auth::hash_token(&admin_token),
             config,
+            state,
             registry,
             executor,
             metrics: Metrics::default(),

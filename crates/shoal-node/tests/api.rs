@@ -431,3 +431,43 @@ async fn a_restart_keeps_every_function_without_compiling() {
     assert_eq!(node.node.runtime().n_compiles(), 0, "loaded from the compiled-artifact cache");
     node.stop().await;
 }
+
+#[tokio::test]
+async fn state_over_http_acts_on_the_global_tier() {
+    let node = TestNode::start().await;
+    let acme = node.create_tenant("acme").await;
+    let put = |path: &str, token: &str, body: &[u8]| {
+        node.req(reqwest::Method::PUT, path, Some(token)).body(body.to_vec()).send()
+    };
+    let response = put("/v1/state/acme/config/db", &acme, b"postgres://x").await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let response = node.req(reqwest::Method::GET, "/v1/state/acme/config/db", Some(&acme)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(&response.bytes().await.unwrap()[..], b"postgres://x");
+    let listed = node.get_json("/v1/state/acme").await;
+    assert_eq!(listed["keys"], serde_json::json!([{ "key": "config/db", "size": 12 }]));
+
+    // Functions and HTTP share the global tier: the counter's incr shows.
+    node.invoke("demo/counter", b"7").await;
+    let response = node.req(reqwest::Method::GET, "/v1/state/demo/counter", Some(ADMIN)).send().await.unwrap();
+    assert_eq!(&response.bytes().await.unwrap()[..], b"7");
+
+    // Another tenant's token, and path tricks, reach nothing of acme's.
+    let other = node.create_tenant("other").await;
+    let response = node.req(reqwest::Method::GET, "/v1/state/acme/config/db", Some(&other)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let response =
+        node.req(reqwest::Method::GET, "/v1/state/other/..%2Facme%2Fconfig%2Fdb", Some(&other)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let long = format!("/v1/state/acme/{}", "k".repeat(513));
+    let response = put(&long, &acme, b"x").await.unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    let response = node.req(reqwest::Method::DELETE, "/v1/state/acme/config/db", Some(&acme)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let response = node.req(reqwest::Method::GET, "/v1/state/acme/config/db", Some(&acme)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let response = node.req(reqwest::Method::DELETE, "/v1/state/acme/config/db", Some(&acme)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    node.stop().await;
+}

@@ -139,6 +139,34 @@ impl StateTiers {
         }
     }
 
+    /// Write the global copy directly (the HTTP API's `PUT`), dropping any
+    /// local copy on this node so its next read sees the new value.
+    pub async fn put_global(&self, key: &ScopedKey, value: Vec<u8>) -> Result<(), StateError> {
+        let k = key.clone();
+        self.blocking(move |g| g.set(&k, &value)).await?;
+        self.local.remove(key);
+        Ok(())
+    }
+
+    /// Read the global copy directly (the HTTP API's `GET`).
+    pub async fn get_global(&self, key: &ScopedKey) -> Result<Option<Vec<u8>>, StateError> {
+        let k = key.clone();
+        self.blocking(move |g| g.get(&k)).await
+    }
+
+    /// Remove from both tiers; returns whether the global tier had it.
+    pub async fn delete_global(&self, key: &ScopedKey) -> Result<bool, StateError> {
+        self.local.remove(key);
+        let k = key.clone();
+        self.blocking(move |g| g.delete(&k)).await
+    }
+
+    /// Keys of `tenant` in the global tier, with their sizes.
+    pub async fn list_global(&self, tenant: &str) -> Result<Vec<(String, u64)>, StateError> {
+        let tenant = tenant.to_string();
+        self.blocking(move |g| g.list(&tenant)).await
+    }
+
     fn check_size(&self, len: u64) -> Result<(), StateError> {
         let limit = self.global.limits().max_value_bytes;
         if len > limit {
