@@ -7,6 +7,12 @@
 //!
 //! Global-tier work runs on the blocking pool (the embedded store fsyncs),
 //! never on the async worker that runs guests.
+//!
+//! Limits: a local `set`/`set-range` checks the value size limit; the
+//! tenant's quota is the global tier's and is checked when a value reaches
+//! it (`push`, `incr`, `append`, HTTP `PUT`). The local tier has no memory
+//! budget of its own yet: a value stays local until deleted, pulled over or
+//! the node restarts.
 
 use std::sync::Arc;
 
