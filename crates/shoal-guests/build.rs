@@ -8,8 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Components (wasm32-wasip2): (package, is an example deployed by `shoal serve`).
-const COMPONENTS: &[(&str, bool)] =
-    &[("hello", true), ("echo", true), ("fib", true), ("counter", true), ("misbehave", false), ("state-ops", false)];
+const COMPONENTS: &[(&str, bool)] = &[
+    ("hello", true),
+    ("echo", true),
+    ("fib", true),
+    ("counter", true),
+    ("matvec", true),
+    ("misbehave", false),
+    ("state-ops", false),
+];
 /// WASI preview-1 command modules (wasm32-wasip1).
 const COMMANDS: &[(&str, bool)] = &[("upper", true), ("noop-cmd", false)];
 

@@ -38,6 +38,16 @@ pub struct ServeArgs {
     default_timeout: Option<Duration>,
     #[arg(long, env = "SHOAL_DEFAULT_MEMORY", value_parser = parse_size)]
     default_memory: Option<u64>,
+    /// Keep the global state tier in Redis (redis://host:port) instead of
+    /// the embedded store in the data directory.
+    #[arg(long, env = "SHOAL_REDIS")]
+    redis: Option<String>,
+    /// Largest state value, e.g. 64MiB.
+    #[arg(long, env = "SHOAL_MAX_STATE_VALUE", value_parser = parse_size)]
+    max_state_value: Option<u64>,
+    /// Bytes of state each tenant may keep, e.g. 1GiB.
+    #[arg(long, env = "SHOAL_STATE_QUOTA", value_parser = parse_size)]
+    state_quota: Option<u64>,
     /// Do not deploy the example functions under tenant `demo`.
     #[arg(long)]
     no_examples: bool,
@@ -54,6 +64,9 @@ struct ServeFile {
     max_concurrent_calls: Option<u32>,
     default_timeout: Option<String>,
     default_memory: Option<String>,
+    redis: Option<String>,
+    max_state_value: Option<String>,
+    state_quota: Option<String>,
     examples: Option<bool>,
 }
 
@@ -103,6 +116,19 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
     if let Some(bytes) = args.default_memory {
         config.default_memory_bytes = bytes;
     }
+    config.redis_url = args.redis.clone().or(file.redis).filter(|url| !url.is_empty());
+    if let Some(text) = &file.max_state_value {
+        config.max_state_value_bytes = parse_size(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(bytes) = args.max_state_value {
+        config.max_state_value_bytes = bytes;
+    }
+    if let Some(text) = &file.state_quota {
+        config.state_quota_bytes = parse_size(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(bytes) = args.state_quota {
+        config.state_quota_bytes = bytes;
+    }
     config.validate().map_err(anyhow::Error::msg)?;
     let examples = !args.no_examples && file.examples.unwrap_or(true);
     Ok((config, examples))
@@ -132,6 +158,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (config, examples) = node_config(&args)?;
     let listen = config.listen;
     let data_dir = config.data_dir.clone();
+    // Never print the URL: it may hold a password.
+    let state_tier = if config.redis_url.is_some() { "Redis" } else { "the embedded store" };
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let node = Node::start(config).await.context("starting the node")?;
     if examples {
@@ -143,7 +171,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Written with `writeln!`, not `eprintln!`: a closed stderr must not
     // bring the node down.
     let mut stderr = std::io::stderr();
-    let _ = writeln!(stderr, "shoal: serving http://{addr} (data in {})", data_dir.display());
+    let _ =
+        writeln!(stderr, "shoal: serving http://{addr} (data in {}; global state in {state_tier})", data_dir.display());
     if examples {
         let names: Vec<&str> = shoal_guests::EXAMPLES.iter().map(|(name, _)| *name).collect();
         let _ = writeln!(stderr, "shoal: examples deployed as demo/{{{}}}", names.join(","));

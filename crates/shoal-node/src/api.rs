@@ -85,6 +85,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         n_running: node.executor.busy(),
         n_slots: node.executor.n_slots(),
         n_compiles: node.runtime().n_compiles(),
+        state: node.state.stats(),
     };
     let mut response = node.metrics.render(&gauges).into_response();
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

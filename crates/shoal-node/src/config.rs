@@ -33,6 +33,12 @@ pub struct NodeConfig {
     pub compile_concurrency: usize,
     /// Log lines kept per function. Default 1,000.
     pub log_lines_per_function: usize,
+    /// The global state tier: Redis at this URL, or (None, the default)
+    /// the embedded store in the data directory.
+    pub redis_url: Option<String>,
+    /// Largest state value and bytes of state per tenant. Defaults 64 MiB, 1 GiB.
+    pub max_state_value_bytes: u64,
+    pub state_quota_bytes: u64,
 }
 
 impl NodeConfig {
@@ -52,6 +58,9 @@ impl NodeConfig {
             max_concurrent_calls: 1000,
             compile_concurrency: 1,
             log_lines_per_function: 1000,
+            redis_url: None,
+            max_state_value_bytes: 64 * MIB,
+            state_quota_bytes: 1024 * MIB,
         }
     }
 

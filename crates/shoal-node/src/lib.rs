@@ -28,7 +28,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shoal_runtime::{Runtime, RuntimeConfig};
 use shoal_sched::Executor;
-use shoal_state::{EmbeddedGlobal, EmbeddedStore, StateLimits, StateTiers};
+use shoal_state::{
+    EmbeddedGlobal, EmbeddedStore, EmbeddedTier, GlobalTier, RedisConfig, RedisTier, StateLimits, StateTiers,
+};
 use tokio::net::TcpListener;
 
 use crate::auth::TokenHash;
@@ -44,6 +46,8 @@ pub enum StartError {
     DataDir { path: String, source: std::io::Error },
     #[error(transparent)]
     Runtime(#[from] shoal_runtime::RuntimeError),
+    #[error("the global state tier: {0}")]
+    Redis(String),
     #[error(transparent)]
     Store(#[from] shoal_state::StoreError),
 }
@@ -92,7 +96,20 @@ impl Node {
         runtime_config.max_module_bytes = config.max_module_bytes;
         runtime_config.compile_concurrency = config.compile_concurrency;
         runtime_config.max_output_bytes = config.max_body_bytes;
-        let state = Arc::new(StateTiers::new(EmbeddedGlobal::new(store.clone(), StateLimits::default())));
+        let limits =
+            StateLimits { max_value_bytes: config.max_state_value_bytes, tenant_quota_bytes: config.state_quota_bytes };
+        let global: Arc<dyn GlobalTier> = match &config.redis_url {
+            None => Arc::new(EmbeddedTier::new(EmbeddedGlobal::new(store.clone(), limits))),
+            Some(url) => {
+                let redis = RedisTier::connect(RedisConfig { limits, ..RedisConfig::new(url.clone()) })
+                    .map_err(|e| StartError::Redis(e.to_string()))?;
+                // Refuse to start against a Redis that is not there: a wrong
+                // URL should fail now, not at the first state call.
+                redis.ping().await.map_err(|e| StartError::Redis(e.to_string()))?;
+                Arc::new(redis)
+            }
+        };
+        let state = Arc::new(StateTiers::new(global));
         let runtime = Arc::new(Runtime::with_state(runtime_config, state.clone())?);
         let executor = Executor::new(runtime.clone(), config.max_concurrent_calls);
 

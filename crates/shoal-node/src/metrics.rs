@@ -40,6 +40,7 @@ pub struct Gauges {
     pub n_running: u32,
     pub n_slots: u32,
     pub n_compiles: u64,
+    pub state: shoal_state::TierStats,
 }
 
 impl Metrics {
@@ -85,6 +86,18 @@ impl Metrics {
             ("shoal_functions", "gauge", "Deployed functions.", gauges.n_functions as u64),
             ("shoal_calls_running", "gauge", "Calls running now.", u64::from(gauges.n_running)),
             ("shoal_call_slots", "gauge", "Calls that may run at once.", u64::from(gauges.n_slots)),
+            (
+                "shoal_state_global_read_bytes_total",
+                "counter",
+                "Bytes read from the global state tier.",
+                gauges.state.bytes_from_global,
+            ),
+            (
+                "shoal_state_global_written_bytes_total",
+                "counter",
+                "Bytes written to the global state tier.",
+                gauges.state.bytes_to_global,
+            ),
         ];
         for (name, kind, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
@@ -103,7 +116,14 @@ mod tests {
         m.record_call(Ok(()), Some(Duration::from_micros(80)));
         m.record_call(Err(ErrorKind::Timeout), Some(Duration::from_secs(2)));
         m.record_call(Err(ErrorKind::Overloaded), None);
-        let text = m.render(&Gauges { n_tenants: 1, n_functions: 2, n_running: 0, n_slots: 8, n_compiles: 3 });
+        let text = m.render(&Gauges {
+            n_tenants: 1,
+            n_functions: 2,
+            n_running: 0,
+            n_slots: 8,
+            n_compiles: 3,
+            state: Default::default(),
+        });
         for expected in [
             "shoal_calls_total{outcome=\"ok\"} 1",
             "shoal_calls_total{outcome=\"timeout\"} 1",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use reqwest::StatusCode;
 use serde_json::Value;
 use shoal_node::{Node, NodeConfig};
+use shoal_testkit::RedisServer;
 use tokio::sync::oneshot;
 
 const ADMIN: &str = "test-admin-token-0123456789";
@@ -116,6 +117,15 @@ impl TestNode {
         let body: Value = response.json().await.unwrap();
         body["token"].as_str().unwrap().to_string()
     }
+}
+
+/// Status and JSON body of a response.
+async fn status_and_json(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let bytes = response.bytes().await.unwrap();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| panic!("{status}: not JSON: {:?}", String::from_utf8_lossy(&bytes)));
+    (status, value)
 }
 
 /// The error kind and message of an error body.
@@ -351,7 +361,7 @@ async fn list_describe_remove_and_logs() {
     let node = TestNode::start().await;
     let list: Value = node.get_json("/v1/functions/demo").await;
     let names: Vec<&str> = list["functions"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["counter", "echo", "fib", "hello", "misbehave", "upper"]);
+    assert_eq!(names, ["counter", "echo", "fib", "hello", "matvec", "misbehave", "upper"]);
     let described: Value = node.get_json("/v1/functions/demo/upper").await;
     assert_eq!(described["kind"], "command");
 
@@ -397,7 +407,7 @@ async fn metrics_and_health() {
     assert_eq!(health.status(), StatusCode::OK);
     let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
     for expected in
-        ["shoal_calls_total{outcome=\"ok\"} 1", "shoal_calls_total{outcome=\"trap\"} 1", "shoal_functions 6"]
+        ["shoal_calls_total{outcome=\"ok\"} 1", "shoal_calls_total{outcome=\"trap\"} 1", "shoal_functions 7"]
     {
         assert!(metrics.contains(expected), "missing {expected:?} in\n{metrics}");
     }
@@ -434,7 +444,16 @@ async fn a_restart_keeps_every_function_without_compiling() {
 
 #[tokio::test]
 async fn state_over_http_acts_on_the_global_tier() {
-    let node = TestNode::start().await;
+    state_over_http(TestNode::start().await).await;
+}
+
+#[tokio::test]
+async fn state_over_http_on_redis() {
+    let redis = RedisServer::start();
+    state_over_http(TestNode::start_with(|c| c.redis_url = Some(redis.url())).await).await;
+}
+
+async fn state_over_http(node: TestNode) {
     let acme = node.create_tenant("acme").await;
     let put = |path: &str, token: &str, body: &[u8]| {
         node.req(reqwest::Method::PUT, path, Some(token)).body(body.to_vec()).send()
@@ -470,4 +489,73 @@ async fn state_over_http_acts_on_the_global_tier() {
     let response = node.req(reqwest::Method::DELETE, "/v1/state/acme/config/db", Some(&acme)).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     node.stop().await;
+}
+
+#[tokio::test]
+async fn state_limits_over_http_refuse_whole_writes() {
+    for redis in [None, Some(RedisServer::start())] {
+        let node = TestNode::start_with(|c| {
+            c.redis_url = redis.as_ref().map(RedisServer::url);
+            c.max_state_value_bytes = 1000;
+            c.state_quota_bytes = 1500;
+        })
+        .await;
+        let acme = node.create_tenant("acme").await;
+        let put = |key: &str, len: usize| {
+            node.req(reqwest::Method::PUT, &format!("/v1/state/acme/{key}"), Some(&acme)).body(vec![b'x'; len]).send()
+        };
+        let (status, body) = status_and_json(put("a", 1001).await.unwrap()).await;
+        assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large")));
+        assert_eq!(put("a", 1000).await.unwrap().status(), StatusCode::NO_CONTENT);
+        let (status, body) = status_and_json(put("b", 600).await.unwrap()).await;
+        assert_eq!(
+            (status, body["error"]["kind"].as_str()),
+            (StatusCode::INSUFFICIENT_STORAGE, Some("limit_exceeded")),
+            "redis={}: {body}",
+            redis.is_some()
+        );
+        let listed = node.get_json("/v1/state/acme").await;
+        assert_eq!(listed["keys"], serde_json::json!([{ "key": "a", "size": 1000 }]), "nothing partial was written");
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn with_redis_down_state_answers_503_and_recovers() {
+    let mut redis = RedisServer::start();
+    let node = TestNode::start_with(|c| c.redis_url = Some(redis.url())).await;
+    assert_eq!(node.invoke("demo/counter", b"2").await, (StatusCode::OK, b"2".to_vec()));
+    redis.stop();
+    let response = node.req(reqwest::Method::GET, "/v1/state/demo/counter", Some(ADMIN)).send().await.unwrap();
+    let (status, body) = status_and_json(response).await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")));
+    // The function sees `unavailable` from its state call and reports it;
+    // the instance is not left hanging.
+    let (status, body) = node.invoke("demo/counter", b"1").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(String::from_utf8_lossy(&body).contains("Unavailable"), "{}", String::from_utf8_lossy(&body));
+    redis.restart();
+    let start = std::time::Instant::now();
+    loop {
+        let (status, body) = node.invoke("demo/counter", b"1").await;
+        if status == StatusCode::OK {
+            assert_eq!(body, b"1", "the restarted Redis is empty");
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "never recovered: {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_refuses_to_start_on_an_unreachable_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    redis.stop();
+    let mut config = config(dir.path());
+    config.redis_url = Some(url);
+    let error = Node::start(config).await.unwrap_err();
+    assert!(error.to_string().contains("redis"), "{error}");
 }

@@ -128,6 +128,8 @@ pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &Cal
                 limiter,
                 tenant: settings.tenant.clone(),
                 state: runtime.state.clone(),
+                deadline,
+                leases: Vec::new(),
             };
             let mut store = Store::new(&runtime.engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);

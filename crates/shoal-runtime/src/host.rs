@@ -9,8 +9,9 @@ mod invoke;
 mod state;
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use shoal_state::StateTiers;
+use shoal_state::{LeaseToken, ScopedKey, StateTiers};
 use wasmtime::component::{HasSelf, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -35,6 +36,29 @@ pub(crate) struct ComponentCtx {
     /// The caller's tenant, from its deployment (never from the guest).
     pub(crate) tenant: Arc<str>,
     pub(crate) state: Option<Arc<StateTiers>>,
+    /// When the call must end: bounds waiting for a lock and its lease.
+    pub(crate) deadline: Instant,
+    /// Locks this call holds; released when the call ends, however it ends.
+    pub(crate) leases: Vec<(ScopedKey, LeaseToken)>,
+}
+
+impl Drop for ComponentCtx {
+    fn drop(&mut self) {
+        if self.leases.is_empty() {
+            return;
+        }
+        // Without a runtime to release them on, the leases expire by
+        // themselves shortly after the call's deadline.
+        let (Some(tiers), Ok(handle)) = (self.state.clone(), tokio::runtime::Handle::try_current()) else { return };
+        let leases = std::mem::take(&mut self.leases);
+        handle.spawn(async move {
+            for (key, token) in leases {
+                if let Err(e) = tiers.unlock(&key, &token).await {
+                    tracing::warn!(error = %e, "releasing a finished call's lock failed; its lease will expire");
+                }
+            }
+        });
+    }
 }
 
 impl WasiView for ComponentCtx {

@@ -396,14 +396,31 @@ async fn output_over_the_limit_is_refused() {
 
 mod state {
     //! The `state` interface from a real guest (`state-ops`), over the
-    //! embedded global tier.
+    //! embedded global tier and, for the atomics and locks, over a real
+    //! `redis-server` too.
+
+    use std::time::Instant;
 
     use super::*;
-    use shoal_state::{EmbeddedGlobal, EmbeddedStore, StateLimits, StateTiers};
+    use shoal_state::{
+        EmbeddedGlobal, EmbeddedStore, EmbeddedTier, LeaseToken, RedisConfig, RedisTier, ScopedKey, StateLimits,
+        StateTiers,
+    };
+    use shoal_testkit::RedisServer;
 
     fn tiers(dir: &tempfile::TempDir, limits: StateLimits) -> Arc<StateTiers> {
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
-        Arc::new(StateTiers::new(EmbeddedGlobal::new(store, limits)))
+        Arc::new(StateTiers::new(Arc::new(EmbeddedTier::new(EmbeddedGlobal::new(store, limits)))))
+    }
+
+    /// Tiers on either backend; the Redis server lives as long as the guard.
+    fn tiers_on(redis: bool, dir: &tempfile::TempDir) -> (Arc<StateTiers>, Option<RedisServer>) {
+        if !redis {
+            return (tiers(dir, StateLimits::default()), None);
+        }
+        let server = RedisServer::start();
+        let tier = RedisTier::connect(RedisConfig::new(server.url())).unwrap();
+        (Arc::new(StateTiers::new(Arc::new(tier))), Some(server))
     }
 
     fn runtime_with(dir: &tempfile::TempDir, tiers: Arc<StateTiers>) -> Runtime {
@@ -435,11 +452,11 @@ mod state {
         // Another call on the same node sees the local tier at once.
         assert_eq!(ops(&rt, "acme", "get k").await.unwrap(), "v1");
         let k = shoal_state::ScopedKey::new("acme", "k").unwrap();
-        assert_eq!(tiers.global().get(&k).unwrap(), None, "not pushed yet");
+        assert_eq!(tiers.global().get(&k).await.unwrap(), None, "not pushed yet");
         assert_eq!(ops(&rt, "acme", "push k").await.unwrap(), "ok");
-        assert_eq!(tiers.global().get(&k).unwrap().unwrap(), b"v1");
+        assert_eq!(tiers.global().get(&k).await.unwrap().unwrap(), b"v1");
         // Pull replaces the local copy with the global one.
-        tiers.global().set(&k, b"from elsewhere").unwrap();
+        tiers.global().set(&k, b"from elsewhere".to_vec()).await.unwrap();
         assert_eq!(ops(&rt, "acme", "get k").await.unwrap(), "v1");
         assert_eq!(ops(&rt, "acme", "pull k\nget k").await.unwrap(), "from elsewhere");
         assert_eq!(ops(&rt, "acme", "push nothing-here").await.unwrap_err(), "push nothing-here: Error::NotFound");
@@ -459,23 +476,105 @@ mod state {
         assert_eq!(ops(&rt, "acme", "del log\nget log").await.unwrap(), "<none>");
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_increments_add_up_exactly() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = Arc::new(runtime_with(&dir, tiers(&dir, StateLimits::default())));
-        let image = rt.load(shoal_guests::COUNTER).await.unwrap();
-        let mut tasks = Vec::new();
-        for _ in 0..100 {
-            let (rt, image) = (rt.clone(), image.clone());
-            tasks.push(tokio::spawn(async move { rt.call(&image, &as_tenant("acme"), b"").await.result.unwrap() }));
+        for redis in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (tiers, _server) = tiers_on(redis, &dir);
+            let rt = Arc::new(runtime_with(&dir, tiers));
+            let image = rt.load(shoal_guests::COUNTER).await.unwrap();
+            let mut tasks = Vec::new();
+            for _ in 0..100 {
+                let (rt, image) = (rt.clone(), image.clone());
+                tasks.push(tokio::spawn(async move { rt.call(&image, &as_tenant("acme"), b"").await.result.unwrap() }));
+            }
+            let mut seen: Vec<i64> = Vec::new();
+            for task in tasks {
+                seen.push(String::from_utf8(task.await.unwrap()).unwrap().parse().unwrap());
+            }
+            seen.sort();
+            assert_eq!(seen, (1..=100).collect::<Vec<i64>>(), "redis={redis}: every increment saw a distinct value");
+            assert_eq!(ok(call_with(&rt, shoal_guests::COUNTER, &as_tenant("acme"), b"10").await), "110");
         }
-        let mut seen: Vec<i64> = Vec::new();
-        for task in tasks {
-            seen.push(String::from_utf8(task.await.unwrap()).unwrap().parse().unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lock_makes_read_modify_write_exclusive() {
+        for redis in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (tiers, _server) = tiers_on(redis, &dir);
+            let rt = Arc::new(runtime_with(&dir, tiers.clone()));
+            ops(&rt, "acme", "set c 0\npush c").await.unwrap();
+            let image = rt.load(shoal_guests::STATE_OPS).await.unwrap();
+            // Each call copies the global value in, adds one and pushes it
+            // back: only mutual exclusion keeps every increment.
+            let script = b"lock c\npull c\nbump c\npush c\nunlock c";
+            let mut tasks = Vec::new();
+            for _ in 0..30 {
+                let (rt, image) = (rt.clone(), image.clone());
+                tasks.push(tokio::spawn(async move { rt.call(&image, &as_tenant("acme"), script).await.result }));
+            }
+            for task in tasks {
+                task.await.unwrap().expect("every call gets the lock in time");
+            }
+            let c = ScopedKey::new("acme", "c").unwrap();
+            assert_eq!(tiers.global().get(&c).await.unwrap().unwrap(), b"30", "redis={redis}");
         }
-        seen.sort();
-        assert_eq!(seen, (1..=100).collect::<Vec<i64>>(), "every increment saw a distinct value");
-        assert_eq!(ok(call_with(&rt, shoal_guests::COUNTER, &as_tenant("acme"), b"10").await), "110");
+    }
+
+    #[tokio::test]
+    async fn a_call_that_ends_holding_a_lock_releases_it() {
+        for redis in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (tiers, _server) = tiers_on(redis, &dir);
+            let rt = runtime_with(&dir, tiers.clone());
+            // Returned without unlocking, and trapped while holding.
+            ops(&rt, "acme", "lock a\nlock a").await.unwrap();
+            let trapped = call_with(&rt, shoal_guests::STATE_OPS, &as_tenant("acme"), b"lock b\npanic b").await;
+            assert!(matches!(trapped.result, Err(CallError::Trap { .. })), "{:?}", trapped.result);
+            let short = CallSettings { timeout: Duration::from_secs(3), ..as_tenant("acme") };
+            for key in ["a", "b"] {
+                let start = Instant::now();
+                // The release runs just after the call; the next lock waits for it.
+                let out = call_with(&rt, shoal_guests::STATE_OPS, &short, format!("lock {key}").as_bytes()).await;
+                assert_eq!(out.result.unwrap(), b"ok", "redis={redis} key={key}");
+                assert!(start.elapsed() < Duration::from_secs(2), "redis={redis}: {key} was released, not expired");
+            }
+            assert_eq!(
+                ops(&rt, "acme", "unlock never-locked").await.unwrap_err(),
+                "unlock never-locked: Error::NotFound"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_holders_lease_expires_and_waiting_ends_at_the_deadline() {
+        for redis in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (tiers, _server) = tiers_on(redis, &dir);
+            let rt = runtime_with(&dir, tiers.clone());
+            // A holder that died without unlocking (say, on a node that was
+            // killed): its lease runs out and a waiting call gets the lock.
+            let key = ScopedKey::new("acme", "l").unwrap();
+            assert!(tiers.global().try_lock(&key, &LeaseToken::random(), Duration::from_millis(300)).await.unwrap());
+            let start = Instant::now();
+            assert_eq!(ops(&rt, "acme", "lock l").await.unwrap(), "ok", "redis={redis}");
+            assert!(start.elapsed() >= Duration::from_millis(250), "redis={redis}: got the lock before expiry");
+
+            // A holder that stays: the waiting call ends by its deadline,
+            // never hangs.
+            let held = ScopedKey::new("acme", "held").unwrap();
+            assert!(tiers.global().try_lock(&held, &LeaseToken::random(), Duration::from_secs(60)).await.unwrap());
+            let short = CallSettings { timeout: Duration::from_millis(300), ..as_tenant("acme") };
+            let start = Instant::now();
+            let out = call_with(&rt, shoal_guests::STATE_OPS, &short, b"lock held").await;
+            match out.result {
+                Err(CallError::Timeout { .. }) => {}
+                Err(CallError::Function { message }) => assert_eq!(message, "lock held: Error::Unavailable"),
+                other => panic!("redis={redis}: expected unavailable or a timeout, got {other:?}"),
+            }
+            assert!(start.elapsed() < Duration::from_secs(3), "redis={redis}: took {:?}", start.elapsed());
+        }
     }
 
     #[tokio::test]

@@ -2,10 +2,11 @@
 //!
 //! - [`LocalTier`]: one in-process store per node shared by every instance
 //!   on it; values addressable by range, tracked in chunks with dirty bits.
-//! - The global tier: on a single node [`EmbeddedGlobal`], chunked values in
-//!   the embedded durable store ([`EmbeddedStore`], one redb file in the
-//!   data directory, where the node also keeps its registry), with atomic
-//!   `incr`/`append`, a per-tenant quota and a value size limit.
+//! - The global tier ([`GlobalTier`]): on a single node [`EmbeddedTier`],
+//!   chunked values in the embedded durable store ([`EmbeddedStore`], one
+//!   redb file in the data directory, where the node also keeps its
+//!   registry); across nodes [`RedisTier`]. Both have atomic `incr`,
+//!   `append` and lock leases, a per-tenant quota and a value size limit.
 //!
 //! Keys reach this crate already scoped to their tenant ([`ScopedKey`]).
 //! This crate never interprets the bytes it stores.
@@ -17,10 +18,13 @@ mod local;
 mod tiers;
 
 pub use embedded::{EmbeddedStore, ReadTx, StoreError, Table, WriteTx};
-pub use global::{EmbeddedGlobal, StateLimits};
+pub use global::{
+    EmbeddedGlobal, EmbeddedTier, GlobalTier, LeaseToken, RedisConfig, RedisTier, StateFuture, StateLimits,
+    parse_counter,
+};
 pub use key::{MAX_KEY_BYTES, ScopedKey};
 pub use local::{CHUNK_BYTES, DirtyChunks, LocalTier};
-pub use tiers::StateTiers;
+pub use tiers::{StateTiers, TierStats};
 
 /// Why a state operation failed; maps onto the guest interface's `error`.
 #[derive(Debug, thiserror::Error)]

@@ -1,12 +1,15 @@
 //! The two tiers together, as the host's `state` interface uses them
-//! (DESIGN.md "State semantics"): `get`/`set`/ranges on the local tier,
-//! filled from the global tier on a miss; `push`/`pull` move a value
-//! between the tiers (a push sends only dirty chunks); `incr`, `append` and
-//! `delete` act on the global tier and drop the local copy, so the next
-//! read sees their result.
+//! (DESIGN.md "State semantics"):
+//! - `get`/`set`/ranges work on the local tier, which is filled with the
+//!   whole value from the global tier on a miss: the first read of a key on
+//!   a node fetches it once, later reads copy out only what they ask for;
+//! - `push`/`pull` move a value between the tiers (a push sends only dirty
+//!   chunks);
+//! - `incr`, `append` and `delete` act on the global tier and drop the
+//!   local copy, so the next read sees their result.
 //!
-//! Global-tier work runs on the blocking pool (the embedded store fsyncs),
-//! never on the async worker that runs guests.
+//! Locks are leases on the global tier: `lock` waits (polling with a short
+//! backoff) until the key is free or the caller's deadline comes.
 //!
 //! Limits: a local `set`/`set-range` checks the value size limit; the
 //! tenant's quota is the global tier's and is checked when a value reaches
@@ -15,36 +18,57 @@
 //! the node restarts.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::{EmbeddedGlobal, LocalTier, ScopedKey, StateError};
+use crate::{DirtyChunks, GlobalTier, LeaseToken, LocalTier, ScopedKey, StateError};
+
+/// Bytes moved between the tiers since the node started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierStats {
+    /// Read from the global tier (fills, pulls, range reads of values not
+    /// held locally, HTTP reads).
+    pub bytes_from_global: u64,
+    /// Written to the global tier (pushes, HTTP writes).
+    pub bytes_to_global: u64,
+}
 
 #[derive(Debug)]
 pub struct StateTiers {
     local: LocalTier,
-    global: Arc<EmbeddedGlobal>,
+    global: Arc<dyn GlobalTier>,
+    from_global: AtomicU64,
+    to_global: AtomicU64,
 }
 
+/// Longest pause between two attempts to take a held lock.
+const LOCK_RETRY_MAX: Duration = Duration::from_millis(20);
+
 impl StateTiers {
-    pub fn new(global: EmbeddedGlobal) -> Self {
-        Self { local: LocalTier::new(), global: Arc::new(global) }
+    pub fn new(global: Arc<dyn GlobalTier>) -> Self {
+        Self { local: LocalTier::new(), global, from_global: AtomicU64::new(0), to_global: AtomicU64::new(0) }
     }
 
     pub fn local(&self) -> &LocalTier {
         &self.local
     }
 
-    pub fn global(&self) -> &EmbeddedGlobal {
-        &self.global
+    pub fn global(&self) -> &dyn GlobalTier {
+        &*self.global
     }
 
-    async fn blocking<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&EmbeddedGlobal) -> Result<R, StateError> + Send + 'static,
-    ) -> Result<R, StateError> {
-        let global = self.global.clone();
-        tokio::task::spawn_blocking(move || f(&global))
-            .await
-            .map_err(|e| StateError::Unavailable(format!("state task failed: {e}")))?
+    pub fn stats(&self) -> TierStats {
+        TierStats {
+            bytes_from_global: self.from_global.load(Ordering::Relaxed),
+            bytes_to_global: self.to_global.load(Ordering::Relaxed),
+        }
+    }
+
+    fn read(&self, got: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        if let Some(bytes) = &got {
+            self.from_global.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        got
     }
 
     /// Make sure the local tier holds `key` if the global tier has it;
@@ -53,8 +77,7 @@ impl StateTiers {
         if self.local.contains(key) {
             return Ok(true);
         }
-        let k = key.clone();
-        match self.blocking(move |g| g.get(&k)).await? {
+        match self.read(self.global.get(key).await?) {
             Some(bytes) => {
                 if !self.local.contains(key) {
                     self.local.install(key, bytes);
@@ -78,14 +101,14 @@ impl StateTiers {
         Ok(())
     }
 
-    /// Read a range: from the local copy if there is one, else straight
-    /// from the global tier's chunks (without fetching the whole value).
+    /// Read a range of the local copy, filling it from the global tier on a
+    /// miss: only the range is copied out, and later calls on this node
+    /// read the same value without touching the global tier again.
     pub async fn get_range(&self, key: &ScopedKey, offset: u64, len: u64) -> Result<Option<Vec<u8>>, StateError> {
         if let Some(bytes) = self.local.get_range(key, offset, len) {
             return Ok(Some(bytes));
         }
-        let k = key.clone();
-        self.blocking(move |g| g.get_range(&k, offset, len)).await
+        Ok(if self.fill(key).await? { self.local.get_range(key, offset, len) } else { None })
     }
 
     pub async fn set_range(&self, key: &ScopedKey, offset: u64, data: &[u8]) -> Result<(), StateError> {
@@ -101,20 +124,17 @@ impl StateTiers {
 
     pub async fn delete(&self, key: &ScopedKey) -> Result<(), StateError> {
         self.local.remove(key);
-        let k = key.clone();
-        self.blocking(move |g| g.delete(&k).map(|_| ())).await
+        self.global.delete(key).await.map(drop)
     }
 
     pub async fn append(&self, key: &ScopedKey, data: Vec<u8>) -> Result<(), StateError> {
-        let k = key.clone();
-        self.blocking(move |g| g.append(&k, &data).map(|_| ())).await?;
+        self.global.append(key, data).await?;
         self.local.remove(key);
         Ok(())
     }
 
     pub async fn incr(&self, key: &ScopedKey, delta: i64) -> Result<i64, StateError> {
-        let k = key.clone();
-        let value = self.blocking(move |g| g.incr(&k, delta)).await?;
+        let value = self.global.incr(key, delta).await?;
         self.local.remove(key);
         Ok(value)
     }
@@ -123,8 +143,9 @@ impl StateTiers {
     /// when there is no local copy.
     pub async fn push(&self, key: &ScopedKey) -> Result<bool, StateError> {
         let Some(dirty) = self.local.dirty_chunks(key) else { return Ok(false) };
-        let k = key.clone();
-        let dirty = self.blocking(move |g| g.write_chunks(&k, &dirty).map(|()| dirty)).await?;
+        let sent: u64 = dirty.chunks.iter().map(|(_, c)| c.len() as u64).sum();
+        let dirty: DirtyChunks = self.global.write_chunks(key, dirty).await?;
+        self.to_global.fetch_add(sent, Ordering::Relaxed);
         self.local.mark_clean(key, &dirty);
         Ok(true)
     }
@@ -132,8 +153,7 @@ impl StateTiers {
     /// Replace the local copy with the global one. Returns false when the
     /// global tier has no such key (the local copy is dropped too).
     pub async fn pull(&self, key: &ScopedKey) -> Result<bool, StateError> {
-        let k = key.clone();
-        match self.blocking(move |g| g.get(&k)).await? {
+        match self.read(self.global.get(key).await?) {
             Some(bytes) => {
                 self.local.install(key, bytes);
                 Ok(true)
@@ -145,32 +165,57 @@ impl StateTiers {
         }
     }
 
+    /// Take the global lock on `key`, waiting while another holder has it,
+    /// until `give_up` (then `unavailable`). The lease lasts `lease` unless
+    /// released first.
+    pub async fn lock(&self, key: &ScopedKey, lease: Duration, give_up: Instant) -> Result<LeaseToken, StateError> {
+        let token = LeaseToken::random();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if self.global.try_lock(key, &token, lease).await? {
+                return Ok(token);
+            }
+            let now = Instant::now();
+            if now >= give_up {
+                return Err(StateError::Unavailable(format!(
+                    "the lock on `{}` was still held when the call's deadline came",
+                    key.key()
+                )));
+            }
+            tokio::time::sleep(pause.min(give_up - now)).await;
+            pause = (pause * 2).min(LOCK_RETRY_MAX);
+        }
+    }
+
+    /// Release a lock `token` holds; returns whether it still held it.
+    pub async fn unlock(&self, key: &ScopedKey, token: &LeaseToken) -> Result<bool, StateError> {
+        self.global.unlock(key, token).await
+    }
+
     /// Write the global copy directly (the HTTP API's `PUT`), dropping any
     /// local copy on this node so its next read sees the new value.
     pub async fn put_global(&self, key: &ScopedKey, value: Vec<u8>) -> Result<(), StateError> {
-        let k = key.clone();
-        self.blocking(move |g| g.set(&k, &value)).await?;
+        let len = value.len() as u64;
+        self.global.set(key, value).await?;
+        self.to_global.fetch_add(len, Ordering::Relaxed);
         self.local.remove(key);
         Ok(())
     }
 
     /// Read the global copy directly (the HTTP API's `GET`).
     pub async fn get_global(&self, key: &ScopedKey) -> Result<Option<Vec<u8>>, StateError> {
-        let k = key.clone();
-        self.blocking(move |g| g.get(&k)).await
+        Ok(self.read(self.global.get(key).await?))
     }
 
     /// Remove from both tiers; returns whether the global tier had it.
     pub async fn delete_global(&self, key: &ScopedKey) -> Result<bool, StateError> {
         self.local.remove(key);
-        let k = key.clone();
-        self.blocking(move |g| g.delete(&k)).await
+        self.global.delete(key).await
     }
 
     /// Keys of `tenant` in the global tier, with their sizes.
     pub async fn list_global(&self, tenant: &str) -> Result<Vec<(String, u64)>, StateError> {
-        let tenant = tenant.to_string();
-        self.blocking(move |g| g.list(&tenant)).await
+        self.global.list(tenant).await
     }
 
     fn check_size(&self, len: u64) -> Result<(), StateError> {

@@ -1,12 +1,25 @@
 //! Host side of `shoal:function/state`: the guest's keys are scoped to the
 //! tenant of the function being called (taken from its deployment, never
-//! from the guest), then handed to the state tiers. Locks are not wired in
-//! yet and answer `unavailable`.
+//! from the guest), then handed to the state tiers.
+//!
+//! Locks belong to the call that took them: `lock` waits at most until the
+//! call's deadline (then `unavailable`), the lease lasts until a little
+//! after that deadline, and whatever the call still holds when it ends —
+//! returned, trapped, timed out — is released (see `ComponentCtx`'s drop).
+//! Taking a lock the call already holds succeeds at once; `unlock` of a
+//! lock the call does not hold (or whose lease ran out) is `not-found`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use shoal_state::{ScopedKey, StateError, StateTiers};
 
 use super::shoal::function::state::Host;
 use super::{ComponentCtx, GuestError};
+
+/// How long a lease outlives its call's deadline: the call may still be
+/// finishing (the host stops waiting for it a little after the deadline).
+const LEASE_GRACE: Duration = Duration::from_secs(1);
 
 type HostResult<T> = wasmtime::Result<Result<T, GuestError>>;
 
@@ -25,8 +38,8 @@ fn guest_error(e: StateError) -> GuestError {
 
 impl ComponentCtx {
     /// The tiers and the scoped key, or the guest-facing error.
-    fn scope(&self, key: &str) -> Result<(&StateTiers, ScopedKey), GuestError> {
-        let tiers = self.state.as_deref().ok_or(GuestError::Unavailable)?;
+    fn scope(&self, key: &str) -> Result<(&Arc<StateTiers>, ScopedKey), GuestError> {
+        let tiers = self.state.as_ref().ok_or(GuestError::Unavailable)?;
         let key = ScopedKey::new(&self.tenant, key).map_err(guest_error)?;
         Ok((tiers, key))
     }
@@ -78,10 +91,37 @@ impl Host for ComponentCtx {
         let pulled: HostResult<bool> = state_op!(self, key, |tiers, key| tiers.pull(&key));
         Ok(pulled?.and_then(|global| if global { Ok(()) } else { Err(GuestError::NotFound) }))
     }
-    async fn lock(&mut self, _key: String) -> HostResult<()> {
-        Ok(Err(GuestError::Unavailable))
+    async fn lock(&mut self, key: String) -> HostResult<()> {
+        let (tiers, key) = match self.scope(&key) {
+            Ok(scoped) => scoped,
+            Err(e) => return Ok(Err(e)),
+        };
+        if self.leases.iter().any(|(held, _)| *held == key) {
+            return Ok(Ok(()));
+        }
+        let lease = self.deadline.saturating_duration_since(Instant::now()) + LEASE_GRACE;
+        match tiers.lock(&key, lease, self.deadline).await {
+            Ok(token) => {
+                self.leases.push((key, token));
+                Ok(Ok(()))
+            }
+            Err(e) => Ok(Err(guest_error(e))),
+        }
     }
-    async fn unlock(&mut self, _key: String) -> HostResult<()> {
-        Ok(Err(GuestError::Unavailable))
+    async fn unlock(&mut self, key: String) -> HostResult<()> {
+        let (tiers, key) = match self.scope(&key) {
+            Ok(scoped) => scoped,
+            Err(e) => return Ok(Err(e)),
+        };
+        let Some(at) = self.leases.iter().position(|(held, _)| *held == key) else {
+            return Ok(Err(GuestError::NotFound));
+        };
+        let tiers = tiers.clone();
+        let (key, token) = self.leases.swap_remove(at);
+        Ok(match tiers.unlock(&key, &token).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(GuestError::NotFound),
+            Err(e) => Err(guest_error(e)),
+        })
     }
 }

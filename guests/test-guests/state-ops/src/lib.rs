@@ -1,7 +1,9 @@
 //! Runs the state operations its input names, one per line, so host tests
 //! can drive the `state` interface from a real guest:
 //! `get K`, `set K V`, `del K`, `range K OFF LEN`, `setrange K OFF DATA`,
-//! `append K DATA`, `incr K DELTA`, `push K`, `pull K`, `fill K BYTE LEN`.
+//! `append K DATA`, `incr K DELTA`, `push K`, `pull K`, `fill K BYTE LEN`,
+//! `lock K`, `unlock K`, `bump K` (add 1 to the decimal local value, a
+//! read-modify-write that only a lock makes safe), `panic K` (trap).
 //! The output is the last operation's result; an error stops the run and
 //! is returned as `<line>: <error>`.
 
@@ -43,6 +45,16 @@ fn run(line: &str) -> Result<Vec<u8>, String> {
         }
         "push" => ok(state::push(&key)),
         "pull" => ok(state::pull(&key)),
+        "lock" => ok(state::lock(&key)),
+        "unlock" => ok(state::unlock(&key)),
+        "bump" => {
+            let current = state::get(&key).map_err(|e| format!("{e:?}"))?.unwrap_or_else(|| b"0".to_vec());
+            let n: u64 = String::from_utf8_lossy(&current).parse().map_err(|_| "not a number".to_string())?;
+            let next = (n + 1).to_string();
+            state::set(&key, next.as_bytes()).map_err(|e| format!("{e:?}"))?;
+            Ok(next.into_bytes())
+        }
+        "panic" => panic!("asked to trap while working on {key}"),
         other => Err(format!("unknown op {other:?}")),
     }
 }
