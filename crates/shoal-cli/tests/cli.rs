@@ -138,3 +138,35 @@ fn without_a_token_the_client_says_how_to_get_one() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unauthorized") && stderr.contains("--token"), "{stderr}");
 }
+
+#[test]
+fn acknowledged_state_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = serve(dir.path());
+    {
+        let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
+        std::fs::write(dir.path().join("ops.wasm"), shoal_guests::STATE_OPS).unwrap();
+        stdout(&run(&["deploy", "demo/ops", "ops.wasm"]));
+        // Over HTTP, from a guest's push, from a guest's incr and append.
+        assert!(run(&["state", "set", "demo/put", "by http"]).status.success());
+        assert_eq!(stdout(&run(&["invoke", "demo/ops", "-d", "set pushed by-push\npush pushed"])), "ok");
+        assert_eq!(stdout(&run(&["invoke", "demo/ops", "-d", "append log a\nappend log b"])), "ok");
+        for _ in 0..3 {
+            stdout(&run(&["invoke", "demo/counter", "-d", "5"]));
+        }
+        // Written to the local tier only: not acknowledged as durable.
+        assert_eq!(stdout(&run(&["invoke", "demo/ops", "-d", "set local-only x"])), "ok");
+    }
+    // SIGKILL: no shutdown hook runs.
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+
+    let served = serve(dir.path());
+    let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
+    assert_eq!(stdout(&run(&["state", "get", "demo/put"])), "by http");
+    assert_eq!(stdout(&run(&["state", "get", "demo/pushed"])), "by-push");
+    assert_eq!(stdout(&run(&["state", "get", "demo/log"])), "ab");
+    assert_eq!(stdout(&run(&["state", "get", "demo/counter"])), "15");
+    assert_eq!(stdout(&run(&["invoke", "demo/counter"])), "16");
+    assert_eq!(stdout(&run(&["invoke", "demo/ops", "-d", "get local-only"])), "<none>");
+}

@@ -559,3 +559,43 @@ async fn a_node_refuses_to_start_on_an_unreachable_redis() {
     let error = Node::start(config).await.unwrap_err();
     assert!(error.to_string().contains("redis"), "{error}");
 }
+
+/// A counter from the node's `/metrics`.
+async fn metric(node: &TestNode, name: &str) -> u64 {
+    let text = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn matvec_reads_its_matrix_through_the_local_tier() {
+    for redis in [None, Some(RedisServer::start())] {
+        let node = TestNode::start_with(|c| c.redis_url = redis.as_ref().map(RedisServer::url)).await;
+        let (status, body) = node.invoke("demo/matvec", b"init 512 512").await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let matrix_bytes = 512 * 512 * 4;
+        assert_eq!(
+            metric(&node, "shoal_state_global_written_bytes_total").await,
+            matrix_bytes + b"512 512".len() as u64
+        );
+
+        let read_before = metric(&node, "shoal_state_global_read_bytes_total").await;
+        let (status, local) = node.invoke("demo/matvec", b"mul 7").await;
+        assert_eq!(status, StatusCode::OK);
+        for _ in 0..4 {
+            assert_eq!(node.invoke("demo/matvec", b"mul 7").await.1, local, "deterministic");
+        }
+        assert_eq!(
+            metric(&node, "shoal_state_global_read_bytes_total").await,
+            read_before,
+            "redis={}: the matrix stays in the local tier",
+            redis.is_some()
+        );
+        for _ in 0..3 {
+            assert_eq!(node.invoke("demo/matvec", b"mul-fresh 7").await.1, local, "same answer when fetched");
+        }
+        assert_eq!(metric(&node, "shoal_state_global_read_bytes_total").await, read_before + 3 * matrix_bytes);
+        assert!(String::from_utf8_lossy(&local).starts_with("rows=512 sum="), "{}", String::from_utf8_lossy(&local));
+        node.stop().await;
+    }
+}

@@ -3,7 +3,9 @@
 //! `get K`, `set K V`, `del K`, `range K OFF LEN`, `setrange K OFF DATA`,
 //! `append K DATA`, `incr K DELTA`, `push K`, `pull K`, `fill K BYTE LEN`,
 //! `lock K`, `unlock K`, `bump K` (add 1 to the decimal local value, a
-//! read-modify-write that only a lock makes safe), `panic K` (trap).
+//! read-modify-write that only a lock makes safe), `panic K` (trap), and
+//! for benchmarks `loopget K N`, `loopset K LEN N` and
+//! `looprange K LEN N SPAN` (N reads of LEN bytes spread over SPAN).
 //! The output is the last operation's result; an error stops the run and
 //! is returned as `<line>: <error>`.
 
@@ -53,6 +55,29 @@ fn run(line: &str) -> Result<Vec<u8>, String> {
             let next = (n + 1).to_string();
             state::set(&key, next.as_bytes()).map_err(|e| format!("{e:?}"))?;
             Ok(next.into_bytes())
+        }
+        "loopget" => {
+            for _ in 0..num(words.next())? {
+                state::get(&key).map_err(|e| format!("{e:?}"))?;
+            }
+            Ok(b"ok".to_vec())
+        }
+        "loopset" => {
+            let value = vec![1u8; num(words.next())? as usize];
+            for _ in 0..num(words.next())? {
+                state::set(&key, &value).map_err(|e| format!("{e:?}"))?;
+            }
+            Ok(b"ok".to_vec())
+        }
+        "looprange" => {
+            let len = num(words.next())? as u64;
+            let rest: Vec<u64> = arg(op, words.next())?.split(' ').filter_map(|w| w.parse().ok()).collect();
+            let [n, span] = rest[..] else { return Err("looprange K LEN N SPAN".into()) };
+            for i in 0..n {
+                let offset = (i * 7919 * 4096) % (span - len);
+                state::get_range(&key, offset, len).map_err(|e| format!("{e:?}"))?;
+            }
+            Ok(b"ok".to_vec())
         }
         "panic" => panic!("asked to trap while working on {key}"),
         other => Err(format!("unknown op {other:?}")),
