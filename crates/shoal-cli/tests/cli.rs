@@ -20,8 +20,13 @@ impl Drop for Served {
 
 /// `shoal serve` in `dir` on a free port; returns once it is serving.
 fn serve(dir: &Path) -> Served {
+    serve_with(dir, &[])
+}
+
+fn serve_with(dir: &Path, extra: &[&str]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
         .current_dir(dir)
         .env_remove("SHOAL_ADMIN_TOKEN")
         .env_remove("SHOAL_DATA_DIR")
@@ -169,4 +174,47 @@ fn acknowledged_state_writes_survive_kill_9() {
     assert_eq!(stdout(&run(&["state", "get", "demo/counter"])), "15");
     assert_eq!(stdout(&run(&["invoke", "demo/counter"])), "16");
     assert_eq!(stdout(&run(&["invoke", "demo/ops", "-d", "get local-only"])), "<none>");
+}
+
+#[test]
+fn a_killed_nodes_lock_on_redis_passes_on_when_its_lease_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = shoal_testkit::RedisServer::start();
+    let url = redis.url();
+    let mut served = serve_with(dir.path(), &["--redis", &url]);
+    std::fs::write(dir.path().join("ops.wasm"), shoal_guests::STATE_OPS).unwrap();
+    stdout(&shoal(dir.path(), &served.url, &["deploy", "demo/ops", "ops.wasm", "--timeout", "3s"]));
+    // The state lives in Redis: the counter's key is there.
+    assert_eq!(stdout(&shoal(dir.path(), &served.url, &["invoke", "demo/counter", "-d", "4"])), "4");
+    assert_eq!(redis.command(&["HGET", "shoal:v:demo/counter", "0"]), "$1");
+
+    // A call takes the lock and holds it; the node dies under it.
+    let holder = {
+        let (dir, url) = (dir.path().to_path_buf(), served.url.clone());
+        std::thread::spawn(move || shoal(&dir, &url, &["invoke", "demo/ops", "-d", "lock k\nsleep k 60000"]))
+    };
+    let lock_key = "shoal:l:demo/k";
+    let start = std::time::Instant::now();
+    while redis.command(&["EXISTS", lock_key]) != ":1" {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the lock was never taken");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let ttl: i64 = redis.command(&["PTTL", lock_key])[1..].parse().unwrap();
+    assert!(ttl > 0 && ttl <= 4000, "the lease lasts the call's deadline + 1 s, not forever: {ttl} ms");
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+    assert!(!holder.join().unwrap().status.success(), "the holder's caller sees its call fail");
+
+    // Restarted, the node's calls get the lock once the dead holder's
+    // lease runs out (each attempt waits at most its own 3 s deadline).
+    let served = serve_with(dir.path(), &["--redis", &url]);
+    let start = std::time::Instant::now();
+    loop {
+        let attempt = shoal(dir.path(), &served.url, &["invoke", "demo/ops", "-d", "lock k\nunlock k"]);
+        if attempt.status.success() {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(15), "{attempt:?}");
+    }
+    assert_eq!(redis.command(&["EXISTS", lock_key]), ":0", "released by its new holder");
 }

@@ -54,6 +54,25 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Send one command; returns the reply's first line as Redis wrote it
+    /// (`+OK`, `:1`, `$5` …), for checks that need no client library.
+    pub fn command(&self, args: &[&str]) -> String {
+        let mut stream = TcpStream::connect(self.addr()).expect("connect to redis-server");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("set a read timeout");
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(request.as_bytes()).expect("send to redis-server");
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while !reply.ends_with(b"\r\n") {
+            stream.read_exact(&mut byte).expect("read redis-server's reply");
+            reply.push(byte[0]);
+        }
+        String::from_utf8_lossy(&reply[..reply.len() - 2]).into_owned()
+    }
+
     /// Kill the server (`SIGKILL`): clients see the connection drop.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
@@ -152,6 +171,8 @@ mod tests {
     fn a_server_answers_pauses_and_comes_back() {
         let mut server = RedisServer::start();
         assert!(ping(server.port()));
+        assert_eq!(server.command(&["SET", "k", "v w"]), "+OK");
+        assert_eq!(server.command(&["EXISTS", "k"]), ":1");
         server.pause();
         let mut stream = TcpStream::connect(server.addr()).unwrap();
         stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();

@@ -3,7 +3,8 @@
 //! `get K`, `set K V`, `del K`, `range K OFF LEN`, `setrange K OFF DATA`,
 //! `append K DATA`, `incr K DELTA`, `push K`, `pull K`, `fill K BYTE LEN`,
 //! `lock K`, `unlock K`, `bump K` (add 1 to the decimal local value, a
-//! read-modify-write that only a lock makes safe), `panic K` (trap), and
+//! read-modify-write that only a lock makes safe), `panic K` (trap),
+//! `sleep K MS` (K is ignored), and
 //! for benchmarks `loopget K N`, `loopset K LEN N` and
 //! `looprange K LEN N SPAN` (N reads of LEN bytes spread over SPAN).
 //! The output is the last operation's result; an error stops the run and
@@ -77,6 +78,10 @@ fn run(line: &str) -> Result<Vec<u8>, String> {
                 let offset = (i * 7919 * 4096) % (span - len);
                 state::get_range(&key, offset, len).map_err(|e| format!("{e:?}"))?;
             }
+            Ok(b"ok".to_vec())
+        }
+        "sleep" => {
+            std::thread::sleep(std::time::Duration::from_millis(num(words.next())? as u64));
             Ok(b"ok".to_vec())
         }
         "panic" => panic!("asked to trap while working on {key}"),
