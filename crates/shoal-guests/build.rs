@@ -14,8 +14,11 @@ const COMPONENTS: &[(&str, bool)] = &[
     ("fib", true),
     ("counter", true),
     ("matvec", true),
+    ("wordcount", true),
+    ("fanout", true),
     ("misbehave", false),
     ("state-ops", false),
+    ("chain", false),
 ];
 /// WASI preview-1 command modules (wasm32-wasip1).
 const COMMANDS: &[(&str, bool)] = &[("upper", true), ("noop-cmd", false)];

@@ -137,6 +137,29 @@ impl Client {
         Ok(response.bytes().await.context("reading the output")?.to_vec())
     }
 
+    /// Submit an asynchronous call; returns its id.
+    pub async fn invoke_async(&self, function: &str, input: Vec<u8>) -> anyhow::Result<String> {
+        let (tenant, name) = function_ref(function)?;
+        let path = format!("/v1/functions/{tenant}/{name}/invoke?async=true");
+        let accepted = self.json(self.request(Method::POST, &path).body(input)).await?;
+        accepted["call_id"].as_str().map(str::to_string).context("the node's answer has no call id")
+    }
+
+    /// The record of an asynchronous call; with `wait`, polled until the
+    /// call has finished.
+    pub async fn call_get(&self, id: &str, wait: bool) -> anyhow::Result<serde_json::Value> {
+        let mut pause = std::time::Duration::from_millis(20);
+        loop {
+            let record = self.json(self.request(Method::GET, &format!("/v1/calls/{}", percent_encode(id)))).await?;
+            let finished = matches!(record["status"].as_str(), Some("succeeded" | "failed"));
+            if finished || !wait {
+                return Ok(record);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(500));
+        }
+    }
+
     pub async fn list(&self, tenant: &str) -> anyhow::Result<()> {
         let listed = self.json(self.request(Method::GET, &format!("/v1/functions/{tenant}"))).await?;
         let functions = listed["functions"].as_array().cloned().unwrap_or_default();

@@ -51,6 +51,15 @@ enum Command {
         /// Input read from a file (`-` for stdin).
         #[arg(long = "data-file")]
         data_file: Option<PathBuf>,
+        /// Submit the call and print its id at once; `shoal call get ID`
+        /// reads its status and output later.
+        #[arg(long = "async")]
+        is_async: bool,
+    },
+    /// Asynchronous calls.
+    Call {
+        #[command(subcommand)]
+        command: CallCommand,
     },
     /// List a tenant's functions.
     Ls {
@@ -94,6 +103,18 @@ enum StateCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum CallCommand {
+    /// Print the record of an asynchronous call as JSON: status (queued,
+    /// running, succeeded, failed), timings, error and output.
+    Get {
+        id: String,
+        /// Wait until the call has finished.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TenantCommand {
     /// Create a tenant and print its token (shown once).
     Create { name: String },
@@ -122,7 +143,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deploy { function, file, memory, timeout, env } => {
             client.deploy(&function, &file, memory.as_deref(), timeout.as_deref(), &env).await
         }
-        Command::Invoke { function, data, data_file } => {
+        Command::Invoke { function, data, data_file, is_async: true } => {
+            println!("{}", client.invoke_async(&function, read_input(data, data_file)?).await?);
+            Ok(())
+        }
+        Command::Call { command: CallCommand::Get { id, wait } } => {
+            println!("{}", serde_json::to_string_pretty(&client.call_get(&id, wait).await?)?);
+            Ok(())
+        }
+        Command::Invoke { function, data, data_file, is_async: false } => {
             let output = client.invoke(&function, read_input(data, data_file)?).await?;
             let mut stdout = std::io::stdout().lock();
             stdout.write_all(&output)?;

@@ -218,3 +218,37 @@ fn a_killed_nodes_lock_on_redis_passes_on_when_its_lease_expires() {
     }
     assert_eq!(redis.command(&["EXISTS", lock_key]), ":0", "released by its new holder");
 }
+
+#[test]
+fn async_calls_accepted_before_kill_9_all_finish_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = serve(dir.path());
+    std::fs::write(dir.path().join("chain.wasm"), shoal_guests::CHAIN).unwrap();
+    let (done_before, pending) = {
+        let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
+        stdout(&run(&["deploy", "demo/chain", "chain.wasm"]));
+        // One call finished before the crash: its result must stay readable.
+        let done = stdout(&run(&["invoke", "demo/echo", "--async", "-d", "kept"])).trim().to_string();
+        let record: serde_json::Value = serde_json::from_str(&stdout(&run(&["call", "get", &done, "--wait"]))).unwrap();
+        assert_eq!(record["output"], "kept");
+        // Calls still sleeping when the node dies.
+        let pending: Vec<String> = (0..10)
+            .map(|_| stdout(&run(&["invoke", "demo/chain", "--async", "-d", "sleep 2000"])).trim().to_string())
+            .collect();
+        let record: serde_json::Value = serde_json::from_str(&stdout(&run(&["call", "get", &pending[0]]))).unwrap();
+        assert!(matches!(record["status"].as_str(), Some("queued" | "running")), "{record}");
+        (done, pending)
+    };
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+
+    let served = serve(dir.path());
+    let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
+    let record: serde_json::Value = serde_json::from_str(&stdout(&run(&["call", "get", &done_before]))).unwrap();
+    assert_eq!((record["status"].as_str(), record["output"].as_str()), (Some("succeeded"), Some("kept")));
+    for id in &pending {
+        let record: serde_json::Value = serde_json::from_str(&stdout(&run(&["call", "get", id, "--wait"]))).unwrap();
+        assert_eq!((record["status"].as_str(), record["output"].as_str()), (Some("succeeded"), Some("slept")), "{id}");
+        assert!(record["attempts"].as_u64().unwrap() >= 1);
+    }
+}

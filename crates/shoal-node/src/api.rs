@@ -3,6 +3,7 @@
 //! their limit enforced while reading, so an oversized body is refused
 //! without being buffered.
 
+mod calls;
 mod functions;
 mod state;
 mod tenants;
@@ -35,6 +36,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/functions/{tenant}/{name}/invoke", post(functions::invoke))
         .route("/v1/functions/{tenant}/{name}/logs", get(functions::logs))
+        .route("/v1/calls/{id}", get(calls::get))
         .route("/v1/state/{tenant}", get(state::list))
         .route("/v1/state/{tenant}/{*key}", get(state::get).put(state::put).delete(state::delete))
         .route("/metrics", get(metrics))
@@ -86,6 +88,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         n_slots: node.executor.n_slots(),
         n_compiles: node.runtime().n_compiles(),
         state: node.state.stats(),
+        async_unfinished: node.async_calls.unfinished(),
     };
     let mut response = node.metrics.render(&gauges).into_response();
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

@@ -33,6 +33,15 @@ pub struct NodeConfig {
     pub compile_concurrency: usize,
     /// Log lines kept per function. Default 1,000.
     pub log_lines_per_function: usize,
+    /// Longest chain of calls; spawned calls not yet awaited per root
+    /// call. Defaults 16, 1,000.
+    pub max_call_depth: u32,
+    pub max_spawns_per_root: u32,
+    /// Asynchronous calls accepted and not finished; more are refused with
+    /// 429. Default 10,000.
+    pub max_async_calls: usize,
+    /// How long records of asynchronous calls are kept. Default 24 h.
+    pub async_retention: Duration,
     /// The global state tier: Redis at this URL, or (None, the default)
     /// the embedded store in the data directory.
     pub redis_url: Option<String>,
@@ -58,6 +67,10 @@ impl NodeConfig {
             max_concurrent_calls: 1000,
             compile_concurrency: 1,
             log_lines_per_function: 1000,
+            max_call_depth: 16,
+            max_spawns_per_root: 1000,
+            max_async_calls: 10_000,
+            async_retention: Duration::from_secs(24 * 3600),
             redis_url: None,
             max_state_value_bytes: 64 * MIB,
             state_quota_bytes: 1024 * MIB,

@@ -121,24 +121,30 @@ impl From<DeployError> for ApiError {
     }
 }
 
+impl ErrorKind {
+    /// The kind of a failed call.
+    pub fn of_call(e: &CallError) -> Self {
+        match e {
+            CallError::Trap { .. } => Self::Trap,
+            CallError::Timeout { .. } => Self::Timeout,
+            CallError::OutOfMemory { .. } => Self::OutOfMemory,
+            CallError::Function { .. } => Self::FunctionError,
+            CallError::OutputTooLarge { .. } => Self::TooLarge,
+            CallError::Overloaded { .. } => Self::Overloaded,
+            CallError::Internal(_) => Self::Internal,
+        }
+    }
+}
+
 impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
-        let kind = match &e {
-            CallError::Trap { .. } => ErrorKind::Trap,
-            CallError::Timeout { .. } => ErrorKind::Timeout,
-            CallError::OutOfMemory { .. } => ErrorKind::OutOfMemory,
-            CallError::Function { .. } => ErrorKind::FunctionError,
-            CallError::OutputTooLarge { .. } => ErrorKind::TooLarge,
-            CallError::Overloaded { .. } => {
-                return Self {
-                    kind: ErrorKind::Overloaded,
-                    message: e.to_string(),
-                    retry_after: Some(Duration::from_secs(1)),
-                };
+        match ErrorKind::of_call(&e) {
+            ErrorKind::Overloaded => {
+                Self { kind: ErrorKind::Overloaded, message: e.to_string(), retry_after: Some(Duration::from_secs(1)) }
             }
-            CallError::Internal(message) => return Self::internal("running a call", message),
-        };
-        Self::new(kind, e.to_string())
+            ErrorKind::Internal => Self::internal("running a call", &e),
+            kind => Self::new(kind, e.to_string()),
+        }
     }
 }
 

@@ -11,6 +11,8 @@
 
 mod api;
 mod auth;
+mod calls;
+mod chain;
 mod config;
 mod error;
 mod logs;
@@ -18,6 +20,7 @@ mod metrics;
 mod names;
 mod registry;
 
+pub use calls::{CallFailure, CallRecord, CallStatus};
 pub use config::NodeConfig;
 pub use error::{ApiError, ErrorKind};
 pub use registry::FunctionRecord;
@@ -34,6 +37,7 @@ use shoal_state::{
 use tokio::net::TcpListener;
 
 use crate::auth::TokenHash;
+use crate::calls::AsyncCalls;
 use crate::metrics::Metrics;
 use crate::registry::{DeployedFunction, Registry, TenantRecord};
 
@@ -50,6 +54,12 @@ pub enum StartError {
     Redis(String),
     #[error(transparent)]
     Store(#[from] shoal_state::StoreError),
+}
+
+/// A fresh call id: 64 random bits in hex.
+pub(crate) fn new_call_id() -> String {
+    use rand::RngCore;
+    format!("{:016x}", rand::rng().next_u64())
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -71,6 +81,7 @@ pub struct Node {
     executor: Executor,
     metrics: Metrics,
     admin_hash: TokenHash,
+    async_calls: Arc<AsyncCalls>,
 }
 
 impl std::fmt::Debug for Node {
@@ -96,6 +107,8 @@ impl Node {
         runtime_config.max_module_bytes = config.max_module_bytes;
         runtime_config.compile_concurrency = config.compile_concurrency;
         runtime_config.max_output_bytes = config.max_body_bytes;
+        runtime_config.max_call_depth = config.max_call_depth;
+        runtime_config.max_spawns_per_root = config.max_spawns_per_root;
         let limits =
             StateLimits { max_value_bytes: config.max_state_value_bytes, tenant_quota_bytes: config.state_quota_bytes };
         let global: Arc<dyn GlobalTier> = match &config.redis_url {
@@ -113,17 +126,27 @@ impl Node {
         let runtime = Arc::new(Runtime::with_state(runtime_config, state.clone())?);
         let executor = Executor::new(runtime.clone(), config.max_concurrent_calls);
 
+        let async_calls = Arc::new(AsyncCalls::new(store.clone(), config.max_async_calls, config.async_retention));
         let registry = Registry::open(store)?;
-        let node = Self {
-            admin_hash: auth::hash_token(&admin_token),
-            config,
-            state,
-            registry,
-            executor,
-            metrics: Metrics::default(),
-        };
+        let node = Arc::new_cyclic(|node| {
+            // A fresh runtime has no invoker yet: this cannot fail.
+            let _ = runtime.set_invoker(chain::invoker(node));
+            Self {
+                admin_hash: auth::hash_token(&admin_token),
+                config,
+                state,
+                registry,
+                executor,
+                metrics: Metrics::default(),
+                async_calls,
+            }
+        });
         node.load_functions().await?;
-        Ok(Arc::new(node))
+        let resumed = node.resume_async_calls()?;
+        if resumed > 0 {
+            tracing::info!(resumed, "resuming asynchronous calls accepted before the last stop");
+        }
+        Ok(node)
     }
 
     async fn load_functions(&self) -> Result<(), StartError> {
@@ -153,6 +176,11 @@ impl Node {
 
     pub fn config(&self) -> &NodeConfig {
         &self.config
+    }
+
+    /// Calls running now.
+    pub fn executor_busy(&self) -> u32 {
+        self.executor.busy()
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {

@@ -41,6 +41,7 @@ pub struct Gauges {
     pub n_slots: u32,
     pub n_compiles: u64,
     pub state: shoal_state::TierStats,
+    pub async_unfinished: usize,
 }
 
 impl Metrics {
@@ -87,6 +88,12 @@ impl Metrics {
             ("shoal_calls_running", "gauge", "Calls running now.", u64::from(gauges.n_running)),
             ("shoal_call_slots", "gauge", "Calls that may run at once.", u64::from(gauges.n_slots)),
             (
+                "shoal_async_calls_unfinished",
+                "gauge",
+                "Asynchronous calls accepted and not finished.",
+                gauges.async_unfinished as u64,
+            ),
+            (
                 "shoal_state_global_read_bytes_total",
                 "counter",
                 "Bytes read from the global state tier.",
@@ -123,6 +130,7 @@ mod tests {
             n_slots: 8,
             n_compiles: 3,
             state: Default::default(),
+            async_unfinished: 4,
         });
         for expected in [
             "shoal_calls_total{outcome=\"ok\"} 1",
@@ -134,6 +142,7 @@ mod tests {
             "shoal_call_duration_seconds_count 2",
             "shoal_functions 2",
             "shoal_compiles_total 3",
+            "shoal_async_calls_unfinished 4",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

@@ -361,7 +361,7 @@ async fn list_describe_remove_and_logs() {
     let node = TestNode::start().await;
     let list: Value = node.get_json("/v1/functions/demo").await;
     let names: Vec<&str> = list["functions"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["counter", "echo", "fib", "hello", "matvec", "misbehave", "upper"]);
+    assert_eq!(names, ["counter", "echo", "fanout", "fib", "hello", "matvec", "misbehave", "upper", "wordcount"]);
     let described: Value = node.get_json("/v1/functions/demo/upper").await;
     assert_eq!(described["kind"], "command");
 
@@ -407,7 +407,7 @@ async fn metrics_and_health() {
     assert_eq!(health.status(), StatusCode::OK);
     let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
     for expected in
-        ["shoal_calls_total{outcome=\"ok\"} 1", "shoal_calls_total{outcome=\"trap\"} 1", "shoal_functions 7"]
+        ["shoal_calls_total{outcome=\"ok\"} 1", "shoal_calls_total{outcome=\"trap\"} 1", "shoal_functions 9"]
     {
         assert!(metrics.contains(expected), "missing {expected:?} in\n{metrics}");
     }
@@ -596,6 +596,260 @@ async fn matvec_reads_its_matrix_through_the_local_tier() {
         }
         assert_eq!(metric(&node, "shoal_state_global_read_bytes_total").await, read_before + 3 * matrix_bytes);
         assert!(String::from_utf8_lossy(&local).starts_with("rows=512 sum="), "{}", String::from_utf8_lossy(&local));
+        node.stop().await;
+    }
+}
+
+mod chaining {
+    //! `invoke.call`/`spawn`/`await` from real guests (`chain`, `fanout`,
+    //! `wordcount`) through the node's invoker.
+
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    async fn node_with(tweak: impl FnOnce(&mut NodeConfig)) -> TestNode {
+        let node = TestNode::start_with(tweak).await;
+        node.node.deploy_defaults("demo", &[("chain", shoal_guests::CHAIN)]).await.unwrap();
+        node
+    }
+
+    fn text((status, body): (StatusCode, Vec<u8>)) -> (StatusCode, String) {
+        (status, String::from_utf8(body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn chained_calls_return_their_childrens_output() {
+        let node = node_with(|_| {}).await;
+        assert_eq!(text(node.invoke("demo/chain", b"call hello world").await), (StatusCode::OK, "hello world".into()));
+        assert_eq!(text(node.invoke("demo/chain", b"call demo/echo x y").await), (StatusCode::OK, "x y".into()));
+        assert_eq!(text(node.invoke("demo/chain", b"spawn fib 20").await), (StatusCode::OK, "6765".into()));
+        assert_eq!(
+            text(node.invoke("demo/chain", b"spawn-all 5 echo e").await),
+            (StatusCode::OK, "5 ok; first error: none".into())
+        );
+        assert_eq!(text(node.invoke("demo/fanout", b"").await), (StatusCode::OK, "100/100 ok".into()));
+        assert_eq!(text(node.invoke("demo/fanout", b"call 20 echo").await), (StatusCode::OK, "20/20 ok".into()));
+        // A child's failure reaches its parent as an error it can report.
+        let (status, body) = text(node.invoke("demo/chain", b"call fib ten").await);
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(body.contains("is not a decimal"), "{body}");
+        let (_, body) = text(node.invoke("demo/chain", b"call nothing-here x").await);
+        assert!(body.contains("NotFound"), "{body}");
+        let (_, body) = text(node.invoke("demo/chain", b"await 7").await);
+        assert!(body.contains("NotFound"), "an id never spawned: {body}");
+        // Every chained call is a call of its own: counted and logged.
+        let lines = node.get_json("/v1/functions/demo/echo/logs").await;
+        assert!(lines["lines"].is_array());
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn another_tenants_functions_answer_denied() {
+        let node = node_with(|_| {}).await;
+        let acme = node.create_tenant("acme").await;
+        let (status, _) = node.deploy("acme/chain", "", shoal_guests::CHAIN).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(node.invoke_as(&acme, "acme/chain", b"call chain sleep 1").await.1, b"slept");
+        for target in ["demo/hello", "demo/nothing-here"] {
+            let (status, body) = node.invoke_as(&acme, "acme/chain", format!("call {target} x").as_bytes()).await;
+            assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+            // The same answer whether or not the function exists.
+            assert_eq!(error_of(&body).1, "Error::Denied", "{target}");
+        }
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn call_depth_and_spawns_per_root_are_limited_and_named_in_the_logs() {
+        let node = node_with(|c| {
+            c.max_call_depth = 5;
+            c.max_spawns_per_root = 3;
+        })
+        .await;
+        assert_eq!(text(node.invoke("demo/chain", b"deep 0").await), (StatusCode::OK, "5".into()));
+        let logs = node.get_json("/v1/functions/demo/chain/logs").await.to_string();
+        assert!(logs.contains("the call depth limit of 5 is reached"), "{logs}");
+
+        // Three children sleep; the fourth and fifth spawns are refused.
+        let (status, body) = text(node.invoke("demo/chain", b"spawn-all 5 chain sleep 200").await);
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "3 ok; first error: Error::LimitExceeded"));
+        let logs = node.get_json("/v1/functions/demo/chain/logs").await.to_string();
+        assert!(logs.contains("the limit of 3 outstanding spawns per root call is reached"), "{logs}");
+        // Awaited spawns give their places back: the next root starts afresh.
+        let (status, body) = text(node.invoke("demo/chain", b"spawn-all 3 echo x").await);
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "3 ok; first error: none"));
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_child_ends_by_its_parents_deadline() {
+        let node = node_with(|_| {}).await;
+        let (status, _) = node.deploy("demo/parent", "timeout_ms=100", shoal_guests::CHAIN).await;
+        assert_eq!(status, StatusCode::CREATED);
+        // `demo/chain` may run 5 s; called from a parent with 100 ms, it
+        // is stopped with the parent.
+        let start = Instant::now();
+        let (status, body) = node.invoke("demo/parent", b"call chain sleep 3000").await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{}", String::from_utf8_lossy(&body));
+        assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+        let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("shoal_calls_total{outcome=\"timeout\"} 2"), "parent and child: {metrics}");
+        assert_eq!(node.node.executor_busy(), 0, "no call is left running");
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_recursion_bomb_ends_in_errors_and_the_node_carries_on() {
+        let node = node_with(|c| c.max_concurrent_calls = 1000).await;
+        let (status, _) = node.deploy("demo/chain", "timeout_ms=3000", shoal_guests::CHAIN).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let start = Instant::now();
+        let (status, body) = node.invoke("demo/chain", b"bomb").await;
+        assert!(status.is_server_error(), "{status} {}", String::from_utf8_lossy(&body));
+        assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+        // Everything it started is gone, and other calls run as before.
+        let idle = Instant::now();
+        while node.node.executor_busy() > 0 {
+            assert!(idle.elapsed() < Duration::from_secs(10), "calls still running");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(text(node.invoke("demo/hello", b"after").await), (StatusCode::OK, "hello after".into()));
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn wordcount_maps_and_reduces_over_spawned_calls() {
+        let node = node_with(|c| c.max_body_bytes = 8 << 20).await;
+        // 3 MiB and a bit: four mappers.
+        let line = "the quick brown fox jumps over the lazy dog's back\n";
+        let text: String = line.repeat((3 << 20) / line.len() + 10);
+        let n_lines = (3 << 20) / line.len() as u64 + 10;
+        let (status, body) = node.invoke("demo/wordcount", text.as_bytes()).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let counts: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(counts["the"], n_lines * 2);
+        assert_eq!(counts["dog's"], n_lines);
+        assert_eq!(counts.as_object().unwrap().len(), 9);
+        let alone = node.invoke("demo/wordcount", &[b"\x01alone\n".as_slice(), text.as_bytes()].concat()).await;
+        assert_eq!(alone.1, body, "the same answer as one call alone");
+        node.stop().await;
+    }
+}
+
+mod async_calls {
+    //! `POST …/invoke?async=true` and `GET /v1/calls/{id}`.
+
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    async fn submit(node: &TestNode, token: &str, function: &str, input: &[u8]) -> (StatusCode, Value) {
+        let path = format!("/v1/functions/{function}/invoke?async=true");
+        status_and_json(node.req(reqwest::Method::POST, &path, Some(token)).body(input.to_vec()).send().await.unwrap())
+            .await
+    }
+
+    async fn record(node: &TestNode, token: &str, id: &str) -> (StatusCode, Value) {
+        status_and_json(node.req(reqwest::Method::GET, &format!("/v1/calls/{id}"), Some(token)).send().await.unwrap())
+            .await
+    }
+
+    async fn finished(node: &TestNode, id: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let (status, record) = record(node, ADMIN, id).await;
+            assert_eq!(status, StatusCode::OK, "{record}");
+            if matches!(record["status"].as_str(), Some("succeeded" | "failed")) {
+                return record;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "never finished: {record}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_async_call_goes_from_queued_to_running_to_succeeded() {
+        let node = TestNode::start_with(|c| c.max_concurrent_calls = 1).await;
+        node.node.deploy_defaults("demo", &[("chain", shoal_guests::CHAIN)]).await.unwrap();
+        // The one slot is taken by the first call, so the second waits.
+        let (status, first) = submit(&node, ADMIN, "demo/chain", b"sleep 300").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+        let first = first["call_id"].as_str().unwrap().to_string();
+        let start = Instant::now();
+        while record(&node, ADMIN, &first).await.1["status"] != "running" {
+            assert!(start.elapsed() < Duration::from_secs(10), "the first call never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (_, second) = submit(&node, ADMIN, "demo/echo", b"later").await;
+        let second = second["call_id"].as_str().unwrap().to_string();
+        let (_, queued) = record(&node, ADMIN, &second).await;
+        assert_eq!(queued["status"], "queued", "{queued}");
+        assert_eq!(queued["timings"]["started_at_ms"], Value::Null);
+
+        let done = finished(&node, &first).await;
+        assert_eq!((done["status"].as_str(), done["output"].as_str()), (Some("succeeded"), Some("slept")));
+        let done = finished(&node, &second).await;
+        assert_eq!(done["output"], "later");
+        assert_eq!(done["output_base64"], "bGF0ZXI=");
+        assert_eq!(done["function"], "demo/echo");
+        assert_eq!(done["attempts"], 1);
+        let t = &done["timings"];
+        let (queued, started, ended) = (
+            t["queued_at_ms"].as_u64().unwrap(),
+            t["started_at_ms"].as_u64().unwrap(),
+            t["finished_at_ms"].as_u64().unwrap(),
+        );
+        assert!(queued <= started && started <= ended, "{t}");
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn failures_are_recorded_and_records_belong_to_their_tenant() {
+        let node = TestNode::start().await;
+        let (_, accepted) = submit(&node, ADMIN, "demo/fib", b"ten").await;
+        let id = accepted["call_id"].as_str().unwrap().to_string();
+        let done = finished(&node, &id).await;
+        assert_eq!(done["status"], "failed");
+        assert_eq!(done["error"]["kind"], "function_error");
+        assert!(done["error"]["message"].as_str().unwrap().contains("is not a decimal"), "{done}");
+        assert_eq!(done["output"], Value::Null);
+
+        // Another tenant sees the same 404 as for an id that never existed.
+        let other = node.create_tenant("other").await;
+        let (status, _) = record(&node, &other, &id).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        for missing in ["00000000000000000000000000000000", "not-a-call-id"] {
+            assert_eq!(record(&node, ADMIN, missing).await.0, StatusCode::NOT_FOUND, "{missing}");
+        }
+        let (status, _) = submit(&node, &other, "demo/fib", b"1").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, _) = submit(&node, ADMIN, "demo/nothing-here", b"1").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "refused at once, not accepted");
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn too_many_unfinished_calls_are_refused_and_old_records_expire() {
+        let node = TestNode::start_with(|c| {
+            c.max_async_calls = 2;
+            c.async_retention = Duration::ZERO;
+        })
+        .await;
+        node.node.deploy_defaults("demo", &[("chain", shoal_guests::CHAIN)]).await.unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let (status, accepted) = submit(&node, ADMIN, "demo/chain", b"sleep 300").await;
+            assert_eq!(status, StatusCode::ACCEPTED);
+            ids.push(accepted["call_id"].as_str().unwrap().to_string());
+        }
+        let (status, refused) = submit(&node, ADMIN, "demo/echo", b"x").await;
+        assert_eq!((status, refused["error"]["kind"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("overloaded")));
+        for id in &ids {
+            finished(&node, id).await;
+        }
+        // Retention zero: every finished record is past it.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(node.node.expire_call_records().await.unwrap(), 2);
+        assert_eq!(record(&node, ADMIN, &ids[0]).await.0, StatusCode::NOT_FOUND);
         node.stop().await;
     }
 }

@@ -20,9 +20,9 @@ mod backstop;
 
 use self::backstop::Backstop;
 use crate::capture::CaptureBuffer;
-use crate::host::{CallLimiter, CommandCtx, ComponentCtx};
+use crate::host::{CallLimiter, ChainCtx, CommandCtx, ComponentCtx};
 use crate::image::ImagePre;
-use crate::{CallError, FunctionImage, Runtime};
+use crate::{CallError, FunctionImage, Lineage, Runtime};
 
 /// How long past its deadline a call may take to notice it (epoch ticks
 /// are checked at function entries and loop heads) before the host stops
@@ -109,9 +109,21 @@ fn arm_deadline<T: 'static>(store: &mut Store<T>, deadline: Instant) {
     });
 }
 
-pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &CallSettings, input: &[u8]) -> CallOutput {
+pub(crate) async fn run(
+    runtime: &Runtime,
+    image: &FunctionImage,
+    settings: &CallSettings,
+    input: &[u8],
+    lineage: Lineage,
+) -> CallOutput {
     let config = &runtime.config;
-    let deadline = Instant::now() + settings.timeout;
+    let now = Instant::now();
+    let own_deadline = now + settings.timeout;
+    // A call stopped by its caller's deadline reports the time it had.
+    let (deadline, time_limit) = match lineage.deadline {
+        Some(caller) if caller < own_deadline => (caller, caller.saturating_duration_since(now)),
+        _ => (own_deadline, settings.timeout),
+    };
     let backstop = tokio::time::Instant::from_std(deadline + DEADLINE_GRACE);
     let stderr = CaptureBuffer::new(config.max_log_bytes);
     let mut wasi = WasiCtxBuilder::new();
@@ -130,6 +142,9 @@ pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &Cal
                 state: runtime.state.clone(),
                 deadline,
                 leases: Vec::new(),
+                chain: ChainCtx::new(lineage, runtime.invoker.get().cloned(), stderr.clone()),
+                max_call_depth: config.max_call_depth,
+                max_spawns_per_root: config.max_spawns_per_root,
             };
             let mut store = Store::new(&runtime.engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);
@@ -141,10 +156,15 @@ pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &Cal
             .await;
             let (stderr, _) = stderr.take();
             let result = match outcome {
-                Err(_elapsed) => Err(CallError::Timeout { limit: settings.timeout }),
-                Ok(Err(e)) => {
-                    Err(classify(e, store.data().limiter.memory_denied, settings, config.max_instances, &stderr))
-                }
+                Err(_elapsed) => Err(CallError::Timeout { limit: time_limit }),
+                Ok(Err(e)) => Err(classify(
+                    e,
+                    store.data().limiter.memory_denied,
+                    settings.memory_limit,
+                    time_limit,
+                    config.max_instances,
+                    &stderr,
+                )),
                 Ok(Ok(Err(message))) => Err(CallError::Function { message }),
                 Ok(Ok(Ok(output))) if output.len() > config.max_output_bytes => {
                     Err(CallError::OutputTooLarge { limit: config.max_output_bytes })
@@ -179,10 +199,15 @@ pub(crate) async fn run(runtime: &Runtime, image: &FunctionImage, settings: &Cal
                 (Some(code), _) => {
                     Err(CallError::Function { message: format!("exited with code {code}{}", stderr_suffix(&stderr)) })
                 }
-                (None, Err(_elapsed)) => Err(CallError::Timeout { limit: settings.timeout }),
-                (None, Ok(Err(e))) => {
-                    Err(classify(e, store.data().limiter.memory_denied, settings, config.max_instances, &stderr))
-                }
+                (None, Err(_elapsed)) => Err(CallError::Timeout { limit: time_limit }),
+                (None, Ok(Err(e))) => Err(classify(
+                    e,
+                    store.data().limiter.memory_denied,
+                    settings.memory_limit,
+                    time_limit,
+                    config.max_instances,
+                    &stderr,
+                )),
                 (None, Ok(Ok(()))) => unreachable!("a successful return has exit code 0"),
             };
             CallOutput { result, stdout: Bytes::new(), stderr }
@@ -202,19 +227,20 @@ fn stderr_suffix(stderr: &[u8]) -> String {
 fn classify(
     error: wasmtime::Error,
     memory_denied: bool,
-    settings: &CallSettings,
+    memory_limit: u64,
+    time_limit: Duration,
     max_instances: u32,
     stderr: &[u8],
 ) -> CallError {
     if error.downcast_ref::<DeadlineExceeded>().is_some() {
-        return CallError::Timeout { limit: settings.timeout };
+        return CallError::Timeout { limit: time_limit };
     }
     if let Some(exhausted) = error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
         tracing::warn!(%exhausted, "sandbox pool exhausted");
         return CallError::Overloaded { limit: max_instances };
     }
     if memory_denied {
-        return CallError::OutOfMemory { limit: settings.memory_limit };
+        return CallError::OutOfMemory { limit: memory_limit };
     }
     match error.downcast_ref::<Trap>() {
         Some(trap) => CallError::Trap { message: format!("{trap}{}", stderr_suffix(stderr)) },

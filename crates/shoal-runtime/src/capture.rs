@@ -34,7 +34,7 @@ impl CaptureBuffer {
         Self { inner: Arc::new(Mutex::new(Captured { bytes: BytesMut::new(), capacity, truncated: false })) }
     }
 
-    fn append(&self, data: &[u8]) {
+    pub(crate) fn append(&self, data: &[u8]) {
         let mut captured = self.inner.lock().expect(POISON);
         let room = captured.capacity - captured.bytes.len();
         if data.len() > room {

@@ -37,6 +37,11 @@ pub struct RuntimeConfig {
     pub max_log_bytes: usize,
     /// Largest output a call may return. Default 6 MiB.
     pub max_output_bytes: usize,
+    /// Longest chain of calls (a root call is depth 0). Default 16.
+    pub max_call_depth: u32,
+    /// Spawned calls not yet awaited, per root call and all its
+    /// descendants together. Default 1,000.
+    pub max_spawns_per_root: u32,
 }
 
 impl RuntimeConfig {
@@ -52,6 +57,8 @@ impl RuntimeConfig {
             epoch_tick: Duration::from_millis(1),
             max_log_bytes: MIB,
             max_output_bytes: 6 * MIB,
+            max_call_depth: 16,
+            max_spawns_per_root: 1000,
         }
     }
 

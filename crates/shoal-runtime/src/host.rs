@@ -8,6 +8,8 @@
 mod invoke;
 mod state;
 
+pub(crate) use self::invoke::ChainCtx;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,6 +42,10 @@ pub(crate) struct ComponentCtx {
     pub(crate) deadline: Instant,
     /// Locks this call holds; released when the call ends, however it ends.
     pub(crate) leases: Vec<(ScopedKey, LeaseToken)>,
+    /// Chained calls: lineage, invoker, spawned children.
+    pub(crate) chain: ChainCtx,
+    pub(crate) max_call_depth: u32,
+    pub(crate) max_spawns_per_root: u32,
 }
 
 impl Drop for ComponentCtx {

@@ -13,6 +13,7 @@
 mod artifact_cache;
 mod call;
 mod capture;
+mod chain;
 mod config;
 mod engine;
 mod error;
@@ -20,13 +21,14 @@ mod host;
 mod image;
 
 pub use call::{CallOutput, CallSettings, LogLine, LogStream};
+pub use chain::{ChainError, InvokeFuture, Invoker, Lineage, RootCall};
 pub use config::RuntimeConfig;
 pub use error::{CallError, DeployError, RuntimeError};
 pub use image::{FunctionImage, FunctionKind};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use sha2::{Digest, Sha256};
 use shoal_state::StateTiers;
@@ -52,6 +54,8 @@ pub struct Runtime {
     /// The state tiers the `state` interface reaches; without them every
     /// state operation answers `unavailable`.
     state: Option<Arc<StateTiers>>,
+    /// Runs chained calls; without one, `invoke` answers `unavailable`.
+    invoker: OnceLock<Arc<dyn Invoker>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -88,7 +92,15 @@ impl Runtime {
             n_compiles: AtomicU64::new(0),
             n_compiling: Arc::new(AtomicU64::new(0)),
             state,
+            invoker: OnceLock::new(),
         })
+    }
+
+    /// Give the runtime what runs its guests' chained calls. Set once; the
+    /// invoker must not own the runtime (hold a `Weak`), or neither is
+    /// ever dropped.
+    pub fn set_invoker(&self, invoker: Arc<dyn Invoker>) -> Result<(), RuntimeError> {
+        self.invoker.set(invoker).map_err(|_| RuntimeError::Config("the invoker is set already".into()))
     }
 
     /// Wasm binaries compiled since start (cache hits and shared images
@@ -164,10 +176,22 @@ impl Runtime {
         images.get(sha256).and_then(Weak::upgrade)
     }
 
-    /// Run one call of `image` in a fresh sandbox.
+    /// Run one call of `image` in a fresh sandbox, as a root call.
     pub async fn call(&self, image: &FunctionImage, settings: &CallSettings, input: &[u8]) -> CallOutput {
+        self.call_in(image, settings, input, Lineage::root()).await
+    }
+
+    /// Run one call of `image` in a fresh sandbox at its place in a tree of
+    /// chained calls: it ends by its caller's deadline at the latest.
+    pub async fn call_in(
+        &self,
+        image: &FunctionImage,
+        settings: &CallSettings,
+        input: &[u8],
+        lineage: Lineage,
+    ) -> CallOutput {
         let _ticking = self.ticker.enter();
-        call::run(self, image, settings, input).await
+        call::run(self, image, settings, input, lineage).await
     }
 }
 

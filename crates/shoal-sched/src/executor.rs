@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_runtime::{CallOutput, CallSettings, FunctionImage, Runtime};
+use shoal_runtime::{CallOutput, CallSettings, FunctionImage, Lineage, Runtime};
 use tokio::sync::Semaphore;
 
 /// Every call slot is in use.
@@ -59,10 +59,43 @@ impl Executor {
         settings: &CallSettings,
         input: &[u8],
     ) -> Result<CallOutput, Overloaded> {
+        self.run_in(image, settings, input, Lineage::root()).await
+    }
+
+    /// Run a call at its place in a tree of chained calls now, or refuse
+    /// it at once if every slot is busy.
+    pub async fn run_in(
+        &self,
+        image: &FunctionImage,
+        settings: &CallSettings,
+        input: &[u8],
+        lineage: Lineage,
+    ) -> Result<CallOutput, Overloaded> {
         let Ok(_slot) = self.slots.try_acquire() else {
             return Err(Overloaded { limit: self.n_slots, retry_after: RETRY_AFTER });
         };
-        Ok(self.runtime.call(image, settings, input).await)
+        Ok(self.runtime.call_in(image, settings, input, lineage).await)
+    }
+
+    /// Wait until a slot is free (for work already accepted, such as
+    /// asynchronous calls), then hold it until the call it runs ends.
+    pub async fn wait_for_slot(&self) -> Slot<'_> {
+        // The semaphore is never closed, so acquiring only ever waits.
+        let permit = self.slots.acquire().await.ok();
+        Slot { executor: self, _permit: permit }
+    }
+}
+
+/// A call slot held for one call.
+pub struct Slot<'a> {
+    executor: &'a Executor,
+    _permit: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+impl Slot<'_> {
+    /// Run one root call in this slot, then give the slot back.
+    pub async fn run(self, image: &FunctionImage, settings: &CallSettings, input: &[u8]) -> CallOutput {
+        self.executor.runtime.call(image, settings, input).await
     }
 }
 

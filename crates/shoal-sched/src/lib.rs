@@ -9,4 +9,4 @@
 
 mod executor;
 
-pub use executor::{Executor, Overloaded};
+pub use executor::{Executor, Overloaded, Slot};

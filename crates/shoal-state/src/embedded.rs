@@ -112,6 +112,22 @@ impl EmbeddedStore {
         Ok(out)
     }
 
+    /// Up to `limit` entries with keys before `end`, in key order.
+    pub fn scan_before(&self, table: Table, end: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let t = match tx.open_table(table.definition()) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(io(e)),
+        };
+        let mut out = Vec::new();
+        for entry in t.range(..end).map_err(io)?.take(limit) {
+            let (key, value) = entry.map_err(io)?;
+            out.push((key.value().to_string(), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(io)?;
         f(&tx)?;
@@ -218,5 +234,7 @@ mod tests {
         }
         let keys: Vec<String> = store.scan_prefix(T, "acme/").unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["acme/", "acme/a", "acme/b"]);
+        let keys: Vec<String> = store.scan_before(T, "acme/b", 2).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["acm/d", "acme/"], "before the end, in order, at most the limit");
     }
 }

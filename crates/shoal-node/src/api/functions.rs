@@ -11,7 +11,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use rand::RngCore;
+
 use serde_json::json;
 use tracing::Instrument;
 
@@ -19,7 +19,7 @@ use super::{path_error, read_body};
 use crate::error::{ApiError, ErrorKind};
 use crate::names::check_name;
 use crate::registry::{DeployedFunction, FunctionRecord};
-use crate::{DeploySpec, Node, now_ms};
+use crate::{DeploySpec, Node, new_call_id, now_ms};
 
 const CALL_ID_HEADER: &str = "x-shoal-call-id";
 
@@ -180,10 +180,6 @@ pub(super) async fn logs(
     Ok(Json(json!({ "lines": function.logs.snapshot() })))
 }
 
-fn new_call_id() -> String {
-    format!("{:016x}", rand::rng().next_u64())
-}
-
 pub(super) async fn invoke(
     State(node): State<Arc<Node>>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -196,14 +192,16 @@ pub(super) async fn invoke(
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
-    if let Ok(value) = HeaderValue::from_str(&call_id) {
+    if !response.headers().contains_key(CALL_ID_HEADER)
+        && let Ok(value) = HeaderValue::from_str(&call_id)
+    {
         response.headers_mut().insert(CALL_ID_HEADER, value);
     }
     response
 }
 
 async fn invoke_inner(
-    node: &Node,
+    node: &Arc<Node>,
     path: Result<Path<(String, String)>, PathRejection>,
     query: Option<&str>,
     headers: &HeaderMap,
@@ -212,17 +210,24 @@ async fn invoke_inner(
 ) -> Result<Response, ApiError> {
     let Path((tenant, name)) = path.map_err(path_error)?;
     authorise(node, headers, &tenant, Some(&name))?;
+    let mut is_async = false;
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match (key.as_ref(), value.as_ref()) {
-            ("async", "false") => {}
-            ("async", "true") => {
-                return Err(ApiError::bad_request("asynchronous calls are not available on this node yet"));
-            }
+            ("async", "false") => is_async = false,
+            ("async", "true") => is_async = true,
             (key, value) => return Err(ApiError::bad_request(format!("unknown query parameter {key}={value:?}"))),
         }
     }
     let function = find(node, &tenant, &name)?;
     let input = read_body(body, headers, node.config.max_body_bytes).await?;
+    if is_async {
+        let id = node.accept_async(&tenant, &name, input.to_vec()).await?;
+        let mut response = (StatusCode::ACCEPTED, Json(json!({ "call_id": id }))).into_response();
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            response.headers_mut().insert(CALL_ID_HEADER, value);
+        }
+        return Ok(response);
+    }
 
     let span = tracing::debug_span!("call", %tenant, function = %name, %call_id);
     let started = Instant::now();

@@ -1,0 +1,333 @@
+//! Asynchronous calls: accepted at once (`POST …/invoke?async=true` → 202
+//! and a call id), run when a call slot is free, their records readable at
+//! `GET /v1/calls/{id}` for the retention time (default 24 h).
+//!
+//! Records live in the node's embedded store, every change durable before
+//! it is acknowledged:
+//! - `calls`: id → the record (JSON: status, function, timings, error);
+//! - `call_inputs`: id → input, until the call finishes;
+//! - `call_outputs`: id → output of a call that succeeded;
+//! - `calls_pending`: ids of calls queued or running.
+//!
+//! Guarantee: at least once. A call accepted before a crash is still
+//! pending after the restart and runs then (again, if it was running when
+//! the node died); a finished call's record and output stay readable.
+//! Call ids start with the acceptance time (hex milliseconds), so the
+//! oldest records come first and the retention sweep reads only those.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use shoal_state::{EmbeddedStore, StoreError, Table};
+
+use crate::error::{ApiError, ErrorKind};
+use crate::{Node, now_ms};
+
+const CALLS: Table = Table::new("calls");
+const INPUTS: Table = Table::new("call_inputs");
+const OUTPUTS: Table = Table::new("call_outputs");
+const PENDING: Table = Table::new("calls_pending");
+
+/// How often expired records are removed.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Records removed per sweep transaction.
+const SWEEP_BATCH: usize = 1000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl CallStatus {
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CallRecord {
+    pub call_id: String,
+    pub tenant: String,
+    pub function: String,
+    pub status: CallStatus,
+    pub queued_at_ms: u64,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    /// Times the call was started (more than 1 after a crash mid-call).
+    pub attempts: u32,
+    pub error: Option<CallFailure>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CallFailure {
+    pub kind: String,
+    pub message: String,
+}
+
+fn encode(record: &CallRecord) -> Vec<u8> {
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<CallRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Io(format!("call record {id} is corrupt: {e}")))
+}
+
+/// The records of asynchronous calls and the count of those not finished.
+pub(crate) struct AsyncCalls {
+    store: Arc<EmbeddedStore>,
+    /// Queued or running on this node now.
+    unfinished: AtomicUsize,
+    max_unfinished: usize,
+    retention: Duration,
+}
+
+impl AsyncCalls {
+    pub(crate) fn new(store: Arc<EmbeddedStore>, max_unfinished: usize, retention: Duration) -> Self {
+        Self { store, unfinished: AtomicUsize::new(0), max_unfinished, retention }
+    }
+
+    pub(crate) fn unfinished(&self) -> usize {
+        self.unfinished.load(Ordering::Relaxed)
+    }
+
+    /// A new id: acceptance time first (so ids sort by age), then 64
+    /// random bits.
+    fn new_id(now_ms: u64) -> String {
+        format!("{now_ms:012x}{}", crate::new_call_id())
+    }
+
+    /// Record an accepted call, durably, and count it; refused when too
+    /// many are unfinished.
+    async fn accept(&self, tenant: &str, function: &str, input: Vec<u8>) -> Result<CallRecord, ApiError> {
+        let admitted = self
+            .unfinished
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_unfinished).then_some(n + 1));
+        if admitted.is_err() {
+            return Err(ApiError {
+                kind: ErrorKind::Overloaded,
+                message: format!(
+                    "{} asynchronous calls are waiting already, the most this node keeps",
+                    self.max_unfinished
+                ),
+                retry_after: Some(Duration::from_secs(1)),
+            });
+        }
+        let now = now_ms();
+        let record = CallRecord {
+            call_id: Self::new_id(now),
+            tenant: tenant.to_string(),
+            function: function.to_string(),
+            status: CallStatus::Queued,
+            queued_at_ms: now,
+            started_at_ms: None,
+            finished_at_ms: None,
+            attempts: 0,
+            error: None,
+        };
+        let (store, stored) = (self.store.clone(), record.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            let id = stored.call_id.as_str();
+            store.transaction(|tx| {
+                tx.put(CALLS, id, &encode(&stored))?;
+                tx.put(INPUTS, id, &input)?;
+                tx.put(PENDING, id, b"")
+            })
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => Ok(record),
+            failed => {
+                self.unfinished.fetch_sub(1, Ordering::AcqRel);
+                Err(match failed {
+                    Ok(Err(e)) => ApiError::from(e),
+                    _ => ApiError::internal("recording an asynchronous call", "the store task failed"),
+                })
+            }
+        }
+    }
+
+    /// The record of `id`, if it is still kept.
+    pub(crate) async fn get(&self, id: &str) -> Result<Option<(CallRecord, Option<Vec<u8>>)>, ApiError> {
+        let (store, id) = (self.store.clone(), id.to_string());
+        let found = tokio::task::spawn_blocking(move || {
+            store.snapshot(|tx| {
+                let Some(bytes) = tx.get(CALLS, &id)? else { return Ok(None) };
+                let record = decode(&id, &bytes)?;
+                let output = if record.status == CallStatus::Succeeded { tx.get(OUTPUTS, &id)? } else { None };
+                Ok(Some((record, output)))
+            })
+        })
+        .await
+        .map_err(|e| ApiError::internal("reading a call record", e))?;
+        Ok(found?)
+    }
+
+    fn update(&self, record: &CallRecord, output: Option<&[u8]>) -> Result<(), StoreError> {
+        let id = record.call_id.as_str();
+        self.store.transaction(|tx| {
+            tx.put(CALLS, id, &encode(record))?;
+            if record.status.is_finished() {
+                tx.delete(INPUTS, id)?;
+                tx.delete(PENDING, id)?;
+                if let Some(output) = output {
+                    tx.put(OUTPUTS, id, output)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Calls accepted but not finished (after a restart: those the last
+    /// run of the node did not finish).
+    fn pending(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.store.scan_prefix(PENDING, "")?.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// Remove finished records accepted more than the retention time ago.
+    fn sweep(&self) -> Result<usize, StoreError> {
+        let cutoff = format!("{:012x}", now_ms().saturating_sub(self.retention.as_millis() as u64));
+        let mut removed = 0;
+        loop {
+            let old = self.store.scan_before(CALLS, &cutoff, SWEEP_BATCH)?;
+            let n = old.len();
+            let finished: Vec<String> = old
+                .into_iter()
+                .filter(|(id, bytes)| decode(id, bytes).is_ok_and(|r| r.status.is_finished()))
+                .map(|(id, _)| id)
+                .collect();
+            self.store.transaction(|tx| {
+                for id in &finished {
+                    tx.delete(CALLS, id)?;
+                    tx.delete(OUTPUTS, id)?;
+                }
+                Ok(())
+            })?;
+            removed += finished.len();
+            // Unfinished records this old cannot exist (a call runs at most
+            // 15 minutes); if one did, stop rather than loop over it.
+            if n < SWEEP_BATCH || finished.len() < n {
+                return Ok(removed);
+            }
+        }
+    }
+}
+
+impl Node {
+    /// Accept an asynchronous call of a deployed function; it runs as soon
+    /// as a call slot is free.
+    pub(crate) async fn accept_async(
+        self: &Arc<Self>,
+        tenant: &str,
+        name: &str,
+        input: Vec<u8>,
+    ) -> Result<String, ApiError> {
+        let record = self.async_calls.accept(tenant, name, input).await?;
+        let id = record.call_id.clone();
+        self.spawn_async(record.call_id);
+        Ok(id)
+    }
+
+    fn spawn_async(self: &Arc<Self>, id: String) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = node.run_async(&id).await {
+                tracing::error!(call_id = %id, error = %e, "an asynchronous call could not be recorded; it stays pending");
+            }
+            node.async_calls.unfinished.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    async fn run_async(&self, id: &str) -> Result<(), StoreError> {
+        let calls = &self.async_calls;
+        let store = calls.store.clone();
+        let key = id.to_string();
+        let loaded =
+            tokio::task::spawn_blocking(move || store.snapshot(|tx| Ok((tx.get(CALLS, &key)?, tx.get(INPUTS, &key)?))))
+                .await
+                .map_err(|e| StoreError::Io(e.to_string()))??;
+        let (Some(bytes), input) = loaded else { return Ok(()) };
+        let mut record = decode(id, &bytes)?;
+        if record.status.is_finished() {
+            return Ok(());
+        }
+        let input = input.unwrap_or_default();
+        let deployed = self.registry.get(&record.tenant, &record.function);
+        let started = Instant::now();
+        let (output, failure) = match &deployed {
+            None => (
+                None,
+                Some((ErrorKind::NotFound, format!("function `{}/{}` does not exist", record.tenant, record.function))),
+            ),
+            Some(deployed) => {
+                let slot = self.executor.wait_for_slot().await;
+                record.status = CallStatus::Running;
+                record.started_at_ms = Some(now_ms());
+                record.attempts += 1;
+                self.write_record(&record, None).await?;
+                let out = slot.run(&deployed.image, &deployed.settings, &input).await;
+                deployed.logs.append(id, now_ms(), out.log_lines());
+                let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
+                self.metrics.record_call(outcome, Some(started.elapsed()));
+                match out.result {
+                    Ok(output) => (Some(output), None),
+                    Err(e) => (None, Some((ErrorKind::of_call(&e), e.to_string()))),
+                }
+            }
+        };
+        record.finished_at_ms = Some(now_ms());
+        match failure {
+            None => record.status = CallStatus::Succeeded,
+            Some((kind, message)) => {
+                record.status = CallStatus::Failed;
+                record.error = Some(CallFailure { kind: kind.as_str().to_string(), message });
+            }
+        }
+        self.write_record(&record, output).await
+    }
+
+    async fn write_record(&self, record: &CallRecord, output: Option<Vec<u8>>) -> Result<(), StoreError> {
+        let calls = self.async_calls.clone();
+        let record = record.clone();
+        tokio::task::spawn_blocking(move || calls.update(&record, output.as_deref()))
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))?
+    }
+
+    /// Start every call the store holds as pending (after a restart), and
+    /// the retention sweep.
+    pub(crate) fn resume_async_calls(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let pending = self.async_calls.pending()?;
+        for id in &pending {
+            self.async_calls.unfinished.fetch_add(1, Ordering::AcqRel);
+            self.spawn_async(id.clone());
+        }
+        let node = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                every.tick().await;
+                let Some(node) = node.upgrade() else { return };
+                match node.expire_call_records().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "expired asynchronous call records"),
+                    Err(e) => tracing::warn!(error = %e, "expiring call records failed"),
+                }
+            }
+        });
+        Ok(pending.len())
+    }
+
+    /// Remove the records of finished calls accepted more than the
+    /// retention time ago; returns how many. Runs every minute by itself.
+    pub async fn expire_call_records(&self) -> Result<usize, StoreError> {
+        let calls = self.async_calls.clone();
+        tokio::task::spawn_blocking(move || calls.sweep()).await.map_err(|e| StoreError::Io(e.to_string()))?
+    }
+}

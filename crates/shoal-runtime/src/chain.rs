@@ -1,0 +1,109 @@
+//! Chained calls: what the runtime knows about a call that another call
+//! made, and the [`Invoker`] a higher crate hands in to run them.
+//!
+//! The runtime cannot resolve a function name (the registry is the node's)
+//! nor decide whether a call may run now (the scheduler's), so a guest's
+//! `invoke.call`/`spawn` goes through an [`Invoker`]. What the runtime does
+//! own are the bounds every chained call obeys, checked before the invoker
+//! is asked:
+//! - a child's deadline is the smaller of its own timeout and its caller's
+//!   deadline ([`Lineage::deadline`]);
+//! - the depth of a chain is limited ([`RuntimeConfig::max_call_depth`]);
+//! - spawned calls not yet awaited are limited per root call
+//!   ([`RuntimeConfig::max_spawns_per_root`]), counted in [`RootCall`],
+//!   which the whole tree of a root call shares.
+//!
+//! [`RuntimeConfig::max_call_depth`]: crate::RuntimeConfig::max_call_depth
+//! [`RuntimeConfig::max_spawns_per_root`]: crate::RuntimeConfig::max_spawns_per_root
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use crate::CallError;
+
+/// What every call of one tree of chained calls shares.
+#[derive(Debug, Default)]
+pub struct RootCall {
+    outstanding_spawns: AtomicU32,
+}
+
+impl RootCall {
+    /// Spawned calls of this tree not yet awaited (nor cancelled).
+    pub fn outstanding_spawns(&self) -> u32 {
+        self.outstanding_spawns.load(Ordering::Relaxed)
+    }
+
+    /// Count one more spawn unless `limit` are outstanding already.
+    pub(crate) fn try_spawn(self: &Arc<Self>, limit: u32) -> Option<SpawnTicket> {
+        self.outstanding_spawns
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| SpawnTicket(self.clone()))
+    }
+}
+
+/// One outstanding spawn; dropping it (the child was awaited, or its
+/// parent ended) gives the place back.
+#[derive(Debug)]
+pub(crate) struct SpawnTicket(Arc<RootCall>);
+
+impl Drop for SpawnTicket {
+    fn drop(&mut self) {
+        self.0.outstanding_spawns.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Where a call sits in its tree: how deep, until when its caller waits,
+/// and the tree's shared counters.
+#[derive(Clone, Debug)]
+pub struct Lineage {
+    /// 0 for a root call (one a client made), 1 for its children, …
+    pub depth: u32,
+    /// The caller's deadline: the call must end by then whatever its own
+    /// timeout. None for a root call.
+    pub deadline: Option<Instant>,
+    pub root: Arc<RootCall>,
+}
+
+impl Lineage {
+    /// The lineage of a call a client made.
+    pub fn root() -> Self {
+        Self { depth: 0, deadline: None, root: Arc::new(RootCall::default()) }
+    }
+}
+
+/// Why a chained call did not produce output.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("{0}")]
+    NotFound(String),
+    /// The callee belongs to another tenant.
+    #[error("{0}")]
+    Denied(String),
+    /// Depth, spawns per root call, or another bound; the message names it.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// The node could not run the call now (no capacity, shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The call ran and failed.
+    #[error("{0}")]
+    Failed(CallError),
+}
+
+/// What an invoker returns: owned, so it can run on its own task.
+pub type InvokeFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, ChainError>> + Send + 'static>>;
+
+/// Runs a chained call. Implemented by the crate that knows the deployed
+/// functions and admits calls; given to the runtime with
+/// [`Runtime::set_invoker`](crate::Runtime::set_invoker).
+pub trait Invoker: Send + Sync {
+    /// Run `function` — a name of `tenant`'s, or `tenant/name` — with
+    /// `input`, as a call with `lineage` (already one level deeper than its
+    /// caller, with the caller's deadline). The same tenant only: a
+    /// function of another tenant answers [`ChainError::Denied`].
+    fn invoke(&self, tenant: &str, function: &str, input: Vec<u8>, lineage: Lineage) -> InvokeFuture;
+}
