@@ -644,6 +644,21 @@ mod chaining {
     }
 
     #[tokio::test]
+    async fn spawned_calls_never_awaited_are_cancelled_with_their_caller() {
+        let node = node_with(|_| {}).await;
+        let start = Instant::now();
+        assert_eq!(
+            text(node.invoke("demo/chain", b"forget chain sleep 4000").await),
+            (StatusCode::OK, "forgotten".into())
+        );
+        while node.node.executor_busy() > 0 {
+            assert!(start.elapsed() < Duration::from_secs(3), "the forgotten child still runs");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        node.stop().await;
+    }
+
+    #[tokio::test]
     async fn another_tenants_functions_answer_denied() {
         let node = node_with(|_| {}).await;
         let acme = node.create_tenant("acme").await;
@@ -719,11 +734,11 @@ mod chaining {
 
     #[tokio::test]
     async fn wordcount_maps_and_reduces_over_spawned_calls() {
-        let node = node_with(|c| c.max_body_bytes = 8 << 20).await;
-        // 3 MiB and a bit: four mappers.
-        let line = "the quick brown fox jumps over the lazy dog's back\n";
-        let text: String = line.repeat((3 << 20) / line.len() + 10);
-        let n_lines = (3 << 20) / line.len() as u64 + 10;
+        let node = node_with(|c| c.max_body_bytes = 16 << 20).await;
+        // 9 MiB and a bit: three mappers of 4 MiB pieces.
+        let line = "The quick brown fox jumps over the lazy dog's back\n";
+        let n_lines = (9 << 20) / line.len() as u64 + 10;
+        let text: String = line.repeat(n_lines as usize);
         let (status, body) = node.invoke("demo/wordcount", text.as_bytes()).await;
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         let counts: Value = serde_json::from_slice(&body).unwrap();

@@ -2,7 +2,8 @@
 //! calls. The text is split at whitespace into pieces of about 1 MiB; one
 //! mapper per piece is spawned (this same function, in mapper mode), all
 //! are awaited, and their counts are reduced into one JSON object of
-//! word → count, sorted by word.
+//! word → count, sorted by word. (The pieces are 4 MiB: larger pieces mean
+//! fewer mapper outputs for the one reducer to merge.)
 //!
 //! A word is a run of alphanumeric characters or apostrophes, lowercased.
 //! Input starting with `\x01alone\n` counts the rest in this one call (the
@@ -14,14 +15,29 @@ use shoal_sdk::invoke;
 
 struct WordCount;
 
-const PIECE: usize = 1 << 20;
+const PIECE: usize = 4 << 20;
 const MAP: &[u8] = b"\x01map\n";
 const ALONE: &[u8] = b"\x01alone\n";
 
+fn add(counts: &mut HashMap<String, u64>, word: &str, n: u64) {
+    match counts.get_mut(word) {
+        Some(count) => *count += n,
+        None => {
+            counts.insert(word.to_string(), n);
+        }
+    }
+}
+
 fn count(text: &str, counts: &mut HashMap<String, u64>) {
+    let mut lower = String::new();
     for word in text.split(|c: char| !(c.is_alphanumeric() || c == '\'')).filter(|w| !w.is_empty()) {
-        let word = word.to_lowercase();
-        *counts.entry(word).or_default() += 1;
+        if word.chars().any(char::is_uppercase) {
+            lower.clear();
+            lower.extend(word.chars().flat_map(char::to_lowercase));
+            add(counts, &lower, 1);
+        } else {
+            add(counts, word, 1);
+        }
     }
 }
 
@@ -38,7 +54,8 @@ fn pieces(text: &str) -> Vec<&str> {
     out
 }
 
-fn to_json(counts: BTreeMap<String, u64>) -> Vec<u8> {
+fn to_json(counts: HashMap<String, u64>) -> Vec<u8> {
+    let counts: BTreeMap<String, u64> = counts.into_iter().collect();
     // Words hold only alphanumerics and apostrophes: nothing to escape.
     let body: Vec<String> = counts.iter().map(|(word, n)| format!("\"{word}\":{n}")).collect();
     format!("{{{}}}", body.join(",")).into_bytes()
@@ -51,13 +68,13 @@ fn map_reduce(text: &str) -> Result<Vec<u8>, String> {
         let input = [MAP, piece.as_bytes()].concat();
         ids.push(invoke::spawn("wordcount", &input).map_err(|e| format!("spawning a mapper: {e:?}"))?);
     }
-    let mut total: BTreeMap<String, u64> = BTreeMap::new();
+    let mut total: HashMap<String, u64> = HashMap::new();
     for id in ids {
         let mapped = invoke::await_(id).map_err(|e| format!("a mapper failed: {e:?}"))?;
         let mapped = String::from_utf8(mapped).map_err(|_| "a mapper returned non-UTF-8")?;
         for line in mapped.lines() {
             let (word, n) = line.rsplit_once(' ').ok_or("a mapper returned a bad line")?;
-            *total.entry(word.to_string()).or_default() += n.parse::<u64>().map_err(|_| "a bad count")?;
+            add(&mut total, word, n.parse::<u64>().map_err(|_| "a bad count")?);
         }
     }
     Ok(to_json(total))
@@ -74,7 +91,7 @@ impl shoal_sdk::Function for WordCount {
         if let Some(text) = input.strip_prefix(ALONE) {
             let mut counts = HashMap::new();
             count(&String::from_utf8_lossy(text), &mut counts);
-            return Ok(to_json(counts.into_iter().collect()));
+            return Ok(to_json(counts));
         }
         let text = String::from_utf8(input).map_err(|_| "input is not UTF-8".to_string())?;
         map_reduce(&text)
