@@ -8,5 +8,7 @@
 //! This crate never speaks HTTP and never compiles wasm.
 
 mod executor;
+mod policy;
 
 pub use executor::{Executor, Overloaded, Slot};
+pub use policy::{Admission, CallTicket, Decision, Policy, PolicyConfig};

@@ -1,0 +1,557 @@
+//! The scheduling policy: admission, per-tenant queues served by deficit
+//! round robin, and per-tenant concurrency — pure functions over a state
+//! and a clock (the caller passes `now`), with no I/O, no tasks and no
+//! sleeps, so every decision is unit- and property-tested.
+//!
+//! - **Capacity** is CPU: the node has `cores`, and each call is expected
+//!   to use the CPU time its function used lately (an exponentially
+//!   weighted mean the driver keeps). At most `max_running` calls run at
+//!   once, at most `max_running_per_tenant` of one tenant.
+//! - **Admission**: a call runs now if there is room and no one waits;
+//!   else it is queued only if its tenant's queue and the node's queue
+//!   have room *and* its expected completion fits its deadline; else it is
+//!   refused at once with a `retry_after`. The expected wait is the
+//!   smaller of the node's whole backlog spread over the cores and the
+//!   tenant's own backlog at its weighted share of the cores, so a light
+//!   tenant is not refused because a heavy one filled the queue.
+//! - **Pick next**: deficit round robin over tenants with queued calls, on
+//!   expected CPU time, corrected by the measured time when a call ends;
+//!   quanta are proportional to tenant weights.
+//! - **Expiry**: a queued call whose deadline can no longer be met is
+//!   handed back (never silently dropped) so its caller gets an answer.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A call's handle in the policy, chosen by the driver.
+pub type CallTicket = u64;
+
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    /// CPU cores calls run on.
+    pub cores: u32,
+    /// Calls running at once, all tenants together.
+    pub max_running: u32,
+    /// Calls of one tenant running at once.
+    pub max_running_per_tenant: u32,
+    /// Calls waiting, all tenants together, and per tenant.
+    pub max_queued: usize,
+    pub max_queued_per_tenant: usize,
+    /// CPU time a tenant of weight 1 may use per round.
+    pub quantum: Duration,
+}
+
+impl PolicyConfig {
+    pub fn new(cores: u32) -> Self {
+        let cores = cores.max(1);
+        Self {
+            cores,
+            max_running: 4 * cores,
+            max_running_per_tenant: 4 * cores,
+            max_queued: 10_000,
+            max_queued_per_tenant: 2_000,
+            quantum: Duration::from_millis(2),
+        }
+    }
+}
+
+/// What happens to a call that arrives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Start it now.
+    Run,
+    /// It waits; [`Policy::next`] will name it.
+    Queued,
+    /// Refused: the queue is full or it could not finish in time.
+    Refused { retry_after: Duration, reason: String },
+}
+
+/// A decision about a queued call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Run(CallTicket),
+    /// Its deadline can no longer be met; answer its caller.
+    Expire(CallTicket),
+}
+
+#[derive(Debug)]
+struct Waiting {
+    ticket: CallTicket,
+    cost: Duration,
+    deadline: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Tenant {
+    weight: u32,
+    queue: VecDeque<Waiting>,
+    running: u32,
+    /// CPU time it may still use this round, in nanoseconds (may go
+    /// negative when calls use more than expected).
+    deficit: i128,
+    /// Expected CPU time of its queued calls.
+    queued_cost: Duration,
+    /// Whether it is in the round-robin list.
+    active: bool,
+}
+
+/// The scheduler's state.
+#[derive(Debug)]
+pub struct Policy {
+    config: PolicyConfig,
+    tenants: HashMap<Arc<str>, Tenant>,
+    /// Tenants with queued calls, in round-robin order.
+    round: VecDeque<Arc<str>>,
+    running: u32,
+    queued: usize,
+    /// Expected CPU time of running and queued calls, and of queued ones.
+    backlog: Duration,
+    queued_cost: Duration,
+}
+
+fn nanos(d: Duration) -> i128 {
+    d.as_nanos() as i128
+}
+
+impl Policy {
+    pub fn new(config: PolicyConfig) -> Self {
+        Self {
+            config,
+            tenants: HashMap::new(),
+            round: VecDeque::new(),
+            running: 0,
+            queued: 0,
+            backlog: Duration::ZERO,
+            queued_cost: Duration::ZERO,
+        }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    pub fn running(&self) -> u32 {
+        self.running
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    pub fn running_of(&self, tenant: &str) -> u32 {
+        self.tenants.get(tenant).map_or(0, |t| t.running)
+    }
+
+    /// Set a tenant's weight (default 1; 0 is taken as 1).
+    pub fn set_weight(&mut self, tenant: &str, weight: u32) {
+        self.tenant(tenant).weight = weight.max(1);
+    }
+
+    fn tenant(&mut self, name: &str) -> &mut Tenant {
+        self.tenants.entry(Arc::from(name)).or_insert_with(|| Tenant { weight: 1, ..Tenant::default() })
+    }
+
+    /// How long until a call of `tenant` costing `cost` would be done if
+    /// queued now: the running calls' work spread over the cores, then the
+    /// smaller of all queued work over the cores and the tenant's own
+    /// queued work at its weighted share of the cores.
+    fn expected_wait(&self, tenant: &str, cost: Duration) -> Duration {
+        let cores = self.config.cores;
+        let running_cost = self.backlog.saturating_sub(self.queued_cost);
+        let node_wide = (self.queued_cost + cost) / cores;
+        let Some(t) = self.tenants.get(tenant) else { return (running_cost + self.queued_cost + cost) / cores };
+        // Its share of the cores among the tenants waiting, itself included.
+        let total_weight: u64 = self
+            .round
+            .iter()
+            .filter(|name| name.as_ref() != tenant)
+            .filter_map(|name| self.tenants.get(name))
+            .map(|other| u64::from(other.weight))
+            .sum::<u64>()
+            + u64::from(t.weight);
+        let own = (t.queued_cost + cost).mul_f64(total_weight as f64 / (f64::from(t.weight) * f64::from(cores)));
+        running_cost / cores + node_wide.min(own)
+    }
+
+    fn may_start(&self, t: &Tenant) -> bool {
+        self.running < self.config.max_running && t.running < self.config.max_running_per_tenant
+    }
+
+    /// A call arrives: run it now, queue it, or refuse it.
+    pub fn admit(
+        &mut self,
+        now: Instant,
+        tenant: &str,
+        ticket: CallTicket,
+        cost: Duration,
+        deadline: Instant,
+    ) -> Admission {
+        let nobody_waits = self.queued == 0;
+        let t = self.tenant(tenant);
+        let tenant_idle = t.queue.is_empty();
+        if nobody_waits && tenant_idle && self.may_start(&self.tenants[tenant]) {
+            let t = self.tenant(tenant);
+            t.running += 1;
+            self.running += 1;
+            self.backlog += cost;
+            return Admission::Run;
+        }
+        let refuse = |retry_after: Duration, reason: String| Admission::Refused {
+            retry_after: retry_after.max(Duration::from_secs(1)),
+            reason,
+        };
+        let wait = self.expected_wait(tenant, cost);
+        if self.queued >= self.config.max_queued {
+            return refuse(wait, format!("the node's queue holds {} calls, its limit", self.config.max_queued));
+        }
+        let t = &self.tenants[tenant];
+        if t.queue.len() >= self.config.max_queued_per_tenant {
+            return refuse(
+                wait,
+                format!("tenant `{tenant}` has {} calls queued, its limit", self.config.max_queued_per_tenant),
+            );
+        }
+        if now + wait > deadline {
+            return refuse(
+                wait,
+                format!(
+                    "the expected wait of {} ms would pass the call's deadline in {} ms",
+                    wait.as_millis(),
+                    deadline.saturating_duration_since(now).as_millis()
+                ),
+            );
+        }
+        let name: Arc<str> =
+            self.tenants.get_key_value(tenant).map(|(k, _)| k.clone()).unwrap_or_else(|| Arc::from(tenant));
+        let t = self.tenant(tenant);
+        t.queue.push_back(Waiting { ticket, cost, deadline });
+        t.queued_cost += cost;
+        let newly_active = !t.active;
+        t.active = true;
+        if newly_active {
+            self.round.push_back(name);
+        }
+        self.queued += 1;
+        self.backlog += cost;
+        self.queued_cost += cost;
+        Admission::Queued
+    }
+
+    /// Decide what starts now (and which waiting calls can no longer make
+    /// their deadline), by deficit round robin.
+    pub fn next(&mut self, now: Instant) -> Vec<Decision> {
+        let mut decisions = Vec::new();
+        self.expire(now, &mut decisions);
+        // Each pass over the round either starts a call or adds quanta;
+        // stop when nothing can start.
+        let mut idle_passes = 0;
+        while self.running < self.config.max_running && !self.round.is_empty() && idle_passes <= self.round.len() {
+            let Some(name) = self.round.pop_front() else { break };
+            let quantum = nanos(self.config.quantum);
+            let max_running_per_tenant = self.config.max_running_per_tenant;
+            let Some(t) = self.tenants.get_mut(&name) else { continue };
+            if t.running >= max_running_per_tenant {
+                // At its concurrency limit: its turn passes, no credit.
+                self.round.push_back(name);
+                idle_passes += 1;
+                continue;
+            }
+            let Some(head) = t.queue.front() else {
+                t.active = false;
+                t.deficit = 0;
+                continue;
+            };
+            if t.deficit < nanos(head.cost) {
+                t.deficit += quantum * i128::from(t.weight);
+                self.round.push_back(name);
+                idle_passes = 0;
+                continue;
+            }
+            let head = t.queue.pop_front().expect("checked non-empty just above");
+            t.deficit -= nanos(head.cost);
+            t.queued_cost = t.queued_cost.saturating_sub(head.cost);
+            self.queued_cost = self.queued_cost.saturating_sub(head.cost);
+            t.running += 1;
+            self.running += 1;
+            self.queued -= 1;
+            decisions.push(Decision::Run(head.ticket));
+            idle_passes = 0;
+            if t.queue.is_empty() {
+                t.active = false;
+                t.deficit = 0;
+            } else {
+                // Stay at the front while its deficit lasts.
+                self.round.push_front(name);
+            }
+        }
+        decisions
+    }
+
+    fn expire(&mut self, now: Instant, decisions: &mut Vec<Decision>) {
+        for t in self.tenants.values_mut() {
+            let before = t.queue.len();
+            let mut expired_cost = Duration::ZERO;
+            t.queue.retain(|w| {
+                let keep = now + w.cost <= w.deadline;
+                if !keep {
+                    decisions.push(Decision::Expire(w.ticket));
+                    expired_cost += w.cost;
+                }
+                keep
+            });
+            let n = before - t.queue.len();
+            self.queued -= n;
+            t.queued_cost = t.queued_cost.saturating_sub(expired_cost);
+            self.backlog = self.backlog.saturating_sub(expired_cost);
+            self.queued_cost = self.queued_cost.saturating_sub(expired_cost);
+            if t.queue.is_empty() && t.active {
+                t.active = false;
+                t.deficit = 0;
+            }
+        }
+        let tenants = &self.tenants;
+        self.round.retain(|name| tenants.get(name).is_some_and(|t| t.active));
+    }
+
+    /// Take a queued call out (its caller gave up).
+    pub fn cancel(&mut self, tenant: &str, ticket: CallTicket) -> bool {
+        let Some(t) = self.tenants.get_mut(tenant) else { return false };
+        let Some(at) = t.queue.iter().position(|w| w.ticket == ticket) else { return false };
+        let w = t.queue.remove(at).expect("position is in range");
+        t.queued_cost = t.queued_cost.saturating_sub(w.cost);
+        self.backlog = self.backlog.saturating_sub(w.cost);
+        self.queued_cost = self.queued_cost.saturating_sub(w.cost);
+        self.queued -= 1;
+        if t.queue.is_empty() {
+            t.active = false;
+            t.deficit = 0;
+            self.round.retain(|name| name.as_ref() != tenant);
+        }
+        true
+    }
+
+    /// A running call of `tenant` ended after using `used` CPU time where
+    /// `expected` was planned: free its place and settle the difference
+    /// with its tenant's deficit.
+    pub fn finish(&mut self, tenant: &str, expected: Duration, used: Duration) {
+        self.running = self.running.saturating_sub(1);
+        self.backlog = self.backlog.saturating_sub(expected);
+        if let Some(t) = self.tenants.get_mut(tenant) {
+            t.running = t.running.saturating_sub(1);
+            if t.active {
+                t.deficit -= nanos(used) - nanos(expected);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn policy(cores: u32, max_running: u32) -> Policy {
+        Policy::new(PolicyConfig { max_running, max_running_per_tenant: max_running, ..PolicyConfig::new(cores) })
+    }
+
+    #[test]
+    fn a_call_runs_at_once_when_there_is_room() {
+        let mut p = policy(2, 2);
+        let now = Instant::now();
+        assert_eq!(p.admit(now, "a", 1, MS, now + 100 * MS), Admission::Run);
+        assert_eq!(p.admit(now, "a", 2, MS, now + 100 * MS), Admission::Run);
+        assert_eq!(p.admit(now, "a", 3, MS, now + 100 * MS), Admission::Queued);
+        assert_eq!(p.next(now), vec![]);
+        p.finish("a", MS, MS);
+        assert_eq!(p.next(now), vec![Decision::Run(3)]);
+    }
+
+    #[test]
+    fn calls_that_cannot_finish_in_time_are_refused_at_once() {
+        let mut p = policy(1, 1);
+        let now = Instant::now();
+        assert_eq!(p.admit(now, "a", 1, 50 * MS, now + 100 * MS), Admission::Run);
+        assert_eq!(p.admit(now, "a", 2, 40 * MS, now + 100 * MS), Admission::Queued);
+        match p.admit(now, "a", 3, 40 * MS, now + 100 * MS) {
+            Admission::Refused { reason, retry_after } => {
+                assert!(reason.contains("deadline"), "{reason}");
+                assert!(retry_after >= Duration::from_secs(1));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_light_tenant_is_not_refused_for_a_heavy_tenants_backlog() {
+        let mut p = policy(1, 1);
+        let now = Instant::now();
+        assert_eq!(p.admit(now, "heavy", 0, 10 * MS, now + Duration::from_secs(10)), Admission::Run);
+        for i in 1..=90 {
+            assert_eq!(p.admit(now, "heavy", i, 10 * MS, now + Duration::from_secs(10)), Admission::Queued);
+        }
+        // 900 ms of heavy work queued; light's own call needs ~2 ms at a
+        // half share.
+        assert_eq!(p.admit(now, "light", 100, MS, now + 50 * MS), Admission::Queued);
+    }
+
+    #[test]
+    fn waiting_calls_past_hope_are_handed_back() {
+        let mut p = policy(1, 1);
+        let now = Instant::now();
+        assert_eq!(p.admit(now, "a", 1, 10 * MS, now + Duration::from_secs(1)), Admission::Run);
+        assert_eq!(p.admit(now, "a", 2, 10 * MS, now + 30 * MS), Admission::Queued);
+        assert_eq!(p.next(now + 25 * MS), vec![Decision::Expire(2)]);
+        assert_eq!(p.queued(), 0);
+    }
+
+    #[test]
+    fn per_tenant_concurrency_is_capped() {
+        let mut p = Policy::new(PolicyConfig { max_running: 4, max_running_per_tenant: 1, ..PolicyConfig::new(4) });
+        let now = Instant::now();
+        let far = now + Duration::from_secs(10);
+        assert_eq!(p.admit(now, "a", 1, MS, far), Admission::Run);
+        assert_eq!(p.admit(now, "a", 2, MS, far), Admission::Queued);
+        assert_eq!(p.admit(now, "b", 3, MS, far), Admission::Queued);
+        assert_eq!(p.next(now), vec![Decision::Run(3)], "b starts; a is at its limit");
+        p.finish("a", MS, MS);
+        assert_eq!(p.next(now), vec![Decision::Run(2)]);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Arrive { tenant: usize, cost_ms: u64, deadline_ms: u64 },
+        Finish { pick: usize, used_ms: u64 },
+        Tick { ms: u64 },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0usize..3, 1u64..20, 1u64..500).prop_map(|(tenant, cost_ms, deadline_ms)| Step::Arrive {
+                tenant,
+                cost_ms,
+                deadline_ms
+            }),
+            (any::<usize>(), 0u64..40).prop_map(|(pick, used_ms)| Step::Finish { pick, used_ms }),
+            (0u64..50).prop_map(|ms| Step::Tick { ms }),
+        ]
+    }
+
+    const TENANTS: [&str; 3] = ["a", "b", "c"];
+
+    proptest! {
+        /// Whatever arrives and ends, in any order: never more running than
+        /// allowed, and every call is answered exactly once (run, refused
+        /// or expired) — nothing is lost or answered twice.
+        #[test]
+        fn never_over_capacity_and_nothing_lost(steps in proptest::collection::vec(step(), 1..200)) {
+            let config = PolicyConfig { max_running: 3, max_running_per_tenant: 2, max_queued: 20, max_queued_per_tenant: 10, ..PolicyConfig::new(2) };
+            let mut p = Policy::new(config.clone());
+            let start = Instant::now();
+            let mut now = start;
+            let mut next_ticket = 0u64;
+            let mut answered: HashMap<u64, &'static str> = HashMap::new();
+            let mut running: Vec<(u64, usize, Duration)> = Vec::new();
+            let mut waiting: HashMap<u64, (usize, Duration)> = HashMap::new();
+            for step in steps {
+                match step {
+                    Step::Arrive { tenant, cost_ms, deadline_ms } => {
+                        let ticket = next_ticket;
+                        next_ticket += 1;
+                        let cost = Duration::from_millis(cost_ms);
+                        match p.admit(now, TENANTS[tenant], ticket, cost, now + Duration::from_millis(deadline_ms)) {
+                            Admission::Run => { answered.insert(ticket, "run"); running.push((ticket, tenant, cost)); }
+                            Admission::Queued => { waiting.insert(ticket, (tenant, cost)); }
+                            Admission::Refused { .. } => { answered.insert(ticket, "refused"); }
+                        }
+                    }
+                    Step::Finish { pick, used_ms } => {
+                        if !running.is_empty() {
+                            let (_, tenant, cost) = running.remove(pick % running.len());
+                            p.finish(TENANTS[tenant], cost, Duration::from_millis(used_ms));
+                        }
+                    }
+                    Step::Tick { ms } => now += Duration::from_millis(ms),
+                }
+                for decision in p.next(now) {
+                    let (ticket, what) = match decision { Decision::Run(t) => (t, "run"), Decision::Expire(t) => (t, "expired") };
+                    let (tenant, cost) = waiting.remove(&ticket).expect("decided about a waiting call");
+                    prop_assert!(answered.insert(ticket, what).is_none(), "ticket {} answered twice", ticket);
+                    if what == "run" { running.push((ticket, tenant, cost)); }
+                }
+                prop_assert_eq!(p.running() as usize, running.len());
+                prop_assert!(p.running() <= config.max_running);
+                for (i, name) in TENANTS.iter().enumerate() {
+                    let n = running.iter().filter(|(_, t, _)| *t == i).count() as u32;
+                    prop_assert_eq!(p.running_of(name), n);
+                    prop_assert!(n <= config.max_running_per_tenant);
+                }
+                prop_assert_eq!(p.queued(), waiting.len());
+                prop_assert!(p.queued() <= config.max_queued);
+            }
+            // Drain: finish everything; every waiting call is eventually
+            // started or expired.
+            let mut rounds = 0;
+            while !running.is_empty() || !waiting.is_empty() {
+                if let Some((_, tenant, cost)) = running.pop() {
+                    p.finish(TENANTS[tenant], cost, cost);
+                }
+                for decision in p.next(now) {
+                    let (ticket, what) = match decision { Decision::Run(t) => (t, "run"), Decision::Expire(t) => (t, "expired") };
+                    let (tenant, cost) = waiting.remove(&ticket).expect("decided about a waiting call");
+                    prop_assert!(answered.insert(ticket, what).is_none());
+                    if what == "run" { running.push((ticket, tenant, cost)); }
+                }
+                rounds += 1;
+                prop_assert!(rounds < 10_000, "waiting calls never started");
+            }
+            prop_assert_eq!(answered.len() as u64, next_ticket, "every call answered");
+        }
+
+        /// Two tenants that always have calls waiting get CPU in the ratio
+        /// of their weights.
+        #[test]
+        fn shares_converge_to_weights(wa in 1u32..5, wb in 1u32..5, cost_a in 1u64..10, cost_b in 1u64..10) {
+            let mut p = Policy::new(PolicyConfig { max_running: 1, max_running_per_tenant: 1, ..PolicyConfig::new(1) });
+            p.set_weight("a", wa);
+            p.set_weight("b", wb);
+            let now = Instant::now();
+            let far = now + Duration::from_secs(1_000_000);
+            let (cost_a, cost_b) = (Duration::from_millis(cost_a), Duration::from_millis(cost_b));
+            let mut ticket = 0;
+            let mut owner = HashMap::new();
+            let mut used: HashMap<&str, Duration> = HashMap::new();
+            let mut current: Option<(&str, Duration)> = None;
+            // Keep both queues non-empty.
+            for _ in 0..50 {
+                for (t, c) in [("a", cost_a), ("b", cost_b)] {
+                    ticket += 1;
+                    owner.insert(ticket, (t, c));
+                    match p.admit(now, t, ticket, c, far) {
+                        Admission::Run => current = Some((t, c)),
+                        Admission::Queued => {}
+                        refused => prop_assert!(false, "{:?}", refused),
+                    }
+                }
+            }
+            for _ in 0..2000 {
+                if let Some((t, c)) = current.take() {
+                    p.finish(t, c, c);
+                    *used.entry(t).or_default() += c;
+                    ticket += 1;
+                    owner.insert(ticket, (t, c));
+                    p.admit(now, t, ticket, c, far);
+                }
+                for d in p.next(now) {
+                    if let Decision::Run(id) = d { current = Some(owner[&id]); }
+                }
+            }
+            let (ua, ub) = (used["a"].as_secs_f64(), used["b"].as_secs_f64());
+            let want = f64::from(wa) / f64::from(wb);
+            let got = ua / ub;
+            prop_assert!((got / want - 1.0).abs() < 0.1, "share a/b {:.3}, weights {}/{}", got, wa, wb);
+        }
+    }
+}
