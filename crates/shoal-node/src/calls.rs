@@ -266,7 +266,8 @@ impl Node {
                 Some((ErrorKind::NotFound, format!("function `{}/{}` does not exist", record.tenant, record.function))),
             ),
             Some(deployed) => {
-                let slot = self.executor.wait_for_slot().await;
+                let key = format!("{}/{}", record.tenant, record.function);
+                let slot = self.executor.admit_accepted(&record.tenant, &key).await;
                 record.status = CallStatus::Running;
                 record.started_at_ms = Some(now_ms());
                 record.attempts += 1;

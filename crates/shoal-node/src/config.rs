@@ -27,8 +27,13 @@ pub struct NodeConfig {
     /// Env vars per function and bytes of all of them. Defaults 64, 64 KiB.
     pub max_env_vars: usize,
     pub max_env_bytes: usize,
-    /// Calls running at once (each holds one sandbox). Default 1,000.
+    /// Sandboxes in use at once (every running call, chained ones
+    /// included). Default 1,000.
     pub max_concurrent_calls: u32,
+    /// Admission, fairness and the running limit of client and
+    /// asynchronous calls (never above `max_concurrent_calls`). Default:
+    /// 4 running per core.
+    pub scheduler: shoal_sched::PolicyConfig,
     /// Concurrent compilations. Default 1.
     pub compile_concurrency: usize,
     /// Log lines kept per function. Default 1,000.
@@ -65,6 +70,9 @@ impl NodeConfig {
             max_env_vars: 64,
             max_env_bytes: 64 << 10,
             max_concurrent_calls: 1000,
+            scheduler: shoal_sched::PolicyConfig::new(
+                std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
+            ),
             compile_concurrency: 1,
             log_lines_per_function: 1000,
             max_call_depth: 16,

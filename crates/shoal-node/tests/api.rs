@@ -214,31 +214,61 @@ async fn misbehaving_guests_fail_alone() {
 }
 
 #[tokio::test]
-async fn a_full_node_refuses_at_once_with_retry_after() {
+async fn a_full_node_queues_what_it_can_finish_in_time_and_refuses_the_rest() {
     let node = TestNode::start_with(|c| c.max_concurrent_calls = 1).await;
-    let (status, _) = node.deploy("demo/slow", "timeout_ms=3000", shoal_guests::MISBEHAVE).await;
-    assert_eq!(status, StatusCode::CREATED);
-    let spinning = {
+    for (name, timeout) in [("slow", 800), ("quick", 50)] {
+        let (status, _) =
+            node.deploy(&format!("demo/{name}"), &format!("timeout_ms={timeout}"), shoal_guests::MISBEHAVE).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let spin = || {
         let http = node.http.clone();
         let url = format!("{}/v1/functions/demo/slow/invoke", node.base);
         tokio::spawn(async move { http.post(url).bearer_auth(ADMIN).body("loop").send().await.unwrap().status() })
     };
-    // Wait (without sleeping blind) until the spinning call holds the slot.
-    loop {
-        let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
-        if metrics.contains("shoal_calls_running 1") {
-            break;
+    let wait_until_running = async || {
+        // Without sleeping blind: until the spinning call holds the place.
+        loop {
+            let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+            if metrics.contains("shoal_calls_running 1") {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        tokio::task::yield_now().await;
-    }
+    };
+    let spinning = spin();
+    wait_until_running().await;
+    // A call that can wait for the place is queued and runs after it.
+    let queued = {
+        let http = node.http.clone();
+        let url = format!("{}/v1/functions/demo/hello/invoke", node.base);
+        tokio::spawn(async move { http.post(url).bearer_auth(ADMIN).body("x").send().await.unwrap().status() })
+    };
+    // One whose deadline comes first is answered 429 by then.
     let response =
-        node.req(reqwest::Method::POST, "/v1/functions/demo/hello/invoke", Some(ADMIN)).body("x").send().await.unwrap();
+        node.req(reqwest::Method::POST, "/v1/functions/demo/quick/invoke", Some(ADMIN)).body("x").send().await.unwrap();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(response.headers()["retry-after"], "1");
-    let (kind, _) = error_of(&response.bytes().await.unwrap());
-    assert_eq!(kind, "overloaded");
+    let (kind, message) = error_of(&response.bytes().await.unwrap());
+    assert_eq!(kind, "overloaded", "{message}");
     assert_eq!(spinning.await.unwrap(), StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(node.invoke("demo/hello", b"x").await.0, StatusCode::OK, "the slot comes back");
+    assert_eq!(queued.await.unwrap(), StatusCode::OK, "the queued call ran");
+
+    // Now the node knows `slow` takes ~800 ms of CPU: behind one running,
+    // another cannot finish in its 800 ms and is refused at once.
+    let spinning = spin();
+    wait_until_running().await;
+    let response = node
+        .req(reqwest::Method::POST, "/v1/functions/demo/slow/invoke", Some(ADMIN))
+        .body("loop")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let (_, message) = error_of(&response.bytes().await.unwrap());
+    assert!(message.contains("expected wait"), "{message}");
+    spinning.await.unwrap();
+    assert_eq!(node.invoke("demo/hello", b"x").await.0, StatusCode::OK, "the place comes back");
     node.stop().await;
 }
 

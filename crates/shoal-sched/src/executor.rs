@@ -1,26 +1,70 @@
-//! The executor: a fixed number of call slots in front of the runtime.
-//! Taking a slot never waits: a call either starts now or is refused.
+//! The executor: the thin async driver of the [`Policy`]. It measures what
+//! the policy needs (each function's CPU time per call, as an
+//! exponentially weighted mean of the time its calls spend being polled),
+//! asks it whether a call may run, parks queued calls on a channel until
+//! the policy names them, and settles every call with it when it ends.
+//!
+//! Two kinds of capacity: the policy's running limit (calls a client or an
+//! asynchronous queue started) and the sandbox slots (every instance,
+//! chained calls included). Chained calls skip the policy — their root was
+//! admitted already, and making a parent wait for a child's turn could
+//! deadlock — but still need a sandbox slot, without waiting for one.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use shoal_runtime::{CallOutput, CallSettings, FunctionImage, Lineage, Runtime};
-use tokio::sync::Semaphore;
+use shoal_runtime::{CallError, CallOutput, CallSettings, FunctionImage, Lineage, Runtime};
+use tokio::sync::{Semaphore, oneshot};
 
-/// Every call slot is in use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("all {limit} call slots are busy; retry after {} ms", retry_after.as_millis())]
+use crate::policy::{Admission, CallTicket, Decision, Policy, PolicyConfig};
+
+/// The node cannot take the call now.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}; retry after {} ms", retry_after.as_millis())]
 pub struct Overloaded {
-    pub limit: u32,
+    pub reason: String,
     pub retry_after: Duration,
 }
 
-/// How long a refused caller is told to wait. Calls are short; a second is
-/// the smallest `Retry-After` HTTP can express.
+/// How long a refused caller is told to wait when nothing better is known.
+/// Calls are short; a second is the smallest `Retry-After` HTTP can express.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Expected CPU time of a function never measured.
+const FIRST_GUESS: Duration = Duration::from_millis(1);
+
+/// Weight of the newest measurement in a function's mean.
+const EWMA_WEIGHT: f64 = 0.2;
+
+/// Deadline of work accepted already (asynchronous calls): far enough
+/// that waiting never refuses it.
+const ACCEPTED_HORIZON: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug)]
+enum Start {
+    Run,
+    Expired,
+}
+
+struct Waiter {
+    tenant: Arc<str>,
+    cost: Duration,
+    start: oneshot::Sender<Start>,
+}
+
+struct Inner {
+    policy: Policy,
+    waiters: HashMap<CallTicket, Waiter>,
+    next_ticket: CallTicket,
+}
 
 pub struct Executor {
     runtime: Arc<Runtime>,
+    inner: Mutex<Inner>,
+    /// Mean CPU time per call, by function.
+    costs: Mutex<HashMap<Arc<str>, Duration>>,
     slots: Semaphore,
     n_slots: u32,
 }
@@ -31,12 +75,20 @@ impl std::fmt::Debug for Executor {
     }
 }
 
+const POISON: &str = "scheduler locks are never poisoned: nothing panics while holding them";
+
 impl Executor {
-    /// An executor running at most `n_slots` calls at once, never more than
-    /// the runtime has sandboxes for.
-    pub fn new(runtime: Arc<Runtime>, n_slots: u32) -> Self {
+    /// An executor with at most `n_slots` sandboxes in use (never more than
+    /// the runtime has) and the scheduling `policy`.
+    pub fn new(runtime: Arc<Runtime>, n_slots: u32, policy: PolicyConfig) -> Self {
         let n_slots = n_slots.clamp(1, runtime.config().max_instances);
-        Self { runtime, slots: Semaphore::new(n_slots as usize), n_slots }
+        Self {
+            runtime,
+            inner: Mutex::new(Inner { policy: Policy::new(policy), waiters: HashMap::new(), next_ticket: 0 }),
+            costs: Mutex::new(HashMap::new()),
+            slots: Semaphore::new(n_slots as usize),
+            n_slots,
+        }
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -47,23 +99,108 @@ impl Executor {
         self.n_slots
     }
 
-    /// Calls running now.
+    /// Sandboxes in use now (every running call, chained ones included).
     pub fn busy(&self) -> u32 {
         self.n_slots - self.slots.available_permits() as u32
     }
 
-    /// Run one call now, or refuse it at once if every slot is busy.
+    /// Calls waiting for their turn.
+    pub fn queued(&self) -> usize {
+        self.inner.lock().expect(POISON).policy.queued()
+    }
+
+    /// Set a tenant's share of the node (default weight 1).
+    pub fn set_weight(&self, tenant: &str, weight: u32) {
+        self.inner.lock().expect(POISON).policy.set_weight(tenant, weight);
+    }
+
+    /// The mean CPU time of `function`'s calls.
+    pub fn expected_cost(&self, function: &str) -> Duration {
+        self.costs.lock().expect(POISON).get(function).copied().unwrap_or(FIRST_GUESS)
+    }
+
+    fn record_cost(&self, function: &Arc<str>, used: Duration) {
+        let mut costs = self.costs.lock().expect(POISON);
+        let mean = costs.entry(function.clone()).or_insert(used);
+        *mean = mean.mul_f64(1.0 - EWMA_WEIGHT) + used.mul_f64(EWMA_WEIGHT);
+    }
+
+    /// Ask to run a call of `function` (a `tenant/name` key) that must end
+    /// by `deadline`: now, after waiting its turn, or not at all.
+    pub async fn admit(&self, tenant: &str, function: &str, deadline: Instant) -> Result<Admitted<'_>, Overloaded> {
+        let cost = self.expected_cost(function);
+        let now = Instant::now();
+        let admitted = || Admitted {
+            executor: self,
+            tenant: Arc::from(tenant),
+            function: Arc::from(function),
+            cost,
+            settled: false,
+        };
+        let rx = {
+            let mut inner = self.inner.lock().expect(POISON);
+            let ticket = inner.next_ticket;
+            inner.next_ticket += 1;
+            match inner.policy.admit(now, tenant, ticket, cost, deadline) {
+                Admission::Run => return Ok(admitted()),
+                Admission::Refused { retry_after, reason } => return Err(Overloaded { reason, retry_after }),
+                Admission::Queued => {
+                    let (tx, rx) = oneshot::channel();
+                    inner.waiters.insert(ticket, Waiter { tenant: Arc::from(tenant), cost, start: tx });
+                    QueuedGuard { executor: self, tenant: tenant.to_string(), ticket, cost, rx, done: false }
+                }
+            }
+        };
+        let mut queued = rx;
+        let received = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), &mut queued.rx).await;
+        let start = match received {
+            Ok(Ok(start)) => Some(start),
+            // The sender is dropped only after a decision is sent.
+            Ok(Err(_)) => None,
+            Err(_elapsed) => {
+                if let Some(Start::Run) = queued.withdraw() {
+                    // Named just as its deadline came: too late to start.
+                    self.settle(tenant, cost, Duration::ZERO);
+                }
+                None
+            }
+        };
+        queued.done = true;
+        match start {
+            Some(Start::Run) => Ok(admitted()),
+            _ => Err(Overloaded {
+                reason: "the call's deadline passed while it waited its turn".into(),
+                retry_after: RETRY_AFTER,
+            }),
+        }
+    }
+
+    /// Wait for a turn for work accepted already (an asynchronous call):
+    /// never refused, only delayed while the node is full.
+    pub async fn admit_accepted(&self, tenant: &str, function: &str) -> Admitted<'_> {
+        loop {
+            match self.admit(tenant, function, Instant::now() + ACCEPTED_HORIZON).await {
+                Ok(admitted) => return admitted,
+                Err(refused) => tokio::time::sleep(refused.retry_after.min(Duration::from_millis(100))).await,
+            }
+        }
+    }
+
+    /// Run a root call now if the policy lets it start at once or after a
+    /// wait that fits its timeout.
     pub async fn run(
         &self,
+        tenant: &str,
+        function: &str,
         image: &FunctionImage,
         settings: &CallSettings,
         input: &[u8],
     ) -> Result<CallOutput, Overloaded> {
-        self.run_in(image, settings, input, Lineage::root()).await
+        let admitted = self.admit(tenant, function, Instant::now() + settings.timeout).await?;
+        Ok(admitted.run(image, settings, input).await)
     }
 
-    /// Run a call at its place in a tree of chained calls now, or refuse
-    /// it at once if every slot is busy.
+    /// Run a chained call now, in a free sandbox, or refuse it at once.
     pub async fn run_in(
         &self,
         image: &FunctionImage,
@@ -72,30 +209,126 @@ impl Executor {
         lineage: Lineage,
     ) -> Result<CallOutput, Overloaded> {
         let Ok(_slot) = self.slots.try_acquire() else {
-            return Err(Overloaded { limit: self.n_slots, retry_after: RETRY_AFTER });
+            return Err(Overloaded {
+                reason: format!("all {} sandboxes are in use", self.n_slots),
+                retry_after: RETRY_AFTER,
+            });
         };
         Ok(self.runtime.call_in(image, settings, input, lineage).await)
     }
 
-    /// Wait until a slot is free (for work already accepted, such as
-    /// asynchronous calls), then hold it until the call it runs ends.
-    pub async fn wait_for_slot(&self) -> Slot<'_> {
-        // The semaphore is never closed, so acquiring only ever waits.
-        let permit = self.slots.acquire().await.ok();
-        Slot { executor: self, _permit: permit }
+    /// A running call ended: settle it with the policy, start whoever the
+    /// policy names next, and answer whoever can no longer make it.
+    fn settle(&self, tenant: &str, expected: Duration, used: Duration) {
+        let mut inner = self.inner.lock().expect(POISON);
+        inner.policy.finish(tenant, expected, used);
+        self.pump(&mut inner);
+    }
+
+    fn pump(&self, inner: &mut Inner) {
+        loop {
+            let decisions = inner.policy.next(Instant::now());
+            if decisions.is_empty() {
+                return;
+            }
+            for decision in decisions {
+                let (ticket, start) = match decision {
+                    Decision::Run(ticket) => (ticket, Start::Run),
+                    Decision::Expire(ticket) => (ticket, Start::Expired),
+                };
+                let Some(waiter) = inner.waiters.remove(&ticket) else { continue };
+                let started = matches!(start, Start::Run);
+                if waiter.start.send(start).is_err() && started {
+                    // Its caller left just now: the place it was given is free.
+                    inner.policy.finish(&waiter.tenant, waiter.cost, Duration::ZERO);
+                }
+            }
+        }
     }
 }
 
-/// A call slot held for one call.
-pub struct Slot<'a> {
+/// A queued call. If its caller stops waiting before the policy names
+/// it, it is taken out of the queue; if the policy named it to run in the
+/// meantime, the place is given back.
+struct QueuedGuard<'a> {
     executor: &'a Executor,
-    _permit: Option<tokio::sync::SemaphorePermit<'a>>,
+    tenant: String,
+    ticket: CallTicket,
+    cost: Duration,
+    rx: oneshot::Receiver<Start>,
+    done: bool,
 }
 
-impl Slot<'_> {
-    /// Run one root call in this slot, then give the slot back.
-    pub async fn run(self, image: &FunctionImage, settings: &CallSettings, input: &[u8]) -> CallOutput {
-        self.executor.runtime.call(image, settings, input).await
+impl QueuedGuard<'_> {
+    /// Stop waiting: out of the queue, or — if the policy decided already —
+    /// that decision. Under the lock, so no decision can be in flight.
+    fn withdraw(&mut self) -> Option<Start> {
+        let mut inner = self.executor.inner.lock().expect(POISON);
+        if inner.waiters.remove(&self.ticket).is_some() {
+            inner.policy.cancel(&self.tenant, self.ticket);
+            self.executor.pump(&mut inner);
+            return None;
+        }
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for QueuedGuard<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some(Start::Run) = self.withdraw() {
+            // Named to run, but nobody will run it.
+            self.executor.settle(&self.tenant, self.cost, Duration::ZERO);
+        }
+    }
+}
+
+/// A call the policy let start: run it (once), and it is settled when it
+/// ends; dropped unrun, its place is given back.
+pub struct Admitted<'a> {
+    executor: &'a Executor,
+    tenant: Arc<str>,
+    function: Arc<str>,
+    cost: Duration,
+    settled: bool,
+}
+
+impl Admitted<'_> {
+    /// Run one root call, measuring the CPU time it takes (the time its
+    /// future spends being polled: the guest running, host calls
+    /// included, waits excluded).
+    pub async fn run(mut self, image: &FunctionImage, settings: &CallSettings, input: &[u8]) -> CallOutput {
+        let executor = self.executor;
+        let Ok(_slot) = executor.slots.try_acquire() else {
+            return CallOutput {
+                result: Err(CallError::Overloaded { limit: executor.n_slots }),
+                stdout: Default::default(),
+                stderr: Default::default(),
+            };
+        };
+        let mut call = std::pin::pin!(executor.runtime.call(image, settings, input));
+        let mut used = Duration::ZERO;
+        let out = std::future::poll_fn(|cx| {
+            let polled_at = Instant::now();
+            let poll = call.as_mut().poll(cx);
+            used += polled_at.elapsed();
+            poll
+        })
+        .await;
+        executor.record_cost(&self.function, used);
+        self.settled = true;
+        executor.settle(&self.tenant, self.cost, used);
+        out
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.executor.settle(&self.tenant, self.cost, Duration::ZERO);
+        }
     }
 }
 
@@ -104,33 +337,55 @@ mod tests {
     use super::*;
     use shoal_runtime::RuntimeConfig;
 
+    fn settings(timeout: Duration) -> CallSettings {
+        CallSettings { tenant: Arc::from("t"), memory_limit: 16 << 20, timeout, env: Arc::from(Vec::new()) }
+    }
+
     #[tokio::test]
-    async fn a_call_beyond_the_slots_is_refused_at_once_and_slots_come_back() {
+    async fn calls_queue_for_their_turn_and_are_refused_when_they_cannot_make_it() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = RuntimeConfig::new(dir.path());
         config.max_instances = 4;
         let runtime = Arc::new(Runtime::new(config).unwrap());
-        let executor = Arc::new(Executor::new(runtime.clone(), 1));
+        let policy = PolicyConfig { max_running: 1, max_running_per_tenant: 1, ..PolicyConfig::new(1) };
+        let executor = Arc::new(Executor::new(runtime.clone(), 4, policy));
         let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
-        let settings = CallSettings {
-            tenant: Arc::from("t"),
-            memory_limit: 16 << 20,
-            timeout: Duration::from_millis(300),
-            env: Arc::from(Vec::new()),
-        };
         let busy = {
-            let (executor, image, settings) = (executor.clone(), image.clone(), settings.clone());
-            tokio::spawn(async move { executor.run(&image, &settings, b"loop").await })
+            let (executor, image) = (executor.clone(), image.clone());
+            tokio::spawn(async move {
+                executor.run("t", "t/f", &image, &settings(Duration::from_millis(300)), b"loop").await
+            })
         };
-        // Wait until the looping call holds the slot (it yields every tick).
         while executor.busy() == 0 {
             tokio::task::yield_now().await;
         }
-        let refused = executor.run(&image, &settings, b"x").await;
-        assert_eq!(refused.unwrap_err().limit, 1);
+        // The looping call holds the only place; a quick call waits for it.
+        let waiting = {
+            let (executor, image) = (executor.clone(), image.clone());
+            tokio::spawn(async move { executor.run("t", "t/f", &image, &settings(Duration::from_secs(5)), b"x").await })
+        };
+        while executor.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
         assert!(busy.await.unwrap().unwrap().result.is_err(), "the loop ends at its deadline");
+        assert!(waiting.await.unwrap().unwrap().result.is_ok(), "the waiting call ran after it");
+        // The function's mean CPU time now reflects the 300 ms loop, so
+        // behind another such call, a call with 100 ms to live is refused
+        // at once instead of queued.
+        assert!(executor.expected_cost("t/f") > Duration::from_millis(50), "{:?}", executor.expected_cost("t/f"));
+        let busy = {
+            let (executor, image) = (executor.clone(), image.clone());
+            tokio::spawn(async move {
+                executor.run("t", "t/f", &image, &settings(Duration::from_millis(300)), b"loop").await
+            })
+        };
+        while executor.busy() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = executor.run("t", "t/f", &image, &settings(Duration::from_millis(100)), b"x").await.unwrap_err();
+        assert!(refused.reason.contains("deadline"), "{refused}");
+        busy.await.unwrap().unwrap();
         assert_eq!(executor.busy(), 0);
-        let out = executor.run(&image, &settings, b"x").await.unwrap();
-        assert!(out.result.is_ok());
+        assert_eq!(executor.queued(), 0);
     }
 }

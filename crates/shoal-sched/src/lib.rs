@@ -1,14 +1,16 @@
 //! Shoal's scheduling.
 //!
-//! For now: the [`Executor`], which runs calls on the runtime and refuses
-//! one at once when every sandbox slot is taken, so callers get a clear
-//! `overloaded` instead of waiting in an unbounded line. Per-tenant fair
-//! queues and deadline-aware admission build on it.
+//! The [`Policy`] decides — admission on deadlines and the expected CPU
+//! backlog, deficit round robin over per-tenant queues, per-tenant
+//! concurrency — as pure functions of a state and a clock; the
+//! [`Executor`] drives it: measures each function's CPU time per call,
+//! parks queued calls until the policy names them, and runs them on the
+//! runtime.
 //!
 //! This crate never speaks HTTP and never compiles wasm.
 
 mod executor;
 mod policy;
 
-pub use executor::{Executor, Overloaded, Slot};
+pub use executor::{Admitted, Executor, Overloaded};
 pub use policy::{Admission, CallTicket, Decision, Policy, PolicyConfig};

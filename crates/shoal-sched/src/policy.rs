@@ -157,7 +157,8 @@ impl Policy {
     /// smaller of all queued work over the cores and the tenant's own
     /// queued work at its weighted share of the cores.
     fn expected_wait(&self, tenant: &str, cost: Duration) -> Duration {
-        let cores = self.config.cores;
+        // Calls run on at most this many cores at once.
+        let cores = self.config.cores.min(self.config.max_running).max(1);
         let running_cost = self.backlog.saturating_sub(self.queued_cost);
         let node_wide = (self.queued_cost + cost) / cores;
         let Some(t) = self.tenants.get(tenant) else { return (running_cost + self.queued_cost + cost) / cores };
