@@ -266,8 +266,7 @@ impl Node {
                 Some((ErrorKind::NotFound, format!("function `{}/{}` does not exist", record.tenant, record.function))),
             ),
             Some(deployed) => {
-                let key = format!("{}/{}", record.tenant, record.function);
-                let slot = self.executor.admit_accepted(&record.tenant, &key).await;
+                let slot = self.executor.admit_accepted(&deployed.settings.tenant, &deployed.key).await;
                 record.status = CallStatus::Running;
                 record.started_at_ms = Some(now_ms());
                 record.attempts += 1;

@@ -58,6 +58,8 @@ pub struct DeployedFunction {
     pub image: Arc<FunctionImage>,
     pub settings: CallSettings,
     pub logs: Arc<LogRing>,
+    /// `tenant/name`: how the scheduler knows the function.
+    pub key: Arc<str>,
 }
 
 impl DeployedFunction {
@@ -68,7 +70,8 @@ impl DeployedFunction {
             timeout: Duration::from_millis(record.timeout_ms),
             env: Arc::from(record.env.clone()),
         };
-        Self { record, image, settings, logs }
+        let key = Arc::from(function_key(&record.tenant, &record.name));
+        Self { record, image, settings, logs, key }
     }
 }
 

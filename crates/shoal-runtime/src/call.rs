@@ -7,10 +7,12 @@
 //! are available; no directory is preopened and no socket address is
 //! allowed.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
@@ -97,17 +99,76 @@ impl std::fmt::Display for DeadlineExceeded {
 
 impl std::error::Error for DeadlineExceeded {}
 
+/// Long calls and the places they may run in.
+#[derive(Clone)]
+struct LongLanes {
+    /// Epoch ticks of running after which a call is long.
+    after_ticks: u64,
+    places: Arc<Semaphore>,
+    /// The place this call holds, if any.
+    held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+}
+
+impl LongLanes {
+    /// Give the place back (the call stopped running: it waits in a host
+    /// call, or for its next turn).
+    fn release(&self) {
+        drop(self.held.lock().expect(HELD).take());
+    }
+}
+
+/// Run `call`, giving back its long-call place whenever it stops running
+/// (a host call blocks): a long call waiting for a child or for I/O must
+/// not keep a place others need. It queues for one again at its next tick.
+async fn releasing_when_blocked<F: Future>(call: F, lanes: &LongLanes) -> F::Output {
+    let mut call = std::pin::pin!(call);
+    std::future::poll_fn(|cx| {
+        let poll = call.as_mut().poll(cx);
+        if poll.is_pending() {
+            lanes.release();
+        }
+        poll
+    })
+    .await
+}
+
 /// Make the store yield every epoch tick and stop the call at `deadline`.
-fn arm_deadline<T: 'static>(store: &mut Store<T>, deadline: Instant) {
+///
+/// Time-slicing: every call yields to the executor at each tick, so a
+/// long call cannot keep a core from others. Past `after_ticks` a call is
+/// long, and from then on runs each tick only while it holds one of the
+/// few long-call places, given back and queued for again at every tick
+/// (first come, first served): long calls take turns on those places,
+/// and the remaining cores stay free for short calls. A call blocked in a
+/// host call holds no place (see `releasing_when_blocked`).
+fn arm_deadline<T: 'static>(store: &mut Store<T>, deadline: Instant, lanes: LongLanes) {
     store.set_epoch_deadline(1);
+    let mut ticks = 0u64;
     store.epoch_deadline_callback(move |_| {
         if Instant::now() >= deadline {
-            Err(wasmtime::Error::new(DeadlineExceeded))
-        } else {
-            Ok(UpdateDeadline::Yield(1))
+            return Err(wasmtime::Error::new(DeadlineExceeded));
         }
+        ticks += 1;
+        if ticks < lanes.after_ticks {
+            return Ok(UpdateDeadline::Yield(1));
+        }
+        lanes.release();
+        let (places, held) = (lanes.places.clone(), lanes.held.clone());
+        Ok(UpdateDeadline::YieldCustom(
+            1,
+            Box::pin(async move {
+                // Always let the executor run others, even with a place free.
+                tokio::task::yield_now().await;
+                // The semaphore is never closed.
+                if let Ok(place) = places.acquire_owned().await {
+                    *held.lock().expect(HELD) = Some(place);
+                }
+            }),
+        ))
     });
 }
+
+const HELD: &str = "the long-call place lock is never poisoned: nothing panics while holding it";
 
 pub(crate) async fn run(
     runtime: &Runtime,
@@ -129,6 +190,12 @@ pub(crate) async fn run(
     let mut wasi = WasiCtxBuilder::new();
     wasi.stderr(stderr.clone()).envs(&settings.env);
     let limiter = CallLimiter::new(settings.memory_limit);
+    let tick = config.epoch_tick.as_nanos().max(1);
+    let lanes = LongLanes {
+        after_ticks: u64::try_from(config.long_call_after.as_nanos() / tick).unwrap_or(u64::MAX).max(1),
+        places: runtime.long_lanes.clone(),
+        held: Arc::default(),
+    };
 
     match &image.pre {
         ImagePre::Component(pre) => {
@@ -148,12 +215,12 @@ pub(crate) async fn run(
             };
             let mut store = Store::new(&runtime.engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);
-            arm_deadline(&mut store, deadline);
-            let outcome = Backstop::new(backstop, async {
+            arm_deadline(&mut store, deadline, lanes.clone());
+            let call = async {
                 let function = pre.instantiate_async(&mut store).await?;
                 function.shoal_function_handler().call_handle(&mut store, input).await
-            })
-            .await;
+            };
+            let outcome = Backstop::new(backstop, releasing_when_blocked(call, &lanes)).await;
             let (stderr, _) = stderr.take();
             let result = match outcome {
                 Err(_elapsed) => Err(CallError::Timeout { limit: time_limit }),
@@ -179,13 +246,13 @@ pub(crate) async fn run(
             let ctx = CommandCtx { wasi: wasi.build_p1(), limiter };
             let mut store = Store::new(&runtime.engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);
-            arm_deadline(&mut store, deadline);
-            let outcome = Backstop::new(backstop, async {
+            arm_deadline(&mut store, deadline, lanes.clone());
+            let call = async {
                 let instance = pre.instantiate_async(&mut store).await?;
                 let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                 start.call_async(&mut store, ()).await
-            })
-            .await;
+            };
+            let outcome = Backstop::new(backstop, releasing_when_blocked(call, &lanes)).await;
             let (stderr, _) = stderr.take();
             let (output, output_truncated) = stdout.take();
             let exit_code = match &outcome {

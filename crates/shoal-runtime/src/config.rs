@@ -37,6 +37,12 @@ pub struct RuntimeConfig {
     pub max_log_bytes: usize,
     /// Largest output a call may return. Default 6 MiB.
     pub max_output_bytes: usize,
+    /// Running time after which a call counts as long. Default 5 ms.
+    pub long_call_after: Duration,
+    /// Long calls that may run at once; the others wait their turn, tick
+    /// by tick, so some cores always stay free for short calls. Default:
+    /// one less than the cores (at least 1).
+    pub long_call_lanes: u32,
     /// Longest chain of calls (a root call is depth 0). Default 16.
     pub max_call_depth: u32,
     /// Spawned calls not yet awaited, per root call and all its
@@ -57,6 +63,11 @@ impl RuntimeConfig {
             epoch_tick: Duration::from_millis(1),
             max_log_bytes: MIB,
             max_output_bytes: 6 * MIB,
+            long_call_after: Duration::from_millis(5),
+            long_call_lanes: std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+                .saturating_sub(1)
+                .max(1),
             max_call_depth: 16,
             max_spawns_per_root: 1000,
         }
@@ -75,6 +86,9 @@ impl RuntimeConfig {
                 "async_stack_size ({}) must exceed max_wasm_stack ({}) by 256 KiB of host headroom",
                 self.async_stack_size, self.max_wasm_stack
             ));
+        }
+        if self.long_call_lanes == 0 {
+            return invalid("long_call_lanes must be at least 1".into());
         }
         if self.epoch_tick.is_zero() {
             return invalid("epoch_tick must be positive".into());

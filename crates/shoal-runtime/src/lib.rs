@@ -56,6 +56,8 @@ pub struct Runtime {
     state: Option<Arc<StateTiers>>,
     /// Runs chained calls; without one, `invoke` answers `unavailable`.
     invoker: OnceLock<Arc<dyn Invoker>>,
+    /// Places for long calls to run in (see `call.rs`).
+    long_lanes: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -81,6 +83,7 @@ impl Runtime {
         let linkers = host::Linkers::new(&engine)?;
         let cache = ArtifactCache::open(&config.cache_dir, &engine)?;
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
+        let long_lanes = Arc::new(Semaphore::new(config.long_call_lanes as usize));
         Ok(Self {
             compile_permits: Semaphore::new(config.compile_concurrency),
             engine,
@@ -93,6 +96,7 @@ impl Runtime {
             n_compiling: Arc::new(AtomicU64::new(0)),
             state,
             invoker: OnceLock::new(),
+            long_lanes,
         })
     }
 
@@ -112,6 +116,11 @@ impl Runtime {
     /// Compilations running now (never more than `compile_concurrency`).
     pub fn n_compiling(&self) -> u64 {
         self.n_compiling.load(Ordering::Relaxed)
+    }
+
+    /// Long calls holding one of the long-call places now.
+    pub fn long_calls_running(&self) -> u32 {
+        self.config.long_call_lanes - self.long_lanes.available_permits() as u32
     }
 
     pub fn config(&self) -> &RuntimeConfig {

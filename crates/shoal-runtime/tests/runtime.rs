@@ -394,6 +394,38 @@ async fn output_over_the_limit_is_refused() {
     assert!(matches!(out.result, Err(CallError::OutputTooLarge { limit: 100 })), "{:?}", out.result);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_calls_take_turns_on_their_places_and_short_calls_never_wait_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = RuntimeConfig::new(dir.path().join("cache"));
+    config.max_instances = 8;
+    config.long_call_lanes = 1;
+    let rt = Arc::new(Runtime::new(config).unwrap());
+    let looping = rt.load(shoal_guests::MISBEHAVE).await.unwrap();
+    let short = CallSettings { timeout: Duration::from_millis(600), ..settings() };
+    let loops: Vec<_> = (0..4)
+        .map(|_| {
+            let (rt, image, settings) = (rt.clone(), looping.clone(), short.clone());
+            tokio::spawn(async move { rt.call(&image, &settings, b"loop").await })
+        })
+        .collect();
+    // All four become long; never more than one runs at a time.
+    let mut seen_one = false;
+    while !loops.iter().all(|l| l.is_finished()) {
+        let running = rt.long_calls_running();
+        assert!(running <= 1, "{running} long calls ran at once");
+        seen_one |= running == 1;
+        // Short calls run meanwhile, without a long-call place.
+        assert_eq!(ok(call(&rt, shoal_guests::ECHO, b"quick").await), "quick");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(seen_one, "the loops became long calls");
+    for l in loops {
+        assert!(matches!(l.await.unwrap().result, Err(CallError::Timeout { .. })), "each loop ends at its deadline");
+    }
+    assert_eq!(rt.long_calls_running(), 0, "places are given back");
+}
+
 mod state {
     //! The `state` interface from a real guest (`state-ops`), over the
     //! embedded global tier and, for the atomics and locks, over a real

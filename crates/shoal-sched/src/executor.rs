@@ -127,16 +127,16 @@ impl Executor {
 
     /// Ask to run a call of `function` (a `tenant/name` key) that must end
     /// by `deadline`: now, after waiting its turn, or not at all.
-    pub async fn admit(&self, tenant: &str, function: &str, deadline: Instant) -> Result<Admitted<'_>, Overloaded> {
+    pub async fn admit(
+        &self,
+        tenant: &Arc<str>,
+        function: &Arc<str>,
+        deadline: Instant,
+    ) -> Result<Admitted<'_>, Overloaded> {
         let cost = self.expected_cost(function);
         let now = Instant::now();
-        let admitted = || Admitted {
-            executor: self,
-            tenant: Arc::from(tenant),
-            function: Arc::from(function),
-            cost,
-            settled: false,
-        };
+        let admitted =
+            || Admitted { executor: self, tenant: tenant.clone(), function: function.clone(), cost, settled: false };
         let rx = {
             let mut inner = self.inner.lock().expect(POISON);
             let ticket = inner.next_ticket;
@@ -146,7 +146,7 @@ impl Executor {
                 Admission::Refused { retry_after, reason } => return Err(Overloaded { reason, retry_after }),
                 Admission::Queued => {
                     let (tx, rx) = oneshot::channel();
-                    inner.waiters.insert(ticket, Waiter { tenant: Arc::from(tenant), cost, start: tx });
+                    inner.waiters.insert(ticket, Waiter { tenant: tenant.clone(), cost, start: tx });
                     QueuedGuard { executor: self, tenant: tenant.to_string(), ticket, cost, rx, done: false }
                 }
             }
@@ -177,7 +177,7 @@ impl Executor {
 
     /// Wait for a turn for work accepted already (an asynchronous call):
     /// never refused, only delayed while the node is full.
-    pub async fn admit_accepted(&self, tenant: &str, function: &str) -> Admitted<'_> {
+    pub async fn admit_accepted(&self, tenant: &Arc<str>, function: &Arc<str>) -> Admitted<'_> {
         loop {
             match self.admit(tenant, function, Instant::now() + ACCEPTED_HORIZON).await {
                 Ok(admitted) => return admitted,
@@ -190,8 +190,8 @@ impl Executor {
     /// wait that fits its timeout.
     pub async fn run(
         &self,
-        tenant: &str,
-        function: &str,
+        tenant: &Arc<str>,
+        function: &Arc<str>,
         image: &FunctionImage,
         settings: &CallSettings,
         input: &[u8],
@@ -337,6 +337,14 @@ mod tests {
     use super::*;
     use shoal_runtime::RuntimeConfig;
 
+    fn t() -> Arc<str> {
+        Arc::from("t")
+    }
+
+    fn f() -> Arc<str> {
+        Arc::from("t/f")
+    }
+
     fn settings(timeout: Duration) -> CallSettings {
         CallSettings { tenant: Arc::from("t"), memory_limit: 16 << 20, timeout, env: Arc::from(Vec::new()) }
     }
@@ -353,7 +361,7 @@ mod tests {
         let busy = {
             let (executor, image) = (executor.clone(), image.clone());
             tokio::spawn(async move {
-                executor.run("t", "t/f", &image, &settings(Duration::from_millis(300)), b"loop").await
+                executor.run(&t(), &f(), &image, &settings(Duration::from_millis(300)), b"loop").await
             })
         };
         while executor.busy() == 0 {
@@ -362,7 +370,7 @@ mod tests {
         // The looping call holds the only place; a quick call waits for it.
         let waiting = {
             let (executor, image) = (executor.clone(), image.clone());
-            tokio::spawn(async move { executor.run("t", "t/f", &image, &settings(Duration::from_secs(5)), b"x").await })
+            tokio::spawn(async move { executor.run(&t(), &f(), &image, &settings(Duration::from_secs(5)), b"x").await })
         };
         while executor.queued() == 0 {
             tokio::task::yield_now().await;
@@ -376,13 +384,13 @@ mod tests {
         let busy = {
             let (executor, image) = (executor.clone(), image.clone());
             tokio::spawn(async move {
-                executor.run("t", "t/f", &image, &settings(Duration::from_millis(300)), b"loop").await
+                executor.run(&t(), &f(), &image, &settings(Duration::from_millis(300)), b"loop").await
             })
         };
         while executor.busy() == 0 {
             tokio::task::yield_now().await;
         }
-        let refused = executor.run("t", "t/f", &image, &settings(Duration::from_millis(100)), b"x").await.unwrap_err();
+        let refused = executor.run(&t(), &f(), &image, &settings(Duration::from_millis(100)), b"x").await.unwrap_err();
         assert!(refused.reason.contains("deadline"), "{refused}");
         busy.await.unwrap().unwrap();
         assert_eq!(executor.busy(), 0);

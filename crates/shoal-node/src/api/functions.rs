@@ -231,8 +231,7 @@ async fn invoke_inner(
 
     let span = tracing::debug_span!("call", %tenant, function = %name, %call_id);
     let started = Instant::now();
-    let key = format!("{tenant}/{name}");
-    let run = node.executor.run(&tenant, &key, &function.image, &function.settings, &input);
+    let run = node.executor.run(&function.settings.tenant, &function.key, &function.image, &function.settings, &input);
     let out = match run.instrument(span).await {
         Ok(out) => out,
         Err(overloaded) => {
