@@ -1,5 +1,6 @@
 //! `shoal`: run a node (`shoal serve`) or talk to one (every other command).
 
+mod bench;
 mod client;
 mod serve;
 mod units;
@@ -75,6 +76,9 @@ enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
+    /// Load-test a node of its own: an open-loop sweep of offered rates
+    /// over 1, 10, 100, 1000 functions, written as CSV and SVG charts.
+    Bench(bench::BenchArgs),
     /// Manage tenants (admin).
     Tenant {
         #[command(subcommand)]
@@ -134,12 +138,14 @@ fn read_input(data: Option<String>, data_file: Option<PathBuf>) -> anyhow::Resul
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Serve(args) = cli.command {
-        return serve::run(args).await;
-    }
+    let command = match cli.command {
+        Command::Serve(args) => return serve::run(args).await,
+        Command::Bench(args) => return bench::run(args).await,
+        command => command,
+    };
     let client = Client::new(&cli.client)?;
-    match cli.command {
-        Command::Serve(_) => unreachable!("handled above"),
+    match command {
+        Command::Serve(_) | Command::Bench(_) => unreachable!("handled above"),
         Command::Deploy { function, file, memory, timeout, env } => {
             client.deploy(&function, &file, memory.as_deref(), timeout.as_deref(), &env).await
         }

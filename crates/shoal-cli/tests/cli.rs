@@ -252,3 +252,30 @@ fn async_calls_accepted_before_kill_9_all_finish_after_the_restart() {
         assert!(record["attempts"].as_u64().unwrap() >= 1);
     }
 }
+
+#[test]
+fn bench_sweeps_rates_and_writes_csv_and_charts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results");
+    let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["bench", "--functions", "1,3", "--rates", "40,80", "--duration", "250ms", "--out"])
+        .arg(&out)
+        .env("SHOAL_LOG", "warn")
+        .output()
+        .expect("run shoal bench");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert!(rows[0].starts_with("n_functions,tenant,offered_rps,achieved_rps"), "{csv}");
+    assert_eq!(rows.len(), 1 + 2 * 2, "one row per (N, rate): {csv}");
+    for row in &rows[1..] {
+        let fields: Vec<&str> = row.split(',').collect();
+        let (offered, achieved): (f64, f64) = (fields[2].parse().unwrap(), fields[3].parse().unwrap());
+        assert!(achieved > 0.0 && achieved <= offered * 1.01, "{row}");
+        assert_eq!(fields[9], "0", "no errors: {row}");
+    }
+    for chart in ["latency.svg", "cpu.svg", "memory.svg", "responses.svg"] {
+        let svg = std::fs::read_to_string(out.join(chart)).unwrap();
+        assert_eq!(svg.matches("<polyline").count(), 2, "{chart}: a line per N");
+    }
+}

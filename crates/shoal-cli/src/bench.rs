@@ -1,0 +1,482 @@
+//! `shoal bench`: an open-loop load generator reproducing the experiments
+//! of the paper Shoal answers (OpenWhisk under load over 1, 10, 100
+//! functions), and measuring Shoal's own goals.
+//!
+//! For each number of functions N it starts a fresh node (`shoal serve`,
+//! this same binary, as a child process on loopback), deploys N functions,
+//! and sweeps the offered rate. Arrivals follow a fixed schedule (rate R:
+//! one every 1/R s, round robin over the functions) whatever the node
+//! does, and each latency runs from the *intended* send time, so a slow
+//! node cannot hide its queueing by slowing the generator down
+//! (coordinated omission). For every rate it records what was achieved:
+//! responses per second, latency p50/p99/p999, refusals (429) and their
+//! latency, errors, the node's CPU seconds and RSS. Results go to a CSV
+//! file and four SVG charts: latency vs throughput, CPU vs throughput,
+//! memory vs throughput, responses vs submitted.
+
+mod plot;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::sync::Semaphore;
+
+use crate::units::parse_duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// `echo` of a 16-byte input: the platform's own overhead.
+    Noop,
+    /// `fib` of `--fib`: CPU-bound.
+    Cpu,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Numbers of functions to spread the load over, one node each.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
+    functions: Vec<u32>,
+    /// Offered rates to sweep, in requests per second.
+    #[arg(long, value_delimiter = ',', default_value = "2000,5000,10000,20000,30000,40000")]
+    rates: Vec<u32>,
+    /// How long each rate is offered.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    #[arg(long, value_enum, default_value = "noop")]
+    workload: Workload,
+    /// The input of `fib` for `--workload cpu`.
+    #[arg(long, default_value_t = 20)]
+    fib: u32,
+    /// Two tenants: half the functions each, tenant `a` offering SKEW times
+    /// the rate of tenant `b`; results per tenant.
+    #[arg(long)]
+    skew: Option<u32>,
+    /// CPU-bound calls (`fib --background-fib`) at this rate beside the
+    /// measured ones, which are reported alone.
+    #[arg(long)]
+    background_rate: Option<f64>,
+    #[arg(long, default_value_t = 36)]
+    background_fib: u32,
+    /// Requests in flight at most (the generator's connections).
+    #[arg(long, default_value_t = 512)]
+    connections: usize,
+    /// Where the CSV and the charts go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Extra flags for the node, e.g. `--node-arg=--max-concurrent-calls=64`.
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    node_args: Vec<String>,
+}
+
+const ADMIN: &str = "bench-admin-token-0123456789abcdef";
+
+/// A node under test: a `shoal serve` child process.
+struct NodeProcess {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl NodeProcess {
+    fn start(extra: &[String]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("a data directory for the node")?;
+        let exe = std::env::current_exe().context("finding the shoal binary")?;
+        let mut child = Command::new(exe)
+            .args(["serve", "--listen", "127.0.0.1:0", "--no-examples", "--data-dir"])
+            .arg(dir.path())
+            .args(extra)
+            .env("SHOAL_ADMIN_TOKEN", ADMIN)
+            .env("SHOAL_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting `shoal serve`")?;
+        let stderr = child.stderr.take().context("the node's stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let mut base = None;
+        for line in lines.by_ref() {
+            let line = line.context("reading the node's stderr")?;
+            if let Some(rest) = line.strip_prefix("shoal: serving ") {
+                base = rest.split_whitespace().next().map(str::to_string);
+                break;
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        let base = base.context("the node never said where it serves")?;
+        Ok(Self { child, base, _dir: dir })
+    }
+
+    /// User + system CPU seconds the node has used.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces), 1-based 14 and 15.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+        ticks as f64 / clock_ticks()
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kib / 1024.0
+    }
+}
+
+/// Clock ticks per second in `/proc/PID/stat` (USER_HZ, fixed at 100 in
+/// the Linux ABI whatever the kernel's own tick rate).
+fn clock_ticks() -> f64 {
+    100.0
+}
+
+/// One target of the load: a function and the input it gets.
+#[derive(Clone)]
+struct Target {
+    url: String,
+    tenant: usize,
+    input: &'static [u8],
+}
+
+#[derive(Default)]
+struct Tally {
+    ok_us: Vec<u64>,
+    refused_us: Vec<u64>,
+    errors: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx] as f64 / 1000.0
+}
+
+struct Row {
+    n_functions: u32,
+    tenant: &'static str,
+    offered: f64,
+    achieved: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    refused: usize,
+    refused_p99_ms: f64,
+    errors: u64,
+    cpu_cores: f64,
+    cpu_us_per_call: f64,
+    rss_mib: f64,
+}
+
+const CSV_HEADER: &str = "n_functions,tenant,offered_rps,achieved_rps,p50_ms,p99_ms,p999_ms,refused,refused_p99_ms,errors,node_cpu_cores,node_cpu_us_per_response,node_rss_mib";
+
+impl Row {
+    fn csv(&self) -> String {
+        format!(
+            "{},{},{:.0},{:.1},{:.3},{:.3},{:.3},{},{:.3},{},{:.3},{:.1},{:.1}",
+            self.n_functions,
+            self.tenant,
+            self.offered,
+            self.achieved,
+            self.p50_ms,
+            self.p99_ms,
+            self.p999_ms,
+            self.refused,
+            self.refused_p99_ms,
+            self.errors,
+            self.cpu_cores,
+            self.cpu_us_per_call,
+            self.rss_mib
+        )
+    }
+}
+
+async fn deploy(
+    http: &reqwest::Client,
+    base: &str,
+    function: &str,
+    query: &str,
+    wasm: &'static [u8],
+) -> anyhow::Result<()> {
+    let response = http
+        .put(format!("{base}/v1/functions/{function}?{query}"))
+        .bearer_auth(ADMIN)
+        .body(wasm)
+        .send()
+        .await
+        .with_context(|| format!("deploying {function}"))?;
+    if !response.status().is_success() {
+        bail!("deploying {function}: {} {}", response.status(), response.text().await.unwrap_or_default());
+    }
+    Ok(())
+}
+
+async fn create_tenant(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result<()> {
+    let response = http
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({ "name": name }))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("creating tenant {name}: {}", response.status());
+    }
+    Ok(())
+}
+
+/// Offer `rate` requests/s over `targets` (round robin) for `duration`,
+/// on a fixed schedule; tally per tenant.
+async fn offer(
+    http: &reqwest::Client,
+    targets: &[Target],
+    weights: &[u32],
+    rate: f64,
+    duration: Duration,
+    in_flight: &Arc<Semaphore>,
+    n_tenants: usize,
+) -> Vec<Tally> {
+    let tallies: Arc<Mutex<Vec<Tally>>> = Arc::new(Mutex::new((0..n_tenants).map(|_| Tally::default()).collect()));
+    // Expand the round robin by tenant weights (skew): a target of weight
+    // w appears w times per cycle.
+    let cycle: Vec<&Target> = targets.iter().flat_map(|t| std::iter::repeat_n(t, weights[t.tenant] as usize)).collect();
+    let total = (rate * duration.as_secs_f64()).round() as u64;
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let intended = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(intended).await;
+        let target = cycle[(i as usize) % cycle.len()].clone();
+        let (http, in_flight, tallies) = (http.clone(), in_flight.clone(), tallies.clone());
+        tasks.spawn(async move {
+            let _permit = in_flight.acquire_owned().await;
+            let response = http.post(&target.url).bearer_auth(ADMIN).body(target.input).send().await;
+            let outcome = match response {
+                Ok(r) => {
+                    let status = r.status();
+                    let _ = r.bytes().await;
+                    Some(status)
+                }
+                Err(_) => None,
+            };
+            let elapsed = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let mut tallies = tallies.lock().expect("the tally lock is never poisoned");
+            let tally = &mut tallies[target.tenant];
+            match outcome {
+                Some(s) if s.is_success() => tally.ok_us.push(elapsed),
+                Some(s) if s == reqwest::StatusCode::TOO_MANY_REQUESTS => tally.refused_us.push(elapsed),
+                _ => tally.errors += 1,
+            }
+        });
+        // Reap finished tasks as we go, so the set stays small.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    std::mem::take(&mut *tallies.lock().expect("the tally lock is never poisoned"))
+}
+
+/// Background CPU-bound load until `stop` (for the time-slicing run).
+fn background(
+    http: reqwest::Client,
+    url: String,
+    input: bytes::Bytes,
+    rate: f64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    tokio::spawn(async move {
+        let mut next = tokio::time::Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            next += Duration::from_secs_f64(1.0 / rate);
+            tokio::time::sleep_until(next).await;
+            let (http, url, input) = (http.clone(), url.clone(), input.clone());
+            tokio::spawn(async move {
+                let _ = http.post(url).bearer_auth(ADMIN).body(input).send().await;
+            });
+        }
+    });
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .context("an HTTP client")?;
+    let in_flight = Arc::new(Semaphore::new(args.connections));
+    let tenants: Vec<&'static str> = if args.skew.is_some() { vec!["a", "b"] } else { vec!["bench"] };
+    let weights: Vec<u32> = match args.skew {
+        Some(k) => vec![k.max(1), 1],
+        None => vec![1],
+    };
+    let (wasm, input): (&'static [u8], &'static [u8]) = match args.workload {
+        Workload::Noop => (shoal_guests::ECHO, b"0123456789abcdef"),
+        Workload::Cpu => (shoal_guests::FIB, Box::leak(args.fib.to_string().into_bytes().into_boxed_slice())),
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    let mut csv = vec![CSV_HEADER.to_string()];
+    for &n in &args.functions {
+        let node = NodeProcess::start(&args.node_args)?;
+        eprintln!("bench: N = {n} functions on a node at {}", node.base);
+        for tenant in &tenants {
+            create_tenant(&http, &node.base, tenant).await?;
+        }
+        let mut targets = Vec::new();
+        for i in 0..n {
+            let tenant = (i as usize) % tenants.len();
+            let function = format!("{}/f{i}", tenants[tenant]);
+            deploy(&http, &node.base, &function, "", wasm).await?;
+            targets.push(Target { url: format!("{}/v1/functions/{function}/invoke", node.base), tenant, input });
+        }
+        // Warm every function once.
+        for target in &targets {
+            let _ = http.post(&target.url).bearer_auth(ADMIN).body(target.input).send().await;
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(rate) = args.background_rate {
+            deploy(&http, &node.base, &format!("{}/cpu", tenants[0]), "timeout_ms=60000", shoal_guests::FIB).await?;
+            let url = format!("{}/v1/functions/{}/cpu/invoke", node.base, tenants[0]);
+            background(http.clone(), url, args.background_fib.to_string().into(), rate, stop.clone());
+        }
+        for &rate in &args.rates {
+            let rate = f64::from(rate);
+            let cpu_before = node.cpu_seconds();
+            let started = Instant::now();
+            let tallies = offer(&http, &targets, &weights, rate, args.duration, &in_flight, tenants.len()).await;
+            // Response rates are over the offered window (a response that
+            // came after it still counts); CPU over the time actually spent.
+            let wall = args.duration.as_secs_f64();
+            let elapsed = started.elapsed().as_secs_f64();
+            let cpu = node.cpu_seconds() - cpu_before;
+            let rss = node.rss_mib();
+            let total_ok: usize = tallies.iter().map(|t| t.ok_us.len()).sum();
+            let weight_sum: u32 = weights.iter().sum();
+            for (i, mut tally) in tallies.into_iter().enumerate() {
+                tally.ok_us.sort_unstable();
+                tally.refused_us.sort_unstable();
+                let row = Row {
+                    n_functions: n,
+                    tenant: tenants[i],
+                    offered: rate * f64::from(weights[i]) / f64::from(weight_sum),
+                    achieved: tally.ok_us.len() as f64 / wall,
+                    p50_ms: percentile(&tally.ok_us, 0.50),
+                    p99_ms: percentile(&tally.ok_us, 0.99),
+                    p999_ms: percentile(&tally.ok_us, 0.999),
+                    refused: tally.refused_us.len(),
+                    refused_p99_ms: percentile(&tally.refused_us, 0.99),
+                    errors: tally.errors,
+                    cpu_cores: cpu / elapsed,
+                    cpu_us_per_call: if total_ok > 0 { cpu * 1e6 / total_ok as f64 } else { 0.0 },
+                    rss_mib: rss,
+                };
+                eprintln!(
+                    "bench: N={n} {} offered {:.0}/s: {:.0}/s ok, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, {} refused (p99 {:.2} ms), {} errors, CPU {:.2} cores, RSS {:.0} MiB",
+                    row.tenant,
+                    row.offered,
+                    row.achieved,
+                    row.p50_ms,
+                    row.p99_ms,
+                    row.p999_ms,
+                    row.refused,
+                    row.refused_p99_ms,
+                    row.errors,
+                    row.cpu_cores,
+                    row.rss_mib
+                );
+                csv.push(row.csv());
+                rows.push(row);
+            }
+            std::fs::write(args.out.join("results.csv"), csv.join("\n") + "\n").context("writing results.csv")?;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    write_charts(&args, &rows)?;
+    eprintln!("bench: results in {}", args.out.display());
+    Ok(())
+}
+
+fn write_charts(args: &BenchArgs, rows: &[Row]) -> anyhow::Result<()> {
+    let mut keys: Vec<(u32, &str)> = rows.iter().map(|r| (r.n_functions, r.tenant)).collect();
+    keys.dedup();
+    let series = |y: &dyn Fn(&Row) -> f64, x: &dyn Fn(&Row) -> f64| -> Vec<plot::Series> {
+        keys.iter()
+            .map(|(n, tenant)| plot::Series {
+                label: if args.skew.is_some() { format!("N={n} {tenant}") } else { format!("N={n}") },
+                points: rows
+                    .iter()
+                    .filter(|r| (r.n_functions, r.tenant) == (*n, *tenant))
+                    .map(|r| (x(r), y(r)))
+                    .collect(),
+            })
+            .collect()
+    };
+    let charts = [
+        (
+            "latency.svg",
+            "p99 latency vs throughput",
+            "responses/s",
+            "p99 latency (ms)",
+            series(&|r| r.p99_ms, &|r| r.achieved),
+            false,
+        ),
+        (
+            "cpu.svg",
+            "node CPU vs throughput",
+            "responses/s",
+            "CPU (cores)",
+            series(&|r| r.cpu_cores, &|r| r.achieved),
+            false,
+        ),
+        (
+            "memory.svg",
+            "node memory vs throughput",
+            "responses/s",
+            "RSS (MiB)",
+            series(&|r| r.rss_mib, &|r| r.achieved),
+            false,
+        ),
+        (
+            "responses.svg",
+            "responses vs submitted",
+            "submitted/s",
+            "responses/s",
+            series(&|r| r.achieved, &|r| r.offered),
+            true,
+        ),
+    ];
+    for (file, title, x_label, y_label, series, diagonal) in charts {
+        let chart = plot::Chart { title, x_label, y_label, series, diagonal };
+        std::fs::write(args.out.join(file), chart.to_svg()).with_context(|| format!("writing {file}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_from_the_sorted_latencies() {
+        let us: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        assert_eq!(percentile(&us, 0.5), 501.0);
+        assert_eq!(percentile(&us, 0.99), 990.0);
+        assert_eq!(percentile(&[], 0.99), 0.0);
+    }
+}
