@@ -272,7 +272,7 @@ fn bench_sweeps_rates_and_writes_csv_and_charts() {
         let fields: Vec<&str> = row.split(',').collect();
         let (offered, achieved): (f64, f64) = (fields[2].parse().unwrap(), fields[3].parse().unwrap());
         assert!(achieved > 0.0 && achieved <= offered * 1.01, "{row}");
-        assert_eq!(fields[9], "0", "no errors: {row}");
+        assert_eq!(fields[10], "0", "no errors: {row}");
     }
     for chart in ["latency.svg", "cpu.svg", "memory.svg", "responses.svg"] {
         let svg = std::fs::read_to_string(out.join(chart)).unwrap();
