@@ -127,6 +127,7 @@ impl Node {
         let mut policy = config.scheduler.clone();
         policy.max_running = policy.max_running.min(config.max_concurrent_calls);
         policy.max_running_per_tenant = policy.max_running_per_tenant.min(policy.max_running);
+        policy.max_running_long = policy.max_running_long.min(policy.max_running);
         let executor = Executor::new(runtime.clone(), config.max_concurrent_calls, policy);
 
         let async_calls = Arc::new(AsyncCalls::new(store.clone(), config.max_async_calls, config.async_retention));

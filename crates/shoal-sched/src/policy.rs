@@ -17,6 +17,11 @@
 //! - **Pick next**: deficit round robin over tenants with queued calls, on
 //!   expected CPU time, corrected by the measured time when a call ends;
 //!   quanta are proportional to tenant weights.
+//! - **Short and long calls**: a call expected to use at least
+//!   `long_after` of CPU is long; at most `max_running_long` long calls hold
+//!   running places, so short calls always find one (a tenant's queue is
+//!   FIFO within each kind: a waiting long call never holds up a short one
+//!   behind it).
 //! - **Expiry**: a queued call whose deadline can no longer be met is
 //!   handed back (never silently dropped) so its caller gets an answer.
 
@@ -40,6 +45,10 @@ pub struct PolicyConfig {
     pub max_queued_per_tenant: usize,
     /// CPU time a tenant of weight 1 may use per round.
     pub quantum: Duration,
+    /// Expected CPU time from which a call is long.
+    pub long_after: Duration,
+    /// Long calls holding running places at once.
+    pub max_running_long: u32,
 }
 
 impl PolicyConfig {
@@ -52,6 +61,8 @@ impl PolicyConfig {
             max_queued: 10_000,
             max_queued_per_tenant: 2_000,
             quantum: Duration::from_millis(2),
+            long_after: Duration::from_millis(5),
+            max_running_long: 2 * cores,
         }
     }
 }
@@ -104,6 +115,7 @@ pub struct Policy {
     /// Tenants with queued calls, in round-robin order.
     round: VecDeque<Arc<str>>,
     running: u32,
+    running_long: u32,
     queued: usize,
     /// Expected CPU time of running and queued calls, and of queued ones.
     backlog: Duration,
@@ -121,6 +133,7 @@ impl Policy {
             tenants: HashMap::new(),
             round: VecDeque::new(),
             running: 0,
+            running_long: 0,
             queued: 0,
             backlog: Duration::ZERO,
             queued_cost: Duration::ZERO,
@@ -137,6 +150,22 @@ impl Policy {
 
     pub fn queued(&self) -> usize {
         self.queued
+    }
+
+    /// Long calls running now.
+    pub fn running_long(&self) -> u32 {
+        self.running_long
+    }
+
+    fn is_long(&self, cost: Duration) -> bool {
+        cost >= self.config.long_after
+    }
+
+    /// Whether a call of this cost may take a running place now (leaving
+    /// the tenant's own cap aside).
+    fn place_for(&self, cost: Duration) -> bool {
+        self.running < self.config.max_running
+            && (!self.is_long(cost) || self.running_long < self.config.max_running_long)
     }
 
     pub fn running_of(&self, tenant: &str) -> u32 {
@@ -191,10 +220,12 @@ impl Policy {
         let nobody_waits = self.queued == 0;
         let t = self.tenant(tenant);
         let tenant_idle = t.queue.is_empty();
-        if nobody_waits && tenant_idle && self.may_start(&self.tenants[tenant]) {
+        if nobody_waits && tenant_idle && self.may_start(&self.tenants[tenant]) && self.place_for(cost) {
+            let long = self.is_long(cost);
             let t = self.tenant(tenant);
             t.running += 1;
             self.running += 1;
+            self.running_long += u32::from(long);
             self.backlog += cost;
             return Admission::Run;
         }
@@ -258,23 +289,36 @@ impl Policy {
                 idle_passes += 1;
                 continue;
             }
-            let Some(head) = t.queue.front() else {
+            if t.queue.is_empty() {
                 t.active = false;
                 t.deficit = 0;
                 continue;
+            }
+            // The first call that can have a place: the head, or — when
+            // the long calls' places are full — the first short call.
+            let long_full = self.running_long >= self.config.max_running_long;
+            let long_after = self.config.long_after;
+            let Some(at) = t.queue.iter().position(|w| !long_full || w.cost < long_after) else {
+                // Only long calls wait and their places are full: its turn
+                // passes, no credit.
+                self.round.push_back(name);
+                idle_passes += 1;
+                continue;
             };
-            if t.deficit < nanos(head.cost) {
+            let cost = t.queue[at].cost;
+            if t.deficit < nanos(cost) {
                 t.deficit += quantum * i128::from(t.weight);
                 self.round.push_back(name);
                 idle_passes = 0;
                 continue;
             }
-            let head = t.queue.pop_front().expect("checked non-empty just above");
+            let head = t.queue.remove(at).expect("position is in range");
             t.deficit -= nanos(head.cost);
             t.queued_cost = t.queued_cost.saturating_sub(head.cost);
             self.queued_cost = self.queued_cost.saturating_sub(head.cost);
             t.running += 1;
             self.running += 1;
+            self.running_long += u32::from(head.cost >= long_after);
             self.queued -= 1;
             decisions.push(Decision::Run(head.ticket));
             idle_passes = 0;
@@ -337,6 +381,9 @@ impl Policy {
     /// with its tenant's deficit.
     pub fn finish(&mut self, tenant: &str, expected: Duration, used: Duration) {
         self.running = self.running.saturating_sub(1);
+        if self.is_long(expected) {
+            self.running_long = self.running_long.saturating_sub(1);
+        }
         self.backlog = self.backlog.saturating_sub(expected);
         if let Some(t) = self.tenants.get_mut(tenant) {
             t.running = t.running.saturating_sub(1);
@@ -421,6 +468,30 @@ mod tests {
         assert_eq!(p.next(now), vec![Decision::Run(2)]);
     }
 
+    #[test]
+    fn short_calls_find_a_place_while_long_ones_wait_their_turn() {
+        let config = PolicyConfig {
+            max_running: 3,
+            max_running_per_tenant: 3,
+            max_running_long: 1,
+            long_after: 5 * MS,
+            ..PolicyConfig::new(2)
+        };
+        let mut p = Policy::new(config);
+        let now = Instant::now();
+        let far = now + Duration::from_secs(100);
+        assert_eq!(p.admit(now, "a", 1, 500 * MS, far), Admission::Run);
+        assert_eq!(p.admit(now, "a", 2, 500 * MS, far), Admission::Queued, "the long place is taken");
+        // A short call of the same tenant, queued behind the long one, and
+        // one arriving now: neither waits for the long place.
+        assert_eq!(p.admit(now, "a", 3, MS, far), Admission::Queued, "someone waits: FIFO");
+        assert_eq!(p.next(now), vec![Decision::Run(3)]);
+        assert_eq!(p.running_long(), 1);
+        p.finish("a", 500 * MS, 500 * MS);
+        assert_eq!(p.next(now), vec![Decision::Run(2)]);
+        assert_eq!(p.running_long(), 1);
+    }
+
     #[derive(Clone, Debug)]
     enum Step {
         Arrive { tenant: usize, cost_ms: u64, deadline_ms: u64 },
@@ -448,7 +519,15 @@ mod tests {
         /// or expired) — nothing is lost or answered twice.
         #[test]
         fn never_over_capacity_and_nothing_lost(steps in proptest::collection::vec(step(), 1..200)) {
-            let config = PolicyConfig { max_running: 3, max_running_per_tenant: 2, max_queued: 20, max_queued_per_tenant: 10, ..PolicyConfig::new(2) };
+            let config = PolicyConfig {
+                max_running: 3,
+                max_running_per_tenant: 2,
+                max_queued: 20,
+                max_queued_per_tenant: 10,
+                long_after: Duration::from_millis(10),
+                max_running_long: 1,
+                ..PolicyConfig::new(2)
+            };
             let mut p = Policy::new(config.clone());
             let start = Instant::now();
             let mut now = start;
@@ -484,6 +563,9 @@ mod tests {
                 }
                 prop_assert_eq!(p.running() as usize, running.len());
                 prop_assert!(p.running() <= config.max_running);
+                let long = running.iter().filter(|(_, _, cost)| *cost >= config.long_after).count() as u32;
+                prop_assert_eq!(p.running_long(), long);
+                prop_assert!(long <= config.max_running_long);
                 for (i, name) in TENANTS.iter().enumerate() {
                     let n = running.iter().filter(|(_, t, _)| *t == i).count() as u32;
                     prop_assert_eq!(p.running_of(name), n);
