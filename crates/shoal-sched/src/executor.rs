@@ -358,12 +358,14 @@ mod tests {
         let policy = PolicyConfig { max_running: 1, max_running_per_tenant: 1, ..PolicyConfig::new(1) };
         let executor = Arc::new(Executor::new(runtime.clone(), 4, policy));
         let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
-        let busy = {
-            let (executor, image) = (executor.clone(), image.clone());
+        // A call looping until its 300 ms deadline.
+        let spin = || {
+            let (running, image) = (executor.clone(), image.clone());
             tokio::spawn(async move {
-                executor.run(&t(), &f(), &image, &settings(Duration::from_millis(300)), b"loop").await
+                running.run(&t(), &f(), &image, &settings(Duration::from_millis(300)), b"loop").await
             })
         };
+        let busy = spin();
         while executor.busy() == 0 {
             tokio::task::yield_now().await;
         }
@@ -381,12 +383,7 @@ mod tests {
         // behind another such call, a call with 100 ms to live is refused
         // at once instead of queued.
         assert!(executor.expected_cost("t/f") > Duration::from_millis(50), "{:?}", executor.expected_cost("t/f"));
-        let busy = {
-            let (executor, image) = (executor.clone(), image.clone());
-            tokio::spawn(async move {
-                executor.run(&t(), &f(), &image, &settings(Duration::from_millis(300)), b"loop").await
-            })
-        };
+        let busy = spin();
         while executor.busy() == 0 {
             tokio::task::yield_now().await;
         }

@@ -95,25 +95,23 @@ impl EmbeddedStore {
 
     /// Every entry whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let tx = self.db.begin_read().map_err(io)?;
-        let t = match tx.open_table(table.definition()) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(io(e)),
-        };
-        let mut out = Vec::new();
-        for entry in t.range(prefix..).map_err(io)? {
-            let (key, value) = entry.map_err(io)?;
-            if !key.value().starts_with(prefix) {
-                break;
-            }
-            out.push((key.value().to_string(), value.value().to_vec()));
-        }
-        Ok(out)
+        self.scan(table, prefix.., usize::MAX, |key| key.starts_with(prefix))
     }
 
     /// Up to `limit` entries with keys before `end`, in key order.
     pub fn scan_before(&self, table: Table, end: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.scan(table, ..end, limit, |_| true)
+    }
+
+    /// Up to `limit` entries of `range`, in key order, stopping at the
+    /// first key `keep` refuses.
+    fn scan<'a>(
+        &self,
+        table: Table,
+        range: impl std::ops::RangeBounds<&'a str>,
+        limit: usize,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let tx = self.db.begin_read().map_err(io)?;
         let t = match tx.open_table(table.definition()) {
             Ok(t) => t,
@@ -121,8 +119,11 @@ impl EmbeddedStore {
             Err(e) => return Err(io(e)),
         };
         let mut out = Vec::new();
-        for entry in t.range(..end).map_err(io)?.take(limit) {
+        for entry in t.range(range).map_err(io)?.take(limit) {
             let (key, value) = entry.map_err(io)?;
+            if !keep(key.value()) {
+                break;
+            }
             out.push((key.value().to_string(), value.value().to_vec()));
         }
         Ok(out)
