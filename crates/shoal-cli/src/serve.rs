@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// Bytes of state each tenant may keep, e.g. 1GiB.
     #[arg(long, env = "SHOAL_STATE_QUOTA", value_parser = parse_size)]
     state_quota: Option<u64>,
+    /// A tenant's share of the CPU when tenants compete, TENANT=WEIGHT
+    /// (default 1 each); repeatable.
+    #[arg(long = "tenant-weight", value_parser = parse_weight)]
+    tenant_weights: Vec<(String, u32)>,
     /// Do not deploy the example functions under tenant `demo`.
     #[arg(long)]
     no_examples: bool,
@@ -65,9 +69,16 @@ struct ServeFile {
     default_timeout: Option<String>,
     default_memory: Option<String>,
     redis: Option<String>,
+    tenant_weights: Option<std::collections::BTreeMap<String, u32>>,
     max_state_value: Option<String>,
     state_quota: Option<String>,
     examples: Option<bool>,
+}
+
+fn parse_weight(text: &str) -> Result<(String, u32), String> {
+    let (tenant, weight) = text.split_once('=').ok_or_else(|| format!("{text:?} is not TENANT=WEIGHT"))?;
+    let weight = weight.parse().map_err(|_| format!("weight {weight:?} is not a whole number"))?;
+    Ok((tenant.to_string(), weight))
 }
 
 fn size(text: &str) -> anyhow::Result<usize> {
@@ -117,6 +128,11 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
         config.default_memory_bytes = bytes;
     }
     config.redis_url = args.redis.clone().or(file.redis).filter(|url| !url.is_empty());
+    config.tenant_weights = file.tenant_weights.unwrap_or_default().into_iter().collect();
+    for (tenant, weight) in &args.tenant_weights {
+        config.tenant_weights.retain(|(t, _)| t != tenant);
+        config.tenant_weights.push((tenant.clone(), *weight));
+    }
     if let Some(text) = &file.max_state_value {
         config.max_state_value_bytes = parse_size(text).map_err(anyhow::Error::msg)?;
     }
@@ -179,4 +195,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     node.serve(listener, shutdown_signal()).await.context("serving")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn tenant_weights_come_from_the_file_and_flags_override_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shoal.toml");
+        std::fs::write(&file, "[tenant_weights]\nacme = 3\nbeta = 2\n").unwrap();
+        let cli = Cli::parse_from(["serve", "--config", file.to_str().unwrap(), "--tenant-weight", "beta=5"]);
+        let (config, _) = node_config(&cli.serve).unwrap();
+        let mut weights = config.tenant_weights.clone();
+        weights.sort();
+        assert_eq!(weights, [("acme".to_string(), 3), ("beta".to_string(), 5)]);
+        assert!(parse_weight("acme").is_err());
+        assert!(parse_weight("acme=x").is_err());
+        let zero = Cli::parse_from(["serve", "--tenant-weight", "acme=0"]);
+        let error = node_config(&zero.serve).unwrap_err().to_string();
+        assert!(error.contains("weight of tenant `acme`"), "{error}");
+    }
 }

@@ -34,6 +34,9 @@ pub struct NodeConfig {
     /// asynchronous calls (never above `max_concurrent_calls`). Default:
     /// 4 running per core.
     pub scheduler: shoal_sched::PolicyConfig,
+    /// Tenants' shares of the node's CPU when they compete (weight 1 for
+    /// any tenant not named).
+    pub tenant_weights: Vec<(String, u32)>,
     /// Concurrent compilations. Default 1.
     pub compile_concurrency: usize,
     /// Log lines kept per function. Default 1,000.
@@ -73,6 +76,7 @@ impl NodeConfig {
             scheduler: shoal_sched::PolicyConfig::new(
                 std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
             ),
+            tenant_weights: Vec::new(),
             compile_concurrency: 1,
             log_lines_per_function: 1000,
             max_call_depth: 16,
@@ -87,6 +91,9 @@ impl NodeConfig {
 
     /// Check the settings once, at start.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some((tenant, _)) = self.tenant_weights.iter().find(|(_, w)| *w == 0 || *w > 1000) {
+            return Err(format!("the weight of tenant `{tenant}` must be 1 to 1000"));
+        }
         if self.default_timeout > self.max_timeout || self.default_timeout.is_zero() {
             return Err(format!(
                 "default timeout {:?} must be positive and at most the maximum {:?}",

@@ -129,6 +129,9 @@ impl Node {
         policy.max_running_per_tenant = policy.max_running_per_tenant.min(policy.max_running);
         policy.max_running_long = policy.max_running_long.min(policy.max_running);
         let executor = Executor::new(runtime.clone(), config.max_concurrent_calls, policy);
+        for (tenant, weight) in &config.tenant_weights {
+            executor.set_weight(tenant, *weight);
+        }
 
         let async_calls = Arc::new(AsyncCalls::new(store.clone(), config.max_async_calls, config.async_retention));
         let registry = Registry::open(store)?;
