@@ -89,6 +89,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         n_compiles: node.runtime().n_compiles(),
         state: node.state.stats(),
         async_unfinished: node.async_calls.unfinished(),
+        n_loaded_images: node.n_loaded_images(),
     };
     let mut response = node.metrics.render(&gauges).into_response();
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

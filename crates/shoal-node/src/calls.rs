@@ -271,7 +271,14 @@ impl Node {
                 record.started_at_ms = Some(now_ms());
                 record.attempts += 1;
                 self.write_record(&record, None).await?;
-                let out = slot.run(&deployed.image, &deployed.settings, &input).await;
+                let out = match self.image_of(deployed).await {
+                    Ok(image) => slot.run(&image, &deployed.settings, &input).await,
+                    Err(e) => shoal_runtime::CallOutput {
+                        result: Err(shoal_runtime::CallError::Internal(format!("loading the function: {e}"))),
+                        stdout: Default::default(),
+                        stderr: Default::default(),
+                    },
+                };
                 deployed.logs.append(id, now_ms(), out.log_lines());
                 let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
                 self.metrics.record_call(outcome, Some(started.elapsed()));

@@ -38,7 +38,11 @@ impl Invoker for NodeInvoker {
                 .ok_or_else(|| ChainError::NotFound(format!("function `{tenant}/{name}` does not exist")))?;
             let call_id = new_call_id();
             let started = Instant::now();
-            let out = match node.executor.run_in(&deployed.image, &deployed.settings, &input, lineage).await {
+            let image = node
+                .image_of(&deployed)
+                .await
+                .map_err(|e| ChainError::Unavailable(format!("loading `{}`: {e}", deployed.key)))?;
+            let out = match node.executor.run_in(&image, &deployed.settings, &input, lineage).await {
                 Ok(out) => out,
                 Err(overloaded) => {
                     node.metrics.record_call(Err(ErrorKind::Overloaded), None);

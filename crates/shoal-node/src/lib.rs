@@ -15,6 +15,7 @@ mod calls;
 mod chain;
 mod config;
 mod error;
+mod images;
 mod logs;
 mod metrics;
 mod names;
@@ -82,6 +83,8 @@ pub struct Node {
     metrics: Metrics,
     admin_hash: TokenHash,
     async_calls: Arc<AsyncCalls>,
+    /// The clock of function use, for evicting the least recently used.
+    use_clock: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Node {
@@ -146,9 +149,11 @@ impl Node {
                 executor,
                 metrics: Metrics::default(),
                 async_calls,
+                use_clock: std::sync::atomic::AtomicU64::new(0),
             }
         });
         node.load_functions().await?;
+        node.enforce_image_budget();
         let resumed = node.resume_async_calls()?;
         if resumed > 0 {
             tracing::info!(resumed, "resuming asynchronous calls accepted before the last stop");
@@ -239,6 +244,8 @@ impl Node {
         };
         let logs = self.registry.logs_for(tenant, name, self.config.log_lines_per_function);
         let function = self.registry.deploy(DeployedFunction::new(record, image, logs), wasm)?;
+        function.touch(self.use_clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        self.enforce_image_budget();
         self.metrics.record_deploy();
         tracing::info!(%tenant, function = %name, sha256 = %function.record.sha256, "deployed");
         Ok(function.record.clone())

@@ -42,6 +42,7 @@ pub struct Gauges {
     pub n_compiles: u64,
     pub state: shoal_state::TierStats,
     pub async_unfinished: usize,
+    pub n_loaded_images: usize,
 }
 
 impl Metrics {
@@ -85,6 +86,7 @@ impl Metrics {
             ("shoal_compiles_total", "counter", "Wasm binaries compiled since start.", gauges.n_compiles),
             ("shoal_tenants", "gauge", "Tenants.", gauges.n_tenants as u64),
             ("shoal_functions", "gauge", "Deployed functions.", gauges.n_functions as u64),
+            ("shoal_images_loaded", "gauge", "Function images loaded.", gauges.n_loaded_images as u64),
             ("shoal_calls_running", "gauge", "Calls running now.", u64::from(gauges.n_running)),
             ("shoal_call_slots", "gauge", "Calls that may run at once.", u64::from(gauges.n_slots)),
             (
@@ -131,6 +133,7 @@ mod tests {
             n_compiles: 3,
             state: Default::default(),
             async_unfinished: 4,
+            n_loaded_images: 2,
         });
         for expected in [
             "shoal_calls_total{outcome=\"ok\"} 1",

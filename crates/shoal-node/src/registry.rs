@@ -7,7 +7,8 @@
 //! deployed with them).
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -55,14 +56,48 @@ pub struct FunctionRecord {
 #[derive(Debug)]
 pub struct DeployedFunction {
     pub record: FunctionRecord,
-    pub image: Arc<FunctionImage>,
     pub settings: CallSettings,
     pub logs: Arc<LogRing>,
     /// `tenant/name`: how the scheduler knows the function.
     pub key: Arc<str>,
+    /// The compiled, pre-linked image while loaded; dropped when the node
+    /// is over its image budget and this function is the least recently
+    /// used idle one (reloaded from the compiled cache on its next call).
+    image: Mutex<Option<Arc<FunctionImage>>>,
+    /// When it was last called, on the node's use clock.
+    last_used: AtomicU64,
 }
 
 impl DeployedFunction {
+    /// The image, if loaded.
+    pub fn loaded(&self) -> Option<Arc<FunctionImage>> {
+        self.image.lock().expect(POISON).clone()
+    }
+
+    pub fn set_image(&self, image: Arc<FunctionImage>) {
+        *self.image.lock().expect(POISON) = Some(image);
+    }
+
+    pub fn touch(&self, now: u64) {
+        self.last_used.store(now, Ordering::Relaxed);
+    }
+
+    pub fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
+    /// Drop the image unless a call is using it; returns whether it did.
+    pub fn evict(&self) -> bool {
+        let mut image = self.image.lock().expect(POISON);
+        match &*image {
+            Some(loaded) if Arc::strong_count(loaded) == 1 => {
+                *image = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn new(record: FunctionRecord, image: Arc<FunctionImage>, logs: Arc<LogRing>) -> Self {
         let settings = CallSettings {
             tenant: Arc::from(record.tenant.as_str()),
@@ -71,7 +106,7 @@ impl DeployedFunction {
             env: Arc::from(record.env.clone()),
         };
         let key = Arc::from(function_key(&record.tenant, &record.name));
-        Self { record, image, settings, logs, key }
+        Self { record, settings, logs, key, image: Mutex::new(Some(image)), last_used: AtomicU64::new(0) }
     }
 }
 
@@ -154,6 +189,16 @@ impl Registry {
 
     pub fn get(&self, tenant: &str, name: &str) -> Option<Arc<DeployedFunction>> {
         self.functions.read().expect(POISON).get(tenant)?.get(name).cloned()
+    }
+
+    /// The wasm stored under `sha256` (hex).
+    pub fn module(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.get(MODULES, sha256)
+    }
+
+    /// Every function deployed now.
+    pub fn all(&self) -> Vec<Arc<DeployedFunction>> {
+        self.functions.read().expect(POISON).values().flat_map(|by_name| by_name.values().cloned()).collect()
     }
 
     pub fn list(&self, tenant: &str) -> Vec<FunctionRecord> {

@@ -898,3 +898,24 @@ mod async_calls {
         node.stop().await;
     }
 }
+
+#[tokio::test]
+async fn past_the_image_budget_idle_images_are_dropped_and_reloaded_without_compiling() {
+    let node = TestNode::start_with(|c| c.max_loaded_images = 2).await;
+    let loaded = async || {
+        let text = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+        let line = text.lines().find(|l| l.starts_with("shoal_images_loaded ")).unwrap().to_string();
+        line.rsplit(' ').next().unwrap().parse::<usize>().unwrap()
+    };
+    assert!(loaded().await <= 2, "the examples were deployed past the budget");
+    let compiled = node.node.runtime().n_compiles();
+    for _ in 0..2 {
+        assert_eq!(node.invoke("demo/hello", b"a").await, (StatusCode::OK, b"hello a".to_vec()));
+        assert_eq!(node.invoke("demo/fib", b"10").await, (StatusCode::OK, b"55".to_vec()));
+        assert_eq!(node.invoke("demo/upper", b"b").await, (StatusCode::OK, b"B".to_vec()));
+        assert_eq!(node.invoke("demo/echo", b"c").await, (StatusCode::OK, b"c".to_vec()));
+        assert!(loaded().await <= 2);
+    }
+    assert_eq!(node.node.runtime().n_compiles(), compiled, "reloaded from the compiled cache");
+    node.stop().await;
+}
