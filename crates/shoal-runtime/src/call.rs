@@ -159,8 +159,10 @@ fn arm_deadline<T: 'static>(store: &mut Store<T>, deadline: Instant, lanes: Long
             Box::pin(async move {
                 // Always let the executor run others, even with a place free.
                 tokio::task::yield_now().await;
-                // The semaphore is never closed.
-                if let Ok(place) = places.acquire_owned().await {
+                // Wait for a place until the deadline at most (then the next
+                // check ends the call). The semaphore is never closed.
+                let place = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), places.acquire_owned());
+                if let Ok(Ok(place)) = place.await {
                     *held.lock().expect(HELD) = Some(place);
                 }
             }),
@@ -181,7 +183,10 @@ pub(crate) async fn run(
     let now = Instant::now();
     let own_deadline = now + settings.timeout;
     // A call stopped by its caller's deadline reports the time it had.
+    // (A root call's earlier deadline is its own timeout counted from its
+    // admission, time queued included: it reports that timeout.)
     let (deadline, time_limit) = match lineage.deadline {
+        Some(caller) if caller < own_deadline && lineage.depth == 0 => (caller, settings.timeout),
         Some(caller) if caller < own_deadline => (caller, caller.saturating_duration_since(now)),
         _ => (own_deadline, settings.timeout),
     };

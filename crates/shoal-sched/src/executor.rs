@@ -135,8 +135,14 @@ impl Executor {
     ) -> Result<Admitted<'_>, Overloaded> {
         let cost = self.expected_cost(function);
         let now = Instant::now();
-        let admitted =
-            || Admitted { executor: self, tenant: tenant.clone(), function: function.clone(), cost, settled: false };
+        let admitted = || Admitted {
+            executor: self,
+            tenant: tenant.clone(),
+            function: function.clone(),
+            cost,
+            deadline,
+            settled: false,
+        };
         let rx = {
             let mut inner = self.inner.lock().expect(POISON);
             let ticket = inner.next_ticket;
@@ -147,6 +153,11 @@ impl Executor {
                 Admission::Queued => {
                     let (tx, rx) = oneshot::channel();
                     inner.waiters.insert(ticket, Waiter { tenant: tenant.clone(), cost, start: tx });
+                    // Places may be free (held back only by a tenant's cap
+                    // or by the long calls' share): let the policy decide
+                    // now, not at the next call's end. A decision for this
+                    // call waits in the channel.
+                    self.pump(&mut inner);
                     QueuedGuard { executor: self, tenant: tenant.to_string(), ticket, cost, rx, done: false }
                 }
             }
@@ -292,6 +303,8 @@ pub struct Admitted<'a> {
     tenant: Arc<str>,
     function: Arc<str>,
     cost: Duration,
+    /// The deadline it was admitted with: time spent waiting counts.
+    deadline: Instant,
     settled: bool,
 }
 
@@ -308,7 +321,10 @@ impl Admitted<'_> {
                 stderr: Default::default(),
             };
         };
-        let mut call = std::pin::pin!(executor.runtime.call(image, settings, input));
+        // The call ends by the deadline it was admitted with, so time spent
+        // queued comes out of its timeout.
+        let lineage = Lineage { deadline: Some(self.deadline), ..Lineage::root() };
+        let mut call = std::pin::pin!(executor.runtime.call_in(image, settings, input, lineage));
         let mut used = Duration::ZERO;
         let out = std::future::poll_fn(|cx| {
             let polled_at = Instant::now();
@@ -347,6 +363,43 @@ mod tests {
 
     fn settings(timeout: Duration) -> CallSettings {
         CallSettings { tenant: Arc::from("t"), memory_limit: 16 << 20, timeout, env: Arc::from(Vec::new()) }
+    }
+
+    #[tokio::test]
+    async fn a_queued_call_starts_at_once_when_a_place_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RuntimeConfig::new(dir.path());
+        config.max_instances = 4;
+        let runtime = Arc::new(Runtime::new(config).unwrap());
+        // Room for 4, but one call per tenant.
+        let policy = PolicyConfig { max_running: 4, max_running_per_tenant: 1, ..PolicyConfig::new(4) };
+        let executor = Arc::new(Executor::new(runtime.clone(), 4, policy));
+        let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
+        let looping = |tenant: &'static str| {
+            let (executor, image) = (executor.clone(), image.clone());
+            tokio::spawn(async move {
+                let tenant: Arc<str> = Arc::from(tenant);
+                executor.run(&tenant, &f(), &image, &settings(Duration::from_secs(2)), b"loop").await
+            })
+        };
+        let first = looping("a");
+        while executor.busy() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // A second call of `a` waits (its tenant's cap) ...
+        let second = looping("a");
+        while executor.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // ... and a call of `b`, queued behind it, starts without waiting
+        // for `a`'s loop to end: it answers long before the loop's 2 s.
+        let started = std::time::Instant::now();
+        let b: Arc<str> = Arc::from("b");
+        let out = executor.run(&b, &f(), &image, &settings(Duration::from_secs(5)), b"x").await.unwrap();
+        assert!(out.result.is_ok());
+        assert!(started.elapsed() < Duration::from_secs(1), "b waited {:?}", started.elapsed());
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -275,12 +275,13 @@ impl Policy {
     pub fn next(&mut self, now: Instant) -> Vec<Decision> {
         let mut decisions = Vec::new();
         self.expire(now, &mut decisions);
+        self.fast_forward();
         // Each pass over the round either starts a call or adds quanta;
         // stop when nothing can start.
         let mut idle_passes = 0;
         while self.running < self.config.max_running && !self.round.is_empty() && idle_passes <= self.round.len() {
             let Some(name) = self.round.pop_front() else { break };
-            let quantum = nanos(self.config.quantum);
+            let quantum = nanos(self.config.quantum).max(1);
             let max_running_per_tenant = self.config.max_running_per_tenant;
             let Some(t) = self.tenants.get_mut(&name) else { continue };
             if t.running >= max_running_per_tenant {
@@ -331,6 +332,33 @@ impl Policy {
             }
         }
         decisions
+    }
+
+    /// Skip the rounds in which no tenant could start a call yet: add to
+    /// every waiting tenant, at once, the quanta all of them would get in
+    /// those rounds (a call far costlier than a quantum would otherwise
+    /// take one pass per quantum to become affordable).
+    fn fast_forward(&mut self) {
+        let quantum = nanos(self.config.quantum).max(1);
+        let rounds = self
+            .round
+            .iter()
+            .filter_map(|name| self.tenants.get(name))
+            .filter_map(|t| {
+                let head = t.queue.front()?;
+                let need = nanos(head.cost) - t.deficit;
+                let per_round = quantum * i128::from(t.weight);
+                Some(if need <= 0 { 0 } else { (need + per_round - 1) / per_round })
+            })
+            .min()
+            .unwrap_or(0);
+        if rounds > 1 {
+            for name in &self.round {
+                if let Some(t) = self.tenants.get_mut(name) {
+                    t.deficit += (rounds - 1) * quantum * i128::from(t.weight);
+                }
+            }
+        }
     }
 
     fn expire(&mut self, now: Instant, decisions: &mut Vec<Decision>) {
@@ -490,6 +518,18 @@ mod tests {
         p.finish("a", 500 * MS, 500 * MS);
         assert_eq!(p.next(now), vec![Decision::Run(2)]);
         assert_eq!(p.running_long(), 1);
+    }
+
+    #[test]
+    fn a_call_far_costlier_than_a_quantum_starts_in_one_decision() {
+        let mut p = policy(1, 1);
+        let now = Instant::now();
+        let far = now + Duration::from_secs(10_000);
+        assert_eq!(p.admit(now, "a", 1, MS, far), Admission::Run);
+        // Expected to cost 900 s of CPU: 450,000 quanta of 2 ms.
+        assert_eq!(p.admit(now, "b", 2, Duration::from_secs(900), far), Admission::Queued);
+        p.finish("a", MS, MS);
+        assert_eq!(p.next(now), vec![Decision::Run(2)]);
     }
 
     #[derive(Clone, Debug)]
