@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, Value};
+use redis::{Script, ScriptInvocation, Value};
 
 use super::{GlobalTier, LeaseToken, StateFuture, StateLimits, not_an_integer, over_quota, overflow, too_large};
 use crate::local::{CHUNK_BYTES, DirtyChunks};
@@ -258,6 +258,17 @@ impl RedisTier {
         format!("{}:l:{}", self.config.prefix, key.as_str()).into_bytes()
     }
 
+    /// An invocation of one of the value scripts: KEYS value, index, usage;
+    /// first ARGV the key as the tenant wrote it.
+    fn on_value<'s>(&self, script: &'s Script, key: &ScopedKey) -> ScriptInvocation<'s> {
+        let mut call = script.prepare_invoke();
+        call.key(self.value_key(key))
+            .key(self.index_key(key.tenant()))
+            .key(self.usage_key(key.tenant()))
+            .arg(key.key());
+        call
+    }
+
     /// Turn a write script's `{code, value}` into the result.
     fn written(&self, key: &ScopedKey, what: &str, reply: Value) -> Result<u64, StateError> {
         let Value::Array(items) = &reply else { return Err(bad_reply(what, &reply)) };
@@ -280,12 +291,8 @@ impl RedisTier {
         whole: bool,
         chunks: impl Iterator<Item = (u64, &[u8])>,
     ) -> Result<(), StateError> {
-        let mut call = self.scripts.write.prepare_invoke();
-        call.key(self.value_key(key))
-            .key(self.index_key(key.tenant()))
-            .key(self.usage_key(key.tenant()))
-            .arg(key.key())
-            .arg(len)
+        let mut call = self.on_value(&self.scripts.write, key);
+        call.arg(len)
             .arg(self.config.limits.max_value_bytes)
             .arg(self.config.limits.tenant_quota_bytes)
             .arg(CHUNK_BYTES)
@@ -352,11 +359,7 @@ impl GlobalTier for RedisTier {
 
     fn delete<'a>(&'a self, key: &'a ScopedKey) -> StateFuture<'a, bool> {
         Box::pin(async move {
-            let mut call = self.scripts.delete.prepare_invoke();
-            call.key(self.value_key(key))
-                .key(self.index_key(key.tenant()))
-                .key(self.usage_key(key.tenant()))
-                .arg(key.key());
+            let call = self.on_value(&self.scripts.delete, key);
             let mut conn = self.conn.clone();
             let removed: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
             Ok(removed == 1)
@@ -365,12 +368,8 @@ impl GlobalTier for RedisTier {
 
     fn append<'a>(&'a self, key: &'a ScopedKey, data: Vec<u8>) -> StateFuture<'a, u64> {
         Box::pin(async move {
-            let mut call = self.scripts.append.prepare_invoke();
-            call.key(self.value_key(key))
-                .key(self.index_key(key.tenant()))
-                .key(self.usage_key(key.tenant()))
-                .arg(key.key())
-                .arg(data)
+            let mut call = self.on_value(&self.scripts.append, key);
+            call.arg(data)
                 .arg(self.config.limits.max_value_bytes)
                 .arg(self.config.limits.tenant_quota_bytes)
                 .arg(CHUNK_BYTES);
@@ -382,13 +381,8 @@ impl GlobalTier for RedisTier {
 
     fn incr<'a>(&'a self, key: &'a ScopedKey, delta: i64) -> StateFuture<'a, i64> {
         Box::pin(async move {
-            let mut call = self.scripts.incr.prepare_invoke();
-            call.key(self.value_key(key))
-                .key(self.index_key(key.tenant()))
-                .key(self.usage_key(key.tenant()))
-                .arg(key.key())
-                .arg(delta)
-                .arg(self.config.limits.tenant_quota_bytes);
+            let mut call = self.on_value(&self.scripts.incr, key);
+            call.arg(delta).arg(self.config.limits.tenant_quota_bytes);
             let mut conn = self.conn.clone();
             let reply: Value = self.bounded(call.invoke_async(&mut conn)).await?;
             let Value::Array(items) = &reply else { return Err(bad_reply("incr", &reply)) };
