@@ -192,7 +192,9 @@ impl AsyncCalls {
 
     /// Remove finished records accepted more than the retention time ago.
     fn sweep(&self) -> Result<usize, StoreError> {
-        let cutoff = format!("{:012x}", now_ms().saturating_sub(self.retention.as_millis() as u64));
+        // Ids start with the acceptance time: those before the cutoff were
+        // accepted at least the retention time ago.
+        let cutoff = format!("{:012x}", now_ms().saturating_sub(self.retention.as_millis() as u64) + 1);
         let mut removed = 0;
         loop {
             let old = self.store.scan_before(CALLS, &cutoff, SWEEP_BATCH)?;
