@@ -62,7 +62,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 36)]
     background_fib: u32,
     /// Requests in flight at most, per tenant (the generator's connections).
-    #[arg(long, default_value_t = 512)]
+    /// High by default so that the offered load reaches the node: a
+    /// request waiting here for a connection would be queueing the node
+    /// never sees.
+    #[arg(long, default_value_t = 8192)]
     connections: usize,
     /// A response later than this after its intended send time counts as
     /// late (the functions' default timeout).
@@ -74,6 +77,11 @@ pub struct BenchArgs {
     /// Extra flags for the node, e.g. `--node-arg=--max-concurrent-calls=64`.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     node_args: Vec<String>,
+    /// Run the node on these CPUs only (`taskset -c LIST`, e.g. `1`), so
+    /// that it and the generator do not take turns on the same cores. Run
+    /// the generator itself under `taskset -c` on the others.
+    #[arg(long)]
+    node_cpus: Option<String>,
 }
 
 const ADMIN: &str = "bench-admin-token-0123456789abcdef";
@@ -93,10 +101,18 @@ impl Drop for NodeProcess {
 }
 
 impl NodeProcess {
-    fn start(extra: &[String]) -> anyhow::Result<Self> {
+    fn start(extra: &[String], cpus: Option<&str>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir().context("a data directory for the node")?;
         let exe = std::env::current_exe().context("finding the shoal binary")?;
-        let mut child = Command::new(exe)
+        let mut command = match cpus {
+            Some(cpus) => {
+                let mut taskset = Command::new("taskset");
+                taskset.args(["-c", cpus]).arg(exe);
+                taskset
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--no-examples", "--data-dir"])
             .arg(dir.path())
             .args(extra)
@@ -360,7 +376,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut csv = vec![CSV_HEADER.to_string()];
     for &n in &args.functions {
-        let node = NodeProcess::start(&args.node_args)?;
+        let node = NodeProcess::start(&args.node_args, args.node_cpus.as_deref())?;
         eprintln!("bench: N = {n} functions on a node at {}", node.base);
         for tenant in &tenants {
             create_tenant(&http, &node.base, tenant).await?;

@@ -274,7 +274,7 @@ impl Node {
                 record.attempts += 1;
                 self.write_record(&record, None).await?;
                 let out = match self.image_of(deployed).await {
-                    Ok(image) => slot.run(&image, &deployed.settings, &input).await,
+                    Ok(image) => slot.run(&image, &deployed.settings, input.into()).await,
                     Err(e) => shoal_runtime::CallOutput {
                         result: Err(shoal_runtime::CallError::Internal(format!("loading the function: {e}"))),
                         stdout: Default::default(),

@@ -42,7 +42,7 @@ impl Invoker for NodeInvoker {
                 .image_of(&deployed)
                 .await
                 .map_err(|e| ChainError::Unavailable(format!("loading `{}`: {e}", deployed.key)))?;
-            let out = match node.executor.run_in(&image, &deployed.settings, &input, lineage).await {
+            let out = match node.executor.run_in(&image, &deployed.settings, input.into(), lineage).await {
                 Ok(out) => out,
                 Err(overloaded) => {
                     node.metrics.record_call(Err(ErrorKind::Overloaded), None);

@@ -4,19 +4,28 @@
 //! asks it whether a call may run, parks queued calls on a channel until
 //! the policy names them, and settles every call with it when it ends.
 //!
+//! Calls run on threads of their own (the call pool, a tokio runtime with
+//! a worker per core), apart from the threads that serve HTTP: a node
+//! whose cores are busy with guests still reads, refuses and answers
+//! requests at once. Calls of a function measured to cost less than
+//! [`INLINE_BELOW`] run where they were asked instead, as handing them to
+//! the pool and back would cost more than running them.
+//!
 //! Two kinds of capacity: the policy's running limit (calls a client or an
 //! asynchronous queue started) and the sandbox slots (every instance,
 //! chained calls included). Chained calls skip the policy — their root was
 //! admitted already, and making a parent wait for a child's turn could
 //! deadlock — but still need a sandbox slot, without waiting for one.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use shoal_runtime::{CallError, CallOutput, CallSettings, FunctionImage, Lineage, Runtime};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::policy::{Admission, CallTicket, Decision, Policy, PolicyConfig};
 
@@ -37,6 +46,11 @@ const FIRST_GUESS: Duration = Duration::from_millis(1);
 
 /// Weight of the newest measurement in a function's mean.
 const EWMA_WEIGHT: f64 = 0.2;
+
+/// Calls of a function whose mean CPU time is below this run on the
+/// thread that asked for them (an HTTP request's): the hand-off to the
+/// call pool and back costs more than they do.
+pub const INLINE_BELOW: Duration = Duration::from_micros(100);
 
 /// Deadline of work accepted already (asynchronous calls): far enough
 /// that waiting never refuses it.
@@ -65,8 +79,71 @@ pub struct Executor {
     inner: Mutex<Inner>,
     /// Mean CPU time per call, by function.
     costs: Mutex<HashMap<Arc<str>, Duration>>,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     n_slots: u32,
+    pool: CallPool,
+}
+
+/// The call pool's threads yield to the node's others (HTTP, timers): a
+/// request is read, refused or answered at once even when guests keep
+/// every core busy. Their share among themselves is the scheduler's.
+const POOL_NICE: i32 = 10;
+
+thread_local! {
+    /// Whether this thread is one of a call pool's.
+    static IN_POOL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The threads calls run on: a tokio runtime of their own. Dropped, it
+/// stops without waiting for the calls on it (they are dropped, which
+/// ends them), so an executor may be dropped anywhere.
+struct CallPool {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl CallPool {
+    fn new(threads: u32) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1) as usize)
+            .thread_name("shoal-call")
+            .on_thread_start(|| {
+                IN_POOL.with(|p| p.set(true));
+                crate::priority::lower_this_thread(POOL_NICE);
+            })
+            .enable_all()
+            .build()
+            .expect("starting the call pool's threads: the process is out of threads");
+        Self { runtime: Some(runtime) }
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.runtime.as_ref().expect("the call pool runs until dropped").handle()
+    }
+
+    /// Run `call` on the pool; dropping the returned future cancels it.
+    async fn run<T: Send + 'static>(&self, call: impl Future<Output = T> + Send + 'static) -> Result<T, String> {
+        let mut task = AbortOnDrop(self.handle().spawn(call));
+        match (&mut task.0).await {
+            Ok(out) => Ok(out),
+            Err(e) => Err(format!("the call's task ended abnormally: {e}")),
+        }
+    }
+}
+
+impl Drop for CallPool {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl std::fmt::Debug for Executor {
@@ -82,12 +159,14 @@ impl Executor {
     /// the runtime has) and the scheduling `policy`.
     pub fn new(runtime: Arc<Runtime>, n_slots: u32, policy: PolicyConfig) -> Self {
         let n_slots = n_slots.clamp(1, runtime.config().max_instances);
+        let pool = CallPool::new(policy.cores);
         Self {
             runtime,
             inner: Mutex::new(Inner { policy: Policy::new(policy), waiters: HashMap::new(), next_ticket: 0 }),
             costs: Mutex::new(HashMap::new()),
-            slots: Semaphore::new(n_slots as usize),
+            slots: Arc::new(Semaphore::new(n_slots as usize)),
             n_slots,
+            pool,
         }
     }
 
@@ -203,29 +282,34 @@ impl Executor {
         &self,
         tenant: &Arc<str>,
         function: &Arc<str>,
-        image: &FunctionImage,
+        image: &Arc<FunctionImage>,
         settings: &CallSettings,
-        input: &[u8],
+        input: Bytes,
     ) -> Result<CallOutput, Overloaded> {
         let admitted = self.admit(tenant, function, Instant::now() + settings.timeout).await?;
         Ok(admitted.run(image, settings, input).await)
     }
 
-    /// Run a chained call now, in a free sandbox, or refuse it at once.
+    /// Run a chained call now, in a free sandbox, or refuse it at once. It
+    /// runs on the call pool (where its caller usually is already).
     pub async fn run_in(
         &self,
-        image: &FunctionImage,
+        image: &Arc<FunctionImage>,
         settings: &CallSettings,
-        input: &[u8],
+        input: Bytes,
         lineage: Lineage,
     ) -> Result<CallOutput, Overloaded> {
-        let Ok(_slot) = self.slots.try_acquire() else {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Err(Overloaded {
                 reason: format!("all {} sandboxes are in use", self.n_slots),
                 retry_after: RETRY_AFTER,
             });
         };
-        Ok(self.runtime.call_in(image, settings, input, lineage).await)
+        if IN_POOL.with(Cell::get) {
+            return Ok(self.runtime.call_in(image, settings, &input, lineage).await);
+        }
+        let call = measured(self.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot);
+        Ok(self.pool.run(call).await.map_or_else(failed, |(out, _)| out))
     }
 
     /// A running call ended: settle it with the policy, start whoever the
@@ -312,9 +396,12 @@ impl Admitted<'_> {
     /// Run one root call, measuring the CPU time it takes (the time its
     /// future spends being polled: the guest running, host calls
     /// included, waits excluded).
-    pub async fn run(mut self, image: &FunctionImage, settings: &CallSettings, input: &[u8]) -> CallOutput {
+    ///
+    /// It runs on the call pool unless its function is known to be cheaper
+    /// than the hand-off ([`INLINE_BELOW`]).
+    pub async fn run(mut self, image: &Arc<FunctionImage>, settings: &CallSettings, input: Bytes) -> CallOutput {
         let executor = self.executor;
-        let Ok(_slot) = executor.slots.try_acquire() else {
+        let Ok(slot) = executor.slots.clone().try_acquire_owned() else {
             return CallOutput {
                 result: Err(CallError::Overloaded { limit: executor.n_slots }),
                 stdout: Default::default(),
@@ -324,20 +411,48 @@ impl Admitted<'_> {
         // The call ends by the deadline it was admitted with, so time spent
         // queued comes out of its timeout.
         let lineage = Lineage { deadline: Some(self.deadline), ..Lineage::root() };
-        let mut call = std::pin::pin!(executor.runtime.call_in(image, settings, input, lineage));
-        let mut used = Duration::ZERO;
-        let out = std::future::poll_fn(|cx| {
-            let polled_at = Instant::now();
-            let poll = call.as_mut().poll(cx);
-            used += polled_at.elapsed();
-            poll
-        })
-        .await;
+        let call = measured(executor.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot);
+        let (out, used) = if self.cost < INLINE_BELOW || IN_POOL.with(Cell::get) {
+            call.await
+        } else {
+            match executor.pool.run(call).await {
+                Ok(done) => done,
+                Err(e) => (failed(e), Duration::ZERO),
+            }
+        };
         executor.record_cost(&self.function, used);
         self.settled = true;
         executor.settle(&self.tenant, self.cost, used);
         out
     }
+}
+
+/// One call in a sandbox (`slot`, held until the call is dropped), with
+/// the CPU time it took: the time its future spent being polled (the
+/// guest running, host calls included, waits excluded).
+async fn measured(
+    runtime: Arc<Runtime>,
+    image: Arc<FunctionImage>,
+    settings: CallSettings,
+    input: Bytes,
+    lineage: Lineage,
+    slot: OwnedSemaphorePermit,
+) -> (CallOutput, Duration) {
+    let _slot = slot;
+    let mut call = std::pin::pin!(runtime.call_in(&image, &settings, &input, lineage));
+    let mut used = Duration::ZERO;
+    let out = std::future::poll_fn(|cx| {
+        let polled_at = Instant::now();
+        let poll = call.as_mut().poll(cx);
+        used += polled_at.elapsed();
+        poll
+    })
+    .await;
+    (out, used)
+}
+
+fn failed(message: String) -> CallOutput {
+    CallOutput { result: Err(CallError::Internal(message)), stdout: Default::default(), stderr: Default::default() }
 }
 
 impl Drop for Admitted<'_> {
@@ -375,19 +490,19 @@ mod tests {
         let policy = PolicyConfig { max_running: 4, max_running_per_tenant: 1, ..PolicyConfig::new(4) };
         let executor = Arc::new(Executor::new(runtime.clone(), 4, policy));
         let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
-        let looping = |tenant: &'static str| {
+        let call_of_a = |input: &'static [u8], timeout: Duration| {
             let (executor, image) = (executor.clone(), image.clone());
             tokio::spawn(async move {
-                let tenant: Arc<str> = Arc::from(tenant);
-                executor.run(&tenant, &f(), &image, &settings(Duration::from_secs(2)), b"loop").await
+                let a: Arc<str> = Arc::from("a");
+                executor.run(&a, &f(), &image, &settings(timeout), Bytes::from_static(input)).await
             })
         };
-        let first = looping("a");
+        let first = call_of_a(b"loop", Duration::from_secs(2));
         while executor.busy() == 0 {
             tokio::task::yield_now().await;
         }
         // A second call of `a` waits (its tenant's cap) ...
-        let second = looping("a");
+        let second = call_of_a(b"x", Duration::from_secs(10));
         while executor.queued() == 0 {
             tokio::task::yield_now().await;
         }
@@ -395,11 +510,12 @@ mod tests {
         // for `a`'s loop to end: it answers long before the loop's 2 s.
         let started = std::time::Instant::now();
         let b: Arc<str> = Arc::from("b");
-        let out = executor.run(&b, &f(), &image, &settings(Duration::from_secs(5)), b"x").await.unwrap();
+        let out =
+            executor.run(&b, &f(), &image, &settings(Duration::from_secs(5)), Bytes::from_static(b"x")).await.unwrap();
         assert!(out.result.is_ok());
         assert!(started.elapsed() < Duration::from_secs(1), "b waited {:?}", started.elapsed());
-        first.await.unwrap().unwrap();
-        second.await.unwrap().unwrap();
+        assert!(first.await.unwrap().unwrap().result.is_err(), "the loop ends at its deadline");
+        assert!(second.await.unwrap().unwrap().result.is_ok(), "a's second call ran after its first");
     }
 
     #[tokio::test]
@@ -415,7 +531,9 @@ mod tests {
         let spin = || {
             let (running, image) = (executor.clone(), image.clone());
             tokio::spawn(async move {
-                running.run(&t(), &f(), &image, &settings(Duration::from_millis(300)), b"loop").await
+                running
+                    .run(&t(), &f(), &image, &settings(Duration::from_millis(300)), Bytes::from_static(b"loop"))
+                    .await
             })
         };
         let busy = spin();
@@ -425,7 +543,9 @@ mod tests {
         // The looping call holds the only place; a quick call waits for it.
         let waiting = {
             let (executor, image) = (executor.clone(), image.clone());
-            tokio::spawn(async move { executor.run(&t(), &f(), &image, &settings(Duration::from_secs(5)), b"x").await })
+            tokio::spawn(async move {
+                executor.run(&t(), &f(), &image, &settings(Duration::from_secs(5)), Bytes::from_static(b"x")).await
+            })
         };
         while executor.queued() == 0 {
             tokio::task::yield_now().await;
@@ -440,10 +560,59 @@ mod tests {
         while executor.busy() == 0 {
             tokio::task::yield_now().await;
         }
-        let refused = executor.run(&t(), &f(), &image, &settings(Duration::from_millis(100)), b"x").await.unwrap_err();
+        let refused = executor
+            .run(&t(), &f(), &image, &settings(Duration::from_millis(100)), Bytes::from_static(b"x"))
+            .await
+            .unwrap_err();
         assert!(refused.reason.contains("deadline"), "{refused}");
         busy.await.unwrap().unwrap();
         assert_eq!(executor.busy(), 0);
         assert_eq!(executor.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn call_threads_are_marked_and_yield_to_the_others() {
+        let pool = CallPool::new(1);
+        let (in_pool, nice) = pool
+            .run(async {
+                // SAFETY: `getpriority` reads the calling thread's nice value.
+                #[allow(unsafe_code)]
+                let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+                (IN_POOL.with(Cell::get), nice)
+            })
+            .await
+            .unwrap();
+        assert!(in_pool);
+        assert!(!IN_POOL.with(Cell::get), "the test's own thread is not a call thread");
+        assert_eq!(nice, POOL_NICE);
+    }
+
+    #[tokio::test]
+    async fn a_caller_leaving_ends_its_call_on_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Arc::new(Runtime::new(RuntimeConfig::new(dir.path())).unwrap());
+        let executor = Arc::new(Executor::new(runtime.clone(), 4, PolicyConfig::new(2)));
+        let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
+        // Never measured, the function is expected to cost more than a
+        // hand-off: its calls go to the pool.
+        assert!(executor.expected_cost("t/f") >= INLINE_BELOW);
+        let caller = {
+            let (executor, image) = (executor.clone(), image.clone());
+            tokio::spawn(async move {
+                executor.run(&t(), &f(), &image, &settings(Duration::from_secs(60)), Bytes::from_static(b"loop")).await
+            })
+        };
+        while executor.busy() == 0 {
+            tokio::task::yield_now().await;
+        }
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        // The loop would hold its sandbox for 60 s; cancelled, it lets go
+        // as soon as the pool drops it.
+        let waited = Instant::now();
+        while executor.busy() > 0 {
+            assert!(waited.elapsed() < Duration::from_secs(20), "the cancelled call still holds its sandbox");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

@@ -11,6 +11,7 @@
 
 mod executor;
 mod policy;
+mod priority;
 
 pub use executor::{Admitted, Executor, Overloaded};
 pub use policy::{Admission, CallTicket, Decision, Policy, PolicyConfig};

@@ -232,7 +232,7 @@ async fn invoke_inner(
     let span = tracing::debug_span!("call", %tenant, function = %name, %call_id);
     let started = Instant::now();
     let image = node.image_of(&function).await.map_err(|e| ApiError::internal("loading a function's image", e))?;
-    let run = node.executor.run(&function.settings.tenant, &function.key, &image, &function.settings, &input);
+    let run = node.executor.run(&function.settings.tenant, &function.key, &image, &function.settings, input);
     let out = match run.instrument(span).await {
         Ok(out) => out,
         Err(overloaded) => {
