@@ -93,6 +93,18 @@ struct Waiting {
     deadline: Instant,
 }
 
+impl Waiting {
+    /// From when it can no longer make its deadline (`now` if it cannot
+    /// already).
+    fn expires_from(&self, now: Instant) -> Instant {
+        self.deadline.checked_sub(self.cost).unwrap_or(now)
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Instant) -> Option<Instant> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
 #[derive(Debug, Default)]
 struct Tenant {
     weight: u32,
@@ -105,6 +117,10 @@ struct Tenant {
     queued_cost: Duration,
     /// Whether it is in the round-robin list.
     active: bool,
+    /// No queued call can expire before this (the earliest deadline less
+    /// cost among them; may be earlier than that after calls left the
+    /// queue, which only costs a needless look).
+    expires_from: Option<Instant>,
 }
 
 /// The scheduler's state.
@@ -257,7 +273,9 @@ impl Policy {
         let name: Arc<str> =
             self.tenants.get_key_value(tenant).map(|(k, _)| k.clone()).unwrap_or_else(|| Arc::from(tenant));
         let t = self.tenant(tenant);
-        t.queue.push_back(Waiting { ticket, cost, deadline });
+        let waiting = Waiting { ticket, cost, deadline };
+        t.expires_from = earliest(t.expires_from, waiting.expires_from(now));
+        t.queue.push_back(waiting);
         t.queued_cost += cost;
         let newly_active = !t.active;
         t.active = true;
@@ -363,16 +381,23 @@ impl Policy {
 
     fn expire(&mut self, now: Instant, decisions: &mut Vec<Decision>) {
         for t in self.tenants.values_mut() {
+            if t.expires_from.is_none_or(|from| now <= from) {
+                continue;
+            }
             let before = t.queue.len();
             let mut expired_cost = Duration::ZERO;
+            let mut expires_from = None;
             t.queue.retain(|w| {
                 let keep = now + w.cost <= w.deadline;
-                if !keep {
+                if keep {
+                    expires_from = earliest(expires_from, w.expires_from(now));
+                } else {
                     decisions.push(Decision::Expire(w.ticket));
                     expired_cost += w.cost;
                 }
                 keep
             });
+            t.expires_from = expires_from;
             let n = before - t.queue.len();
             self.queued -= n;
             t.queued_cost = t.queued_cost.saturating_sub(expired_cost);
@@ -613,6 +638,12 @@ mod tests {
                 }
                 prop_assert_eq!(p.queued(), waiting.len());
                 prop_assert!(p.queued() <= config.max_queued);
+                // Nothing left waiting that can no longer make its deadline.
+                for t in p.tenants.values() {
+                    for w in &t.queue {
+                        prop_assert!(now + w.cost <= w.deadline, "ticket {} waits past hope", w.ticket);
+                    }
+                }
             }
             // Drain: finish everything; every waiting call is eventually
             // started or expired.
