@@ -20,7 +20,9 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -76,7 +78,7 @@ struct Inner {
 
 pub struct Executor {
     runtime: Arc<Runtime>,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     /// Mean CPU time per call, by function.
     costs: Mutex<HashMap<Arc<str>, Duration>>,
     slots: Arc<Semaphore>,
@@ -162,7 +164,7 @@ impl Executor {
         let pool = CallPool::new(policy.cores);
         Self {
             runtime,
-            inner: Mutex::new(Inner { policy: Policy::new(policy), waiters: HashMap::new(), next_ticket: 0 }),
+            inner: Arc::new(Mutex::new(Inner { policy: Policy::new(policy), waiters: HashMap::new(), next_ticket: 0 })),
             costs: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(n_slots as usize)),
             n_slots,
@@ -236,7 +238,7 @@ impl Executor {
                     // or by the long calls' share): let the policy decide
                     // now, not at the next call's end. A decision for this
                     // call waits in the channel.
-                    self.pump(&mut inner);
+                    pump(&mut inner);
                     QueuedGuard { executor: self, tenant: tenant.to_string(), ticket, cost, rx, done: false }
                 }
             }
@@ -308,7 +310,7 @@ impl Executor {
         if IN_POOL.with(Cell::get) {
             return Ok(self.runtime.call_in(image, settings, &input, lineage).await);
         }
-        let call = measured(self.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot);
+        let call = measured(self.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot, None);
         Ok(self.pool.run(call).await.map_or_else(failed, |(out, _)| out))
     }
 
@@ -317,26 +319,27 @@ impl Executor {
     fn settle(&self, tenant: &str, expected: Duration, used: Duration) {
         let mut inner = self.inner.lock().expect(POISON);
         inner.policy.finish(tenant, expected, used);
-        self.pump(&mut inner);
+        pump(&mut inner);
     }
+}
 
-    fn pump(&self, inner: &mut Inner) {
-        loop {
-            let decisions = inner.policy.next(Instant::now());
-            if decisions.is_empty() {
-                return;
-            }
-            for decision in decisions {
-                let (ticket, start) = match decision {
-                    Decision::Run(ticket) => (ticket, Start::Run),
-                    Decision::Expire(ticket) => (ticket, Start::Expired),
-                };
-                let Some(waiter) = inner.waiters.remove(&ticket) else { continue };
-                let started = matches!(start, Start::Run);
-                if waiter.start.send(start).is_err() && started {
-                    // Its caller left just now: the place it was given is free.
-                    inner.policy.finish(&waiter.tenant, waiter.cost, Duration::ZERO);
-                }
+/// Ask the policy what starts now (or expires), and tell the waiters.
+fn pump(inner: &mut Inner) {
+    loop {
+        let decisions = inner.policy.next(Instant::now());
+        if decisions.is_empty() {
+            return;
+        }
+        for decision in decisions {
+            let (ticket, start) = match decision {
+                Decision::Run(ticket) => (ticket, Start::Run),
+                Decision::Expire(ticket) => (ticket, Start::Expired),
+            };
+            let Some(waiter) = inner.waiters.remove(&ticket) else { continue };
+            let started = matches!(start, Start::Run);
+            if waiter.start.send(start).is_err() && started {
+                // Its caller left just now: the place it was given is free.
+                inner.policy.finish(&waiter.tenant, waiter.cost, Duration::ZERO);
             }
         }
     }
@@ -361,7 +364,7 @@ impl QueuedGuard<'_> {
         let mut inner = self.executor.inner.lock().expect(POISON);
         if inner.waiters.remove(&self.ticket).is_some() {
             inner.policy.cancel(&self.tenant, self.ticket);
-            self.executor.pump(&mut inner);
+            pump(&mut inner);
             return None;
         }
         self.rx.try_recv().ok()
@@ -411,7 +414,9 @@ impl Admitted<'_> {
         // The call ends by the deadline it was admitted with, so time spent
         // queued comes out of its timeout.
         let lineage = Lineage { deadline: Some(self.deadline), ..Lineage::root() };
-        let call = measured(executor.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot);
+        let place = CpuPlace { inner: executor.inner.clone(), cost: self.cost, blocked: false };
+        let call =
+            measured(executor.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot, Some(place));
         let (out, used) = if self.cost < INLINE_BELOW || IN_POOL.with(Cell::get) {
             call.await
         } else {
@@ -430,6 +435,11 @@ impl Admitted<'_> {
 /// One call in a sandbox (`slot`, held until the call is dropped), with
 /// the CPU time it took: the time its future spent being polled (the
 /// guest running, host calls included, waits excluded).
+///
+/// A call admitted by the policy holds a `place` on the CPU, given back
+/// while the call is blocked: when it stops without having woken itself
+/// (a yield wakes the call at once; waiting on I/O or a chained call
+/// does not) — and taken again when it is next polled.
 async fn measured(
     runtime: Arc<Runtime>,
     image: Arc<FunctionImage>,
@@ -437,18 +447,87 @@ async fn measured(
     input: Bytes,
     lineage: Lineage,
     slot: OwnedSemaphorePermit,
+    mut place: Option<CpuPlace>,
 ) -> (CallOutput, Duration) {
     let _slot = slot;
     let mut call = std::pin::pin!(runtime.call_in(&image, &settings, &input, lineage));
+    let watch = Arc::new(WakeWatch { woke: AtomicBool::new(false), waker: Mutex::new(Waker::noop().clone()) });
+    let waker = Waker::from(watch.clone());
     let mut used = Duration::ZERO;
     let out = std::future::poll_fn(|cx| {
+        {
+            let mut outer = watch.waker.lock().expect(POISON);
+            if !outer.will_wake(cx.waker()) {
+                *outer = cx.waker().clone();
+            }
+        }
+        watch.woke.store(false, Ordering::Relaxed);
+        if let Some(place) = &mut place {
+            place.set_blocked(false);
+        }
         let polled_at = Instant::now();
-        let poll = call.as_mut().poll(cx);
+        let poll = call.as_mut().poll(&mut Context::from_waker(&waker));
         used += polled_at.elapsed();
+        if poll.is_pending()
+            && !watch.woke.load(Ordering::Relaxed)
+            && let Some(place) = &mut place
+        {
+            place.set_blocked(true);
+        }
         poll
     })
     .await;
     (out, used)
+}
+
+/// Passes a call's wake-ups on, noting whether one came.
+struct WakeWatch {
+    woke: AtomicBool,
+    waker: Mutex<Waker>,
+}
+
+impl Wake for WakeWatch {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woke.store(true, Ordering::Relaxed);
+        self.waker.lock().expect(POISON).wake_by_ref();
+    }
+}
+
+/// A running call's place on the CPU in the policy's count: given back
+/// while the call is blocked, and when dropped blocked, taken back so the
+/// count stays true (the call is then settled as any other).
+struct CpuPlace {
+    inner: Arc<Mutex<Inner>>,
+    cost: Duration,
+    blocked: bool,
+}
+
+impl CpuPlace {
+    fn set_blocked(&mut self, blocked: bool) {
+        if self.blocked == blocked {
+            return;
+        }
+        self.blocked = blocked;
+        let mut inner = self.inner.lock().expect(POISON);
+        if blocked {
+            inner.policy.block(self.cost);
+            pump(&mut inner);
+        } else {
+            inner.policy.unblock(self.cost);
+        }
+    }
+}
+
+impl Drop for CpuPlace {
+    fn drop(&mut self) {
+        if self.blocked {
+            self.inner.lock().expect(POISON).policy.unblock(self.cost);
+        }
+    }
 }
 
 fn failed(message: String) -> CallOutput {
@@ -614,5 +693,35 @@ mod tests {
             assert!(waited.elapsed() < Duration::from_secs(20), "the cancelled call still holds its sandbox");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_call_blocked_in_a_host_call_gives_its_place_on_the_cpu_to_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Arc::new(Runtime::new(RuntimeConfig::new(dir.path())).unwrap());
+        // One core: one short call on the CPU at a time.
+        let executor = Arc::new(Executor::new(runtime.clone(), 4, PolicyConfig::new(1)));
+        let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
+        // A call that sleeps (blocked in WASI's clock) until its 60 s are up.
+        let sleeper = {
+            let (executor, image) = (executor.clone(), image.clone());
+            tokio::spawn(async move {
+                executor.run(&t(), &f(), &image, &settings(Duration::from_secs(60)), Bytes::from_static(b"sleep")).await
+            })
+        };
+        while executor.busy() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Another call gets the core while the first sleeps.
+        let (tenant, function, settings) = (t(), f(), settings(Duration::from_secs(60)));
+        let quick = executor.run(&tenant, &function, &image, &settings, Bytes::from_static(b"x"));
+        let out = tokio::time::timeout(Duration::from_secs(20), quick)
+            .await
+            .expect("the second call waited for the sleeping one")
+            .unwrap();
+        assert!(out.result.is_ok());
+        assert!(!sleeper.is_finished());
+        assert_eq!(executor.inner.lock().unwrap().policy.short_on_cpu(), 0, "the sleeper is not on the CPU");
+        sleeper.abort();
     }
 }

@@ -5,8 +5,12 @@
 //!
 //! - **Capacity** is CPU: the node has `cores`, and each call is expected
 //!   to use the CPU time its function used lately (an exponentially
-//!   weighted mean the driver keeps). At most `max_running` calls run at
-//!   once, at most `max_running_per_tenant` of one tenant.
+//!   weighted mean the driver keeps). At most `short_places` short calls
+//!   are on the CPU at once (one per core: more would only take turns on
+//!   the cores and each would end later; a call blocked in a host call, on
+//!   I/O or a chained call, is not on the CPU — see [`Policy::block`]),
+//!   and at most `max_running` calls are started and unfinished, at most
+//!   `max_running_per_tenant` of one tenant.
 //! - **Admission**: a call runs now if there is room and no one waits;
 //!   else it is queued only if its tenant's queue and the node's queue
 //!   have room *and* its expected completion fits its deadline; else it is
@@ -19,9 +23,10 @@
 //!   quanta are proportional to tenant weights.
 //! - **Short and long calls**: a call expected to use at least
 //!   `long_after` of CPU is long; at most `max_running_long` long calls hold
-//!   running places, so short calls always find one (a tenant's queue is
-//!   FIFO within each kind: a waiting long call never holds up a short one
-//!   behind it).
+//!   running places (they take turns on the CPU in the runtime), so short
+//!   calls always find one. A tenant's queue is FIFO within each kind: a
+//!   waiting call whose kind's places are full never holds up a call of
+//!   the other kind behind it.
 //! - **Expiry**: a queued call whose deadline can no longer be met is
 //!   handed back (never silently dropped) so its caller gets an answer.
 
@@ -36,7 +41,11 @@ pub type CallTicket = u64;
 pub struct PolicyConfig {
     /// CPU cores calls run on.
     pub cores: u32,
-    /// Calls running at once, all tenants together.
+    /// Short calls on the CPU at once (started, not finished, not blocked
+    /// in a host call).
+    pub short_places: u32,
+    /// Calls started and unfinished at once (blocked ones included), all
+    /// tenants together.
     pub max_running: u32,
     /// Calls of one tenant running at once.
     pub max_running_per_tenant: u32,
@@ -56,11 +65,12 @@ impl PolicyConfig {
         let cores = cores.max(1);
         Self {
             cores,
+            short_places: cores,
             max_running: 4 * cores,
             max_running_per_tenant: 4 * cores,
             max_queued: 10_000,
             max_queued_per_tenant: 2_000,
-            quantum: Duration::from_millis(2),
+            quantum: Duration::from_micros(250),
             long_after: Duration::from_millis(5),
             max_running_long: 2 * cores,
         }
@@ -132,6 +142,8 @@ pub struct Policy {
     round: VecDeque<Arc<str>>,
     running: u32,
     running_long: u32,
+    /// Short calls running but blocked in a host call.
+    blocked_short: u32,
     queued: usize,
     /// Expected CPU time of running and queued calls, and of queued ones.
     backlog: Duration,
@@ -150,6 +162,7 @@ impl Policy {
             round: VecDeque::new(),
             running: 0,
             running_long: 0,
+            blocked_short: 0,
             queued: 0,
             backlog: Duration::ZERO,
             queued_cost: Duration::ZERO,
@@ -177,11 +190,38 @@ impl Policy {
         cost >= self.config.long_after
     }
 
+    /// Short calls on the CPU now: running and not blocked.
+    pub fn short_on_cpu(&self) -> u32 {
+        (self.running - self.running_long).saturating_sub(self.blocked_short)
+    }
+
     /// Whether a call of this cost may take a running place now (leaving
     /// the tenant's own cap aside).
     fn place_for(&self, cost: Duration) -> bool {
         self.running < self.config.max_running
-            && (!self.is_long(cost) || self.running_long < self.config.max_running_long)
+            && if self.is_long(cost) {
+                self.running_long < self.config.max_running_long
+            } else {
+                self.short_on_cpu() < self.config.short_places
+            }
+    }
+
+    /// A running call of expected `cost` is blocked in a host call (waiting
+    /// for I/O or a chained call): a short one gives its place on the CPU
+    /// to another until [`Policy::unblock`]. Long calls take turns on the
+    /// CPU by themselves and keep their places.
+    pub fn block(&mut self, cost: Duration) {
+        if !self.is_long(cost) {
+            self.blocked_short += 1;
+        }
+    }
+
+    /// The blocked call runs again (taking its place back even when that
+    /// puts the CPU over its short places for a while).
+    pub fn unblock(&mut self, cost: Duration) {
+        if !self.is_long(cost) {
+            self.blocked_short = self.blocked_short.saturating_sub(1);
+        }
     }
 
     pub fn running_of(&self, tenant: &str) -> u32 {
@@ -314,12 +354,14 @@ impl Policy {
                 continue;
             }
             // The first call that can have a place: the head, or — when
-            // the long calls' places are full — the first short call.
+            // one kind's places are full — the first call of the other.
             let long_full = self.running_long >= self.config.max_running_long;
+            let short_full =
+                (self.running - self.running_long).saturating_sub(self.blocked_short) >= self.config.short_places;
             let long_after = self.config.long_after;
-            let Some(at) = t.queue.iter().position(|w| !long_full || w.cost < long_after) else {
-                // Only long calls wait and their places are full: its turn
-                // passes, no credit.
+            let Some(at) = t.queue.iter().position(|w| if w.cost < long_after { !short_full } else { !long_full })
+            else {
+                // Its calls' places are full: its turn passes, no credit.
                 self.round.push_back(name);
                 idle_passes += 1;
                 continue;
@@ -561,6 +603,8 @@ mod tests {
     enum Step {
         Arrive { tenant: usize, cost_ms: u64, deadline_ms: u64 },
         Finish { pick: usize, used_ms: u64 },
+        Block { pick: usize },
+        Unblock { pick: usize },
         Tick { ms: u64 },
     }
 
@@ -572,6 +616,8 @@ mod tests {
                 deadline_ms
             }),
             (any::<usize>(), 0u64..40).prop_map(|(pick, used_ms)| Step::Finish { pick, used_ms }),
+            any::<usize>().prop_map(|pick| Step::Block { pick }),
+            any::<usize>().prop_map(|pick| Step::Unblock { pick }),
             (0u64..50).prop_map(|ms| Step::Tick { ms }),
         ]
     }
@@ -591,9 +637,11 @@ mod tests {
                 max_queued_per_tenant: 10,
                 long_after: Duration::from_millis(10),
                 max_running_long: 1,
+                short_places: 1,
                 ..PolicyConfig::new(2)
             };
             let mut p = Policy::new(config.clone());
+            let mut blocked: std::collections::HashSet<u64> = std::collections::HashSet::new();
             let start = Instant::now();
             let mut now = start;
             let mut next_ticket = 0u64;
@@ -607,19 +655,49 @@ mod tests {
                         next_ticket += 1;
                         let cost = Duration::from_millis(cost_ms);
                         match p.admit(now, TENANTS[tenant], ticket, cost, now + Duration::from_millis(deadline_ms)) {
-                            Admission::Run => { answered.insert(ticket, "run"); running.push((ticket, tenant, cost)); }
+                            Admission::Run => {
+                                if cost < config.long_after {
+                                    prop_assert!(p.short_on_cpu() <= config.short_places, "started past the short places");
+                                }
+                                answered.insert(ticket, "run");
+                                running.push((ticket, tenant, cost));
+                            }
                             Admission::Queued => { waiting.insert(ticket, (tenant, cost)); }
                             Admission::Refused { .. } => { answered.insert(ticket, "refused"); }
                         }
                     }
                     Step::Finish { pick, used_ms } => {
                         if !running.is_empty() {
-                            let (_, tenant, cost) = running.remove(pick % running.len());
+                            let (ticket, tenant, cost) = running.remove(pick % running.len());
+                            if blocked.remove(&ticket) {
+                                p.unblock(cost);
+                            }
                             p.finish(TENANTS[tenant], cost, Duration::from_millis(used_ms));
+                        }
+                    }
+                    Step::Block { pick } => {
+                        if !running.is_empty() {
+                            let (ticket, _, cost) = running[pick % running.len()];
+                            if blocked.insert(ticket) {
+                                p.block(cost);
+                            }
+                        }
+                    }
+                    Step::Unblock { pick } => {
+                        if !running.is_empty() {
+                            let (ticket, _, cost) = running[pick % running.len()];
+                            if blocked.remove(&ticket) {
+                                p.unblock(cost);
+                            }
                         }
                     }
                     Step::Tick { ms } => now += Duration::from_millis(ms),
                 }
+                let short_on_cpu = |running: &[(u64, usize, Duration)]| {
+                    running.iter().filter(|(t, _, c)| *c < config.long_after && !blocked.contains(t)).count() as u32
+                };
+                let on_cpu_before = short_on_cpu(&running);
+                prop_assert_eq!(p.short_on_cpu(), on_cpu_before);
                 for decision in p.next(now) {
                     let (ticket, what) = match decision { Decision::Run(t) => (t, "run"), Decision::Expire(t) => (t, "expired") };
                     let (tenant, cost) = waiting.remove(&ticket).expect("decided about a waiting call");
@@ -628,6 +706,11 @@ mod tests {
                 }
                 prop_assert_eq!(p.running() as usize, running.len());
                 prop_assert!(p.running() <= config.max_running);
+                // Short calls start only into free places on the CPU (a
+                // blocked call running again may overfill them for a while).
+                let on_cpu = short_on_cpu(&running);
+                prop_assert_eq!(p.short_on_cpu(), on_cpu);
+                prop_assert!(on_cpu <= config.short_places.max(on_cpu_before), "{} short calls on the CPU", on_cpu);
                 let long = running.iter().filter(|(_, _, cost)| *cost >= config.long_after).count() as u32;
                 prop_assert_eq!(p.running_long(), long);
                 prop_assert!(long <= config.max_running_long);
