@@ -80,7 +80,7 @@ pub struct Executor {
     runtime: Arc<Runtime>,
     inner: Arc<Mutex<Inner>>,
     /// Mean CPU time per call, by function.
-    costs: Mutex<HashMap<Arc<str>, Duration>>,
+    costs: Arc<Mutex<HashMap<Arc<str>, Duration>>>,
     slots: Arc<Semaphore>,
     n_slots: u32,
     pool: CallPool,
@@ -165,7 +165,7 @@ impl Executor {
         Self {
             runtime,
             inner: Arc::new(Mutex::new(Inner { policy: Policy::new(policy), waiters: HashMap::new(), next_ticket: 0 })),
-            costs: Mutex::new(HashMap::new()),
+            costs: Arc::new(Mutex::new(HashMap::new())),
             slots: Arc::new(Semaphore::new(n_slots as usize)),
             n_slots,
             pool,
@@ -198,12 +198,6 @@ impl Executor {
     /// The mean CPU time of `function`'s calls.
     pub fn expected_cost(&self, function: &str) -> Duration {
         self.costs.lock().expect(POISON).get(function).copied().unwrap_or(FIRST_GUESS)
-    }
-
-    fn record_cost(&self, function: &Arc<str>, used: Duration) {
-        let mut costs = self.costs.lock().expect(POISON);
-        let mean = costs.entry(function.clone()).or_insert(used);
-        *mean = mean.mul_f64(1.0 - EWMA_WEIGHT) + used.mul_f64(EWMA_WEIGHT);
     }
 
     /// Ask to run a call of `function` (a `tenant/name` key) that must end
@@ -311,7 +305,7 @@ impl Executor {
             return Ok(self.runtime.call_in(image, settings, &input, lineage).await);
         }
         let call = measured(self.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot, None);
-        Ok(self.pool.run(call).await.map_or_else(failed, |(out, _)| out))
+        Ok(self.pool.run(call).await.unwrap_or_else(failed))
     }
 
     /// A running call ended: settle it with the policy, start whoever the
@@ -414,32 +408,38 @@ impl Admitted<'_> {
         // The call ends by the deadline it was admitted with, so time spent
         // queued comes out of its timeout.
         let lineage = Lineage { deadline: Some(self.deadline), ..Lineage::root() };
-        let place = CpuPlace { inner: executor.inner.clone(), cost: self.cost, blocked: false };
+        // From here the call's account goes with its future, which
+        // settles it where the call ends (on the pool: the next call is
+        // named without waiting for this caller to be woken).
+        self.settled = true;
+        let account = Account {
+            inner: executor.inner.clone(),
+            costs: executor.costs.clone(),
+            tenant: self.tenant.clone(),
+            function: self.function.clone(),
+            cost: self.cost,
+            blocked: false,
+            settled: false,
+        };
         let call =
-            measured(executor.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot, Some(place));
-        let (out, used) = if self.cost < INLINE_BELOW || IN_POOL.with(Cell::get) {
+            measured(executor.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot, Some(account));
+        if self.cost < INLINE_BELOW || IN_POOL.with(Cell::get) {
             call.await
         } else {
-            match executor.pool.run(call).await {
-                Ok(done) => done,
-                Err(e) => (failed(e), Duration::ZERO),
-            }
-        };
-        executor.record_cost(&self.function, used);
-        self.settled = true;
-        executor.settle(&self.tenant, self.cost, used);
-        out
+            executor.pool.run(call).await.unwrap_or_else(failed)
+        }
     }
 }
 
-/// One call in a sandbox (`slot`, held until the call is dropped), with
-/// the CPU time it took: the time its future spent being polled (the
-/// guest running, host calls included, waits excluded).
+/// One call in a sandbox (`slot`, held until the call is dropped).
 ///
-/// A call admitted by the policy holds a `place` on the CPU, given back
-/// while the call is blocked: when it stops without having woken itself
-/// (a yield wakes the call at once; waiting on I/O or a chained call
-/// does not) — and taken again when it is next polled.
+/// A call admitted by the policy has an `account` with it: its place on
+/// the CPU, given back while the call is blocked — when it stops without
+/// having woken itself (a yield wakes the call at once; waiting on I/O or
+/// a chained call does not) — and taken again when it is next polled;
+/// and, when it ends, the CPU time it took (the time its future spent
+/// being polled: the guest running, host calls included, waits
+/// excluded), settled with the policy.
 async fn measured(
     runtime: Arc<Runtime>,
     image: Arc<FunctionImage>,
@@ -447,37 +447,46 @@ async fn measured(
     input: Bytes,
     lineage: Lineage,
     slot: OwnedSemaphorePermit,
-    mut place: Option<CpuPlace>,
-) -> (CallOutput, Duration) {
-    let _slot = slot;
-    let mut call = std::pin::pin!(runtime.call_in(&image, &settings, &input, lineage));
-    let watch = Arc::new(WakeWatch { woke: AtomicBool::new(false), waker: Mutex::new(Waker::noop().clone()) });
-    let waker = Waker::from(watch.clone());
-    let mut used = Duration::ZERO;
-    let out = std::future::poll_fn(|cx| {
-        {
-            let mut outer = watch.waker.lock().expect(POISON);
-            if !outer.will_wake(cx.waker()) {
-                *outer = cx.waker().clone();
+    mut account: Option<Account>,
+) -> CallOutput {
+    // The call and then its sandbox are given back before the account is
+    // settled, so that whoever the policy names next finds them free.
+    // (Dropped unfinished, the locals go first too, and then the account.)
+    let (out, used) = {
+        let _slot = slot;
+        let mut call = std::pin::pin!(runtime.call_in(&image, &settings, &input, lineage));
+        let watch = Arc::new(WakeWatch { woke: AtomicBool::new(false), waker: Mutex::new(Waker::noop().clone()) });
+        let waker = Waker::from(watch.clone());
+        let mut used = Duration::ZERO;
+        let out = std::future::poll_fn(|cx| {
+            {
+                let mut outer = watch.waker.lock().expect(POISON);
+                if !outer.will_wake(cx.waker()) {
+                    *outer = cx.waker().clone();
+                }
             }
-        }
-        watch.woke.store(false, Ordering::Relaxed);
-        if let Some(place) = &mut place {
-            place.set_blocked(false);
-        }
-        let polled_at = Instant::now();
-        let poll = call.as_mut().poll(&mut Context::from_waker(&waker));
-        used += polled_at.elapsed();
-        if poll.is_pending()
-            && !watch.woke.load(Ordering::Relaxed)
-            && let Some(place) = &mut place
-        {
-            place.set_blocked(true);
-        }
-        poll
-    })
-    .await;
-    (out, used)
+            watch.woke.store(false, Ordering::Relaxed);
+            if let Some(account) = &mut account {
+                account.set_blocked(false);
+            }
+            let polled_at = Instant::now();
+            let poll = call.as_mut().poll(&mut Context::from_waker(&waker));
+            used += polled_at.elapsed();
+            if poll.is_pending()
+                && !watch.woke.load(Ordering::Relaxed)
+                && let Some(account) = &mut account
+            {
+                account.set_blocked(true);
+            }
+            poll
+        })
+        .await;
+        (out, used)
+    };
+    if let Some(account) = account {
+        account.settle(used);
+    }
+    out
 }
 
 /// Passes a call's wake-ups on, noting whether one came.
@@ -497,16 +506,20 @@ impl Wake for WakeWatch {
     }
 }
 
-/// A running call's place on the CPU in the policy's count: given back
-/// while the call is blocked, and when dropped blocked, taken back so the
-/// count stays true (the call is then settled as any other).
-struct CpuPlace {
+/// A running call's account with the policy: its place on the CPU (given
+/// back while the call is blocked) and its settlement when it ends —
+/// with the CPU time it used, or nothing if it was dropped unfinished.
+struct Account {
     inner: Arc<Mutex<Inner>>,
+    costs: Arc<Mutex<HashMap<Arc<str>, Duration>>>,
+    tenant: Arc<str>,
+    function: Arc<str>,
     cost: Duration,
     blocked: bool,
+    settled: bool,
 }
 
-impl CpuPlace {
+impl Account {
     fn set_blocked(&mut self, blocked: bool) {
         if self.blocked == blocked {
             return;
@@ -520,12 +533,33 @@ impl CpuPlace {
             inner.policy.unblock(self.cost);
         }
     }
+
+    /// The call ended having used `used` of CPU: update its function's
+    /// mean, give its place back, and start whoever is next.
+    fn settle(mut self, used: Duration) {
+        {
+            let mut costs = self.costs.lock().expect(POISON);
+            let mean = costs.entry(self.function.clone()).or_insert(used);
+            *mean = mean.mul_f64(1.0 - EWMA_WEIGHT) + used.mul_f64(EWMA_WEIGHT);
+        }
+        self.finish(used);
+    }
+
+    fn finish(&mut self, used: Duration) {
+        self.settled = true;
+        let mut inner = self.inner.lock().expect(POISON);
+        if self.blocked {
+            inner.policy.unblock(self.cost);
+        }
+        inner.policy.finish(&self.tenant, self.cost, used);
+        pump(&mut inner);
+    }
 }
 
-impl Drop for CpuPlace {
+impl Drop for Account {
     fn drop(&mut self) {
-        if self.blocked {
-            self.inner.lock().expect(POISON).policy.unblock(self.cost);
+        if !self.settled {
+            self.finish(Duration::ZERO);
         }
     }
 }

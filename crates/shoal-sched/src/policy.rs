@@ -20,7 +20,12 @@
 //!   tenant is not refused because a heavy one filled the queue.
 //! - **Pick next**: deficit round robin over tenants with queued calls, on
 //!   expected CPU time, corrected by the measured time when a call ends;
-//!   quanta are proportional to tenant weights.
+//!   quanta are proportional to tenant weights. A sparse tenant — one with
+//!   nothing running and nothing queued when its call arrives — goes to
+//!   the front of the round with credit for that call (as new flows do in
+//!   FQ-CoDel): a light tenant's call waits for one place to free, not for
+//!   the busy tenants' turns. It gets this once per time it was idle, so
+//!   a tenant keeping calls queued or running cannot use it to pass others.
 //! - **Short and long calls**: a call expected to use at least
 //!   `long_after` of CPU is long; at most `max_running_long` long calls hold
 //!   running places (they take turns on the CPU in the runtime), so short
@@ -319,7 +324,13 @@ impl Policy {
         t.queued_cost += cost;
         let newly_active = !t.active;
         t.active = true;
-        if newly_active {
+        if newly_active && t.running == 0 {
+            // A sparse tenant (nothing running, nothing waiting) goes
+            // first, once, with credit for this call: its call waits for
+            // one place to free, not for a round of the busy tenants.
+            t.deficit = t.deficit.max(nanos(cost));
+            self.round.push_front(name);
+        } else if newly_active {
             self.round.push_back(name);
         }
         self.queued += 1;
@@ -538,6 +549,25 @@ mod tests {
         // 900 ms of heavy work queued; light's own call needs ~2 ms at a
         // half share.
         assert_eq!(p.admit(now, "light", 100, MS, now + 50 * MS), Admission::Queued);
+    }
+
+    #[test]
+    fn a_sparse_tenant_goes_next_but_only_once() {
+        let mut p = policy(1, 1);
+        let now = Instant::now();
+        let far = now + Duration::from_secs(10);
+        assert_eq!(p.admit(now, "heavy", 0, MS, far), Admission::Run);
+        for i in 1..=5 {
+            assert_eq!(p.admit(now, "heavy", i, MS, far), Admission::Queued);
+        }
+        // Nothing of light's runs or waits: its call goes first.
+        assert_eq!(p.admit(now, "light", 100, MS, far), Admission::Queued);
+        p.finish("heavy", MS, MS);
+        assert_eq!(p.next(now), vec![Decision::Run(100)]);
+        // Its next call arrives while the first runs: no head start.
+        assert_eq!(p.admit(now, "light", 101, MS, far), Admission::Queued);
+        p.finish("light", MS, MS);
+        assert_eq!(p.next(now), vec![Decision::Run(1)], "heavy's turn");
     }
 
     #[test]
