@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// (default 1 each); repeatable.
     #[arg(long = "tenant-weight", value_parser = parse_weight)]
     tenant_weights: Vec<(String, u32)>,
+    /// Function images kept loaded; past it the least recently used idle
+    /// ones are dropped and reloaded from the compiled cache when called.
+    #[arg(long, env = "SHOAL_MAX_LOADED_IMAGES")]
+    max_loaded_images: Option<usize>,
     /// Do not deploy the example functions under tenant `demo`.
     #[arg(long)]
     no_examples: bool,
@@ -66,6 +70,7 @@ struct ServeFile {
     max_body: Option<String>,
     max_module: Option<String>,
     max_concurrent_calls: Option<u32>,
+    max_loaded_images: Option<usize>,
     default_timeout: Option<String>,
     default_memory: Option<String>,
     redis: Option<String>,
@@ -114,6 +119,10 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
     }
     if let Some(n) = args.max_concurrent_calls.or(file.max_concurrent_calls) {
         config.max_concurrent_calls = n;
+    }
+    if let Some(n) = args.max_loaded_images.or(file.max_loaded_images) {
+        anyhow::ensure!(n > 0, "max_loaded_images must be at least 1");
+        config.max_loaded_images = n;
     }
     if let Some(text) = &file.default_timeout {
         config.default_timeout = parse_duration(text).map_err(anyhow::Error::msg)?;
@@ -223,5 +232,18 @@ mod tests {
         let zero = Cli::parse_from(["serve", "--tenant-weight", "acme=0"]);
         let error = node_config(&zero.serve).unwrap_err().to_string();
         assert!(error.contains("weight of tenant `acme`"), "{error}");
+    }
+
+    #[test]
+    fn the_image_budget_comes_from_the_file_and_the_flag_overrides_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shoal.toml");
+        std::fs::write(&file, "max_loaded_images = 300\n").unwrap();
+        let from_file = Cli::parse_from(["serve", "--config", file.to_str().unwrap()]);
+        assert_eq!(node_config(&from_file.serve).unwrap().0.max_loaded_images, 300);
+        let flag = Cli::parse_from(["serve", "--config", file.to_str().unwrap(), "--max-loaded-images", "20"]);
+        assert_eq!(node_config(&flag.serve).unwrap().0.max_loaded_images, 20);
+        let zero = Cli::parse_from(["serve", "--max-loaded-images", "0"]);
+        assert!(node_config(&zero.serve).is_err(), "a budget of no images is refused");
     }
 }

@@ -59,9 +59,14 @@ struct Served {
 }
 
 async fn serve(dir: &std::path::Path) -> Served {
+    serve_with(dir, NodeConfig::new(dir).max_loaded_images).await
+}
+
+async fn serve_with(dir: &std::path::Path, max_loaded_images: usize) -> Served {
     let mut config = NodeConfig::new(dir);
     config.admin_token = Some(ADMIN.into());
     config.max_concurrent_calls = 64;
+    config.max_loaded_images = max_loaded_images;
     let node = Node::start(config).await.expect("node starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
@@ -79,11 +84,29 @@ async fn serve(dir: &std::path::Path) -> Served {
     Served { node, base, stop, task }
 }
 
+/// Stop a node and wait until the last reference to it is gone (tasks
+/// finishing the requests it served may hold one a moment longer), so
+/// that its store can be opened again.
+async fn stop(served: Served) {
+    let _ = served.stop.send(());
+    served.task.await.expect("serve task");
+    let waited = Instant::now();
+    while Arc::strong_count(&served.node) > 1 {
+        assert!(waited.elapsed() < std::time::Duration::from_secs(30), "the node is still referenced");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 async fn deploy_and_invoke(http: &reqwest::Client, base: &str, function: &str, wasm: Vec<u8>) {
     let url = format!("{base}/v1/functions/{function}");
     let response = http.put(&url).bearer_auth(ADMIN).body(wasm).send().await.expect("deploy");
     assert_eq!(response.status(), 201, "deploy {function}: {}", response.text().await.unwrap_or_default());
-    let response = http.post(format!("{url}/invoke")).bearer_auth(ADMIN).body("bench").send().await.expect("invoke");
+    invoke(http, base, function).await;
+}
+
+async fn invoke(http: &reqwest::Client, base: &str, function: &str) {
+    let url = format!("{base}/v1/functions/{function}/invoke");
+    let response = http.post(url).bearer_auth(ADMIN).body("bench").send().await.expect("invoke");
     assert_eq!(response.status(), 200, "invoke {function}");
     assert_eq!(&response.bytes().await.expect("body")[..], b"hello bench");
 }
@@ -157,7 +180,47 @@ fn main() {
         let compiled = again.node.runtime().n_compiles();
         println!("restart with {} functions: serving after {restart_ms:.0} ms, {compiled} compiled", 2 * n + 1);
         assert_eq!(compiled, 0, "a restart compiles nothing");
-        let _ = again.stop.send(());
-        again.task.await.expect("serve task");
+        stop(again).await;
+
+        // The image budget: a tenth of the distinct functions kept loaded.
+        // Calls to as many functions as fit are served from memory; calls
+        // round the whole set reload an image each from the compiled cache.
+        let budget = (n / 10).max(1);
+        let limited = serve_with(dir.path(), budget).await;
+        assert!(limited.node.n_loaded_images() <= budget);
+        let base = limited.base.clone();
+        for i in 0..budget {
+            invoke(&http, &base, &format!("distinct/f{i}")).await;
+        }
+        let rss_before = rss_bytes();
+        let rounds = 5;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            for i in 0..budget {
+                invoke(&http, &base, &format!("distinct/f{i}")).await;
+            }
+        }
+        let loaded_us = started.elapsed().as_secs_f64() * 1e6 / (rounds * budget) as f64;
+        let started = Instant::now();
+        for _ in 0..2 {
+            for i in 0..n {
+                invoke(&http, &base, &format!("distinct/f{i}")).await;
+            }
+        }
+        let reloading_us = started.elapsed().as_secs_f64() * 1e6 / (2 * n) as f64;
+        let rss_after = rss_bytes();
+        let loaded = limited.node.n_loaded_images();
+        let compiled = limited.node.runtime().n_compiles();
+        println!(
+            "budget of {budget} images, {n} functions called round robin twice: {reloading_us:.0} us per call \
+             (reloading each) vs {loaded_us:.0} us per call of a loaded one; RSS {} -> {} MiB; \
+             {loaded} loaded after, {compiled} compiled",
+            rss_before >> 20,
+            rss_after >> 20
+        );
+        assert!(loaded <= budget, "{loaded} images loaded past a budget of {budget}");
+        assert_eq!(compiled, 0, "reloading compiles nothing");
+        let _ = limited.stop.send(());
+        limited.task.await.expect("serve task");
     });
 }

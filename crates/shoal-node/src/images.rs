@@ -2,9 +2,10 @@
 //! loaded. A call of a function whose image was dropped reloads it from
 //! the compiled-artifact cache (the wasm comes from the store, the code
 //! from the cache file: no compiling); loading one past the budget drops
-//! the least recently used image no call is using. Many functions then
+//! the least recently used image. Many functions then
 //! cost their records and their files on disk, not resident code.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -41,28 +42,43 @@ impl Node {
         Ok(image)
     }
 
-    /// Images loaded now.
-    pub fn n_loaded_images(&self) -> usize {
-        self.registry.all().iter().filter(|f| f.loaded().is_some()).count()
+    /// Whether `tenant/name`'s image is loaded now (false if there is no
+    /// such function).
+    pub fn is_loaded(&self, tenant: &str, name: &str) -> bool {
+        self.registry.get(tenant, name).is_some_and(|f| f.loaded().is_some())
     }
 
-    /// Drop least recently used idle images until the budget holds (or
-    /// every image left is in use).
+    /// Images loaded now (functions deployed with the same bytes share one).
+    pub fn n_loaded_images(&self) -> usize {
+        let all = self.registry.all();
+        let loaded: HashSet<&str> =
+            all.iter().filter(|f| f.loaded().is_some()).map(|f| f.record.sha256.as_str()).collect();
+        loaded.len()
+    }
+
+    /// Drop least recently used images until the budget holds. An image is
+    /// dropped from every function sharing it; a call using it keeps it
+    /// alive until it ends (and a call starting meanwhile gets that same
+    /// image back from the runtime, not a second copy).
     pub(crate) fn enforce_image_budget(&self) {
-        let mut loaded: Vec<Arc<DeployedFunction>> =
-            self.registry.all().into_iter().filter(|f| f.loaded().is_some()).collect();
+        let all = self.registry.all();
+        // Loaded images by content, each with its last use and its users.
+        let mut images: HashMap<&str, (u64, Vec<&Arc<DeployedFunction>>)> = HashMap::new();
+        for function in all.iter().filter(|f| f.loaded().is_some()) {
+            let (last_used, users) = images.entry(function.record.sha256.as_str()).or_default();
+            *last_used = (*last_used).max(function.last_used());
+            users.push(function);
+        }
         let budget = self.config.max_loaded_images;
-        if loaded.len() <= budget {
+        if images.len() <= budget {
             return;
         }
-        loaded.sort_by_key(|f| f.last_used());
-        let mut excess = loaded.len() - budget;
-        for function in loaded {
-            if excess == 0 {
-                break;
-            }
-            if function.evict() {
-                excess -= 1;
+        let mut images: Vec<(u64, Vec<&Arc<DeployedFunction>>)> = images.into_values().collect();
+        images.sort_by_key(|(last_used, _)| *last_used);
+        let excess = images.len() - budget;
+        for (_, users) in images.into_iter().take(excess) {
+            for function in users {
+                function.evict();
             }
         }
     }

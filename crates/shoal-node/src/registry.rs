@@ -86,16 +86,9 @@ impl DeployedFunction {
         self.last_used.load(Ordering::Relaxed)
     }
 
-    /// Drop the image unless a call is using it; returns whether it did.
-    pub fn evict(&self) -> bool {
-        let mut image = self.image.lock().expect(POISON);
-        match &*image {
-            Some(loaded) if Arc::strong_count(loaded) == 1 => {
-                *image = None;
-                true
-            }
-            _ => false,
-        }
+    /// Let go of the image (a call using it keeps it until it ends).
+    pub fn evict(&self) {
+        self.image.lock().expect(POISON).take();
     }
 
     pub fn new(record: FunctionRecord, image: Arc<FunctionImage>, logs: Arc<LogRing>) -> Self {

@@ -916,5 +916,20 @@ async fn past_the_image_budget_idle_images_are_dropped_and_reloaded_without_comp
         assert!(loaded().await <= 2);
     }
     assert_eq!(node.node.runtime().n_compiles(), compiled, "reloaded from the compiled cache");
+    // Two names deploying the same bytes share one image, counted once and
+    // dropped from both together.
+    for (name, wasm) in [("hello-again", shoal_guests::HELLO), ("fib-again", shoal_guests::FIB)] {
+        let (status, _) = node.deploy(&format!("demo/{name}"), "", wasm).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    for name in ["hello", "hello-again", "fib", "fib-again"] {
+        assert_eq!(node.invoke(&format!("demo/{name}"), b"10").await.0, StatusCode::OK);
+    }
+    assert_eq!(loaded().await, 2, "hello's image and fib's");
+    assert_eq!(node.invoke("demo/upper", b"b").await.0, StatusCode::OK);
+    assert_eq!(loaded().await, 2);
+    // The least recently used image went, from both its names.
+    assert!(!node.node.is_loaded("demo", "hello") && !node.node.is_loaded("demo", "hello-again"));
+    assert!(node.node.is_loaded("demo", "fib-again") && node.node.is_loaded("demo", "upper"));
     node.stop().await;
 }
