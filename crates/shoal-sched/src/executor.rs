@@ -1,6 +1,7 @@
 //! The executor: the thin async driver of the [`Policy`]. It measures what
 //! the policy needs (each function's CPU time per call, as an
-//! exponentially weighted mean of the time its calls spend being polled),
+//! exponentially weighted mean of the CPU time its calls use while being
+//! polled),
 //! asks it whether a call may run, parks queued calls on a channel until
 //! the policy names them, and settles every call with it when it ends.
 //!
@@ -29,6 +30,7 @@ use bytes::Bytes;
 use shoal_runtime::{CallError, CallOutput, CallSettings, FunctionImage, Lineage, Runtime};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
+use crate::os::CpuClock;
 use crate::policy::{Admission, CallTicket, Decision, Policy, PolicyConfig};
 
 /// The node cannot take the call now.
@@ -110,7 +112,7 @@ impl CallPool {
             .thread_name("shoal-call")
             .on_thread_start(|| {
                 IN_POOL.with(|p| p.set(true));
-                crate::priority::lower_this_thread(POOL_NICE);
+                crate::os::lower_this_thread(POOL_NICE);
             })
             .enable_all()
             .build()
@@ -390,9 +392,8 @@ pub struct Admitted<'a> {
 }
 
 impl Admitted<'_> {
-    /// Run one root call, measuring the CPU time it takes (the time its
-    /// future spends being polled: the guest running, host calls
-    /// included, waits excluded).
+    /// Run one root call, measuring the CPU time it takes (see
+    /// `measured`).
     ///
     /// It runs on the call pool unless its function is known to be cheaper
     /// than the hand-off ([`INLINE_BELOW`]).
@@ -437,9 +438,13 @@ impl Admitted<'_> {
 /// the CPU, given back while the call is blocked — when it stops without
 /// having woken itself (a yield wakes the call at once; waiting on I/O or
 /// a chained call does not) — and taken again when it is next polled;
-/// and, when it ends, the CPU time it took (the time its future spent
-/// being polled: the guest running, host calls included, waits
-/// excluded), settled with the policy.
+/// and, when it ends, the CPU time it took (its thread's CPU time while
+/// its future was being polled: the guest running, host calls included;
+/// waits, and time the thread was preempted, excluded), settled with the
+/// policy. (Wall time would count preemption: a call on the pool, whose
+/// threads yield to the HTTP threads, would look costlier the busier the
+/// node — and cheap functions would stop running inline just when it
+/// matters most.)
 async fn measured(
     runtime: Arc<Runtime>,
     image: Arc<FunctionImage>,
@@ -469,7 +474,7 @@ async fn measured(
             if let Some(account) = &mut account {
                 account.set_blocked(false);
             }
-            let polled_at = Instant::now();
+            let polled_at = CpuClock::now();
             let poll = call.as_mut().poll(&mut Context::from_waker(&waker));
             used += polled_at.elapsed();
             if poll.is_pending()

@@ -10,8 +10,8 @@
 //! This crate never speaks HTTP and never compiles wasm.
 
 mod executor;
+mod os;
 mod policy;
-mod priority;
 
 pub use executor::{Admitted, Executor, Overloaded};
 pub use policy::{Admission, CallTicket, Decision, Policy, PolicyConfig};
