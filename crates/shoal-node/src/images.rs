@@ -62,23 +62,66 @@ impl Node {
     /// image back from the runtime, not a second copy).
     pub(crate) fn enforce_image_budget(&self) {
         let all = self.registry.all();
-        // Loaded images by content, each with its last use and its users.
-        let mut images: HashMap<&str, (u64, Vec<&Arc<DeployedFunction>>)> = HashMap::new();
-        for function in all.iter().filter(|f| f.loaded().is_some()) {
-            let (last_used, users) = images.entry(function.record.sha256.as_str()).or_default();
-            *last_used = (*last_used).max(function.last_used());
-            users.push(function);
-        }
-        let budget = self.config.max_loaded_images;
-        if images.len() <= budget {
-            return;
-        }
-        let mut images: Vec<(u64, Vec<&Arc<DeployedFunction>>)> = images.into_values().collect();
-        images.sort_by_key(|(last_used, _)| *last_used);
-        let excess = images.len() - budget;
-        for (_, users) in images.into_iter().take(excess) {
-            for function in users {
+        let loaded: Vec<&Arc<DeployedFunction>> = all.iter().filter(|f| f.loaded().is_some()).collect();
+        let uses = loaded.iter().map(|f| (f.record.sha256.as_str(), f.last_used()));
+        let drop = images_to_drop(uses, self.config.max_loaded_images);
+        for function in loaded {
+            if drop.contains(function.record.sha256.as_str()) {
                 function.evict();
+            }
+        }
+    }
+}
+
+/// The eviction decision: given each loaded function's image (by content
+/// hash) and its last use, the images to drop so that at most `budget`
+/// stay — the least recently used, an image's last use being the latest
+/// of its functions'. No more than needed.
+pub(crate) fn images_to_drop<'a>(uses: impl Iterator<Item = (&'a str, u64)>, budget: usize) -> HashSet<&'a str> {
+    let mut last_use: HashMap<&str, u64> = HashMap::new();
+    for (image, used) in uses {
+        let last = last_use.entry(image).or_default();
+        *last = (*last).max(used);
+    }
+    if last_use.len() <= budget {
+        return HashSet::new();
+    }
+    let mut images: Vec<(u64, &str)> = last_use.into_iter().map(|(image, used)| (used, image)).collect();
+    images.sort_unstable();
+    let excess = images.len() - budget;
+    images.into_iter().take(excess).map(|(_, image)| image).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever is loaded: at most the budget is left, nothing is
+        /// dropped that need not be, and every image dropped was used no
+        /// later than every image kept.
+        #[test]
+        fn the_budget_holds_by_dropping_the_least_recently_used(
+            uses in proptest::collection::vec((0usize..12, 0u64..1_000), 0..60),
+            budget in 1usize..8,
+        ) {
+            let names: Vec<String> = (0..12).map(|i| format!("sha{i}")).collect();
+            let uses: Vec<(&str, u64)> = uses.iter().map(|&(i, t)| (names[i].as_str(), t)).collect();
+            let drop = images_to_drop(uses.iter().copied(), budget);
+            let mut last: HashMap<&str, u64> = HashMap::new();
+            for &(image, t) in &uses {
+                let l = last.entry(image).or_default();
+                *l = (*l).max(t);
+            }
+            let kept: Vec<&str> = last.keys().copied().filter(|i| !drop.contains(i)).collect();
+            prop_assert!(drop.iter().all(|i| last.contains_key(i)), "dropped an image not loaded");
+            prop_assert!(kept.len() <= budget);
+            prop_assert_eq!(drop.len(), last.len().saturating_sub(budget));
+            for d in &drop {
+                for k in &kept {
+                    prop_assert!(last[d] <= last[k], "dropped {} (used {}) kept {} (used {})", d, last[d], k, last[k]);
+                }
             }
         }
     }

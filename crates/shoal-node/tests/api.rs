@@ -254,13 +254,17 @@ async fn a_full_node_queues_what_it_can_finish_in_time_and_refuses_the_rest() {
     assert_eq!(spinning.await.unwrap(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(queued.await.unwrap(), StatusCode::OK, "the queued call ran");
 
-    // Now the node knows `slow` takes ~800 ms of CPU: behind one running,
-    // another cannot finish in its 800 ms and is refused at once.
+    // Now the node knows a call of `slow` costs what that loop used: some
+    // milliseconds of CPU at the least, however busy the machine. Deployed
+    // again with a 2 ms timeout (the mean stays), a call of it cannot
+    // finish in time behind the one running and is refused at once.
     let spinning = spin();
     wait_until_running().await;
+    let (status, _) = node.deploy("demo/slow", "timeout_ms=2", shoal_guests::MISBEHAVE).await;
+    assert_eq!(status, StatusCode::CREATED);
     let response = node
         .req(reqwest::Method::POST, "/v1/functions/demo/slow/invoke", Some(ADMIN))
-        .body("loop")
+        .body("x")
         .send()
         .await
         .unwrap();

@@ -162,7 +162,7 @@ fn arm_deadline<T: 'static>(store: &mut Store<T>, deadline: Instant, lanes: Long
             1,
             Box::pin(async move {
                 // Always let the executor run others, even with a place free.
-                YieldOnce(false).await;
+                tokio::task::yield_now().await;
                 // Wait for a place until the deadline at most (then the next
                 // check ends the call). The semaphore is never closed.
                 let place = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), places.acquire_owned());
@@ -172,24 +172,6 @@ fn arm_deadline<T: 'static>(store: &mut Store<T>, deadline: Instant, lanes: Long
             }),
         ))
     });
-}
-
-/// Return to the executor once, ready to run on: the call wakes itself
-/// before stopping (which tokio takes as a yield, to the back of the run
-/// queue), so a driver can tell a yield from a wait.
-struct YieldOnce(bool);
-
-impl Future for YieldOnce {
-    type Output = ();
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    }
 }
 
 const HELD: &str = "the long-call place lock is never poisoned: nothing panics while holding it";

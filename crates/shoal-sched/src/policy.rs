@@ -211,10 +211,11 @@ impl Policy {
             }
     }
 
-    /// A running call of expected `cost` is blocked in a host call (waiting
-    /// for I/O or a chained call): a short one gives its place on the CPU
-    /// to another until [`Policy::unblock`]. Long calls take turns on the
-    /// CPU by themselves and keep their places.
+    /// A running call of expected `cost` stopped: it waits in a host call
+    /// (for I/O or a chained call), or it ran long enough to be long and
+    /// takes turns with the long calls. A short one gives its place on the
+    /// CPU to another until [`Policy::unblock`]. Long calls take turns on
+    /// the CPU by themselves and keep their places.
     pub fn block(&mut self, cost: Duration) {
         if !self.is_long(cost) {
             self.blocked_short += 1;
