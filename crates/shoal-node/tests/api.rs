@@ -262,12 +262,8 @@ async fn a_full_node_queues_what_it_can_finish_in_time_and_refuses_the_rest() {
     wait_until_running().await;
     let (status, _) = node.deploy("demo/slow", "timeout_ms=2", shoal_guests::MISBEHAVE).await;
     assert_eq!(status, StatusCode::CREATED);
-    let response = node
-        .req(reqwest::Method::POST, "/v1/functions/demo/slow/invoke", Some(ADMIN))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let response =
+        node.req(reqwest::Method::POST, "/v1/functions/demo/slow/invoke", Some(ADMIN)).body("x").send().await.unwrap();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     let (_, message) = error_of(&response.bytes().await.unwrap());
     assert!(message.contains("expected wait"), "{message}");
