@@ -84,6 +84,8 @@ pub struct Executor {
     slots: Arc<Semaphore>,
     n_slots: u32,
     pool: CallPool,
+    /// The policy's `long_after`.
+    long_after: Duration,
 }
 
 /// The call pool's threads yield to the node's others (HTTP, timers): a
@@ -162,6 +164,7 @@ impl Executor {
     pub fn new(runtime: Arc<Runtime>, n_slots: u32, policy: PolicyConfig) -> Self {
         let n_slots = n_slots.clamp(1, runtime.config().max_instances);
         let pool = CallPool::new(policy.cores);
+        let long_after = policy.long_after;
         Self {
             runtime,
             inner: Arc::new(Mutex::new(Inner { policy: Policy::new(policy), waiters: HashMap::new(), next_ticket: 0 })),
@@ -169,6 +172,7 @@ impl Executor {
             slots: Arc::new(Semaphore::new(n_slots as usize)),
             n_slots,
             pool,
+            long_after,
         }
     }
 
@@ -417,8 +421,9 @@ impl Admitted<'_> {
             tenant: self.tenant.clone(),
             function: self.function.clone(),
             cost: self.cost,
+            long: self.cost >= executor.long_after,
             blocked: false,
-            settled: false,
+            used: Duration::ZERO,
         };
         let call =
             measured(executor.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot, Some(account));
@@ -456,30 +461,23 @@ async fn measured(
     // The call and then its sandbox are given back before the account is
     // settled, so that whoever the policy names next finds them free.
     // (Dropped unfinished, the locals go first too, and then the account.)
-    let (out, used) = {
+    let out = {
         let _slot = slot;
         let mut call = std::pin::pin!(runtime.call_in(&image, &settings, &input, lineage));
-        let mut used = Duration::ZERO;
-        let out = std::future::poll_fn(|cx| {
-            if let Some(account) = &mut account {
-                account.set_blocked(false);
-            }
+        std::future::poll_fn(|cx| {
+            let Some(account) = &mut account else { return call.as_mut().poll(cx) };
+            account.set_blocked(false);
             let polled_at = CpuClock::now();
             let poll = call.as_mut().poll(cx);
-            used += polled_at.elapsed();
-            if poll.is_pending()
-                && let Some(account) = &mut account
-            {
+            account.used += polled_at.elapsed();
+            if poll.is_pending() {
                 account.set_blocked(true);
             }
             poll
         })
-        .await;
-        (out, used)
+        .await
     };
-    if let Some(account) = account {
-        account.settle(used);
-    }
+    drop(account);
     out
 }
 
@@ -492,13 +490,17 @@ struct Account {
     tenant: Arc<str>,
     function: Arc<str>,
     cost: Duration,
+    /// Expected to be long: it holds a long call's place throughout, so
+    /// its stops change nothing in the policy.
+    long: bool,
     blocked: bool,
-    settled: bool,
+    /// CPU time used so far.
+    used: Duration,
 }
 
 impl Account {
     fn set_blocked(&mut self, blocked: bool) {
-        if self.blocked == blocked {
+        if self.long || self.blocked == blocked {
             return;
         }
         self.blocked = blocked;
@@ -510,34 +512,25 @@ impl Account {
             inner.policy.unblock(self.cost);
         }
     }
+}
 
-    /// The call ended having used `used` of CPU: update its function's
-    /// mean, give its place back, and start whoever is next.
-    fn settle(mut self, used: Duration) {
+impl Drop for Account {
+    /// The call ended, or was dropped unfinished: its function's mean takes
+    /// in the CPU it used (so a call cut short is still charged), its
+    /// place goes back, and whoever is next starts.
+    fn drop(&mut self) {
+        let used = self.used;
         {
             let mut costs = self.costs.lock().expect(POISON);
             let mean = costs.entry(self.function.clone()).or_insert(used);
             *mean = mean.mul_f64(1.0 - EWMA_WEIGHT) + used.mul_f64(EWMA_WEIGHT);
         }
-        self.finish(used);
-    }
-
-    fn finish(&mut self, used: Duration) {
-        self.settled = true;
         let mut inner = self.inner.lock().expect(POISON);
         if self.blocked {
             inner.policy.unblock(self.cost);
         }
         inner.policy.finish(&self.tenant, self.cost, used);
         pump(&mut inner);
-    }
-}
-
-impl Drop for Account {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.finish(Duration::ZERO);
-        }
     }
 }
 
@@ -703,6 +696,11 @@ mod tests {
         let waited = Instant::now();
         while executor.busy() > 0 {
             assert!(waited.elapsed() < Duration::from_secs(20), "the cancelled call still holds its sandbox");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // And the CPU it used is charged to its function all the same.
+        while !executor.costs.lock().unwrap().contains_key("t/f") {
+            assert!(waited.elapsed() < Duration::from_secs(20), "a call cut short went unmeasured");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

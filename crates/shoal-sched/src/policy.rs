@@ -346,43 +346,30 @@ impl Policy {
         let mut decisions = Vec::new();
         self.expire(now, &mut decisions);
         self.fast_forward();
-        // Each pass over the round either starts a call or adds quanta;
-        // stop when nothing can start.
-        let mut idle_passes = 0;
-        while self.running < self.config.max_running && !self.round.is_empty() && idle_passes <= self.round.len() {
+        // Each pass either starts a call or adds quanta; a tenant none of
+        // whose calls can have a place now is set aside for this decision
+        // and keeps its place in the round (a sparse tenant stays first).
+        let mut passed = Vec::new();
+        while self.running < self.config.max_running {
             let Some(name) = self.round.pop_front() else { break };
-            let quantum = nanos(self.config.quantum).max(1);
-            let max_running_per_tenant = self.config.max_running_per_tenant;
-            let Some(t) = self.tenants.get_mut(&name) else { continue };
-            if t.running >= max_running_per_tenant {
-                // At its concurrency limit: its turn passes, no credit.
-                self.round.push_back(name);
-                idle_passes += 1;
-                continue;
-            }
+            let Some(t) = self.tenants.get(&name) else { continue };
             if t.queue.is_empty() {
+                let t = self.tenants.get_mut(&name).expect("looked up just now");
                 t.active = false;
                 t.deficit = 0;
                 continue;
             }
-            // The first call that can have a place: the head, or — when
-            // one kind's places are full — the first call of the other.
-            let long_full = self.running_long >= self.config.max_running_long;
-            let short_full =
-                (self.running - self.running_long).saturating_sub(self.blocked_short) >= self.config.short_places;
-            let long_after = self.config.long_after;
-            let Some(at) = t.queue.iter().position(|w| if w.cost < long_after { !short_full } else { !long_full })
-            else {
-                // Its calls' places are full: its turn passes, no credit.
-                self.round.push_back(name);
-                idle_passes += 1;
+            let Some(at) = self.startable(t) else {
+                passed.push(name);
                 continue;
             };
+            let quantum = nanos(self.config.quantum).max(1);
+            let long_after = self.config.long_after;
+            let t = self.tenants.get_mut(&name).expect("looked up just now");
             let cost = t.queue[at].cost;
             if t.deficit < nanos(cost) {
                 t.deficit += quantum * i128::from(t.weight);
                 self.round.push_back(name);
-                idle_passes = 0;
                 continue;
             }
             let head = t.queue.remove(at).expect("position is in range");
@@ -394,7 +381,6 @@ impl Policy {
             self.running_long += u32::from(head.cost >= long_after);
             self.queued -= 1;
             decisions.push(Decision::Run(head.ticket));
-            idle_passes = 0;
             if t.queue.is_empty() {
                 t.active = false;
                 t.deficit = 0;
@@ -403,13 +389,31 @@ impl Policy {
                 self.round.push_front(name);
             }
         }
+        for name in passed.into_iter().rev() {
+            self.round.push_front(name);
+        }
         decisions
+    }
+
+    /// Where in `t`'s queue is the first call that can have a place now:
+    /// the head, or — when one kind's places are full — the first call of
+    /// the other kind; none when the tenant is at its own limit.
+    fn startable(&self, t: &Tenant) -> Option<usize> {
+        if t.running >= self.config.max_running_per_tenant {
+            return None;
+        }
+        let long_full = self.running_long >= self.config.max_running_long;
+        let short_full = self.short_on_cpu() >= self.config.short_places;
+        let long_after = self.config.long_after;
+        t.queue.iter().position(|w| if w.cost < long_after { !short_full } else { !long_full })
     }
 
     /// Skip the rounds in which no tenant could start a call yet: add to
     /// every waiting tenant, at once, the quanta all of them would get in
     /// those rounds (a call far costlier than a quantum would otherwise
-    /// take one pass per quantum to become affordable).
+    /// take one pass per quantum to become affordable). Counted over the
+    /// calls that could start now: a tenant waiting for a place does not
+    /// hold the others back.
     fn fast_forward(&mut self) {
         let quantum = nanos(self.config.quantum).max(1);
         let rounds = self
@@ -417,8 +421,8 @@ impl Policy {
             .iter()
             .filter_map(|name| self.tenants.get(name))
             .filter_map(|t| {
-                let head = t.queue.front()?;
-                let need = nanos(head.cost) - t.deficit;
+                let at = self.startable(t)?;
+                let need = nanos(t.queue[at].cost) - t.deficit;
                 let per_round = quantum * i128::from(t.weight);
                 Some(if need <= 0 { 0 } else { (need + per_round - 1) / per_round })
             })
@@ -569,6 +573,27 @@ mod tests {
         assert_eq!(p.admit(now, "light", 101, MS, far), Admission::Queued);
         p.finish("light", MS, MS);
         assert_eq!(p.next(now), vec![Decision::Run(1)], "heavy's turn");
+    }
+
+    #[test]
+    fn a_sparse_tenant_keeps_its_turn_while_no_place_is_free() {
+        // More calls may be started than there are short places: deciding
+        // while the places are full must not reorder the round.
+        let mut p = Policy::new(PolicyConfig { max_running: 4, max_running_per_tenant: 4, ..PolicyConfig::new(1) });
+        let now = Instant::now();
+        let far = now + Duration::from_secs(10);
+        assert_eq!(p.admit(now, "heavy", 0, MS, far), Admission::Run);
+        for i in 1..=5 {
+            assert_eq!(p.admit(now, "heavy", i, MS, far), Admission::Queued);
+        }
+        assert_eq!(p.admit(now, "light", 100, MS, far), Admission::Queued);
+        for _ in 0..3 {
+            assert_eq!(p.next(now), vec![], "the one short place is taken");
+        }
+        // Heavy's call used less than expected: it has credit for its next
+        // call, but light is first in the round.
+        p.finish("heavy", MS, Duration::ZERO);
+        assert_eq!(p.next(now), vec![Decision::Run(100)]);
     }
 
     #[test]
