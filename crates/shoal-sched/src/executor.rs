@@ -705,64 +705,55 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_call_blocked_in_a_host_call_gives_its_place_on_the_cpu_to_another() {
+    /// On a one-core executor (one short call on the CPU at a time), start
+    /// a 60 s call of `tenant` with `input` in the background, wait until it
+    /// runs, and check that a quick call of tenant `other` then gets
+    /// through while the first still runs. Returns the executor and the
+    /// first call, still running.
+    async fn a_quick_call_gets_through_beside(
+        tenant: &'static str,
+        input: &'static [u8],
+        other: &str,
+    ) -> (Arc<Executor>, tokio::task::JoinHandle<Result<CallOutput, Overloaded>>) {
         let dir = tempfile::tempdir().unwrap();
         let runtime = Arc::new(Runtime::new(RuntimeConfig::new(dir.path())).unwrap());
-        // One core: one short call on the CPU at a time.
         let executor = Arc::new(Executor::new(runtime.clone(), 4, PolicyConfig::new(1)));
         let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
-        // A call that sleeps (blocked in WASI's clock) until its 60 s are up.
-        let sleeper = {
+        let first = {
             let (executor, image) = (executor.clone(), image.clone());
             tokio::spawn(async move {
-                executor.run(&t(), &f(), &image, &settings(Duration::from_secs(60)), Bytes::from_static(b"sleep")).await
+                let tenant: Arc<str> = Arc::from(tenant);
+                executor.run(&tenant, &f(), &image, &settings(Duration::from_secs(60)), Bytes::from_static(input)).await
             })
         };
         while executor.busy() == 0 {
             tokio::task::yield_now().await;
         }
-        // Another call gets the core while the first sleeps.
-        let (tenant, function, settings) = (t(), f(), settings(Duration::from_secs(60)));
-        let quick = executor.run(&tenant, &function, &image, &settings, Bytes::from_static(b"x"));
+        let (other, function, settings) = (Arc::from(other), f(), settings(Duration::from_secs(60)));
+        let quick = executor.run(&other, &function, &image, &settings, Bytes::from_static(b"x"));
         let out = tokio::time::timeout(Duration::from_secs(20), quick)
             .await
-            .expect("the second call waited for the sleeping one")
+            .expect("the quick call waited for the first one to end")
             .unwrap();
         assert!(out.result.is_ok());
-        assert!(!sleeper.is_finished());
+        assert!(!first.is_finished());
+        (executor, first)
+    }
+
+    #[tokio::test]
+    async fn a_call_blocked_in_a_host_call_gives_its_place_on_the_cpu_to_another() {
+        // A call that sleeps (blocked in WASI's clock) until its 60 s are up.
+        let (executor, sleeper) = a_quick_call_gets_through_beside("t", b"sleep", "t").await;
         assert_eq!(executor.inner.lock().unwrap().policy.short_on_cpu(), 0, "the sleeper is not on the CPU");
         sleeper.abort();
     }
 
     #[tokio::test]
     async fn a_call_that_runs_long_gives_its_short_place_to_others() {
-        let dir = tempfile::tempdir().unwrap();
-        let runtime = Arc::new(Runtime::new(RuntimeConfig::new(dir.path())).unwrap());
-        // One core: one short call on the CPU at a time.
-        let executor = Arc::new(Executor::new(runtime.clone(), 4, PolicyConfig::new(1)));
-        let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
         // Never measured, the function is expected to be short; this call
-        // loops until its 60 s are up.
-        let looping = {
-            let (executor, image) = (executor.clone(), image.clone());
-            tokio::spawn(async move {
-                let a: Arc<str> = Arc::from("a");
-                executor.run(&a, &f(), &image, &settings(Duration::from_secs(60)), Bytes::from_static(b"loop")).await
-            })
-        };
-        while executor.busy() == 0 {
-            tokio::task::yield_now().await;
-        }
-        // Another tenant's call runs once the loop is long, not after it.
-        let (b, function, settings) = (Arc::from("b"), f(), settings(Duration::from_secs(60)));
-        let quick = executor.run(&b, &function, &image, &settings, Bytes::from_static(b"x"));
-        let out = tokio::time::timeout(Duration::from_secs(20), quick)
-            .await
-            .expect("the second call waited for the looping one")
-            .unwrap();
-        assert!(out.result.is_ok());
-        assert!(!looping.is_finished());
+        // loops until its 60 s are up, and once long takes turns without
+        // its short place.
+        let (_, looping) = a_quick_call_gets_through_beside("a", b"loop", "b").await;
         looping.abort();
     }
 }

@@ -556,17 +556,24 @@ mod tests {
         assert_eq!(p.admit(now, "light", 100, MS, now + 50 * MS), Admission::Queued);
     }
 
-    #[test]
-    fn a_sparse_tenant_goes_next_but_only_once() {
-        let mut p = policy(1, 1);
+    /// `heavy` runs call 0 (the one short place of a one-core policy) with
+    /// calls 1..=5 queued; then `light`, with nothing running or waiting,
+    /// queues call 100. Returns the time and a far deadline.
+    fn heavy_running_and_queued_then_light(p: &mut Policy) -> (Instant, Instant) {
         let now = Instant::now();
         let far = now + Duration::from_secs(10);
         assert_eq!(p.admit(now, "heavy", 0, MS, far), Admission::Run);
         for i in 1..=5 {
             assert_eq!(p.admit(now, "heavy", i, MS, far), Admission::Queued);
         }
-        // Nothing of light's runs or waits: its call goes first.
         assert_eq!(p.admit(now, "light", 100, MS, far), Admission::Queued);
+        (now, far)
+    }
+
+    #[test]
+    fn a_sparse_tenant_goes_next_but_only_once() {
+        let mut p = policy(1, 1);
+        let (now, far) = heavy_running_and_queued_then_light(&mut p);
         p.finish("heavy", MS, MS);
         assert_eq!(p.next(now), vec![Decision::Run(100)]);
         // Its next call arrives while the first runs: no head start.
@@ -580,13 +587,7 @@ mod tests {
         // More calls may be started than there are short places: deciding
         // while the places are full must not reorder the round.
         let mut p = Policy::new(PolicyConfig { max_running: 4, max_running_per_tenant: 4, ..PolicyConfig::new(1) });
-        let now = Instant::now();
-        let far = now + Duration::from_secs(10);
-        assert_eq!(p.admit(now, "heavy", 0, MS, far), Admission::Run);
-        for i in 1..=5 {
-            assert_eq!(p.admit(now, "heavy", i, MS, far), Admission::Queued);
-        }
-        assert_eq!(p.admit(now, "light", 100, MS, far), Admission::Queued);
+        let (now, _) = heavy_running_and_queued_then_light(&mut p);
         for _ in 0..3 {
             assert_eq!(p.next(now), vec![], "the one short place is taken");
         }
