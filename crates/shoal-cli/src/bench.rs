@@ -376,7 +376,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut csv = vec![CSV_HEADER.to_string()];
     for &n in &args.functions {
-        let node = NodeProcess::start(&args.node_args, args.node_cpus.as_deref())?;
+        // Room for every connection the generator opens.
+        let mut node_args = vec![format!("--max-connections={}", args.connections * n_tenants + 1024)];
+        node_args.extend(args.node_args.iter().cloned());
+        let node = NodeProcess::start(&node_args, args.node_cpus.as_deref())?;
         eprintln!("bench: N = {n} functions on a node at {}", node.base);
         for tenant in &tenants {
             create_tenant(&http, &node.base, tenant).await?;

@@ -18,9 +18,27 @@ pub struct ServeArgs {
     /// TOML file of settings (same names as the flags, with underscores).
     #[arg(long, env = "SHOAL_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to listen on.
+    /// Address to listen on (a loopback address unless --public).
     #[arg(long, env = "SHOAL_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Allow listening on an address other machines can reach. Off by
+    /// default: a node should be exposed on purpose, behind TLS.
+    #[arg(long, env = "SHOAL_PUBLIC")]
+    public: bool,
+    /// Connections served at once; past it new ones are answered 503.
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Time a client has to send a whole request head, e.g. 10s.
+    #[arg(long, env = "SHOAL_HEADER_READ_TIMEOUT", value_parser = parse_duration)]
+    header_read_timeout: Option<Duration>,
+    /// A connection moving no bytes, with no request being handled, is
+    /// closed after this long, e.g. 60s.
+    #[arg(long, env = "SHOAL_IDLE_TIMEOUT", value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Slowest average request body accepted after the first 10 s, bytes
+    /// per second, e.g. 64KiB.
+    #[arg(long, env = "SHOAL_MIN_BODY_RATE", value_parser = parse_size)]
+    min_body_rate: Option<u64>,
     /// Where the registry, the compiled-artifact cache and the admin token live.
     #[arg(long, env = "SHOAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -66,6 +84,11 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 struct ServeFile {
     listen: Option<SocketAddr>,
+    public: Option<bool>,
+    max_connections: Option<usize>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    min_body_rate: Option<String>,
     data_dir: Option<PathBuf>,
     max_body: Option<String>,
     max_module: Option<String>,
@@ -104,6 +127,33 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
     config.admin_token = std::env::var("SHOAL_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
     if let Some(listen) = args.listen.or(file.listen) {
         config.listen = listen;
+    }
+    let public = args.public || file.public.unwrap_or(false);
+    anyhow::ensure!(
+        public || config.listen.ip().is_loopback(),
+        "refusing to listen on {}, which other machines can reach: pass --public (or `public = true`) to mean it",
+        config.listen
+    );
+    if let Some(n) = args.max_connections.or(file.max_connections) {
+        config.http.max_connections = n;
+    }
+    if let Some(text) = &file.header_read_timeout {
+        config.http.header_read_timeout = parse_duration(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(timeout) = args.header_read_timeout {
+        config.http.header_read_timeout = timeout;
+    }
+    if let Some(text) = &file.idle_timeout {
+        config.http.idle_timeout = parse_duration(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(timeout) = args.idle_timeout {
+        config.http.idle_timeout = timeout;
+    }
+    if let Some(text) = &file.min_body_rate {
+        config.http.min_body_rate = parse_size(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(rate) = args.min_body_rate {
+        config.http.min_body_rate = rate;
     }
     if let Some(text) = &file.max_body {
         config.max_body_bytes = size(text)?;
@@ -245,5 +295,43 @@ mod tests {
         assert_eq!(node_config(&flag.serve).unwrap().0.max_loaded_images, 20);
         let zero = Cli::parse_from(["serve", "--max-loaded-images", "0"]);
         assert!(node_config(&zero.serve).is_err(), "a budget of no images is refused");
+    }
+
+    #[test]
+    fn listening_beyond_loopback_needs_public() {
+        let open = Cli::parse_from(["serve", "--listen", "0.0.0.0:8080"]);
+        let error = node_config(&open.serve).unwrap_err().to_string();
+        assert!(error.contains("--public"), "{error}");
+        let meant = Cli::parse_from(["serve", "--listen", "0.0.0.0:8080", "--public"]);
+        assert_eq!(node_config(&meant.serve).unwrap().0.listen.port(), 8080);
+        let v6 = Cli::parse_from(["serve", "--listen", "[::1]:8080"]);
+        assert!(node_config(&v6.serve).is_ok(), "IPv6 loopback needs no flag");
+    }
+
+    #[test]
+    fn connection_limits_come_from_the_file_and_flags_override_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shoal.toml");
+        std::fs::write(&file, "max_connections = 50\nheader_read_timeout = \"3s\"\nmin_body_rate = \"1KiB\"\n")
+            .unwrap();
+        let from_file = Cli::parse_from(["serve", "--config", file.to_str().unwrap()]);
+        let http = node_config(&from_file.serve).unwrap().0.http;
+        assert_eq!(
+            (http.max_connections, http.header_read_timeout, http.min_body_rate),
+            (50, Duration::from_secs(3), 1024)
+        );
+        let flags = Cli::parse_from([
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--max-connections",
+            "70",
+            "--idle-timeout",
+            "5s",
+        ]);
+        let http = node_config(&flags.serve).unwrap().0.http;
+        assert_eq!((http.max_connections, http.idle_timeout), (70, Duration::from_secs(5)));
+        let zero = Cli::parse_from(["serve", "--max-connections", "0"]);
+        assert!(node_config(&zero.serve).is_err(), "no connections at all is refused");
     }
 }

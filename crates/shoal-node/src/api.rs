@@ -9,6 +9,8 @@ mod state;
 mod tenants;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -60,8 +62,10 @@ fn path_error(rejection: PathRejection) -> ApiError {
 
 /// Read a request body of at most `limit` bytes. A declared length over
 /// the limit is refused before reading; an undeclared one is cut off as
-/// soon as it passes the limit.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+/// soon as it passes the limit. A body that trickles in (slower on average
+/// than the node's minimum body rate, once its grace period is over) is
+/// answered 408 and its connection closed.
+async fn read_body(node: &Node, body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::new(ErrorKind::TooLarge, format!("request body is over the limit of {limit} bytes"));
     if let Some(length) = headers.get(CONTENT_LENGTH) {
         let length: u64 = length
@@ -73,10 +77,36 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             return Err(too_large());
         }
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!("reading the request body: {e}"))),
+    let http = &node.config.http;
+    let started = tokio::time::Instant::now();
+    let mut body = http_body_util::Limited::new(body, limit);
+    let mut received = bytes::BytesMut::new();
+    loop {
+        // The deadline moves with what has arrived: the grace period, plus
+        // the time the bytes so far are worth at the minimum rate.
+        let earned = Duration::from_secs_f64(received.len() as f64 / http.min_body_rate as f64);
+        let deadline = started + http.body_grace + earned;
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    ErrorKind::RequestTimeout,
+                    format!(
+                        "the request body arrived too slowly ({} bytes in {:.1} s; the minimum is {} bytes/s after {} s)",
+                        received.len(),
+                        started.elapsed().as_secs_f64(),
+                        http.min_body_rate,
+                        http.body_grace.as_secs_f64()
+                    ),
+                ));
+            }
+            Ok(None) => return Ok(received.freeze()),
+            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Ok(Some(Err(e))) => return Err(ApiError::bad_request(format!("reading the request body: {e}"))),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            received.extend_from_slice(&data);
+        }
     }
 }
 
@@ -90,6 +120,9 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         state: node.state.stats(),
         async_unfinished: node.async_calls.unfinished(),
         n_loaded_images: node.n_loaded_images(),
+        connections_open: node.conn_stats.open.load(Ordering::Relaxed),
+        connections_refused: node.conn_stats.refused.load(Ordering::Relaxed),
+        connections_idle_closed: node.conn_stats.idle_closed.load(Ordering::Relaxed),
     };
     let mut response = node.metrics.render(&gauges).into_response();
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

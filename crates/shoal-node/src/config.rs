@@ -11,6 +11,9 @@ const MIB: u64 = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub listen: SocketAddr,
+    /// Connection-level limits: connections, header and body timeouts,
+    /// header and URL sizes.
+    pub http: crate::HttpLimits,
     pub data_dir: PathBuf,
     /// Admin token; generated into `<data_dir>/admin.token` when unset.
     pub admin_token: Option<String>,
@@ -67,6 +70,7 @@ impl NodeConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            http: crate::HttpLimits::default(),
             data_dir: data_dir.into(),
             admin_token: None,
             max_body_bytes: (6 * MIB) as usize,
@@ -97,6 +101,7 @@ impl NodeConfig {
 
     /// Check the settings once, at start.
     pub fn validate(&self) -> Result<(), String> {
+        self.http.validate()?;
         if let Some((tenant, _)) = self.tenant_weights.iter().find(|(_, w)| *w == 0 || *w > 1000) {
             return Err(format!("the weight of tenant `{tenant}` must be 1 to 1000"));
         }

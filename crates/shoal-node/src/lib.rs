@@ -20,11 +20,13 @@ mod logs;
 mod metrics;
 mod names;
 mod registry;
+mod server;
 
 pub use calls::{CallFailure, CallRecord, CallStatus};
 pub use config::NodeConfig;
 pub use error::{ApiError, ErrorKind};
 pub use registry::FunctionRecord;
+pub use server::HttpLimits;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -85,6 +87,7 @@ pub struct Node {
     async_calls: Arc<AsyncCalls>,
     /// The clock of function use, for evicting the least recently used.
     use_clock: std::sync::atomic::AtomicU64,
+    conn_stats: server::ConnStats,
 }
 
 impl std::fmt::Debug for Node {
@@ -150,6 +153,7 @@ impl Node {
                 metrics: Metrics::default(),
                 async_calls,
                 use_clock: std::sync::atomic::AtomicU64::new(0),
+                conn_stats: server::ConnStats::default(),
             }
         });
         node.load_functions().await?;
@@ -272,7 +276,8 @@ impl Node {
     }
 
     /// Serve the API on `listener` until `shutdown` resolves, then finish
-    /// the requests in flight and stop the runtime's threads.
+    /// the requests in flight (up to the drain timeout) and stop the
+    /// runtime's threads. Connection limits are `config.http`.
     pub async fn serve(
         self: &Arc<Self>,
         listener: TcpListener,
@@ -280,7 +285,7 @@ impl Node {
     ) -> std::io::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "serving");
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await?;
+        server::serve(self.clone(), listener, shutdown).await?;
         self.runtime().shutdown();
         tracing::info!("stopped");
         Ok(())

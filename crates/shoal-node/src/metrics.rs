@@ -43,6 +43,9 @@ pub struct Gauges {
     pub state: shoal_state::TierStats,
     pub async_unfinished: usize,
     pub n_loaded_images: usize,
+    pub connections_open: usize,
+    pub connections_refused: u64,
+    pub connections_idle_closed: u64,
 }
 
 impl Metrics {
@@ -95,6 +98,19 @@ impl Metrics {
                 "Asynchronous calls accepted and not finished.",
                 gauges.async_unfinished as u64,
             ),
+            ("shoal_http_connections", "gauge", "HTTP connections open.", gauges.connections_open as u64),
+            (
+                "shoal_http_connections_refused_total",
+                "counter",
+                "Connections answered 503 because the connection limit was reached.",
+                gauges.connections_refused,
+            ),
+            (
+                "shoal_http_connections_idle_closed_total",
+                "counter",
+                "Connections closed after moving no bytes for the idle timeout.",
+                gauges.connections_idle_closed,
+            ),
             (
                 "shoal_state_global_read_bytes_total",
                 "counter",
@@ -134,6 +150,9 @@ mod tests {
             state: Default::default(),
             async_unfinished: 4,
             n_loaded_images: 2,
+            connections_open: 5,
+            connections_refused: 6,
+            connections_idle_closed: 7,
         });
         for expected in [
             "shoal_calls_total{outcome=\"ok\"} 1",
@@ -146,6 +165,9 @@ mod tests {
             "shoal_functions 2",
             "shoal_compiles_total 3",
             "shoal_async_calls_unfinished 4",
+            "shoal_http_connections 5",
+            "shoal_http_connections_refused_total 6",
+            "shoal_http_connections_idle_closed_total 7",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

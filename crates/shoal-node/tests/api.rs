@@ -320,9 +320,25 @@ async fn tokens_are_required_and_scoped_to_their_tenant() {
     assert_error(node.invoke_as("acme.0000", "acme/echo", b"").await, StatusCode::UNAUTHORIZED, "unauthorized");
     let response = node.req(reqwest::Method::POST, "/v1/functions/acme/echo/invoke", None).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    // Another tenant's token: forbidden, whether or not the function exists.
-    assert_error(node.invoke_as(&other, "acme/echo", b"").await, StatusCode::FORBIDDEN, "forbidden");
-    assert_error(node.invoke_as(&other, "acme/nothing", b"").await, StatusCode::FORBIDDEN, "forbidden");
+    // Another tenant's token: the 404 of a missing function, whether or
+    // not the function exists, on every route about one function.
+    for (method, route) in [
+        (reqwest::Method::POST, "invoke"),
+        (reqwest::Method::GET, ""),
+        (reqwest::Method::GET, "logs"),
+        (reqwest::Method::DELETE, ""),
+    ] {
+        let mut answers = Vec::new();
+        for function in ["acme/echo", "acme/nothing"] {
+            let path = format!("/v1/functions/{function}/{route}");
+            let response = node.req(method.clone(), path.trim_end_matches('/'), Some(&other)).send().await.unwrap();
+            let (status, body) = status_and_json(response).await;
+            assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+            answers.push(body["error"]["message"].as_str().unwrap().replace(function, "F"));
+        }
+        assert_eq!(answers[0], answers[1], "{method} {route}: the same answer either way");
+    }
+    assert_eq!(node.invoke("acme/echo", b"still here").await.0, StatusCode::OK, "the DELETE removed nothing");
     // A tenant cannot create tenants.
     let response = node
         .req(reqwest::Method::POST, "/v1/tenants", Some(&acme))
@@ -866,7 +882,7 @@ mod async_calls {
             assert_eq!(record(&node, ADMIN, missing).await.0, StatusCode::NOT_FOUND, "{missing}");
         }
         let (status, _) = submit(&node, &other, "demo/fib", b"1").await;
-        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(status, StatusCode::NOT_FOUND, "another tenant's function looks missing");
         let (status, _) = submit(&node, ADMIN, "demo/nothing-here", b"1").await;
         assert_eq!(status, StatusCode::NOT_FOUND, "refused at once, not accepted");
         node.stop().await;
@@ -932,4 +948,252 @@ async fn past_the_image_budget_idle_images_are_dropped_and_reloaded_without_comp
     assert!(!node.node.is_loaded("demo", "hello") && !node.node.is_loaded("demo", "hello-again"));
     assert!(node.node.is_loaded("demo", "fib-again") && node.node.is_loaded("demo", "upper"));
     node.stop().await;
+}
+
+mod hostile_clients {
+    //! Clients that attack the connection layer, over raw sockets: each is
+    //! cut off by a limit while a well-behaved client keeps being served.
+
+    use super::*;
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Short timeouts, so that the tests see them fire.
+    fn tight(config: &mut NodeConfig) {
+        config.http.header_read_timeout = Duration::from_millis(300);
+        config.http.idle_timeout = Duration::from_millis(400);
+        config.http.body_grace = Duration::from_millis(300);
+        config.http.min_body_rate = 1024;
+    }
+
+    async fn connect(node: &TestNode) -> TcpStream {
+        TcpStream::connect(node.base.trim_start_matches("http://")).await.unwrap()
+    }
+
+    /// Everything the server sends until it closes the connection, or None
+    /// if it is still open after `bound`.
+    async fn read_until_closed(stream: &mut TcpStream, bound: Duration) -> Option<String> {
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(bound, async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        read.ok().map(|()| String::from_utf8_lossy(&received).into_owned())
+    }
+
+    /// The status code of the first response in `text`, if any.
+    fn status_of(text: &str) -> Option<u16> {
+        text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    }
+
+    async fn victim_is_served(node: &TestNode) {
+        assert_eq!(node.invoke("demo/hello", b"v").await, (StatusCode::OK, b"hello v".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn slowloris_heads_are_cut_off_by_the_header_timeout() {
+        let node = TestNode::start_with(tight).await;
+        let mut attacker = connect(&node).await;
+        attacker.write_all(b"POST /v1/functions/demo/hello/invoke HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        // A header byte every 50 ms: the connection is never idle, but
+        // the head never completes.
+        let trickle = {
+            let (mut reader, mut writer) = attacker.into_split();
+            let writing = tokio::spawn(async move {
+                for _ in 0..200 {
+                    if writer.write_all(b"X").await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+            let started = Instant::now();
+            let closed = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = reader.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+            writing.abort();
+            (closed.is_ok(), started.elapsed())
+        };
+        victim_is_served(&node).await;
+        let (closed, after) = trickle;
+        assert!(closed, "a head trickled in for 5 s and the connection is still open");
+        assert!(after < Duration::from_secs(4), "closed after {after:?}");
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn slow_bodies_are_answered_408() {
+        let node = TestNode::start_with(tight).await;
+        let mut attacker = connect(&node).await;
+        attacker
+            .write_all(
+                b"POST /v1/functions/demo/echo/invoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-admin-token-0123456789\r\nContent-Length: 60000\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let (mut reader, mut writer) = attacker.into_split();
+        // 10 bytes every 100 ms: 100 bytes/s, under the minimum of 1 KiB/s.
+        let writing = tokio::spawn(async move {
+            for _ in 0..100 {
+                if writer.write_all(&[b'a'; 10]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        victim_is_served(&node).await;
+        let mut received = Vec::new();
+        let answered = tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut received)).await;
+        writing.abort();
+        assert!(answered.is_ok(), "a body at 100 bytes/s was still being read after 5 s");
+        let text = String::from_utf8_lossy(&received);
+        assert_eq!(status_of(&text), Some(408), "{text}");
+        assert!(text.contains("request_timeout"), "{text}");
+        // A body that is merely not instant is fine.
+        let slow_but_fair: Vec<Result<Vec<u8>, std::io::Error>> = (0..4).map(|_| Ok(vec![b'b'; 2048])).collect();
+        let response = node
+            .req(reqwest::Method::POST, "/v1/functions/demo/echo/invoke", Some(ADMIN))
+            .body(reqwest::Body::wrap_stream(futures_stream(slow_but_fair)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed() {
+        let node = TestNode::start_with(tight).await;
+        // Says nothing at all.
+        let mut silent = connect(&node).await;
+        // Says one request, then nothing.
+        let mut kept = connect(&node).await;
+        kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        // Opens HTTP/2 (preface and empty settings), then nothing.
+        let mut h2 = connect(&node).await;
+        h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+        for (name, stream) in [("silent", &mut silent), ("keep-alive", &mut kept), ("http/2", &mut h2)] {
+            let text = read_until_closed(stream, Duration::from_secs(5)).await;
+            assert!(text.is_some(), "the {name} connection was still open after 5 s");
+        }
+        victim_is_served(&node).await;
+        let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+        let idle_closed: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("shoal_http_connections_idle_closed_total "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(idle_closed >= 2, "{metrics}");
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn past_the_connection_limit_new_connections_get_503_and_held_ones_keep_working() {
+        let node = TestNode::start_with(|c| {
+            tight(c);
+            c.http.max_connections = 4;
+            // Long enough that the attacker's connections stay while we look.
+            c.http.idle_timeout = Duration::from_secs(2);
+            c.http.header_read_timeout = Duration::from_secs(2);
+        })
+        .await;
+        // The victim's connection is open before the flood.
+        victim_is_served(&node).await;
+        let mut flood = Vec::new();
+        for _ in 0..3 {
+            flood.push(connect(&node).await);
+        }
+        let mut refused = connect(&node).await;
+        let text = read_until_closed(&mut refused, Duration::from_secs(2)).await.expect("answered and closed");
+        assert_eq!(status_of(&text), Some(503), "{text}");
+        assert!(text.contains("overloaded"), "{text}");
+        // The victim, on its kept-alive connection, is served throughout.
+        for _ in 0..3 {
+            victim_is_served(&node).await;
+        }
+        // The flood's connections time out and free their places.
+        for stream in &mut flood {
+            assert!(read_until_closed(stream, Duration::from_secs(5)).await.is_some());
+        }
+        drop(flood);
+        let fresh = reqwest::Client::new();
+        let response = fresh.get(format!("{}/healthz", node.base)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn oversized_heads_and_targets_are_refused_before_routing() {
+        let node = TestNode::start().await;
+        let mut big_header = connect(&node).await;
+        let head = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(20 << 10));
+        let _ = big_header.write_all(head.as_bytes()).await;
+        let text = read_until_closed(&mut big_header, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(status_of(&text), Some(431), "{text}");
+
+        let long = format!("/v1/functions/demo/{}/invoke", "a".repeat(9 << 10));
+        let response = node.req(reqwest::Method::POST, &long, Some(ADMIN)).send().await.unwrap();
+        let (status, body) = status_and_json(response).await;
+        assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::URI_TOO_LONG, Some("uri_too_long")));
+        victim_is_served(&node).await;
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn malformed_requests_get_4xx_and_the_node_carries_on() {
+        let node = TestNode::start().await;
+        let cases: &[&[u8]] = &[
+            b"GARBAGE\r\n\r\n",
+            b"\x00\x01\x02\x03\xff\xfe\r\n\r\n",
+            b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+            b"POST /v1/tenants HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            b"POST /v1/tenants HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            b"POST /v1/tenants HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\n",
+            b"POST /v1/tenants HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+            b"GET /v1/functions/%zz/x HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /v1/functions/demo/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+        ];
+        for case in cases {
+            let mut stream = connect(&node).await;
+            let _ = stream.write_all(case).await;
+            let _ = stream.shutdown().await;
+            let text = read_until_closed(&mut stream, Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|| panic!("{:?}: no answer and not closed", String::from_utf8_lossy(case)));
+            if let Some(status) = status_of(&text) {
+                assert!((400..500).contains(&status), "{:?} got {text}", String::from_utf8_lossy(case));
+            }
+            victim_is_served(&node).await;
+        }
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn tokens_in_the_query_string_are_not_credentials() {
+        let node = TestNode::start().await;
+        let path = format!("/v1/functions/demo/hello?token={ADMIN}");
+        let response = node.req(reqwest::Method::GET, &path, None).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let path = format!("/v1/functions/demo/hello/invoke?access_token={ADMIN}");
+        let response = node.req(reqwest::Method::POST, &path, None).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        node.stop().await;
+    }
 }

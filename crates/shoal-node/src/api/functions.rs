@@ -49,11 +49,23 @@ fn authorise(node: &Node, headers: &HeaderMap, tenant: &str, name: Option<&str>)
     Ok(())
 }
 
+/// Authorise a request about one existing function: another tenant's
+/// token gets the 404 a missing function gets, so that it cannot learn
+/// which functions exist outside its own tenant.
+fn authorise_existing(node: &Node, headers: &HeaderMap, tenant: &str, name: &str) -> Result<(), ApiError> {
+    match authorise(node, headers, tenant, Some(name)) {
+        Err(e) if e.kind == ErrorKind::Forbidden => Err(missing(tenant, name)),
+        other => other,
+    }
+}
+
+fn missing(tenant: &str, name: &str) -> ApiError {
+    ApiError::not_found(format!("function `{tenant}/{name}` does not exist"))
+}
+
 /// The function, or the same 404 whether or not the tenant exists.
 fn find(node: &Node, tenant: &str, name: &str) -> Result<Arc<DeployedFunction>, ApiError> {
-    node.registry
-        .get(tenant, name)
-        .ok_or_else(|| ApiError::not_found(format!("function `{tenant}/{name}` does not exist")))
+    node.registry.get(tenant, name).ok_or_else(|| missing(tenant, name))
 }
 
 fn env_name_is_valid(name: &str) -> bool {
@@ -128,7 +140,7 @@ pub(super) async fn deploy(
     let Path((tenant, name)) = path.map_err(path_error)?;
     authorise(&node, &headers, &tenant, Some(&name))?;
     let spec = deploy_spec(&node, query.as_deref())?;
-    let wasm = read_body(body, &headers, node.config.max_module_bytes).await?;
+    let wasm = read_body(&node, body, &headers, node.config.max_module_bytes).await?;
     let record = node.deploy(&tenant, &name, &wasm, spec).await?;
     Ok((StatusCode::CREATED, Json(description(&record))))
 }
@@ -150,7 +162,7 @@ pub(super) async fn describe(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path((tenant, name)) = path.map_err(path_error)?;
-    authorise(&node, &headers, &tenant, Some(&name))?;
+    authorise_existing(&node, &headers, &tenant, &name)?;
     Ok(Json(description(&find(&node, &tenant, &name)?.record)))
 }
 
@@ -160,7 +172,7 @@ pub(super) async fn remove(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let Path((tenant, name)) = path.map_err(path_error)?;
-    authorise(&node, &headers, &tenant, Some(&name))?;
+    authorise_existing(&node, &headers, &tenant, &name)?;
     if node.registry.remove(&tenant, &name)? {
         tracing::info!(%tenant, function = %name, "removed");
         Ok(StatusCode::NO_CONTENT)
@@ -175,7 +187,7 @@ pub(super) async fn logs(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path((tenant, name)) = path.map_err(path_error)?;
-    authorise(&node, &headers, &tenant, Some(&name))?;
+    authorise_existing(&node, &headers, &tenant, &name)?;
     let function = find(&node, &tenant, &name)?;
     Ok(Json(json!({ "lines": function.logs.snapshot() })))
 }
@@ -209,7 +221,7 @@ async fn invoke_inner(
     call_id: &str,
 ) -> Result<Response, ApiError> {
     let Path((tenant, name)) = path.map_err(path_error)?;
-    authorise(node, headers, &tenant, Some(&name))?;
+    authorise_existing(node, headers, &tenant, &name)?;
     let mut is_async = false;
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match (key.as_ref(), value.as_ref()) {
@@ -219,7 +231,7 @@ async fn invoke_inner(
         }
     }
     let function = find(node, &tenant, &name)?;
-    let input = read_body(body, headers, node.config.max_body_bytes).await?;
+    let input = read_body(node, body, headers, node.config.max_body_bytes).await?;
     if is_async {
         let id = node.accept_async(&tenant, &name, input.to_vec()).await?;
         let mut response = (StatusCode::ACCEPTED, Json(json!({ "call_id": id }))).into_response();

@@ -51,7 +51,7 @@ pub(super) async fn put(
     let Path((tenant, key)) = path.map_err(path_error)?;
     let scoped = scoped(&node, &headers, &tenant, &key)?;
     let limit = usize::try_from(node.state.global().limits().max_value_bytes).unwrap_or(usize::MAX);
-    let value = read_body(body, &headers, limit).await?;
+    let value = read_body(&node, body, &headers, limit).await?;
     node.state.put_global(&scoped, value.to_vec()).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -27,7 +27,7 @@ pub(super) async fn create(
     body: Body,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     node.authenticate(&headers)?.check_admin()?;
-    let body = read_body(body, &headers, MAX_TENANT_BODY).await?;
+    let body = read_body(&node, body, &headers, MAX_TENANT_BODY).await?;
     let request: CreateTenant = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("body must be {{\"name\": \"…\"}}: {e}")))?;
     match node.create_tenant(&request.name)? {
