@@ -63,12 +63,13 @@ fi
 # --- The node ----------------------------------------------------------------
 work=$(mktemp -d "${TMPDIR:-/tmp}/shoal-schemathesis.XXXXXX")
 node_pid=
+st_pid=
 cleanup() {
   local status=$?
-  if [ -n "$node_pid" ]; then
-    kill -TERM "$node_pid" 2>/dev/null || true
-    wait "$node_pid" 2>/dev/null || true
-  fi
+  for pid in $st_pid $node_pid; do
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   if [ "$status" -ne 0 ] && [ -s "$work/node.log" ]; then
     echo "--- last lines of the node's log ---" >&2
     tail -n 20 "$work/node.log" >&2
@@ -144,6 +145,12 @@ workers = 1
 request-timeout = 20
 continue-on-failure = true
 
+# No project cache: it would be written to .schemathesis/ in the current
+# directory (the checkout). Hypothesis's own files go to the temp directory
+# (HYPOTHESIS_STORAGE_DIRECTORY, below), not to .hypothesis/ either.
+[cache]
+enabled = false
+
 [auth.openapi.bearerAuth]
 bearer = "\${SHOAL_SCHEMATHESIS_TOKEN}"
 
@@ -195,9 +202,13 @@ fi
 
 echo "schemathesis $ST_VERSION against $bin at $url (max ${max_time}s, $max_examples examples per operation)" >&2
 started=$(date +%s)
-set +e
-SHOAL_SCHEMATHESIS_TOKEN=$token "$st" --config-file "$work/schemathesis.toml" run "$spec" "${args[@]}"
-status=$?
-set -e
+# In the background and waited for, so a signal to this script stops the run
+# at once (bash runs traps only between foreground commands).
+SHOAL_SCHEMATHESIS_TOKEN=$token HYPOTHESIS_STORAGE_DIRECTORY=$work/hypothesis \
+  "$st" --config-file "$work/schemathesis.toml" run "$spec" "${args[@]}" &
+st_pid=$!
+status=0
+wait "$st_pid" || status=$?
+st_pid=
 echo "schemathesis finished in $(( $(date +%s) - started )) s with status $status" >&2
 exit "$status"

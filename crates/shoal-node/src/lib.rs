@@ -235,6 +235,17 @@ impl Node {
             return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist; create it first")));
         }
         let image = self.runtime().load(wasm).await?;
+        let declared = image.declared().memory_bytes;
+        if declared > spec.memory_bytes {
+            return Err(ApiError::new(
+                ErrorKind::InvalidWasm,
+                format!(
+                    "the binary declares {} KiB of memory at start, over this function's limit of {} KiB (memory_mb)",
+                    declared >> 10,
+                    spec.memory_bytes >> 10
+                ),
+            ));
+        }
         let record = FunctionRecord {
             tenant: tenant.to_string(),
             name: name.to_string(),

@@ -1197,3 +1197,18 @@ mod hostile_clients {
         node.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_binary_declaring_more_memory_than_its_function_may_have_is_refused_at_deploy() {
+    let node = TestNode::start().await;
+    // Two MiB at start, one allowed.
+    let module = wat::parse_str(r#"(module (memory 32) (func (export "_start")))"#).unwrap();
+    let (status, body) = node.deploy("demo/greedy", "memory_mb=1", &module).await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_wasm")));
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("declares 2048 KiB") && message.contains("1024 KiB"), "{message}");
+    assert_error(node.invoke("demo/greedy", b"").await, StatusCode::NOT_FOUND, "not_found");
+    let (status, _) = node.deploy("demo/greedy", "memory_mb=2", &module).await;
+    assert_eq!(status, StatusCode::CREATED, "at its limit it deploys");
+    node.stop().await;
+}

@@ -17,6 +17,8 @@ use crate::{RuntimeConfig, RuntimeError};
 const CORE_INSTANCES_PER_SANDBOX: u32 = 8;
 const MEMORIES_PER_SANDBOX: u32 = 2;
 const TABLES_PER_SANDBOX: u32 = 4;
+/// Elements a table may hold (declared or grown to).
+pub(crate) const TABLE_ELEMENTS: u32 = 20_000;
 
 pub(crate) fn build(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
     let mut pool = PoolingAllocationConfig::new();
@@ -27,6 +29,7 @@ pub(crate) fn build(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
         .total_tables(n.saturating_mul(TABLES_PER_SANDBOX))
         .total_stacks(n)
         .max_memory_size(config.max_memory_bytes)
+        .table_elements(TABLE_ELEMENTS as usize)
         .max_memories_per_module(MEMORIES_PER_SANDBOX)
         .max_memories_per_component(MEMORIES_PER_SANDBOX)
         .max_core_instances_per_component(CORE_INSTANCES_PER_SANDBOX)

@@ -38,6 +38,47 @@ impl FunctionKind {
     }
 }
 
+/// What a binary asks for before running any code: the initial sizes of
+/// the memories and tables it defines (in every core module of a
+/// component). Checked before compiling, so a module that declares a
+/// 4 GiB memory or a table of millions of elements costs nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Declared {
+    /// All defined memories' initial sizes together.
+    pub memory_bytes: u64,
+    pub largest_memory_bytes: u64,
+    pub largest_table_elements: u64,
+}
+
+impl Declared {
+    /// Read the memory and table sections; None if the binary does not
+    /// parse (the compiler then reports why, with the validator's words).
+    pub fn of(wasm: &[u8]) -> Option<Self> {
+        use wasmparser::{Parser, Payload};
+        let mut declared = Self::default();
+        for payload in Parser::new(0).parse_all(wasm) {
+            match payload.ok()? {
+                Payload::MemorySection(reader) => {
+                    for memory in reader {
+                        let memory = memory.ok()?;
+                        let page = 1u64 << memory.page_size_log2.unwrap_or(16).min(16);
+                        let bytes = memory.initial.saturating_mul(page);
+                        declared.memory_bytes = declared.memory_bytes.saturating_add(bytes);
+                        declared.largest_memory_bytes = declared.largest_memory_bytes.max(bytes);
+                    }
+                }
+                Payload::TableSection(reader) => {
+                    for table in reader {
+                        declared.largest_table_elements = declared.largest_table_elements.max(table.ok()?.ty.initial);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(declared)
+    }
+}
+
 /// Validate and compile (on the compile pool's thread).
 pub(crate) fn precompile(engine: &Engine, kind: FunctionKind, wasm: &[u8]) -> Result<Vec<u8>, DeployError> {
     match kind {
@@ -56,6 +97,7 @@ pub(crate) enum ImagePre {
 /// deployed with the same bytes.
 pub struct FunctionImage {
     sha256: [u8; 32],
+    declared: Declared,
     pub(crate) pre: ImagePre,
 }
 
@@ -68,7 +110,12 @@ impl std::fmt::Debug for FunctionImage {
 const COMMAND_IMPORT_MODULE: &str = "wasi_snapshot_preview1";
 
 impl FunctionImage {
-    pub(crate) fn link(linkers: &Linkers, sha256: [u8; 32], compiled: Compiled) -> Result<Self, DeployError> {
+    pub(crate) fn link(
+        linkers: &Linkers,
+        sha256: [u8; 32],
+        declared: Declared,
+        compiled: Compiled,
+    ) -> Result<Self, DeployError> {
         let pre = match compiled {
             Compiled::Component(component) => {
                 let engine = component.engine().clone();
@@ -110,7 +157,7 @@ impl FunctionImage {
                 ImagePre::Command(pre)
             }
         };
-        Ok(Self { sha256, pre })
+        Ok(Self { sha256, declared, pre })
     }
 
     pub fn sha256(&self) -> &[u8; 32] {
@@ -119,6 +166,11 @@ impl FunctionImage {
 
     pub fn sha256_hex(&self) -> String {
         hex::encode(self.sha256)
+    }
+
+    /// The memories and tables the binary asks for at start.
+    pub fn declared(&self) -> Declared {
+        self.declared
     }
 
     pub fn kind(&self) -> FunctionKind {

@@ -24,7 +24,7 @@ pub use call::{CallOutput, CallSettings, LogLine, LogStream};
 pub use chain::{ChainError, InvokeFuture, Invoker, Lineage, RootCall};
 pub use config::RuntimeConfig;
 pub use error::{CallError, DeployError, RuntimeError};
-pub use image::{FunctionImage, FunctionKind};
+pub use image::{Declared, FunctionImage, FunctionKind};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -119,6 +119,14 @@ impl Runtime {
     }
 
     /// Long calls holding one of the long-call places now.
+    /// Core and component instances alive in the pool now: every running
+    /// call holds some; a finished call none.
+    pub fn live_instances(&self) -> u64 {
+        self.engine
+            .pooling_allocator_metrics()
+            .map_or(0, |metrics| metrics.core_instances() + metrics.component_instances())
+    }
+
     pub fn long_calls_running(&self) -> u32 {
         self.config.long_call_lanes - self.long_lanes.available_permits() as u32
     }
@@ -146,6 +154,21 @@ impl Runtime {
             return Ok(image);
         }
         let kind = FunctionKind::detect(wasm)?;
+        let declared = Declared::of(wasm).unwrap_or_default();
+        if declared.largest_memory_bytes > self.config.max_memory_bytes as u64 {
+            return Err(DeployError::InvalidWasm(format!(
+                "the binary declares a memory of {} MiB at start; no function may have more than {} MiB",
+                declared.largest_memory_bytes >> 20,
+                self.config.max_memory_bytes >> 20
+            )));
+        }
+        if declared.largest_table_elements > u64::from(engine::TABLE_ELEMENTS) {
+            return Err(DeployError::InvalidWasm(format!(
+                "the binary declares a table of {} elements at start; the most a table may hold is {}",
+                declared.largest_table_elements,
+                engine::TABLE_ELEMENTS
+            )));
+        }
         let compiled = match self.cache.load(&self.engine, &sha256, kind) {
             Some(compiled) => compiled,
             None => {
@@ -169,7 +192,7 @@ impl Runtime {
                 self.cache.store(&self.engine, &sha256, kind, &artifact)?
             }
         };
-        let image = Arc::new(FunctionImage::link(&self.linkers, sha256, compiled)?);
+        let image = Arc::new(FunctionImage::link(&self.linkers, sha256, declared, compiled)?);
         let mut images = self.images.lock().expect("image map lock is never poisoned: no panics while held");
         // Another task may have loaded the same bytes meanwhile; keep one.
         if let Some(existing) = images.get(&sha256).and_then(Weak::upgrade) {

@@ -661,3 +661,282 @@ mod state {
         assert_eq!(ops(&rt, "acme", "get counter").await.unwrap(), "7");
     }
 }
+
+mod hostile_guests {
+    //! Guests written to hurt the host or their neighbours: each fails
+    //! alone, with its own error, and leaves nothing behind.
+
+    use super::*;
+    use std::time::Instant;
+
+    /// Tests that read the process's RSS take turns, so that one's
+    /// allocations do not show up in another's numbers.
+    static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    fn rss_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    fn command(body: &str) -> Vec<u8> {
+        wat::parse_str(body).unwrap_or_else(|e| panic!("{e}\n{body}"))
+    }
+
+    #[tokio::test]
+    async fn giant_declared_memories_and_tables_are_refused_before_compiling() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(&dir);
+        let cases = [
+            (r#"(module (memory 65536) (func (export "_start")))"#, "declares a memory of 4096 MiB"),
+            (r#"(module (memory 1025) (func (export "_start")))"#, "declares a memory of 64 MiB"),
+            (r#"(module (table 10000000 funcref) (func (export "_start")))"#, "declares a table of 10000000"),
+        ];
+        for (wat, expected) in cases {
+            match rt.load(&command(wat)).await {
+                Err(DeployError::InvalidWasm(message)) => assert!(message.contains(expected), "{message}"),
+                other => panic!("{wat}: expected a refusal, got {other:?}"),
+            }
+        }
+        assert_eq!(rt.n_compiles(), 0, "refused before any compiling");
+        // At the limit is fine, and the image says what it declares.
+        let image = rt.load(&command(r#"(module (memory 1024) (table 20000 funcref) (func (export "_start")))"#)).await;
+        let declared = image.expect("at the limits loads").declared();
+        assert_eq!((declared.memory_bytes, declared.largest_table_elements), (64 * MIB, 20_000));
+        assert!(shoal_runtime::Declared::of(shoal_guests::HELLO).unwrap().memory_bytes > 0);
+    }
+
+    /// One module per trap kind, and the words the trap is reported with.
+    fn trap_kinds() -> Vec<(&'static str, Vec<u8>)> {
+        let cases = [
+            ("unreachable", "unreachable"),
+            ("integer divide by zero", "(drop (i32.div_s (i32.const 1) (i32.const 0)))"),
+            ("integer overflow", "(drop (i32.div_s (i32.const 0x80000000) (i32.const -1)))"),
+            ("invalid conversion to integer", "(drop (i32.trunc_f32_s (f32.const nan)))"),
+            ("out of bounds memory access", "(drop (i32.load (i32.const 70000)))"),
+            ("undefined element", "(call_indirect (type $none) (i32.const 7))"),
+            ("uninitialized element", "(call_indirect (type $none) (i32.const 1))"),
+            ("indirect call type mismatch", "(call_indirect (type $none) (i32.const 0))"),
+            ("call stack exhausted", "(call $deep)"),
+        ];
+        cases
+            .into_iter()
+            .map(|(reason, body)| {
+                let module = format!(
+                    r#"(module
+                        (type $none (func))
+                        (memory 1)
+                        (table 2 funcref)
+                        (elem (i32.const 0) $takes_one)
+                        (func $takes_one (param i32))
+                        (func $deep (call $deep))
+                        (func (export "_start") {body}))"#
+                );
+                (reason, command(&module))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn every_trap_kind_is_a_trap_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(&dir);
+        for (reason, wasm) in trap_kinds() {
+            match call(&rt, &wasm, b"").await.result {
+                Err(CallError::Trap { message }) => assert!(message.contains(reason), "{reason}: {message}"),
+                other => panic!("{reason}: expected a trap, got {other:?}"),
+            }
+        }
+        assert_eq!(ok(call(&rt, shoal_guests::HELLO, b"after").await), "hello after");
+    }
+
+    #[tokio::test]
+    async fn a_thousand_traps_leave_memory_descriptors_and_instances_flat() {
+        let _turn = MEASURING.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(&dir);
+        // Each call dirties 4 MiB, then traps: a leaked instance or memory
+        // per trap would add gigabytes.
+        let wasm = command(
+            r#"(module (memory 64) (func (export "_start")
+                (memory.fill (i32.const 0) (i32.const 0xab) (i32.const 4194304)) unreachable))"#,
+        );
+        let image = rt.load(&wasm).await.unwrap();
+        let mut kinds = Vec::new();
+        for (_, wasm) in trap_kinds() {
+            kinds.push(rt.load(&wasm).await.unwrap());
+        }
+        let warm_up = 50;
+        let mut baseline = (0, 0);
+        for i in 0..warm_up + 1000 {
+            let out = rt.call(&image, &settings(), b"").await;
+            assert!(matches!(out.result, Err(CallError::Trap { .. })), "{:?}", out.result);
+            let kind = &kinds[i % kinds.len()];
+            assert!(matches!(rt.call(kind, &settings(), b"").await.result, Err(CallError::Trap { .. })));
+            if i == warm_up - 1 {
+                // Measured after the warm-up: the pool's slots are mapped.
+                baseline = (rss_bytes(), open_fds());
+            }
+        }
+        let (rss_before, fds_before) = baseline;
+        let (rss_after, fds_after) = (rss_bytes(), open_fds());
+        assert!(
+            rss_after <= rss_before + 64 * MIB,
+            "RSS grew by {} MiB over 1,000 traps",
+            (rss_after.saturating_sub(rss_before)) >> 20
+        );
+        // Other tests in this process open files too; a leak would be ~1,000.
+        assert!(fds_after <= fds_before + 32, "descriptors: {fds_before} → {fds_after}");
+        assert_eq!(rt.live_instances(), 0, "no instance outlives its call");
+    }
+
+    #[tokio::test]
+    async fn no_instance_is_reused_after_a_trap_a_timeout_or_a_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(&dir);
+        // Marks its instance, then ends badly; a reused instance would
+        // find the mark and exit 0 instead.
+        let marked = |ending: &str| {
+            command(&format!(
+                r#"(module (global $seen (mut i32) (i32.const 0))
+                    (func (export "_start")
+                      (if (global.get $seen) (then (return)))
+                      (global.set $seen (i32.const 1))
+                      {ending}))"#
+            ))
+        };
+        let mut short = settings();
+        short.timeout = Duration::from_millis(100);
+        let trap = rt.load(&marked("unreachable")).await.unwrap();
+        let spin = rt.load(&marked("(loop (br 0))")).await.unwrap();
+        for _ in 0..3 {
+            assert!(matches!(rt.call(&trap, &short, b"").await.result, Err(CallError::Trap { .. })));
+            assert!(matches!(rt.call(&spin, &short, b"").await.result, Err(CallError::Timeout { .. })));
+            // Cancelled: the caller gives up before the deadline.
+            let mut long = settings();
+            long.timeout = Duration::from_secs(60);
+            let cancelled = tokio::time::timeout(Duration::from_millis(30), rt.call(&spin, &long, b"")).await;
+            assert!(cancelled.is_err(), "the spin ran past the caller's patience");
+        }
+        assert_eq!(rt.live_instances(), 0);
+    }
+
+    #[tokio::test]
+    async fn no_bytes_of_one_tenants_call_reach_the_next_call_in_the_same_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RuntimeConfig::new(dir.path().join("cache"));
+        // One slot: every call reuses the same memory of the pool.
+        config.max_instances = 1;
+        config.max_memory_bytes = 64 << 20;
+        let rt = Runtime::new(config).unwrap();
+        // Fills its initial and grown memory with a secret.
+        let writer = command(
+            r#"(module (memory 16) (func (export "_start")
+                (drop (memory.grow (i32.const 48)))
+                (memory.fill (i32.const 0) (i32.const 0x5a) (i32.const 4194304))))"#,
+        );
+        // Grows the same way and counts the non-zero bytes it can see.
+        let reader = command(
+            r#"(module
+                (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+                (memory (export "memory") 16)
+                (func (export "_start") (local $i i32) (local $dirty i32)
+                  (drop (memory.grow (i32.const 48)))
+                  (block $done (loop $scan
+                    (br_if $done (i32.ge_u (local.get $i) (i32.const 4194304)))
+                    (if (i32.load8_u (local.get $i))
+                      (then (local.set $dirty (i32.add (local.get $dirty) (i32.const 1)))))
+                    (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                    (br $scan)))
+                  (i32.store8 (i32.const 0) (select (i32.const 100) (i32.const 99) (local.get $dirty)))
+                  (i32.store (i32.const 16) (i32.const 0))
+                  (i32.store (i32.const 20) (i32.const 1))
+                  (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))))"#,
+        );
+        let mut victim = settings();
+        victim.tenant = Arc::from("victim");
+        for _ in 0..3 {
+            assert!(call(&rt, &writer, b"").await.result.is_ok());
+            // `c`lean, not `d`irty.
+            assert_eq!(ok(call_with(&rt, &reader, &victim, b"").await), "c");
+        }
+        // The reader can tell: run it right after writing in its own memory.
+        let self_check = command(
+            r#"(module
+                (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+                (memory (export "memory") 1)
+                (func (export "_start")
+                  (i32.store8 (i32.const 100) (i32.const 7))
+                  (i32.store8 (i32.const 0) (select (i32.const 100) (i32.const 99) (i32.load8_u (i32.const 100))))
+                  (i32.store (i32.const 16) (i32.const 0))
+                  (i32.store (i32.const 20) (i32.const 1))
+                  (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))))"#,
+        );
+        assert_eq!(ok(call(&rt, &self_check, b"").await), "d");
+    }
+
+    #[tokio::test]
+    async fn bulk_memory_copy_loops_time_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(&dir);
+        let copy = command(
+            r#"(module (memory 256) (func (export "_start")
+                (loop (memory.copy (i32.const 0) (i32.const 8388608) (i32.const 8388608)) (br 0))))"#,
+        );
+        let mut short = settings();
+        short.timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        let out = call_with(&rt, &copy, &short, b"").await;
+        assert!(matches!(out.result, Err(CallError::Timeout { .. })), "{:?}", out.result);
+        assert!(started.elapsed() < Duration::from_secs(10), "stopped after {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn eight_memory_bombs_at_once_stay_within_their_limits_and_memory_returns() {
+        let _turn = MEASURING.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(runtime(&dir));
+        let bomb = rt.load(shoal_guests::MISBEHAVE).await.unwrap();
+        // Warm the slots once so that the baseline includes them.
+        assert!(matches!(rt.call(&bomb, &settings(), b"oom").await.result, Err(CallError::OutOfMemory { .. })));
+        let baseline = rss_bytes();
+        let peak = Arc::new(std::sync::atomic::AtomicU64::new(baseline));
+        let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = {
+            let (peak, sampling) = (peak.clone(), sampling.clone());
+            std::thread::spawn(move || {
+                while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak.fetch_max(rss_bytes(), std::sync::atomic::Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let bombs: Vec<_> = (0..8)
+            .map(|_| {
+                let (rt, bomb) = (rt.clone(), bomb.clone());
+                tokio::spawn(async move { rt.call(&bomb, &settings(), b"oom").await.result })
+            })
+            .collect();
+        for bomb in bombs {
+            let result = bomb.await.unwrap();
+            assert!(matches!(result, Err(CallError::OutOfMemory { limit }) if limit == 32 * MIB), "{result:?}");
+        }
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        sampler.join().unwrap();
+        let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+        // Eight calls of at most 32 MiB each, plus room for the rest of the
+        // process; without the limit each would take gigabytes.
+        assert!(peak <= baseline + 8 * 32 * MIB + 128 * MIB, "peak {} MiB over the baseline", (peak - baseline) >> 20);
+        let after = rss_bytes();
+        assert!(
+            after <= baseline + 64 * MIB,
+            "{} MiB still resident after the bombs",
+            after.saturating_sub(baseline) >> 20
+        );
+        assert_eq!(ok(call(&rt, shoal_guests::HELLO, b"after").await), "hello after");
+    }
+}
