@@ -43,6 +43,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/state/{tenant}/{*key}", get(state::get).put(state::put).delete(state::delete))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorKind::MethodNotAllowed, "this route does not take that method")
@@ -126,6 +127,14 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     };
     let mut response = node.metrics.render(&gauges).into_response();
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+}
+
+/// The OpenAPI description of this API (checked against a live node by
+/// `scripts/schemathesis.sh` in CI).
+async fn openapi() -> Response {
+    let mut response = include_str!("api/openapi.json").into_response();
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 

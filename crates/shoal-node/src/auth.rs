@@ -73,7 +73,8 @@ pub fn authenticate(
     let token = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme's name is case-insensitive (RFC 9110 §11.1).
+        .and_then(|v| v.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case("bearer ")).map(|_| &v[7..]))
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
@@ -144,6 +145,11 @@ mod tests {
         check(Some("Bearer acme.wrong"), Err(ErrorKind::Unauthorized));
         check(Some("Bearer other.s3cret"), Err(ErrorKind::Unauthorized));
         check(Some("Bearer admin-secret-tokeN"), Err(ErrorKind::Unauthorized));
+        // The scheme's name in any case; nothing else in its place.
+        check(Some("bearer admin-secret-token"), Ok(Caller::Admin));
+        check(Some("BEARER acme.s3cret"), Ok(Caller::Tenant("acme".into())));
+        check(Some("Bearerxadmin-secret-token"), Err(ErrorKind::Unauthorized));
+        check(Some("Token admin-secret-token"), Err(ErrorKind::Unauthorized));
     }
 
     #[test]

@@ -1212,3 +1212,71 @@ async fn a_binary_declaring_more_memory_than_its_function_may_have_is_refused_at
     assert_eq!(status, StatusCode::CREATED, "at its limit it deploys");
     node.stop().await;
 }
+
+#[tokio::test]
+async fn tokens_are_kept_hashed_and_never_logged() {
+    // Everything the node logs while this (single-threaded) test runs.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+
+    let node = TestNode::start().await;
+    let token = node.create_tenant("acme").await;
+    let secret = token.split_once('.').unwrap().1.to_string();
+    assert_eq!(node.invoke_as(&token, "acme/nothing", b"").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(node.invoke_as(&format!("{token}x"), "acme/nothing", b"").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(node.invoke("demo/misbehave", b"panic").await.0, StatusCode::INTERNAL_SERVER_ERROR);
+    // The store as written (every write is committed before it is answered).
+    let store = std::fs::read(node._dir.as_ref().unwrap().path().join("shoal.redb")).unwrap();
+    node.stop().await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("deployed"), "the capture works: {logs}");
+    for (what, text) in [("the tenant token", secret.as_str()), ("the admin token", ADMIN)] {
+        assert!(!logs.contains(text), "{what} is in the logs:\n{logs}");
+    }
+    // At rest: the store holds the token's hash, never the token.
+    let contains = |needle: &[u8]| store.windows(needle.len()).any(|w| w == needle);
+    assert!(!contains(secret.as_bytes()), "the tenant token is stored in clear");
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+    assert!(contains(hash.as_bytes()), "the token's hash is stored");
+}
+
+#[tokio::test]
+async fn state_of_a_tenant_that_was_never_created_is_not_found() {
+    let node = TestNode::start().await;
+    for (method, path) in [
+        (reqwest::Method::PUT, "/v1/state/nosuch/k"),
+        (reqwest::Method::GET, "/v1/state/nosuch/k"),
+        (reqwest::Method::GET, "/v1/state/nosuch"),
+    ] {
+        let response = node.req(method.clone(), path, Some(ADMIN)).body("v").send().await.unwrap();
+        let (status, body) = status_and_json(response).await;
+        assert_eq!(
+            (status, body["error"]["kind"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found")),
+            "{method} {path}"
+        );
+    }
+    let response = node.req(reqwest::Method::GET, "/openapi.json", None).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let spec: Value = response.json().await.unwrap();
+    assert!(spec["paths"]["/v1/functions/{tenant}/{name}/invoke"]["post"].is_object(), "the spec describes invoke");
+    node.stop().await;
+}

@@ -20,9 +20,19 @@ use crate::error::ApiError;
 use crate::names::check_name;
 
 fn scoped(node: &Node, headers: &HeaderMap, tenant: &str, key: &str) -> Result<ScopedKey, ApiError> {
+    check_tenant(node, headers, tenant)?;
+    Ok(ScopedKey::new(tenant, key)?)
+}
+
+/// The caller owns `tenant` (or is the admin), and the tenant exists: the
+/// admin cannot write state for a tenant that was never created.
+fn check_tenant(node: &Node, headers: &HeaderMap, tenant: &str) -> Result<(), ApiError> {
     node.authenticate(headers)?.check_tenant(tenant)?;
     check_name("tenant", tenant)?;
-    Ok(ScopedKey::new(tenant, key)?)
+    if !node.registry.tenant_exists(tenant) {
+        return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist")));
+    }
+    Ok(())
 }
 
 fn missing(tenant: &str, key: &str) -> ApiError {
@@ -72,8 +82,7 @@ pub(super) async fn list(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(tenant) = path.map_err(path_error)?;
-    node.authenticate(&headers)?.check_tenant(&tenant)?;
-    check_name("tenant", &tenant)?;
+    check_tenant(&node, &headers, &tenant)?;
     let keys: Vec<_> = node
         .state
         .list_global(&tenant)
