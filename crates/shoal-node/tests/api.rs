@@ -1280,3 +1280,51 @@ async fn state_of_a_tenant_that_was_never_created_is_not_found() {
     assert!(spec["paths"]["/v1/functions/{tenant}/{name}/invoke"]["post"].is_object(), "the spec describes invoke");
     node.stop().await;
 }
+
+#[test]
+fn generated_requests_never_get_a_platform_failure() {
+    // The fuzz target `routing`'s generator, as a proptest on stable.
+    use proptest::prelude::*;
+    use tower::ServiceExt;
+    let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let node = tokio.block_on(TestNode::start());
+    let acme = tokio.block_on(node.create_tenant("acme"));
+    let router = node.node.router();
+    let cases = std::env::var("SHOAL_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256);
+    let config =
+        proptest::test_runner::Config { cases, failure_persistence: None, max_shrink_iters: 64, ..Default::default() };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    runner
+        .run(&proptest::collection::vec(any::<u8>(), 0..512), |seed| {
+            let mut u = arbitrary::Unstructured::new(&seed);
+            let Ok(request) = shoal_testkit::fuzz::api_request(
+                &mut u,
+                &[ADMIN, &acme],
+                &["demo", "acme"],
+                &["hello", "echo", "upper", "counter"],
+            ) else {
+                return Ok(());
+            };
+            let mut builder = axum::http::Request::builder().method(request.method).uri(&request.path_and_query);
+            if let Some(token) = &request.token {
+                builder = builder.header("authorization", format!("Bearer {token}"));
+            }
+            let Ok(http_request) = builder.body(axum::body::Body::from(request.body.clone())) else {
+                return Ok(()); // not a request a client could send
+            };
+            let response = tokio.block_on(router.clone().oneshot(http_request)).unwrap();
+            let status = response.status().as_u16();
+            let body = tokio.block_on(http_body_util::BodyExt::collect(response.into_body())).unwrap().to_bytes();
+            if status >= 500 {
+                // Only a function's own failure may be a 5xx.
+                let kind = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error"]["kind"].as_str().map(String::from));
+                let guest = matches!(kind.as_deref(), Some("trap" | "function_error" | "out_of_memory" | "timeout"));
+                prop_assert!(guest, "{request:?} → {status} {}", String::from_utf8_lossy(&body));
+            }
+            Ok(())
+        })
+        .unwrap();
+    tokio.block_on(node.stop());
+}

@@ -15,8 +15,8 @@ use crate::{RuntimeConfig, RuntimeError};
 /// Core instances a component may hold: a Rust component has a handful
 /// (its module plus adapter shims), so this leaves room.
 const CORE_INSTANCES_PER_SANDBOX: u32 = 8;
-const MEMORIES_PER_SANDBOX: u32 = 2;
-const TABLES_PER_SANDBOX: u32 = 4;
+pub(crate) const MEMORIES_PER_SANDBOX: u32 = 2;
+pub(crate) const TABLES_PER_SANDBOX: u32 = 4;
 /// Elements a table may hold (declared or grown to).
 pub(crate) const TABLE_ELEMENTS: u32 = 20_000;
 

@@ -48,6 +48,9 @@ pub struct Declared {
     pub memory_bytes: u64,
     pub largest_memory_bytes: u64,
     pub largest_table_elements: u64,
+    /// The most memories, and tables, any one core module defines.
+    pub most_memories_in_a_module: u32,
+    pub most_tables_in_a_module: u32,
 }
 
 impl Declared {
@@ -59,6 +62,7 @@ impl Declared {
         for payload in Parser::new(0).parse_all(wasm) {
             match payload.ok()? {
                 Payload::MemorySection(reader) => {
+                    declared.most_memories_in_a_module = declared.most_memories_in_a_module.max(reader.count());
                     for memory in reader {
                         let memory = memory.ok()?;
                         let page = 1u64 << memory.page_size_log2.unwrap_or(16).min(16);
@@ -68,6 +72,7 @@ impl Declared {
                     }
                 }
                 Payload::TableSection(reader) => {
+                    declared.most_tables_in_a_module = declared.most_tables_in_a_module.max(reader.count());
                     for table in reader {
                         declared.largest_table_elements = declared.largest_table_elements.max(table.ok()?.ty.initial);
                     }

@@ -162,6 +162,17 @@ impl Runtime {
                 self.config.max_memory_bytes >> 20
             )));
         }
+        if declared.most_memories_in_a_module > engine::MEMORIES_PER_SANDBOX
+            || declared.most_tables_in_a_module > engine::TABLES_PER_SANDBOX
+        {
+            return Err(DeployError::InvalidWasm(format!(
+                "a module of the binary defines {} memories and {} tables; the most a module may define is {} and {}",
+                declared.most_memories_in_a_module,
+                declared.most_tables_in_a_module,
+                engine::MEMORIES_PER_SANDBOX,
+                engine::TABLES_PER_SANDBOX
+            )));
+        }
         if declared.largest_table_elements > u64::from(engine::TABLE_ELEMENTS) {
             return Err(DeployError::InvalidWasm(format!(
                 "the binary declares a table of {} elements at start; the most a table may hold is {}",

@@ -695,6 +695,8 @@ mod hostile_guests {
             (r#"(module (memory 65536) (func (export "_start")))"#, "declares a memory of 4096 MiB"),
             (r#"(module (memory 1025) (func (export "_start")))"#, "declares a memory of 64 MiB"),
             (r#"(module (table 10000000 funcref) (func (export "_start")))"#, "declares a table of 10000000"),
+            // Found by the fuzzer: once an internal error after compiling.
+            (r#"(module (memory 1) (memory 1) (memory 1) (func (export "_start")))"#, "defines 3 memories"),
         ];
         for (wat, expected) in cases {
             match rt.load(&command(wat)).await {
@@ -938,5 +940,108 @@ mod hostile_guests {
             after.saturating_sub(baseline) >> 20
         );
         assert_eq!(ok(call(&rt, shoal_guests::HELLO, b"after").await), "hello after");
+    }
+}
+
+mod fuzzed {
+    //! The fuzz targets' generators (`shoal_testkit::fuzz`, also driven by
+    //! libFuzzer under `fuzz/`), run as proptests on stable: deploys of
+    //! generated and damaged modules, and the host side of `state` under
+    //! generated scripts. `SHOAL_FUZZ_CASES` sets the number of cases.
+
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use shoal_state::{EmbeddedGlobal, EmbeddedStore, EmbeddedTier, ScopedKey, StateLimits, StateTiers};
+
+    fn runner(default_cases: u32) -> TestRunner {
+        let cases = std::env::var("SHOAL_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(default_cases);
+        // Few shrink steps: each one deploys or calls, and the failing seed
+        // is reported either way.
+        TestRunner::new(Config { cases, failure_persistence: None, max_shrink_iters: 16, ..Config::default() })
+    }
+
+    fn seeds() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..4096)
+    }
+
+    #[test]
+    fn generated_modules_deploy_or_are_refused_and_their_calls_end_cleanly() {
+        let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio.block_on(async { runtime(&dir) });
+        let mut short = settings();
+        short.timeout = Duration::from_millis(100);
+        short.memory_limit = 16 * MIB;
+        let (loaded, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        runner(48)
+            .run(&seeds(), |seed| {
+                let mut u = arbitrary::Unstructured::new(&seed);
+                let Ok(wasm) = shoal_testkit::fuzz::wasm_module(&mut u) else { return Ok(()) };
+                tokio.block_on(async {
+                    match rt.load(&wasm).await {
+                        Ok(image) => {
+                            loaded.set(loaded.get() + 1);
+                            let out = rt.call(&image, &short, b"").await;
+                            prop_assert!(!matches!(out.result, Err(CallError::Internal(_))), "{:?}", out.result);
+                        }
+                        Err(DeployError::InvalidWasm(_)) => refused.set(refused.get() + 1),
+                        Err(other) => prop_assert!(false, "deploy failed with {other:?}"),
+                    }
+                    Ok(())
+                })
+            })
+            .unwrap();
+        // Raw bytes too: never anything but a clean refusal.
+        runner(64)
+            .run(&seeds(), |bytes| {
+                tokio.block_on(async {
+                    let result = rt.load(&bytes).await;
+                    prop_assert!(matches!(result, Ok(_) | Err(DeployError::InvalidWasm(_))), "{result:?}");
+                    Ok(())
+                })
+            })
+            .unwrap();
+        let (loaded, refused) = (loaded.get(), refused.get());
+        assert!(loaded > 0 && refused > 0, "the generator reaches both sides: {loaded} loaded, {refused} refused");
+        assert_eq!(rt.live_instances(), 0);
+        tokio.block_on(async { assert_eq!(ok(call(&rt, shoal_guests::HELLO, b"after").await), "hello after") });
+    }
+
+    #[test]
+    fn generated_state_scripts_get_answers_never_host_failures_and_stay_in_their_tenant() {
+        let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+        let limits = StateLimits { max_value_bytes: 1 << 20, tenant_quota_bytes: 4 << 20 };
+        let tiers = Arc::new(StateTiers::new(Arc::new(EmbeddedTier::new(EmbeddedGlobal::new(store, limits)))));
+        let mut config = RuntimeConfig::new(dir.path().join("cache"));
+        config.max_instances = 8;
+        config.max_memory_bytes = 64 << 20;
+        let rt = Runtime::with_state(config, tiers.clone()).unwrap();
+        let image = tokio.block_on(rt.load(shoal_guests::STATE_OPS)).unwrap();
+        let other = ScopedKey::new("other", "secret").unwrap();
+        tokio.block_on(tiers.put_global(&other, b"untouched".to_vec())).unwrap();
+        let mut fuzz = settings();
+        fuzz.tenant = Arc::from("fuzz");
+        fuzz.timeout = Duration::from_millis(300);
+        runner(96)
+            .run(&seeds(), |seed| {
+                let mut u = arbitrary::Unstructured::new(&seed);
+                let Ok(script) = shoal_testkit::fuzz::state_script(&mut u) else { return Ok(()) };
+                tokio.block_on(async {
+                    let out = rt.call(&image, &fuzz, script.as_bytes()).await;
+                    // The guest's own answer or the error the host gave it;
+                    // a lock held past the deadline is a timeout. Never a
+                    // failure of the host.
+                    let clean =
+                        matches!(out.result, Ok(_) | Err(CallError::Function { .. }) | Err(CallError::Timeout { .. }));
+                    prop_assert!(clean, "{:?} → {:?}", script.chars().take(200).collect::<String>(), out.result);
+                    Ok(())
+                })
+            })
+            .unwrap();
+        let kept = tokio.block_on(tiers.get_global(&other)).unwrap();
+        assert_eq!(kept.as_deref(), Some(&b"untouched"[..]), "another tenant's key is as it was");
     }
 }

@@ -2,6 +2,8 @@
 //! `redis-server` on a free loopback port for as long as it lives, so tests
 //! of the Redis tier talk to Redis itself, not a stand-in.
 
+pub mod fuzz;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
