@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub max_loaded_images: usize,
     /// Concurrent compilations. Default 1.
     pub compile_concurrency: usize,
+    /// The longest a deploy waits for its compile. Default 60 s.
+    pub compile_timeout: Duration,
     /// Log lines kept per function. Default 1,000.
     pub log_lines_per_function: usize,
     /// Longest chain of calls; spawned calls not yet awaited per root
@@ -88,6 +90,7 @@ impl NodeConfig {
             tenant_weights: Vec::new(),
             max_loaded_images: 4096,
             compile_concurrency: 1,
+            compile_timeout: Duration::from_secs(60),
             log_lines_per_function: 1000,
             max_call_depth: 16,
             max_spawns_per_root: 1000,

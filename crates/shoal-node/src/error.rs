@@ -119,6 +119,9 @@ impl From<DeployError> for ApiError {
         match e {
             DeployError::InvalidWasm(message) => Self::new(ErrorKind::InvalidWasm, message),
             DeployError::TooLarge { .. } => Self::new(ErrorKind::TooLarge, e.to_string()),
+            DeployError::CompileTimeout { .. } => {
+                Self { kind: ErrorKind::Timeout, message: e.to_string(), retry_after: Some(Duration::from_secs(30)) }
+            }
             DeployError::Internal(message) => Self::internal("compiling", message),
         }
     }

@@ -112,6 +112,7 @@ impl Node {
         runtime_config.max_memory_bytes = usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX);
         runtime_config.max_module_bytes = config.max_module_bytes;
         runtime_config.compile_concurrency = config.compile_concurrency;
+        runtime_config.compile_timeout = config.compile_timeout;
         runtime_config.max_output_bytes = config.max_body_bytes;
         runtime_config.max_call_depth = config.max_call_depth;
         runtime_config.max_spawns_per_root = config.max_spawns_per_root;

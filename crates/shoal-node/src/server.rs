@@ -123,6 +123,9 @@ pub(crate) async fn serve(
     let router = node.router();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    // Set when the drain ends: connections still open are dropped, with
+    // the requests they carry (their calls are cancelled).
+    let (abandon, abandoned) = tokio::sync::watch::channel(false);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -184,6 +187,7 @@ pub(crate) async fn serve(
         let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
         let node = node.clone();
         let idle_timeout = limits.idle_timeout;
+        let mut abandoned = abandoned.clone();
         tokio::spawn(async move {
             let _permit = permit;
             node.conn_stats.open.fetch_add(1, Ordering::Relaxed);
@@ -198,6 +202,7 @@ pub(crate) async fn serve(
                         }
                         break;
                     }
+                    _ = abandoned.changed() => break,
                     _ = check.tick() => {
                         if activity.idle_for() >= idle_timeout {
                             node.conn_stats.idle_closed.fetch_add(1, Ordering::Relaxed);
@@ -212,6 +217,7 @@ pub(crate) async fn serve(
     drop(listener);
     if tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!(drain_timeout = ?limits.drain_timeout, "requests still in flight at the end of the drain; dropping them");
+        let _ = abandon.send(true);
     }
     Ok(())
 }

@@ -743,6 +743,18 @@ mod chaining {
     }
 
     #[tokio::test]
+    async fn chained_calls_on_a_full_node_answer_unavailable_at_once() {
+        // Three sandboxes: the root and two sleeping children fill them.
+        let node = node_with(|c| c.max_concurrent_calls = 3).await;
+        let (status, body) = text(node.invoke("demo/chain", b"spawn-all 5 chain sleep 200").await);
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "2 ok; first error: Error::Unavailable"));
+        // Nothing was left behind: all five fit one after another.
+        let (status, body) = text(node.invoke("demo/chain", b"spawn-all 2 echo x").await);
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "2 ok; first error: none"));
+        node.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_child_ends_by_its_parents_deadline() {
         let node = node_with(|_| {}).await;
         let (status, _) = node.deploy("demo/parent", "timeout_ms=100", shoal_guests::CHAIN).await;
@@ -1293,7 +1305,13 @@ fn generated_requests_never_get_a_platform_failure() {
     let cases = std::env::var("SHOAL_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256);
     let config =
         proptest::test_runner::Config { cases, failure_persistence: None, max_shrink_iters: 64, ..Default::default() };
-    let mut runner = proptest::test_runner::TestRunner::new(config);
+    // The same cases every run, unless SHOAL_FUZZ_RANDOM=1.
+    let mut runner = if std::env::var_os("SHOAL_FUZZ_RANDOM").is_some() {
+        proptest::test_runner::TestRunner::new(config)
+    } else {
+        let rng = proptest::test_runner::TestRng::deterministic_rng(config.rng_algorithm);
+        proptest::test_runner::TestRunner::new_with_rng(config, rng)
+    };
     runner
         .run(&proptest::collection::vec(any::<u8>(), 0..512), |seed| {
             let mut u = arbitrary::Unstructured::new(&seed);
@@ -1327,4 +1345,38 @@ fn generated_requests_never_get_a_platform_failure() {
         })
         .unwrap();
     tokio.block_on(node.stop());
+}
+
+#[tokio::test]
+async fn a_tenant_creation_body_over_4_kib_is_refused() {
+    let node = TestNode::start().await;
+    let name = "a".repeat(5000);
+    let response = node
+        .req(reqwest::Method::POST, "/v1/tenants", Some(ADMIN))
+        .json(&serde_json::json!({ "name": name }))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_json(response).await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large")));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_requests_in_flight_only_until_the_drain_timeout() {
+    let node = TestNode::start_with(|c| c.http.drain_timeout = std::time::Duration::from_millis(200)).await;
+    let (status, _) = node.deploy("demo/sleepy", "timeout_ms=60000", shoal_guests::MISBEHAVE).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let sleeping = {
+        let request = node.req(reqwest::Method::POST, "/v1/functions/demo/sleepy/invoke", Some(ADMIN)).body("sleep");
+        tokio::spawn(request.send())
+    };
+    while node.node.executor_busy() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let started = std::time::Instant::now();
+    node.stop().await;
+    // The call would run for 60 s; the node stops after the drain.
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "stopped after {:?}", started.elapsed());
+    assert!(sleeping.await.unwrap().is_err(), "the cut-off request sees its connection close");
 }

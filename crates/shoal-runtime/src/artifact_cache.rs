@@ -75,8 +75,12 @@ impl ArtifactCache {
         let io = |e: std::io::Error| DeployError::Internal(format!("writing {}: {e}", path.display()));
         std::fs::write(&tmp, artifact).map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
-        deserialize(engine, &path, kind)
-            .map_err(|e| DeployError::Internal(format!("loading {}: {e:#}", path.display())))
+        // The engine refuses here what its sandboxes cannot hold (the
+        // checks before compiling should have caught it): the module's fault.
+        deserialize(engine, &path, kind).map_err(|e| {
+            let _ = std::fs::remove_file(&path);
+            DeployError::InvalidWasm(format!("the module cannot run in this node's sandboxes: {e:#}"))
+        })
     }
 }
 

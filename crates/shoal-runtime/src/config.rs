@@ -29,6 +29,9 @@ pub struct RuntimeConfig {
     pub max_module_bytes: usize,
     /// Compilations run at once on the compile pool. Default 1.
     pub compile_concurrency: usize,
+    /// The longest a deploy waits for its compile (including its turn on
+    /// the pool) before it is answered `CompileTimeout`. Default 60 s.
+    pub compile_timeout: Duration,
     /// How often the epoch advances: the granularity of yields and deadline
     /// checks. Default 1 ms.
     pub epoch_tick: Duration,
@@ -60,6 +63,7 @@ impl RuntimeConfig {
             async_stack_size: MIB,
             max_module_bytes: 64 * MIB,
             compile_concurrency: 1,
+            compile_timeout: Duration::from_secs(60),
             epoch_tick: Duration::from_millis(1),
             max_log_bytes: MIB,
             max_output_bytes: 6 * MIB,
@@ -89,6 +93,9 @@ impl RuntimeConfig {
         }
         if self.long_call_lanes == 0 {
             return invalid("long_call_lanes must be at least 1".into());
+        }
+        if self.compile_timeout.is_zero() {
+            return invalid("compile_timeout must be positive".into());
         }
         if self.epoch_tick.is_zero() {
             return invalid("epoch_tick must be positive".into());

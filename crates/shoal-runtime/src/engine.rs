@@ -17,6 +17,8 @@ use crate::{RuntimeConfig, RuntimeError};
 const CORE_INSTANCES_PER_SANDBOX: u32 = 8;
 pub(crate) const MEMORIES_PER_SANDBOX: u32 = 2;
 pub(crate) const TABLES_PER_SANDBOX: u32 = 4;
+/// Tables one core module may define (modules from Rust and C define one).
+pub(crate) const TABLES_PER_MODULE: u32 = 1;
 /// Elements a table may hold (declared or grown to).
 pub(crate) const TABLE_ELEMENTS: u32 = 20_000;
 
@@ -30,6 +32,7 @@ pub(crate) fn build(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
         .total_stacks(n)
         .max_memory_size(config.max_memory_bytes)
         .table_elements(TABLE_ELEMENTS as usize)
+        .max_tables_per_module(TABLES_PER_MODULE)
         .max_memories_per_module(MEMORIES_PER_SANDBOX)
         .max_memories_per_component(MEMORIES_PER_SANDBOX)
         .max_core_instances_per_component(CORE_INSTANCES_PER_SANDBOX)

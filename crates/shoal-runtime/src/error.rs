@@ -19,6 +19,14 @@ pub enum DeployError {
     InvalidWasm(String),
     #[error("module is {size} bytes, over the limit of {limit}")]
     TooLarge { size: usize, limit: usize },
+    /// Compiling (with the wait for the compile pool) took longer than the
+    /// limit. The compile goes on in the background and its result is
+    /// cached: the same deploy, retried later, uses it.
+    #[error(
+        "compiling took longer than {} s; it goes on in the background, and the same deploy retried later uses its result",
+        limit.as_secs_f64()
+    )]
+    CompileTimeout { limit: std::time::Duration },
     #[error("internal error: {0}")]
     Internal(String),
 }

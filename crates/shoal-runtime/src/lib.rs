@@ -34,17 +34,17 @@ use sha2::{Digest, Sha256};
 use shoal_state::StateTiers;
 use tokio::sync::Semaphore;
 
-use crate::artifact_cache::ArtifactCache;
+use crate::artifact_cache::{ArtifactCache, Compiled};
 use crate::engine::EpochTicker;
 
 /// The process-wide runtime. Cheap to share behind an `Arc`.
 pub struct Runtime {
     engine: wasmtime::Engine,
     linkers: host::Linkers,
-    cache: ArtifactCache,
+    cache: Arc<ArtifactCache>,
     /// Bounds concurrent compilations so a burst of deploys cannot take
     /// every core from running calls.
-    compile_permits: Semaphore,
+    compile_permits: Arc<Semaphore>,
     /// Images by content hash: many names deploying the same bytes share one.
     images: Mutex<HashMap<[u8; 32], Weak<FunctionImage>>>,
     config: RuntimeConfig,
@@ -81,11 +81,11 @@ impl Runtime {
         config.validate()?;
         let engine = engine::build(&config)?;
         let linkers = host::Linkers::new(&engine)?;
-        let cache = ArtifactCache::open(&config.cache_dir, &engine)?;
+        let cache = Arc::new(ArtifactCache::open(&config.cache_dir, &engine)?);
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
         let long_lanes = Arc::new(Semaphore::new(config.long_call_lanes as usize));
         Ok(Self {
-            compile_permits: Semaphore::new(config.compile_concurrency),
+            compile_permits: Arc::new(Semaphore::new(config.compile_concurrency)),
             engine,
             linkers,
             cache,
@@ -163,14 +163,14 @@ impl Runtime {
             )));
         }
         if declared.most_memories_in_a_module > engine::MEMORIES_PER_SANDBOX
-            || declared.most_tables_in_a_module > engine::TABLES_PER_SANDBOX
+            || declared.most_tables_in_a_module > engine::TABLES_PER_MODULE
         {
             return Err(DeployError::InvalidWasm(format!(
                 "a module of the binary defines {} memories and {} tables; the most a module may define is {} and {}",
                 declared.most_memories_in_a_module,
                 declared.most_tables_in_a_module,
                 engine::MEMORIES_PER_SANDBOX,
-                engine::TABLES_PER_SANDBOX
+                engine::TABLES_PER_MODULE
             )));
         }
         if declared.largest_table_elements > u64::from(engine::TABLE_ELEMENTS) {
@@ -183,24 +183,11 @@ impl Runtime {
         let compiled = match self.cache.load(&self.engine, &sha256, kind) {
             Some(compiled) => compiled,
             None => {
-                let _permit = self
-                    .compile_permits
-                    .acquire()
-                    .await
-                    .map_err(|_| DeployError::Internal("compile pool closed".into()))?;
-                self.n_compiles.fetch_add(1, Ordering::Relaxed);
-                let engine = self.engine.clone();
-                let bytes = wasm.to_vec();
-                let n_compiling = self.n_compiling.clone();
-                let artifact = tokio::task::spawn_blocking(move || {
-                    n_compiling.fetch_add(1, Ordering::Relaxed);
-                    let artifact = image::precompile(&engine, kind, &bytes);
-                    n_compiling.fetch_sub(1, Ordering::Relaxed);
-                    artifact
-                })
-                .await
-                .map_err(|e| DeployError::Internal(format!("compile task failed: {e}")))??;
-                self.cache.store(&self.engine, &sha256, kind, &artifact)?
+                let limit = self.config.compile_timeout;
+                match tokio::time::timeout(limit, self.compile(sha256, kind, wasm)).await {
+                    Ok(compiled) => compiled?,
+                    Err(_) => return Err(DeployError::CompileTimeout { limit }),
+                }
             }
         };
         let image = Arc::new(FunctionImage::link(&self.linkers, sha256, declared, compiled)?);
@@ -212,6 +199,39 @@ impl Runtime {
         images.retain(|_, weak| weak.strong_count() > 0);
         images.insert(sha256, Arc::downgrade(&image));
         Ok(image)
+    }
+
+    /// Compile on the pool and cache the artifact. The pool's permit and
+    /// the work belong to the blocking task: a deploy that stops waiting
+    /// (its compile timed out, or its client left) leaves the compile to
+    /// finish, holding its place on the pool, and its artifact cached.
+    async fn compile(&self, sha256: [u8; 32], kind: FunctionKind, wasm: &[u8]) -> Result<Compiled, DeployError> {
+        let permit = self
+            .compile_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| DeployError::Internal("compile pool closed".into()))?;
+        // A compile of the same bytes that finished while this one waited
+        // (a deploy that timed out and is retried).
+        if let Some(compiled) = self.cache.load(&self.engine, &sha256, kind) {
+            return Ok(compiled);
+        }
+        self.n_compiles.fetch_add(1, Ordering::Relaxed);
+        let engine = self.engine.clone();
+        let cache = self.cache.clone();
+        let bytes = wasm.to_vec();
+        let n_compiling = self.n_compiling.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            n_compiling.fetch_add(1, Ordering::Relaxed);
+            let artifact = image::precompile(&engine, kind, &bytes);
+            let compiled = artifact.and_then(|artifact| cache.store(&engine, &sha256, kind, &artifact));
+            n_compiling.fetch_sub(1, Ordering::Relaxed);
+            compiled
+        })
+        .await
+        .map_err(|e| DeployError::Internal(format!("compile task failed: {e}")))?
     }
 
     fn lookup(&self, sha256: &[u8; 32]) -> Option<Arc<FunctionImage>> {

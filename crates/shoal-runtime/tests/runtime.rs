@@ -695,8 +695,9 @@ mod hostile_guests {
             (r#"(module (memory 65536) (func (export "_start")))"#, "declares a memory of 4096 MiB"),
             (r#"(module (memory 1025) (func (export "_start")))"#, "declares a memory of 64 MiB"),
             (r#"(module (table 10000000 funcref) (func (export "_start")))"#, "declares a table of 10000000"),
-            // Found by the fuzzer: once an internal error after compiling.
+            // Found by the fuzzer: once internal errors after compiling.
             (r#"(module (memory 1) (memory 1) (memory 1) (func (export "_start")))"#, "defines 3 memories"),
+            (r#"(module (table 1 funcref) (table 1 funcref) (func (export "_start")))"#, "and 2 tables"),
         ];
         for (wat, expected) in cases {
             match rt.load(&command(wat)).await {
@@ -882,6 +883,34 @@ mod hostile_guests {
     }
 
     #[tokio::test]
+    async fn a_compile_past_its_time_limit_is_answered_and_finishes_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RuntimeConfig::new(dir.path().join("cache"));
+        config.max_instances = 8;
+        config.compile_timeout = Duration::from_millis(1);
+        let rt = Runtime::new(config).unwrap();
+        let bomb = slow_to_compile(99, 8_000);
+        match rt.load(&bomb).await {
+            Err(DeployError::CompileTimeout { limit }) => assert_eq!(limit, Duration::from_millis(1)),
+            other => panic!("expected a compile timeout, got {other:?}"),
+        }
+        // Retried until the background compile is done: the retry uses its
+        // result, it does not compile again.
+        let started = Instant::now();
+        let image = loop {
+            match rt.load(&bomb).await {
+                Ok(image) => break image,
+                Err(DeployError::CompileTimeout { .. }) if started.elapsed() < Duration::from_secs(120) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(other) => panic!("retrying the deploy: {other:?}"),
+            }
+        };
+        assert_eq!(rt.n_compiles(), 1, "compiled once, in the background");
+        assert!(rt.call(&image, &settings(), b"").await.result.is_ok());
+    }
+
+    #[tokio::test]
     async fn bulk_memory_copy_loops_time_out() {
         let dir = tempfile::tempdir().unwrap();
         let rt = runtime(&dir);
@@ -954,11 +983,19 @@ mod fuzzed {
     use proptest::test_runner::{Config, TestRunner};
     use shoal_state::{EmbeddedGlobal, EmbeddedStore, EmbeddedTier, ScopedKey, StateLimits, StateTiers};
 
+    /// The same cases on every run (CI must not fail by chance), unless
+    /// `SHOAL_FUZZ_RANDOM=1`: then new ones, for exploring.
     fn runner(default_cases: u32) -> TestRunner {
         let cases = std::env::var("SHOAL_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(default_cases);
         // Few shrink steps: each one deploys or calls, and the failing seed
         // is reported either way.
-        TestRunner::new(Config { cases, failure_persistence: None, max_shrink_iters: 16, ..Config::default() })
+        let config = Config { cases, failure_persistence: None, max_shrink_iters: 16, ..Config::default() };
+        if std::env::var_os("SHOAL_FUZZ_RANDOM").is_some() {
+            TestRunner::new(config)
+        } else {
+            let rng = proptest::test_runner::TestRng::deterministic_rng(config.rng_algorithm);
+            TestRunner::new_with_rng(config, rng)
+        }
     }
 
     fn seeds() -> impl Strategy<Value = Vec<u8>> {

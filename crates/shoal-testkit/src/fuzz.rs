@@ -16,8 +16,16 @@ pub fn wasm_module(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
     config.max_table_elements = 40_000;
     config.max_instructions = config.max_instructions.min(200);
     config.max_funcs = config.max_funcs.min(20);
+    // Mostly within what a sandbox holds; the refusals past it are tested
+    // on their own.
+    config.max_tables = config.max_tables.min(1);
+    config.max_memories = config.max_memories.min(2);
+    // Proposals the node's engine does not enable would only be refused.
     config.threads_enabled = false;
     config.shared_everything_threads_enabled = false;
+    config.gc_enabled = false;
+    config.exceptions_enabled = false;
+    config.custom_descriptors_enabled = false;
     let mut wasm = wasm_smith::Module::new(config, u)?.to_bytes();
     if u.ratio(1, 4)? {
         // Damage: the validator, not a panic, must answer.
