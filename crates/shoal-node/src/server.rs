@@ -7,9 +7,11 @@
 //! - HTTP/1 request heads must arrive within `header_read_timeout`
 //!   (slowloris; it also ends keep-alive connections that send nothing)
 //!   and fit in `max_header_bytes` (else hyper answers `431`).
-//! - A connection that moves no bytes for `idle_timeout` while no request
-//!   of it is being handled is closed (idle HTTP/2 connections, clients
-//!   that stop reading their responses).
+//! - A connection with no request being handled for `idle_timeout` is
+//!   closed: counted from its accept and from the end of its last request,
+//!   whatever bytes move meanwhile (HTTP/2 pings and settings do not keep
+//!   a connection; neither does a request head that never completes, nor a
+//!   response the client stops reading).
 //! - Request targets longer than `max_uri_bytes` are answered `414`
 //!   before routing.
 //!
@@ -17,10 +19,8 @@
 //! (`api::read_body`).
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
@@ -48,8 +48,8 @@ pub struct HttpLimits {
     pub max_header_bytes: usize,
     /// Bytes of a request target (path and query). Default 8 KiB.
     pub max_uri_bytes: usize,
-    /// A connection with no bytes moving and no request being handled for
-    /// this long is closed. Default 60 s.
+    /// A connection with no request being handled for this long is closed.
+    /// Default 60 s.
     pub idle_timeout: Duration,
     /// Request bodies: after `body_grace`, a body must have arrived at an
     /// average of at least `min_body_rate` bytes per second, else 408.
@@ -91,9 +91,10 @@ impl HttpLimits {
             ("header_read_timeout", self.header_read_timeout),
             ("idle_timeout", self.idle_timeout),
             ("body_grace", self.body_grace),
+            ("drain_timeout", self.drain_timeout),
         ] {
-            if value.is_zero() {
-                return Err(format!("{name} must be positive"));
+            if value < Duration::from_millis(10) || value > Duration::from_secs(24 * 3600) {
+                return Err(format!("{name} must be 10 ms to 24 h"));
             }
         }
         if self.min_body_rate == 0 {
@@ -137,7 +138,9 @@ pub(crate) async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        // Each stream may buffer a request body up to its limit: few
+        // streams per connection keep a connection's share small.
+        .max_concurrent_streams(32);
     // No HTTP/2 keep-alive pings: they would count as activity and keep
     // idle connections open; the idle check below closes them instead.
     tokio::pin!(shutdown);
@@ -162,7 +165,7 @@ pub(crate) async fn serve(
             continue;
         };
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
+        let io = TokioIo::new(stream);
         let service = {
             let router = router.clone();
             let activity = activity.clone();
@@ -232,13 +235,18 @@ async fn refuse(mut stream: TcpStream) {
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Read what the client sent before closing: closing with unread
+        // bytes resets the connection, and the client may never see the 503.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
     })
     .await;
 }
 
-/// When a connection last moved bytes, and how many of its requests are
-/// being handled.
+/// When a connection last started or finished handling a request, and how
+/// many of its requests are being handled.
 struct Activity {
     started: Instant,
     /// Milliseconds after `started`.
@@ -256,7 +264,8 @@ impl Activity {
     }
 
     /// How long the connection has been idle: zero while a request is
-    /// being handled (a call may legitimately run for minutes).
+    /// being handled (a call may legitimately run for minutes), else the
+    /// time since the last request ended (or since the accept).
     fn idle_for(&self) -> Duration {
         if self.handling.load(Ordering::Acquire) > 0 {
             return Duration::ZERO;
@@ -266,6 +275,7 @@ impl Activity {
     }
 
     fn handling(self: &Arc<Self>) -> Handling {
+        self.touch();
         self.handling.fetch_add(1, Ordering::AcqRel);
         Handling(self.clone())
     }
@@ -278,56 +288,5 @@ impl Drop for Handling {
     fn drop(&mut self) {
         self.0.touch();
         self.0.handling.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A TCP stream that notes each time bytes move.
-struct Tracked {
-    inner: TcpStream,
-    activity: Arc<Activity>,
-}
-
-impl AsyncRead for Tracked {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Tracked {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -1101,6 +1101,32 @@ mod hostile_clients {
             let text = read_until_closed(stream, Duration::from_secs(5)).await;
             assert!(text.is_some(), "the {name} connection was still open after 5 s");
         }
+        // Opens HTTP/2, then pings every 50 ms and never asks for anything:
+        // bytes move both ways, but no request, so it is idle all the same.
+        let pinger = connect(&node).await;
+        let (mut reader, mut writer) = pinger.into_split();
+        writer.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+        let pinging = tokio::spawn(async move {
+            for i in 0u64..200 {
+                let mut ping = b"\0\0\x08\x06\0\0\0\0\0".to_vec();
+                ping.extend_from_slice(&i.to_be_bytes());
+                if writer.write_all(&ping).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = reader.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        pinging.abort();
+        assert!(closed.is_ok(), "an HTTP/2 connection kept open by pings alone");
         victim_is_served(&node).await;
         let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
         let idle_closed: u64 = metrics

@@ -71,7 +71,11 @@ impl ArtifactCache {
         artifact: &[u8],
     ) -> Result<Compiled, DeployError> {
         let path = self.path(sha256, kind);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // A name of its own per write: two compiles of the same bytes may
+        // store at once (compile_concurrency > 1).
+        static N_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
         let io = |e: std::io::Error| DeployError::Internal(format!("writing {}: {e}", path.display()));
         std::fs::write(&tmp, artifact).map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;

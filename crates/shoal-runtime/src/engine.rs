@@ -33,6 +33,7 @@ pub(crate) fn build(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
         .max_memory_size(config.max_memory_bytes)
         .table_elements(TABLE_ELEMENTS as usize)
         .max_tables_per_module(TABLES_PER_MODULE)
+        .max_tables_per_component(TABLES_PER_SANDBOX)
         .max_memories_per_module(MEMORIES_PER_SANDBOX)
         .max_memories_per_component(MEMORIES_PER_SANDBOX)
         .max_core_instances_per_component(CORE_INSTANCES_PER_SANDBOX)

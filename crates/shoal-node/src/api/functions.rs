@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use super::{path_error, read_body};
 use crate::error::{ApiError, ErrorKind};
+use crate::images::ImageError;
 use crate::names::check_name;
 use crate::registry::{DeployedFunction, FunctionRecord};
 use crate::{DeploySpec, Node, new_call_id, now_ms};
@@ -243,7 +244,12 @@ async fn invoke_inner(
 
     let span = tracing::debug_span!("call", %tenant, function = %name, %call_id);
     let started = Instant::now();
-    let image = node.image_of(&function).await.map_err(|e| ApiError::internal("loading a function's image", e))?;
+    let image = node.image_of(&function).await.map_err(|e| match e {
+        // A reload that had to compile again (the cache was lost) and ran
+        // past the compile limit: worth a retry, not an internal error.
+        ImageError::Load(e @ shoal_runtime::DeployError::CompileTimeout { .. }) => ApiError::from(e),
+        e => ApiError::internal("loading a function's image", e),
+    })?;
     let run = node.executor.run(&function.settings.tenant, &function.key, &image, &function.settings, input);
     let out = match run.instrument(span).await {
         Ok(out) => out,
