@@ -11,7 +11,7 @@
 # For each: requests/s, latency p50/p99 (wrk), and the server's CPU time
 # per request (user and system, from /proc/PID/stat).
 #
-# Usage: [WASMTIME=… WASI_HTTP_HELLO=… NATIVE_HELLO=…] scripts/bench-http.sh [duration, default 10s]
+# Usage: [SHOAL_BIN=path/to/shoal] [WASMTIME=… WASI_HTTP_HELLO=… NATIVE_HELLO=…] scripts/bench-http.sh [duration, default 10s]
 # Needs wrk (apt-get install wrk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +40,7 @@ run() { # name pid url lua connections
 }
 
 cargo build --release --bin shoal >/dev/null 2>&1
-SHOAL_LOG=warn ./target/release/shoal serve --data-dir "$work/data" --listen 127.0.0.1:18490 2>"$work/serve.log" &
+SHOAL_LOG=warn "${SHOAL_BIN:-./target/release/shoal}" serve --data-dir "$work/data" --listen 127.0.0.1:18490 2>"$work/serve.log" &
 pids+=($!)
 wait_port 18490
 token=$(cat "$work/data/admin.token")
