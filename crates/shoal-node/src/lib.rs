@@ -298,6 +298,12 @@ impl Node {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "serving");
         server::serve(self.clone(), listener, shutdown).await?;
+        // Calls cancelled by the end of the drain stop at their next epoch
+        // check: keep the epoch ticking until they have (bounded).
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while self.executor.busy() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.runtime().shutdown();
         tracing::info!("stopped");
         Ok(())

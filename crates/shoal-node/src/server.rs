@@ -127,6 +127,7 @@ pub(crate) async fn serve(
     // Set when the drain ends: connections still open are dropped, with
     // the requests they carry (their calls are cancelled).
     let (abandon, abandoned) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -159,6 +160,7 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        while connections.try_join_next().is_some() {}
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             node.conn_stats.refused.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(refuse(stream));
@@ -191,7 +193,7 @@ pub(crate) async fn serve(
         let node = node.clone();
         let idle_timeout = limits.idle_timeout;
         let mut abandoned = abandoned.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
             node.conn_stats.open.fetch_add(1, Ordering::Relaxed);
             tokio::pin!(connection);
@@ -221,6 +223,10 @@ pub(crate) async fn serve(
     if tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!(drain_timeout = ?limits.drain_timeout, "requests still in flight at the end of the drain; dropping them");
         let _ = abandon.send(true);
+        // Their tasks drop the connections, and the calls with them.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), async { while connections.join_next().await.is_some() {} })
+                .await;
     }
     Ok(())
 }

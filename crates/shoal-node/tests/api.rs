@@ -1401,7 +1401,9 @@ async fn shutdown_waits_for_requests_in_flight_only_until_the_drain_timeout() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let started = std::time::Instant::now();
+    let inner = node.node.clone();
     node.stop().await;
+    assert_eq!(inner.executor_busy(), 0, "the cut-off call was cancelled before the node stopped");
     // The call would run for 60 s; the node stops after the drain.
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "stopped after {:?}", started.elapsed());
     assert!(sleeping.await.unwrap().is_err(), "the cut-off request sees its connection close");

@@ -149,12 +149,12 @@ impl Runtime {
         if wasm.len() > self.config.max_module_bytes {
             return Err(DeployError::TooLarge { size: wasm.len(), limit: self.config.max_module_bytes });
         }
-        let sha256: [u8; 32] = Sha256::digest(wasm).into();
+        let sha256: [u8; 32] = on_a_blocking_thread_if_large(wasm, |wasm| Sha256::digest(wasm).into()).await?;
         if let Some(image) = self.lookup(&sha256) {
             return Ok(image);
         }
         let kind = FunctionKind::detect(wasm)?;
-        let declared = Declared::of(wasm).unwrap_or_default();
+        let declared = on_a_blocking_thread_if_large(wasm, Declared::of).await?.unwrap_or_default();
         if declared.largest_memory_bytes > self.config.max_memory_bytes as u64 {
             return Err(DeployError::InvalidWasm(format!(
                 "the binary declares a memory of {} MiB at start; no function may have more than {} MiB",
@@ -262,4 +262,19 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticker.stop();
     }
+}
+
+/// Binaries larger than this are hashed and scanned off the async threads,
+/// which would otherwise stall every connection they serve (~100 ms for
+/// 64 MiB).
+const BLOCKING_ABOVE_BYTES: usize = 1 << 20;
+
+async fn on_a_blocking_thread_if_large<T: Send + 'static>(wasm: &[u8], work: fn(&[u8]) -> T) -> Result<T, DeployError> {
+    if wasm.len() <= BLOCKING_ABOVE_BYTES {
+        return Ok(work(wasm));
+    }
+    let bytes = wasm.to_vec();
+    tokio::task::spawn_blocking(move || work(&bytes))
+        .await
+        .map_err(|e| DeployError::Internal(format!("reading the binary: {e}")))
 }

@@ -911,6 +911,22 @@ mod hostile_guests {
     }
 
     #[tokio::test]
+    async fn binaries_over_a_mebibyte_are_hashed_and_checked_off_the_async_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(&dir);
+        // 2 MiB of data: hashed and scanned on the blocking pool.
+        let big = command(&format!(
+            r#"(module (memory 64) (data (i32.const 0) "{}") (func (export "_start")))"#,
+            "x".repeat(2 << 20)
+        ));
+        assert!(big.len() > 2 << 20);
+        let image = rt.load(&big).await.unwrap();
+        assert_eq!(image.declared().memory_bytes, 4 * MIB);
+        assert!(Arc::ptr_eq(&image, &rt.load(&big).await.unwrap()), "the same bytes find the same image");
+        assert!(rt.call(&image, &settings(), b"").await.result.is_ok());
+    }
+
+    #[tokio::test]
     async fn bulk_memory_copy_loops_time_out() {
         let dir = tempfile::tempdir().unwrap();
         let rt = runtime(&dir);
