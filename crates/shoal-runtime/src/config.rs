@@ -103,3 +103,21 @@ impl RuntimeConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fiber_stack_must_leave_host_headroom_above_the_wasm_stack() {
+        let mut config = RuntimeConfig::new("/nonexistent");
+        assert!(config.validate().is_ok(), "the defaults are valid");
+        config.async_stack_size = config.max_wasm_stack + 128 * KIB;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("256 KiB of host headroom"), "{error}");
+        config.async_stack_size = config.max_wasm_stack + 256 * KIB;
+        assert!(config.validate().is_ok());
+        config.compile_timeout = Duration::ZERO;
+        assert!(config.validate().is_err(), "a compile needs some time");
+    }
+}
