@@ -1,5 +1,6 @@
 //! Who is in the cluster: a heartbeat key per node in Redis.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::AsyncCommands;
@@ -7,7 +8,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
-use crate::ClusterError;
+use crate::{ClusterError, redis_error};
 
 /// A node as the others see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,12 +19,30 @@ pub struct Member {
     pub advertise: String,
     /// When it joined, Unix ms.
     pub started_ms: u64,
+    /// Its load as of its last heartbeat.
+    #[serde(default)]
+    pub load: Load,
+}
+
+/// How busy a node is: what placement weighs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    /// Calls running now.
+    pub running: u32,
+    /// Calls it runs at once before queueing.
+    pub capacity: u32,
+}
+
+impl Load {
+    pub fn has_room(&self) -> bool {
+        self.running < self.capacity
+    }
 }
 
 impl Member {
     pub fn new(id: impl Into<String>, advertise: impl Into<String>) -> Self {
         let started_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        Self { id: id.into(), advertise: advertise.into(), started_ms }
+        Self { id: id.into(), advertise: advertise.into(), started_ms, load: Load::default() }
     }
 }
 
@@ -49,6 +68,7 @@ impl MembershipConfig {
 /// [`Membership::leave`] (or drop, after which the key expires).
 pub struct Membership {
     me: Member,
+    load: Arc<Mutex<Load>>,
     key: String,
     conn: ConnectionManager,
     view: watch::Receiver<Vec<Member>>,
@@ -75,9 +95,16 @@ impl Membership {
             .set_number_of_retries(1);
         let mut conn = ConnectionManager::new_lazy_with_config(client, manager).map_err(redis_error)?;
         let key = format!("{}:node:{}", config.prefix, me.id);
-        let value = serde_json::to_string(&me).expect("a member serialises");
+        let load = Arc::new(Mutex::new(me.load));
+        let value = {
+            let (me, load) = (me.clone(), load.clone());
+            move || {
+                let member = Member { load: *load.lock().unwrap_or_else(|e| e.into_inner()), ..me.clone() };
+                serde_json::to_string(&member).expect("a member serialises")
+            }
+        };
         let ttl_ms = u64::try_from(config.ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        heartbeat(&mut conn, &key, &value, ttl_ms).await?;
+        heartbeat(&mut conn, &key, &value(), ttl_ms).await?;
         let pattern = format!("{}:node:*", config.prefix);
         let (publish, view) = watch::channel(read_members(&mut conn, &pattern).await?);
         let (stop, mut stopped) = oneshot::channel();
@@ -91,7 +118,7 @@ impl Membership {
                         _ = &mut stopped => break,
                         () = tokio::time::sleep(every) => {}
                     }
-                    if let Err(e) = heartbeat(&mut conn, &key, &value, ttl_ms).await {
+                    if let Err(e) = heartbeat(&mut conn, &key, &value(), ttl_ms).await {
                         tracing::warn!(error = %e, "cluster heartbeat failed; retrying");
                         continue;
                     }
@@ -109,11 +136,16 @@ impl Membership {
                 }
             })
         };
-        Ok(Self { me, key, conn, view, stop: Some(stop), task: Some(task) })
+        Ok(Self { me, load, key, conn, view, stop: Some(stop), task: Some(task) })
     }
 
     pub fn me(&self) -> &Member {
         &self.me
+    }
+
+    /// Set the load the next heartbeats report.
+    pub fn report_load(&self, load: Load) {
+        *self.load.lock().unwrap_or_else(|e| e.into_inner()) = load;
     }
 
     /// The members up as of the last refresh, this node included, by id.
@@ -180,10 +212,6 @@ async fn read_members(conn: &mut ConnectionManager, pattern: &str) -> Result<Vec
     members.sort_by(|a, b| a.id.cmp(&b.id));
     members.dedup_by(|a, b| a.id == b.id);
     Ok(members)
-}
-
-fn redis_error(e: redis::RedisError) -> ClusterError {
-    ClusterError::Redis(e.to_string())
 }
 
 #[cfg(test)]

@@ -1,0 +1,244 @@
+//! The function registry every node of a cluster shares, in Redis.
+//!
+//! Keys (under the cluster's prefix `P`):
+//! - `P:tenants` — hash, tenant name → its record (JSON, as the node wrote it);
+//! - `P:functions` — hash, `tenant/name` → the function's record (JSON);
+//! - `P:wasm:<sha256>` — the wasm bytes, once per content, shared by every
+//!   function deployed with them, deleted with the last of them;
+//! - `P:registry:version` — bumped by every change, so a node polls one
+//!   small key to know whether to read the hashes again;
+//! - `P:admin` — SHA-256 of the cluster's admin token (the first node's);
+//! - `P:secret` — the secret nodes present to each other.
+//!
+//! Records are opaque bytes here: what a tenant or a function is, the node
+//! decides. Changes that touch two keys run as Lua scripts, so a removal
+//! can never delete the wasm a concurrent deploy is about to point at.
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+use crate::{ClusterError, redis_error};
+
+/// Set `functions[key] = record` and bump the version, only if the wasm is
+/// there (a concurrent removal may have just deleted it).
+const PUT_FUNCTION: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[2])
+return 1
+";
+
+/// Remove `functions[key]`; delete its wasm if no other function uses it;
+/// bump the version. Returns 1 if there was such a function.
+const REMOVE_FUNCTION: &str = r"
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if not record then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local used = false
+for _, other in ipairs(redis.call('HVALS', KEYS[1])) do
+  if string.find(other, ARGV[2], 1, true) then used = true break end
+end
+if not used then redis.call('DEL', KEYS[3]) end
+redis.call('INCR', KEYS[2])
+return 1
+";
+
+/// Entries of a hash: field → value.
+type Entries = Vec<(String, Vec<u8>)>;
+
+/// Everything a node needs to mirror the registry, read at one moment.
+#[derive(Debug, Default)]
+pub struct RegistrySnapshot {
+    pub version: u64,
+    pub tenants: Entries,
+    pub functions: Entries,
+}
+
+/// The shared registry: one multiplexed connection that reconnects by
+/// itself when Redis comes back.
+#[derive(Clone)]
+pub struct SharedRegistry {
+    conn: ConnectionManager,
+    prefix: String,
+    put_function: Script,
+    remove_function: Script,
+}
+
+impl std::fmt::Debug for SharedRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRegistry").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+impl SharedRegistry {
+    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+        Self {
+            conn,
+            prefix: prefix.to_string(),
+            put_function: Script::new(PUT_FUNCTION),
+            remove_function: Script::new(REMOVE_FUNCTION),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    fn wasm_key(&self, sha256: &str) -> String {
+        format!("{}:wasm:{sha256}", self.prefix)
+    }
+
+    /// Make `admin_sha256` the cluster's admin token hash if it has none
+    /// yet; fails when the cluster's differs (every node must be started
+    /// with the same admin token).
+    pub async fn claim_admin(&self, admin_sha256: &str) -> Result<(), ClusterError> {
+        let mut conn = self.conn.clone();
+        let key = self.key("admin");
+        let _: bool = conn.set_nx(&key, admin_sha256).await.map_err(redis_error)?;
+        let current: Option<String> = conn.get(&key).await.map_err(redis_error)?;
+        match current {
+            Some(hash) if hash == admin_sha256 => Ok(()),
+            _ => Err(ClusterError::AdminToken),
+        }
+    }
+
+    /// The cluster's node-to-node secret, created by the first node to ask.
+    pub async fn secret(&self) -> Result<String, ClusterError> {
+        use rand::RngCore;
+        let mut conn = self.conn.clone();
+        let key = self.key("secret");
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        let _: bool = conn.set_nx(&key, hex::encode(bytes)).await.map_err(redis_error)?;
+        let secret: Option<String> = conn.get(&key).await.map_err(redis_error)?;
+        secret.ok_or_else(|| ClusterError::Redis("the cluster secret vanished as it was read".into()))
+    }
+
+    /// The registry's version: changes whenever anything in it does.
+    pub async fn version(&self) -> Result<u64, ClusterError> {
+        let mut conn = self.conn.clone();
+        let version: Option<u64> = conn.get(self.key("registry:version")).await.map_err(redis_error)?;
+        Ok(version.unwrap_or(0))
+    }
+
+    /// Store a new tenant; false if one of that name exists.
+    pub async fn put_tenant(&self, name: &str, record: &[u8]) -> Result<bool, ClusterError> {
+        let (added, _): (bool, u64) = redis::pipe()
+            .atomic()
+            .hset_nx(self.key("tenants"), name, record)
+            .incr(self.key("registry:version"), 1)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(added)
+    }
+
+    /// Deploy: store the wasm (once per content) and the record.
+    pub async fn put_function(&self, key: &str, sha256: &str, record: &[u8], wasm: &[u8]) -> Result<(), ClusterError> {
+        let mut conn = self.conn.clone();
+        let wasm_key = self.wasm_key(sha256);
+        for _ in 0..3 {
+            let present: bool = conn.exists(&wasm_key).await.map_err(redis_error)?;
+            if !present {
+                let _: () = conn.set(&wasm_key, wasm).await.map_err(redis_error)?;
+            }
+            let stored: i64 = self
+                .put_function
+                .key(self.key("functions"))
+                .key(self.key("registry:version"))
+                .key(&wasm_key)
+                .arg(key)
+                .arg(record)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            if stored == 1 {
+                return Ok(());
+            }
+        }
+        Err(ClusterError::Redis(format!("the wasm of `{key}` kept being removed while it was deployed")))
+    }
+
+    /// Remove a function (and its wasm when no other function uses it).
+    pub async fn remove_function(&self, key: &str, sha256: &str) -> Result<bool, ClusterError> {
+        let removed: i64 = self
+            .remove_function
+            .key(self.key("functions"))
+            .key(self.key("registry:version"))
+            .key(self.wasm_key(sha256))
+            .arg(key)
+            .arg(sha256)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(removed == 1)
+    }
+
+    /// The version with every tenant and function, read atomically.
+    pub async fn snapshot(&self) -> Result<RegistrySnapshot, ClusterError> {
+        let (version, tenants, functions): (Option<u64>, Entries, Entries) = redis::pipe()
+            .atomic()
+            .get(self.key("registry:version"))
+            .hgetall(self.key("tenants"))
+            .hgetall(self.key("functions"))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(RegistrySnapshot { version: version.unwrap_or(0), tenants, functions })
+    }
+
+    /// The wasm stored under `sha256`.
+    pub async fn wasm(&self, sha256: &str) -> Result<Option<Vec<u8>>, ClusterError> {
+        self.conn.clone().get(self.wasm_key(sha256)).await.map_err(redis_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connect;
+    use shoal_testkit::RedisServer;
+
+    async fn registry(redis: &RedisServer) -> SharedRegistry {
+        SharedRegistry::new(connect(&redis.url(), std::time::Duration::from_secs(1)).await.unwrap(), "t")
+    }
+
+    #[tokio::test]
+    async fn deploys_and_removals_bump_the_version_and_share_wasm_by_content() {
+        let redis = RedisServer::start();
+        let a = registry(&redis).await;
+        let b = registry(&redis).await;
+        assert_eq!(a.version().await.unwrap(), 0);
+        assert!(a.put_tenant("acme", b"{}").await.unwrap());
+        assert!(!b.put_tenant("acme", b"{\"other\":1}").await.unwrap(), "a tenant is created once");
+        a.put_function("acme/one", "s1", br#"{"sha256":"s1"}"#, b"wasm-1").await.unwrap();
+        b.put_function("acme/two", "s1", br#"{"sha256":"s1"}"#, b"wasm-1").await.unwrap();
+        let snapshot = b.snapshot().await.unwrap();
+        assert_eq!(snapshot.version, 4);
+        assert_eq!(snapshot.tenants, vec![("acme".to_string(), b"{}".to_vec())]);
+        let mut keys: Vec<&str> = snapshot.functions.iter().map(|(k, _)| k.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["acme/one", "acme/two"]);
+        assert_eq!(b.wasm("s1").await.unwrap().as_deref(), Some(&b"wasm-1"[..]));
+
+        assert!(a.remove_function("acme/one", "s1").await.unwrap());
+        assert!(b.wasm("s1").await.unwrap().is_some(), "still used by acme/two");
+        assert!(!a.remove_function("acme/one", "s1").await.unwrap(), "already gone");
+        assert!(b.remove_function("acme/two", "s1").await.unwrap());
+        assert_eq!(b.wasm("s1").await.unwrap(), None, "the last user took the wasm with it");
+        assert_eq!(a.version().await.unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn the_first_admin_token_and_secret_are_the_clusters() {
+        let redis = RedisServer::start();
+        let a = registry(&redis).await;
+        let b = registry(&redis).await;
+        a.claim_admin("hash-1").await.unwrap();
+        b.claim_admin("hash-1").await.unwrap();
+        assert!(matches!(b.claim_admin("hash-2").await, Err(ClusterError::AdminToken)));
+        let secret = a.secret().await.unwrap();
+        assert_eq!(secret.len(), 64);
+        assert_eq!(b.secret().await.unwrap(), secret, "every node gets the first one's secret");
+    }
+}
