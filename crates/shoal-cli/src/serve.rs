@@ -56,10 +56,16 @@ pub struct ServeArgs {
     default_timeout: Option<Duration>,
     #[arg(long, env = "SHOAL_DEFAULT_MEMORY", value_parser = parse_size)]
     default_memory: Option<u64>,
-    /// Keep the global state tier in Redis (redis://host:port) instead of
-    /// the embedded store in the data directory.
+    /// Run as a node of the cluster kept in this Redis (redis://host:port):
+    /// shared registry, async calls and global state tier there, calls
+    /// placed across the nodes. Without it the node runs alone on the
+    /// embedded store in the data directory.
     #[arg(long, env = "SHOAL_REDIS")]
     redis: Option<String>,
+    /// Where the other nodes of the cluster reach this one (host:port);
+    /// default the address it listens on.
+    #[arg(long, env = "SHOAL_ADVERTISE")]
+    advertise: Option<String>,
     /// Largest state value, e.g. 64MiB.
     #[arg(long, env = "SHOAL_MAX_STATE_VALUE", value_parser = parse_size)]
     max_state_value: Option<u64>,
@@ -97,6 +103,7 @@ struct ServeFile {
     default_timeout: Option<String>,
     default_memory: Option<String>,
     redis: Option<String>,
+    advertise: Option<String>,
     tenant_weights: Option<std::collections::BTreeMap<String, u32>>,
     max_state_value: Option<String>,
     state_quota: Option<String>,
@@ -187,6 +194,14 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
         config.default_memory_bytes = bytes;
     }
     config.redis_url = args.redis.clone().or(file.redis).filter(|url| !url.is_empty());
+    config.advertise = args.advertise.clone().or(file.advertise).filter(|a| !a.is_empty());
+    if config.redis_url.is_some() && config.advertise.is_none() {
+        anyhow::ensure!(
+            !config.listen.ip().is_unspecified(),
+            "listening on {} (every interface): pass --advertise HOST:PORT so the other nodes know where to reach this one",
+            config.listen
+        );
+    }
     config.tenant_weights = file.tenant_weights.unwrap_or_default().into_iter().collect();
     for (tenant, weight) in &args.tenant_weights {
         config.tenant_weights.retain(|(t, _)| t != tenant);
@@ -230,13 +245,20 @@ async fn shutdown_signal() {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let (config, examples) = node_config(&args)?;
+    let (mut config, examples) = node_config(&args)?;
     let listen = config.listen;
     let data_dir = config.data_dir.clone();
-    // Never print the URL: it may hold a password.
-    let state_tier = if config.redis_url.is_some() { "Redis" } else { "the embedded store" };
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    if config.redis_url.is_some() && config.advertise.is_none() {
+        // The port actually bound (the listen address may say port 0).
+        config.advertise = Some(listener.local_addr()?.to_string());
+    }
     let node = Node::start(config).await.context("starting the node")?;
+    // Never print the Redis URL: it may hold a password.
+    let state_tier = match node.cluster_id() {
+        Some(id) => format!("Redis, as cluster node {id}"),
+        None => "the embedded store".to_string(),
+    };
     if examples {
         node.deploy_defaults("demo", shoal_guests::EXAMPLES)
             .await

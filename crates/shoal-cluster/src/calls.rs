@@ -134,6 +134,12 @@ impl CallQueue {
         pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(redis_error)
     }
 
+    /// Give up `node`'s lease on a call it will not run (its record is
+    /// gone or finished already).
+    pub async fn release(&self, node: &str, id: &str) -> Result<(), ClusterError> {
+        self.conn.clone().lrem(self.running_key(node), 1, id).await.map_err(redis_error)
+    }
+
     /// The record of a call and, if it succeeded, its output.
     pub async fn get(&self, id: &str) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>, ClusterError> {
         let key = self.record_key(id);

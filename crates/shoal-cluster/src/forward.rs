@@ -16,7 +16,7 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 /// The header a forwarded request carries the cluster secret in.
 pub const SECRET_HEADER: &str = "x-shoal-cluster-secret";
@@ -64,6 +64,8 @@ impl Forwarder {
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(50))
             .http2_keep_alive_interval(Some(Duration::from_secs(20)))

@@ -27,7 +27,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 pub use calls::{CallQueue, TakenCall};
 pub use forward::{Answer, ForwardError, Forwarder, SECRET_HEADER};
 pub use membership::{Load, Member, Membership, MembershipConfig};
-pub use registry::{RegistrySnapshot, SharedRegistry};
+pub use registry::{RegistrySnapshot, Republished, SharedRegistry};
 
 /// Why a cluster operation failed.
 #[derive(Debug, thiserror::Error)]

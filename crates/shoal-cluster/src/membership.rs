@@ -72,8 +72,8 @@ pub struct Membership {
     key: String,
     conn: ConnectionManager,
     view: watch::Receiver<Vec<Member>>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -136,7 +136,7 @@ impl Membership {
                 }
             })
         };
-        Ok(Self { me, load, key, conn, view, stop: Some(stop), task: Some(task) })
+        Ok(Self { me, load, key, conn, view, stop: Mutex::new(Some(stop)), task: Mutex::new(Some(task)) })
     }
 
     pub fn me(&self) -> &Member {
@@ -159,21 +159,22 @@ impl Membership {
     }
 
     /// Stop heartbeating and remove this node's key at once.
-    pub async fn leave(mut self) -> Result<(), ClusterError> {
-        if let Some(stop) = self.stop.take() {
+    pub async fn leave(&self) -> Result<(), ClusterError> {
+        if let Some(stop) = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
             let _ = task.await;
         }
-        self.conn.del::<_, ()>(&self.key).await.map_err(redis_error)
+        self.conn.clone().del::<_, ()>(&self.key).await.map_err(redis_error)
     }
 }
 
 impl Drop for Membership {
     fn drop(&mut self) {
         // Without `leave`, the key stays until its TTL runs out.
-        if let Some(task) = self.task.take() {
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
             task.abort();
         }
     }

@@ -14,6 +14,8 @@
 //! decides. Changes that touch two keys run as Lua scripts, so a removal
 //! can never delete the wasm a concurrent deploy is about to point at.
 
+use std::sync::{Arc, Mutex};
+
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
@@ -62,6 +64,24 @@ pub struct SharedRegistry {
     prefix: String,
     put_function: Script,
     remove_function: Script,
+    /// The admin token hash and secret this node claimed or got, to put
+    /// back if Redis loses them.
+    claimed: Arc<Mutex<Claimed>>,
+}
+
+#[derive(Debug, Default)]
+struct Claimed {
+    admin: Option<String>,
+    secret: Option<String>,
+}
+
+/// A function as a node re-publishes it after Redis lost the registry.
+#[derive(Debug)]
+pub struct Republished<'a> {
+    pub key: &'a str,
+    pub sha256: &'a str,
+    pub record: Vec<u8>,
+    pub wasm: Vec<u8>,
 }
 
 impl std::fmt::Debug for SharedRegistry {
@@ -77,7 +97,12 @@ impl SharedRegistry {
             prefix: prefix.to_string(),
             put_function: Script::new(PUT_FUNCTION),
             remove_function: Script::new(REMOVE_FUNCTION),
+            claimed: Arc::default(),
         }
+    }
+
+    fn claimed(&self) -> std::sync::MutexGuard<'_, Claimed> {
+        self.claimed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn key(&self, name: &str) -> String {
@@ -97,7 +122,10 @@ impl SharedRegistry {
         let _: bool = conn.set_nx(&key, admin_sha256).await.map_err(redis_error)?;
         let current: Option<String> = conn.get(&key).await.map_err(redis_error)?;
         match current {
-            Some(hash) if hash == admin_sha256 => Ok(()),
+            Some(hash) if hash == admin_sha256 => {
+                self.claimed().admin = Some(hash);
+                Ok(())
+            }
             _ => Err(ClusterError::AdminToken),
         }
     }
@@ -111,7 +139,9 @@ impl SharedRegistry {
         rand::rng().fill_bytes(&mut bytes);
         let _: bool = conn.set_nx(&key, hex::encode(bytes)).await.map_err(redis_error)?;
         let secret: Option<String> = conn.get(&key).await.map_err(redis_error)?;
-        secret.ok_or_else(|| ClusterError::Redis("the cluster secret vanished as it was read".into()))
+        let secret = secret.ok_or_else(|| ClusterError::Redis("the cluster secret vanished as it was read".into()))?;
+        self.claimed().secret = Some(secret.clone());
+        Ok(secret)
     }
 
     /// The registry's version: changes whenever anything in it does.
@@ -185,6 +215,37 @@ impl SharedRegistry {
             .await
             .map_err(redis_error)?;
         Ok(RegistrySnapshot { version: version.unwrap_or(0), tenants, functions })
+    }
+
+    /// Put back what this node knows after Redis lost the registry (it
+    /// restarted without persistence, or from an older snapshot): the
+    /// admin token hash, the secret, `tenants` and `functions`, each only
+    /// where nothing is stored now, so nodes re-publishing at once agree.
+    pub async fn republish(
+        &self,
+        tenants: &[(&str, Vec<u8>)],
+        functions: &[Republished<'_>],
+    ) -> Result<(), ClusterError> {
+        let (admin, secret) = {
+            let claimed = self.claimed();
+            (claimed.admin.clone(), claimed.secret.clone())
+        };
+        let mut pipe = redis::pipe();
+        if let Some(admin) = admin {
+            pipe.set_nx(self.key("admin"), admin).ignore();
+        }
+        if let Some(secret) = secret {
+            pipe.set_nx(self.key("secret"), secret).ignore();
+        }
+        for (name, record) in tenants {
+            pipe.hset_nx(self.key("tenants"), name, record).ignore();
+        }
+        for function in functions {
+            pipe.set_nx(self.wasm_key(function.sha256), &function.wasm).ignore();
+            pipe.hset_nx(self.key("functions"), function.key, &function.record).ignore();
+        }
+        pipe.incr(self.key("registry:version"), 1).ignore();
+        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(redis_error)
     }
 
     /// The wasm stored under `sha256`.

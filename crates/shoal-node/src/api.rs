@@ -38,6 +38,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/functions/{tenant}/{name}/invoke", post(functions::invoke))
         .route("/v1/functions/{tenant}/{name}/logs", get(functions::logs))
+        .route("/internal/v1/functions/{tenant}/{name}/invoke", post(functions::internal_invoke))
         .route("/v1/calls/{id}", get(calls::get))
         .route("/v1/state/{tenant}", get(state::list))
         .route("/v1/state/{tenant}/{*key}", get(state::get).put(state::put).delete(state::delete))
@@ -119,11 +120,15 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         n_slots: node.executor.n_slots(),
         n_compiles: node.runtime().n_compiles(),
         state: node.state.stats(),
-        async_unfinished: node.async_calls.unfinished(),
+        async_unfinished: node.async_calls.unfinished()
+            + node.cluster.as_ref().map_or(0, |c| c.async_running.load(Ordering::Relaxed) as usize),
         n_loaded_images: node.n_loaded_images(),
         connections_open: node.conn_stats.open.load(Ordering::Relaxed),
         connections_refused: node.conn_stats.refused.load(Ordering::Relaxed),
         connections_idle_closed: node.conn_stats.idle_closed.load(Ordering::Relaxed),
+        cluster_members: node.cluster.as_ref().map_or(0, |c| c.membership.members().len()),
+        calls_forwarded: node.cluster.as_ref().map_or(0, |c| c.n_forwarded.load(Ordering::Relaxed)),
+        forward_failures: node.cluster.as_ref().map_or(0, |c| c.n_forward_failures.load(Ordering::Relaxed)),
     };
     let mut response = node.metrics.render(&gauges).into_response();
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

@@ -14,12 +14,19 @@
 //! the node died); a finished call's record and output stay readable.
 //! Call ids start with the acceptance time (hex milliseconds), so the
 //! oldest records come first and the retention sweep reads only those.
+//!
+//! In a cluster the records live in Redis instead ([`CallQueue`]): any
+//! node accepts a call into the shared queue, whichever node has room
+//! takes it under its heartbeat's lease and runs it, and the calls of a
+//! node that dies go back to the queue. Still at least once; finished
+//! records expire in Redis after the retention time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use shoal_cluster::{CallQueue, ClusterError, TakenCall};
 use shoal_state::{EmbeddedStore, StoreError, Table};
 
 use crate::error::{ApiError, ErrorKind};
@@ -65,6 +72,22 @@ pub struct CallRecord {
     pub error: Option<CallFailure>,
 }
 
+impl CallRecord {
+    fn queued(call_id: String, tenant: &str, function: &str, now: u64) -> Self {
+        Self {
+            call_id,
+            tenant: tenant.to_string(),
+            function: function.to_string(),
+            status: CallStatus::Queued,
+            queued_at_ms: now,
+            started_at_ms: None,
+            finished_at_ms: None,
+            attempts: 0,
+            error: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CallFailure {
     pub kind: String,
@@ -79,9 +102,21 @@ fn decode(id: &str, bytes: &[u8]) -> Result<CallRecord, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Io(format!("call record {id} is corrupt: {e}")))
 }
 
+/// Why a call record could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecordError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
 /// The records of asynchronous calls and the count of those not finished.
 pub(crate) struct AsyncCalls {
     store: Arc<EmbeddedStore>,
+    /// The cluster's queue, when this node is one of a cluster: records
+    /// live there, not in `store`.
+    queue: Option<CallQueue>,
     /// Queued or running on this node now.
     unfinished: AtomicUsize,
     max_unfinished: usize,
@@ -89,8 +124,21 @@ pub(crate) struct AsyncCalls {
 }
 
 impl AsyncCalls {
-    pub(crate) fn new(store: Arc<EmbeddedStore>, max_unfinished: usize, retention: Duration) -> Self {
-        Self { store, unfinished: AtomicUsize::new(0), max_unfinished, retention }
+    pub(crate) fn new(
+        store: Arc<EmbeddedStore>,
+        queue: Option<CallQueue>,
+        max_unfinished: usize,
+        retention: Duration,
+    ) -> Self {
+        Self { store, queue, unfinished: AtomicUsize::new(0), max_unfinished, retention }
+    }
+
+    fn full(&self, what: &str) -> ApiError {
+        ApiError {
+            kind: ErrorKind::Overloaded,
+            message: format!("{} asynchronous calls are waiting already, the most {what} keeps", self.max_unfinished),
+            retry_after: Some(Duration::from_secs(1)),
+        }
     }
 
     pub(crate) fn unfinished(&self) -> usize {
@@ -106,31 +154,21 @@ impl AsyncCalls {
     /// Record an accepted call, durably, and count it; refused when too
     /// many are unfinished.
     async fn accept(&self, tenant: &str, function: &str, input: Vec<u8>) -> Result<CallRecord, ApiError> {
+        let now = now_ms();
+        if let Some(queue) = &self.queue {
+            let record = CallRecord::queued(Self::new_id(now), tenant, function, now);
+            if !queue.accept(&record.call_id, &encode(&record), &input, self.max_unfinished).await? {
+                return Err(self.full("the cluster"));
+            }
+            return Ok(record);
+        }
         let admitted = self
             .unfinished
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_unfinished).then_some(n + 1));
         if admitted.is_err() {
-            return Err(ApiError {
-                kind: ErrorKind::Overloaded,
-                message: format!(
-                    "{} asynchronous calls are waiting already, the most this node keeps",
-                    self.max_unfinished
-                ),
-                retry_after: Some(Duration::from_secs(1)),
-            });
+            return Err(self.full("this node"));
         }
-        let now = now_ms();
-        let record = CallRecord {
-            call_id: Self::new_id(now),
-            tenant: tenant.to_string(),
-            function: function.to_string(),
-            status: CallStatus::Queued,
-            queued_at_ms: now,
-            started_at_ms: None,
-            finished_at_ms: None,
-            attempts: 0,
-            error: None,
-        };
+        let record = CallRecord::queued(Self::new_id(now), tenant, function, now);
         let (store, stored) = (self.store.clone(), record.clone());
         let written = tokio::task::spawn_blocking(move || {
             let id = stored.call_id.as_str();
@@ -155,6 +193,12 @@ impl AsyncCalls {
 
     /// The record of `id`, if it is still kept.
     pub(crate) async fn get(&self, id: &str) -> Result<Option<(CallRecord, Option<Vec<u8>>)>, ApiError> {
+        if let Some(queue) = &self.queue {
+            let Some((bytes, output)) = queue.get(id).await? else { return Ok(None) };
+            let record = decode(id, &bytes)?;
+            let output = output.filter(|_| record.status == CallStatus::Succeeded);
+            return Ok(Some((record, output)));
+        }
         let (store, id) = (self.store.clone(), id.to_string());
         let found = tokio::task::spawn_blocking(move || {
             store.snapshot(|tx| {
@@ -232,7 +276,12 @@ impl Node {
     ) -> Result<String, ApiError> {
         let record = self.async_calls.accept(tenant, name, input).await?;
         let id = record.call_id.clone();
-        self.spawn_async(record.call_id);
+        match &self.cluster {
+            // Whichever node has room takes it from the queue; this one
+            // looks at once.
+            Some(cluster) => cluster.queued.notify_one(),
+            None => self.spawn_async(record.call_id),
+        }
         Ok(id)
     }
 
@@ -246,7 +295,7 @@ impl Node {
         });
     }
 
-    async fn run_async(&self, id: &str) -> Result<(), StoreError> {
+    async fn run_async(&self, id: &str) -> Result<(), RecordError> {
         let calls = &self.async_calls;
         let store = calls.store.clone();
         let key = id.to_string();
@@ -259,7 +308,54 @@ impl Node {
         if record.status.is_finished() {
             return Ok(());
         }
-        let input = input.unwrap_or_default();
+        let output = self.execute_async(&mut record, input.unwrap_or_default(), None).await?;
+        Ok(self.write_record(&record, output).await?)
+    }
+
+    /// Run a call taken from the cluster's queue, and record how it ended.
+    pub(crate) async fn run_taken(&self, call: TakenCall) {
+        let Some(queue) = &self.async_calls.queue else { return };
+        let Some(cluster) = &self.cluster else { return };
+        let me = cluster.id();
+        let record = match call.record.as_deref().map(|bytes| decode(&call.id, bytes)) {
+            Some(Ok(record)) if !record.status.is_finished() => Some(record),
+            Some(Ok(_)) => None,
+            Some(Err(e)) => {
+                tracing::error!(call_id = %call.id, error = %e, "dropping an unreadable call record");
+                None
+            }
+            None => None,
+        };
+        let Some(mut record) = record else {
+            if let Err(e) = queue.release(me, &call.id).await {
+                tracing::warn!(call_id = %call.id, error = %e, "releasing a call's lease failed");
+            }
+            return;
+        };
+        let ran = match self.execute_async(&mut record, call.input, Some(queue)).await {
+            Ok(output) => {
+                queue.finish(me, &call.id, &encode(&record), output.as_deref(), self.async_calls.retention).await
+            }
+            Err(RecordError::Cluster(e)) => Err(e),
+            Err(RecordError::Store(e)) => Err(ClusterError::Redis(e.to_string())),
+        };
+        if let Err(e) = ran {
+            // The lease stays: if this node dies, another runs it again.
+            tracing::error!(call_id = %call.id, error = %e, "an asynchronous call could not be recorded");
+        }
+    }
+
+    /// Run an accepted call once a slot is free: the record says running
+    /// (in `shared`, else the local store) before the call starts, and
+    /// how it ended afterwards (for the caller to store). Returns the
+    /// output of a call that succeeded.
+    async fn execute_async(
+        &self,
+        record: &mut CallRecord,
+        input: Vec<u8>,
+        shared: Option<&CallQueue>,
+    ) -> Result<Option<Vec<u8>>, RecordError> {
+        let id = record.call_id.clone();
         let deployed = self.registry.get(&record.tenant, &record.function);
         let started = Instant::now();
         let (output, failure) = match &deployed {
@@ -272,7 +368,10 @@ impl Node {
                 record.status = CallStatus::Running;
                 record.started_at_ms = Some(now_ms());
                 record.attempts += 1;
-                self.write_record(&record, None).await?;
+                match shared {
+                    Some(queue) => queue.update(&id, &encode(record)).await?,
+                    None => self.write_record(record, None).await?,
+                }
                 let out = match self.image_of(deployed).await {
                     Ok(image) => slot.run(&image, &deployed.settings, input.into()).await,
                     Err(e) => shoal_runtime::CallOutput {
@@ -281,7 +380,7 @@ impl Node {
                         stderr: Default::default(),
                     },
                 };
-                deployed.logs.append(id, now_ms(), out.log_lines());
+                deployed.logs.append(&id, now_ms(), out.log_lines());
                 let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
                 self.metrics.record_call(outcome, Some(started.elapsed()));
                 match out.result {
@@ -298,7 +397,7 @@ impl Node {
                 record.error = Some(CallFailure { kind: kind.as_str().to_string(), message });
             }
         }
-        self.write_record(&record, output).await
+        Ok(output)
     }
 
     async fn write_record(&self, record: &CallRecord, output: Option<Vec<u8>>) -> Result<(), StoreError> {

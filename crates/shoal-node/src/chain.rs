@@ -42,8 +42,15 @@ impl Invoker for NodeInvoker {
                 .image_of(&deployed)
                 .await
                 .map_err(|e| ChainError::Unavailable(format!("loading `{}`: {e}", deployed.key)))?;
-            let out = match node.executor.run_in(&image, &deployed.settings, input.into(), lineage).await {
+            let input = bytes::Bytes::from(input);
+            let hop = (lineage.depth, lineage.deadline);
+            let out = match node.executor.run_in(&image, &deployed.settings, input.clone(), lineage).await {
                 Ok(out) => out,
+                // No sandbox free here: another node of the cluster may
+                // have one.
+                Err(_) if node.cluster.is_some() => {
+                    return node.forward_chained(&deployed, input, hop.0, hop.1).await;
+                }
                 Err(overloaded) => {
                     node.metrics.record_call(Err(ErrorKind::Overloaded), None);
                     return Err(ChainError::Unavailable(overloaded.to_string()));

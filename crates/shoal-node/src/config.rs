@@ -60,9 +60,18 @@ pub struct NodeConfig {
     pub max_async_calls: usize,
     /// How long records of asynchronous calls are kept. Default 24 h.
     pub async_retention: Duration,
-    /// The global state tier: Redis at this URL, or (None, the default)
-    /// the embedded store in the data directory.
+    /// Cluster mode: with a Redis URL the node joins the cluster kept
+    /// there (membership, registry, async calls) and its global state tier
+    /// is that Redis; None (the default) runs alone on the embedded store
+    /// in the data directory.
     pub redis_url: Option<String>,
+    /// Where the other nodes reach this one (`host:port`); default the
+    /// listen address.
+    pub advertise: Option<String>,
+    /// Prefix of the cluster's keys in Redis. Default `shoal`.
+    pub cluster_prefix: String,
+    /// How long a node stays a member without heartbeats. Default 1 s.
+    pub heartbeat_ttl: Duration,
     /// Largest state value and bytes of state per tenant. Defaults 64 MiB, 1 GiB.
     pub max_state_value_bytes: u64,
     pub state_quota_bytes: u64,
@@ -97,6 +106,9 @@ impl NodeConfig {
             max_async_calls: 10_000,
             async_retention: Duration::from_secs(24 * 3600),
             redis_url: None,
+            advertise: None,
+            cluster_prefix: "shoal".into(),
+            heartbeat_ttl: Duration::from_secs(1),
             max_state_value_bytes: 64 * MIB,
             state_quota_bytes: 1024 * MIB,
         }

@@ -178,3 +178,32 @@ impl From<shoal_state::StateError> for ApiError {
         }
     }
 }
+
+impl From<shoal_cluster::ClusterError> for ApiError {
+    fn from(e: shoal_cluster::ClusterError) -> Self {
+        // Redis is down or slow: the cluster cannot take this now.
+        Self {
+            kind: ErrorKind::Unavailable,
+            message: format!("the cluster: {e}"),
+            retry_after: Some(Duration::from_secs(1)),
+        }
+    }
+}
+
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        match e {
+            crate::registry::RegistryError::Store(e) => e.into(),
+            crate::registry::RegistryError::Cluster(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::calls::RecordError> for ApiError {
+    fn from(e: crate::calls::RecordError) -> Self {
+        match e {
+            crate::calls::RecordError::Store(e) => e.into(),
+            crate::calls::RecordError::Cluster(e) => e.into(),
+        }
+    }
+}

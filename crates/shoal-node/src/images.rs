@@ -20,7 +20,7 @@ pub(crate) enum ImageError {
     #[error("the wasm of `{0}` is missing from the store")]
     Missing(String),
     #[error(transparent)]
-    Store(#[from] shoal_state::StoreError),
+    Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
     Load(#[from] DeployError),
 }
@@ -34,7 +34,8 @@ impl Node {
         }
         let wasm = self
             .registry
-            .module(&function.record.sha256)?
+            .module(&function.record.sha256)
+            .await?
             .ok_or_else(|| ImageError::Missing(function.key.to_string()))?;
         let image = self.runtime().load(&wasm).await?;
         function.set_image(image.clone());

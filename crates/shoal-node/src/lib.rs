@@ -13,6 +13,7 @@ mod api;
 mod auth;
 mod calls;
 mod chain;
+mod cluster;
 mod config;
 mod error;
 mod images;
@@ -55,6 +56,8 @@ pub enum StartError {
     Runtime(#[from] shoal_runtime::RuntimeError),
     #[error("the global state tier: {0}")]
     Redis(String),
+    #[error("joining the cluster: {0}")]
+    Cluster(#[from] shoal_cluster::ClusterError),
     #[error(transparent)]
     Store(#[from] shoal_state::StoreError),
 }
@@ -85,6 +88,8 @@ pub struct Node {
     metrics: Metrics,
     admin_hash: TokenHash,
     async_calls: Arc<AsyncCalls>,
+    /// This node's part in a cluster, when started with a Redis URL.
+    cluster: Option<Arc<cluster::Cluster>>,
     /// The clock of function use, for evicting the least recently used.
     use_clock: std::sync::atomic::AtomicU64,
     conn_stats: server::ConnStats,
@@ -130,6 +135,14 @@ impl Node {
             }
         };
         let state = Arc::new(StateTiers::new(global));
+        let max_running = config.scheduler.max_running.min(config.max_concurrent_calls);
+        let (shared, cluster) = match &config.redis_url {
+            None => (None, None),
+            Some(url) => {
+                let (shared, cluster) = join_cluster(&config, url, &admin_token, max_running).await?;
+                (Some(shared), Some(cluster))
+            }
+        };
         let runtime = Arc::new(Runtime::with_state(runtime_config, state.clone())?);
         let mut policy = config.scheduler.clone();
         policy.max_running = policy.max_running.min(config.max_concurrent_calls);
@@ -140,8 +153,10 @@ impl Node {
             executor.set_weight(tenant, *weight);
         }
 
-        let async_calls = Arc::new(AsyncCalls::new(store.clone(), config.max_async_calls, config.async_retention));
-        let registry = Registry::open(store)?;
+        let queue = cluster.as_ref().map(|c| c.queue.clone());
+        let async_calls =
+            Arc::new(AsyncCalls::new(store.clone(), queue, config.max_async_calls, config.async_retention));
+        let registry = Registry::open(store, shared)?;
         let node = Arc::new_cyclic(|node| {
             // A fresh runtime has no invoker yet: this cannot fail.
             let _ = runtime.set_invoker(chain::invoker(node));
@@ -153,11 +168,25 @@ impl Node {
                 executor,
                 metrics: Metrics::default(),
                 async_calls,
+                cluster,
                 use_clock: std::sync::atomic::AtomicU64::new(0),
                 conn_stats: server::ConnStats::default(),
             }
         });
-        node.load_functions().await?;
+        if node.cluster.is_some() {
+            node.registry.mirror(true, node.config.log_lines_per_function).await.map_err(|e| match e {
+                registry::RegistryError::Cluster(e) => StartError::Cluster(e),
+                registry::RegistryError::Store(e) => StartError::Store(e),
+            })?;
+            cluster::spawn_chores(&node);
+            tracing::info!(
+                node_id = %node.cluster.as_ref().map_or("", |c| c.id()),
+                n_functions = node.registry.n_functions(),
+                "joined the cluster"
+            );
+        } else {
+            node.load_functions().await?;
+        }
         node.enforce_image_budget();
         let resumed = node.resume_async_calls()?;
         if resumed > 0 {
@@ -191,6 +220,11 @@ impl Node {
         Ok(())
     }
 
+    /// This node's id in its cluster (None when it runs alone).
+    pub fn cluster_id(&self) -> Option<&str> {
+        self.cluster.as_ref().map(|c| c.id())
+    }
+
     pub fn config(&self) -> &NodeConfig {
         &self.config
     }
@@ -211,7 +245,7 @@ impl Node {
 
     /// Create `tenant` if it does not exist; returns its new token, or None
     /// when it existed.
-    pub fn create_tenant(&self, tenant: &str) -> Result<Option<String>, ApiError> {
+    pub async fn create_tenant(&self, tenant: &str) -> Result<Option<String>, ApiError> {
         names::check_name("tenant", tenant)?;
         let token = auth::new_tenant_token(tenant);
         let record = TenantRecord {
@@ -219,7 +253,7 @@ impl Node {
             token_sha256: hex::encode(auth::hash_token(&token)),
             created_ms: now_ms(),
         };
-        Ok(self.registry.create_tenant(record)?.then_some(token))
+        Ok(self.registry.create_tenant(record).await?.then_some(token))
     }
 
     /// Deploy `wasm` as `tenant/name`: compile (or reuse), persist, publish.
@@ -259,7 +293,7 @@ impl Node {
             deployed_ms: now_ms(),
         };
         let logs = self.registry.logs_for(tenant, name, self.config.log_lines_per_function);
-        let function = self.registry.deploy(DeployedFunction::new(record, image, logs), wasm)?;
+        let function = self.registry.deploy(DeployedFunction::new(record, image, logs), wasm).await?;
         function.touch(self.use_clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         self.enforce_image_budget();
         self.metrics.record_deploy();
@@ -271,7 +305,7 @@ impl Node {
     /// tenant if needed; a function already deployed with the same bytes is
     /// left as it is.
     pub async fn deploy_defaults(&self, tenant: &str, functions: &[(&str, &[u8])]) -> Result<(), ApiError> {
-        self.create_tenant(tenant)?;
+        self.create_tenant(tenant).await?;
         for (name, wasm) in functions {
             let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(wasm));
             if self.registry.get(tenant, name).is_some_and(|f| f.record.sha256 == sha) {
@@ -304,8 +338,44 @@ impl Node {
         while self.executor.busy() > 0 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.stopping.store(true, std::sync::atomic::Ordering::Release);
+            if let Err(e) = cluster.membership.leave().await {
+                tracing::warn!(error = %e, "leaving the cluster failed; this node's key expires by itself");
+            }
+        }
         self.runtime().shutdown();
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Connect to the cluster's Redis: check the admin token is the cluster's,
+/// get the node-to-node secret, join with a fresh id.
+async fn join_cluster(
+    config: &NodeConfig,
+    url: &str,
+    admin_token: &str,
+    capacity: u32,
+) -> Result<(shoal_cluster::SharedRegistry, Arc<cluster::Cluster>), StartError> {
+    use shoal_cluster::{CallQueue, Forwarder, Member, Membership, MembershipConfig, SharedRegistry};
+    let conn = shoal_cluster::connect(url, Duration::from_secs(2)).await?;
+    let shared = SharedRegistry::new(conn.clone(), &config.cluster_prefix);
+    shared.claim_admin(&hex::encode(auth::hash_token(admin_token))).await?;
+    let secret = shared.secret().await?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| config.listen.to_string());
+    let membership_config = MembershipConfig {
+        ttl: config.heartbeat_ttl,
+        prefix: config.cluster_prefix.clone(),
+        ..MembershipConfig::new(url)
+    };
+    // The first heartbeat already says how much this node takes: a member
+    // showing no capacity gets no calls.
+    let me = Member { load: shoal_cluster::Load { running: 0, capacity }, ..Member::new(new_call_id(), advertise) };
+    let membership = Membership::join(membership_config, me).await?;
+    let forwarder = Forwarder::new(&secret, Duration::from_secs(1), config.max_body_bytes + (64 << 10))
+        .map_err(StartError::Config)?;
+    let queue = CallQueue::new(conn, &config.cluster_prefix);
+    let cluster = cluster::Cluster::new(membership, queue, forwarder, secret, capacity);
+    Ok((shared, Arc::new(cluster)))
 }

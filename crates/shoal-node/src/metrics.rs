@@ -46,6 +46,11 @@ pub struct Gauges {
     pub connections_open: usize,
     pub connections_refused: u64,
     pub connections_idle_closed: u64,
+    /// Members seen, calls forwarded to peers, and forwards that failed
+    /// (zero when the node runs alone).
+    pub cluster_members: usize,
+    pub calls_forwarded: u64,
+    pub forward_failures: u64,
 }
 
 impl Metrics {
@@ -111,6 +116,19 @@ impl Metrics {
                 "Connections closed after moving no bytes for the idle timeout.",
                 gauges.connections_idle_closed,
             ),
+            ("shoal_cluster_members", "gauge", "Nodes of the cluster this node sees.", gauges.cluster_members as u64),
+            (
+                "shoal_calls_forwarded_total",
+                "counter",
+                "Calls this node placed on another node.",
+                gauges.calls_forwarded,
+            ),
+            (
+                "shoal_forward_failures_total",
+                "counter",
+                "Forwards whose node could not be reached or whose answer was lost.",
+                gauges.forward_failures,
+            ),
             (
                 "shoal_state_global_read_bytes_total",
                 "counter",
@@ -153,6 +171,9 @@ mod tests {
             connections_open: 5,
             connections_refused: 6,
             connections_idle_closed: 7,
+            cluster_members: 3,
+            calls_forwarded: 8,
+            forward_failures: 9,
         });
         for expected in [
             "shoal_calls_total{outcome=\"ok\"} 1",
@@ -168,6 +189,9 @@ mod tests {
             "shoal_http_connections 5",
             "shoal_http_connections_refused_total 6",
             "shoal_http_connections_idle_closed_total 7",
+            "shoal_cluster_members 3",
+            "shoal_calls_forwarded_total 8",
+            "shoal_forward_failures_total 9",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

@@ -5,6 +5,11 @@
 //! Tables: `tenants` (name → record), `functions` (`tenant/name` → record),
 //! `modules` (wasm SHA-256 → the wasm bytes, shared by every function
 //! deployed with them).
+//!
+//! In a cluster the records live in Redis ([`SharedRegistry`]) and every
+//! node mirrors them in memory ([`Registry::mirror`], polled by the
+//! node); `modules` stays as the node's local copy of the wasm it has
+//! fetched, so reloading an evicted image does not go to Redis.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shoal_cluster::{RegistrySnapshot, SharedRegistry};
 use shoal_runtime::{CallSettings, FunctionImage};
 use shoal_state::{EmbeddedStore, StoreError, Table};
 
@@ -22,7 +28,7 @@ const TENANTS: Table = Table::new("tenants");
 const FUNCTIONS: Table = Table::new("functions");
 const MODULES: Table = Table::new("modules");
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantRecord {
     pub name: String,
     /// SHA-256 of the tenant's token, hex.
@@ -39,7 +45,7 @@ impl TenantRecord {
 }
 
 /// What a deploy set, as stored and as described to clients.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionRecord {
     pub tenant: String,
     pub name: String,
@@ -101,6 +107,19 @@ impl DeployedFunction {
         let key = Arc::from(function_key(&record.tenant, &record.name));
         Self { record, settings, logs, key, image: Mutex::new(Some(image)), last_used: AtomicU64::new(0) }
     }
+
+    /// A function known from the shared registry whose image this node
+    /// has not loaded yet (it loads on the first call here).
+    pub fn unloaded(record: FunctionRecord, logs: Arc<LogRing>) -> Self {
+        let settings = CallSettings {
+            tenant: Arc::from(record.tenant.as_str()),
+            memory_limit: record.memory_bytes,
+            timeout: Duration::from_millis(record.timeout_ms),
+            env: Arc::from(record.env.clone()),
+        };
+        let key = Arc::from(function_key(&record.tenant, &record.name));
+        Self { record, settings, logs, key, image: Mutex::new(None), last_used: AtomicU64::new(0) }
+    }
 }
 
 fn function_key(tenant: &str, name: &str) -> String {
@@ -115,8 +134,25 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, key: &str, bytes: &[u8]) -> 
     serde_json::from_slice(bytes).map_err(|e| StoreError::Io(format!("{what} record {key:?} is unreadable: {e}")))
 }
 
+/// Why a registry change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cluster(#[from] shoal_cluster::ClusterError),
+}
+
 pub struct Registry {
     store: Arc<EmbeddedStore>,
+    /// The cluster's registry, when this node is one of a cluster.
+    shared: Option<SharedRegistry>,
+    /// The shared registry's version this node mirrors.
+    mirrored: AtomicU64,
+    /// Held across a change of the shared registry and its publication
+    /// here, and across a mirror's read and apply: a mirror never puts back
+    /// a view older than a change this node just made.
+    changes: tokio::sync::Mutex<()>,
     tenants: RwLock<HashMap<String, TenantRecord>>,
     /// tenant → name → function: looked up with borrowed strings, so the
     /// call path allocates nothing to find a function.
@@ -134,13 +170,74 @@ const POISON: &str = "registry locks are never poisoned: nothing panics while ho
 impl Registry {
     /// Open the registry and read the tenants; functions are loaded by the
     /// node with [`Registry::stored_functions`] and [`Registry::insert_loaded`].
-    pub fn open(store: Arc<EmbeddedStore>) -> Result<Self, StoreError> {
+    /// With `shared`, tenants and functions come from the cluster (by
+    /// [`Registry::mirror`]), not the local store.
+    pub fn open(store: Arc<EmbeddedStore>, shared: Option<SharedRegistry>) -> Result<Self, StoreError> {
         let mut tenants = HashMap::new();
-        for (key, bytes) in store.scan_prefix(TENANTS, "")? {
-            let record: TenantRecord = decode("tenant", &key, &bytes)?;
-            tenants.insert(record.name.clone(), record);
+        if shared.is_none() {
+            for (key, bytes) in store.scan_prefix(TENANTS, "")? {
+                let record: TenantRecord = decode("tenant", &key, &bytes)?;
+                tenants.insert(record.name.clone(), record);
+            }
         }
-        Ok(Self { store, tenants: RwLock::new(tenants), functions: RwLock::new(HashMap::new()) })
+        Ok(Self {
+            store,
+            shared,
+            mirrored: AtomicU64::new(0),
+            changes: tokio::sync::Mutex::new(()),
+            tenants: RwLock::new(tenants),
+            functions: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Bring the in-memory view in line with the cluster's registry if it
+    /// changed since the last time (or always, with `force`). Functions
+    /// new or changed here arrive unloaded; those gone are dropped. Returns
+    /// whether anything was read.
+    pub async fn mirror(&self, force: bool, log_lines: usize) -> Result<bool, RegistryError> {
+        let Some(shared) = &self.shared else { return Ok(false) };
+        let _changes = self.changes.lock().await;
+        let version = shared.version().await?;
+        let mirrored = self.mirrored.load(Ordering::Acquire);
+        if version < mirrored {
+            // Redis went back in time: it lost the registry. Put back what
+            // this node knows rather than forget every function.
+            self.republish(shared).await?;
+        } else if !force && version == mirrored {
+            return Ok(false);
+        }
+        let RegistrySnapshot { version, tenants, functions } = shared.snapshot().await?;
+        let tenants: HashMap<String, TenantRecord> = tenants
+            .iter()
+            .filter_map(|(name, bytes)| decode::<TenantRecord>("tenant", name, bytes).ok())
+            .map(|record| (record.name.clone(), record))
+            .collect();
+        let records: Vec<FunctionRecord> = functions
+            .iter()
+            .filter_map(|(key, bytes)| match decode::<FunctionRecord>("function", key, bytes) {
+                Ok(record) => Some(record),
+                Err(e) => {
+                    tracing::error!(error = %e, "skipping a function record of the cluster's registry");
+                    None
+                }
+            })
+            .collect();
+        *self.tenants.write().expect(POISON) = tenants;
+        let mut next: HashMap<String, HashMap<String, Arc<DeployedFunction>>> = HashMap::new();
+        for record in records {
+            let function = match self.get(&record.tenant, &record.name) {
+                Some(current) if current.record == record => current,
+                _ => {
+                    let logs = self.logs_for(&record.tenant, &record.name, log_lines);
+                    Arc::new(DeployedFunction::unloaded(record, logs))
+                }
+            };
+            let record = &function.record;
+            next.entry(record.tenant.clone()).or_default().insert(record.name.clone(), function.clone());
+        }
+        *self.functions.write().expect(POISON) = next;
+        self.mirrored.store(version, Ordering::Release);
+        Ok(true)
     }
 
     pub fn tenant_hash(&self, tenant: &str) -> Option<TokenHash> {
@@ -155,8 +252,50 @@ impl Registry {
         self.tenants.read().expect(POISON).len()
     }
 
+    async fn republish(&self, shared: &SharedRegistry) -> Result<(), RegistryError> {
+        let tenants: Vec<(String, Vec<u8>)> =
+            self.tenants.read().expect(POISON).values().map(|t| (t.name.clone(), encode(t))).collect();
+        let mut functions = Vec::new();
+        let mut missing = 0;
+        let all = self.all();
+        for function in &all {
+            match self.store.get(MODULES, &function.record.sha256)? {
+                Some(wasm) => functions.push((function, wasm)),
+                None => missing += 1,
+            }
+        }
+        let tenants: Vec<(&str, Vec<u8>)> = tenants.iter().map(|(n, r)| (n.as_str(), r.clone())).collect();
+        let keys: Vec<String> = functions.iter().map(|(f, _)| f.key.to_string()).collect();
+        let republished: Vec<shoal_cluster::Republished<'_>> = functions
+            .into_iter()
+            .zip(&keys)
+            .map(|((f, wasm), key)| shoal_cluster::Republished {
+                key,
+                sha256: &f.record.sha256,
+                record: encode(&f.record),
+                wasm,
+            })
+            .collect();
+        shared.republish(&tenants, &republished).await?;
+        tracing::warn!(
+            n_tenants = tenants.len(),
+            n_functions = republished.len(),
+            n_without_wasm_here = missing,
+            "the cluster's registry went back in time (Redis lost data); put back what this node knows"
+        );
+        Ok(())
+    }
+
     /// Store a new tenant; false if it exists already.
-    pub fn create_tenant(&self, record: TenantRecord) -> Result<bool, StoreError> {
+    pub async fn create_tenant(&self, record: TenantRecord) -> Result<bool, RegistryError> {
+        if let Some(shared) = &self.shared {
+            let _changes = self.changes.lock().await;
+            let created = shared.put_tenant(&record.name, &encode(&record)).await?;
+            if created {
+                self.tenants.write().expect(POISON).insert(record.name.clone(), record);
+            }
+            return Ok(created);
+        }
         let mut tenants = self.tenants.write().expect(POISON);
         if tenants.contains_key(&record.name) {
             return Ok(false);
@@ -184,9 +323,16 @@ impl Registry {
         self.functions.read().expect(POISON).get(tenant)?.get(name).cloned()
     }
 
-    /// The wasm stored under `sha256` (hex).
-    pub fn module(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.store.get(MODULES, sha256)
+    /// The wasm stored under `sha256` (hex): the local copy, else (in a
+    /// cluster) the shared one, then kept locally.
+    pub async fn module(&self, sha256: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        if let Some(wasm) = self.store.get(MODULES, sha256)? {
+            return Ok(Some(wasm));
+        }
+        let Some(shared) = &self.shared else { return Ok(None) };
+        let Some(wasm) = shared.wasm(sha256).await? else { return Ok(None) };
+        self.store.put(MODULES, sha256, &wasm)?;
+        Ok(Some(wasm))
     }
 
     /// Every function deployed now.
@@ -223,11 +369,21 @@ impl Registry {
 
     /// Persist a deploy (wasm and record in one durable transaction), then
     /// make it visible to calls.
-    pub fn deploy(&self, function: DeployedFunction, wasm: &[u8]) -> Result<Arc<DeployedFunction>, StoreError> {
+    pub async fn deploy(
+        &self,
+        function: DeployedFunction,
+        wasm: &[u8],
+    ) -> Result<Arc<DeployedFunction>, RegistryError> {
         let record = &function.record;
         let key = function_key(&record.tenant, &record.name);
         let encoded = encode(record);
-        if self.store.get(MODULES, &record.sha256)?.is_some() {
+        let _changes = self.changes.lock().await;
+        if let Some(shared) = &self.shared {
+            shared.put_function(&key, &record.sha256, &encoded, wasm).await?;
+            if self.store.get(MODULES, &record.sha256)?.is_none() {
+                self.store.put(MODULES, &record.sha256, wasm)?;
+            }
+        } else if self.store.get(MODULES, &record.sha256)?.is_some() {
             self.store.put(FUNCTIONS, &key, &encoded)?;
         } else {
             self.store.put_all(&[(MODULES, &record.sha256, wasm), (FUNCTIONS, &key, &encoded)])?;
@@ -243,7 +399,16 @@ impl Registry {
     }
 
     /// Remove a function; its wasm goes too when no other function uses it.
-    pub fn remove(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
+    pub async fn remove(&self, tenant: &str, name: &str) -> Result<bool, RegistryError> {
+        if let Some(shared) = &self.shared {
+            let _changes = self.changes.lock().await;
+            let Some(sha) = self.get(tenant, name).map(|f| f.record.sha256.clone()) else { return Ok(false) };
+            let removed = shared.remove_function(&function_key(tenant, name), &sha).await?;
+            if let Some(by_name) = self.functions.write().expect(POISON).get_mut(tenant) {
+                by_name.remove(name);
+            }
+            return Ok(removed);
+        }
         let mut functions = self.functions.write().expect(POISON);
         let Some(by_name) = functions.get_mut(tenant) else {
             return Ok(false);

@@ -75,6 +75,23 @@ impl RedisServer {
         String::from_utf8_lossy(&reply[..reply.len() - 2]).into_owned()
     }
 
+    /// `GET key` as text; None for a missing key.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(self.addr()).expect("connect to redis-server");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("set a read timeout");
+        let request = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+        stream.write_all(request.as_bytes()).expect("send to redis-server");
+        let mut reader = std::io::BufReader::new(stream);
+        let mut head = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut head).expect("read redis-server's reply");
+        let len: i64 = head.trim_end().strip_prefix('$').and_then(|n| n.parse().ok()).expect("a bulk reply");
+        let len = usize::try_from(len).ok()?;
+        let mut value = vec![0u8; len + 2];
+        reader.read_exact(&mut value).expect("read the value");
+        value.truncate(len);
+        Some(String::from_utf8_lossy(&value).into_owned())
+    }
+
     /// Kill the server (`SIGKILL`): clients see the connection drop.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
@@ -175,6 +192,8 @@ mod tests {
         assert!(ping(server.port()));
         assert_eq!(server.command(&["SET", "k", "v w"]), "+OK");
         assert_eq!(server.command(&["EXISTS", "k"]), ":1");
+        assert_eq!(server.get("k").as_deref(), Some("v w"));
+        assert_eq!(server.get("missing"), None);
         server.pause();
         let mut stream = TcpStream::connect(server.addr()).unwrap();
         stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();

@@ -174,7 +174,7 @@ pub(super) async fn remove(
 ) -> Result<StatusCode, ApiError> {
     let Path((tenant, name)) = path.map_err(path_error)?;
     authorise_existing(&node, &headers, &tenant, &name)?;
-    if node.registry.remove(&tenant, &name)? {
+    if node.registry.remove(&tenant, &name).await? {
         tracing::info!(%tenant, function = %name, "removed");
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -210,7 +210,19 @@ pub(super) async fn invoke(
     {
         response.headers_mut().insert(CALL_ID_HEADER, value);
     }
+    mark_node(&node, &mut response);
     response
+}
+
+/// Name the node that answered, in a cluster (a forwarded call's answer
+/// names the node that ran it already).
+fn mark_node(node: &Node, response: &mut Response) {
+    if let Some(id) = node.cluster_id()
+        && !response.headers().contains_key(crate::cluster::NODE_HEADER)
+        && let Ok(value) = HeaderValue::from_str(id)
+    {
+        response.headers_mut().insert(crate::cluster::NODE_HEADER, value);
+    }
 }
 
 async fn invoke_inner(
@@ -242,14 +254,23 @@ async fn invoke_inner(
         return Ok(response);
     }
 
-    let span = tracing::debug_span!("call", %tenant, function = %name, %call_id);
+    if let Some(response) = node.forward_invoke(&function, &input, call_id).await? {
+        return Ok(response);
+    }
+    run_here(node, &function, input, call_id).await
+}
+
+/// Run a sync call on this node, with admission, and answer with its output.
+async fn run_here(
+    node: &Node,
+    function: &DeployedFunction,
+    input: bytes::Bytes,
+    call_id: &str,
+) -> Result<Response, ApiError> {
+    let span =
+        tracing::debug_span!("call", tenant = %function.record.tenant, function = %function.record.name, %call_id);
     let started = Instant::now();
-    let image = node.image_of(&function).await.map_err(|e| match e {
-        // A reload that had to compile again (the cache was lost) and ran
-        // past the compile limit: worth a retry, not an internal error.
-        ImageError::Load(e @ shoal_runtime::DeployError::CompileTimeout { .. }) => ApiError::from(e),
-        e => ApiError::internal("loading a function's image", e),
-    })?;
+    let image = load_image(node, function).await?;
     let run = node.executor.run(&function.settings.tenant, &function.key, &image, &function.settings, input);
     let out = match run.instrument(span).await {
         Ok(out) => out,
@@ -258,6 +279,26 @@ async fn invoke_inner(
             return Err(overloaded.into());
         }
     };
+    answer(node, function, out, started, call_id)
+}
+
+async fn load_image(node: &Node, function: &DeployedFunction) -> Result<Arc<shoal_runtime::FunctionImage>, ApiError> {
+    node.image_of(function).await.map_err(|e| match e {
+        // A reload that had to compile again (the cache was lost) and ran
+        // past the compile limit: worth a retry, not an internal error.
+        ImageError::Load(e @ shoal_runtime::DeployError::CompileTimeout { .. }) => ApiError::from(e),
+        e => ApiError::internal("loading a function's image", e),
+    })
+}
+
+/// Log, count and answer a call that ran.
+fn answer(
+    node: &Node,
+    function: &DeployedFunction,
+    out: shoal_runtime::CallOutput,
+    started: Instant,
+    call_id: &str,
+) -> Result<Response, ApiError> {
     let elapsed = started.elapsed();
     function.logs.append(call_id, now_ms(), out.log_lines());
     match out.result {
@@ -273,4 +314,82 @@ async fn invoke_inner(
             Err(error)
         }
     }
+}
+
+/// `POST /internal/v1/functions/{tenant}/{name}/invoke`: a call another
+/// node of the cluster placed here. Only with the cluster secret; it runs
+/// here whatever this node's load (admission still applies), and the
+/// answer carries this node's load. A chained call (it names its depth
+/// and the time left to its caller) takes a free sandbox or is refused at
+/// once, as on the node it came from.
+pub(super) async fn internal_invoke(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(cluster) = node.cluster.clone() else {
+        return ApiError::not_found("no such route").into_response();
+    };
+    let presented = headers.get(shoal_cluster::SECRET_HEADER).map(HeaderValue::as_bytes).unwrap_or_default();
+    if !cluster.is_secret(presented) {
+        return ApiError::new(ErrorKind::Unauthorized, "a call between nodes needs the cluster secret").into_response();
+    }
+    let call_id = headers
+        .get(CALL_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .map_or_else(new_call_id, str::to_string);
+    let mut response = match run_placed(&node, path, &headers, body, &call_id).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    };
+    response.headers_mut().insert(
+        axum::http::HeaderName::from_static(crate::cluster::LOAD_HEADER),
+        crate::cluster::load_header(node.executor.busy(), cluster.capacity),
+    );
+    if let Ok(value) = HeaderValue::from_str(&call_id) {
+        response.headers_mut().insert(CALL_ID_HEADER, value);
+    }
+    mark_node(&node, &mut response);
+    response
+}
+
+async fn run_placed(
+    node: &Arc<Node>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: &HeaderMap,
+    body: Body,
+    call_id: &str,
+) -> Result<Response, ApiError> {
+    let Path((tenant, name)) = path.map_err(path_error)?;
+    let function = match node.registry.get(&tenant, &name) {
+        Some(function) => function,
+        None => {
+            // Deployed a moment ago on another node: read the registry now.
+            node.registry.mirror(true, node.config.log_lines_per_function).await?;
+            find(node, &tenant, &name)?
+        }
+    };
+    let input = read_body(node, body, headers, node.config.max_body_bytes).await?;
+    let number = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let Some(depth) = number(crate::cluster::DEPTH_HEADER) else {
+        return run_here(node, &function, input, call_id).await;
+    };
+    let left = Duration::from_millis(number(crate::cluster::DEADLINE_HEADER).unwrap_or(0));
+    let lineage = shoal_runtime::Lineage {
+        depth: u32::try_from(depth).unwrap_or(u32::MAX),
+        deadline: Some(std::time::Instant::now() + left),
+        root: Arc::new(shoal_runtime::RootCall::default()),
+    };
+    let started = Instant::now();
+    let image = load_image(node, &function).await?;
+    let out = match node.executor.run_in(&image, &function.settings, input, lineage).await {
+        Ok(out) => out,
+        Err(overloaded) => {
+            node.metrics.record_call(Err(ErrorKind::Overloaded), None);
+            return Err(ApiError::new(ErrorKind::Unavailable, overloaded.to_string()));
+        }
+    };
+    answer(node, &function, out, started, call_id)
 }

@@ -30,7 +30,7 @@ pub(super) async fn create(
     let body = read_body(&node, body, &headers, MAX_TENANT_BODY).await?;
     let request: CreateTenant = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("body must be {{\"name\": \"…\"}}: {e}")))?;
-    match node.create_tenant(&request.name)? {
+    match node.create_tenant(&request.name).await? {
         Some(token) => Ok((StatusCode::CREATED, Json(serde_json::json!({ "name": request.name, "token": token })))),
         None => Err(ApiError::new(ErrorKind::Conflict, format!("tenant `{}` exists already", request.name))),
     }

@@ -1,0 +1,428 @@
+//! This node as one of a cluster (DESIGN.md §6), when it is started with a
+//! Redis URL: it heartbeats its membership and load, mirrors the shared
+//! registry, takes asynchronous calls from the cluster's queue, puts back
+//! the calls of nodes that died, and places calls it cannot run warm
+//! itself on the node that should (rendezvous hashing with bounded load),
+//! forwarding them over HTTP/2 with the cluster secret.
+//!
+//! A forwarded call runs where it lands: the receiving node never
+//! forwards it again. A forward that never reached its peer is placed
+//! again without that peer; one whose answer was lost is reported to the
+//! caller as `unavailable` (it may have run).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderName, HeaderValue, Response, StatusCode};
+use bytes::Bytes;
+use shoal_cluster::placement::{self, Candidate};
+use shoal_cluster::{Answer, CallQueue, ForwardError, Forwarder, Load, Member, Membership};
+use shoal_runtime::ChainError;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::Node;
+use crate::error::{ApiError, ErrorKind};
+use crate::registry::DeployedFunction;
+
+/// Headers between nodes.
+pub(crate) const LOAD_HEADER: &str = "x-shoal-load";
+pub(crate) const DEPTH_HEADER: &str = "x-shoal-chain-depth";
+pub(crate) const DEADLINE_HEADER: &str = "x-shoal-deadline-ms";
+pub(crate) const CALL_ID_HEADER: &str = "x-shoal-call-id";
+/// The id of the node that ran a call, on its answer (cluster mode only).
+pub(crate) const NODE_HEADER: &str = "x-shoal-node";
+
+/// How often the node reports its load and checks the registry's version.
+const TICK: Duration = Duration::from_millis(100);
+/// Registry polls happen every this many ticks.
+const MIRROR_EVERY: u32 = 2;
+/// Dead nodes' leases are looked for every this many ticks.
+const RECLAIM_EVERY: u32 = 10;
+/// How long the async worker waits before looking at an empty queue again
+/// (a call this node queues wakes it at once).
+const IDLE_POLL: Duration = Duration::from_millis(25);
+/// A peer's load from its last answer counts for this long.
+const REPORT_FRESH: Duration = Duration::from_secs(1);
+
+pub(crate) struct Cluster {
+    pub(crate) membership: Membership,
+    pub(crate) queue: CallQueue,
+    pub(crate) forwarder: Forwarder,
+    secret: String,
+    /// Calls this node runs at once before queueing them.
+    pub(crate) capacity: u32,
+    /// Peers' loads from their answers, fresher than their heartbeats.
+    reported: Mutex<HashMap<String, (Load, Instant)>>,
+    /// Calls forwarded to each peer and not answered yet.
+    in_flight: Mutex<HashMap<String, u32>>,
+    /// Wakes the async worker: this node queued a call.
+    pub(crate) queued: Notify,
+    /// Asynchronous calls this node runs at once.
+    async_slots: Arc<Semaphore>,
+    pub(crate) stopping: AtomicBool,
+    /// Asynchronous calls running here now.
+    pub(crate) async_running: AtomicU32,
+    /// Calls sent to peers, and those whose peer could not be reached or
+    /// whose answer was lost.
+    pub(crate) n_forwarded: std::sync::atomic::AtomicU64,
+    pub(crate) n_forward_failures: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("me", self.membership.me()).finish_non_exhaustive()
+    }
+}
+
+/// Where a call runs.
+pub(crate) enum Route {
+    Local,
+    Peer(Member),
+}
+
+impl Cluster {
+    pub(crate) fn new(
+        membership: Membership,
+        queue: CallQueue,
+        forwarder: Forwarder,
+        secret: String,
+        capacity: u32,
+    ) -> Self {
+        Self {
+            membership,
+            queue,
+            forwarder,
+            secret,
+            capacity,
+            reported: Mutex::default(),
+            in_flight: Mutex::default(),
+            queued: Notify::new(),
+            async_slots: Arc::new(Semaphore::new(capacity as usize)),
+            stopping: AtomicBool::new(false),
+            async_running: AtomicU32::new(0),
+            n_forwarded: Default::default(),
+            n_forward_failures: Default::default(),
+        }
+    }
+
+    pub(crate) fn id(&self) -> &str {
+        &self.membership.me().id
+    }
+
+    /// Whether `presented` is the cluster secret (constant time).
+    pub(crate) fn is_secret(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(presented.ct_eq(self.secret.as_bytes()))
+    }
+
+    fn load_of_me(&self, node: &Node) -> Load {
+        Load { running: node.executor.busy(), capacity: self.capacity }
+    }
+
+    /// Every member but `exclude`, with its best known load.
+    fn candidates(&self, node: &Node, exclude: &[String]) -> Vec<(Member, Load)> {
+        let reported = self.reported.lock().expect(POISON);
+        let in_flight = self.in_flight.lock().expect(POISON);
+        self.membership
+            .members()
+            .into_iter()
+            .filter(|m| !exclude.contains(&m.id))
+            .map(|m| {
+                let load = if m.id == self.id() {
+                    self.load_of_me(node)
+                } else {
+                    let mut load = match reported.get(&m.id) {
+                        Some((load, at)) if at.elapsed() < REPORT_FRESH => *load,
+                        _ => m.load,
+                    };
+                    load.running += in_flight.get(&m.id).copied().unwrap_or(0);
+                    load
+                };
+                (m, load)
+            })
+            .collect()
+    }
+
+    /// Where a client's call of `function` runs: here when the function is
+    /// warm here and there is room; else on the node placement picks.
+    pub(crate) fn route(&self, node: &Node, function: &DeployedFunction, exclude: &[String]) -> Route {
+        if function.loaded().is_some() && self.load_of_me(node).has_room() {
+            return Route::Local;
+        }
+        self.place(node, &function.key, exclude)
+    }
+
+    fn place(&self, node: &Node, key: &str, exclude: &[String]) -> Route {
+        let candidates = self.candidates(node, exclude);
+        let view: Vec<Candidate<'_>> =
+            candidates.iter().map(|(m, load)| Candidate { id: &m.id, load: *load }).collect();
+        let chosen = placement::place(key, &view, placement::DEFAULT_BOUND);
+        tracing::debug!(function = %key, ?view, ?chosen, "placed");
+        match chosen {
+            Some(id) if id != self.id() => {
+                let member = candidates.iter().find(|(m, _)| m.id == id).map(|(m, _)| m.clone());
+                member.map_or(Route::Local, Route::Peer)
+            }
+            _ => Route::Local,
+        }
+    }
+
+    /// Send a call to `peer` and note the load its answer reports.
+    async fn send(
+        &self,
+        peer: &Member,
+        path: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        input: Bytes,
+        timeout: Duration,
+    ) -> Result<Answer, ForwardError> {
+        self.n_forwarded.fetch_add(1, Ordering::Relaxed);
+        *self.in_flight.lock().expect(POISON).entry(peer.id.clone()).or_default() += 1;
+        let answer = self.forwarder.post(&peer.advertise, path, headers, input, timeout).await;
+        if let Some(n) = self.in_flight.lock().expect(POISON).get_mut(&peer.id) {
+            *n = n.saturating_sub(1);
+        }
+        match &answer {
+            Ok(answer) => {
+                if let Some(load) = answer.headers.get(LOAD_HEADER).and_then(|v| parse_load(v.to_str().ok()?)) {
+                    self.reported.lock().expect(POISON).insert(peer.id.clone(), (load, Instant::now()));
+                }
+            }
+            Err(_) => {
+                self.n_forward_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        answer
+    }
+}
+
+const POISON: &str = "cluster locks are never poisoned: nothing panics while holding them";
+
+pub(crate) fn load_header(running: u32, capacity: u32) -> HeaderValue {
+    HeaderValue::from_str(&format!("{running}/{capacity}")).expect("digits and a slash are a header value")
+}
+
+fn parse_load(text: &str) -> Option<Load> {
+    let (running, capacity) = text.split_once('/')?;
+    Some(Load { running: running.parse().ok()?, capacity: capacity.parse().ok()? })
+}
+
+fn internal_path(function: &DeployedFunction) -> String {
+    format!("/internal/v1/functions/{}/invoke", function.key)
+}
+
+impl Node {
+    /// A client's call, placed: `None` when it should run here, else the
+    /// answer of the node that ran it.
+    pub(crate) async fn forward_invoke(
+        &self,
+        function: &DeployedFunction,
+        input: &Bytes,
+        call_id: &str,
+    ) -> Result<Option<Response<Body>>, ApiError> {
+        let Some(cluster) = &self.cluster else { return Ok(None) };
+        let mut tried: Vec<String> = Vec::new();
+        loop {
+            let peer = match cluster.route(self, function, &tried) {
+                Route::Local => return Ok(None),
+                Route::Peer(peer) => peer,
+            };
+            let headers = [(HeaderName::from_static(CALL_ID_HEADER), header_value(call_id))];
+            let timeout = function.settings.timeout + Duration::from_secs(5);
+            match cluster.send(&peer, &internal_path(function), &headers, input.clone(), timeout).await {
+                Ok(answer) => return Ok(Some(relay(answer))),
+                Err(ForwardError::NotSent { reason, .. }) => {
+                    tracing::warn!(peer = %peer.id, %reason, "a peer could not be reached; placing the call again");
+                    tried.push(peer.id);
+                }
+                Err(e) => {
+                    return Err(ApiError::new(
+                        ErrorKind::Unavailable,
+                        format!("the node running call {call_id} stopped answering ({e}); the call may have run"),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A chained call that found no room here: run it on another node.
+    pub(crate) async fn forward_chained(
+        &self,
+        function: &DeployedFunction,
+        input: Bytes,
+        depth: u32,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<u8>, ChainError> {
+        let cluster = self.cluster.as_ref().ok_or_else(|| ChainError::Unavailable("no room on this node".into()))?;
+        let mut tried = vec![cluster.id().to_string()];
+        // The callee ends by the caller's deadline, or its own timeout.
+        let remaining = deadline.map_or(function.settings.timeout, |d| {
+            d.saturating_duration_since(Instant::now()).min(function.settings.timeout)
+        });
+        loop {
+            let Route::Peer(peer) = cluster.place(self, &function.key, &tried) else {
+                return Err(ChainError::Unavailable(format!(
+                    "no node of the cluster has room for `{}` now",
+                    function.key
+                )));
+            };
+            let headers = [
+                (HeaderName::from_static(DEPTH_HEADER), header_value(&depth.to_string())),
+                (HeaderName::from_static(DEADLINE_HEADER), header_value(&remaining.as_millis().to_string())),
+            ];
+            let timeout = remaining + Duration::from_secs(5);
+            match cluster.send(&peer, &internal_path(function), &headers, input.clone(), timeout).await {
+                Ok(answer) => return chained_outcome(answer),
+                Err(ForwardError::NotSent { .. }) => tried.push(peer.id),
+                Err(e) => return Err(ChainError::Unavailable(format!("the node running the call: {e}"))),
+            }
+        }
+    }
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// A peer's answer as this node's answer to its client.
+fn relay(answer: Answer) -> Response<Body> {
+    let mut response = Response::new(Body::from(answer.body));
+    *response.status_mut() = answer.status;
+    for name in
+        [CONTENT_TYPE, RETRY_AFTER, HeaderName::from_static(CALL_ID_HEADER), HeaderName::from_static(NODE_HEADER)]
+    {
+        if let Some(value) = answer.headers.get(&name) {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    response
+}
+
+/// A peer's answer to a chained call as the guest sees it.
+fn chained_outcome(answer: Answer) -> Result<Vec<u8>, ChainError> {
+    if answer.status == StatusCode::OK {
+        return Ok(answer.body.to_vec());
+    }
+    let (kind, message) = serde_json::from_slice::<serde_json::Value>(&answer.body)
+        .ok()
+        .and_then(|v| {
+            let e = v.get("error")?;
+            Some((e.get("kind")?.as_str()?.to_string(), e.get("message")?.as_str()?.to_string()))
+        })
+        .unwrap_or_else(|| ("internal".into(), format!("a peer answered {}", answer.status)));
+    Err(match kind.as_str() {
+        "not_found" => ChainError::NotFound(message),
+        "overloaded" | "unavailable" => ChainError::Unavailable(message),
+        "function_error" => ChainError::Failed(shoal_runtime::CallError::Function { message }),
+        // The guest sees the message of any other failure.
+        "trap" | "timeout" | "out_of_memory" | "too_large" => {
+            ChainError::Failed(shoal_runtime::CallError::Trap { message: format!("{kind}: {message}") })
+        }
+        _ => ChainError::Unavailable(format!("{kind}: {message}")),
+    })
+}
+
+/// The node's cluster chores, every tick until the node is gone: report
+/// load, mirror the registry, put back the calls of dead nodes.
+pub(crate) fn spawn_chores(node: &Arc<Node>) {
+    let weak = Arc::downgrade(node);
+    spawn_async_worker(weak.clone());
+    tokio::spawn(async move {
+        let mut tick: u32 = 0;
+        let mut suspects: HashSet<String> = HashSet::new();
+        let mut every = tokio::time::interval(TICK);
+        loop {
+            every.tick().await;
+            let Some(node) = weak.upgrade() else { return };
+            let Some(cluster) = &node.cluster else { return };
+            if cluster.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            cluster.membership.report_load(cluster.load_of_me(&node));
+            tick = tick.wrapping_add(1);
+            if tick.is_multiple_of(MIRROR_EVERY)
+                && let Err(e) = node.registry.mirror(false, node.config.log_lines_per_function).await
+            {
+                tracing::warn!(error = %e, "mirroring the cluster's registry failed; retrying");
+            }
+            if tick.is_multiple_of(RECLAIM_EVERY) {
+                reclaim(cluster, &mut suspects).await;
+            }
+        }
+    });
+}
+
+/// Requeue the calls held by nodes that are not members (seen so twice in
+/// a row, so a node that just joined is not mistaken for a dead one).
+async fn reclaim(cluster: &Cluster, suspects: &mut HashSet<String>) {
+    let holders = match cluster.queue.lease_holders().await {
+        Ok(holders) => holders,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing the cluster's call leases failed");
+            return;
+        }
+    };
+    let live: HashSet<String> = cluster.membership.members().into_iter().map(|m| m.id).collect();
+    let mut now_suspect = HashSet::new();
+    for holder in holders {
+        if holder == cluster.id() || live.contains(&holder) {
+            continue;
+        }
+        if suspects.contains(&holder) {
+            match cluster.queue.requeue_from(&holder).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(node = %holder, calls = n, "requeued the calls of a node that is gone"),
+                Err(e) => tracing::warn!(node = %holder, error = %e, "requeueing a dead node's calls failed"),
+            }
+        } else {
+            now_suspect.insert(holder);
+        }
+    }
+    *suspects = now_suspect;
+}
+
+/// Take asynchronous calls from the cluster's queue while this node has
+/// room for them, and run each.
+fn spawn_async_worker(weak: Weak<Node>) {
+    tokio::spawn(async move {
+        loop {
+            let (slots, cluster_stopping) = {
+                let Some(node) = weak.upgrade() else { return };
+                let Some(cluster) = &node.cluster else { return };
+                (cluster.async_slots.clone(), cluster.stopping.load(Ordering::Acquire))
+            };
+            if cluster_stopping {
+                return;
+            }
+            let Ok(permit) = slots.acquire_owned().await else { return };
+            let Some(node) = weak.upgrade() else { return };
+            let Some(cluster) = node.cluster.clone() else { return };
+            match cluster.queue.take(cluster.id()).await {
+                Ok(Some(call)) => {
+                    cluster.async_running.fetch_add(1, Ordering::AcqRel);
+                    tokio::spawn(async move {
+                        node.run_taken(call).await;
+                        cluster.async_running.fetch_sub(1, Ordering::AcqRel);
+                        drop(permit);
+                    });
+                }
+                Ok(None) => {
+                    drop((permit, node));
+                    tokio::select! {
+                        () = cluster.queued.notified() => {}
+                        () = tokio::time::sleep(IDLE_POLL) => {}
+                    }
+                }
+                Err(e) => {
+                    drop((permit, node));
+                    tracing::warn!(error = %e, "taking from the cluster's call queue failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    });
+}
