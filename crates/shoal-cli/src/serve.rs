@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// default the address it listens on.
     #[arg(long, env = "SHOAL_ADVERTISE")]
     advertise: Option<String>,
+    /// With --redis: take requests and place every call on the other
+    /// nodes (running calls itself only when no other node can).
+    #[arg(long, env = "SHOAL_GATEWAY")]
+    gateway: bool,
     /// Largest state value, e.g. 64MiB.
     #[arg(long, env = "SHOAL_MAX_STATE_VALUE", value_parser = parse_size)]
     max_state_value: Option<u64>,
@@ -104,6 +108,7 @@ struct ServeFile {
     default_memory: Option<String>,
     redis: Option<String>,
     advertise: Option<String>,
+    gateway: Option<bool>,
     tenant_weights: Option<std::collections::BTreeMap<String, u32>>,
     max_state_value: Option<String>,
     state_quota: Option<String>,
@@ -195,6 +200,7 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
     }
     config.redis_url = args.redis.clone().or(file.redis).filter(|url| !url.is_empty());
     config.advertise = args.advertise.clone().or(file.advertise).filter(|a| !a.is_empty());
+    config.gateway = args.gateway || file.gateway.unwrap_or(false);
     if config.redis_url.is_some() && config.advertise.is_none() {
         anyhow::ensure!(
             !config.listen.ip().is_unspecified(),
@@ -328,6 +334,30 @@ mod tests {
         assert_eq!(node_config(&meant.serve).unwrap().0.listen.port(), 8080);
         let v6 = Cli::parse_from(["serve", "--listen", "[::1]:8080"]);
         assert!(node_config(&v6.serve).is_ok(), "IPv6 loopback needs no flag");
+    }
+
+    #[test]
+    fn cluster_flags_need_redis_and_an_address_peers_can_use() {
+        let alone = Cli::parse_from(["serve", "--gateway"]);
+        let error = node_config(&alone.serve).unwrap_err().to_string();
+        assert!(error.contains("gateway"), "{error}");
+        let everywhere =
+            Cli::parse_from(["serve", "--redis", "redis://127.0.0.1:1", "--listen", "0.0.0.0:8080", "--public"]);
+        let error = node_config(&everywhere.serve).unwrap_err().to_string();
+        assert!(error.contains("--advertise"), "{error}");
+        let meant = Cli::parse_from([
+            "serve",
+            "--redis",
+            "redis://127.0.0.1:1",
+            "--listen",
+            "0.0.0.0:8080",
+            "--public",
+            "--advertise",
+            "10.0.0.11:8080",
+            "--gateway",
+        ]);
+        let config = node_config(&meant.serve).unwrap().0;
+        assert_eq!((config.advertise.as_deref(), config.gateway), (Some("10.0.0.11:8080"), true));
     }
 
     #[test]

@@ -179,9 +179,19 @@ impl Http {
 
     /// Wait until `node` sees `n` members; returns how long it took.
     async fn wait_members(&self, node: &NodeProcess, n: u64) -> Duration {
+        self.wait_metric(node, "shoal_cluster_members", n).await
+    }
+
+    /// Wait until `node` sees `n` members taking calls (their capacity in
+    /// their heartbeats: placement puts nothing on a node before).
+    async fn wait_ready(&self, node: &NodeProcess, n: u64) -> Duration {
+        self.wait_metric(node, "shoal_cluster_members_ready", n).await
+    }
+
+    async fn wait_metric(&self, node: &NodeProcess, name: &str, n: u64) -> Duration {
         let started = Instant::now();
-        while self.metric(node, "shoal_cluster_members").await != Some(n) {
-            assert!(started.elapsed() < SETTLE, "{} never saw {n} members", node.url);
+        while self.metric(node, name).await != Some(n) {
+            assert!(started.elapsed() < SETTLE, "{} never had {name} = {n}", node.url);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         started.elapsed()
@@ -213,11 +223,13 @@ fn deploys_propagate_and_calls_are_placed_where_their_function_is_warm() {
 
 async fn deploys_propagate_and_calls_are_placed_where_their_function_is_warm_body() {
     let redis = RedisServer::start();
-    let nodes: Vec<NodeProcess> =
-        ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().map(|h| start_node(&redis, h, &[])).collect();
+    // Two nodes that run calls and a gateway in front of them.
+    let mut nodes: Vec<NodeProcess> = ["127.0.0.2", "127.0.0.3"].iter().map(|h| start_node(&redis, h, &[])).collect();
+    nodes.push(start_node(&redis, "127.0.0.4", &["--gateway"]));
     let http = Http::new();
     for node in &nodes {
         http.wait_members(node, 3).await;
+        http.wait_ready(node, 2).await;
     }
     // A tenant made on one node, its functions deployed there.
     let token = http.create_tenant(&nodes[0], "acme").await;
@@ -231,30 +243,33 @@ async fn deploys_propagate_and_calls_are_placed_where_their_function_is_warm_bod
         assert_eq!(reply.text(), "hello there");
     }
 
-    // Called through a node where they are cold, each function is run by
-    // one node, call after call; over the twelve, by other nodes too.
-    let entry = &nodes[1];
+    // A node with room runs what it is sent.
+    for name in &names[..4] {
+        let reply = http.invoke(&nodes[1], &token, &format!("acme/{name}"), "here").await.unwrap();
+        assert_eq!(reply.node.as_deref(), Some(nodes[1].id.as_str()), "{name}");
+    }
+    // Through the gateway, each function is run by one node, call after
+    // call (where it is warm); over the twelve, by both nodes.
+    let gateway = &nodes[2];
     let mut ran_on: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     for name in &names {
         for i in 0..4 {
-            let reply = http.invoke(entry, &token, &format!("acme/{name}"), &format!("{i}")).await.unwrap();
+            let reply = http.invoke(gateway, &token, &format!("acme/{name}"), &format!("{i}")).await.unwrap();
             assert_eq!((reply.status, reply.text()), (StatusCode::OK, format!("hello {i}")));
             ran_on.entry(name).or_default().insert(reply.node.expect("a cluster answer names its node"));
         }
     }
     assert!(ran_on.values().all(|nodes| nodes.len() == 1), "repeat calls moved between nodes: {ran_on:?}");
     let used: BTreeSet<&String> = ran_on.values().flatten().collect();
-    assert!(used.len() >= 2 && used.iter().any(|id| **id != entry.id), "all calls ran on {used:?}");
-    assert!(http.metric(entry, "shoal_calls_forwarded_total").await.unwrap() > 0);
-    // Through the node that deployed them (warm there), they run there.
-    let reply = http.invoke(&nodes[0], &token, "acme/f3", "home").await.unwrap();
-    assert_eq!(reply.node.as_deref(), Some(nodes[0].id.as_str()));
+    assert_eq!(used.len(), 2, "the gateway placed all calls on {used:?}");
+    assert!(!used.contains(&gateway.id), "the gateway ran a call itself");
+    assert_eq!(http.metric(gateway, "shoal_calls_forwarded_total").await.unwrap(), 48 + 1);
 
     // A removal reaches every node too.
-    http.ok(Method::DELETE, format!("{}/v1/functions/acme/f0", nodes[2].url), &token, Vec::new()).await;
+    http.ok(Method::DELETE, format!("{}/v1/functions/acme/f0", nodes[1].url), &token, Vec::new()).await;
     let started = Instant::now();
-    while http.invoke(entry, &token, "acme/f0", "").await.unwrap().status != StatusCode::NOT_FOUND {
-        assert!(started.elapsed() < SETTLE, "the removal never reached {}", entry.url);
+    while http.invoke(gateway, &token, "acme/f0", "").await.unwrap().status != StatusCode::NOT_FOUND {
+        assert!(started.elapsed() < SETTLE, "the removal never reached {}", gateway.url);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -271,6 +286,7 @@ async fn a_chained_call_runs_on_another_node_when_its_own_is_full_body() {
     let other = start_node(&redis, "127.0.0.3", &[]);
     let http = Http::new();
     http.wait_members(&small, 2).await;
+    http.wait_ready(&small, 2).await;
     let token = http.create_tenant(&small, "acme").await;
     http.deploy(&small, &token, "acme/chain", shoal_guests::CHAIN).await;
     http.deploy(&small, &token, "acme/hello", shoal_guests::HELLO).await;
@@ -282,9 +298,14 @@ async fn a_chained_call_runs_on_another_node_when_its_own_is_full_body() {
     let reply = http.invoke(&small, &token, "acme/chain", "spawn hello spawned").await.unwrap();
     assert_eq!((reply.status, reply.text()), (StatusCode::OK, "hello spawned".to_string()));
     assert!(http.metric(&small, "shoal_calls_forwarded_total").await.unwrap() >= 2);
-    // A callee that fails elsewhere fails the same for its caller.
-    let reply = http.invoke(&small, &token, "acme/chain", "call missing x").await.unwrap();
+    // A callee that fails on the other node fails its caller the same way
+    // (its error comes back across), and a missing one is not found.
+    http.deploy(&small, &token, "acme/ops", shoal_guests::STATE_OPS).await;
+    http.invoke_once_visible(&other, &token, "acme/ops", "get nothing").await;
+    let reply = http.invoke(&small, &token, "acme/chain", "call ops panic x").await.unwrap();
     assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", reply.text());
+    assert!(reply.text().contains("trap"), "{}", reply.text());
+    let reply = http.invoke(&small, &token, "acme/chain", "call missing x").await.unwrap();
     assert!(reply.text().contains("NotFound"), "{}", reply.text());
 }
 
@@ -365,9 +386,23 @@ async fn nodes_ride_out_a_redis_restart_without_restarting_body() {
         assert!(started.elapsed() < SETTLE, "the secret was never put back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // And the cluster works as before: a new deploy reaches the other node.
+    // And the cluster works as before: a new deploy reaches the other node,
+    // an asynchronous call is queued, run and recorded.
     http.deploy(&b, &token, "acme/hello2", shoal_guests::HELLO).await;
     assert_eq!(http.invoke_once_visible(&a, &token, "acme/hello2", "new").await.text(), "hello new");
+    let url = format!("{}/v1/functions/acme/hello2/invoke?async=true", a.url);
+    let accepted = http.ok(Method::POST, url, &token, b"later".to_vec()).await.json();
+    let id = accepted["call_id"].as_str().unwrap();
+    let started = Instant::now();
+    loop {
+        let call = http.ok(Method::GET, format!("{}/v1/calls/{id}", b.url), &token, Vec::new()).await.json();
+        if call["status"] == "succeeded" {
+            assert_eq!(call["output"], "hello later");
+            break;
+        }
+        assert!(started.elapsed() < SETTLE, "the async call never finished: {call}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// One line of the kill-9 test's history.
@@ -385,10 +420,20 @@ fn a_node_killed_mid_load_loses_no_acknowledged_write_and_no_accepted_call() {
 async fn a_node_killed_mid_load_loses_no_acknowledged_write_and_no_accepted_call_body() {
     let redis = RedisServer::start();
     let hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
-    let mut nodes: Vec<NodeProcess> = hosts.iter().map(|h| start_node(&redis, h, &[])).collect();
+    // Node 1 is a gateway (it places every call, so calls reach the victim
+    // through it); the others run calls, 8 at a time whatever the cores.
+    let mut nodes: Vec<NodeProcess> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let extra: &[&str] = if i == 1 { &["--gateway"] } else { &["--max-concurrent-calls", "8"] };
+            start_node(&redis, h, extra)
+        })
+        .collect();
     let http = Http::new();
     for node in &nodes {
         http.wait_members(node, 3).await;
+        http.wait_ready(node, 2).await;
     }
     let token = http.create_tenant(&nodes[0], "acme").await;
     // Functions the victim owns (calls to them through the others are
@@ -396,7 +441,7 @@ async fn a_node_killed_mid_load_loses_no_acknowledged_write_and_no_accepted_call
     let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let mut functions = names_owned_by("v", "acme", &ids, ids[2], 3);
-    functions.extend(names_owned_by("s", "acme", &ids, ids[1], 2));
+    functions.extend(names_owned_by("s", "acme", &ids, ids[0], 2));
     for name in &functions {
         http.deploy(&nodes[0], &token, &format!("acme/{name}?timeout_ms=30000"), shoal_guests::STATE_OPS).await;
     }
@@ -407,18 +452,22 @@ async fn a_node_killed_mid_load_loses_no_acknowledged_write_and_no_accepted_call
     }
 
     // Kept after the run (under target/tmp), for a failure's post-mortem.
-    let history_path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster-kill-9-history.jsonl");
+    let history_path =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cluster-kill-9-history-{}.jsonl", std::process::id()));
     let history = Arc::new(Mutex::new(std::fs::File::create(&history_path).unwrap()));
     let started = Instant::now();
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Make sure the kill catches calls in flight: sync calls forwarded to
-    // the victim (idle, so it is first for them) and running there…
+    // Make sure the kill catches calls in flight: calls that wait for a
+    // lock the test holds (as if some call held it) until after the kill.
+    assert_eq!(redis.command(&["SET", "shoal:l:acme/gate", "test", "PX", "120000"]), "+OK");
+    // Sync calls forwarded by the gateway to the victim (whose functions
+    // they are) and running there…
     let mut long_sync = Vec::new();
     for (k, function) in functions.iter().take(3).cloned().enumerate() {
         let (http, token, url) = (http.clone(), token.clone(), urls[1].clone());
         long_sync.push(tokio::spawn(async move {
-            let input = format!("sleep x 8000\nappend log long-sync-{k};");
+            let input = format!("lock gate\nunlock gate\nappend log long-sync-{k};");
             let url = format!("{url}/v1/functions/acme/{function}/invoke");
             http.send(Method::POST, url, &token, input.into_bytes(), &[]).await.unwrap()
         }));
@@ -428,12 +477,12 @@ async fn a_node_killed_mid_load_loses_no_acknowledged_write_and_no_accepted_call
         assert!(waiting.elapsed() < SETTLE, "the long calls never ran on the victim");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // …and async calls it has taken: 20 long ones, of which the two
-    // survivors can hold 16 at most (8 each), so the victim holds some
-    // once the queue is empty (and 4 places are left for the load's).
-    for k in 0..20 {
+    // …and async calls it has taken: 12 waiting ones, of which node 0 can
+    // hold 8 at most (the gateway takes none), so the victim holds at
+    // least 4 once the queue is empty (4 places are left for the load's).
+    for k in 0..12 {
         let url = format!("{}/v1/functions/acme/{}/invoke?async=true", urls[0], functions[3 + k % 2]);
-        let input = format!("sleep x 8000\nappend alog long-async-{k};");
+        let input = format!("lock gate\nunlock gate\nappend alog long-async-{k};");
         let reply = http.send(Method::POST, url, &token, input.into_bytes(), &[]).await.unwrap();
         assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
         let line = json!({ "op": "async", "entry": 0, "token": format!("long-async-{k}"), "status": 202,
@@ -493,6 +542,8 @@ async fn a_node_killed_mid_load_loses_no_acknowledged_write_and_no_accepted_call
     record(&history, started, json!({ "op": "kill", "node": ids[2] }));
     let gone_after = http.wait_members(&nodes[0], 2).await;
     record(&history, started, json!({ "op": "members", "n": 2, "after_kill_ms": gone_after.as_millis() as u64 }));
+    // Let the waiting calls through.
+    redis.command(&["DEL", "shoal:l:acme/gate"]);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for task in load {
@@ -582,7 +633,7 @@ async fn a_node_killed_mid_load_loses_no_acknowledged_write_and_no_accepted_call
     );
 
     // The node comes back (a new process, a new id) and serves again.
-    nodes[2] = start_node(&redis, hosts[2], &[]);
+    nodes[2] = start_node(&redis, hosts[2], &["--max-concurrent-calls", "8"]);
     http.wait_members(&nodes[0], 3).await;
     let reply =
         http.invoke_once_visible(&nodes[2], &token, &format!("acme/{}", functions[0]), "pull log\nget log").await;

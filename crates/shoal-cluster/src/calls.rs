@@ -10,8 +10,11 @@
 //! - `P:calls:running:<node>` — ids a node has taken and not finished. The
 //!   node's heartbeat is the lease on all of them: when its membership key
 //!   expires, any other node moves them back to the queue
-//!   ([`CallQueue::requeue_from`]), so the calls of a killed node run
-//!   again elsewhere. At least once.
+//!   ([`CallQueue::requeue_from`], which does nothing while the key is
+//!   there), so the calls of a killed node run again elsewhere. At least
+//!   once. A node finishes a call only while it still holds its lease, so
+//!   a run whose lease was taken away never overwrites the outcome of the
+//!   run that took over.
 //!
 //! Finished records (and outputs) expire after the retention time.
 
@@ -21,6 +24,43 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use crate::{ClusterError, redis_error};
+
+/// Take the oldest queued call under a node's lease, with its record and
+/// input, in one step (nothing is leased that the node does not also get).
+const TAKE: &str = r"
+local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+if not id then return false end
+local record = redis.call('GET', ARGV[1] .. id)
+local input = redis.call('GET', ARGV[1] .. id .. ':in')
+return {id, record or '', input or '', record and 1 or 0}
+";
+
+/// Finish a call if the node still holds its lease: the outcome, kept for
+/// the retention time; the input dropped; the lease released. 0 if the
+/// lease was gone (the call was requeued; its new run will finish it).
+const FINISH: &str = r"
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[3]) end
+redis.call('DEL', KEYS[4])
+return 1
+";
+
+/// Move every call a node holds back to the head of the queue, unless the
+/// node's heartbeat key is there (it is alive). -1 when alive.
+const REQUEUE_FROM: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local moved = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'RIGHT') do moved = moved + 1 end
+return moved
+";
+
+/// Give one call a node holds back to the head of the queue.
+const REQUEUE_ONE: &str = r"
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+";
 
 /// Queue a call unless the queue is full: record, input and queue entry
 /// in one step. Returns 0 when full.
@@ -37,6 +77,10 @@ pub struct CallQueue {
     conn: ConnectionManager,
     prefix: String,
     accept: Script,
+    take: Script,
+    finish: Script,
+    requeue_from: Script,
+    requeue_one: Script,
 }
 
 impl std::fmt::Debug for CallQueue {
@@ -56,7 +100,15 @@ pub struct TakenCall {
 
 impl CallQueue {
     pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
-        Self { conn, prefix: prefix.to_string(), accept: Script::new(ACCEPT) }
+        Self {
+            conn,
+            prefix: prefix.to_string(),
+            accept: Script::new(ACCEPT),
+            take: Script::new(TAKE),
+            finish: Script::new(FINISH),
+            requeue_from: Script::new(REQUEUE_FROM),
+            requeue_one: Script::new(REQUEUE_ONE),
+        }
     }
 
     fn record_key(&self, id: &str) -> String {
@@ -92,20 +144,19 @@ impl CallQueue {
     /// Take the oldest queued call for `node`, holding it under the node's
     /// lease; None when the queue is empty.
     pub async fn take(&self, node: &str) -> Result<Option<TakenCall>, ClusterError> {
-        let mut conn = self.conn.clone();
-        let id: Option<String> = redis::cmd("LMOVE")
-            .arg(self.queue_key())
-            .arg(self.running_key(node))
-            .arg("RIGHT")
-            .arg("LEFT")
-            .query_async(&mut conn)
+        let taken: Option<(String, Vec<u8>, Vec<u8>, i64)> = self
+            .take
+            .key(self.queue_key())
+            .key(self.running_key(node))
+            .arg(self.record_key(""))
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
-        let Some(id) = id else { return Ok(None) };
-        let key = self.record_key(&id);
-        let (record, input): (Option<Vec<u8>>, Option<Vec<u8>>) =
-            conn.mget(&[&key, &format!("{key}:in")]).await.map_err(redis_error)?;
-        Ok(Some(TakenCall { id, record, input: input.unwrap_or_default() }))
+        Ok(taken.map(|(id, record, input, has_record)| TakenCall {
+            id,
+            record: (has_record == 1).then_some(record),
+            input,
+        }))
     }
 
     /// Replace the record of a call still running.
@@ -114,7 +165,9 @@ impl CallQueue {
     }
 
     /// A call `node` ran has finished: its record (and output) kept for
-    /// `retention`, its input dropped, its lease released; one step.
+    /// `retention`, its input dropped, its lease released; one step, and
+    /// only while `node` holds the lease. False when it no longer did (the
+    /// call was requeued and runs again elsewhere; that run records it).
     pub async fn finish(
         &self,
         node: &str,
@@ -122,16 +175,43 @@ impl CallQueue {
         record: &[u8],
         output: Option<&[u8]>,
         retention: Duration,
-    ) -> Result<(), ClusterError> {
+    ) -> Result<bool, ClusterError> {
         let key = self.record_key(id);
         let ttl = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut pipe = redis::pipe();
-        pipe.atomic().cmd("SET").arg(&key).arg(record).arg("PX").arg(ttl).ignore();
-        if let Some(output) = output {
-            pipe.cmd("SET").arg(format!("{key}:out")).arg(output).arg("PX").arg(ttl).ignore();
-        }
-        pipe.del(format!("{key}:in")).ignore().lrem(self.running_key(node), 1, id).ignore();
-        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(redis_error)
+        let written: i64 = self
+            .finish
+            .key(self.running_key(node))
+            .key(&key)
+            .key(format!("{key}:out"))
+            .key(format!("{key}:in"))
+            .arg(id)
+            .arg(record)
+            .arg(ttl)
+            .arg(if output.is_some() { "1" } else { "0" })
+            .arg(output.unwrap_or_default())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(written == 1)
+    }
+
+    /// The calls `node` holds leases on now.
+    pub async fn held(&self, node: &str) -> Result<Vec<String>, ClusterError> {
+        self.conn.clone().lrange(self.running_key(node), 0, -1).await.map_err(redis_error)
+    }
+
+    /// Give a call `node` holds back to the head of the queue (it could not
+    /// be run here). False if `node` did not hold it.
+    pub async fn requeue(&self, node: &str, id: &str) -> Result<bool, ClusterError> {
+        let moved: i64 = self
+            .requeue_one
+            .key(self.running_key(node))
+            .key(self.queue_key())
+            .arg(id)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(moved == 1)
     }
 
     /// Give up `node`'s lease on a call it will not run (its record is
@@ -179,25 +259,19 @@ impl CallQueue {
     }
 
     /// Put every call `node` holds back on the queue (to be taken first):
-    /// the node is gone. Safe to run from several nodes at once: each call
-    /// moves once. Returns how many moved.
-    pub async fn requeue_from(&self, node: &str) -> Result<usize, ClusterError> {
-        let mut conn = self.conn.clone();
-        let mut moved = 0;
-        loop {
-            let id: Option<String> = redis::cmd("LMOVE")
-                .arg(self.running_key(node))
-                .arg(self.queue_key())
-                .arg("RIGHT")
-                .arg("RIGHT")
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            if id.is_none() {
-                return Ok(moved);
-            }
-            moved += 1;
-        }
+    /// the node is gone. Nothing moves while the node's heartbeat key
+    /// exists (None then). Safe to run from several nodes at once: each
+    /// call moves once. Returns how many moved.
+    pub async fn requeue_from(&self, node: &str) -> Result<Option<usize>, ClusterError> {
+        let moved: i64 = self
+            .requeue_from
+            .key(self.running_key(node))
+            .key(self.queue_key())
+            .key(format!("{}:node:{node}", self.prefix))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(usize::try_from(moved).ok())
     }
 }
 
@@ -221,19 +295,32 @@ mod tests {
         assert_eq!(first.record.as_deref(), Some(&b"queued"[..]));
         let second = queue.take("n2").await.unwrap().unwrap();
         assert_eq!(second.id, "c1");
-        queue.finish("n1", "c0", b"done", Some(b"out"), Duration::from_secs(60)).await.unwrap();
+        assert!(queue.finish("n1", "c0", b"done", Some(b"out"), Duration::from_secs(60)).await.unwrap());
         assert_eq!(queue.get("c0").await.unwrap(), Some((b"done".to_vec(), Some(b"out".to_vec()))));
 
         // n2 dies holding c1: it goes back to the head of the queue.
         let mut holders = queue.lease_holders().await.unwrap();
         holders.sort();
         assert_eq!(holders, ["n2"], "n1 released its lease when it finished");
-        assert_eq!(queue.requeue_from("n2").await.unwrap(), 1);
-        assert_eq!(queue.requeue_from("n2").await.unwrap(), 0, "moved once");
+        // While n2's heartbeat key is there, n2 is alive: nothing moves.
+        redis.command(&["SET", "t:node:n2", "{}"]);
+        assert_eq!(queue.requeue_from("n2").await.unwrap(), None);
+        assert_eq!(queue.held("n2").await.unwrap(), ["c1"]);
+        redis.command(&["DEL", "t:node:n2"]);
+        assert_eq!(queue.requeue_from("n2").await.unwrap(), Some(1));
+        assert_eq!(queue.requeue_from("n2").await.unwrap(), Some(0), "moved once");
+        // n2 was only slow: its late finish does not overwrite the rerun's.
+        assert!(!queue.finish("n2", "c1", b"late", None, Duration::from_secs(60)).await.unwrap());
+        assert_eq!(queue.get("c1").await.unwrap(), Some((b"queued".to_vec(), None)));
         assert_eq!(queue.queued().await.unwrap(), 2);
         assert_eq!(queue.take("n1").await.unwrap().unwrap().id, "c1", "the requeued call is taken first");
         assert_eq!(queue.take("n1").await.unwrap().unwrap().id, "c2");
         assert!(queue.take("n1").await.unwrap().is_none());
+
+        // A call a node cannot run goes back to the head of the queue.
+        assert!(queue.requeue("n1", "c2").await.unwrap());
+        assert!(!queue.requeue("n1", "c2").await.unwrap(), "n1 no longer holds it");
+        assert_eq!(queue.take("n3").await.unwrap().unwrap().id, "c2");
     }
 
     #[tokio::test]
@@ -242,7 +329,7 @@ mod tests {
         let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
         assert!(queue.accept("c", b"queued", b"x", 10).await.unwrap());
         queue.take("n").await.unwrap().unwrap();
-        queue.finish("n", "c", b"failed", None, Duration::from_secs(2)).await.unwrap();
+        assert!(queue.finish("n", "c", b"failed", None, Duration::from_secs(2)).await.unwrap());
         assert_eq!(queue.get("c").await.unwrap(), Some((b"failed".to_vec(), None)));
         let started = std::time::Instant::now();
         while queue.get("c").await.unwrap().is_some() {

@@ -8,6 +8,7 @@
 //! not run there and may be tried on another node; one that was sent and
 //! then lost its answer may have run, and is reported as such.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,7 +47,7 @@ pub struct Answer {
 #[derive(Clone)]
 pub struct Forwarder {
     client: Client<HttpConnector, Full<Bytes>>,
-    secret: HeaderValue,
+    secret: Arc<RwLock<HeaderValue>>,
     max_answer_bytes: usize,
 }
 
@@ -70,9 +71,14 @@ impl Forwarder {
             .pool_idle_timeout(Duration::from_secs(50))
             .http2_keep_alive_interval(Some(Duration::from_secs(20)))
             .build(connector);
-        let mut secret = HeaderValue::from_str(secret).map_err(|_| "the cluster secret is not a header value")?;
-        secret.set_sensitive(true);
+        let secret = Arc::new(RwLock::new(secret_header(secret)?));
         Ok(Self { client, secret, max_answer_bytes })
+    }
+
+    /// Send `secret` from now on (the cluster's secret changed).
+    pub fn set_secret(&self, secret: &str) -> Result<(), String> {
+        *self.secret.write().unwrap_or_else(|e| e.into_inner()) = secret_header(secret)?;
+        Ok(())
     }
 
     /// POST `body` to `http://{peer}{path}` with `headers`, and read the
@@ -90,7 +96,7 @@ impl Forwarder {
             request = request.header(name, value);
         }
         let request = request
-            .header(SECRET_HEADER, self.secret.clone())
+            .header(SECRET_HEADER, self.secret.read().unwrap_or_else(|e| e.into_inner()).clone())
             .body(Full::new(body))
             .map_err(|e| ForwardError::NotSent { peer: peer.to_string(), reason: e.to_string() })?;
         let exchange = async {
@@ -114,6 +120,12 @@ impl Forwarder {
             .await
             .unwrap_or_else(|_| Err(ForwardError::Timeout { peer: peer.to_string(), timeout }))
     }
+}
+
+fn secret_header(secret: &str) -> Result<HeaderValue, String> {
+    let mut value = HeaderValue::from_str(secret).map_err(|_| "the cluster secret is not a header value")?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// The error with its causes, which hyper keeps in its source chain.

@@ -113,14 +113,22 @@ impl Membership {
             let key = key.clone();
             let every = config.ttl / 3;
             tokio::spawn(async move {
+                // On a fixed beat, not a sleep after each round: a slow
+                // round must not push the next heartbeat past the TTL.
+                let mut beat = tokio::time::interval(every);
+                beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                beat.tick().await;
                 loop {
                     tokio::select! {
                         _ = &mut stopped => break,
-                        () = tokio::time::sleep(every) => {}
+                        _ = beat.tick() => {}
                     }
                     if let Err(e) = heartbeat(&mut conn, &key, &value(), ttl_ms).await {
                         tracing::warn!(error = %e, "cluster heartbeat failed; retrying");
-                        continue;
+                        // Once more at once (a reconnect), then on the beat.
+                        if heartbeat(&mut conn, &key, &value(), ttl_ms).await.is_err() {
+                            continue;
+                        }
                     }
                     match read_members(&mut conn, &pattern).await {
                         Ok(members) => {

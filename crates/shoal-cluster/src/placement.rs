@@ -68,7 +68,11 @@ pub fn score(function: &str, node: &str) -> u64 {
 }
 
 fn utilisation(load: Load) -> f64 {
-    f64::from(load.running) / f64::from(load.capacity.max(1))
+    if load.capacity == 0 {
+        // A node that runs no calls (a gateway, or one still starting).
+        return f64::INFINITY;
+    }
+    f64::from(load.running) / f64::from(load.capacity)
 }
 
 #[cfg(test)]
@@ -170,6 +174,17 @@ mod tests {
             loads[i].0 = running;
             assert_eq!(place("acme/f", &nodes(&ids, &loads), DEFAULT_BOUND), Some(first), "at {running} running");
         }
+    }
+
+    #[test]
+    fn a_node_with_no_capacity_gets_calls_only_when_it_is_the_only_node() {
+        let ids = ids(3);
+        for function in ["a/x", "a/y", "a/z", "b/w"] {
+            // Everyone else full: still not the node that runs nothing.
+            let chosen = place(function, &nodes(&ids, &[(0, 0), (8, 8), (9, 8)]), DEFAULT_BOUND);
+            assert_eq!(chosen, Some(ids[1].as_str()), "{function}");
+        }
+        assert_eq!(place("a/x", &nodes(&ids[..1], &[(0, 0)]), DEFAULT_BOUND), Some(ids[0].as_str()));
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! - `P:registry:version` — bumped by every change, so a node polls one
 //!   small key to know whether to read the hashes again;
 //! - `P:admin` — SHA-256 of the cluster's admin token (the first node's);
-//! - `P:secret` — the secret nodes present to each other.
+//! - `P:secret` — the secret nodes present to each other;
+//! - `P:epoch` — a random value set when the registry is first created (or
+//!   re-created after Redis lost it): a node that sees it change knows
+//!   Redis lost data, whatever the version says.
 //!
 //! Records are opaque bytes here: what a tenant or a function is, the node
 //! decides. Changes that touch two keys run as Lua scripts, so a removal
@@ -21,26 +24,48 @@ use redis::{AsyncCommands, Script};
 
 use crate::{ClusterError, redis_error};
 
+/// Whether any record in the hash `KEYS[1]` names wasm `sha` (the exact
+/// JSON field, which no string value inside a record can contain
+/// unescaped), and the sha a record names.
+const HELPERS: &str = r#"
+local function used(sha)
+  local field = '"sha256":"' .. sha .. '"'
+  for _, other in ipairs(redis.call('HVALS', KEYS[1])) do
+    if string.find(other, field, 1, true) then return true end
+  end
+  return false
+end
+local function sha_of(record)
+  local ok, decoded = pcall(cjson.decode, record)
+  if ok and type(decoded) == 'table' and type(decoded['sha256']) == 'string' then return decoded['sha256'] end
+  return nil
+end
+"#;
+
 /// Set `functions[key] = record` and bump the version, only if the wasm is
-/// there (a concurrent removal may have just deleted it).
+/// there (a concurrent removal may have just deleted it); a redeploy with
+/// other bytes deletes the old wasm if nothing else uses it.
 const PUT_FUNCTION: &str = r"
 if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+local old = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if old then
+  local old_sha = sha_of(old)
+  if old_sha and old_sha ~= ARGV[3] and not used(old_sha) then redis.call('DEL', ARGV[4] .. old_sha) end
+end
 redis.call('INCR', KEYS[2])
 return 1
 ";
 
-/// Remove `functions[key]`; delete its wasm if no other function uses it;
-/// bump the version. Returns 1 if there was such a function.
+/// Remove `functions[key]` (whatever its record says now, not what the
+/// caller last saw); delete its wasm if no other function uses it; bump
+/// the version. Returns 1 if there was such a function.
 const REMOVE_FUNCTION: &str = r"
 local record = redis.call('HGET', KEYS[1], ARGV[1])
 if not record then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-local used = false
-for _, other in ipairs(redis.call('HVALS', KEYS[1])) do
-  if string.find(other, ARGV[2], 1, true) then used = true break end
-end
-if not used then redis.call('DEL', KEYS[3]) end
+local sha = sha_of(record)
+if sha and not used(sha) then redis.call('DEL', ARGV[2] .. sha) end
 redis.call('INCR', KEYS[2])
 return 1
 ";
@@ -75,6 +100,13 @@ struct Claimed {
     secret: Option<String>,
 }
 
+fn random_hex() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
 /// A function as a node re-publishes it after Redis lost the registry.
 #[derive(Debug)]
 pub struct Republished<'a> {
@@ -95,8 +127,8 @@ impl SharedRegistry {
         Self {
             conn,
             prefix: prefix.to_string(),
-            put_function: Script::new(PUT_FUNCTION),
-            remove_function: Script::new(REMOVE_FUNCTION),
+            put_function: Script::new(&format!("{HELPERS}{PUT_FUNCTION}")),
+            remove_function: Script::new(&format!("{HELPERS}{REMOVE_FUNCTION}")),
             claimed: Arc::default(),
         }
     }
@@ -132,23 +164,40 @@ impl SharedRegistry {
 
     /// The cluster's node-to-node secret, created by the first node to ask.
     pub async fn secret(&self) -> Result<String, ClusterError> {
-        use rand::RngCore;
         let mut conn = self.conn.clone();
         let key = self.key("secret");
-        let mut bytes = [0u8; 32];
-        rand::rng().fill_bytes(&mut bytes);
-        let _: bool = conn.set_nx(&key, hex::encode(bytes)).await.map_err(redis_error)?;
+        let _: bool = conn.set_nx(&key, random_hex()).await.map_err(redis_error)?;
         let secret: Option<String> = conn.get(&key).await.map_err(redis_error)?;
         let secret = secret.ok_or_else(|| ClusterError::Redis("the cluster secret vanished as it was read".into()))?;
         self.claimed().secret = Some(secret.clone());
         Ok(secret)
     }
 
-    /// The registry's version: changes whenever anything in it does.
-    pub async fn version(&self) -> Result<u64, ClusterError> {
+    /// The secret as Redis has it now (it changes only if Redis lost it
+    /// and another node made a new one).
+    pub async fn current_secret(&self) -> Result<Option<String>, ClusterError> {
+        self.conn.clone().get(self.key("secret")).await.map_err(redis_error)
+    }
+
+    /// The registry's epoch, creating it if there is none.
+    pub async fn epoch(&self) -> Result<String, ClusterError> {
         let mut conn = self.conn.clone();
-        let version: Option<u64> = conn.get(self.key("registry:version")).await.map_err(redis_error)?;
-        Ok(version.unwrap_or(0))
+        let key = self.key("epoch");
+        let _: bool = conn.set_nx(&key, random_hex()).await.map_err(redis_error)?;
+        let epoch: Option<String> = conn.get(&key).await.map_err(redis_error)?;
+        epoch.ok_or_else(|| ClusterError::Redis("the registry's epoch vanished as it was read".into()))
+    }
+
+    /// The registry's version (changes whenever anything in it does) and
+    /// epoch (None if Redis has none: it lost the registry).
+    pub async fn version(&self) -> Result<(u64, Option<String>), ClusterError> {
+        let (version, epoch): (Option<u64>, Option<String>) = redis::pipe()
+            .get(self.key("registry:version"))
+            .get(self.key("epoch"))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok((version.unwrap_or(0), epoch))
     }
 
     /// Store a new tenant; false if one of that name exists.
@@ -179,6 +228,8 @@ impl SharedRegistry {
                 .key(&wasm_key)
                 .arg(key)
                 .arg(record)
+                .arg(sha256)
+                .arg(self.wasm_key(""))
                 .invoke_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
@@ -190,14 +241,13 @@ impl SharedRegistry {
     }
 
     /// Remove a function (and its wasm when no other function uses it).
-    pub async fn remove_function(&self, key: &str, sha256: &str) -> Result<bool, ClusterError> {
+    pub async fn remove_function(&self, key: &str) -> Result<bool, ClusterError> {
         let removed: i64 = self
             .remove_function
             .key(self.key("functions"))
             .key(self.key("registry:version"))
-            .key(self.wasm_key(sha256))
             .arg(key)
-            .arg(sha256)
+            .arg(self.wasm_key(""))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
@@ -220,7 +270,8 @@ impl SharedRegistry {
     /// Put back what this node knows after Redis lost the registry (it
     /// restarted without persistence, or from an older snapshot): the
     /// admin token hash, the secret, `tenants` and `functions`, each only
-    /// where nothing is stored now, so nodes re-publishing at once agree.
+    /// where nothing is stored now, so nodes re-publishing at once agree;
+    /// and a new epoch if there is none, so that every node notices.
     pub async fn republish(
         &self,
         tenants: &[(&str, Vec<u8>)],
@@ -244,6 +295,7 @@ impl SharedRegistry {
             pipe.set_nx(self.wasm_key(function.sha256), &function.wasm).ignore();
             pipe.hset_nx(self.key("functions"), function.key, &function.record).ignore();
         }
+        pipe.set_nx(self.key("epoch"), random_hex()).ignore();
         pipe.incr(self.key("registry:version"), 1).ignore();
         pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(redis_error)
     }
@@ -269,25 +321,37 @@ mod tests {
         let redis = RedisServer::start();
         let a = registry(&redis).await;
         let b = registry(&redis).await;
-        assert_eq!(a.version().await.unwrap(), 0);
+        assert_eq!(a.version().await.unwrap(), (0, None));
+        let epoch = a.epoch().await.unwrap();
+        assert_eq!(b.epoch().await.unwrap(), epoch, "one epoch for the cluster");
         assert!(a.put_tenant("acme", b"{}").await.unwrap());
         assert!(!b.put_tenant("acme", b"{\"other\":1}").await.unwrap(), "a tenant is created once");
         a.put_function("acme/one", "s1", br#"{"sha256":"s1"}"#, b"wasm-1").await.unwrap();
-        b.put_function("acme/two", "s1", br#"{"sha256":"s1"}"#, b"wasm-1").await.unwrap();
+        b.put_function("acme/two", "s1", br#"{"sha256":"s1","env":[["X","\"sha256\":\"s9\""]]}"#, b"wasm-1")
+            .await
+            .unwrap();
         let snapshot = b.snapshot().await.unwrap();
         assert_eq!(snapshot.version, 4);
+        assert_eq!(b.version().await.unwrap(), (4, Some(epoch)));
         assert_eq!(snapshot.tenants, vec![("acme".to_string(), b"{}".to_vec())]);
         let mut keys: Vec<&str> = snapshot.functions.iter().map(|(k, _)| k.as_str()).collect();
         keys.sort_unstable();
         assert_eq!(keys, ["acme/one", "acme/two"]);
         assert_eq!(b.wasm("s1").await.unwrap().as_deref(), Some(&b"wasm-1"[..]));
 
-        assert!(a.remove_function("acme/one", "s1").await.unwrap());
+        assert!(a.remove_function("acme/one").await.unwrap());
         assert!(b.wasm("s1").await.unwrap().is_some(), "still used by acme/two");
-        assert!(!a.remove_function("acme/one", "s1").await.unwrap(), "already gone");
-        assert!(b.remove_function("acme/two", "s1").await.unwrap());
+        assert!(!a.remove_function("acme/one").await.unwrap(), "already gone");
+        // A redeploy with other bytes lets go of the old wasm; an env var
+        // that looks like a record's field keeps nothing alive.
+        a.put_function("acme/nine", "s9", br#"{"sha256":"s9"}"#, b"wasm-9").await.unwrap();
+        a.put_function("acme/nine", "s8", br#"{"sha256":"s8"}"#, b"wasm-8").await.unwrap();
+        assert_eq!(b.wasm("s9").await.unwrap(), None, "replaced, and no one else's");
+        assert!(b.remove_function("acme/two").await.unwrap());
         assert_eq!(b.wasm("s1").await.unwrap(), None, "the last user took the wasm with it");
-        assert_eq!(a.version().await.unwrap(), 6);
+        assert!(b.remove_function("acme/nine").await.unwrap());
+        assert_eq!(b.wasm("s8").await.unwrap(), None);
+        assert_eq!(a.version().await.unwrap().0, 9);
     }
 
     #[tokio::test]

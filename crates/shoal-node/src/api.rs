@@ -127,6 +127,10 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         connections_refused: node.conn_stats.refused.load(Ordering::Relaxed),
         connections_idle_closed: node.conn_stats.idle_closed.load(Ordering::Relaxed),
         cluster_members: node.cluster.as_ref().map_or(0, |c| c.membership.members().len()),
+        cluster_members_ready: node
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.membership.members().iter().filter(|m| m.load.capacity > 0).count()),
         calls_forwarded: node.cluster.as_ref().map_or(0, |c| c.n_forwarded.load(Ordering::Relaxed)),
         forward_failures: node.cluster.as_ref().map_or(0, |c| c.n_forward_failures.load(Ordering::Relaxed)),
     };

@@ -109,6 +109,8 @@ pub(crate) enum RecordError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 /// The records of asynchronous calls and the count of those not finished.
@@ -332,16 +334,38 @@ impl Node {
             }
             return;
         };
-        let ran = match self.execute_async(&mut record, call.input, Some(queue)).await {
-            Ok(output) => {
-                queue.finish(me, &call.id, &encode(&record), output.as_deref(), self.async_calls.retention).await
+        let output = match self.execute_async(&mut record, call.input, Some(queue)).await {
+            Ok(output) => output,
+            Err(e) => {
+                // It did not start (its record could not be marked running):
+                // give it back for any node to take.
+                tracing::warn!(call_id = %call.id, error = %e, "an asynchronous call could not start; requeueing it");
+                if let Err(e) = queue.requeue(me, &call.id).await {
+                    tracing::warn!(call_id = %call.id, error = %e, "requeueing failed; it is released later");
+                }
+                return;
             }
-            Err(RecordError::Cluster(e)) => Err(e),
-            Err(RecordError::Store(e)) => Err(ClusterError::Redis(e.to_string())),
         };
-        if let Err(e) = ran {
-            // The lease stays: if this node dies, another runs it again.
-            tracing::error!(call_id = %call.id, error = %e, "an asynchronous call could not be recorded");
+        // The outcome is in hand: keep trying to record it while Redis is
+        // away (if this node dies first, the call runs again elsewhere).
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match queue.finish(me, &call.id, &encode(&record), output.as_deref(), self.async_calls.retention).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    tracing::info!(call_id = %call.id, "this node's lease on a call was taken over; the other run records it");
+                    return;
+                }
+                Err(e) if !cluster.stopping.load(Ordering::Acquire) => {
+                    tracing::warn!(call_id = %call.id, error = %e, "recording an asynchronous call failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(call_id = %call.id, error = %e, "an asynchronous call could not be recorded before stopping; it runs again elsewhere");
+                    return;
+                }
+            }
         }
     }
 
@@ -356,7 +380,12 @@ impl Node {
         shared: Option<&CallQueue>,
     ) -> Result<Option<Vec<u8>>, RecordError> {
         let id = record.call_id.clone();
-        let deployed = self.registry.get(&record.tenant, &record.function);
+        let mut deployed = self.registry.get(&record.tenant, &record.function);
+        if deployed.is_none() && self.cluster.is_some() {
+            // Deployed on another node a moment ago: read the registry now.
+            self.registry.mirror(true, self.config.log_lines_per_function).await?;
+            deployed = self.registry.get(&record.tenant, &record.function);
+        }
         let started = Instant::now();
         let (output, failure) = match &deployed {
             None => (

@@ -50,11 +50,19 @@ const REPORT_FRESH: Duration = Duration::from_secs(1);
 
 pub(crate) struct Cluster {
     pub(crate) membership: Membership,
+    shared: shoal_cluster::SharedRegistry,
     pub(crate) queue: CallQueue,
     pub(crate) forwarder: Forwarder,
-    secret: String,
-    /// Calls this node runs at once before queueing them.
+    /// The secret peers must present: the cluster's current one, and the
+    /// one before it while peers may still send it (Redis lost it and
+    /// another node made a new one).
+    secrets: std::sync::RwLock<(String, Option<String>)>,
+    /// Calls this node runs at once before queueing them (0 for a gateway,
+    /// which runs none while another node can).
     pub(crate) capacity: u32,
+    /// Asynchronous calls this node has taken and is running, by id: the
+    /// leases it holds for a reason.
+    pub(crate) running_ids: Mutex<HashSet<String>>,
     /// Peers' loads from their answers, fresher than their heartbeats.
     reported: Mutex<HashMap<String, (Load, Instant)>>,
     /// Calls forwarded to each peer and not answered yet.
@@ -86,6 +94,7 @@ pub(crate) enum Route {
 
 impl Cluster {
     pub(crate) fn new(
+        shared: shoal_cluster::SharedRegistry,
         membership: Membership,
         queue: CallQueue,
         forwarder: Forwarder,
@@ -93,15 +102,17 @@ impl Cluster {
         capacity: u32,
     ) -> Self {
         Self {
+            shared,
             membership,
             queue,
             forwarder,
-            secret,
+            secrets: std::sync::RwLock::new((secret, None)),
             capacity,
+            running_ids: Mutex::default(),
             reported: Mutex::default(),
             in_flight: Mutex::default(),
             queued: Notify::new(),
-            async_slots: Arc::new(Semaphore::new(capacity as usize)),
+            async_slots: Arc::new(Semaphore::new(capacity.max(1) as usize)),
             stopping: AtomicBool::new(false),
             async_running: AtomicU32::new(0),
             n_forwarded: Default::default(),
@@ -116,7 +127,34 @@ impl Cluster {
     /// Whether `presented` is the cluster secret (constant time).
     pub(crate) fn is_secret(&self, presented: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
-        bool::from(presented.ct_eq(self.secret.as_bytes()))
+        let secrets = self.secrets.read().unwrap_or_else(|e| e.into_inner());
+        let current = bool::from(presented.ct_eq(secrets.0.as_bytes()));
+        let previous = secrets.1.as_ref().is_some_and(|p| bool::from(presented.ct_eq(p.as_bytes())));
+        current | previous
+    }
+
+    /// Take up the secret Redis has now, if it changed.
+    async fn refresh_secret(&self) {
+        let current = match self.registry_secret().await {
+            Some(current) => current,
+            None => return,
+        };
+        let mut secrets = self.secrets.write().unwrap_or_else(|e| e.into_inner());
+        if secrets.0 != current && self.forwarder.set_secret(&current).is_ok() {
+            tracing::warn!("the cluster secret changed in Redis (it lost its data); using the new one");
+            let previous = std::mem::replace(&mut secrets.0, current);
+            secrets.1 = Some(previous);
+        }
+    }
+
+    async fn registry_secret(&self) -> Option<String> {
+        match self.shared.current_secret().await {
+            Ok(secret) => secret,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the cluster secret failed");
+                None
+            }
+        }
     }
 
     fn load_of_me(&self, node: &Node) -> Load {
@@ -147,10 +185,11 @@ impl Cluster {
             .collect()
     }
 
-    /// Where a client's call of `function` runs: here when the function is
-    /// warm here and there is room; else on the node placement picks.
+    /// Where a client's call of `function` runs: here when this node has
+    /// room; else on the node placement picks — where the function is warm
+    /// and its keys are in the local tier, unless that node is busy.
     pub(crate) fn route(&self, node: &Node, function: &DeployedFunction, exclude: &[String]) -> Route {
-        if function.loaded().is_some() && self.load_of_me(node).has_room() {
+        if self.load_of_me(node).has_room() {
             return Route::Local;
         }
         self.place(node, &function.key, exclude)
@@ -181,11 +220,8 @@ impl Cluster {
         timeout: Duration,
     ) -> Result<Answer, ForwardError> {
         self.n_forwarded.fetch_add(1, Ordering::Relaxed);
-        *self.in_flight.lock().expect(POISON).entry(peer.id.clone()).or_default() += 1;
+        let _in_flight = InFlight::new(self, &peer.id);
         let answer = self.forwarder.post(&peer.advertise, path, headers, input, timeout).await;
-        if let Some(n) = self.in_flight.lock().expect(POISON).get_mut(&peer.id) {
-            *n = n.saturating_sub(1);
-        }
         match &answer {
             Ok(answer) => {
                 if let Some(load) = answer.headers.get(LOAD_HEADER).and_then(|v| parse_load(v.to_str().ok()?)) {
@@ -201,6 +237,28 @@ impl Cluster {
 }
 
 const POISON: &str = "cluster locks are never poisoned: nothing panics while holding them";
+
+/// A forward counted against its peer's load until it ends, however it
+/// ends (answered, failed, or dropped with its caller).
+struct InFlight<'a> {
+    cluster: &'a Cluster,
+    peer: &'a str,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(cluster: &'a Cluster, peer: &'a str) -> Self {
+        *cluster.in_flight.lock().expect(POISON).entry(peer.to_string()).or_default() += 1;
+        Self { cluster, peer }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.cluster.in_flight.lock().expect(POISON).get_mut(self.peer) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
 
 pub(crate) fn load_header(running: u32, capacity: u32) -> HeaderValue {
     HeaderValue::from_str(&format!("{running}/{capacity}")).expect("digits and a slash are a header value")
@@ -234,6 +292,13 @@ impl Node {
             let headers = [(HeaderName::from_static(CALL_ID_HEADER), header_value(call_id))];
             let timeout = function.settings.timeout + Duration::from_secs(5);
             match cluster.send(&peer, &internal_path(function), &headers, input.clone(), timeout).await {
+                Ok(answer) if answer.status == StatusCode::UNAUTHORIZED => {
+                    // The peer does not take this node's secret (it changed
+                    // in Redis and one of us has not seen it yet): the call
+                    // did not run there.
+                    tracing::warn!(peer = %peer.id, "a peer refused the cluster secret; placing the call again");
+                    tried.push(peer.id);
+                }
                 Ok(answer) => return Ok(Some(relay(answer))),
                 Err(ForwardError::NotSent { reason, .. }) => {
                     tracing::warn!(peer = %peer.id, %reason, "a peer could not be reached; placing the call again");
@@ -276,6 +341,7 @@ impl Node {
             ];
             let timeout = remaining + Duration::from_secs(5);
             match cluster.send(&peer, &internal_path(function), &headers, input.clone(), timeout).await {
+                Ok(answer) if answer.status == StatusCode::UNAUTHORIZED => tried.push(peer.id),
                 Ok(answer) => return chained_outcome(answer),
                 Err(ForwardError::NotSent { .. }) => tried.push(peer.id),
                 Err(e) => return Err(ChainError::Unavailable(format!("the node running the call: {e}"))),
@@ -334,6 +400,7 @@ pub(crate) fn spawn_chores(node: &Arc<Node>) {
     tokio::spawn(async move {
         let mut tick: u32 = 0;
         let mut suspects: HashSet<String> = HashSet::new();
+        let mut strays: HashSet<String> = HashSet::new();
         let mut every = tokio::time::interval(TICK);
         loop {
             every.tick().await;
@@ -351,13 +418,16 @@ pub(crate) fn spawn_chores(node: &Arc<Node>) {
             }
             if tick.is_multiple_of(RECLAIM_EVERY) {
                 reclaim(cluster, &mut suspects).await;
+                release_strays(cluster, &mut strays).await;
+                cluster.refresh_secret().await;
             }
         }
     });
 }
 
 /// Requeue the calls held by nodes that are not members (seen so twice in
-/// a row, so a node that just joined is not mistaken for a dead one).
+/// a row, so a node that just joined is not mistaken for a dead one; and
+/// never while the node's heartbeat key exists).
 async fn reclaim(cluster: &Cluster, suspects: &mut HashSet<String>) {
     let holders = match cluster.queue.lease_holders().await {
         Ok(holders) => holders,
@@ -367,6 +437,10 @@ async fn reclaim(cluster: &Cluster, suspects: &mut HashSet<String>) {
         }
     };
     let live: HashSet<String> = cluster.membership.members().into_iter().map(|m| m.id).collect();
+    // Forget what was noted about nodes that are gone (ids are new on
+    // every start, so these maps would otherwise only grow).
+    cluster.reported.lock().expect(POISON).retain(|id, _| live.contains(id));
+    cluster.in_flight.lock().expect(POISON).retain(|id, n| live.contains(id) || *n > 0);
     let mut now_suspect = HashSet::new();
     for holder in holders {
         if holder == cluster.id() || live.contains(&holder) {
@@ -374,8 +448,8 @@ async fn reclaim(cluster: &Cluster, suspects: &mut HashSet<String>) {
         }
         if suspects.contains(&holder) {
             match cluster.queue.requeue_from(&holder).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(node = %holder, calls = n, "requeued the calls of a node that is gone"),
+                Ok(Some(0) | None) => {}
+                Ok(Some(n)) => tracing::info!(node = %holder, calls = n, "requeued the calls of a node that is gone"),
                 Err(e) => tracing::warn!(node = %holder, error = %e, "requeueing a dead node's calls failed"),
             }
         } else {
@@ -383,6 +457,34 @@ async fn reclaim(cluster: &Cluster, suspects: &mut HashSet<String>) {
         }
     }
     *suspects = now_suspect;
+}
+
+/// Leases this node holds on calls it is not running (a `take` whose
+/// answer was lost, a run that could not record its end): seen so twice in
+/// a row, they go back to the queue, so that no call waits on a live node
+/// that forgot it.
+async fn release_strays(cluster: &Cluster, strays: &mut HashSet<String>) {
+    let held = match cluster.queue.held(cluster.id()).await {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing this node's call leases failed");
+            return;
+        }
+    };
+    let running = cluster.running_ids.lock().expect(POISON).clone();
+    let mut now_stray = HashSet::new();
+    for id in held.into_iter().filter(|id| !running.contains(id)) {
+        if strays.contains(&id) {
+            match cluster.queue.requeue(cluster.id(), &id).await {
+                Ok(true) => tracing::warn!(call_id = %id, "requeued a call this node held but was not running"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(call_id = %id, error = %e, "requeueing a stray call failed"),
+            }
+        } else {
+            now_stray.insert(id);
+        }
+    }
+    *strays = now_stray;
 }
 
 /// Take asynchronous calls from the cluster's queue while this node has
@@ -401,11 +503,22 @@ fn spawn_async_worker(weak: Weak<Node>) {
             let Ok(permit) = slots.acquire_owned().await else { return };
             let Some(node) = weak.upgrade() else { return };
             let Some(cluster) = node.cluster.clone() else { return };
+            // A node on its way out takes nothing more.
+            if cluster.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            if cluster.capacity == 0 {
+                // A gateway runs no calls: the other nodes take them.
+                return;
+            }
             match cluster.queue.take(cluster.id()).await {
                 Ok(Some(call)) => {
                     cluster.async_running.fetch_add(1, Ordering::AcqRel);
+                    cluster.running_ids.lock().expect(POISON).insert(call.id.clone());
                     tokio::spawn(async move {
+                        let id = call.id.clone();
                         node.run_taken(call).await;
+                        cluster.running_ids.lock().expect(POISON).remove(&id);
                         cluster.async_running.fetch_sub(1, Ordering::AcqRel);
                         drop(permit);
                     });

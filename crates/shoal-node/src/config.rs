@@ -72,6 +72,10 @@ pub struct NodeConfig {
     pub cluster_prefix: String,
     /// How long a node stays a member without heartbeats. Default 1 s.
     pub heartbeat_ttl: Duration,
+    /// A gateway node of a cluster: it takes requests and places every
+    /// call on the other nodes, running calls itself only when no other
+    /// node can. Default false.
+    pub gateway: bool,
     /// Largest state value and bytes of state per tenant. Defaults 64 MiB, 1 GiB.
     pub max_state_value_bytes: u64,
     pub state_quota_bytes: u64,
@@ -109,6 +113,7 @@ impl NodeConfig {
             advertise: None,
             cluster_prefix: "shoal".into(),
             heartbeat_ttl: Duration::from_secs(1),
+            gateway: false,
             max_state_value_bytes: 64 * MIB,
             state_quota_bytes: 1024 * MIB,
         }
@@ -131,6 +136,9 @@ impl NodeConfig {
                 "default memory {} must be at least one wasm page and at most the maximum {}",
                 self.default_memory_bytes, self.max_memory_bytes
             ));
+        }
+        if self.gateway && self.redis_url.is_none() {
+            return Err("a gateway places calls on the other nodes of a cluster: it needs a Redis URL".into());
         }
         if self.max_concurrent_calls == 0 {
             return Err("max_concurrent_calls must be at least 1".into());

@@ -204,6 +204,7 @@ impl From<crate::calls::RecordError> for ApiError {
         match e {
             crate::calls::RecordError::Store(e) => e.into(),
             crate::calls::RecordError::Cluster(e) => e.into(),
+            crate::calls::RecordError::Registry(e) => e.into(),
         }
     }
 }

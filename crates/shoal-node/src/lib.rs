@@ -267,7 +267,14 @@ impl Node {
         names::check_name("tenant", tenant)?;
         names::check_name("function", name)?;
         if !self.registry.tenant_exists(tenant) {
-            return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist; create it first")));
+            // In a cluster the tenant may have been created on another
+            // node a moment ago: read the registry before saying no.
+            if self.cluster.is_some() {
+                self.registry.mirror(true, self.config.log_lines_per_function).await?;
+            }
+            if !self.registry.tenant_exists(tenant) {
+                return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist; create it first")));
+            }
         }
         let image = self.runtime().load(wasm).await?;
         let declared = image.declared().memory_bytes;
@@ -331,17 +338,36 @@ impl Node {
     ) -> std::io::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "serving");
+        // From the shutdown signal on, take no more asynchronous calls from
+        // the cluster's queue.
+        let cluster = self.cluster.clone();
+        let shutdown = async move {
+            shutdown.await;
+            if let Some(cluster) = cluster {
+                cluster.stopping.store(true, std::sync::atomic::Ordering::Release);
+            }
+        };
         server::serve(self.clone(), listener, shutdown).await?;
         // Calls cancelled by the end of the drain stop at their next epoch
-        // check: keep the epoch ticking until they have (bounded).
+        // check: keep the epoch ticking until they have (bounded). The
+        // asynchronous calls this node took get the same time to finish.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while self.executor.busy() > 0 && std::time::Instant::now() < deadline {
+        let async_running =
+            || self.cluster.as_ref().map_or(0, |c| c.async_running.load(std::sync::atomic::Ordering::Acquire));
+        while (self.executor.busy() > 0 || async_running() > 0) && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if let Some(cluster) = &self.cluster {
             cluster.stopping.store(true, std::sync::atomic::Ordering::Release);
             if let Err(e) = cluster.membership.leave().await {
                 tracing::warn!(error = %e, "leaving the cluster failed; this node's key expires by itself");
+            }
+            // Calls it took and did not finish go back to the queue now,
+            // rather than when the others notice it left.
+            match cluster.queue.requeue_from(cluster.id()).await {
+                Ok(Some(n)) if n > 0 => tracing::info!(calls = n, "requeued unfinished asynchronous calls"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "requeueing this node's calls failed; the others will"),
             }
         }
         self.runtime().shutdown();
@@ -369,13 +395,13 @@ async fn join_cluster(
         prefix: config.cluster_prefix.clone(),
         ..MembershipConfig::new(url)
     };
-    // The first heartbeat already says how much this node takes: a member
-    // showing no capacity gets no calls.
-    let me = Member { load: shoal_cluster::Load { running: 0, capacity }, ..Member::new(new_call_id(), advertise) };
-    let membership = Membership::join(membership_config, me).await?;
+    // Joined with no capacity: peers place nothing here until the node is
+    // ready to run calls and reports its capacity.
+    let membership = Membership::join(membership_config, Member::new(new_call_id(), advertise)).await?;
     let forwarder = Forwarder::new(&secret, Duration::from_secs(1), config.max_body_bytes + (64 << 10))
         .map_err(StartError::Config)?;
     let queue = CallQueue::new(conn, &config.cluster_prefix);
-    let cluster = cluster::Cluster::new(membership, queue, forwarder, secret, capacity);
+    let capacity = if config.gateway { 0 } else { capacity };
+    let cluster = cluster::Cluster::new(shared.clone(), membership, queue, forwarder, secret, capacity);
     Ok((shared, Arc::new(cluster)))
 }

@@ -49,6 +49,9 @@ pub struct Gauges {
     /// Members seen, calls forwarded to peers, and forwards that failed
     /// (zero when the node runs alone).
     pub cluster_members: usize,
+    /// Members whose heartbeat reports room for calls (not gateways, not
+    /// nodes still starting).
+    pub cluster_members_ready: usize,
     pub calls_forwarded: u64,
     pub forward_failures: u64,
 }
@@ -118,6 +121,12 @@ impl Metrics {
             ),
             ("shoal_cluster_members", "gauge", "Nodes of the cluster this node sees.", gauges.cluster_members as u64),
             (
+                "shoal_cluster_members_ready",
+                "gauge",
+                "Nodes of the cluster this node sees taking calls (with capacity in their heartbeat).",
+                gauges.cluster_members_ready as u64,
+            ),
+            (
                 "shoal_calls_forwarded_total",
                 "counter",
                 "Calls this node placed on another node.",
@@ -172,6 +181,7 @@ mod tests {
             connections_refused: 6,
             connections_idle_closed: 7,
             cluster_members: 3,
+            cluster_members_ready: 2,
             calls_forwarded: 8,
             forward_failures: 9,
         });
@@ -190,6 +200,7 @@ mod tests {
             "shoal_http_connections_refused_total 6",
             "shoal_http_connections_idle_closed_total 7",
             "shoal_cluster_members 3",
+            "shoal_cluster_members_ready 2",
             "shoal_calls_forwarded_total 8",
             "shoal_forward_failures_total 9",
         ] {

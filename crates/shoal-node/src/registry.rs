@@ -149,6 +149,9 @@ pub struct Registry {
     shared: Option<SharedRegistry>,
     /// The shared registry's version this node mirrors.
     mirrored: AtomicU64,
+    /// The shared registry's epoch this node has mirrored (None before the
+    /// first mirror).
+    epoch: Mutex<Option<String>>,
     /// Held across a change of the shared registry and its publication
     /// here, and across a mirror's read and apply: a mirror never puts back
     /// a view older than a change this node just made.
@@ -184,6 +187,7 @@ impl Registry {
             store,
             shared,
             mirrored: AtomicU64::new(0),
+            epoch: Mutex::new(None),
             changes: tokio::sync::Mutex::new(()),
             tenants: RwLock::new(tenants),
             functions: RwLock::new(HashMap::new()),
@@ -197,12 +201,17 @@ impl Registry {
     pub async fn mirror(&self, force: bool, log_lines: usize) -> Result<bool, RegistryError> {
         let Some(shared) = &self.shared else { return Ok(false) };
         let _changes = self.changes.lock().await;
-        let version = shared.version().await?;
+        let (version, epoch) = shared.version().await?;
         let mirrored = self.mirrored.load(Ordering::Acquire);
-        if version < mirrored {
-            // Redis went back in time: it lost the registry. Put back what
-            // this node knows rather than forget every function.
-            self.republish(shared).await?;
+        let known = self.epoch.lock().expect(POISON).clone();
+        if epoch.is_none() || epoch != known || version < mirrored {
+            // Redis lost the registry (restarted empty, or from an older
+            // snapshot; another node may have started it afresh): put back
+            // what this node knows rather than forget every function.
+            if known.is_some() {
+                self.republish(shared).await?;
+            }
+            *self.epoch.lock().expect(POISON) = Some(shared.epoch().await?);
         } else if !force && version == mirrored {
             return Ok(false);
         }
@@ -402,8 +411,9 @@ impl Registry {
     pub async fn remove(&self, tenant: &str, name: &str) -> Result<bool, RegistryError> {
         if let Some(shared) = &self.shared {
             let _changes = self.changes.lock().await;
-            let Some(sha) = self.get(tenant, name).map(|f| f.record.sha256.clone()) else { return Ok(false) };
-            let removed = shared.remove_function(&function_key(tenant, name), &sha).await?;
+            // Whatever the cluster holds under the name now, even if this
+            // node has not mirrored it yet.
+            let removed = shared.remove_function(&function_key(tenant, name)).await?;
             if let Some(by_name) = self.functions.write().expect(POISON).get_mut(tenant) {
                 by_name.remove(name);
             }

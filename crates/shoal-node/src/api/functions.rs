@@ -376,7 +376,9 @@ async fn run_placed(
     let Some(depth) = number(crate::cluster::DEPTH_HEADER) else {
         return run_here(node, &function, input, call_id).await;
     };
-    let left = Duration::from_millis(number(crate::cluster::DEADLINE_HEADER).unwrap_or(0));
+    // The time left to the caller, never more than the callee's own timeout.
+    let left =
+        Duration::from_millis(number(crate::cluster::DEADLINE_HEADER).unwrap_or(0)).min(function.settings.timeout);
     let lineage = shoal_runtime::Lineage {
         depth: u32::try_from(depth).unwrap_or(u32::MAX),
         deadline: Some(std::time::Instant::now() + left),
