@@ -231,15 +231,18 @@ async fn deploys_propagate_and_calls_are_placed_where_their_function_is_warm_bod
         http.wait_members(node, 3).await;
         http.wait_ready(node, 2).await;
     }
-    // A tenant made on one node, its functions deployed there.
+    // A tenant made on one node, its functions deployed there: six that
+    // each worker comes first for.
     let token = http.create_tenant(&nodes[0], "acme").await;
-    let names: Vec<String> = (0..12).map(|i| format!("f{i}")).collect();
+    let ids = [nodes[0].id.as_str(), nodes[1].id.as_str(), nodes[2].id.as_str()];
+    let mut names = names_owned_by("f", "acme", &ids, ids[0], 6);
+    names.extend(names_owned_by("g", "acme", &ids, ids[1], 6));
     for name in &names {
         http.deploy(&nodes[0], &token, &format!("acme/{name}"), shoal_guests::HELLO).await;
     }
     // Every node takes the tenant's token and calls its functions.
     for node in &nodes[1..] {
-        let reply = http.invoke_once_visible(node, &token, "acme/f11", "there").await;
+        let reply = http.invoke_once_visible(node, &token, &format!("acme/{}", names[11]), "there").await;
         assert_eq!(reply.text(), "hello there");
     }
 
@@ -248,8 +251,8 @@ async fn deploys_propagate_and_calls_are_placed_where_their_function_is_warm_bod
         let reply = http.invoke(&nodes[1], &token, &format!("acme/{name}"), "here").await.unwrap();
         assert_eq!(reply.node.as_deref(), Some(nodes[1].id.as_str()), "{name}");
     }
-    // Through the gateway, each function is run by one node, call after
-    // call (where it is warm); over the twelve, by both nodes.
+    // Through the gateway, each function is run by the node it ranks
+    // first, call after call (where it is warm).
     let gateway = &nodes[2];
     let mut ran_on: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     for name in &names {
@@ -259,16 +262,17 @@ async fn deploys_propagate_and_calls_are_placed_where_their_function_is_warm_bod
             ran_on.entry(name).or_default().insert(reply.node.expect("a cluster answer names its node"));
         }
     }
-    assert!(ran_on.values().all(|nodes| nodes.len() == 1), "repeat calls moved between nodes: {ran_on:?}");
-    let used: BTreeSet<&String> = ran_on.values().flatten().collect();
-    assert_eq!(used.len(), 2, "the gateway placed all calls on {used:?}");
-    assert!(!used.contains(&gateway.id), "the gateway ran a call itself");
-    assert_eq!(http.metric(gateway, "shoal_calls_forwarded_total").await.unwrap(), 48 + 1);
+    for (i, name) in names.iter().enumerate() {
+        let owner = if i < 6 { ids[0] } else { ids[1] };
+        assert_eq!(ran_on[name.as_str()], BTreeSet::from([owner.to_string()]), "{name}: {ran_on:?}");
+    }
+    assert!(http.metric(gateway, "shoal_calls_forwarded_total").await.unwrap() >= 48);
 
     // A removal reaches every node too.
-    http.ok(Method::DELETE, format!("{}/v1/functions/acme/f0", nodes[1].url), &token, Vec::new()).await;
+    let removed = format!("acme/{}", names[0]);
+    http.ok(Method::DELETE, format!("{}/v1/functions/{removed}", nodes[1].url), &token, Vec::new()).await;
     let started = Instant::now();
-    while http.invoke(gateway, &token, "acme/f0", "").await.unwrap().status != StatusCode::NOT_FOUND {
+    while http.invoke(gateway, &token, &removed, "").await.unwrap().status != StatusCode::NOT_FOUND {
         assert!(started.elapsed() < SETTLE, "the removal never reached {}", gateway.url);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -376,16 +380,21 @@ async fn nodes_ride_out_a_redis_restart_without_restarting_body() {
     // Redis comes back empty (no persistence): the nodes reconnect and put
     // the registry back from what they know.
     redis.restart();
-    http.wait_members(&a, 2).await;
-    http.wait_members(&b, 2).await;
+    // Put back by the nodes: the heartbeats, the function's record and the
+    // secret (checked here in Redis itself, not in the nodes' memory).
+    let started = Instant::now();
+    while redis.command(&["HEXISTS", "shoal:functions", "acme/hello"]) != ":1"
+        || redis.command(&["HEXISTS", "shoal:tenants", "acme"]) != ":1"
+        || redis.get("shoal:secret").is_none()
+        || redis.command(&["EXISTS", &format!("shoal:node:{}", a.id), &format!("shoal:node:{}", b.id)]) != ":2"
+    {
+        assert!(started.elapsed() < SETTLE, "the nodes never put the registry back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for node in [&a, &b] {
         assert_eq!(http.invoke_once_visible(node, &token, "acme/hello", "after").await.text(), "hello after");
     }
-    let started = Instant::now();
-    while redis.get("shoal:secret").is_none() {
-        assert!(started.elapsed() < SETTLE, "the secret was never put back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+
     // And the cluster works as before: a new deploy reaches the other node,
     // an asynchronous call is queued, run and recorded.
     http.deploy(&b, &token, "acme/hello2", shoal_guests::HELLO).await;
@@ -421,7 +430,8 @@ async fn a_node_killed_mid_load_loses_no_acknowledged_write_and_no_accepted_call
     let redis = RedisServer::start();
     let hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
     // Node 1 is a gateway (it places every call, so calls reach the victim
-    // through it); the others run calls, 8 at a time whatever the cores.
+    // through it); the others run calls, at most 8 at a time (8 on two
+    // cores or more: 4 per core).
     let mut nodes: Vec<NodeProcess> = hosts
         .iter()
         .enumerate()
@@ -535,7 +545,8 @@ async fn a_node_killed_mid_load_loses_no_acknowledged_write_and_no_accepted_call
 
     let waiting = Instant::now();
     while redis.command(&["LLEN", "shoal:calls:queue"]) != ":0" {
-        assert!(waiting.elapsed() < SETTLE, "the queue never emptied");
+        // Well inside the waiting calls' 30 s timeout.
+        assert!(waiting.elapsed() < Duration::from_secs(20), "the queue never emptied");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     nodes[2].kill();

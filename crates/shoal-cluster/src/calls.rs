@@ -55,6 +55,22 @@ while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'RIGHT') do moved = moved +
 return moved
 ";
 
+/// Replace the record of a call a node is about to run, only while the
+/// node holds its lease and the record does not say it finished. 0 if not
+/// (the call was requeued, or another run finished it): do not run it.
+const UPDATE: &str = r"
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+local current = redis.call('GET', KEYS[2])
+if current then
+  local ok, decoded = pcall(cjson.decode, current)
+  if ok and type(decoded) == 'table' and (decoded['status'] == 'succeeded' or decoded['status'] == 'failed') then
+    return 0
+  end
+end
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+";
+
 /// Give one call a node holds back to the head of the queue.
 const REQUEUE_ONE: &str = r"
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
@@ -81,6 +97,7 @@ pub struct CallQueue {
     finish: Script,
     requeue_from: Script,
     requeue_one: Script,
+    update: Script,
 }
 
 impl std::fmt::Debug for CallQueue {
@@ -108,6 +125,7 @@ impl CallQueue {
             finish: Script::new(FINISH),
             requeue_from: Script::new(REQUEUE_FROM),
             requeue_one: Script::new(REQUEUE_ONE),
+            update: Script::new(UPDATE),
         }
     }
 
@@ -159,9 +177,20 @@ impl CallQueue {
         }))
     }
 
-    /// Replace the record of a call still running.
-    pub async fn update(&self, id: &str, record: &[u8]) -> Result<(), ClusterError> {
-        self.conn.clone().set(self.record_key(id), record).await.map_err(redis_error)
+    /// Mark a call `node` is about to run (its record replaced), only while
+    /// `node` holds the lease and the call has not finished elsewhere.
+    /// False: do not run it.
+    pub async fn update(&self, node: &str, id: &str, record: &[u8]) -> Result<bool, ClusterError> {
+        let updated: i64 = self
+            .update
+            .key(self.running_key(node))
+            .key(self.record_key(id))
+            .arg(id)
+            .arg(record)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(updated == 1)
     }
 
     /// A call `node` ran has finished: its record (and output) kept for
@@ -295,6 +324,8 @@ mod tests {
         assert_eq!(first.record.as_deref(), Some(&b"queued"[..]));
         let second = queue.take("n2").await.unwrap().unwrap();
         assert_eq!(second.id, "c1");
+        assert!(queue.update("n1", "c0", br#"{"status":"running"}"#).await.unwrap());
+        assert!(!queue.update("n2", "c0", b"{}").await.unwrap(), "n2 holds no lease on c0");
         assert!(queue.finish("n1", "c0", b"done", Some(b"out"), Duration::from_secs(60)).await.unwrap());
         assert_eq!(queue.get("c0").await.unwrap(), Some((b"done".to_vec(), Some(b"out".to_vec()))));
 
@@ -309,7 +340,9 @@ mod tests {
         redis.command(&["DEL", "t:node:n2"]);
         assert_eq!(queue.requeue_from("n2").await.unwrap(), Some(1));
         assert_eq!(queue.requeue_from("n2").await.unwrap(), Some(0), "moved once");
-        // n2 was only slow: its late finish does not overwrite the rerun's.
+        // n2 was only slow: its late start and finish do not overwrite the
+        // rerun's record.
+        assert!(!queue.update("n2", "c1", b"late").await.unwrap());
         assert!(!queue.finish("n2", "c1", b"late", None, Duration::from_secs(60)).await.unwrap());
         assert_eq!(queue.get("c1").await.unwrap(), Some((b"queued".to_vec(), None)));
         assert_eq!(queue.queued().await.unwrap(), 2);
@@ -321,6 +354,11 @@ mod tests {
         assert!(queue.requeue("n1", "c2").await.unwrap());
         assert!(!queue.requeue("n1", "c2").await.unwrap(), "n1 no longer holds it");
         assert_eq!(queue.take("n3").await.unwrap().unwrap().id, "c2");
+        // A finished call taken again (a requeue raced its finish) is not
+        // marked running again.
+        assert!(queue.finish("n3", "c2", br#"{"status":"succeeded"}"#, None, Duration::from_secs(60)).await.unwrap());
+        redis.command(&["LPUSH", "t:calls:running:n3", "c2"]);
+        assert!(!queue.update("n3", "c2", br#"{"status":"running"}"#).await.unwrap());
     }
 
     #[tokio::test]

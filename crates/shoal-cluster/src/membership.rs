@@ -74,6 +74,7 @@ pub struct Membership {
     view: watch::Receiver<Vec<Member>>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    viewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -108,10 +109,10 @@ impl Membership {
         let pattern = format!("{}:node:*", config.prefix);
         let (publish, view) = watch::channel(read_members(&mut conn, &pattern).await?);
         let (stop, mut stopped) = oneshot::channel();
+        let every = config.ttl / 3;
         let task = {
             let mut conn = conn.clone();
             let key = key.clone();
-            let every = config.ttl / 3;
             tokio::spawn(async move {
                 // On a fixed beat, not a sleep after each round: a slow
                 // round must not push the next heartbeat past the TTL.
@@ -126,10 +127,21 @@ impl Membership {
                     if let Err(e) = heartbeat(&mut conn, &key, &value(), ttl_ms).await {
                         tracing::warn!(error = %e, "cluster heartbeat failed; retrying");
                         // Once more at once (a reconnect), then on the beat.
-                        if heartbeat(&mut conn, &key, &value(), ttl_ms).await.is_err() {
-                            continue;
-                        }
+                        let _ = heartbeat(&mut conn, &key, &value(), ttl_ms).await;
                     }
+                }
+            })
+        };
+        // The view is read by a task of its own, so a slow read never
+        // delays a heartbeat.
+        let viewer = {
+            let mut conn = conn.clone();
+            tokio::spawn(async move {
+                let mut beat = tokio::time::interval(every);
+                beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                beat.tick().await;
+                loop {
+                    beat.tick().await;
                     match read_members(&mut conn, &pattern).await {
                         Ok(members) => {
                             publish.send_if_modified(|current| {
@@ -144,7 +156,16 @@ impl Membership {
                 }
             })
         };
-        Ok(Self { me, load, key, conn, view, stop: Mutex::new(Some(stop)), task: Mutex::new(Some(task)) })
+        Ok(Self {
+            me,
+            load,
+            key,
+            conn,
+            view,
+            stop: Mutex::new(Some(stop)),
+            task: Mutex::new(Some(task)),
+            viewer: Mutex::new(Some(viewer)),
+        })
     }
 
     pub fn me(&self) -> &Member {
@@ -171,6 +192,9 @@ impl Membership {
         if let Some(stop) = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = stop.send(());
         }
+        if let Some(viewer) = self.viewer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            viewer.abort();
+        }
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(task) = task {
             let _ = task.await;
@@ -182,8 +206,10 @@ impl Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         // Without `leave`, the key stays until its TTL runs out.
-        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            task.abort();
+        for task in [&self.task, &self.viewer] {
+            if let Some(task) = task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                task.abort();
+            }
         }
     }
 }

@@ -179,6 +179,11 @@ impl SharedRegistry {
         self.conn.clone().get(self.key("secret")).await.map_err(redis_error)
     }
 
+    /// Remember `secret` as the one to put back if Redis loses it.
+    pub fn adopt_secret(&self, secret: &str) {
+        self.claimed().secret = Some(secret.to_string());
+    }
+
     /// The registry's epoch, creating it if there is none.
     pub async fn epoch(&self) -> Result<String, ClusterError> {
         let mut conn = self.conn.clone();

@@ -310,14 +310,16 @@ impl Node {
         if record.status.is_finished() {
             return Ok(());
         }
-        let output = self.execute_async(&mut record, input.unwrap_or_default(), None).await?;
+        let output = self.execute_async(&mut record, input.unwrap_or_default(), None).await?.flatten();
         Ok(self.write_record(&record, output).await?)
     }
 
     /// Run a call taken from the cluster's queue, and record how it ended.
-    pub(crate) async fn run_taken(&self, call: TakenCall) {
-        let Some(queue) = &self.async_calls.queue else { return };
-        let Some(cluster) = &self.cluster else { return };
+    /// True when it could not start and must go back to the queue (the
+    /// caller gives it back once it no longer counts it as running here).
+    pub(crate) async fn run_taken(&self, call: TakenCall) -> bool {
+        let Some(queue) = &self.async_calls.queue else { return false };
+        let Some(cluster) = &self.cluster else { return false };
         let me = cluster.id();
         let record = match call.record.as_deref().map(|bytes| decode(&call.id, bytes)) {
             Some(Ok(record)) if !record.status.is_finished() => Some(record),
@@ -332,18 +334,17 @@ impl Node {
             if let Err(e) = queue.release(me, &call.id).await {
                 tracing::warn!(call_id = %call.id, error = %e, "releasing a call's lease failed");
             }
-            return;
+            return false;
         };
         let output = match self.execute_async(&mut record, call.input, Some(queue)).await {
-            Ok(output) => output,
+            Ok(Some(output)) => output,
+            // Not this node's to run any more: requeued meanwhile, or
+            // finished by another run.
+            Ok(None) => return false,
             Err(e) => {
-                // It did not start (its record could not be marked running):
-                // give it back for any node to take.
+                // It did not start (its record could not be marked running).
                 tracing::warn!(call_id = %call.id, error = %e, "an asynchronous call could not start; requeueing it");
-                if let Err(e) = queue.requeue(me, &call.id).await {
-                    tracing::warn!(call_id = %call.id, error = %e, "requeueing failed; it is released later");
-                }
-                return;
+                return true;
             }
         };
         // The outcome is in hand: keep trying to record it while Redis is
@@ -351,10 +352,10 @@ impl Node {
         let mut backoff = Duration::from_millis(100);
         loop {
             match queue.finish(me, &call.id, &encode(&record), output.as_deref(), self.async_calls.retention).await {
-                Ok(true) => return,
+                Ok(true) => return false,
                 Ok(false) => {
                     tracing::info!(call_id = %call.id, "this node's lease on a call was taken over; the other run records it");
-                    return;
+                    return false;
                 }
                 Err(e) if !cluster.stopping.load(Ordering::Acquire) => {
                     tracing::warn!(call_id = %call.id, error = %e, "recording an asynchronous call failed; retrying");
@@ -363,7 +364,7 @@ impl Node {
                 }
                 Err(e) => {
                     tracing::error!(call_id = %call.id, error = %e, "an asynchronous call could not be recorded before stopping; it runs again elsewhere");
-                    return;
+                    return false;
                 }
             }
         }
@@ -372,13 +373,15 @@ impl Node {
     /// Run an accepted call once a slot is free: the record says running
     /// (in `shared`, else the local store) before the call starts, and
     /// how it ended afterwards (for the caller to store). Returns the
-    /// output of a call that succeeded.
+    /// output of a call that succeeded (`Some(None)` for one that failed),
+    /// or None when the shared record may no longer be marked running by
+    /// this node (its lease is gone, or it finished elsewhere): not run.
     async fn execute_async(
         &self,
         record: &mut CallRecord,
         input: Vec<u8>,
         shared: Option<&CallQueue>,
-    ) -> Result<Option<Vec<u8>>, RecordError> {
+    ) -> Result<Option<Option<Vec<u8>>>, RecordError> {
         let id = record.call_id.clone();
         let mut deployed = self.registry.get(&record.tenant, &record.function);
         if deployed.is_none() && self.cluster.is_some() {
@@ -398,7 +401,12 @@ impl Node {
                 record.started_at_ms = Some(now_ms());
                 record.attempts += 1;
                 match shared {
-                    Some(queue) => queue.update(&id, &encode(record)).await?,
+                    Some(queue) => {
+                        let me = self.cluster.as_ref().map_or("", |c| c.id());
+                        if !queue.update(me, &id, &encode(record)).await? {
+                            return Ok(None);
+                        }
+                    }
                     None => self.write_record(record, None).await?,
                 }
                 let out = match self.image_of(deployed).await {
@@ -426,7 +434,7 @@ impl Node {
                 record.error = Some(CallFailure { kind: kind.as_str().to_string(), message });
             }
         }
-        Ok(output)
+        Ok(Some(output))
     }
 
     async fn write_record(&self, record: &CallRecord, output: Option<Vec<u8>>) -> Result<(), StoreError> {

@@ -62,7 +62,7 @@ pub(crate) struct Cluster {
     pub(crate) capacity: u32,
     /// Asynchronous calls this node has taken and is running, by id: the
     /// leases it holds for a reason.
-    pub(crate) running_ids: Mutex<HashSet<String>>,
+    pub(crate) running_ids: Mutex<HashMap<String, u32>>,
     /// Peers' loads from their answers, fresher than their heartbeats.
     reported: Mutex<HashMap<String, (Load, Instant)>>,
     /// Calls forwarded to each peer and not answered yet.
@@ -142,6 +142,7 @@ impl Cluster {
         let mut secrets = self.secrets.write().unwrap_or_else(|e| e.into_inner());
         if secrets.0 != current && self.forwarder.set_secret(&current).is_ok() {
             tracing::warn!("the cluster secret changed in Redis (it lost its data); using the new one");
+            self.shared.adopt_secret(&current);
             let previous = std::mem::replace(&mut secrets.0, current);
             secrets.1 = Some(previous);
         }
@@ -237,6 +238,34 @@ impl Cluster {
 }
 
 const POISON: &str = "cluster locks are never poisoned: nothing panics while holding them";
+
+/// An asynchronous call counted as running here (and its lease as held
+/// for a reason) until its task ends, however it ends.
+struct Running<'a> {
+    cluster: &'a Cluster,
+    id: &'a str,
+}
+
+impl<'a> Running<'a> {
+    fn new(cluster: &'a Cluster, id: &'a str) -> Self {
+        cluster.async_running.fetch_add(1, Ordering::AcqRel);
+        *cluster.running_ids.lock().expect(POISON).entry(id.to_string()).or_default() += 1;
+        Self { cluster, id }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut running = self.cluster.running_ids.lock().expect(POISON);
+        if let Some(n) = running.get_mut(self.id) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(self.id);
+            }
+        }
+        self.cluster.async_running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A forward counted against its peer's load until it ends, however it
 /// ends (answered, failed, or dropped with its caller).
@@ -471,7 +500,7 @@ async fn release_strays(cluster: &Cluster, strays: &mut HashSet<String>) {
             return;
         }
     };
-    let running = cluster.running_ids.lock().expect(POISON).clone();
+    let running: HashSet<String> = cluster.running_ids.lock().expect(POISON).keys().cloned().collect();
     let mut now_stray = HashSet::new();
     for id in held.into_iter().filter(|id| !running.contains(id)) {
         if strays.contains(&id) {
@@ -513,13 +542,16 @@ fn spawn_async_worker(weak: Weak<Node>) {
             }
             match cluster.queue.take(cluster.id()).await {
                 Ok(Some(call)) => {
-                    cluster.async_running.fetch_add(1, Ordering::AcqRel);
-                    cluster.running_ids.lock().expect(POISON).insert(call.id.clone());
                     tokio::spawn(async move {
                         let id = call.id.clone();
-                        node.run_taken(call).await;
-                        cluster.running_ids.lock().expect(POISON).remove(&id);
-                        cluster.async_running.fetch_sub(1, Ordering::AcqRel);
+                        let running = Running::new(&cluster, &id);
+                        let requeue = node.run_taken(call).await;
+                        // No longer running here before it is given back, so
+                        // a new take of it is never mistaken for this one.
+                        drop(running);
+                        if requeue && let Err(e) = cluster.queue.requeue(cluster.id(), &id).await {
+                            tracing::warn!(call_id = %id, error = %e, "requeueing failed; it is given back later");
+                        }
                         drop(permit);
                     });
                 }

@@ -345,6 +345,8 @@ impl Node {
             shutdown.await;
             if let Some(cluster) = cluster {
                 cluster.stopping.store(true, std::sync::atomic::Ordering::Release);
+                // Peers stop placing calls here at their next refresh.
+                cluster.membership.report_load(shoal_cluster::Load { running: 0, capacity: 0 });
             }
         };
         server::serve(self.clone(), listener, shutdown).await?;

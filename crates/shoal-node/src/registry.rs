@@ -98,14 +98,9 @@ impl DeployedFunction {
     }
 
     pub fn new(record: FunctionRecord, image: Arc<FunctionImage>, logs: Arc<LogRing>) -> Self {
-        let settings = CallSettings {
-            tenant: Arc::from(record.tenant.as_str()),
-            memory_limit: record.memory_bytes,
-            timeout: Duration::from_millis(record.timeout_ms),
-            env: Arc::from(record.env.clone()),
-        };
-        let key = Arc::from(function_key(&record.tenant, &record.name));
-        Self { record, settings, logs, key, image: Mutex::new(Some(image)), last_used: AtomicU64::new(0) }
+        let function = Self::unloaded(record, logs);
+        function.set_image(image);
+        function
     }
 
     /// A function known from the shared registry whose image this node
