@@ -13,8 +13,11 @@ use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAlloc
 use crate::{RuntimeConfig, RuntimeError};
 
 /// Core instances a component may hold: a Rust component has a handful
-/// (its module plus adapter shims), so this leaves room.
-const CORE_INSTANCES_PER_SANDBOX: u32 = 8;
+/// (its module plus adapter shims); one built around an interpreter has
+/// more (componentize-py's: 14). A slot for a core instance is a little
+/// metadata, not reserved memory: going from 8 to 32 left an idle node's
+/// address-space reservation and RSS unchanged.
+const CORE_INSTANCES_PER_SANDBOX: u32 = 32;
 pub(crate) const MEMORIES_PER_SANDBOX: u32 = 2;
 pub(crate) const TABLES_PER_SANDBOX: u32 = 4;
 /// Tables one core module may define (modules from Rust and C define one).

@@ -163,6 +163,52 @@ async fn unknown_imports_are_refused_by_name() {
     }
 }
 
+/// A component of `n_extra + 1` core instances whose handler echoes its
+/// input: the shape of components built around an interpreter
+/// (componentize-py's hold 14 core instances), in miniature.
+fn echo_component_with_core_instances(n_extra: usize) -> Vec<u8> {
+    let extra = "  (core instance (instantiate $empty))\n".repeat(n_extra);
+    let text = format!(
+        r#"(component
+  (core module $empty)
+{extra}
+  (core module $m
+    (memory (export "memory") 1)
+    (global $next (mut i32) (i32.const 1024))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $at i32)
+      (local.set $at (global.get $next))
+      (global.set $next (i32.add (global.get $next) (i32.add (local.get 3) (i32.const 8))))
+      (local.get $at))
+    (func (export "handle") (param $ptr i32) (param $len i32) (result i32)
+      (i32.store8 (i32.const 16) (i32.const 0))
+      (i32.store (i32.const 20) (local.get $ptr))
+      (i32.store (i32.const 24) (local.get $len))
+      (i32.const 16)))
+  (core instance $i (instantiate $m))
+  (type $out (result (list u8) (error string)))
+  (func $handle (param "input" (list u8)) (result $out)
+    (canon lift (core func $i "handle") (memory $i "memory") (realloc (func $i "realloc"))))
+  (instance $handler (export "handle" (func $handle)))
+  (export "shoal:function/handler@0.1.0" (instance $handler)))"#
+    );
+    wat::parse_str(&text).unwrap()
+}
+
+#[tokio::test]
+async fn components_of_many_core_instances_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    // 16 core instances: over the 8 a Rust component needs, within the 32
+    // each sandbox has room for.
+    assert_eq!(ok(call(&rt, &echo_component_with_core_instances(15), b"echo me").await), "echo me");
+    // Past that: refused at deploy, saying why.
+    match rt.load(&echo_component_with_core_instances(40)).await {
+        Err(DeployError::InvalidWasm(message)) => assert!(message.contains("core module instances"), "{message}"),
+        other => panic!("expected invalid wasm, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn oversized_modules_are_refused() {
     let dir = tempfile::tempdir().unwrap();
