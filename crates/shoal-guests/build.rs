@@ -57,6 +57,8 @@ fn main() {
             }
         }
     }
+    python(&root, &target_dir, &mut out);
+
     writeln!(out, "/// The example functions `shoal serve` deploys under tenant `demo`.").unwrap();
     writeln!(out, "pub const EXAMPLES: &[(&str, &[u8])] = &[\n{examples}];").unwrap();
     writeln!(out, "/// Every guest artifact, examples and test guests.").unwrap();
@@ -86,4 +88,74 @@ fn build(guests: &Path, target_dir: &Path, target: &str, packages: &[(&str, bool
         status.success(),
         "building guests for {target} failed; is the target installed? (rustup target add {target})"
     );
+}
+
+/// The pinned componentize-py (scripts/setup.sh installs it).
+const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
+
+/// Build the shared Python runtime with componentize-py and list the
+/// Python examples (deployed as source: their files are embedded as they are).
+fn python(root: &Path, target_dir: &Path, out: &mut String) {
+    let runtime_dir = root.join("guests/python/runtime");
+    let examples_dir = root.join("guests/python/examples");
+    println!("cargo:rerun-if-changed={}", runtime_dir.display());
+    println!("cargo:rerun-if-changed={}", examples_dir.display());
+    println!("cargo:rerun-if-env-changed=SHOAL_COMPONENTIZE_PY");
+    let tool = env::var_os("SHOAL_COMPONENTIZE_PY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/tools/python/bin/componentize-py"));
+    let version = Command::new(&tool).arg("--version").output();
+    let found = version.as_ref().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    assert!(
+        found == format!("componentize-py {COMPONENTIZE_PY_VERSION}"),
+        "the Python runtime is built with componentize-py {COMPONENTIZE_PY_VERSION}, looked for at {} and found {}: \
+         run scripts/setup.sh (or point SHOAL_COMPONENTIZE_PY at it)",
+        tool.display(),
+        if found.is_empty() { "nothing".to_string() } else { found.clone() }
+    );
+    let output = target_dir.join("python").join("runtime.wasm");
+    std::fs::create_dir_all(output.parent().expect("has a parent")).expect("create target/guests/python");
+    let status = Command::new(&tool)
+        .current_dir(target_dir.join("python"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .arg("-d")
+        .arg(root.join("wit"))
+        .args(["-w", "interpreter", "componentize", "-p"])
+        .arg(&runtime_dir)
+        .arg("shoal_runtime")
+        .arg("-o")
+        .arg(&output)
+        .status()
+        .expect("run componentize-py");
+    assert!(status.success(), "componentize-py failed to build the Python runtime");
+    writeln!(out, "/// The shared Python runtime (componentize-py {COMPONENTIZE_PY_VERSION}, world `interpreter`).")
+        .unwrap();
+    writeln!(out, "pub const PYTHON_RUNTIME: &[u8] = include_bytes!({:?});", output.display().to_string()).unwrap();
+
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(&examples_dir)
+        .expect("guests/python/examples exists")
+        .map(|entry| entry.expect("read guests/python/examples").path())
+        .filter(|path| path.is_dir())
+        .collect();
+    examples.sort();
+    writeln!(out, "/// A function's source files: (path, contents).").unwrap();
+    writeln!(out, "pub type SourceFiles = &'static [(&'static str, &'static [u8])];").unwrap();
+    writeln!(out, "/// Python examples as source: (name, files).").unwrap();
+    writeln!(out, "pub const PYTHON_EXAMPLES: &[(&str, SourceFiles)] = &[").unwrap();
+    for example in examples {
+        let name = example.file_name().expect("named").to_string_lossy().to_string();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&example)
+            .expect("read an example")
+            .map(|entry| entry.expect("read an example").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "py"))
+            .collect();
+        files.sort();
+        writeln!(out, "    ({name:?}, &[").unwrap();
+        for file in files {
+            let path = file.file_name().expect("named").to_string_lossy().to_string();
+            writeln!(out, "        ({path:?}, include_bytes!({:?})),", file.display().to_string()).unwrap();
+        }
+        writeln!(out, "    ]),").unwrap();
+    }
+    writeln!(out, "];").unwrap();
 }

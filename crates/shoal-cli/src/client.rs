@@ -108,8 +108,11 @@ impl Client {
         env: &[String],
     ) -> anyhow::Result<()> {
         let (tenant, name) = function_ref(function)?;
-        let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let (body, language) = crate::project::deploy_body(file)?;
         let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(language) = language {
+            query.push(("language", language.as_str().to_string()));
+        }
         if let Some(memory) = memory {
             let bytes = parse_size(memory).map_err(anyhow::Error::msg)?;
             query.push(("memory_mb", (bytes.div_ceil(1 << 20)).to_string()));
@@ -123,7 +126,7 @@ impl Client {
             }
             query.push(("env", var.clone()));
         }
-        let builder = self.request(Method::PUT, &format!("/v1/functions/{tenant}/{name}")).query(&query).body(wasm);
+        let builder = self.request(Method::PUT, &format!("/v1/functions/{tenant}/{name}")).query(&query).body(body);
         let described = self.json(builder).await?;
         println!("{}", serde_json::to_string_pretty(&described)?);
         Ok(())

@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod project;
 mod serve;
 mod units;
 
@@ -29,7 +30,8 @@ enum Command {
     /// Run a node: the embedded single-node default, with the example
     /// functions deployed under tenant `demo`.
     Serve(serve::ServeArgs),
-    /// Deploy a wasm component or WASI command module as TENANT/NAME.
+    /// Deploy a function as TENANT/NAME: a wasm component, a WASI command
+    /// module, a Python file, or a folder with an `app.py`.
     Deploy {
         function: String,
         file: PathBuf,
@@ -42,6 +44,13 @@ enum Command {
         /// An env var the function sees, NAME=VALUE; repeatable.
         #[arg(long = "env")]
         env: Vec<String>,
+    },
+    /// Create a function project NAME (in the current directory) from a
+    /// template, with a README saying how to build, deploy and invoke it.
+    New {
+        #[arg(value_enum)]
+        language: project::Template,
+        name: String,
     },
     /// Call TENANT/NAME and print its output.
     Invoke {
@@ -148,6 +157,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(_) | Command::Bench(_) => unreachable!("handled above"),
         Command::Deploy { function, file, memory, timeout, env } => {
             client.deploy(&function, &file, memory.as_deref(), timeout.as_deref(), &env).await
+        }
+        Command::New { language, name } => {
+            let root = project::new_project(language, &name, std::path::Path::new("."))?;
+            println!("created {} (see its README.md)", root.display());
+            Ok(())
         }
         Command::Invoke { function, data, data_file, is_async: true } => {
             println!("{}", client.invoke_async(&function, read_input(data, data_file)?).await?);

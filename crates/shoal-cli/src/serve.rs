@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// Where the registry, the compiled-artifact cache and the admin token live.
     #[arg(long, env = "SHOAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Where compiled language runtimes (the shared Python runtime) are
+    /// cached; default DATA_DIR/cache. Nodes on one machine may share one,
+    /// so the runtime is compiled once for all of them.
+    #[arg(long, env = "SHOAL_RUNTIME_CACHE")]
+    runtime_cache: Option<PathBuf>,
     /// Largest invoke request and response body, e.g. 6MiB.
     #[arg(long, env = "SHOAL_MAX_BODY", value_parser = parse_size)]
     max_body: Option<u64>,
@@ -136,6 +141,8 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
     };
     let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(".shoal"));
     let mut config = NodeConfig::new(data_dir);
+    config.python_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+    config.runtime_cache_dir = args.runtime_cache.clone();
     config.admin_token = std::env::var("SHOAL_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
     if let Some(listen) = args.listen.or(file.listen) {
         config.listen = listen;
@@ -269,6 +276,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         node.deploy_defaults("demo", shoal_guests::EXAMPLES)
             .await
             .map_err(|e| anyhow::anyhow!("deploying the examples: {}", e.message))?;
+        let python = python_examples()?;
+        let python: Vec<(&str, &[u8])> = python.iter().map(|(name, bytes)| (name.as_str(), bytes.as_slice())).collect();
+        node.deploy_defaults("demo", &python)
+            .await
+            .map_err(|e| anyhow::anyhow!("deploying the Python examples: {}", e.message))?;
     }
     let addr = listener.local_addr()?;
     // Written with `writeln!`, not `eprintln!`: a closed stderr must not
@@ -277,11 +289,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ =
         writeln!(stderr, "shoal: serving http://{addr} (data in {}; global state in {state_tier})", data_dir.display());
     if examples {
-        let names: Vec<&str> = shoal_guests::EXAMPLES.iter().map(|(name, _)| *name).collect();
+        let names: Vec<&str> = shoal_guests::EXAMPLES
+            .iter()
+            .map(|(name, _)| *name)
+            .chain(shoal_guests::PYTHON_EXAMPLES.iter().map(|(name, _)| *name))
+            .collect();
         let _ = writeln!(stderr, "shoal: examples deployed as demo/{{{}}}", names.join(","));
     }
     node.serve(listener, shutdown_signal()).await.context("serving")?;
     Ok(())
+}
+
+/// The Python examples as the bundles a deploy of their folders stores.
+fn python_examples() -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    use shoal_runtime::{Language, SourceBundle};
+    shoal_guests::PYTHON_EXAMPLES
+        .iter()
+        .map(|(name, files)| {
+            let files = files.iter().map(|(path, contents)| (path.to_string(), contents.to_vec())).collect();
+            let bundle =
+                SourceBundle::new(Language::Python, files).map_err(|e| anyhow::anyhow!("example {name}: {e}"))?;
+            Ok((name.to_string(), bundle.encode()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

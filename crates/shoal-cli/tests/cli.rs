@@ -25,6 +25,8 @@ fn serve(dir: &Path) -> Served {
 
 fn serve_with(dir: &Path, extra: &[&str]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        // The Python runtime compiled once for every node of every test.
+        .env("SHOAL_RUNTIME_CACHE", concat!(env!("CARGO_TARGET_TMPDIR"), "/runtime-cache"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(extra)
         .current_dir(dir)
@@ -114,6 +116,29 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     assert!(run(&["state", "del", "demo/conf/a b"]).status.success());
     let gone = run(&["state", "get", "demo/conf/a b"]);
     assert!(String::from_utf8_lossy(&gone.stderr).contains("not_found"), "{gone:?}");
+
+    // Python: the examples run on the shared runtime; a project made by
+    // `shoal new python` deploys from its folder; bad source is refused.
+    assert_eq!(stdout(&run(&["invoke", "demo/hello-py", "-d", "you"])), "hello you from python");
+    let visits = stdout(&run(&["invoke", "demo/visits", "-d", "ann"]));
+    assert_eq!(visits, r#"{"greeting": "hello ann", "visits": 1}"#);
+    assert!(stdout(&run(&["new", "python", "greet"])).contains("greet"));
+    std::fs::write(dir.path().join("greet/names.py"), "def shout(name):\n    return name.upper()\n").unwrap();
+    std::fs::write(
+        dir.path().join("greet/app.py"),
+        "from names import shout\n\ndef handle(input):\n    return 'hello ' + shout(input.decode())\n",
+    )
+    .unwrap();
+    let described: serde_json::Value = serde_json::from_str(&stdout(&run(&["deploy", "acme/greet", "greet"]))).unwrap();
+    assert_eq!(described["kind"], "python");
+    assert_eq!(stdout(&run(&["invoke", "acme/greet", "-d", "bo"])), "hello BO");
+    std::fs::write(dir.path().join("broken.py"), "def handle(input)\n").unwrap();
+    let broken = run(&["deploy", "acme/broken", "broken.py"]);
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert!(
+        !broken.status.success() && stderr.contains("invalid_source") && stderr.contains("SyntaxError"),
+        "{stderr}"
+    );
 
     assert!(run(&["rm", "acme/echo"]).status.success());
     let gone = run(&["invoke", "acme/echo"]);

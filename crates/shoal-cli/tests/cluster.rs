@@ -54,6 +54,8 @@ impl NodeProcess {
 fn start_node(redis: &RedisServer, host: &str, extra: &[&str]) -> NodeProcess {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        // The Python runtime compiled once for every node of every test.
+        .env("SHOAL_RUNTIME_CACHE", concat!(env!("CARGO_TARGET_TMPDIR"), "/runtime-cache"))
         .args(["serve", "--redis", &redis.url(), "--listen", &format!("{host}:0"), "--no-examples"])
         .arg("--data-dir")
         .arg(dir.path())

@@ -76,6 +76,13 @@ pub struct NodeConfig {
     /// call on the other nodes, running calls itself only when no other
     /// node can. Default false.
     pub gateway: bool,
+    /// The shared Python runtime component Python functions run on (the
+    /// `shoal` binary passes the one it is built with); none: Python
+    /// deploys are refused.
+    pub python_runtime: shoal_runtime::RuntimeBinary,
+    /// Where compiled language runtimes are cached. Default: the data
+    /// directory's compiled-artifact cache.
+    pub runtime_cache_dir: Option<PathBuf>,
     /// Largest state value and bytes of state per tenant. Defaults 64 MiB, 1 GiB.
     pub max_state_value_bytes: u64,
     pub state_quota_bytes: u64,
@@ -114,6 +121,8 @@ impl NodeConfig {
             cluster_prefix: "shoal".into(),
             heartbeat_ttl: Duration::from_secs(1),
             gateway: false,
+            python_runtime: shoal_runtime::RuntimeBinary::default(),
+            runtime_cache_dir: None,
             max_state_value_bytes: 64 * MIB,
             state_quota_bytes: 1024 * MIB,
         }

@@ -21,6 +21,7 @@ pub enum ErrorKind {
     UriTooLong,
     RequestTimeout,
     InvalidWasm,
+    InvalidSource,
     Overloaded,
     Trap,
     FunctionError,
@@ -44,6 +45,7 @@ impl ErrorKind {
             Self::UriTooLong => "uri_too_long",
             Self::RequestTimeout => "request_timeout",
             Self::InvalidWasm => "invalid_wasm",
+            Self::InvalidSource => "invalid_source",
             Self::Overloaded => "overloaded",
             Self::Trap => "trap",
             Self::FunctionError => "function_error",
@@ -66,7 +68,7 @@ impl ErrorKind {
             Self::LimitExceeded => StatusCode::INSUFFICIENT_STORAGE,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::InvalidWasm => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InvalidWasm | Self::InvalidSource => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Trap | Self::FunctionError | Self::OutOfMemory | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -118,6 +120,8 @@ impl From<DeployError> for ApiError {
     fn from(e: DeployError) -> Self {
         match e {
             DeployError::InvalidWasm(message) => Self::new(ErrorKind::InvalidWasm, message),
+            DeployError::InvalidSource(message) => Self::new(ErrorKind::InvalidSource, message),
+            DeployError::Unsupported(message) => Self::bad_request(message),
             DeployError::TooLarge { .. } => Self::new(ErrorKind::TooLarge, e.to_string()),
             DeployError::CompileTimeout { .. } => {
                 Self { kind: ErrorKind::Timeout, message: e.to_string(), retry_after: Some(Duration::from_secs(30)) }

@@ -78,6 +78,8 @@ pub struct DeploySpec {
     pub memory_bytes: u64,
     pub timeout: Duration,
     pub env: Vec<(String, String)>,
+    /// The body is source for this language's shared runtime, not wasm.
+    pub language: Option<shoal_runtime::Language>,
 }
 
 pub struct Node {
@@ -121,6 +123,8 @@ impl Node {
         runtime_config.max_output_bytes = config.max_body_bytes;
         runtime_config.max_call_depth = config.max_call_depth;
         runtime_config.max_spawns_per_root = config.max_spawns_per_root;
+        runtime_config.python_runtime = config.python_runtime;
+        runtime_config.runtime_cache_dir = config.runtime_cache_dir.clone();
         let limits =
             StateLimits { max_value_bytes: config.max_state_value_bytes, tenant_quota_bytes: config.state_quota_bytes };
         let global: Arc<dyn GlobalTier> = match &config.redis_url {
@@ -322,6 +326,7 @@ impl Node {
                 memory_bytes: self.config.default_memory_bytes,
                 timeout: self.config.default_timeout,
                 env: Vec::new(),
+                language: None,
             };
             self.deploy(tenant, name, wasm, spec).await?;
         }

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use shoal_runtime::{CallSettings, Runtime, RuntimeConfig};
+use shoal_runtime::{CallSettings, Language, Runtime, RuntimeBinary, RuntimeConfig, SourceBundle};
 
 fn cold_start(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
-    let runtime = Runtime::new(RuntimeConfig::new(dir.path().join("cache"))).expect("runtime");
+    let mut config = RuntimeConfig::new(dir.path().join("cache"));
+    config.python_runtime = RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+    let runtime = Runtime::new(config).expect("runtime");
     let settings = CallSettings {
         tenant: Arc::from("bench"),
         memory_limit: 64 << 20,
@@ -34,6 +36,20 @@ fn cold_start(c: &mut Criterion) {
             })
         });
     }
+    // A Python function: the shared CPython runtime instantiated with its
+    // memory from the function's snapshot, then one call of `handle`.
+    let (_, files) =
+        shoal_guests::PYTHON_EXAMPLES.iter().find(|(name, _)| *name == "hello-py").expect("hello-py example");
+    let files = files.iter().map(|(path, contents)| (path.to_string(), contents.to_vec())).collect();
+    let source = SourceBundle::new(Language::Python, files).expect("bundle").encode();
+    let image = tokio.block_on(runtime.load(&source)).expect("python hello loads");
+    let python_settings = CallSettings { memory_limit: 128 << 20, ..settings.clone() };
+    group.bench_function("hello_python", |b| {
+        b.iter(|| {
+            let out = tokio.block_on(runtime.call(&image, &python_settings, b"bench"));
+            assert!(out.result.is_ok(), "{:?}", out.result);
+        })
+    });
     group.finish();
 }
 

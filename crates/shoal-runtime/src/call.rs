@@ -24,6 +24,7 @@ use self::backstop::Backstop;
 use crate::capture::CaptureBuffer;
 use crate::host::{CallLimiter, ChainCtx, CommandCtx, ComponentCtx};
 use crate::image::ImagePre;
+use crate::interp::memory::Plan;
 use crate::{CallError, FunctionImage, Lineage, Runtime};
 
 /// How long past its deadline a call may take to notice it (epoch ticks
@@ -198,7 +199,7 @@ pub(crate) async fn run(
     let stderr = CaptureBuffer::new(config.max_log_bytes);
     let mut wasi = WasiCtxBuilder::new();
     wasi.stderr(stderr.clone()).envs(&settings.env);
-    let limiter = CallLimiter::new(settings.memory_limit);
+    let mut limiter = CallLimiter::new(settings.memory_limit);
     let tick = config.epoch_tick.as_nanos().max(1);
     let lanes = LongLanes {
         after_ticks: u64::try_from(config.long_call_after.as_nanos() / tick).unwrap_or(u64::MAX).max(1),
@@ -207,7 +208,16 @@ pub(crate) async fn run(
     };
 
     match &image.pre {
-        ImagePre::Component(pre) => {
+        ImagePre::Component(pre) | ImagePre::Interpreted { pre, .. } => {
+            // A function of a shared runtime runs on the interpreter
+            // engine, its memory starting from its snapshot.
+            let engine = match &image.pre {
+                ImagePre::Interpreted { snapshot, .. } => {
+                    limiter.plan = Some(Plan { snapshot: snapshot.clone(), capture: None });
+                    &runtime.interp.engine
+                }
+                _ => &runtime.engine,
+            };
             let stdout = CaptureBuffer::new(config.max_log_bytes);
             wasi.stdout(stdout.clone());
             let ctx = ComponentCtx {
@@ -222,7 +232,7 @@ pub(crate) async fn run(
                 max_call_depth: config.max_call_depth,
                 max_spawns_per_root: config.max_spawns_per_root,
             };
-            let mut store = Store::new(&runtime.engine, ctx);
+            let mut store = Store::new(engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);
             arm_deadline(&mut store, deadline, lanes.clone());
             let call = async {
@@ -241,6 +251,11 @@ pub(crate) async fn run(
                     config.max_instances,
                     &stderr,
                 )),
+                // A guest that catches a failed allocation (Python's
+                // MemoryError) fails with its own error: still out of memory.
+                Ok(Ok(Err(_))) if store.data().limiter.memory_denied => {
+                    Err(CallError::OutOfMemory { limit: settings.memory_limit })
+                }
                 Ok(Ok(Err(message))) => Err(CallError::Function { message }),
                 Ok(Ok(Ok(output))) if output.len() > config.max_output_bytes => {
                     Err(CallError::OutputTooLarge { limit: config.max_output_bytes })

@@ -51,6 +51,27 @@ pub struct RuntimeConfig {
     /// Spawned calls not yet awaited, per root call and all its
     /// descendants together. Default 1,000.
     pub max_spawns_per_root: u32,
+    /// The Python runtime component (componentize-py's CPython against
+    /// `wit/interpreter.wit`), shared by every Python function; without
+    /// one, Python deploys are refused. Default: none (the node passes
+    /// the one it is built with).
+    pub python_runtime: RuntimeBinary,
+    /// Where compiled language runtimes are cached, if not in `cache_dir`
+    /// (nodes on one machine may share it). Default: none.
+    pub runtime_cache_dir: Option<PathBuf>,
+}
+
+/// A language runtime's component, built into the binary.
+#[derive(Clone, Copy, Default)]
+pub struct RuntimeBinary(pub Option<&'static [u8]>);
+
+impl std::fmt::Debug for RuntimeBinary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(bytes) => write!(f, "RuntimeBinary({} bytes)", bytes.len()),
+            None => f.write_str("RuntimeBinary(none)"),
+        }
+    }
 }
 
 impl RuntimeConfig {
@@ -74,6 +95,8 @@ impl RuntimeConfig {
                 .max(1),
             max_call_depth: 16,
             max_spawns_per_root: 1000,
+            python_runtime: RuntimeBinary::default(),
+            runtime_cache_dir: None,
         }
     }
 

@@ -92,7 +92,7 @@ impl Drop for TickerGuard<'_> {
 }
 
 impl EpochTicker {
-    pub(crate) fn start(engine: Engine, tick: Duration) -> Self {
+    pub(crate) fn start(engines: Vec<Engine>, tick: Duration) -> Self {
         let shared = Arc::new(TickerShared { stop: AtomicBool::new(false), n_running: AtomicUsize::new(0) });
         let thread = {
             let shared = shared.clone();
@@ -113,7 +113,9 @@ impl EpochTicker {
                             n_idle_ticks = 0;
                         }
                         std::thread::sleep(tick);
-                        engine.increment_epoch();
+                        for engine in &engines {
+                            engine.increment_epoch();
+                        }
                     }
                 })
                 .expect("spawning the epoch thread: the process is out of threads")

@@ -17,6 +17,14 @@ pub enum RuntimeError {
 pub enum DeployError {
     #[error("{0}")]
     InvalidWasm(String),
+    /// A function deployed as source: the upload is malformed, or loading
+    /// it failed (a syntax error, a missing `handle`); the message says
+    /// which, with the interpreter's traceback.
+    #[error("{0}")]
+    InvalidSource(String),
+    /// The node has no runtime for the function's language.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("module is {size} bytes, over the limit of {limit}")]
     TooLarge { size: usize, limit: usize },
     /// Compiling (with the wait for the compile pool) took longer than the

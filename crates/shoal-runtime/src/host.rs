@@ -20,6 +20,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::RuntimeError;
+use crate::interp::memory::{Plan, plan_next};
 
 wasmtime::component::bindgen!({
     path: "../../wit",
@@ -87,6 +88,8 @@ pub(crate) struct CallLimiter {
     memory_limit: usize,
     memory_used: usize,
     pub(crate) memory_denied: bool,
+    /// What the call's memories start from (interpreter engine only).
+    pub(crate) plan: Option<Plan>,
 }
 
 /// Table elements one call may have in all its tables.
@@ -94,12 +97,31 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl CallLimiter {
     pub(crate) fn new(memory_limit: u64) -> Self {
-        Self { memory_limit: usize::try_from(memory_limit).unwrap_or(usize::MAX), memory_used: 0, memory_denied: false }
+        Self {
+            memory_limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
+            memory_used: 0,
+            memory_denied: false,
+            plan: None,
+        }
     }
 }
 
 impl ResourceLimiter for CallLimiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        mut desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if current == 0 {
+            // A memory is being created (or an empty one grown): wasmtime
+            // creates it next on this thread, from this plan (see
+            // `interp/memory.rs`), at the snapshot's size.
+            if let Some(plan) = &self.plan {
+                desired = desired.max(plan.snapshot.size());
+            }
+            plan_next(self.plan.clone());
+        }
         // The limit covers all of a call's memories together.
         let after = self.memory_used.saturating_sub(current).saturating_add(desired);
         if after > self.memory_limit {

@@ -3,12 +3,16 @@
 //! kind of binary, what it imports (only WASI and `shoal:function`) and
 //! what it exports.
 
+use std::sync::Arc;
+
 use wasmtime::Engine;
 use wasmtime::InstancePre;
 
 use crate::DeployError;
 use crate::artifact_cache::Compiled;
 use crate::host::{CommandCtx, ComponentCtx, FunctionPre, Linkers};
+use crate::interp::memory::MemorySnapshot;
+use crate::source::{Language, SourceBundle};
 
 /// The two kinds of function Shoal runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,11 +21,17 @@ pub enum FunctionKind {
     Component,
     /// A WASI preview-1 command module: stdin in, stdout out.
     Command,
+    /// Python source, run by the shared Python runtime.
+    Python,
 }
 
 impl FunctionKind {
     pub fn detect(wasm: &[u8]) -> Result<Self, DeployError> {
-        if wasmparser::Parser::is_component(wasm) {
+        if SourceBundle::is_bundle(wasm) {
+            Ok(match SourceBundle::decode(wasm)?.language {
+                Language::Python => Self::Python,
+            })
+        } else if wasmparser::Parser::is_component(wasm) {
             Ok(Self::Component)
         } else if wasmparser::Parser::is_core_wasm(wasm) {
             Ok(Self::Command)
@@ -34,6 +44,7 @@ impl FunctionKind {
         match self {
             Self::Component => "component",
             Self::Command => "command",
+            Self::Python => "python",
         }
     }
 }
@@ -89,6 +100,7 @@ pub(crate) fn precompile(engine: &Engine, kind: FunctionKind, wasm: &[u8]) -> Re
     match kind {
         FunctionKind::Component => engine.precompile_component(wasm),
         FunctionKind::Command => engine.precompile_module(wasm),
+        FunctionKind::Python => return Err(DeployError::Internal("source is not compiled".into())),
     }
     .map_err(|e| DeployError::InvalidWasm(format!("{e:#}")))
 }
@@ -96,6 +108,13 @@ pub(crate) fn precompile(engine: &Engine, kind: FunctionKind, wasm: &[u8]) -> Re
 pub(crate) enum ImagePre {
     Component(FunctionPre<ComponentCtx>),
     Command(InstancePre<CommandCtx>),
+    /// A shared runtime's code (compiled on the interpreter engine) and
+    /// this function's snapshot of its memory.
+    Interpreted {
+        pre: FunctionPre<ComponentCtx>,
+        snapshot: Arc<MemorySnapshot>,
+        kind: FunctionKind,
+    },
 }
 
 /// Compiled, pre-linked code of one wasm binary. Shared by every function
@@ -179,9 +198,39 @@ impl FunctionImage {
     }
 
     pub fn kind(&self) -> FunctionKind {
-        match self.pre {
+        match &self.pre {
             ImagePre::Component(_) => FunctionKind::Component,
             ImagePre::Command(_) => FunctionKind::Command,
+            ImagePre::Interpreted { kind, .. } => *kind,
+        }
+    }
+
+    /// A function of a shared runtime: its code is the runtime's, its
+    /// memory starts from `snapshot`.
+    pub(crate) fn interpreted(
+        sha256: [u8; 32],
+        kind: FunctionKind,
+        pre: FunctionPre<ComponentCtx>,
+        snapshot: Arc<MemorySnapshot>,
+    ) -> Self {
+        let size = snapshot.size() as u64;
+        let declared = Declared {
+            memory_bytes: size,
+            largest_memory_bytes: size,
+            most_memories_in_a_module: 1,
+            ..Declared::default()
+        };
+        Self { sha256, declared, pre: ImagePre::Interpreted { pre, snapshot, kind } }
+    }
+
+    /// Bytes of memory this function holds alone: for a function of a
+    /// shared runtime, the pages of its snapshot that differ from the
+    /// runtime's; for others, none (their code and image are shared
+    /// through the compiled file).
+    pub fn snapshot_bytes(&self) -> usize {
+        match &self.pre {
+            ImagePre::Interpreted { snapshot, .. } => snapshot.own_bytes(),
+            _ => 0,
         }
     }
 }

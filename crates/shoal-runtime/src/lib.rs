@@ -19,12 +19,15 @@ mod engine;
 mod error;
 mod host;
 mod image;
+mod interp;
+mod source;
 
 pub use call::{CallOutput, CallSettings, LogLine, LogStream};
 pub use chain::{ChainError, InvokeFuture, Invoker, Lineage, RootCall};
-pub use config::RuntimeConfig;
+pub use config::{RuntimeBinary, RuntimeConfig};
 pub use error::{CallError, DeployError, RuntimeError};
 pub use image::{Declared, FunctionImage, FunctionKind};
+pub use source::{Language, MAX_SOURCE_FILES, SourceBundle};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +44,8 @@ use crate::engine::EpochTicker;
 pub struct Runtime {
     engine: wasmtime::Engine,
     linkers: host::Linkers,
+    /// The engine of shared language runtimes, and those runtimes.
+    interp: interp::Interpreters,
     cache: Arc<ArtifactCache>,
     /// Bounds concurrent compilations so a burst of deploys cannot take
     /// every core from running calls.
@@ -82,12 +87,14 @@ impl Runtime {
         let engine = engine::build(&config)?;
         let linkers = host::Linkers::new(&engine)?;
         let cache = Arc::new(ArtifactCache::open(&config.cache_dir, &engine)?);
-        let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
+        let interp = interp::Interpreters::new(&config)?;
+        let ticker = EpochTicker::start(vec![engine.clone(), interp.engine.clone()], config.epoch_tick);
         let long_lanes = Arc::new(Semaphore::new(config.long_call_lanes as usize));
         Ok(Self {
             compile_permits: Arc::new(Semaphore::new(config.compile_concurrency)),
             engine,
             linkers,
+            interp,
             cache,
             images: Mutex::new(HashMap::new()),
             config,
@@ -154,6 +161,10 @@ impl Runtime {
             return Ok(image);
         }
         let kind = FunctionKind::detect(wasm)?;
+        if kind == FunctionKind::Python {
+            let image = self.load_source(sha256, kind, SourceBundle::decode(wasm)?).await?;
+            return Ok(self.keep(sha256, image));
+        }
         let declared = on_a_blocking_thread_if_large(wasm, Declared::of).await?.unwrap_or_default();
         if declared.largest_memory_bytes > self.config.max_memory_bytes as u64 {
             return Err(DeployError::InvalidWasm(format!(
@@ -191,14 +202,34 @@ impl Runtime {
             }
         };
         let image = Arc::new(FunctionImage::link(&self.linkers, sha256, declared, compiled)?);
+        Ok(self.keep(sha256, image))
+    }
+
+    /// A function of a shared language runtime: the runtime compiled (once
+    /// per node), the function's source loaded into it and the memory
+    /// that results kept as its snapshot.
+    async fn load_source(
+        &self,
+        sha256: [u8; 32],
+        kind: FunctionKind,
+        bundle: SourceBundle,
+    ) -> Result<Arc<FunctionImage>, DeployError> {
+        let shared = self.interp.runtime(bundle.language).await?;
+        let _ticking = self.ticker.enter();
+        let snapshot = self.interp.snapshot(&shared, &bundle, &self.config, self.config.compile_timeout).await?;
+        Ok(Arc::new(FunctionImage::interpreted(sha256, kind, shared.pre.clone(), snapshot)))
+    }
+
+    /// Keep `image` as the one image of these bytes (another task may have
+    /// loaded the same bytes meanwhile: the first kept wins).
+    fn keep(&self, sha256: [u8; 32], image: Arc<FunctionImage>) -> Arc<FunctionImage> {
         let mut images = self.images.lock().expect("image map lock is never poisoned: no panics while held");
-        // Another task may have loaded the same bytes meanwhile; keep one.
         if let Some(existing) = images.get(&sha256).and_then(Weak::upgrade) {
-            return Ok(existing);
+            return existing;
         }
         images.retain(|_, weak| weak.strong_count() > 0);
         images.insert(sha256, Arc::downgrade(&image));
-        Ok(image)
+        image
     }
 
     /// Compile on the pool and cache the artifact. The pool's permit and

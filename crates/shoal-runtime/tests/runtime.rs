@@ -1144,3 +1144,134 @@ mod fuzzed {
         assert_eq!(kept.as_deref(), Some(&b"untouched"[..]), "another tenant's key is as it was");
     }
 }
+
+/// Python functions: source loaded into the one shared CPython runtime,
+/// each call starting from the function's snapshot.
+mod python {
+    use super::*;
+    use shoal_runtime::{Language, RuntimeBinary, SourceBundle};
+    use shoal_state::{EmbeddedGlobal, EmbeddedStore, EmbeddedTier, StateLimits, StateTiers};
+
+    /// One cache directory for every run of these tests: the runtime is
+    /// compiled once, not once per test.
+    fn python_runtime(dir: &tempfile::TempDir) -> Runtime {
+        let mut config = RuntimeConfig::new(concat!(env!("CARGO_TARGET_TMPDIR"), "/python-cache"));
+        config.max_instances = 8;
+        config.max_memory_bytes = 256 << 20;
+        config.python_runtime = RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+        let limits = StateLimits { max_value_bytes: 1 << 20, tenant_quota_bytes: 16 << 20 };
+        let tiers = Arc::new(StateTiers::new(Arc::new(EmbeddedTier::new(EmbeddedGlobal::new(store, limits)))));
+        Runtime::with_state(config, tiers).expect("runtime builds")
+    }
+
+    fn source(files: &[(&str, &str)]) -> Vec<u8> {
+        let files = files.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect();
+        SourceBundle::new(Language::Python, files).unwrap().encode()
+    }
+
+    fn py_settings() -> CallSettings {
+        CallSettings { memory_limit: 128 * MIB, ..settings() }
+    }
+
+    fn example(name: &str) -> Vec<u8> {
+        let (_, files) = shoal_guests::PYTHON_EXAMPLES.iter().find(|(n, _)| *n == name).expect("example exists");
+        let files = files.iter().map(|(p, c)| (p.to_string(), c.to_vec())).collect();
+        SourceBundle::new(Language::Python, files).unwrap().encode()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn python_functions_run_from_snapshots_of_one_shared_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = python_runtime(&dir);
+        let hello = rt.load(&example("hello-py")).await.expect("hello loads");
+        assert_eq!(hello.kind(), FunctionKind::Python);
+        assert_eq!(ok(rt.call(&hello, &py_settings(), b"you").await), "hello you from python");
+
+        // Top-level code runs once, at deploy: its result is in the
+        // snapshot; every call starts from that snapshot, so what a call
+        // changes is gone by the next.
+        let stateful = source(&[(
+            "app.py",
+            "import os\nLOADS = [os.getpid() if hasattr(os, 'getpid') else 0]\nTABLE = {i: i * i for i in range(10000)}\ncalls = 0\n\
+             def handle(input):\n    global calls\n    calls += 1\n    return f'{len(LOADS)} {TABLE[9999]} {calls}'\n",
+        )]);
+        let stateful = rt.load(&stateful).await.expect("loads");
+        for _ in 0..3 {
+            assert_eq!(ok(rt.call(&stateful, &py_settings(), b"").await), "1 99980001 1");
+        }
+        // Both functions share the runtime; each holds only its own pages.
+        assert!(hello.snapshot_bytes() > 0);
+        assert!(hello.snapshot_bytes() < 4 << 20, "hello's own pages: {} KiB", hello.snapshot_bytes() >> 10);
+        assert_eq!(ok(rt.call(&hello, &py_settings(), b"again").await), "hello again from python");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn python_functions_reach_state_and_their_own_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = python_runtime(&dir);
+        let visits = rt.load(&example("visits")).await.expect("visits loads");
+        let first = ok(rt.call(&visits, &py_settings(), b"ann").await);
+        assert_eq!(first, r#"{"greeting": "hello ann", "visits": 1}"#);
+        let second = ok(rt.call(&visits, &py_settings(), b"ann").await);
+        assert_eq!(second, r#"{"greeting": "hello ann", "visits": 2}"#);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_python_is_refused_at_deploy_and_failing_calls_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = python_runtime(&dir);
+        let refused = |bytes: Vec<u8>| {
+            let rt = &rt;
+            async move {
+                match rt.load(&bytes).await {
+                    Err(DeployError::InvalidSource(message)) => message,
+                    other => panic!("expected invalid source, got {other:?}"),
+                }
+            }
+        };
+        let syntax = refused(source(&[("app.py", "def handle(input)\n    return input\n")])).await;
+        assert!(syntax.contains("SyntaxError"), "{syntax}");
+        let no_handle = refused(source(&[("app.py", "x = 1\n")])).await;
+        assert!(no_handle.contains("defines no function `handle"), "{no_handle}");
+        let raises = refused(source(&[("app.py", "raise RuntimeError('no config')\n")])).await;
+        assert!(raises.contains("RuntimeError: no config"), "{raises}");
+        let missing = refused(source(&[("app.py", "import nowhere\n")])).await;
+        assert!(missing.contains("ModuleNotFoundError"), "{missing}");
+        // Only the preloaded standard library is there.
+        let unlisted = refused(source(&[("app.py", "import sqlite3\n")])).await;
+        assert!(unlisted.contains("ModuleNotFoundError"), "{unlisted}");
+        // Top-level code runs at deploy, where state is not reachable.
+        let at_load = refused(source(&[("app.py", "import shoal\nshoal.state.incr('x')\n")])).await;
+        assert!(at_load.contains("Unavailable"), "{at_load}");
+
+        let failing =
+            source(&[("app.py", "def handle(input):\n    raise ValueError('bad input: ' + input.decode())\n")]);
+        let failing = rt.load(&failing).await.unwrap();
+        match rt.call(&failing, &py_settings(), b"42").await.result {
+            Err(CallError::Function { message }) => assert_eq!(message, "ValueError: bad input: 42"),
+            other => panic!("expected a function error, got {other:?}"),
+        }
+        let spin = source(&[("app.py", "def handle(input):\n    while True:\n        pass\n")]);
+        let spin = rt.load(&spin).await.unwrap();
+        let quick = CallSettings { timeout: Duration::from_millis(200), ..py_settings() };
+        assert!(matches!(rt.call(&spin, &quick, b"").await.result, Err(CallError::Timeout { .. })));
+        let hog = source(&[("app.py", "def handle(input):\n    return bytes(200 * 1024 * 1024)\n")]);
+        let hog = rt.load(&hog).await.unwrap();
+        assert!(matches!(rt.call(&hog, &py_settings(), b"").await.result, Err(CallError::OutOfMemory { .. })));
+        let endless = source(&[("app.py", "while True:\n    pass\n")]);
+        let mut config = RuntimeConfig::new(concat!(env!("CARGO_TARGET_TMPDIR"), "/python-cache"));
+        config.compile_timeout = Duration::from_millis(500);
+        config.python_runtime = RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+        let impatient = Runtime::new(config).unwrap();
+        match impatient.load(&endless).await {
+            Err(DeployError::InvalidSource(message)) => assert!(message.contains("loading took longer"), "{message}"),
+            other => panic!("expected the load to time out, got {other:?}"),
+        }
+        let printer = source(&[("app.py", "def handle(input):\n    print('to the log')\n    return None\n")]);
+        let printer = rt.load(&printer).await.unwrap();
+        let out = rt.call(&printer, &py_settings(), b"").await;
+        assert_eq!(&out.stdout[..], b"to the log\n");
+        assert_eq!(out.result.unwrap(), b"");
+    }
+}

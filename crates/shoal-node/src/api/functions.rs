@@ -79,8 +79,12 @@ fn env_name_is_valid(name: &str) -> bool {
 /// node's caps. Unknown parameters are refused, not ignored.
 fn deploy_spec(node: &Node, query: Option<&str>) -> Result<DeploySpec, ApiError> {
     let config = &node.config;
-    let mut spec =
-        DeploySpec { memory_bytes: config.default_memory_bytes, timeout: config.default_timeout, env: Vec::new() };
+    let mut spec = DeploySpec {
+        memory_bytes: config.default_memory_bytes,
+        timeout: config.default_timeout,
+        env: Vec::new(),
+        language: None,
+    };
     let mut env_bytes = 0;
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         let number = || {
@@ -125,6 +129,12 @@ fn deploy_spec(node: &Node, query: Option<&str>) -> Result<DeploySpec, ApiError>
                 spec.env.retain(|(k, _)| k != name);
                 spec.env.push((name.to_string(), val.to_string()));
             }
+            "language" => {
+                let language = shoal_runtime::Language::parse(&value).ok_or_else(|| {
+                    ApiError::bad_request(format!("language={value:?} is not one Shoal runs (python)"))
+                })?;
+                spec.language = Some(language);
+            }
             other => return Err(ApiError::bad_request(format!("unknown query parameter {other:?}"))),
         }
     }
@@ -141,7 +151,11 @@ pub(super) async fn deploy(
     let Path((tenant, name)) = path.map_err(path_error)?;
     authorise(&node, &headers, &tenant, Some(&name))?;
     let spec = deploy_spec(&node, query.as_deref())?;
-    let wasm = read_body(&node, body, &headers, node.config.max_module_bytes).await?;
+    let mut wasm = read_body(&node, body, &headers, node.config.max_module_bytes).await?;
+    if let Some(language) = spec.language {
+        // Stored and shared as the canonical bundle, like wasm by content.
+        wasm = shoal_runtime::SourceBundle::from_upload(language, &wasm)?.encode().into();
+    }
     let record = node.deploy(&tenant, &name, &wasm, spec).await?;
     Ok((StatusCode::CREATED, Json(description(&record))))
 }

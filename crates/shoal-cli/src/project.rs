@@ -1,0 +1,213 @@
+//! Function projects: what `shoal deploy` sends for a path, and the
+//! templates `shoal new` writes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use shoal_runtime::{Language, MAX_SOURCE_FILES};
+
+/// The body of a deploy of `path`, and the language if it is source: a
+/// Python file, or a folder with an `app.py` (its `.py` files, as a tar
+/// archive); anything else is sent as it is (wasm).
+pub(crate) fn deploy_body(path: &Path) -> anyhow::Result<(Vec<u8>, Option<Language>)> {
+    if path.is_dir() {
+        if path.join(Language::Python.entry_file()).is_file() {
+            return Ok((tar_sources(path, "py")?, Some(Language::Python)));
+        }
+        if path.join("Cargo.toml").is_file() {
+            bail!(
+                "{} is a Rust project: build it (cargo build --release --target wasm32-wasip2) and deploy the .wasm",
+                path.display()
+            );
+        }
+        bail!("{} has no app.py and is not a file: nothing to deploy", path.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let language = match path.extension().and_then(|ext| ext.to_str()) {
+        Some("py") => Some(Language::Python),
+        _ => None,
+    };
+    Ok((bytes, language))
+}
+
+/// A tar archive of the files under `dir` ending in `.{extension}`, with
+/// paths relative to `dir`, in a stable order; hidden entries and
+/// `__pycache__` are left out.
+fn tar_sources(dir: &Path, extension: &str) -> anyhow::Result<Vec<u8>> {
+    let mut files = Vec::new();
+    collect(dir, dir, extension, &mut files)?;
+    files.sort();
+    if files.len() > MAX_SOURCE_FILES {
+        bail!(
+            "{} has {} .{extension} files; a function may have at most {MAX_SOURCE_FILES}",
+            dir.display(),
+            files.len()
+        );
+    }
+    let mut archive = tar::Builder::new(Vec::new());
+    for relative in &files {
+        let contents = std::fs::read(dir.join(relative)).with_context(|| format!("reading {}", relative.display()))?;
+        let mut header = tar::Header::new_ustar();
+        header.set_size(contents.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        archive.append_data(&mut header, relative, contents.as_slice())?;
+    }
+    Ok(archive.into_inner()?)
+}
+
+fn collect(root: &Path, dir: &Path, extension: &str, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || name == "__pycache__" {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            collect(root, &path, extension, out)?;
+        } else if path.extension().is_some_and(|ext| ext == extension) {
+            out.push(path.strip_prefix(root).expect("under the root").to_path_buf());
+        }
+    }
+    Ok(())
+}
+
+/// The languages `shoal new` has a template for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Template {
+    Rust,
+    Python,
+}
+
+/// The WIT contract, for projects that generate their own bindings.
+const SHOAL_WIT: &str = include_str!("../../../wit/shoal.wit");
+/// The wit-bindgen the Rust template uses (the SDK's).
+const WIT_BINDGEN: &str = "0.57";
+
+/// Write a new function project `name` of `template` into `dir/name`.
+pub(crate) fn new_project(template: Template, name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !valid {
+        bail!("{name:?} is not a function name: lowercase letters, digits, `-` and `_`, at most 63");
+    }
+    let root = dir.join(name);
+    if root.exists() {
+        bail!("{} exists already", root.display());
+    }
+    let files: Vec<(&str, String)> = match template {
+        Template::Python => vec![
+            ("app.py", PYTHON_APP.to_string()),
+            (
+                "README.md",
+                format!(
+                    "# {name}\n\n\
+                     - build: nothing to build; `app.py` (and any `.py` next to it) is the function\n\
+                     - deploy: `shoal deploy TENANT/{name} .`\n\
+                     - invoke: `shoal invoke TENANT/{name} -d world`\n"
+                ),
+            ),
+        ],
+        Template::Rust => vec![
+            ("Cargo.toml", rust_manifest(name)),
+            ("src/lib.rs", RUST_LIB.to_string()),
+            ("wit/shoal.wit", SHOAL_WIT.to_string()),
+            (
+                "README.md",
+                format!(
+                    "# {name}\n\n\
+                     - build: `cargo build --release --target wasm32-wasip2`\n\
+                     - deploy: `shoal deploy TENANT/{name} target/wasm32-wasip2/release/{}.wasm`\n\
+                     - invoke: `shoal invoke TENANT/{name} -d world`\n",
+                    name.replace('-', "_")
+                ),
+            ),
+        ],
+    };
+    for (relative, contents) in files {
+        let path = root.join(relative);
+        std::fs::create_dir_all(path.parent().expect("inside the project"))
+            .with_context(|| format!("creating {}", root.display()))?;
+        std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(root)
+}
+
+const PYTHON_APP: &str = r#"""A Shoal function: `handle` gets the call's input and returns its output.
+
+`import shoal` reaches shared state (`shoal.state.get/set/incr/...`) and
+other functions of the tenant (`shoal.call`, `shoal.spawn`, `shoal.wait`).
+Top-level code runs once, when the function is deployed.
+"""
+
+
+def handle(input: bytes) -> bytes:
+    name = input.decode() or "world"
+    return f"hello {name}".encode()
+"#;
+
+fn rust_manifest(name: &str) -> String {
+    format!(
+        "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n\
+         [lib]\ncrate-type = [\"cdylib\"]\n\n\
+         [dependencies]\nwit-bindgen = {{ version = \"{WIT_BINDGEN}\", default-features = false, features = [\"macros\", \"realloc\"] }}\n\n\
+         [profile.release]\nopt-level = \"s\"\nlto = true\nstrip = true\n\n\
+         # A project of its own, not a member of an enclosing workspace.\n[workspace]\n"
+    )
+}
+
+const RUST_LIB: &str = r#"//! A Shoal function: `handle` gets the call's input and returns its output.
+//! The host interfaces are `shoal::function::state` and `::invoke`.
+
+wit_bindgen::generate!({ path: "wit", world: "function" });
+
+struct Function;
+
+impl exports::shoal::function::handler::Guest for Function {
+    fn handle(input: Vec<u8>) -> Result<Vec<u8>, String> {
+        let name = if input.is_empty() { b"world".to_vec() } else { input };
+        Ok([b"hello ".as_slice(), &name].concat())
+    }
+}
+
+export!(Function);
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_python_folder_is_sent_as_a_tar_of_its_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let project = new_project(Template::Python, "greet", dir.path()).unwrap();
+        std::fs::create_dir_all(project.join("lib/__pycache__")).unwrap();
+        std::fs::write(project.join("lib/util.py"), "X = 1\n").unwrap();
+        std::fs::write(project.join("lib/__pycache__/util.cpython.pyc"), "junk").unwrap();
+        std::fs::write(project.join(".hidden.py"), "junk").unwrap();
+        let (body, language) = deploy_body(&project).unwrap();
+        assert_eq!(language, Some(Language::Python));
+        let bundle = shoal_runtime::SourceBundle::from_upload(Language::Python, &body).unwrap();
+        let paths: Vec<&str> = bundle.files.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["app.py", "lib/util.py"]);
+        let (body, language) = deploy_body(&project.join("app.py")).unwrap();
+        assert_eq!((body.as_slice(), language), (PYTHON_APP.as_bytes(), Some(Language::Python)));
+        let readme = std::fs::read_to_string(project.join("README.md")).unwrap();
+        assert_eq!(readme.lines().filter(|l| l.starts_with("- ")).count(), 3, "build, deploy, invoke");
+    }
+
+    #[test]
+    fn projects_are_refused_where_they_cannot_be_made_or_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(new_project(Template::Rust, "Bad Name", dir.path()).is_err());
+        let rust = new_project(Template::Rust, "adder", dir.path()).unwrap();
+        assert!(new_project(Template::Rust, "adder", dir.path()).unwrap_err().to_string().contains("exists"));
+        let error = deploy_body(&rust).unwrap_err().to_string();
+        assert!(error.contains("Rust project") && error.contains("wasm32-wasip2"), "{error}");
+        assert!(deploy_body(dir.path()).is_err(), "a folder that is no project");
+    }
+}

@@ -1,0 +1,237 @@
+//! Shared interpreter runtimes: one compiled CPython for every Python
+//! function, each function a snapshot of that runtime's memory taken
+//! after its source was loaded.
+//!
+//! The runtime component is compiled once per node (and cached on disk
+//! like any artifact) on a second engine whose linear memories are made
+//! by [`memory::SnapshotMemories`]. Deploying a function instantiates the
+//! runtime from its base image, calls the `loader` export with the
+//! function's files, and keeps the pages of memory that differ from the
+//! base as the function's [`MemorySnapshot`]. A call instantiates the same
+//! compiled runtime with its memory starting from that snapshot: nothing
+//! is imported, parsed or initialised per call, and what one function
+//! costs the node is its differing pages.
+//!
+//! Only linear memory is kept: the runtime's wasm globals must not change
+//! while a function loads. The runtimes Shoal builds keep all interpreter
+//! state in linear memory (their globals are the stack pointer, which a
+//! finished call leaves where it found it, and addresses fixed when the
+//! runtime was built), which the tests check by running functions from
+//! their snapshots.
+
+pub(crate) mod memory;
+mod strip;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{ComponentExportIndex, InstancePre, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, Store, UpdateDeadline};
+use wasmtime_wasi::WasiCtxBuilder;
+
+use self::memory::{BaseImage, MemorySnapshot, Plan, SnapshotMemories};
+use crate::artifact_cache::{ArtifactCache, Compiled};
+use crate::capture::CaptureBuffer;
+use crate::host::{CallLimiter, ChainCtx, ComponentCtx, FunctionPre, Linkers};
+use crate::source::{Language, SourceBundle};
+use crate::{DeployError, FunctionKind, Lineage, RuntimeConfig, RuntimeError};
+
+/// The loader interface's export name (wit/interpreter.wit).
+const LOADER: &str = "shoal:function/loader@0.1.0";
+
+/// The interpreter engine and the runtimes compiled on it.
+pub(crate) struct Interpreters {
+    pub(crate) engine: Engine,
+    linkers: Linkers,
+    cache: ArtifactCache,
+    python: Option<&'static [u8]>,
+    /// Each language's runtime, compiled on first use.
+    runtimes: tokio::sync::Mutex<HashMap<Language, Arc<SharedRuntime>>>,
+}
+
+/// One language's runtime, ready to instantiate.
+pub(crate) struct SharedRuntime {
+    pub(crate) pre: FunctionPre<ComponentCtx>,
+    instance_pre: InstancePre<ComponentCtx>,
+    loader: ComponentExportIndex,
+    base: Arc<BaseImage>,
+    /// The base as a snapshot of itself, for instantiating before a load.
+    base_snapshot: Arc<MemorySnapshot>,
+}
+
+pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
+    let mut wasm = Config::new();
+    wasm.strategy(wasmtime::Strategy::Cranelift)
+        .allocation_strategy(InstanceAllocationStrategy::OnDemand)
+        .with_host_memory(Arc::new(SnapshotMemories))
+        .epoch_interruption(true)
+        .max_wasm_stack(config.max_wasm_stack)
+        .async_stack_size(config.async_stack_size)
+        .wasm_component_model(true);
+    Engine::new(&wasm).map_err(|e| RuntimeError::Config(format!("building the interpreter engine: {e:#}")))
+}
+
+impl Interpreters {
+    pub(crate) fn new(config: &RuntimeConfig) -> Result<Self, RuntimeError> {
+        let engine = build_engine(config)?;
+        let linkers = Linkers::new(&engine)?;
+        let cache = ArtifactCache::open(config.runtime_cache_dir.as_ref().unwrap_or(&config.cache_dir), &engine)?;
+        Ok(Self {
+            engine,
+            linkers,
+            cache,
+            python: config.python_runtime.0,
+            runtimes: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `language`'s runtime, compiling it (or loading it from the cache)
+    /// the first time.
+    pub(crate) async fn runtime(&self, language: Language) -> Result<Arc<SharedRuntime>, DeployError> {
+        let mut runtimes = self.runtimes.lock().await;
+        if let Some(runtime) = runtimes.get(&language) {
+            return Ok(runtime.clone());
+        }
+        let bytes = match language {
+            Language::Python => self.python,
+        }
+        .ok_or_else(|| {
+            DeployError::Unsupported(format!(
+                "this node has no {} runtime (it was built without one)",
+                language.as_str()
+            ))
+        })?;
+        let started = Instant::now();
+        let runtime = Arc::new(self.prepare(bytes).await?);
+        tracing::info!(language = language.as_str(), elapsed_ms = started.elapsed().as_millis(), "runtime ready");
+        runtimes.insert(language, runtime.clone());
+        Ok(runtime)
+    }
+
+    async fn prepare(&self, bytes: &'static [u8]) -> Result<SharedRuntime, DeployError> {
+        let engine = self.engine.clone();
+        let internal = |what: &str, e: &dyn std::fmt::Display| DeployError::Internal(format!("{what}: {e}"));
+        let (sha256, stripped) = tokio::task::spawn_blocking(move || {
+            let sha256: [u8; 32] = Sha256::digest(bytes).into();
+            (sha256, strip::strip(bytes))
+        })
+        .await
+        .map_err(|e| internal("splitting the runtime", &e))?;
+        let stripped = stripped.map_err(|e| DeployError::Internal(format!("the runtime cannot be used: {e}")))?;
+        let compiled = match self.cache.load(&engine, &sha256, FunctionKind::Component) {
+            Some(compiled) => compiled,
+            None => {
+                let component = stripped.component.clone();
+                let artifact = tokio::task::spawn_blocking(move || engine.precompile_component(&component))
+                    .await
+                    .map_err(|e| internal("compiling the runtime", &e))?
+                    .map_err(|e| internal("compiling the runtime", &format!("{e:#}")))?;
+                self.cache.store(&self.engine, &sha256, FunctionKind::Component, &artifact)?
+            }
+        };
+        let Compiled::Component(component) = compiled else {
+            return Err(DeployError::Internal("the runtime compiled to a module".into()));
+        };
+        let instance_pre = self
+            .linkers
+            .component
+            .instantiate_pre(&component)
+            .map_err(|e| internal("linking the runtime", &format!("{e:#}")))?;
+        let pre = FunctionPre::new(instance_pre.clone()).map_err(|e| internal("the runtime's handler", &e))?;
+        let loader = component
+            .get_export_index(None, LOADER)
+            .and_then(|interface| component.get_export_index(Some(&interface), "load"))
+            .ok_or_else(|| DeployError::Internal(format!("the runtime does not export {LOADER}")))?;
+        let size = stripped.memory.len();
+        let base = Arc::new(
+            BaseImage::new("shoal-runtime-base", &stripped.memory).map_err(|e| internal("the runtime's image", &e))?,
+        );
+        let base_snapshot = Arc::new(MemorySnapshot::of_base(base.clone(), size));
+        Ok(SharedRuntime { pre, instance_pre, loader, base, base_snapshot })
+    }
+
+    /// Load `bundle` into a fresh instance of its runtime and keep the
+    /// memory that results as the function's snapshot. Loading runs the
+    /// function's top-level code: it may not reach state or other
+    /// functions (they answer `unavailable`), and it has `limit` to finish.
+    pub(crate) async fn snapshot(
+        &self,
+        runtime: &SharedRuntime,
+        bundle: &SourceBundle,
+        config: &RuntimeConfig,
+        limit: Duration,
+    ) -> Result<Arc<MemorySnapshot>, DeployError> {
+        let capture = Arc::new(Mutex::new(None));
+        let stdout = CaptureBuffer::new(config.max_log_bytes);
+        let stderr = CaptureBuffer::new(config.max_log_bytes);
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdout.clone()).stderr(stderr.clone());
+        let deadline = Instant::now() + limit;
+        let mut limiter = CallLimiter::new(config.max_memory_bytes as u64);
+        limiter.plan = Some(Plan { snapshot: runtime.base_snapshot.clone(), capture: Some(capture.clone()) });
+        let ctx = ComponentCtx {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter,
+            tenant: Arc::from(""),
+            state: None,
+            deadline,
+            leases: Vec::new(),
+            chain: ChainCtx::new(Lineage::root(), None, stderr.clone()),
+            max_call_depth: 0,
+            max_spawns_per_root: 0,
+        };
+        let mut store = Store::new(&self.engine, ctx);
+        store.limiter(|ctx| &mut ctx.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                return Err(wasmtime::format_err!("loading took longer than {} ms", limit.as_millis()));
+            }
+            Ok(UpdateDeadline::Continue(1))
+        });
+        let files: Vec<(String, Vec<u8>)> = bundle.files.clone();
+        let load = async {
+            let instance = runtime.instance_pre.instantiate_async(&mut store).await?;
+            let load = instance
+                .get_typed_func::<(Vec<(String, Vec<u8>)>,), (Result<(), String>,)>(&mut store, runtime.loader)?;
+            let (result,) = load.call_async(&mut store, (files,)).await?;
+            Ok::<_, wasmtime::Error>(result)
+        };
+        let outcome = match tokio::time::timeout(limit + Duration::from_millis(100), load).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                return Err(DeployError::InvalidSource(format!("loading took longer than {} ms", limit.as_millis())));
+            }
+        };
+        let printed = String::from_utf8_lossy(&stderr.take().0).trim().to_string();
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return Err(DeployError::InvalidSource(reason)),
+            Err(e) => {
+                let tail = if printed.is_empty() { String::new() } else { format!("; stderr: {printed}") };
+                return Err(DeployError::InvalidSource(format!("loading the function failed: {e:#}{tail}")));
+            }
+        }
+        let view = capture
+            .lock()
+            .expect("capture slot lock is never poisoned")
+            .take()
+            .ok_or_else(|| DeployError::Internal("the runtime's memory was not seen being created".into()))?;
+        // SAFETY: `store` (which owns the memory) is alive and idle: the
+        // load has returned and nothing else can run in it.
+        #[allow(unsafe_code)]
+        let content = unsafe { view.read() };
+        drop(store);
+        let base = runtime.base.clone();
+        tokio::task::spawn_blocking(move || {
+            let base_bytes = base.read()?;
+            Ok(Arc::new(MemorySnapshot::diff(base, &base_bytes, &content)))
+        })
+        .await
+        .map_err(|e| DeployError::Internal(format!("taking the snapshot: {e}")))?
+        .map_err(|e: std::io::Error| DeployError::Internal(format!("reading the runtime's image: {e}")))
+    }
+}

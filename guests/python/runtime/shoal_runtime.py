@@ -1,0 +1,149 @@
+"""Shoal's Python runtime: one CPython shared by every Python function.
+
+Shoal deploys a Python function by calling `Loader.load` with its source
+files in a fresh instance of this runtime and keeping the memory that
+results as the function's snapshot; every call then starts from that
+snapshot and goes to `Handler.handle`. Nothing here is per call.
+"""
+
+import importlib.abc
+import importlib.util
+import sys
+import traceback
+
+# The standard library a function may import. The runtime is snapshotted
+# after these imports (componentize-py keeps only modules imported while it
+# builds the runtime; nothing is read from files at run time), so they cost
+# every function nothing: their memory is the runtime's, shared by all.
+# Keep the list in step with docs/python.md.
+import abc  # noqa: F401
+import array  # noqa: F401
+import base64  # noqa: F401
+import binascii  # noqa: F401
+import bisect  # noqa: F401
+import calendar  # noqa: F401
+import collections  # noqa: F401
+import collections.abc  # noqa: F401
+import contextlib  # noqa: F401
+import copy  # noqa: F401
+import csv  # noqa: F401
+import dataclasses  # noqa: F401
+import datetime  # noqa: F401
+import decimal  # noqa: F401
+import difflib  # noqa: F401
+import enum  # noqa: F401
+import fractions  # noqa: F401
+import functools  # noqa: F401
+import hashlib  # noqa: F401
+import heapq  # noqa: F401
+import hmac  # noqa: F401
+import html  # noqa: F401
+import io  # noqa: F401
+import ipaddress  # noqa: F401
+import itertools  # noqa: F401
+import json  # noqa: F401
+import math  # noqa: F401
+import operator  # noqa: F401
+import pprint  # noqa: F401
+import random  # noqa: F401
+import re  # noqa: F401
+import secrets  # noqa: F401
+import statistics  # noqa: F401
+import string  # noqa: F401
+import struct  # noqa: F401
+import textwrap  # noqa: F401
+import time  # noqa: F401
+import typing  # noqa: F401
+import unicodedata  # noqa: F401
+import urllib.parse  # noqa: F401
+import uuid  # noqa: F401
+
+import shoal  # noqa: F401
+
+from componentize_py_types import Err
+from wit_world import exports
+
+ENTRY = "app"
+
+_handle = None
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports modules from the function's files (held in memory)."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def _find(self, fullname):
+        base = fullname.replace(".", "/")
+        if base + ".py" in self.files:
+            return base + ".py", False
+        if base + "/__init__.py" in self.files:
+            return base + "/__init__.py", True
+        return None, False
+
+    def find_spec(self, fullname, path=None, target=None):
+        filename, is_package = self._find(fullname)
+        if filename is None:
+            return None
+        spec = importlib.util.spec_from_loader(fullname, self, origin=filename, is_package=is_package)
+        if is_package:
+            spec.submodule_search_locations = []
+        return spec
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        filename, _ = self._find(module.__name__)
+        code = compile(self.files[filename], filename, "exec")
+        exec(code, module.__dict__)
+
+
+class Loader(exports.Loader):
+    def load(self, files) -> None:
+        global _handle
+        if _handle is not None:
+            raise Err("this instance has loaded a function already")
+        sources = {path: bytes(contents) for path, contents in files}
+        if ENTRY + ".py" not in sources:
+            raise Err(f"the function has no {ENTRY}.py (files: {', '.join(sorted(sources)) or 'none'})")
+        sys.meta_path.insert(0, _SourceFinder(sources))
+        try:
+            module = __import__(ENTRY)
+        except BaseException:
+            raise Err(_last_exception())
+        handle = getattr(module, "handle", None)
+        if not callable(handle):
+            raise Err(f"{ENTRY}.py defines no function `handle(input: bytes) -> bytes`")
+        _handle = handle
+
+
+class Handler(exports.Handler):
+    def handle(self, input: bytes) -> bytes:
+        if _handle is None:
+            raise Err("no function is loaded in this Python runtime")
+        try:
+            output = _handle(bytes(input))
+        except Exception as error:
+            traceback.print_exc()
+            raise Err(_describe(error))
+        if output is None:
+            return b""
+        if isinstance(output, str):
+            return output.encode()
+        if isinstance(output, (bytes, bytearray, memoryview)):
+            return bytes(output)
+        raise Err(f"handle returned {type(output).__name__}; return bytes, str or None")
+
+
+def _describe(error):
+    message = str(error)
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _last_exception():
+    kind, error, tb = sys.exc_info()
+    lines = traceback.format_exception(kind, error, tb)
+    # Keep the function's own frames: drop the loader's.
+    return "".join(line for line in lines if "importlib" not in line).strip()
