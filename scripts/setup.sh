@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # What building Shoal needs besides Rust, installed where the build looks
-# for it: the wasm targets, and the pinned componentize-py (which builds the
-# shared Python runtime) in a virtualenv under target/tools. Idempotent.
+# for it: the wasm targets, the pinned componentize-py (which builds the
+# shared Python runtime) in a virtualenv under target/tools/python, and the
+# pinned componentize-js (the shared JavaScript runtime) under
+# target/tools/js. Needs python3 with venv, and node with npm. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 COMPONENTIZE_PY_VERSION=0.25.1
+COMPONENTIZE_JS_VERSION=0.23.0
 
 rustup target add wasm32-wasip1 wasm32-wasip2
 
@@ -18,4 +21,13 @@ if ! "$venv/bin/componentize-py" --version 2>/dev/null | grep -qx "componentize-
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$COMPONENTIZE_PY_VERSION"
 fi
-echo "setup: wasm targets and componentize-py $COMPONENTIZE_PY_VERSION ready"
+js=target/tools/js
+if [ "$("$js/node_modules/.bin/componentize-js" --version 2>/dev/null)" != "$COMPONENTIZE_JS_VERSION" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "setup: node and npm are needed (Debian/Ubuntu: apt-get install nodejs npm)" >&2
+    exit 1
+  fi
+  mkdir -p "$js"
+  npm install --prefix "$js" --silent --no-audit --no-fund "@bytecodealliance/componentize-js@$COMPONENTIZE_JS_VERSION"
+fi
+echo "setup: wasm targets, componentize-py $COMPONENTIZE_PY_VERSION and componentize-js $COMPONENTIZE_JS_VERSION ready"

@@ -16,6 +16,7 @@ const COMPONENTS: &[(&str, bool)] = &[
     ("matvec", true),
     ("wordcount", true),
     ("fanout", true),
+    ("primes", false),
     ("misbehave", false),
     ("state-ops", false),
     ("chain", false),
@@ -57,7 +58,9 @@ fn main() {
             }
         }
     }
-    python(&root, &target_dir, &mut out);
+    writeln!(out, "/// A function's source files: (path, contents).").unwrap();
+    writeln!(out, "pub type SourceFiles = &'static [(&'static str, &'static [u8])];").unwrap();
+    interpreters(&root, &target_dir, &mut out);
 
     writeln!(out, "/// The example functions `shoal serve` deploys under tenant `demo`.").unwrap();
     writeln!(out, "pub const EXAMPLES: &[(&str, &[u8])] = &[\n{examples}];").unwrap();
@@ -90,72 +93,118 @@ fn build(guests: &Path, target_dir: &Path, target: &str, packages: &[(&str, bool
     );
 }
 
-/// The pinned componentize-py (scripts/setup.sh installs it).
+/// The pinned componentize-py and componentize-js (scripts/setup.sh installs them).
 const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
+const COMPONENTIZE_JS_VERSION: &str = "0.23.0";
 
-/// Build the shared Python runtime with componentize-py and list the
-/// Python examples (deployed as source: their files are embedded as they are).
-fn python(root: &Path, target_dir: &Path, out: &mut String) {
-    let runtime_dir = root.join("guests/python/runtime");
-    let examples_dir = root.join("guests/python/examples");
-    println!("cargo:rerun-if-changed={}", runtime_dir.display());
-    println!("cargo:rerun-if-changed={}", examples_dir.display());
-    println!("cargo:rerun-if-env-changed=SHOAL_COMPONENTIZE_PY");
-    let tool = env::var_os("SHOAL_COMPONENTIZE_PY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/tools/python/bin/componentize-py"));
-    let version = Command::new(&tool).arg("--version").output();
-    let found = version.as_ref().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
-    assert!(
-        found == format!("componentize-py {COMPONENTIZE_PY_VERSION}"),
-        "the Python runtime is built with componentize-py {COMPONENTIZE_PY_VERSION}, looked for at {} and found {}: \
-         run scripts/setup.sh (or point SHOAL_COMPONENTIZE_PY at it)",
-        tool.display(),
-        if found.is_empty() { "nothing".to_string() } else { found.clone() }
-    );
-    let output = target_dir.join("python").join("runtime.wasm");
-    std::fs::create_dir_all(output.parent().expect("has a parent")).expect("create target/guests/python");
-    let status = Command::new(&tool)
-        .current_dir(target_dir.join("python"))
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .arg("-d")
-        .arg(root.join("wit"))
-        .args(["-w", "interpreter", "componentize", "-p"])
-        .arg(&runtime_dir)
-        .arg("shoal_runtime")
-        .arg("-o")
-        .arg(&output)
-        .status()
-        .expect("run componentize-py");
-    assert!(status.success(), "componentize-py failed to build the Python runtime");
-    writeln!(out, "/// The shared Python runtime (componentize-py {COMPONENTIZE_PY_VERSION}, world `interpreter`).")
-        .unwrap();
-    writeln!(out, "pub const PYTHON_RUNTIME: &[u8] = include_bytes!({:?});", output.display().to_string()).unwrap();
+/// A shared language runtime and its examples.
+struct Interpreter {
+    /// Directory under guests/ and prefix of the generated constants.
+    name: &'static str,
+    constant: &'static str,
+    extension: &'static str,
+    /// The tool: env var overriding it, default path under the root, the
+    /// version it must print.
+    tool_env: &'static str,
+    tool_path: &'static str,
+    version: String,
+}
 
-    let mut examples: Vec<PathBuf> = std::fs::read_dir(&examples_dir)
-        .expect("guests/python/examples exists")
-        .map(|entry| entry.expect("read guests/python/examples").path())
-        .filter(|path| path.is_dir())
-        .collect();
-    examples.sort();
-    writeln!(out, "/// A function's source files: (path, contents).").unwrap();
-    writeln!(out, "pub type SourceFiles = &'static [(&'static str, &'static [u8])];").unwrap();
-    writeln!(out, "/// Python examples as source: (name, files).").unwrap();
-    writeln!(out, "pub const PYTHON_EXAMPLES: &[(&str, SourceFiles)] = &[").unwrap();
-    for example in examples {
-        let name = example.file_name().expect("named").to_string_lossy().to_string();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&example)
-            .expect("read an example")
-            .map(|entry| entry.expect("read an example").path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "py"))
-            .collect();
-        files.sort();
-        writeln!(out, "    ({name:?}, &[").unwrap();
-        for file in files {
-            let path = file.file_name().expect("named").to_string_lossy().to_string();
-            writeln!(out, "        ({path:?}, include_bytes!({:?})),", file.display().to_string()).unwrap();
-        }
-        writeln!(out, "    ]),").unwrap();
+/// Build the shared Python and JavaScript runtimes and list the examples
+/// (deployed as source: their files are embedded as they are).
+fn interpreters(root: &Path, target_dir: &Path, out: &mut String) {
+    let python = Interpreter {
+        name: "python",
+        constant: "PYTHON",
+        extension: "py",
+        tool_env: "SHOAL_COMPONENTIZE_PY",
+        tool_path: "target/tools/python/bin/componentize-py",
+        version: format!("componentize-py {COMPONENTIZE_PY_VERSION}"),
+    };
+    let js = Interpreter {
+        name: "js",
+        constant: "JS",
+        extension: "js",
+        tool_env: "SHOAL_COMPONENTIZE_JS",
+        tool_path: "target/tools/js/node_modules/.bin/componentize-js",
+        version: COMPONENTIZE_JS_VERSION.to_string(),
+    };
+    for interpreter in [python, js] {
+        interpreter.build(root, target_dir, out);
     }
-    writeln!(out, "];").unwrap();
+}
+
+impl Interpreter {
+    fn build(&self, root: &Path, target_dir: &Path, out: &mut String) {
+        let runtime_dir = root.join("guests").join(self.name).join("runtime");
+        let examples_dir = root.join("guests").join(self.name).join("examples");
+        println!("cargo:rerun-if-changed={}", runtime_dir.display());
+        println!("cargo:rerun-if-changed={}", examples_dir.display());
+        println!("cargo:rerun-if-env-changed={}", self.tool_env);
+        let tool = env::var_os(self.tool_env).map(PathBuf::from).unwrap_or_else(|| root.join(self.tool_path));
+        let version = Command::new(&tool).arg("--version").output();
+        let found = version.as_ref().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+        assert!(
+            found == self.version,
+            "the {} runtime is built with {}, looked for at {} and found {}: run scripts/setup.sh (or point {} at it)",
+            self.name,
+            self.version,
+            tool.display(),
+            if found.is_empty() { "nothing".to_string() } else { found.clone() },
+            self.tool_env
+        );
+        let work = target_dir.join(self.name);
+        let output = work.join("runtime.wasm");
+        std::fs::create_dir_all(&work).expect("create the runtime's build directory");
+        let mut command = Command::new(&tool);
+        command.current_dir(&work).env("PYTHONDONTWRITEBYTECODE", "1");
+        match self.name {
+            "python" => command
+                .arg("-d")
+                .arg(root.join("wit"))
+                .args(["-w", "interpreter", "componentize", "-p"])
+                .arg(&runtime_dir)
+                .arg("shoal_runtime")
+                .arg("-o")
+                .arg(&output),
+            _ => command
+                .arg(runtime_dir.join("shoal_runtime.js"))
+                .arg("-w")
+                .arg(root.join("wit"))
+                // No wasi:http (fetch): Shoal links only wasi:cli's imports.
+                .args(["-n", "interpreter", "-d", "http", "fetch-event", "-o"])
+                .arg(&output),
+        };
+        let status = command.status().expect("run the runtime's build tool");
+        assert!(status.success(), "{} failed to build the {} runtime", self.version, self.name);
+        let constant = self.constant;
+        writeln!(out, "/// The shared {} runtime ({}, world `interpreter`).", self.name, self.version).unwrap();
+        writeln!(out, "pub const {constant}_RUNTIME: &[u8] = include_bytes!({:?});", output.display().to_string())
+            .unwrap();
+
+        let mut examples: Vec<PathBuf> = std::fs::read_dir(&examples_dir)
+            .expect("the examples directory exists")
+            .map(|entry| entry.expect("read the examples directory").path())
+            .filter(|path| path.is_dir())
+            .collect();
+        examples.sort();
+        writeln!(out, "/// {} examples as source: (name, files).", self.name).unwrap();
+        writeln!(out, "pub const {constant}_EXAMPLES: &[(&str, SourceFiles)] = &[").unwrap();
+        for example in examples {
+            let name = example.file_name().expect("named").to_string_lossy().to_string();
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&example)
+                .expect("read an example")
+                .map(|entry| entry.expect("read an example").path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == self.extension))
+                .collect();
+            files.sort();
+            writeln!(out, "    ({name:?}, &[").unwrap();
+            for file in files {
+                let path = file.file_name().expect("named").to_string_lossy().to_string();
+                writeln!(out, "        ({path:?}, include_bytes!({:?})),", file.display().to_string()).unwrap();
+            }
+            writeln!(out, "    ]),").unwrap();
+        }
+        writeln!(out, "];").unwrap();
+    }
 }

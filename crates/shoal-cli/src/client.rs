@@ -106,10 +106,14 @@ impl Client {
         memory: Option<&str>,
         timeout: Option<&str>,
         env: &[String],
+        snapshot: bool,
     ) -> anyhow::Result<()> {
         let (tenant, name) = function_ref(function)?;
         let (body, language) = crate::project::deploy_body(file)?;
         let mut query: Vec<(&str, String)> = Vec::new();
+        if snapshot {
+            query.push(("snapshot", "true".to_string()));
+        }
         if let Some(language) = language {
             query.push(("language", language.as_str().to_string()));
         }
@@ -166,12 +170,13 @@ impl Client {
     pub async fn list(&self, tenant: &str) -> anyhow::Result<()> {
         let listed = self.json(self.request(Method::GET, &format!("/v1/functions/{tenant}"))).await?;
         let functions = listed["functions"].as_array().cloned().unwrap_or_default();
-        println!("{:<24} {:<10} {:>9} {:>9}  SHA-256", "NAME", "KIND", "MEMORY", "TIMEOUT");
+        println!("{:<24} {:<10} {:<8} {:>9} {:>9}  SHA-256", "NAME", "KIND", "SNAPSHOT", "MEMORY", "TIMEOUT");
         for f in functions {
             println!(
-                "{:<24} {:<10} {:>6}MiB {:>7}ms  {}",
+                "{:<24} {:<10} {:<8} {:>6}MiB {:>7}ms  {}",
                 format!("{tenant}/{}", f["name"].as_str().unwrap_or("?")),
                 f["kind"].as_str().unwrap_or("?"),
+                if f["snapshot"].as_bool().unwrap_or(false) { "yes" } else { "no" },
                 f["memory_bytes"].as_u64().unwrap_or(0) >> 20,
                 f["timeout_ms"].as_u64().unwrap_or(0),
                 &f["sha256"].as_str().unwrap_or("?")[..12.min(f["sha256"].as_str().unwrap_or("?").len())],

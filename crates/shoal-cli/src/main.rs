@@ -44,6 +44,10 @@ enum Command {
         /// An env var the function sees, NAME=VALUE; repeatable.
         #[arg(long = "env")]
         env: Vec<String>,
+        /// Run the component's `init` once, now, and start every call
+        /// from the state it leaves.
+        #[arg(long)]
+        snapshot: bool,
     },
     /// Create a function project NAME (in the current directory) from a
     /// template, with a README saying how to build, deploy and invoke it.
@@ -155,8 +159,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.client)?;
     match command {
         Command::Serve(_) | Command::Bench(_) => unreachable!("handled above"),
-        Command::Deploy { function, file, memory, timeout, env } => {
-            client.deploy(&function, &file, memory.as_deref(), timeout.as_deref(), &env).await
+        Command::Deploy { function, file, memory, timeout, env, snapshot } => {
+            client.deploy(&function, &file, memory.as_deref(), timeout.as_deref(), &env, snapshot).await
         }
         Command::New { language, name } => {
             let root = project::new_project(language, &name, std::path::Path::new("."))?;

@@ -7,12 +7,15 @@ use anyhow::{Context, bail};
 use shoal_runtime::{Language, MAX_SOURCE_FILES};
 
 /// The body of a deploy of `path`, and the language if it is source: a
-/// Python file, or a folder with an `app.py` (its `.py` files, as a tar
-/// archive); anything else is sent as it is (wasm).
+/// Python or JavaScript file, or a folder with an `app.py` or `app.js` (its
+/// `.py` or `.js` files, as a tar archive); anything else is sent as it is
+/// (wasm).
 pub(crate) fn deploy_body(path: &Path) -> anyhow::Result<(Vec<u8>, Option<Language>)> {
     if path.is_dir() {
-        if path.join(Language::Python.entry_file()).is_file() {
-            return Ok((tar_sources(path, "py")?, Some(Language::Python)));
+        for (language, extension) in [(Language::Python, "py"), (Language::JavaScript, "js")] {
+            if path.join(language.entry_file()).is_file() {
+                return Ok((tar_sources(path, extension)?, Some(language)));
+            }
         }
         if path.join("Cargo.toml").is_file() {
             bail!(
@@ -20,11 +23,12 @@ pub(crate) fn deploy_body(path: &Path) -> anyhow::Result<(Vec<u8>, Option<Langua
                 path.display()
             );
         }
-        bail!("{} has no app.py and is not a file: nothing to deploy", path.display());
+        bail!("{} has no app.py or app.js and is not a file: nothing to deploy", path.display());
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let language = match path.extension().and_then(|ext| ext.to_str()) {
         Some("py") => Some(Language::Python),
+        Some("js") => Some(Language::JavaScript),
         _ => None,
     };
     Ok((bytes, language))
@@ -61,7 +65,7 @@ fn collect(root: &Path, dir: &Path, extension: &str, out: &mut Vec<PathBuf>) -> 
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') || name == "__pycache__" {
+        if name.starts_with('.') || name == "__pycache__" || name == "node_modules" {
             continue;
         }
         let path = entry.path();
@@ -79,6 +83,7 @@ fn collect(root: &Path, dir: &Path, extension: &str, out: &mut Vec<PathBuf>) -> 
 pub(crate) enum Template {
     Rust,
     Python,
+    Js,
 }
 
 /// The WIT contract, for projects that generate their own bindings.
@@ -100,18 +105,8 @@ pub(crate) fn new_project(template: Template, name: &str, dir: &Path) -> anyhow:
         bail!("{} exists already", root.display());
     }
     let files: Vec<(&str, String)> = match template {
-        Template::Python => vec![
-            ("app.py", PYTHON_APP.to_string()),
-            (
-                "README.md",
-                format!(
-                    "# {name}\n\n\
-                     - build: nothing to build; `app.py` (and any `.py` next to it) is the function\n\
-                     - deploy: `shoal deploy TENANT/{name} .`\n\
-                     - invoke: `shoal invoke TENANT/{name} -d world`\n"
-                ),
-            ),
-        ],
+        Template::Python => vec![("app.py", PYTHON_APP.to_string()), ("README.md", source_readme(name, "py"))],
+        Template::Js => vec![("app.js", JS_APP.to_string()), ("README.md", source_readme(name, "js"))],
         Template::Rust => vec![
             ("Cargo.toml", rust_manifest(name)),
             ("src/lib.rs", RUST_LIB.to_string()),
@@ -137,6 +132,16 @@ pub(crate) fn new_project(template: Template, name: &str, dir: &Path) -> anyhow:
     Ok(root)
 }
 
+/// The README of a project deployed as source (`app.{extension}`).
+fn source_readme(name: &str, extension: &str) -> String {
+    format!(
+        "# {name}\n\n\
+         - build: nothing to build; `app.{extension}` (and any `.{extension}` next to it) is the function\n\
+         - deploy: `shoal deploy TENANT/{name} .`\n\
+         - invoke: `shoal invoke TENANT/{name} -d world`\n"
+    )
+}
+
 const PYTHON_APP: &str = r#"""A Shoal function: `handle` gets the call's input and returns its output.
 
 `import shoal` reaches shared state (`shoal.state.get/set/incr/...`) and
@@ -148,6 +153,19 @@ Top-level code runs once, when the function is deployed.
 def handle(input: bytes) -> bytes:
     name = input.decode() or "world"
     return f"hello {name}".encode()
+"#;
+
+const JS_APP: &str = r#"// A Shoal function: `handle` gets the call's input (a Uint8Array) and
+// returns its output (a string, a Uint8Array or nothing).
+//
+// `require("shoal")` reaches shared state (`shoal.state.get/set/incr/...`)
+// and other functions of the tenant (`shoal.call`, `shoal.spawn`,
+// `shoal.wait`). Top-level code runs once, when the function is deployed.
+
+exports.handle = (input) => {
+  const name = new TextDecoder().decode(input) || "world";
+  return `hello ${name}`;
+};
 "#;
 
 fn rust_manifest(name: &str) -> String {
@@ -198,6 +216,20 @@ mod tests {
         assert_eq!((body.as_slice(), language), (PYTHON_APP.as_bytes(), Some(Language::Python)));
         let readme = std::fs::read_to_string(project.join("README.md")).unwrap();
         assert_eq!(readme.lines().filter(|l| l.starts_with("- ")).count(), 3, "build, deploy, invoke");
+    }
+
+    #[test]
+    fn a_js_folder_is_sent_as_a_tar_of_its_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let project = new_project(Template::Js, "greet", dir.path()).unwrap();
+        std::fs::create_dir_all(project.join("node_modules/x")).unwrap();
+        std::fs::write(project.join("node_modules/x/index.js"), "junk").unwrap();
+        std::fs::write(project.join("util.js"), "exports.x = 1;").unwrap();
+        let (body, language) = deploy_body(&project).unwrap();
+        assert_eq!(language, Some(Language::JavaScript));
+        let bundle = shoal_runtime::SourceBundle::from_upload(Language::JavaScript, &body).unwrap();
+        let paths: Vec<&str> = bundle.files.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["app.js", "util.js"]);
     }
 
     #[test]

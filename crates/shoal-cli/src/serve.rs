@@ -142,6 +142,7 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
     let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(".shoal"));
     let mut config = NodeConfig::new(data_dir);
     config.python_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+    config.js_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
     config.runtime_cache_dir = args.runtime_cache.clone();
     config.admin_token = std::env::var("SHOAL_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
     if let Some(listen) = args.listen.or(file.listen) {
@@ -276,11 +277,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         node.deploy_defaults("demo", shoal_guests::EXAMPLES)
             .await
             .map_err(|e| anyhow::anyhow!("deploying the examples: {}", e.message))?;
-        let python = python_examples()?;
-        let python: Vec<(&str, &[u8])> = python.iter().map(|(name, bytes)| (name.as_str(), bytes.as_slice())).collect();
-        node.deploy_defaults("demo", &python)
+        let sources = source_examples()?;
+        let sources: Vec<(&str, &[u8])> =
+            sources.iter().map(|(name, bytes)| (name.as_str(), bytes.as_slice())).collect();
+        node.deploy_defaults("demo", &sources)
             .await
-            .map_err(|e| anyhow::anyhow!("deploying the Python examples: {}", e.message))?;
+            .map_err(|e| anyhow::anyhow!("deploying the Python and JavaScript examples: {}", e.message))?;
+        node.deploy_defaults_with("demo", &[("primes", shoal_guests::PRIMES)], true)
+            .await
+            .map_err(|e| anyhow::anyhow!("deploying the snapshot example: {}", e.message))?;
     }
     let addr = listener.local_addr()?;
     // Written with `writeln!`, not `eprintln!`: a closed stderr must not
@@ -293,6 +298,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .iter()
             .map(|(name, _)| *name)
             .chain(shoal_guests::PYTHON_EXAMPLES.iter().map(|(name, _)| *name))
+            .chain(shoal_guests::JS_EXAMPLES.iter().map(|(name, _)| *name))
+            .chain(["primes"])
             .collect();
         let _ = writeln!(stderr, "shoal: examples deployed as demo/{{{}}}", names.join(","));
     }
@@ -300,15 +307,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The Python examples as the bundles a deploy of their folders stores.
-fn python_examples() -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+/// The Python and JavaScript examples as the bundles a deploy of their
+/// folders stores.
+fn source_examples() -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     use shoal_runtime::{Language, SourceBundle};
-    shoal_guests::PYTHON_EXAMPLES
-        .iter()
-        .map(|(name, files)| {
+    let python = shoal_guests::PYTHON_EXAMPLES.iter().map(|example| (Language::Python, example));
+    let js = shoal_guests::JS_EXAMPLES.iter().map(|example| (Language::JavaScript, example));
+    python
+        .chain(js)
+        .map(|(language, (name, files))| {
             let files = files.iter().map(|(path, contents)| (path.to_string(), contents.to_vec())).collect();
-            let bundle =
-                SourceBundle::new(Language::Python, files).map_err(|e| anyhow::anyhow!("example {name}: {e}"))?;
+            let bundle = SourceBundle::new(language, files).map_err(|e| anyhow::anyhow!("example {name}: {e}"))?;
             Ok((name.to_string(), bundle.encode()))
         })
         .collect()

@@ -79,9 +79,18 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     std::fs::write(dir.path().join("input.txt"), "from a file").unwrap();
     assert_eq!(stdout(&run(&["invoke", "demo/upper", "--data-file", "input.txt"])), "FROM A FILE");
     let listed = stdout(&run(&["ls"]));
-    for name in ["demo/hello", "demo/echo", "demo/fib", "demo/upper"] {
+    for name in ["demo/hello", "demo/echo", "demo/fib", "demo/upper", "demo/hello-py", "demo/primes"] {
         assert!(listed.contains(name), "{listed}");
     }
+    // The snapshot example: its tables were built once, at deploy.
+    let primes = listed.lines().find(|line| line.starts_with("demo/primes ")).expect("primes listed");
+    assert!(primes.split_whitespace().nth(2) == Some("yes"), "{primes}");
+    let hello_py = listed.lines().find(|line| line.starts_with("demo/hello-py ")).expect("hello-py listed");
+    assert!(hello_py.split_whitespace().nth(1) == Some("python"), "{hello_py}");
+    assert_eq!(
+        stdout(&run(&["invoke", "demo/primes", "-d", "1000"])),
+        "1000 is not prime; 168 primes up to 1000 (tables built by init)"
+    );
 
     // Deploy from a file with limits and env, under a new tenant.
     let token = stdout(&run(&["tenant", "create", "acme"])).trim().to_string();
@@ -93,6 +102,14 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     let described: serde_json::Value = serde_json::from_str(&described).unwrap();
     assert_eq!(described["memory_bytes"], 16u64 << 20);
     assert_eq!(described["timeout_ms"], 2000);
+    assert_eq!(described["snapshot"], false);
+    std::fs::write(dir.path().join("primes.wasm"), shoal_guests::PRIMES).unwrap();
+    let described: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["deploy", "acme/primes", "primes.wasm", "--snapshot"]))).unwrap();
+    assert_eq!((described["kind"].as_str(), described["snapshot"].as_bool()), (Some("component"), Some(true)));
+    let no_init = run(&["deploy", "acme/echo2", "echo.wasm", "--snapshot"]);
+    let stderr = String::from_utf8_lossy(&no_init.stderr);
+    assert!(!no_init.status.success() && stderr.contains("invalid_wasm") && stderr.contains("init"), "{stderr}");
     let as_acme = shoal(dir.path(), &served.url, &["--token", &token, "invoke", "acme/echo", "-d", "hi"]);
     assert_eq!(stdout(&as_acme), "hi");
     let denied = shoal(dir.path(), &served.url, &["--token", &token, "invoke", "demo/hello", "-d", "hi"]);
@@ -132,6 +149,13 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     let described: serde_json::Value = serde_json::from_str(&stdout(&run(&["deploy", "acme/greet", "greet"]))).unwrap();
     assert_eq!(described["kind"], "python");
     assert_eq!(stdout(&run(&["invoke", "acme/greet", "-d", "bo"])), "hello BO");
+    // JavaScript the same way.
+    assert_eq!(stdout(&run(&["invoke", "demo/hello-js", "-d", "you"])), "hello you from javascript");
+    assert!(stdout(&run(&["new", "js", "greet-js"])).contains("greet-js"));
+    let described: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["deploy", "acme/greet-js", "greet-js"]))).unwrap();
+    assert_eq!(described["kind"], "javascript");
+    assert_eq!(stdout(&run(&["invoke", "acme/greet-js", "-d", "js"])), "hello js");
     std::fs::write(dir.path().join("broken.py"), "def handle(input)\n").unwrap();
     let broken = run(&["deploy", "acme/broken", "broken.py"]);
     let stderr = String::from_utf8_lossy(&broken.stderr);

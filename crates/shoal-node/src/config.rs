@@ -80,6 +80,8 @@ pub struct NodeConfig {
     /// `shoal` binary passes the one it is built with); none: Python
     /// deploys are refused.
     pub python_runtime: shoal_runtime::RuntimeBinary,
+    /// The shared JavaScript runtime component, the same way.
+    pub js_runtime: shoal_runtime::RuntimeBinary,
     /// Where compiled language runtimes are cached. Default: the data
     /// directory's compiled-artifact cache.
     pub runtime_cache_dir: Option<PathBuf>,
@@ -122,6 +124,7 @@ impl NodeConfig {
             heartbeat_ttl: Duration::from_secs(1),
             gateway: false,
             python_runtime: shoal_runtime::RuntimeBinary::default(),
+            js_runtime: shoal_runtime::RuntimeBinary::default(),
             runtime_cache_dir: None,
             max_state_value_bytes: 64 * MIB,
             state_quota_bytes: 1024 * MIB,

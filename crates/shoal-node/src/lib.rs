@@ -33,7 +33,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use shoal_runtime::{Runtime, RuntimeConfig};
+use shoal_runtime::{LoadOptions, Runtime, RuntimeConfig};
 use shoal_sched::Executor;
 use shoal_state::{
     EmbeddedGlobal, EmbeddedStore, EmbeddedTier, GlobalTier, RedisConfig, RedisTier, StateLimits, StateTiers,
@@ -80,6 +80,9 @@ pub struct DeploySpec {
     pub env: Vec<(String, String)>,
     /// The body is source for this language's shared runtime, not wasm.
     pub language: Option<shoal_runtime::Language>,
+    /// Run the component's `init` once, at deploy, and start every call
+    /// from the state it leaves.
+    pub snapshot: bool,
 }
 
 pub struct Node {
@@ -124,6 +127,7 @@ impl Node {
         runtime_config.max_call_depth = config.max_call_depth;
         runtime_config.max_spawns_per_root = config.max_spawns_per_root;
         runtime_config.python_runtime = config.python_runtime;
+        runtime_config.js_runtime = config.js_runtime;
         runtime_config.runtime_cache_dir = config.runtime_cache_dir.clone();
         let limits =
             StateLimits { max_value_bytes: config.max_state_value_bytes, tenant_quota_bytes: config.state_quota_bytes };
@@ -204,7 +208,7 @@ impl Node {
         let n_stored = stored.len();
         let started = std::time::Instant::now();
         for (record, wasm) in stored {
-            match self.executor.runtime().load(&wasm).await {
+            match self.executor.runtime().load_with(&wasm, record.load_options()).await {
                 Ok(image) => {
                     let logs = self.registry.logs_for(&record.tenant, &record.name, self.config.log_lines_per_function);
                     self.registry.insert_loaded(DeployedFunction::new(record, image, logs));
@@ -280,7 +284,7 @@ impl Node {
                 return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist; create it first")));
             }
         }
-        let image = self.runtime().load(wasm).await?;
+        let image = self.runtime().load_with(wasm, LoadOptions { snapshot: spec.snapshot }).await?;
         let declared = image.declared().memory_bytes;
         if declared > spec.memory_bytes {
             return Err(ApiError::new(
@@ -296,6 +300,7 @@ impl Node {
             tenant: tenant.to_string(),
             name: name.to_string(),
             kind: image.kind().as_str().to_string(),
+            snapshot: image.is_snapshot(),
             sha256: image.sha256_hex(),
             size_bytes: wasm.len(),
             memory_bytes: spec.memory_bytes,
@@ -316,10 +321,21 @@ impl Node {
     /// tenant if needed; a function already deployed with the same bytes is
     /// left as it is.
     pub async fn deploy_defaults(&self, tenant: &str, functions: &[(&str, &[u8])]) -> Result<(), ApiError> {
+        self.deploy_defaults_with(tenant, functions, false).await
+    }
+
+    /// [`Node::deploy_defaults`], each taking a snapshot at deploy or not.
+    pub async fn deploy_defaults_with(
+        &self,
+        tenant: &str,
+        functions: &[(&str, &[u8])],
+        snapshot: bool,
+    ) -> Result<(), ApiError> {
         self.create_tenant(tenant).await?;
         for (name, wasm) in functions {
             let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(wasm));
-            if self.registry.get(tenant, name).is_some_and(|f| f.record.sha256 == sha) {
+            if self.registry.get(tenant, name).is_some_and(|f| f.record.sha256 == sha && f.record.snapshot == snapshot)
+            {
                 continue;
             }
             let spec = DeploySpec {
@@ -327,6 +343,7 @@ impl Node {
                 timeout: self.config.default_timeout,
                 env: Vec::new(),
                 language: None,
+                snapshot,
             };
             self.deploy(tenant, name, wasm, spec).await?;
         }

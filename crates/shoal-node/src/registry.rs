@@ -50,12 +50,24 @@ pub struct FunctionRecord {
     pub tenant: String,
     pub name: String,
     pub kind: String,
+    /// Calls start from a snapshot taken at deploy (`snapshot=true`, and
+    /// every function of a shared language runtime). Records written
+    /// before snapshots existed have none.
+    #[serde(default)]
+    pub snapshot: bool,
     pub sha256: String,
     pub size_bytes: usize,
     pub memory_bytes: u64,
     pub timeout_ms: u64,
     pub env: Vec<(String, String)>,
     pub deployed_ms: u64,
+}
+
+impl FunctionRecord {
+    /// How the function's binary is loaded (again).
+    pub fn load_options(&self) -> shoal_runtime::LoadOptions {
+        shoal_runtime::LoadOptions { snapshot: self.snapshot }
+    }
 }
 
 /// A function ready to call.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use shoal_runtime::{CallSettings, Language, Runtime, RuntimeBinary, RuntimeConfig, SourceBundle};
+use shoal_runtime::{CallSettings, Language, LoadOptions, Runtime, RuntimeBinary, RuntimeConfig, SourceBundle};
 
 fn cold_start(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -50,6 +50,24 @@ fn cold_start(c: &mut Criterion) {
             assert!(out.result.is_ok(), "{:?}", out.result);
         })
     });
+    group.finish();
+
+    // The heavy-initialiser example (`primes`: 8.5 MiB of tables built by
+    // `init`): a call starting from the snapshot taken at deploy, and a call
+    // of the same binary deployed without one, which builds the tables first.
+    let mut group = c.benchmark_group("heavy_init");
+    group.sample_size(10);
+    let snapshot =
+        tokio.block_on(runtime.load_with(shoal_guests::PRIMES, LoadOptions { snapshot: true })).expect("snapshot");
+    let plain = tokio.block_on(runtime.load(shoal_guests::PRIMES)).expect("primes loads");
+    for (name, image) in [("primes_from_snapshot", &snapshot), ("primes_init_every_call", &plain)] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let out = tokio.block_on(runtime.call(image, &settings, b"1000003"));
+                assert!(out.result.is_ok(), "{:?}", out.result);
+            })
+        });
+    }
     group.finish();
 }
 

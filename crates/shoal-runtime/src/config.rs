@@ -56,6 +56,9 @@ pub struct RuntimeConfig {
     /// one, Python deploys are refused. Default: none (the node passes
     /// the one it is built with).
     pub python_runtime: RuntimeBinary,
+    /// The JavaScript runtime component (componentize-js's StarlingMonkey
+    /// against `wit/interpreter.wit`), shared the same way. Default: none.
+    pub js_runtime: RuntimeBinary,
     /// Where compiled language runtimes are cached, if not in `cache_dir`
     /// (nodes on one machine may share it). Default: none.
     pub runtime_cache_dir: Option<PathBuf>,
@@ -96,6 +99,7 @@ impl RuntimeConfig {
             max_call_depth: 16,
             max_spawns_per_root: 1000,
             python_runtime: RuntimeBinary::default(),
+            js_runtime: RuntimeBinary::default(),
             runtime_cache_dir: None,
         }
     }

@@ -156,3 +156,44 @@ impl Linkers {
         Ok(Self { component, command })
     }
 }
+
+/// A store for running a guest's own code at deploy (a snapshot's `init`,
+/// a language runtime's loader): its output captured (stderr kept for the
+/// error message), no state, no chained calls, the node's largest memory,
+/// and stopped with "{doing} took longer than …" after `limit`.
+pub(crate) fn deploy_store(
+    engine: &Engine,
+    config: &crate::RuntimeConfig,
+    limit: std::time::Duration,
+    plan: Option<Plan>,
+    doing: &'static str,
+) -> (wasmtime::Store<ComponentCtx>, crate::capture::CaptureBuffer) {
+    let stderr = crate::capture::CaptureBuffer::new(config.max_log_bytes);
+    let mut wasi = wasmtime_wasi::WasiCtxBuilder::new();
+    wasi.stdout(crate::capture::CaptureBuffer::new(config.max_log_bytes)).stderr(stderr.clone());
+    let deadline = Instant::now() + limit;
+    let mut limiter = CallLimiter::new(config.max_memory_bytes as u64);
+    limiter.plan = plan;
+    let ctx = ComponentCtx {
+        wasi: wasi.build(),
+        table: ResourceTable::new(),
+        limiter,
+        tenant: Arc::from(""),
+        state: None,
+        deadline,
+        leases: Vec::new(),
+        chain: ChainCtx::new(crate::Lineage::root(), None, stderr.clone()),
+        max_call_depth: 0,
+        max_spawns_per_root: 0,
+    };
+    let mut store = wasmtime::Store::new(engine, ctx);
+    store.limiter(|ctx| &mut ctx.limiter);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline {
+            return Err(wasmtime::format_err!("{doing} took longer than {} ms", limit.as_millis()));
+        }
+        Ok(wasmtime::UpdateDeadline::Continue(1))
+    });
+    (store, stderr)
+}

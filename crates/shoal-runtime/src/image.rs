@@ -23,6 +23,8 @@ pub enum FunctionKind {
     Command,
     /// Python source, run by the shared Python runtime.
     Python,
+    /// JavaScript source, run by the shared JavaScript runtime.
+    JavaScript,
 }
 
 impl FunctionKind {
@@ -30,6 +32,7 @@ impl FunctionKind {
         if SourceBundle::is_bundle(wasm) {
             Ok(match SourceBundle::decode(wasm)?.language {
                 Language::Python => Self::Python,
+                Language::JavaScript => Self::JavaScript,
             })
         } else if wasmparser::Parser::is_component(wasm) {
             Ok(Self::Component)
@@ -45,6 +48,7 @@ impl FunctionKind {
             Self::Component => "component",
             Self::Command => "command",
             Self::Python => "python",
+            Self::JavaScript => "javascript",
         }
     }
 }
@@ -100,7 +104,9 @@ pub(crate) fn precompile(engine: &Engine, kind: FunctionKind, wasm: &[u8]) -> Re
     match kind {
         FunctionKind::Component => engine.precompile_component(wasm),
         FunctionKind::Command => engine.precompile_module(wasm),
-        FunctionKind::Python => return Err(DeployError::Internal("source is not compiled".into())),
+        FunctionKind::Python | FunctionKind::JavaScript => {
+            return Err(DeployError::Internal("source is not compiled".into()));
+        }
     }
     .map_err(|e| DeployError::InvalidWasm(format!("{e:#}")))
 }
@@ -123,6 +129,8 @@ pub struct FunctionImage {
     sha256: [u8; 32],
     declared: Declared,
     pub(crate) pre: ImagePre,
+    /// Calls start from a pre-initialised snapshot.
+    pub(crate) snapshot: bool,
 }
 
 impl std::fmt::Debug for FunctionImage {
@@ -181,9 +189,16 @@ impl FunctionImage {
                 ImagePre::Command(pre)
             }
         };
-        Ok(Self { sha256, declared, pre })
+        Ok(Self { sha256, declared, pre, snapshot: false })
     }
 
+    /// Whether calls start from a snapshot taken at deploy (a component
+    /// loaded with `snapshot`, and every function of a shared runtime).
+    pub fn is_snapshot(&self) -> bool {
+        self.snapshot
+    }
+
+    /// SHA-256 of the binary (or source bundle) deployed.
     pub fn sha256(&self) -> &[u8; 32] {
         &self.sha256
     }
@@ -220,7 +235,7 @@ impl FunctionImage {
             most_memories_in_a_module: 1,
             ..Declared::default()
         };
-        Self { sha256, declared, pre: ImagePre::Interpreted { pre, snapshot, kind } }
+        Self { sha256, declared, pre: ImagePre::Interpreted { pre, snapshot, kind }, snapshot: true }
     }
 
     /// Bytes of memory this function holds alone: for a function of a

@@ -20,6 +20,7 @@ mod error;
 mod host;
 mod image;
 mod interp;
+mod snapshot;
 mod source;
 
 pub use call::{CallOutput, CallSettings, LogLine, LogStream};
@@ -28,6 +29,14 @@ pub use config::{RuntimeBinary, RuntimeConfig};
 pub use error::{CallError, DeployError, RuntimeError};
 pub use image::{Declared, FunctionImage, FunctionKind};
 pub use source::{Language, MAX_SOURCE_FILES, SourceBundle};
+
+/// How [`Runtime::load_with`] loads a binary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Run the component's `init` export once and start every call from
+    /// the state it leaves.
+    pub snapshot: bool,
+}
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,10 +123,10 @@ impl Runtime {
         self.invoker.set(invoker).map_err(|_| RuntimeError::Config("the invoker is set already".into()))
     }
 
-    /// Wasm binaries compiled since start (cache hits and shared images
-    /// are not counted).
+    /// Wasm binaries compiled since start, language runtimes included
+    /// (cache hits and shared images are not counted).
     pub fn n_compiles(&self) -> u64 {
-        self.n_compiles.load(Ordering::Relaxed)
+        self.n_compiles.load(Ordering::Relaxed) + self.interp.n_compiles.load(Ordering::Relaxed)
     }
 
     /// Compilations running now (never more than `compile_concurrency`).
@@ -153,17 +162,40 @@ impl Runtime {
     /// from the compiled-artifact cache, else compiled on the bounded
     /// compile pool (never on the calling task's thread).
     pub async fn load(&self, wasm: &[u8]) -> Result<Arc<FunctionImage>, DeployError> {
+        self.load_with(wasm, LoadOptions::default()).await
+    }
+
+    /// [`Runtime::load`], with options. With `snapshot`, the component's
+    /// `init` export runs once here and the state it leaves is where every
+    /// call starts (see `snapshot.rs`); the snapshot is compiled and cached
+    /// under its own key, so a restart neither runs `init` nor compiles.
+    pub async fn load_with(&self, wasm: &[u8], options: LoadOptions) -> Result<Arc<FunctionImage>, DeployError> {
         if wasm.len() > self.config.max_module_bytes {
             return Err(DeployError::TooLarge { size: wasm.len(), limit: self.config.max_module_bytes });
         }
         let sha256: [u8; 32] = on_a_blocking_thread_if_large(wasm, |wasm| Sha256::digest(wasm).into()).await?;
-        if let Some(image) = self.lookup(&sha256) {
+        let kind = FunctionKind::detect(wasm)?;
+        // A function of a shared runtime always starts from a snapshot.
+        let interpreted = matches!(kind, FunctionKind::Python | FunctionKind::JavaScript);
+        let snapshot = options.snapshot && !interpreted;
+        // Images and compiled artifacts of a snapshot have a key of their own.
+        let key: [u8; 32] = if snapshot {
+            Sha256::new().chain_update(b"shoal-snapshot\0").chain_update(sha256).finalize().into()
+        } else {
+            sha256
+        };
+        if let Some(image) = self.lookup(&key) {
             return Ok(image);
         }
-        let kind = FunctionKind::detect(wasm)?;
-        if kind == FunctionKind::Python {
+        if interpreted {
             let image = self.load_source(sha256, kind, SourceBundle::decode(wasm)?).await?;
-            return Ok(self.keep(sha256, image));
+            return Ok(self.keep(key, image));
+        }
+        if snapshot && kind != FunctionKind::Component {
+            return Err(DeployError::InvalidWasm(format!(
+                "snapshot=true needs a component exporting `{}`; this is a command module",
+                snapshot::INIT_EXPORT
+            )));
         }
         let declared = on_a_blocking_thread_if_large(wasm, Declared::of).await?.unwrap_or_default();
         if declared.largest_memory_bytes > self.config.max_memory_bytes as u64 {
@@ -191,18 +223,29 @@ impl Runtime {
                 engine::TABLE_ELEMENTS
             )));
         }
-        let compiled = match self.cache.load(&self.engine, &sha256, kind) {
+        let compiled = match self.cache.load(&self.engine, &key, kind) {
             Some(compiled) => compiled,
             None => {
                 let limit = self.config.compile_timeout;
-                match tokio::time::timeout(limit, self.compile(sha256, kind, wasm)).await {
+                let work = async {
+                    if snapshot {
+                        let _ticking = self.ticker.enter();
+                        let snapshotted =
+                            snapshot::take(&self.engine, &self.linkers, wasm, &self.config, limit).await?;
+                        self.compile(key, kind, &snapshotted).await
+                    } else {
+                        self.compile(key, kind, wasm).await
+                    }
+                };
+                match tokio::time::timeout(limit, work).await {
                     Ok(compiled) => compiled?,
                     Err(_) => return Err(DeployError::CompileTimeout { limit }),
                 }
             }
         };
-        let image = Arc::new(FunctionImage::link(&self.linkers, sha256, declared, compiled)?);
-        Ok(self.keep(sha256, image))
+        let mut image = FunctionImage::link(&self.linkers, sha256, declared, compiled)?;
+        image.snapshot = snapshot;
+        Ok(self.keep(key, Arc::new(image)))
     }
 
     /// A function of a shared language runtime: the runtime compiled (once

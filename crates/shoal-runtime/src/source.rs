@@ -1,6 +1,6 @@
 //! Functions deployed as source for a shared interpreter runtime.
 //!
-//! A deploy of a Python function uploads its source: one file (taken as
+//! A deploy of a Python or JavaScript function uploads its source: one file (taken as
 //! the entry file) or a tar archive of a small folder. Shoal stores it as
 //! a [`SourceBundle`], a canonical encoding (files sorted by path) that
 //! starts with a magic no wasm binary has, so everything that stores and
@@ -14,18 +14,21 @@ use crate::DeployError;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Language {
     Python,
+    JavaScript,
 }
 
 impl Language {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Python => "python",
+            Self::JavaScript => "javascript",
         }
     }
 
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "python" | "py" => Some(Self::Python),
+            "javascript" | "js" => Some(Self::JavaScript),
             _ => None,
         }
     }
@@ -34,6 +37,7 @@ impl Language {
     pub fn entry_file(self) -> &'static str {
         match self {
             Self::Python => "app.py",
+            Self::JavaScript => "app.js",
         }
     }
 }

@@ -1159,6 +1159,7 @@ mod python {
         config.max_instances = 8;
         config.max_memory_bytes = 256 << 20;
         config.python_runtime = RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+        config.js_runtime = RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
         let limits = StateLimits { max_value_bytes: 1 << 20, tenant_quota_bytes: 16 << 20 };
         let tiers = Arc::new(StateTiers::new(Arc::new(EmbeddedTier::new(EmbeddedGlobal::new(store, limits)))));
@@ -1175,9 +1176,72 @@ mod python {
     }
 
     fn example(name: &str) -> Vec<u8> {
-        let (_, files) = shoal_guests::PYTHON_EXAMPLES.iter().find(|(n, _)| *n == name).expect("example exists");
+        let python = shoal_guests::PYTHON_EXAMPLES.iter().map(|e| (Language::Python, e));
+        let js = shoal_guests::JS_EXAMPLES.iter().map(|e| (Language::JavaScript, e));
+        let (language, (_, files)) = python.chain(js).find(|(_, (n, _))| *n == name).expect("example exists");
         let files = files.iter().map(|(p, c)| (p.to_string(), c.to_vec())).collect();
-        SourceBundle::new(Language::Python, files).unwrap().encode()
+        SourceBundle::new(language, files).unwrap().encode()
+    }
+
+    /// The reason `bytes` is refused as invalid source.
+    async fn refused(rt: &Runtime, bytes: Vec<u8>) -> String {
+        match rt.load(&bytes).await {
+            Err(DeployError::InvalidSource(message)) => message,
+            other => panic!("expected invalid source, got {other:?}"),
+        }
+    }
+
+    fn js(files: &[(&str, &str)]) -> Vec<u8> {
+        let files = files.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect();
+        SourceBundle::new(Language::JavaScript, files).unwrap().encode()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn javascript_functions_run_from_snapshots_of_one_shared_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = python_runtime(&dir);
+        let hello = rt.load(&example("hello-js")).await.expect("hello-js loads");
+        assert_eq!(hello.kind(), FunctionKind::JavaScript);
+        assert!(hello.is_snapshot());
+        assert_eq!(ok(rt.call(&hello, &py_settings(), b"you").await), "hello you from javascript");
+
+        let tally = rt.load(&example("tally")).await.expect("tally loads");
+        assert_eq!(ok(rt.call(&tally, &py_settings(), b"ann").await), r#"{"greeting":"hello ann","count":1}"#);
+        assert_eq!(ok(rt.call(&tally, &py_settings(), b"ann").await), r#"{"greeting":"hello ann","count":2}"#);
+
+        // Top-level code ran at deploy; each call starts from its result.
+        let stateful = js(&[(
+            "app.js",
+            "const table = new Map(); for (let i = 0; i < 10000; i++) table.set(i, i * i);\n\
+             let calls = 0;\nexports.handle = () => `${table.get(9999)} ${++calls}`;\n",
+        )]);
+        let stateful = rt.load(&stateful).await.unwrap();
+        for _ in 0..3 {
+            assert_eq!(ok(rt.call(&stateful, &py_settings(), b"").await), "99980001 1");
+        }
+        assert!(stateful.snapshot_bytes() < 4 << 20, "{} KiB of its own", stateful.snapshot_bytes() >> 10);
+
+        let refused = |bytes: Vec<u8>| refused(&rt, bytes);
+        let syntax = refused(js(&[("app.js", "exports.handle = (input => ;")])).await;
+        assert!(syntax.contains("SyntaxError"), "{syntax}");
+        let no_handle = refused(js(&[("app.js", "exports.x = 1;")])).await;
+        assert!(no_handle.contains("exports no function handle"), "{no_handle}");
+        let missing = refused(js(&[("app.js", "require('./nowhere.js');")])).await;
+        assert!(missing.contains("cannot find module"), "{missing}");
+        let at_load = refused(js(&[("app.js", "require('shoal').state.incr('x');")])).await;
+        assert!(at_load.contains("unavailable"), "{at_load}");
+
+        let failing = rt
+            .load(&js(&[("app.js", "exports.handle = (i) => { throw new TypeError('bad ' + i.length); };")]))
+            .await
+            .unwrap();
+        match rt.call(&failing, &py_settings(), b"42").await.result {
+            Err(CallError::Function { message }) => assert_eq!(message, "TypeError: bad 2"),
+            other => panic!("expected a function error, got {other:?}"),
+        }
+        let spin = rt.load(&js(&[("app.js", "exports.handle = () => { for (;;) {} };")])).await.unwrap();
+        let quick = CallSettings { timeout: Duration::from_millis(200), ..py_settings() };
+        assert!(matches!(rt.call(&spin, &quick, b"").await.result, Err(CallError::Timeout { .. })));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1204,6 +1268,11 @@ mod python {
         assert!(hello.snapshot_bytes() > 0);
         assert!(hello.snapshot_bytes() < 4 << 20, "hello's own pages: {} KiB", hello.snapshot_bytes() >> 10);
         assert_eq!(ok(rt.call(&hello, &py_settings(), b"again").await), "hello again from python");
+        // A restart loads the runtime compiled: nothing is compiled again.
+        let restarted = python_runtime(&tempfile::tempdir().unwrap());
+        let again = restarted.load(&example("hello-py")).await.unwrap();
+        assert_eq!(restarted.n_compiles(), 0);
+        assert_eq!(ok(restarted.call(&again, &py_settings(), b"back").await), "hello back from python");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1221,15 +1290,7 @@ mod python {
     async fn bad_python_is_refused_at_deploy_and_failing_calls_say_why() {
         let dir = tempfile::tempdir().unwrap();
         let rt = python_runtime(&dir);
-        let refused = |bytes: Vec<u8>| {
-            let rt = &rt;
-            async move {
-                match rt.load(&bytes).await {
-                    Err(DeployError::InvalidSource(message)) => message,
-                    other => panic!("expected invalid source, got {other:?}"),
-                }
-            }
-        };
+        let refused = |bytes: Vec<u8>| refused(&rt, bytes);
         let syntax = refused(source(&[("app.py", "def handle(input)\n    return input\n")])).await;
         assert!(syntax.contains("SyntaxError"), "{syntax}");
         let no_handle = refused(source(&[("app.py", "x = 1\n")])).await;
@@ -1273,5 +1334,79 @@ mod python {
         let out = rt.call(&printer, &py_settings(), b"").await;
         assert_eq!(&out.stdout[..], b"to the log\n");
         assert_eq!(out.result.unwrap(), b"");
+    }
+}
+
+/// Pre-initialisation snapshots (deploy option `snapshot`).
+mod snapshots {
+    use super::*;
+    use shoal_runtime::LoadOptions;
+
+    const SNAPSHOT: LoadOptions = LoadOptions { snapshot: true };
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_call_starts_from_the_state_init_left_and_never_runs_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(&dir);
+        let snapshot = rt.load_with(shoal_guests::PRIMES, SNAPSHOT).await.expect("snapshot taken");
+        assert!(snapshot.is_snapshot());
+        let plain = rt.load(shoal_guests::PRIMES).await.expect("loads without a snapshot");
+        assert!(!plain.is_snapshot() && !Arc::ptr_eq(&snapshot, &plain), "two images of the same bytes");
+        for _ in 0..2 {
+            assert_eq!(
+                ok(rt.call(&snapshot, &settings(), b"97").await),
+                "97 is prime; 25 primes up to 97 (tables built by init)"
+            );
+        }
+        assert_eq!(
+            ok(rt.call(&plain, &settings(), b"97").await),
+            "97 is prime; 25 primes up to 97 (tables built by this call)"
+        );
+        assert_eq!(
+            ok(rt.call(&snapshot, &settings(), b"67108863").await),
+            "67108863 is not prime; 3957809 primes up to 67108863 (tables built by init)"
+        );
+
+        // A restart loads the compiled snapshot: no init, no compile.
+        let restarted = runtime(&dir);
+        let again = restarted.load_with(shoal_guests::PRIMES, SNAPSHOT).await.unwrap();
+        assert_eq!(restarted.n_compiles(), 0);
+        assert_eq!(
+            ok(restarted.call(&again, &settings(), b"2").await),
+            "2 is prime; 1 primes up to 2 (tables built by init)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_needs_an_init_that_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(&dir);
+        for (wasm, expected) in
+            [(shoal_guests::HELLO, "exported `init: func()`"), (shoal_guests::UPPER, "command module")]
+        {
+            match rt.load_with(wasm, SNAPSHOT).await {
+                Err(DeployError::InvalidWasm(message)) => assert!(message.contains(expected), "{message}"),
+                other => panic!("expected a refusal naming {expected:?}, got {other:?}"),
+            }
+        }
+        let trapping = wat::parse_str(
+            r#"(component
+                 (core module $m (func (export "init") unreachable)
+                   (memory (export "memory") 1)
+                   (func (export "handle") (param i32 i32) (result i32) unreachable)
+                   (func (export "realloc") (param i32 i32 i32 i32) (result i32) unreachable))
+                 (core instance $i (instantiate $m))
+                 (func (export "init") (canon lift (core func $i "init")))
+                 (type $error (result (list u8) (error string)))
+                 (func $handle (param "input" (list u8)) (result $error)
+                   (canon lift (core func $i "handle") (memory $i "memory") (realloc (func $i "realloc"))))
+                 (instance $handler (export "handle" (func $handle)))
+                 (export "shoal:function/handler@0.1.0" (instance $handler)))"#,
+        )
+        .unwrap();
+        match rt.load_with(&trapping, SNAPSHOT).await {
+            Err(DeployError::InvalidWasm(message)) => assert!(message.contains("the initialiser failed"), "{message}"),
+            other => panic!("expected the trap in init to refuse the deploy, got {other:?}"),
+        }
     }
 }

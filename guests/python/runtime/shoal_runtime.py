@@ -6,6 +6,7 @@ results as the function's snapshot; every call then starts from that
 snapshot and goes to `Handler.handle`. Nothing here is per call.
 """
 
+import gc
 import importlib.abc
 import importlib.util
 import sys
@@ -59,6 +60,11 @@ import urllib.parse  # noqa: F401
 import uuid  # noqa: F401
 
 import shoal  # noqa: F401
+
+# Everything allocated so far is the runtime's, shared by every function:
+# out of the collector's sight, so no collection (at a deploy or in a call)
+# walks it, writing to its pages.
+gc.freeze()
 
 from componentize_py_types import Err
 from wit_world import exports
@@ -117,6 +123,9 @@ class Loader(exports.Loader):
         if not callable(handle):
             raise Err(f"{ENTRY}.py defines no function `handle(input: bytes) -> bytes`")
         _handle = handle
+        # The same for the function's own objects: a call's collections
+        # walk only what the call allocated.
+        gc.freeze()
 
 
 class Handler(exports.Handler):

@@ -30,6 +30,7 @@ fn description(record: &FunctionRecord) -> serde_json::Value {
         "tenant": record.tenant,
         "name": record.name,
         "kind": record.kind,
+        "snapshot": record.snapshot,
         "sha256": record.sha256,
         "size_bytes": record.size_bytes,
         "memory_bytes": record.memory_bytes,
@@ -84,6 +85,7 @@ fn deploy_spec(node: &Node, query: Option<&str>) -> Result<DeploySpec, ApiError>
         timeout: config.default_timeout,
         env: Vec::new(),
         language: None,
+        snapshot: false,
     };
     let mut env_bytes = 0;
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
@@ -129,9 +131,16 @@ fn deploy_spec(node: &Node, query: Option<&str>) -> Result<DeploySpec, ApiError>
                 spec.env.retain(|(k, _)| k != name);
                 spec.env.push((name.to_string(), val.to_string()));
             }
+            "snapshot" => {
+                spec.snapshot = match value.as_ref() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(ApiError::bad_request(format!("snapshot={value:?} is not true or false"))),
+                };
+            }
             "language" => {
                 let language = shoal_runtime::Language::parse(&value).ok_or_else(|| {
-                    ApiError::bad_request(format!("language={value:?} is not one Shoal runs (python)"))
+                    ApiError::bad_request(format!("language={value:?} is not one Shoal runs (python, javascript)"))
                 })?;
                 spec.language = Some(language);
             }

@@ -27,16 +27,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{ComponentExportIndex, InstancePre, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, Store, UpdateDeadline};
-use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime::component::{ComponentExportIndex, InstancePre};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy};
 
 use self::memory::{BaseImage, MemorySnapshot, Plan, SnapshotMemories};
 use crate::artifact_cache::{ArtifactCache, Compiled};
-use crate::capture::CaptureBuffer;
-use crate::host::{CallLimiter, ChainCtx, ComponentCtx, FunctionPre, Linkers};
+use crate::host::{ComponentCtx, FunctionPre, Linkers, deploy_store};
 use crate::source::{Language, SourceBundle};
-use crate::{DeployError, FunctionKind, Lineage, RuntimeConfig, RuntimeError};
+use crate::{DeployError, FunctionKind, RuntimeConfig, RuntimeError};
 
 /// The loader interface's export name (wit/interpreter.wit).
 const LOADER: &str = "shoal:function/loader@0.1.0";
@@ -47,6 +45,9 @@ pub(crate) struct Interpreters {
     linkers: Linkers,
     cache: ArtifactCache,
     python: Option<&'static [u8]>,
+    javascript: Option<&'static [u8]>,
+    /// Runtimes compiled (not loaded from the cache) since start.
+    pub(crate) n_compiles: std::sync::atomic::AtomicU64,
     /// Each language's runtime, compiled on first use.
     runtimes: tokio::sync::Mutex<HashMap<Language, Arc<SharedRuntime>>>,
 }
@@ -83,7 +84,9 @@ impl Interpreters {
             linkers,
             cache,
             python: config.python_runtime.0,
+            javascript: config.js_runtime.0,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
+            n_compiles: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -96,6 +99,7 @@ impl Interpreters {
         }
         let bytes = match language {
             Language::Python => self.python,
+            Language::JavaScript => self.javascript,
         }
         .ok_or_else(|| {
             DeployError::Unsupported(format!(
@@ -123,6 +127,7 @@ impl Interpreters {
         let compiled = match self.cache.load(&engine, &sha256, FunctionKind::Component) {
             Some(compiled) => compiled,
             None => {
+                self.n_compiles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let component = stripped.component.clone();
                 let artifact = tokio::task::spawn_blocking(move || engine.precompile_component(&component))
                     .await
@@ -164,34 +169,8 @@ impl Interpreters {
         limit: Duration,
     ) -> Result<Arc<MemorySnapshot>, DeployError> {
         let capture = Arc::new(Mutex::new(None));
-        let stdout = CaptureBuffer::new(config.max_log_bytes);
-        let stderr = CaptureBuffer::new(config.max_log_bytes);
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.stdout(stdout.clone()).stderr(stderr.clone());
-        let deadline = Instant::now() + limit;
-        let mut limiter = CallLimiter::new(config.max_memory_bytes as u64);
-        limiter.plan = Some(Plan { snapshot: runtime.base_snapshot.clone(), capture: Some(capture.clone()) });
-        let ctx = ComponentCtx {
-            wasi: wasi.build(),
-            table: ResourceTable::new(),
-            limiter,
-            tenant: Arc::from(""),
-            state: None,
-            deadline,
-            leases: Vec::new(),
-            chain: ChainCtx::new(Lineage::root(), None, stderr.clone()),
-            max_call_depth: 0,
-            max_spawns_per_root: 0,
-        };
-        let mut store = Store::new(&self.engine, ctx);
-        store.limiter(|ctx| &mut ctx.limiter);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline {
-                return Err(wasmtime::format_err!("loading took longer than {} ms", limit.as_millis()));
-            }
-            Ok(UpdateDeadline::Continue(1))
-        });
+        let plan = Plan { snapshot: runtime.base_snapshot.clone(), capture: Some(capture.clone()) };
+        let (mut store, stderr) = deploy_store(&self.engine, config, limit, Some(plan), "loading");
         let files: Vec<(String, Vec<u8>)> = bundle.files.clone();
         let load = async {
             let instance = runtime.instance_pre.instantiate_async(&mut store).await?;

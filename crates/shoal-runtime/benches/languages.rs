@@ -1,0 +1,169 @@
+//! `languages`: what a Python or JavaScript function costs on its shared
+//! runtime.
+//!
+//! - the runtime: compiling it (empty cache) and loading it compiled (a
+//!   restart);
+//! - deploying N distinct functions (their source loaded, snapshot taken),
+//!   the time per deploy;
+//! - memory: RSS of the process before and after deploying and invoking
+//!   each of them once, and the pages each snapshot holds alone;
+//! - cold start (a new instance from the snapshot + one call), median and
+//!   p99, side by side with the Rust `hello` component in the same run.
+//!
+//! `cargo bench -p shoal-runtime --bench languages` (N = 100 per language); run as a test
+//! (`cargo test --all-targets`), N = 3 and a few calls, as a smoke test.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_runtime::{CallSettings, Language, Runtime, RuntimeBinary, RuntimeConfig, SourceBundle};
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib << 10)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn function_source(language: Language, i: usize) -> Vec<u8> {
+    // Distinct functions of the size of a small real one: a table built at
+    // load, a helper, a handler using both.
+    let app = match language {
+        Language::Python => format!(
+            "import json\n\nRATES = {{f'k{{n}}': n * {i} for n in range(200)}}\n\n\
+             def describe(name):\n    return {{'function': {i}, 'name': name, 'rate': RATES.get(name, 0)}}\n\n\
+             def handle(input):\n    return json.dumps(describe(input.decode())).encode()\n"
+        ),
+        Language::JavaScript => format!(
+            "const rates = new Map();\nfor (let n = 0; n < 200; n++) rates.set(`k${{n}}`, n * {i});\n\
+             const describe = (name) => ({{ function: {i}, name, rate: rates.get(name) ?? 0 }});\n\
+             exports.handle = (input) => JSON.stringify(describe(new TextDecoder().decode(input)));\n"
+        ),
+    };
+    let files = vec![(language.entry_file().to_string(), app.into_bytes())];
+    SourceBundle::new(language, files).expect("bundle").encode()
+}
+
+fn example(language: Language, name: &str) -> Vec<u8> {
+    let examples = match language {
+        Language::Python => shoal_guests::PYTHON_EXAMPLES,
+        Language::JavaScript => shoal_guests::JS_EXAMPLES,
+    };
+    let (_, files) = examples.iter().find(|(n, _)| *n == name).expect("the example exists");
+    let files = files.iter().map(|(p, c)| (p.to_string(), c.to_vec())).collect();
+    SourceBundle::new(language, files).expect("bundle").encode()
+}
+
+fn main() {
+    let full = std::env::args().any(|arg| arg == "--bench");
+    let (n_functions, n_calls) = if full { (100, 2000) } else { (3, 5) };
+    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = std::env::var_os("SHOAL_BENCH_DIR").map_or_else(|| dir.path().to_path_buf(), Into::into).join("cache");
+    let config = || {
+        let mut config = RuntimeConfig::new(&cache);
+        config.python_runtime = RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+        config.js_runtime = RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
+        config
+    };
+    let settings = CallSettings {
+        tenant: Arc::from("bench"),
+        memory_limit: 128 << 20,
+        timeout: Duration::from_secs(10),
+        env: Arc::from(Vec::new()),
+    };
+    let hellos = [
+        (Language::Python, example(Language::Python, "hello-py")),
+        (Language::JavaScript, example(Language::JavaScript, "hello-js")),
+    ];
+
+    // The runtimes are compiled on a node's first deploy of each language:
+    // done in a child process, so the compiler's heap does not hide what
+    // functions add to this one's.
+    if std::env::var_os("SHOAL_BENCH_COMPILE_ONLY").is_some() {
+        let runtime = Runtime::new(config()).expect("runtime");
+        for (language, hello) in &hellos {
+            let started = Instant::now();
+            drop(tokio.block_on(runtime.load(hello)).expect("hello loads"));
+            println!("{} runtime: first deploy on a node (compiling it) {:.2?}", language.as_str(), started.elapsed());
+        }
+        return;
+    }
+    let status = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .env("SHOAL_BENCH_COMPILE_ONLY", "1")
+        .env("SHOAL_BENCH_DIR", dir.path())
+        .status()
+        .expect("run the compile step");
+    assert!(status.success(), "the compile step failed");
+
+    let runtime = Runtime::new(config()).expect("runtime");
+    let mut loaded = Vec::new();
+    for (language, hello) in &hellos {
+        let started = Instant::now();
+        loaded.push(tokio.block_on(runtime.load(hello)).expect("hello loads"));
+        println!("{} runtime: after a restart (cached) {:.2?} to deploy hello", language.as_str(), started.elapsed());
+    }
+    println!("compiles after the restart: {}", runtime.n_compiles());
+    let rust = tokio.block_on(runtime.load(shoal_guests::HELLO)).expect("hello loads");
+    // Every function stays deployed to the end: memory freed by one
+    // language's would be reused by the next's and hide what they add.
+    let mut deployed = Vec::new();
+    for ((language, _), hello) in hellos.iter().zip(loaded) {
+        let name = language.as_str();
+
+        // N distinct functions: deploy each, call each once.
+        let rss_before = rss_bytes();
+        let mut deploys = Vec::new();
+        let mut images = Vec::new();
+        for i in 0..n_functions {
+            let source = function_source(*language, i);
+            let started = Instant::now();
+            let image = tokio.block_on(runtime.load(&source)).expect("function loads");
+            deploys.push(started.elapsed());
+            let out = tokio.block_on(runtime.call(&image, &settings, b"k7"));
+            let output = String::from_utf8_lossy(&out.result.expect("call succeeds")).replace(' ', "");
+            assert!(output.contains(&format!("\"rate\":{}", 7 * i)), "{output}");
+            images.push(image);
+        }
+        let rss_after = rss_bytes();
+        deploys.sort();
+        let own: usize = images.iter().map(|image| image.snapshot_bytes()).sum();
+        deployed.extend(images);
+        println!(
+            "{name}: deploy (runtime compiled): median {:.2?}, p99 {:.2?}, max {:.2?} over {n_functions}",
+            percentile(&deploys, 0.5),
+            percentile(&deploys, 0.99),
+            deploys.last().expect("some")
+        );
+        println!(
+            "{name}: RSS +{:.2} MiB for {n_functions} functions deployed and invoked ({:.0} KiB each); snapshots' own pages {:.0} KiB each on average",
+            (rss_after.saturating_sub(rss_before)) as f64 / (1 << 20) as f64,
+            (rss_after.saturating_sub(rss_before)) as f64 / 1024.0 / n_functions as f64,
+            own as f64 / 1024.0 / n_functions as f64
+        );
+
+        // Cold start: a fresh instance from the snapshot + one call, side
+        // by side with the Rust hello component.
+        for (what, image) in [(format!("hello ({name})"), &hello), ("hello (rust component)".to_string(), &rust)] {
+            let mut times = Vec::with_capacity(n_calls);
+            for _ in 0..n_calls {
+                let started = Instant::now();
+                let out = tokio.block_on(runtime.call(image, &settings, b"bench"));
+                times.push(started.elapsed());
+                assert!(out.result.is_ok(), "{:?}", out.result);
+            }
+            times.sort();
+            println!(
+                "cold start {what}: median {:.1?}, p99 {:.1?} over {n_calls} calls",
+                percentile(&times, 0.5),
+                percentile(&times, 0.99)
+            );
+        }
+    }
+}
