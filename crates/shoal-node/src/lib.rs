@@ -287,10 +287,17 @@ impl Node {
         let image = self.runtime().load_with(wasm, LoadOptions { snapshot: spec.snapshot }).await?;
         let declared = image.declared().memory_bytes;
         if declared > spec.memory_bytes {
+            let (kind, what) = if shoal_runtime::SourceBundle::is_bundle(wasm) {
+                (ErrorKind::InvalidSource, "the function's snapshot (its runtime's memory after loading it) is")
+            } else if image.is_snapshot() {
+                (ErrorKind::InvalidWasm, "the memory `init` left is")
+            } else {
+                (ErrorKind::InvalidWasm, "the binary declares")
+            };
             return Err(ApiError::new(
-                ErrorKind::InvalidWasm,
+                kind,
                 format!(
-                    "the binary declares {} KiB of memory at start, over this function's limit of {} KiB (memory_mb)",
+                    "{what} {} KiB of memory at start, over this function's limit of {} KiB (memory_mb)",
                     declared >> 10,
                     spec.memory_bytes >> 10
                 ),
@@ -334,7 +341,12 @@ impl Node {
         self.create_tenant(tenant).await?;
         for (name, wasm) in functions {
             let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(wasm));
-            if self.registry.get(tenant, name).is_some_and(|f| f.record.sha256 == sha && f.record.snapshot == snapshot)
+            // Source (Python, JavaScript) always starts from a snapshot.
+            let source = shoal_runtime::SourceBundle::is_bundle(wasm);
+            if self
+                .registry
+                .get(tenant, name)
+                .is_some_and(|f| f.record.sha256 == sha && (f.record.snapshot == snapshot || source))
             {
                 continue;
             }

@@ -13,7 +13,7 @@ use wasmtime::Engine;
 use wasmtime::Module;
 use wasmtime::component::Component;
 
-use crate::{DeployError, FunctionKind, RuntimeError};
+use crate::{Declared, DeployError, FunctionKind, RuntimeError};
 
 pub(crate) struct ArtifactCache {
     dir: PathBuf,
@@ -84,6 +84,44 @@ impl ArtifactCache {
         deserialize(engine, &path, kind).map_err(|e| {
             let _ = std::fs::remove_file(&path);
             DeployError::InvalidWasm(format!("the module cannot run in this node's sandboxes: {e:#}"))
+        })
+    }
+}
+
+impl ArtifactCache {
+    fn declared_path(&self, key: &[u8; 32]) -> PathBuf {
+        self.dir.join(format!("{}-{}.declared", hex::encode(key), self.fingerprint))
+    }
+
+    /// Keep what a binary compiled under `key` declares (a snapshot's
+    /// memories are those `init` left, not the deployed wasm's). Best
+    /// effort: without it, a later load falls back to the deployed wasm's.
+    pub(crate) fn store_declared(&self, key: &[u8; 32], declared: &Declared) {
+        let text = format!(
+            "{} {} {} {} {}\n",
+            declared.memory_bytes,
+            declared.largest_memory_bytes,
+            declared.largest_table_elements,
+            declared.most_memories_in_a_module,
+            declared.most_tables_in_a_module
+        );
+        if let Err(e) = std::fs::write(self.declared_path(key), text) {
+            tracing::warn!(error = %e, "keeping a snapshot's declared sizes failed");
+        }
+    }
+
+    pub(crate) fn load_declared(&self, key: &[u8; 32]) -> Option<Declared> {
+        let text = std::fs::read_to_string(self.declared_path(key)).ok()?;
+        let numbers: Vec<u64> = text.split_whitespace().map(str::parse).collect::<Result<_, _>>().ok()?;
+        let [memory_bytes, largest_memory_bytes, largest_table_elements, memories, tables] = numbers[..] else {
+            return None;
+        };
+        Some(Declared {
+            memory_bytes,
+            largest_memory_bytes,
+            largest_table_elements,
+            most_memories_in_a_module: u32::try_from(memories).ok()?,
+            most_tables_in_a_module: u32::try_from(tables).ok()?,
         })
     }
 }

@@ -113,22 +113,28 @@ impl ResourceLimiter for CallLimiter {
         mut desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if current == 0 {
-            // A memory is being created (or an empty one grown): wasmtime
-            // creates it next on this thread, from this plan (see
-            // `interp/memory.rs`), at the snapshot's size.
-            if let Some(plan) = &self.plan {
-                desired = desired.max(plan.snapshot.size());
-            }
-            plan_next(self.plan.clone());
+        // A memory being created (or an empty one grown) starts at its
+        // snapshot's size (interpreter engine).
+        let creating = current == 0;
+        if let (true, Some(plan)) = (creating, &self.plan) {
+            desired = desired.max(plan.snapshot.size());
         }
         // The limit covers all of a call's memories together.
         let after = self.memory_used.saturating_sub(current).saturating_add(desired);
         if after > self.memory_limit {
             self.memory_denied = true;
+            if creating {
+                plan_next(None);
+            }
             return Ok(false);
         }
         self.memory_used = after;
+        if creating {
+            // wasmtime creates the memory next, on this thread, with no
+            // await in between: the creator takes this plan (see
+            // `interp/memory.rs`).
+            plan_next(self.plan.clone());
+        }
         Ok(true)
     }
 
@@ -193,7 +199,9 @@ pub(crate) fn deploy_store(
         if Instant::now() >= deadline {
             return Err(wasmtime::format_err!("{doing} took longer than {} ms", limit.as_millis()));
         }
-        Ok(wasmtime::UpdateDeadline::Continue(1))
+        // Yield at every tick: deploy-time code may run for long, and must
+        // leave the executor's threads to everything else meanwhile.
+        Ok(wasmtime::UpdateDeadline::Yield(1))
     });
     (store, stderr)
 }

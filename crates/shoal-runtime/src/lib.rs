@@ -197,7 +197,7 @@ impl Runtime {
                 snapshot::INIT_EXPORT
             )));
         }
-        let declared = on_a_blocking_thread_if_large(wasm, Declared::of).await?.unwrap_or_default();
+        let mut declared = on_a_blocking_thread_if_large(wasm, Declared::of).await?.unwrap_or_default();
         if declared.largest_memory_bytes > self.config.max_memory_bytes as u64 {
             return Err(DeployError::InvalidWasm(format!(
                 "the binary declares a memory of {} MiB at start; no function may have more than {} MiB",
@@ -223,19 +223,35 @@ impl Runtime {
                 engine::TABLE_ELEMENTS
             )));
         }
-        let compiled = match self.cache.load(&self.engine, &key, kind) {
+        let cached = self.cache.load(&self.engine, &key, kind);
+        if snapshot && cached.is_some() {
+            // A snapshot's memories are larger than the wasm declares:
+            // what its own binary declared was kept beside the artifact.
+            declared = self.cache.load_declared(&key).unwrap_or(declared);
+        }
+        let compiled = match cached {
             Some(compiled) => compiled,
             None => {
                 let limit = self.config.compile_timeout;
                 let work = async {
-                    if snapshot {
-                        let _ticking = self.ticker.enter();
-                        let snapshotted =
-                            snapshot::take(&self.engine, &self.linkers, wasm, &self.config, limit).await?;
-                        self.compile(key, kind, &snapshotted).await
-                    } else {
-                        self.compile(key, kind, wasm).await
+                    if !snapshot {
+                        return self.compile(key, kind, wasm).await;
                     }
+                    let snapshotted = {
+                        // The instrumented binary is compiled too: it takes
+                        // its turn on the compile pool like any compile.
+                        let _permit = self
+                            .compile_permits
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .map_err(|_| DeployError::Internal("compile pool closed".into()))?;
+                        let _ticking = self.ticker.enter();
+                        snapshot::take(&self.engine, &self.linkers, wasm, &self.config, limit).await?
+                    };
+                    declared = on_a_blocking_thread_if_large(&snapshotted, Declared::of).await?.unwrap_or_default();
+                    self.cache.store_declared(&key, &declared);
+                    self.compile(key, kind, &snapshotted).await
                 };
                 match tokio::time::timeout(limit, work).await {
                     Ok(compiled) => compiled?,

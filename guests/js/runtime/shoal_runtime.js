@@ -102,11 +102,18 @@ export const loader = {
       body(module, module.exports, requireFrom(slash < 0 ? "" : path.slice(0, slash)));
       return module.exports;
     };
+    // What the top level logs is dropped: writing to the real stdout or
+    // stderr now would leave this instance's stream handles in the
+    // snapshot, where no later call's are the same.
+    const saved = { ...console };
+    for (const method of ["log", "info", "warn", "error", "debug", "trace"]) console[method] = () => {};
     let app;
     try {
       app = requireFrom("")(`./${ENTRY}`);
     } catch (error) {
       throw describe(error);
+    } finally {
+      Object.assign(console, saved);
     }
     if (typeof app?.handle !== "function") {
       throw `${ENTRY} exports no function handle(input): set exports.handle`;

@@ -6,6 +6,7 @@ results as the function's snapshot; every call then starts from that
 snapshot and goes to `Handler.handle`. Nothing here is per call.
 """
 
+import contextlib
 import gc
 import importlib.abc
 import importlib.util
@@ -115,10 +116,16 @@ class Loader(exports.Loader):
         if ENTRY + ".py" not in sources:
             raise Err(f"the function has no {ENTRY}.py (files: {', '.join(sorted(sources)) or 'none'})")
         sys.meta_path.insert(0, _SourceFinder(sources))
+        # What the top level prints is kept off the real stdout and stderr:
+        # writing there would leave this instance's stream handles in the
+        # snapshot, where no later call's are the same.
+        printed = io.StringIO()
         try:
-            module = __import__(ENTRY)
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                module = __import__(ENTRY)
         except BaseException:
-            raise Err(_last_exception())
+            output = printed.getvalue().strip()
+            raise Err(_last_exception() + (f"\n{output}" if output else ""))
         handle = getattr(module, "handle", None)
         if not callable(handle):
             raise Err(f"{ENTRY}.py defines no function `handle(input: bytes) -> bytes`")
@@ -132,6 +139,9 @@ class Handler(exports.Handler):
     def handle(self, input: bytes) -> bytes:
         if _handle is None:
             raise Err("no function is loaded in this Python runtime")
+        # The snapshot holds one state of the generator for every call:
+        # each call draws its own numbers.
+        random.seed()
         try:
             output = _handle(bytes(input))
         except Exception as error:

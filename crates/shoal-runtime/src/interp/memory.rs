@@ -18,6 +18,7 @@
 
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
@@ -26,7 +27,8 @@ use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 pub(crate) const PAGE: usize = 4096;
 
 /// A runtime's memory content at start, in a memfd mapped copy-on-write
-/// by every memory created from it.
+/// by every memory created from it, sealed once written: nothing can
+/// change it (a private mapping's writes never reach it either).
 pub(crate) struct BaseImage {
     memfd: OwnedFd,
     len: usize,
@@ -37,7 +39,7 @@ impl BaseImage {
         let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
         // SAFETY: memfd_create with a valid C string; the returned
         // descriptor is owned here and closed on drop.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -47,6 +49,11 @@ impl BaseImage {
         let len = content.len().next_multiple_of(PAGE);
         file.set_len(len as u64)?;
         std::os::unix::fs::FileExt::write_all_at(&file, content, 0)?;
+        let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on a descriptor we own.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         Ok(Self { memfd, len })
     }
 
@@ -122,22 +129,19 @@ thread_local! {
     static NEXT: RefCell<Option<Plan>> = const { RefCell::new(None) };
 }
 
-/// Set what the memory about to be created on this thread starts from
-/// (None: empty). Called by the store's limiter as a memory is created.
+/// Set what the memory about to be created on this thread starts from.
+/// Called by the store's limiter as it allows a memory to be created;
+/// the creator takes it (once).
 pub(crate) fn plan_next(plan: Option<Plan>) {
     NEXT.with(|next| *next.borrow_mut() = plan);
 }
 
 /// Where a live memory is, for reading it back while its store is idle.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct MemoryView {
     ptr: usize,
-    size: *const usize,
+    size: Arc<AtomicUsize>,
 }
-
-// SAFETY: the view is only dereferenced by the owner of the store the
-// memory belongs to, while that store runs nothing (see `read`).
-unsafe impl Send for MemoryView {}
 
 impl MemoryView {
     /// A copy of the memory's bytes.
@@ -146,12 +150,9 @@ impl MemoryView {
     /// The memory must still be alive (its store not dropped) and nothing
     /// may be running in its store.
     pub(crate) unsafe fn read(&self) -> Vec<u8> {
-        // SAFETY: per the caller's promise, `size` points into the live
-        // memory object and `ptr` at its mapping of at least that size.
-        unsafe {
-            let size = *self.size;
-            std::slice::from_raw_parts(self.ptr as *const u8, size).to_vec()
-        }
+        // SAFETY: per the caller's promise, `ptr` is the live memory's
+        // mapping, accessible for its current size.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.size.load(Ordering::Acquire)).to_vec() }
     }
 }
 
@@ -170,15 +171,18 @@ unsafe impl MemoryCreator for SnapshotMemories {
         reserved: Option<usize>,
         guard: usize,
     ) -> Result<Box<dyn LinearMemory>, String> {
-        let plan = NEXT.with(|next| next.borrow_mut().take());
+        // Every store of this engine has a limiter that leaves a plan
+        // right before wasmtime creates a memory; without one, refuse
+        // rather than guess what the memory should hold.
+        let plan = NEXT.with(|next| next.borrow_mut().take()).ok_or("no snapshot planned for this memory")?;
         if ty.is_shared() || ty.is_64() {
             return Err("shared and 64-bit memories are not supported in interpreter sandboxes".into());
         }
         let reserved = reserved.unwrap_or(4 << 30);
-        let memory = SnapMemory::new(plan.as_ref().map(|p| &*p.snapshot), minimum, maximum, reserved, guard)
+        let memory = SnapMemory::new(Some(&plan.snapshot), minimum, maximum, reserved, guard)
             .map_err(|e| format!("creating a linear memory: {e}"))?;
-        if let Some(capture) = plan.and_then(|p| p.capture) {
-            let view = MemoryView { ptr: memory.ptr, size: &*memory.size as *const usize };
+        if let Some(capture) = plan.capture {
+            let view = MemoryView { ptr: memory.ptr, size: memory.size.clone() };
             *capture.lock().expect("capture slot lock is never poisoned") = Some(view);
         }
         Ok(Box::new(memory))
@@ -187,8 +191,8 @@ unsafe impl MemoryCreator for SnapshotMemories {
 
 struct SnapMemory {
     ptr: usize,
-    /// Accessible bytes; boxed so a `MemoryView` can follow growth.
-    size: Box<usize>,
+    /// Accessible bytes; shared so a `MemoryView` can follow growth.
+    size: Arc<AtomicUsize>,
     maximum: Option<usize>,
     reserved: usize,
     mapped: usize,
@@ -222,7 +226,7 @@ impl SnapMemory {
         if base == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        let memory = Self { ptr: base as usize, size: Box::new(size), maximum, reserved, mapped };
+        let memory = Self { ptr: base as usize, size: Arc::new(AtomicUsize::new(size)), maximum, reserved, mapped };
         let mut zero_from = 0;
         if let Some(snapshot) = snapshot {
             let image = &snapshot.base;
@@ -292,7 +296,7 @@ impl Drop for SnapMemory {
 // access to a store's memories.
 unsafe impl LinearMemory for SnapMemory {
     fn byte_size(&self) -> usize {
-        *self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn byte_capacity(&self) -> usize {
@@ -303,8 +307,8 @@ unsafe impl LinearMemory for SnapMemory {
         if new_size > self.reserved || self.maximum.is_some_and(|max| new_size > max) {
             wasmtime::bail!("memory cannot grow to {new_size} bytes");
         }
-        self.protect(*self.size, new_size)?;
-        *self.size = new_size;
+        self.protect(self.byte_size(), new_size)?;
+        self.size.store(new_size, Ordering::Release);
         Ok(())
     }
 
@@ -335,14 +339,14 @@ mod tests {
 
         let memory = SnapMemory::new(Some(&snapshot), 8 * PAGE, None, 1 << 30, 1 << 16).unwrap();
         assert_eq!(memory.byte_size(), content.len());
-        let view = MemoryView { ptr: memory.ptr, size: &*memory.size };
+        let view = MemoryView { ptr: memory.ptr, size: memory.size.clone() };
         // SAFETY: the memory is alive and used by nothing else.
         assert_eq!(unsafe { view.read() }, content, "the memory starts as the snapshot");
         // SAFETY: as above; a write to the private mapping.
         unsafe { *(memory.ptr as *mut u8).add(PAGE) = 42 };
         assert_eq!(base.read().unwrap()[PAGE], 1, "writes never reach the shared base");
         let second = SnapMemory::new(Some(&snapshot), 8 * PAGE, None, 1 << 30, 1 << 16).unwrap();
-        let view = MemoryView { ptr: second.ptr, size: &*second.size };
+        let view = MemoryView { ptr: second.ptr, size: second.size.clone() };
         // SAFETY: as above.
         assert_eq!(unsafe { view.read() }[PAGE], 1, "nor another memory of the same snapshot");
     }

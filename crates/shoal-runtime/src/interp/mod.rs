@@ -67,6 +67,9 @@ pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeErro
     wasm.strategy(wasmtime::Strategy::Cranelift)
         .allocation_strategy(InstanceAllocationStrategy::OnDemand)
         .with_host_memory(Arc::new(SnapshotMemories))
+        // Memories get their content from `SnapshotMemories`, never from
+        // wasmtime's own images.
+        .memory_init_cow(false)
         .epoch_interruption(true)
         .max_wasm_stack(config.max_wasm_stack)
         .async_stack_size(config.async_stack_size)
@@ -117,13 +120,17 @@ impl Interpreters {
     async fn prepare(&self, bytes: &'static [u8]) -> Result<SharedRuntime, DeployError> {
         let engine = self.engine.clone();
         let internal = |what: &str, e: &dyn std::fmt::Display| DeployError::Internal(format!("{what}: {e}"));
-        let (sha256, stripped) = tokio::task::spawn_blocking(move || {
-            let sha256: [u8; 32] = Sha256::digest(bytes).into();
-            (sha256, strip::strip(bytes))
-        })
-        .await
-        .map_err(|e| internal("splitting the runtime", &e))?;
-        let stripped = stripped.map_err(|e| DeployError::Internal(format!("the runtime cannot be used: {e}")))?;
+        let stripped = tokio::task::spawn_blocking(move || strip::strip(bytes))
+            .await
+            .map_err(|e| internal("splitting the runtime", &e))?
+            .map_err(|e| DeployError::Internal(format!("the runtime cannot be used: {e}")))?;
+        // Keyed by what is compiled, tagged: never the key of a function
+        // that deployed the same bytes as an ordinary component.
+        let sha256: [u8; 32] = Sha256::new()
+            .chain_update(b"shoal-interpreter-runtime\0")
+            .chain_update(&stripped.component)
+            .finalize()
+            .into();
         let compiled = match self.cache.load(&engine, &sha256, FunctionKind::Component) {
             Some(compiled) => compiled,
             None => {
