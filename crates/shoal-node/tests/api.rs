@@ -1392,3 +1392,65 @@ async fn shutdown_waits_for_requests_in_flight_only_until_the_drain_timeout() {
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "stopped after {:?}", started.elapsed());
     assert!(sleeping.await.unwrap().is_err(), "the cut-off request sees its connection close");
 }
+
+/// Functions deployed as source, over HTTP.
+mod source_functions {
+    use super::*;
+
+    async fn python_node() -> TestNode {
+        TestNode::start_with(|config| {
+            config.python_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+            // Compiled once for every run of these tests.
+            config.runtime_cache_dir = Some(concat!(env!("CARGO_TARGET_TMPDIR"), "/runtime-cache").into());
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn python_source_deploys_as_one_canonical_bundle_and_bad_uploads_are_named() {
+        let node = python_node().await;
+        let app = b"from util import shout\ndef handle(input):\n    return shout(input.decode())\n";
+        let util = b"def shout(s):\n    return s.upper() + '!'\n";
+
+        // A single file is the entry file.
+        let (status, described) = node.deploy("demo/one", "language=python", b"def handle(i):\n    return i\n").await;
+        assert_eq!(status, StatusCode::CREATED, "{described}");
+        assert_eq!((described["kind"].as_str(), described["snapshot"].as_bool()), (Some("python"), Some(true)));
+        assert_eq!(node.invoke("demo/one", b"same").await, (StatusCode::OK, b"same".to_vec()));
+
+        // A bundle sent as it is, its files out of order, is stored in the
+        // canonical form: the same hash as the same source sorted.
+        let mut raw = b"\0shoal-source\npython\n".to_vec();
+        for (path, contents) in [("util.py", &util[..]), ("app.py", &app[..])] {
+            raw.extend_from_slice(format!("{path}\n{}\n", contents.len()).as_bytes());
+            raw.extend_from_slice(contents);
+        }
+        let canonical = shoal_runtime::SourceBundle::decode(&raw).unwrap().encode();
+        assert_ne!(raw, canonical);
+        let (status, described) = node.deploy("demo/two", "", &raw).await;
+        assert_eq!(status, StatusCode::CREATED, "{described}");
+        assert_eq!(described["sha256"], hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&canonical)));
+        assert_eq!(node.invoke("demo/two", b"hey").await, (StatusCode::OK, b"HEY!".to_vec()));
+
+        // Refusals name their reason and kind.
+        let (status, body) = node.deploy("demo/bad", "language=python", b"def handle(i)\n").await;
+        assert_eq!(
+            (status, body["error"]["kind"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_source"))
+        );
+        assert!(body["error"]["message"].as_str().unwrap().contains("SyntaxError"), "{body}");
+        let (status, body) = node.deploy("demo/bad", "language=cobol", app).await;
+        assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+        let (status, body) = node.deploy("demo/bad", "snapshot=maybe", shoal_guests::HELLO).await;
+        assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+        let (status, body) = node.deploy("demo/bad", "language=python", shoal_guests::HELLO).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("WebAssembly"), "{body}");
+        // JavaScript is not configured on this node: said so, nothing stored.
+        let (status, body) = node.deploy("demo/bad", "language=js", b"exports.handle = () => 1;").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("no javascript runtime"), "{body}");
+        assert_eq!(node.invoke("demo/bad", b"").await.0, StatusCode::NOT_FOUND);
+        node.stop().await;
+    }
+}

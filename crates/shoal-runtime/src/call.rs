@@ -231,6 +231,7 @@ pub(crate) async fn run(
                 chain: ChainCtx::new(lineage, runtime.invoker.get().cloned(), stderr.clone()),
                 max_call_depth: config.max_call_depth,
                 max_spawns_per_root: config.max_spawns_per_root,
+                env: settings.env.clone(),
             };
             let mut store = Store::new(engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);

@@ -47,6 +47,8 @@ pub(crate) struct ComponentCtx {
     pub(crate) chain: ChainCtx,
     pub(crate) max_call_depth: u32,
     pub(crate) max_spawns_per_root: u32,
+    /// The env vars set at deploy (`shoal:function/environment`).
+    pub(crate) env: Arc<[(String, String)]>,
 }
 
 impl Drop for ComponentCtx {
@@ -156,6 +158,20 @@ impl Linkers {
         wasmtime_wasi::p2::add_to_linker_async(&mut component).map_err(link_error)?;
         Function::add_to_linker::<ComponentCtx, HasSelf<ComponentCtx>>(&mut component, |ctx| ctx)
             .map_err(link_error)?;
+        // wit/interpreter.wit's `environment`, for shared language runtimes.
+        component
+            .instance("shoal:function/environment@0.1.0")
+            .and_then(|mut environment| {
+                environment.func_wrap(
+                    "get",
+                    |store: wasmtime::StoreContextMut<'_, ComponentCtx>,
+                     (): ()|
+                     -> wasmtime::Result<(Vec<(String, String)>,)> {
+                        Ok((store.data().env.to_vec(),))
+                    },
+                )
+            })
+            .map_err(link_error)?;
         let mut command = wasmtime::Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut command, |ctx: &mut CommandCtx| &mut ctx.wasi)
             .map_err(link_error)?;
@@ -191,6 +207,7 @@ pub(crate) fn deploy_store(
         chain: ChainCtx::new(crate::Lineage::root(), None, stderr.clone()),
         max_call_depth: 0,
         max_spawns_per_root: 0,
+        env: Arc::from(Vec::new()),
     };
     let mut store = wasmtime::Store::new(engine, ctx);
     store.limiter(|ctx| &mut ctx.limiter);

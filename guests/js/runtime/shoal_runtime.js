@@ -12,6 +12,7 @@
 
 import * as state from "shoal:function/state@0.1.0";
 import * as invoke from "shoal:function/invoke@0.1.0";
+import * as environment from "shoal:function/environment@0.1.0";
 
 const ENTRY = "app.js";
 
@@ -63,6 +64,8 @@ const shoal = Object.freeze({
   spawn: (name, input = "") => host(invoke.spawn, name, bytes(input)),
   wait: (id) => host(invoke.await, BigInt(id)),
   text: (input) => decoder.decode(input),
+  /** The env vars set at deploy, as an object. */
+  env: () => Object.fromEntries(environment.get()),
 });
 
 let handleFn = null;

@@ -41,6 +41,7 @@ import heapq  # noqa: F401
 import hmac  # noqa: F401
 import html  # noqa: F401
 import io  # noqa: F401
+import os
 import ipaddress  # noqa: F401
 import itertools  # noqa: F401
 import json  # noqa: F401
@@ -69,6 +70,7 @@ gc.freeze()
 
 from componentize_py_types import Err
 from wit_world import exports
+from wit_world.imports import environment
 
 ENTRY = "app"
 
@@ -142,6 +144,10 @@ class Handler(exports.Handler):
         # The snapshot holds one state of the generator for every call:
         # each call draws its own numbers.
         random.seed()
+        # os.environ was filled when the runtime was built: the call's
+        # are the ones set at deploy.
+        os.environ.clear()
+        os.environ.update(environment.get())
         try:
             output = _handle(bytes(input))
         except Exception as error:

@@ -164,6 +164,10 @@ pub(super) async fn deploy(
     if let Some(language) = spec.language {
         // Stored and shared as the canonical bundle, like wasm by content.
         wasm = shoal_runtime::SourceBundle::from_upload(language, &wasm)?.encode().into();
+    } else if shoal_runtime::SourceBundle::is_bundle(&wasm) {
+        // A bundle sent as it is: stored in its canonical form too, so the
+        // same source has one hash however its files were ordered.
+        wasm = shoal_runtime::SourceBundle::decode(&wasm)?.encode().into();
     }
     let record = node.deploy(&tenant, &name, &wasm, spec).await?;
     Ok((StatusCode::CREATED, Json(description(&record))))
