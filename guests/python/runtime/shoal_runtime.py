@@ -63,6 +63,10 @@ import uuid  # noqa: F401
 
 import shoal  # noqa: F401
 
+# Whatever environment the runtime was built in is not a function's: each
+# call sets the env vars of its deploy (see Handler.handle).
+os.environ.clear()
+
 # Everything allocated so far is the runtime's, shared by every function:
 # out of the collector's sight, so no collection (at a deploy or in a call)
 # walks it, writing to its pages.
@@ -143,11 +147,15 @@ class Handler(exports.Handler):
             raise Err("no function is loaded in this Python runtime")
         # The snapshot holds one state of the generator for every call:
         # each call draws its own numbers.
-        random.seed()
+        # (16 bytes are plenty: the seed is hashed into the generator's
+        # state; the default would read 2,500.)
+        random.seed(os.urandom(16))
         # os.environ was filled when the runtime was built: the call's
         # are the ones set at deploy.
-        os.environ.clear()
-        os.environ.update(environment.get())
+        wanted = dict(environment.get())
+        if os.environ != wanted:
+            os.environ.clear()
+            os.environ.update(wanted)
         try:
             output = _handle(bytes(input))
         except Exception as error:
