@@ -240,12 +240,7 @@ impl Runtime {
                     let snapshotted = {
                         // The instrumented binary is compiled too: it takes
                         // its turn on the compile pool like any compile.
-                        let _permit = self
-                            .compile_permits
-                            .clone()
-                            .acquire_owned()
-                            .await
-                            .map_err(|_| DeployError::Internal("compile pool closed".into()))?;
+                        let _permit = self.compile_permit().await?;
                         let _ticking = self.ticker.enter();
                         snapshot::take(&self.engine, &self.linkers, wasm, &self.config, limit).await?
                     };
@@ -291,17 +286,21 @@ impl Runtime {
         image
     }
 
+    /// A place on the compile pool, waited for.
+    async fn compile_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, DeployError> {
+        self.compile_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| DeployError::Internal("compile pool closed".into()))
+    }
+
     /// Compile on the pool and cache the artifact. The pool's permit and
     /// the work belong to the blocking task: a deploy that stops waiting
     /// (its compile timed out, or its client left) leaves the compile to
     /// finish, holding its place on the pool, and its artifact cached.
     async fn compile(&self, sha256: [u8; 32], kind: FunctionKind, wasm: &[u8]) -> Result<Compiled, DeployError> {
-        let permit = self
-            .compile_permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| DeployError::Internal("compile pool closed".into()))?;
+        let permit = self.compile_permit().await?;
         // A compile of the same bytes that finished while this one waited
         // (a deploy that timed out and is retried).
         if let Some(compiled) = self.cache.load(&self.engine, &sha256, kind) {
