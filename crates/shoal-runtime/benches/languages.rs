@@ -8,7 +8,10 @@
 //! - memory: RSS of the process before and after deploying and invoking
 //!   each of them once, and the pages each snapshot holds alone;
 //! - cold start (a new instance from the snapshot + one call), median and
-//!   p99, side by side with the Rust `hello` component in the same run.
+//!   p99, side by side with the same function on a runtime that makes
+//!   every call's memory afresh (no idle memories kept) and with the Rust
+//!   `hello` component, in the same run; and the first call after each
+//!   deploy (no memory of the function kept yet).
 //!
 //! `cargo bench -p shoal-runtime --bench languages` (N = 100 per language); run as a test
 //! (`cargo test --all-targets`), N = 3 and a few calls, as a smoke test.
@@ -110,36 +113,55 @@ fn main() {
         println!("{} runtime: after a restart (cached) {:.2?} to deploy hello", language.as_str(), started.elapsed());
     }
     println!("compiles after the restart: {}", runtime.n_compiles());
+    // The same hellos on a runtime that makes every call's memory afresh
+    // (no reuse), for the side-by-side cold start below.
+    let afresh = Runtime::new(RuntimeConfig { idle_interpreter_memories: 0, ..config() }).expect("runtime");
+    let afresh_hellos: Vec<_> =
+        hellos.iter().map(|(_, hello)| tokio.block_on(afresh.load(hello)).expect("hello loads")).collect();
     let rust = tokio.block_on(runtime.load(shoal_guests::HELLO)).expect("hello loads");
     // Every function stays deployed to the end: memory freed by one
     // language's would be reused by the next's and hide what they add.
     let mut deployed = Vec::new();
-    for ((language, _), hello) in hellos.iter().zip(loaded) {
+    for (((language, _), hello), hello_afresh) in hellos.iter().zip(loaded).zip(afresh_hellos) {
         let name = language.as_str();
 
-        // N distinct functions: deploy each, call each once.
+        // N distinct functions: deploy each, call each once. On a runtime
+        // of their own, so the idle memories this language's calls keep
+        // do not push out the other's (which would hide what they add).
+        let own = Runtime::new(config()).expect("runtime");
+        drop(tokio.block_on(own.load(&hellos[0].1)).expect("hello loads"));
+        drop(tokio.block_on(own.load(&hellos[1].1)).expect("hello loads"));
         let rss_before = rss_bytes();
         let mut deploys = Vec::new();
+        let mut first_calls = Vec::new();
         let mut images = Vec::new();
         for i in 0..n_functions {
             let source = function_source(*language, i);
             let started = Instant::now();
-            let image = tokio.block_on(runtime.load(&source)).expect("function loads");
+            let image = tokio.block_on(own.load(&source)).expect("function loads");
             deploys.push(started.elapsed());
-            let out = tokio.block_on(runtime.call(&image, &settings, b"k7"));
+            let started = Instant::now();
+            let out = tokio.block_on(own.call(&image, &settings, b"k7"));
+            first_calls.push(started.elapsed());
             let output = String::from_utf8_lossy(&out.result.expect("call succeeds")).replace(' ', "");
             assert!(output.contains(&format!("\"rate\":{}", 7 * i)), "{output}");
             images.push(image);
         }
         let rss_after = rss_bytes();
         deploys.sort();
+        first_calls.sort();
         let own: usize = images.iter().map(|image| image.snapshot_bytes()).sum();
-        deployed.extend(images);
+        deployed.push((own, images));
         println!(
             "{name}: deploy (runtime compiled): median {:.2?}, p99 {:.2?}, max {:.2?} over {n_functions}",
             percentile(&deploys, 0.5),
             percentile(&deploys, 0.99),
             deploys.last().expect("some")
+        );
+        println!(
+            "{name}: first call after deploy (its memory made afresh): median {:.2?}, p99 {:.2?}",
+            percentile(&first_calls, 0.5),
+            percentile(&first_calls, 0.99)
         );
         println!(
             "{name}: RSS +{:.2} MiB for {n_functions} functions deployed and invoked ({:.0} KiB each); snapshots' own pages {:.0} KiB each on average",
@@ -150,7 +172,12 @@ fn main() {
 
         // Cold start: a fresh instance from the snapshot + one call, side
         // by side with the Rust hello component.
-        for (what, image) in [(format!("hello ({name})"), &hello), ("hello (rust component)".to_string(), &rust)] {
+        let runs = [
+            (format!("hello ({name})"), &runtime, &hello),
+            (format!("hello ({name}), memory made afresh every call"), &afresh, &hello_afresh),
+            ("hello (rust component)".to_string(), &runtime, &rust),
+        ];
+        for (what, runtime, image) in runs {
             let mut times = Vec::with_capacity(n_calls);
             for _ in 0..n_calls {
                 let started = Instant::now();

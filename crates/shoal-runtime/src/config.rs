@@ -62,6 +62,14 @@ pub struct RuntimeConfig {
     /// Where compiled language runtimes are cached, if not in `cache_dir`
     /// (nodes on one machine may share it). Default: none.
     pub runtime_cache_dir: Option<PathBuf>,
+    /// Linear memories of Python and JavaScript functions kept between
+    /// calls, in all (least recently used go first; at most two per
+    /// function), each reset to its function's snapshot after a call by
+    /// restoring only the pages the call wrote. A call that finds none
+    /// makes one afresh. 0 turns reuse off. Needs Linux 6.7
+    /// (PAGEMAP_SCAN); older kernels always make memories afresh.
+    /// Default 64.
+    pub idle_interpreter_memories: usize,
 }
 
 /// A language runtime's component, built into the binary.
@@ -101,6 +109,7 @@ impl RuntimeConfig {
             python_runtime: RuntimeBinary::default(),
             js_runtime: RuntimeBinary::default(),
             runtime_cache_dir: None,
+            idle_interpreter_memories: 64,
         }
     }
 

@@ -1265,12 +1265,20 @@ mod python {
         // changes is gone by the next.
         let stateful = source(&[(
             "app.py",
-            "import os\nLOADS = [os.getpid() if hasattr(os, 'getpid') else 0]\nTABLE = {i: i * i for i in range(10000)}\ncalls = 0\n\
-             def handle(input):\n    global calls\n    calls += 1\n    return f'{len(LOADS)} {TABLE[9999]} {calls}'\n",
+            "import os\nLOADS = [os.getpid() if hasattr(os, 'getpid') else 0]\nTABLE = {i: i * i for i in range(10000)}\ncalls = 0\nBIG = []\n\
+             def handle(input):\n    global calls\n    calls += 1\n    TABLE[9999] += 1\n\
+             \x20   BIG.append(bytearray(b'x') * (8 << 20))\n\
+             \x20   while input == b'spin':\n        pass\n\
+             \x20   return f'{len(LOADS)} {TABLE[9999] - 1} {calls} {len(BIG)}'\n",
         )]);
         let stateful = rt.load(&stateful).await.expect("loads");
-        for _ in 0..3 {
-            assert_eq!(ok(rt.call(&stateful, &py_settings(), b"").await), "1 99980001 1");
+        // Each call changes module state and grows memory by 8 MiB; a
+        // memory kept for the next call is reset first (even after a call
+        // that timed out), so every call sees what the deploy left.
+        let quick = CallSettings { timeout: Duration::from_millis(300), ..py_settings() };
+        for round in 0..3 {
+            assert_eq!(ok(rt.call(&stateful, &py_settings(), b"").await), "1 99980001 1 1", "round {round}");
+            assert!(matches!(rt.call(&stateful, &quick, b"spin").await.result, Err(CallError::Timeout { .. })));
         }
         // Both functions share the runtime; each holds only its own pages.
         assert!(hello.snapshot_bytes() > 0);

@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
+use super::tracking::Tracker;
+
 /// The size of a host page; snapshots differ from their base in whole pages.
 pub(crate) const PAGE: usize = 4096;
 
@@ -32,6 +34,22 @@ pub(crate) const PAGE: usize = 4096;
 pub(crate) struct BaseImage {
     memfd: OwnedFd,
     len: usize,
+    /// The memfd mapped shared and read-only, to restore pages from.
+    view: usize,
+}
+
+// SAFETY: `view` is a read-only mapping of sealed content: nothing can
+// change what it points to, from any thread.
+unsafe impl Send for BaseImage {}
+unsafe impl Sync for BaseImage {}
+
+impl Drop for BaseImage {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps the view made in `new`.
+            unsafe { libc::munmap(self.view as *mut libc::c_void, self.len) };
+        }
+    }
 }
 
 impl BaseImage {
@@ -54,7 +72,31 @@ impl BaseImage {
         if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Self { memfd, len })
+        let view = if len == 0 {
+            0
+        } else {
+            // SAFETY: a new shared read-only mapping of the sealed memfd,
+            // owned by the returned value and unmapped on drop.
+            let at = unsafe {
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, memfd.as_raw_fd(), 0)
+            };
+            if at == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            at as usize
+        };
+        Ok(Self { memfd, len, view })
+    }
+
+    /// The base's bytes in [from, to) (zeros past its end).
+    fn copy_to(&self, from: usize, to: usize, dest: *mut u8) {
+        let shared = to.min(self.len).max(from);
+        // SAFETY: [from, shared) lies within the view; `dest` has room for
+        // `to - from` bytes (the caller's memory range).
+        unsafe {
+            std::ptr::copy_nonoverlapping((self.view + from) as *const u8, dest, shared - from);
+            std::ptr::write_bytes(dest.add(shared - from), 0, to - shared);
+        }
     }
 
     /// The base's bytes, read back (for taking differences from it).
@@ -73,12 +115,28 @@ pub(crate) struct MemorySnapshot {
     size: usize,
     /// Runs of pages differing from the base (zero beyond it), by offset.
     runs: Vec<(usize, Box<[u8]>)>,
+    /// Names this snapshot's idle memories (never reused for another).
+    id: u64,
+    /// The idle memories this snapshot's were given to, if any: emptied
+    /// of them when the snapshot goes.
+    kept_in: Mutex<Option<std::sync::Weak<IdleMemories>>>,
+}
+
+static NEXT_SNAPSHOT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl Drop for MemorySnapshot {
+    fn drop(&mut self) {
+        let kept_in = self.kept_in.get_mut().map(|kept| kept.take()).unwrap_or_default();
+        if let Some(idle) = kept_in.and_then(|weak| weak.upgrade()) {
+            idle.forget(self.id);
+        }
+    }
 }
 
 impl MemorySnapshot {
     /// The base itself, `size` bytes long.
     pub(crate) fn of_base(base: Arc<BaseImage>, size: usize) -> Self {
-        Self { base, size, runs: Vec::new() }
+        Self::new(base, size, Vec::new())
     }
 
     /// `content` as differences from `base`, whose bytes are `base_bytes`.
@@ -104,7 +162,36 @@ impl MemorySnapshot {
         if let Some((start, bytes)) = run {
             runs.push((start, bytes.into_boxed_slice()));
         }
-        Self { base, size: content.len(), runs }
+        Self::new(base, content.len(), runs)
+    }
+
+    fn new(base: Arc<BaseImage>, size: usize, runs: Vec<(usize, Box<[u8]>)>) -> Self {
+        let id = NEXT_SNAPSHOT_ID.fetch_add(1, Ordering::Relaxed);
+        Self { base, size, runs, id, kept_in: Mutex::default() }
+    }
+
+    /// Split [from, to) into pieces with their snapshot content: `Some`
+    /// with the bytes where the snapshot has its own pages, `None` where
+    /// it is the base's (or zero past it).
+    fn pieces(&self, from: usize, to: usize, mut piece: impl FnMut(usize, usize, Option<&[u8]>)) {
+        let mut at = from;
+        // The first run that ends after `from`.
+        let first = self.runs.partition_point(|(offset, bytes)| offset + bytes.len() <= from);
+        for (offset, bytes) in &self.runs[first..] {
+            if at >= to || *offset >= to {
+                break;
+            }
+            if *offset > at {
+                piece(at, offset - at, None);
+                at = *offset;
+            }
+            let end = (offset + bytes.len()).min(to);
+            piece(at, end - at, Some(&bytes[at - offset..end - offset]));
+            at = end;
+        }
+        if at < to {
+            piece(at, to - at, None);
+        }
     }
 
     /// Bytes held by this snapshot alone (the pages differing from the base).
@@ -156,12 +243,27 @@ impl MemoryView {
     }
 }
 
-/// Creates the memories of the interpreter engine.
-pub(crate) struct SnapshotMemories;
+/// Creates the memories of the interpreter engine, reusing the memories
+/// of earlier calls of the same function where it can.
+pub(crate) struct SnapshotMemories {
+    idle: Arc<IdleMemories>,
+}
 
-// SAFETY: every memory is a fresh reservation of `reserved + guard` bytes
-// with only the accessible part readable and writable, so the guard the
-// compiled code relies on is unmapped; see `SnapMemory`.
+impl SnapshotMemories {
+    /// Keeping at most `idle_limit` idle memories (0: none).
+    pub(crate) fn new(idle_limit: usize) -> Self {
+        Self { idle: Arc::new(IdleMemories { limit: idle_limit, list: Mutex::default() }) }
+    }
+}
+
+/// Idle memories kept per snapshot: enough for a function called twice
+/// at once without holding more than it uses.
+const IDLE_PER_SNAPSHOT: usize = 2;
+
+// SAFETY: every memory is a reservation of `reserved + guard` bytes with
+// only the accessible part readable and writable, so the guard the
+// compiled code relies on is never mapped; a reused memory is reset to
+// exactly what a fresh one would hold (see `SnapMemory::reset`).
 unsafe impl MemoryCreator for SnapshotMemories {
     fn new_memory(
         &self,
@@ -179,8 +281,22 @@ unsafe impl MemoryCreator for SnapshotMemories {
             return Err("shared and 64-bit memories are not supported in interpreter sandboxes".into());
         }
         let reserved = reserved.unwrap_or(4 << 30);
-        let memory = SnapMemory::new(Some(&plan.snapshot), minimum, maximum, reserved, guard)
-            .map_err(|e| format!("creating a linear memory: {e}"))?;
+        // A call's memory may be reused by the function's next call; a
+        // deploy's (captured to take the snapshot) is never.
+        let reusable = plan.capture.is_none() && self.idle.limit > 0 && plan.snapshot.size % PAGE == 0;
+        let tracker = if reusable { Tracker::get() } else { None };
+        let error = |e: std::io::Error| format!("creating a linear memory: {e}");
+        let memory = match tracker {
+            Some(tracker) => {
+                let pool = Pool { snapshot: plan.snapshot.clone(), idle: self.idle.clone() };
+                match pool.take(reserved, guard) {
+                    Some(area) => SnapMemory::reused(area, pool, minimum, maximum).map_err(error)?,
+                    None => SnapMemory::fresh(&plan.snapshot, minimum, maximum, reserved, guard, Some((tracker, pool)))
+                        .map_err(error)?,
+                }
+            }
+            None => SnapMemory::fresh(&plan.snapshot, minimum, maximum, reserved, guard, None).map_err(error)?,
+        };
         if let Some(capture) = plan.capture {
             let view = MemoryView { ptr: memory.ptr, size: memory.size.clone() };
             *capture.lock().expect("capture slot lock is never poisoned") = Some(view);
@@ -189,34 +305,21 @@ unsafe impl MemoryCreator for SnapshotMemories {
     }
 }
 
-struct SnapMemory {
+/// Address space reserved for one linear memory, unmapped on drop.
+struct Area {
     ptr: usize,
-    /// Accessible bytes; shared so a `MemoryView` can follow growth.
-    size: Arc<AtomicUsize>,
-    maximum: Option<usize>,
     reserved: usize,
-    mapped: usize,
+    guard: usize,
 }
 
-impl SnapMemory {
-    fn new(
-        snapshot: Option<&MemorySnapshot>,
-        minimum: usize,
-        maximum: Option<usize>,
-        reserved: usize,
-        guard: usize,
-    ) -> std::io::Result<Self> {
-        let size = snapshot.map_or(minimum, |s| s.size.max(minimum));
-        if size > reserved || maximum.is_some_and(|max| size > max) {
-            return Err(std::io::Error::other("the snapshot is larger than the memory may be"));
-        }
-        let mapped = reserved + guard;
+impl Area {
+    fn new(reserved: usize, guard: usize) -> std::io::Result<Self> {
         // SAFETY: a fresh anonymous reservation, no access; owned by the
         // returned value and unmapped on drop.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                mapped,
+                reserved + guard,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
@@ -226,44 +329,174 @@ impl SnapMemory {
         if base == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        let memory = Self { ptr: base as usize, size: Arc::new(AtomicUsize::new(size)), maximum, reserved, mapped };
-        let mut zero_from = 0;
-        if let Some(snapshot) = snapshot {
-            let image = &snapshot.base;
-            let shared = image.len.min(size);
-            if shared > 0 {
-                // SAFETY: maps the memfd over the start of our own
-                // reservation (MAP_FIXED within it), private: writes stay ours.
-                let at = unsafe {
-                    libc::mmap(
-                        base,
-                        shared,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_FIXED,
-                        image.memfd.as_raw_fd(),
-                        0,
-                    )
-                };
-                if at == libc::MAP_FAILED {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            zero_from = shared;
+        Ok(Self { ptr: base as usize, reserved, guard })
+    }
+}
+
+impl Drop for Area {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the reservation made in `new`.
+        unsafe {
+            libc::munmap(self.ptr as *mut libc::c_void, self.reserved + self.guard);
         }
-        memory.protect(zero_from, size)?;
-        if let Some(snapshot) = snapshot {
-            for (offset, bytes) in &snapshot.runs {
-                let end = (offset + bytes.len()).min(size);
-                if *offset >= end {
-                    continue;
-                }
-                // SAFETY: [offset, end) lies within the accessible part,
-                // mapped read-write above.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), (memory.ptr + offset) as *mut u8, end - offset);
-                }
+    }
+}
+
+/// Memories of finished calls, each reset to its snapshot, least
+/// recently used first: the next call of the same function takes one; a
+/// memory given back past the limit pushes out the oldest.
+pub(crate) struct IdleMemories {
+    limit: usize,
+    list: Mutex<std::collections::VecDeque<(u64, Area)>>,
+}
+
+impl IdleMemories {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, Area)>> {
+        self.list.lock().expect("idle list lock is never poisoned")
+    }
+
+    /// Drop the memories kept for snapshot `id` (it is gone).
+    fn forget(&self, id: u64) {
+        let mut list = self.lock();
+        let mut gone = Vec::new();
+        let mut at = 0;
+        while at < list.len() {
+            if list[at].0 == id {
+                gone.extend(list.remove(at));
+            } else {
+                at += 1;
             }
         }
+        drop(list);
+        drop(gone); // unmapped outside the lock
+    }
+
+    #[cfg(test)]
+    fn count(&self, id: Option<u64>) -> usize {
+        self.lock().iter().filter(|(kept, _)| id.is_none_or(|id| *kept == id)).count()
+    }
+}
+
+/// Where a call's memory goes back to after the call.
+struct Pool {
+    snapshot: Arc<MemorySnapshot>,
+    idle: Arc<IdleMemories>,
+}
+
+impl Pool {
+    fn take(&self, reserved: usize, guard: usize) -> Option<Area> {
+        let mut list = self.idle.lock();
+        let at = list
+            .iter()
+            .rposition(|(id, area)| *id == self.snapshot.id && area.reserved == reserved && area.guard == guard)?;
+        list.remove(at).map(|(_, area)| area)
+    }
+
+    fn give_back(&self, area: Area) {
+        let id = self.snapshot.id;
+        let mut list = self.idle.lock();
+        let dropped = if list.iter().filter(|(kept, _)| *kept == id).count() >= IDLE_PER_SNAPSHOT {
+            Some(area)
+        } else {
+            list.push_back((id, area));
+            if list.len() > self.idle.limit { list.pop_front().map(|(_, area)| area) } else { None }
+        };
+        drop(list);
+        drop(dropped); // unmapped outside the lock
+        let mut kept_in = self.snapshot.kept_in.lock().expect("kept_in lock is never poisoned");
+        if kept_in.is_none() {
+            *kept_in = Some(Arc::downgrade(&self.idle));
+        }
+    }
+}
+
+struct SnapMemory {
+    ptr: usize,
+    /// Accessible bytes; shared so a `MemoryView` can follow growth.
+    size: Arc<AtomicUsize>,
+    maximum: Option<usize>,
+    /// `None` only while being dropped.
+    area: Option<Area>,
+    /// Set for a memory whose writes are tracked: reset and kept for the
+    /// snapshot's next call when dropped.
+    reuse: Option<(&'static Tracker, Pool)>,
+}
+
+impl SnapMemory {
+    /// A new memory holding `snapshot`, its writes tracked if `reuse` says
+    /// where it goes after the call.
+    fn fresh(
+        snapshot: &MemorySnapshot,
+        minimum: usize,
+        maximum: Option<usize>,
+        reserved: usize,
+        guard: usize,
+        reuse: Option<(&'static Tracker, Pool)>,
+    ) -> std::io::Result<Self> {
+        let size = snapshot.size.max(minimum);
+        if size > reserved || maximum.is_some_and(|max| size > max) {
+            return Err(std::io::Error::other("the snapshot is larger than the memory may be"));
+        }
+        let area = Area::new(reserved, guard)?;
+        let mut memory =
+            Self { ptr: area.ptr, size: Arc::new(AtomicUsize::new(size)), maximum, area: Some(area), reuse: None };
+        let image = &snapshot.base;
+        let shared = image.len.min(size);
+        if shared > 0 {
+            // SAFETY: maps the memfd over the start of our own
+            // reservation (MAP_FIXED within it), private: writes stay ours.
+            let at = unsafe {
+                libc::mmap(
+                    memory.ptr as *mut libc::c_void,
+                    shared,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED,
+                    image.memfd.as_raw_fd(),
+                    0,
+                )
+            };
+            if at == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        memory.protect(shared, size)?;
+        for (offset, bytes) in &snapshot.runs {
+            let end = (offset + bytes.len()).min(size);
+            if *offset >= end {
+                continue;
+            }
+            // SAFETY: [offset, end) lies within the accessible part,
+            // mapped read-write above.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), (memory.ptr + offset) as *mut u8, end - offset);
+            }
+        }
+        if let Some((tracker, pool)) = reuse {
+            // From here on every write to the snapshot's extent is seen;
+            // the first scan marks it all (what it reports is the snapshot).
+            tracker.register(memory.ptr, snapshot.size)?;
+            tracker.scan(memory.ptr, snapshot.size, true, |_, _| {})?;
+            memory.reuse = Some((tracker, pool));
+        }
+        Ok(memory)
+    }
+
+    /// An idle memory of `pool`'s snapshot, reset when it was given back.
+    fn reused(area: Area, pool: Pool, minimum: usize, maximum: Option<usize>) -> std::io::Result<Self> {
+        let tracker = Tracker::get().ok_or_else(|| std::io::Error::other("write tracking went away"))?;
+        let kept = pool.snapshot.size;
+        let size = kept.max(minimum);
+        if size > area.reserved || maximum.is_some_and(|max| size > max) {
+            return Err(std::io::Error::other("the snapshot is larger than the memory may be"));
+        }
+        let memory = Self {
+            ptr: area.ptr,
+            size: Arc::new(AtomicUsize::new(size)),
+            maximum,
+            area: Some(area),
+            reuse: Some((tracker, pool)),
+        };
+        memory.protect(kept, size)?;
         Ok(memory)
     }
 
@@ -281,13 +514,61 @@ impl SnapMemory {
         }
         Ok(())
     }
+
+    /// Bring the memory back to exactly its snapshot: what lies beyond
+    /// the snapshot's size is unmapped (inaccessible, and zero when next
+    /// made accessible); within it, every page written since the last
+    /// scan gets its snapshot content back, copied from the snapshot's
+    /// own pages or the base (zeros past it). Written pages stay this
+    /// memory's own, so the next call does not fault on them again.
+    fn reset(&self, tracker: &Tracker, snapshot: &MemorySnapshot) -> std::io::Result<()> {
+        let kept = snapshot.size;
+        let size = self.size.load(Ordering::Acquire);
+        if size > kept {
+            // SAFETY: replaces [kept, size) of our own reservation with a
+            // fresh inaccessible mapping, releasing what the call grew.
+            let at = unsafe {
+                libc::mmap(
+                    (self.ptr + kept) as *mut libc::c_void,
+                    size - kept,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if at == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        let mut written = Vec::new();
+        tracker.scan(self.ptr, kept, false, |from, to| written.push((from - self.ptr, to - self.ptr)))?;
+        for (from, to) in written {
+            snapshot.pieces(from, to, |offset, len, own| {
+                let dest = (self.ptr + offset) as *mut u8;
+                match own {
+                    // SAFETY: [offset, offset + len) lies within the
+                    // snapshot's extent, mapped read-write.
+                    Some(bytes) => unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dest, len) },
+                    None => snapshot.base.copy_to(offset, offset + len, dest),
+                }
+            });
+        }
+        // Only now mark the pages unwritten: restoring wrote them too.
+        tracker.scan(self.ptr, kept, true, |_, _| {})?;
+        self.size.store(kept, Ordering::Release);
+        Ok(())
+    }
 }
 
 impl Drop for SnapMemory {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the reservation made in `new`.
-        unsafe {
-            libc::munmap(self.ptr as *mut libc::c_void, self.mapped);
+        let Some(area) = self.area.take() else { return };
+        if let Some((tracker, pool)) = self.reuse.take() {
+            match self.reset(tracker, &pool.snapshot) {
+                Ok(()) => pool.give_back(area),
+                Err(e) => tracing::debug!(error = %e, "a memory could not be reset: dropped"),
+            }
         }
     }
 }
@@ -300,11 +581,11 @@ unsafe impl LinearMemory for SnapMemory {
     }
 
     fn byte_capacity(&self) -> usize {
-        self.reserved
+        self.area.as_ref().map_or(0, |area| area.reserved)
     }
 
     fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
-        if new_size > self.reserved || self.maximum.is_some_and(|max| new_size > max) {
+        if new_size > self.byte_capacity() || self.maximum.is_some_and(|max| new_size > max) {
             wasmtime::bail!("memory cannot grow to {new_size} bytes");
         }
         self.protect(self.byte_size(), new_size)?;
@@ -319,7 +600,15 @@ unsafe impl LinearMemory for SnapMemory {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tracking;
     use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn read_all(memory: &dyn LinearMemory) -> Vec<u8> {
+        // SAFETY: the memory is alive, accessible for its byte size and
+        // used by nothing else.
+        unsafe { std::slice::from_raw_parts(memory.as_ptr(), memory.byte_size()).to_vec() }
+    }
 
     #[test]
     fn a_diff_keeps_only_the_pages_that_differ_from_the_base() {
@@ -337,17 +626,112 @@ mod tests {
         assert_eq!(offsets, vec![(3 * PAGE, 2 * PAGE), (10 * PAGE, PAGE)]);
         assert_eq!(snapshot.own_bytes(), 3 * PAGE);
 
-        let memory = SnapMemory::new(Some(&snapshot), 8 * PAGE, None, 1 << 30, 1 << 16).unwrap();
+        let memory = SnapMemory::fresh(&snapshot, 8 * PAGE, None, 1 << 30, 1 << 16, None).unwrap();
         assert_eq!(memory.byte_size(), content.len());
-        let view = MemoryView { ptr: memory.ptr, size: memory.size.clone() };
-        // SAFETY: the memory is alive and used by nothing else.
-        assert_eq!(unsafe { view.read() }, content, "the memory starts as the snapshot");
+        assert_eq!(read_all(&memory), content, "the memory starts as the snapshot");
         // SAFETY: as above; a write to the private mapping.
         unsafe { *(memory.ptr as *mut u8).add(PAGE) = 42 };
         assert_eq!(base.read().unwrap()[PAGE], 1, "writes never reach the shared base");
-        let second = SnapMemory::new(Some(&snapshot), 8 * PAGE, None, 1 << 30, 1 << 16).unwrap();
-        let view = MemoryView { ptr: second.ptr, size: second.size.clone() };
-        // SAFETY: as above.
-        assert_eq!(unsafe { view.read() }[PAGE], 1, "nor another memory of the same snapshot");
+        let second = SnapMemory::fresh(&snapshot, 8 * PAGE, None, 1 << 30, 1 << 16, None).unwrap();
+        assert_eq!(read_all(&second)[PAGE], 1, "nor another memory of the same snapshot");
+    }
+
+    /// Where `found` first differs from `expected` (lengths included).
+    fn first_difference(found: &[u8], expected: &[u8]) -> Option<usize> {
+        found
+            .iter()
+            .zip(expected)
+            .position(|(a, b)| a != b)
+            .or_else(|| (found.len() != expected.len()).then_some(found.len().min(expected.len())))
+    }
+
+    /// A memory from `creator` for a call of `snapshot`.
+    fn call_memory(creator: &SnapshotMemories, snapshot: &Arc<MemorySnapshot>) -> Box<dyn LinearMemory> {
+        plan_next(Some(Plan { snapshot: snapshot.clone(), capture: None }));
+        creator.new_memory(MemoryType::new(1, None), PAGE, None, Some(1 << 30), 1 << 16).unwrap()
+    }
+
+    #[test]
+    fn a_reused_memory_holds_exactly_its_snapshot_again() {
+        // Reuse needs the kernel's write tracking (Linux 6.7); without it
+        // every memory is fresh, and the same checks hold.
+        let tracked = tracking::Tracker::get().is_some();
+        assert!(tracked || !tracking::kernel_at_least(6, 7), "Linux 6.7 or later tracks writes");
+        let base_bytes: Vec<u8> = (0..16 * PAGE).map(|i| (i / PAGE) as u8 + 1).collect();
+        let base = Arc::new(BaseImage::new("test", &base_bytes).unwrap());
+        let mut content = base_bytes.clone();
+        content.extend(vec![0u8; 16 * PAGE]); // 32 pages: 2 wasm pages
+        for page in [3, 4, 10, 20] {
+            content[page * PAGE..(page + 1) * PAGE].fill(0xA0 + page as u8);
+        }
+        let snapshot = Arc::new(MemorySnapshot::diff(base.clone(), &base_bytes, &content));
+        assert_eq!(snapshot.runs.len(), 3);
+        let creator = SnapshotMemories::new(8);
+        let source = std::fs::File::open("/proc/self/stat").unwrap();
+
+        let mut first_ptr = None;
+        // Each round writes somewhere else: a base page, a page of the
+        // snapshot's own, one past the base, the kernel (read into a page),
+        // and memory grown past the snapshot.
+        for (round, pages) in [[1usize, 3, 17], [4, 10, 31], [0, 20, 16]].into_iter().enumerate() {
+            let mut memory = call_memory(&creator, &snapshot);
+            assert_eq!(memory.byte_size(), content.len(), "round {round}: the snapshot's size");
+            let differs = first_difference(&read_all(&*memory), &content);
+            assert_eq!(differs, None, "round {round}: the memory holds the snapshot (first difference at that offset)");
+            match first_ptr {
+                None => first_ptr = Some(memory.as_ptr() as usize),
+                Some(ptr) => assert_eq!(tracked, memory.as_ptr() as usize == ptr, "round {round}: reused iff tracked"),
+            }
+            for page in pages {
+                // SAFETY: within the accessible part of the memory.
+                unsafe { memory.as_ptr().add(page * PAGE + round).write_bytes(0xEE, 100) };
+            }
+            // SAFETY: reads 16 bytes from a file into page 12 of the memory.
+            let read = unsafe {
+                libc::pread(source.as_raw_fd(), memory.as_ptr().add(12 * PAGE + round) as *mut libc::c_void, 16, 0)
+            };
+            assert_eq!(read, 16);
+            memory.grow_to(content.len() + 4 * PAGE).unwrap();
+            // SAFETY: within the grown part.
+            unsafe { memory.as_ptr().add(content.len() + PAGE).write_bytes(0xDD, 10) };
+            drop(memory);
+            let idle = creator.idle.count(Some(snapshot.id));
+            assert_eq!(idle, usize::from(tracked), "round {round}: the memory is kept for the next call");
+        }
+        // Memory grown by an earlier call starts as zeros again.
+        let mut memory = call_memory(&creator, &snapshot);
+        memory.grow_to(content.len() + 4 * PAGE).unwrap();
+        let all = read_all(&*memory);
+        assert_eq!(first_difference(&all[..content.len()], &content), None);
+        assert!(all[content.len()..].iter().all(|&b| b == 0), "grown memory starts zeroed");
+    }
+
+    #[test]
+    fn idle_memories_are_bounded_per_snapshot_and_in_all() {
+        if tracking::Tracker::get().is_none() {
+            assert!(!tracking::kernel_at_least(6, 7), "Linux 6.7 or later tracks writes");
+            return;
+        }
+        let base = Arc::new(BaseImage::new("test", &vec![1u8; 16 * PAGE]).unwrap());
+        let snapshot = |fill: u8| {
+            let content = vec![fill; 16 * PAGE];
+            Arc::new(MemorySnapshot::diff(base.clone(), &base.read().unwrap(), &content))
+        };
+        let (a, b) = (snapshot(2), snapshot(3));
+        let creator = SnapshotMemories::new(3);
+        let idle = |id: Option<u64>| creator.idle.count(id);
+        let memories: Vec<_> = (0..3).map(|_| call_memory(&creator, &a)).collect();
+        drop(memories);
+        assert_eq!(idle(Some(a.id)), IDLE_PER_SNAPSHOT, "at most two per snapshot");
+        let memories: Vec<_> = (0..3).map(|_| call_memory(&creator, &b)).collect();
+        drop(memories);
+        assert_eq!((idle(Some(a.id)), idle(Some(b.id))), (1, 2), "at most three in all: the oldest went");
+        drop(a);
+        assert_eq!(idle(None), 2, "a dropped snapshot's memories go with it");
+        // A reused memory leaves the list while in use.
+        let memory = call_memory(&creator, &b);
+        assert_eq!(idle(None), 1);
+        drop(memory);
+        assert_eq!(idle(None), 2);
     }
 }

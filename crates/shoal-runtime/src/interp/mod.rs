@@ -21,6 +21,7 @@
 
 pub(crate) mod memory;
 mod strip;
+mod tracking;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -66,7 +67,7 @@ pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeErro
     let mut wasm = Config::new();
     wasm.strategy(wasmtime::Strategy::Cranelift)
         .allocation_strategy(InstanceAllocationStrategy::OnDemand)
-        .with_host_memory(Arc::new(SnapshotMemories))
+        .with_host_memory(Arc::new(SnapshotMemories::new(config.idle_interpreter_memories)))
         // Memories get their content from `SnapshotMemories`, never from
         // wasmtime's own images.
         .memory_init_cow(false)
