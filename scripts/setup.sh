@@ -3,7 +3,8 @@
 # for it: the wasm targets, the pinned componentize-py (which builds the
 # shared Python runtime) in a virtualenv under target/tools/python, and the
 # pinned componentize-js (the shared JavaScript runtime) under
-# target/tools/js. Needs python3 with venv, and node with npm. Idempotent.
+# target/tools/js. Needs python3 with venv, node with npm, and clang with
+# wasi-libc (for C functions). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,4 +31,14 @@ if [ "$("$js/node_modules/.bin/componentize-js" --version 2>/dev/null)" != "$COM
   mkdir -p "$js"
   npm install --prefix "$js" --silent --no-audit --no-fund "@bytecodealliance/componentize-js@$COMPONENTIZE_JS_VERSION"
 fi
-echo "setup: wasm targets, componentize-py $COMPONENTIZE_PY_VERSION and componentize-js $COMPONENTIZE_JS_VERSION ready"
+# clang with wasi-libc builds C functions (`shoal new c`; its test builds
+# one). Checked, not installed: they come from the system's packages.
+probe=$(mktemp -d)
+if ! printf 'int main(void) { return 0; }\n' >"$probe/probe.c" ||
+   ! clang --target=wasm32-wasi -o "$probe/probe.wasm" "$probe/probe.c" >/dev/null 2>&1; then
+  rm -rf "$probe"
+  echo "setup: clang, lld and wasi-libc are needed for C functions (Debian/Ubuntu: apt-get install clang lld wasi-libc libclang-rt-dev-wasm32 make)" >&2
+  exit 1
+fi
+rm -rf "$probe"
+echo "setup: wasm targets, componentize-py $COMPONENTIZE_PY_VERSION, componentize-js $COMPONENTIZE_JS_VERSION and clang for wasm32-wasi ready"

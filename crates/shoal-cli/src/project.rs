@@ -23,6 +23,9 @@ pub(crate) fn deploy_body(path: &Path) -> anyhow::Result<(Vec<u8>, Option<Langua
                 path.display()
             );
         }
+        if path.join("app.c").is_file() {
+            bail!("{} is a C project: build it (make) and deploy its app.wasm", path.display());
+        }
         bail!("{} has no app.py or app.js and is not a file: nothing to deploy", path.display());
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -84,6 +87,7 @@ pub(crate) enum Template {
     Rust,
     Python,
     Js,
+    C,
 }
 
 /// The WIT contract, for projects that generate their own bindings.
@@ -107,6 +111,19 @@ pub(crate) fn new_project(template: Template, name: &str, dir: &Path) -> anyhow:
     let files: Vec<(&str, String)> = match template {
         Template::Python => vec![("app.py", PYTHON_APP.to_string()), ("README.md", source_readme(name, "py"))],
         Template::Js => vec![("app.js", JS_APP.to_string()), ("README.md", source_readme(name, "js"))],
+        Template::C => vec![
+            ("app.c", C_APP.to_string()),
+            ("Makefile", C_MAKEFILE.to_string()),
+            (
+                "README.md",
+                format!(
+                    "# {name}\n\n\
+                     - build: `make` (clang, lld and wasi-libc; Debian/Ubuntu: `apt-get install clang lld wasi-libc libclang-rt-dev-wasm32`)\n\
+                     - deploy: `shoal deploy TENANT/{name} app.wasm`\n\
+                     - invoke: `shoal invoke TENANT/{name} -d world`\n"
+                ),
+            ),
+        ],
         Template::Rust => vec![
             ("Cargo.toml", rust_manifest(name)),
             ("src/lib.rs", RUST_LIB.to_string()),
@@ -167,6 +184,31 @@ exports.handle = (input) => {
   return `hello ${name}`;
 };
 "#;
+
+const C_APP: &str = r#"/* A Shoal function in C: a WASI command module. The call's input is its
+ * stdin and what it writes to stdout is the output; a non-zero exit status
+ * fails the call (with what it wrote to stderr in the logs). The deploy's
+ * env vars are its environment. */
+#include <stdio.h>
+#include <stdlib.h>
+
+int main(void) {
+    char name[1024];
+    size_t n = fread(name, 1, sizeof name - 1, stdin);
+    name[n] = '\0';
+    printf("hello %s", n > 0 ? name : "world");
+    return 0;
+}
+"#;
+
+/// Builds `app.wasm` with Debian's clang and wasi-libc (a WASI preview 1
+/// command module; newer clangs also call the target `wasm32-wasip1`).
+const C_MAKEFILE: &str = "CLANG ?= clang\n\n\
+app.wasm: app.c\n\
+\t$(CLANG) --target=wasm32-wasi -O2 -o $@ $<\n\n\
+clean:\n\
+\trm -f app.wasm\n\n\
+.PHONY: clean\n";
 
 fn rust_manifest(name: &str) -> String {
     format!(
@@ -240,6 +282,9 @@ mod tests {
         assert!(new_project(Template::Rust, "adder", dir.path()).unwrap_err().to_string().contains("exists"));
         let error = deploy_body(&rust).unwrap_err().to_string();
         assert!(error.contains("Rust project") && error.contains("wasm32-wasip2"), "{error}");
+        let c = new_project(Template::C, "cgreet", dir.path()).unwrap();
+        let error = deploy_body(&c).unwrap_err().to_string();
+        assert!(error.contains("C project") && error.contains("make"), "{error}");
         assert!(deploy_body(dir.path()).is_err(), "a folder that is no project");
     }
 }

@@ -156,6 +156,19 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
         serde_json::from_str(&stdout(&run(&["deploy", "acme/greet-js", "greet-js"]))).unwrap();
     assert_eq!(described["kind"], "javascript");
     assert_eq!(stdout(&run(&["invoke", "acme/greet-js", "-d", "js"])), "hello js");
+    // C: `shoal new c` makes a project that `make` builds (clang and
+    // wasi-libc, installed by scripts/setup.sh's prerequisites) into a
+    // command module; the input is its stdin.
+    assert!(stdout(&run(&["new", "c", "greet-c"])).contains("greet-c"));
+    let built = Command::new("make").arg("-C").arg(dir.path().join("greet-c")).output().expect("run make");
+    assert!(built.status.success(), "make: {}", String::from_utf8_lossy(&built.stderr));
+    let described: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["deploy", "acme/greet-c", "greet-c/app.wasm"]))).unwrap();
+    assert_eq!(described["kind"], "command");
+    assert_eq!(stdout(&run(&["invoke", "acme/greet-c", "-d", "c"])), "hello c");
+    assert_eq!(stdout(&run(&["invoke", "acme/greet-c"])), "hello world");
+    let unbuilt = run(&["deploy", "acme/greet-c", "greet-c"]);
+    assert!(String::from_utf8_lossy(&unbuilt.stderr).contains("C project"), "{unbuilt:?}");
     std::fs::write(dir.path().join("broken.py"), "def handle(input)\n").unwrap();
     let broken = run(&["deploy", "acme/broken", "broken.py"]);
     let stderr = String::from_utf8_lossy(&broken.stderr);
@@ -169,6 +182,28 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     assert!(String::from_utf8_lossy(&gone.stderr).contains("not_found"), "{gone:?}");
     let bad_ref = run(&["invoke", "no-slash"]);
     assert!(String::from_utf8_lossy(&bad_ref.stderr).contains("TENANT/NAME"), "{bad_ref:?}");
+}
+
+#[test]
+fn the_rust_template_builds_into_a_function_that_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = serve(dir.path());
+    let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
+    assert!(stdout(&run(&["new", "rust", "adder"])).contains("adder"));
+    // Its README's build command, offline (the workspace's own build
+    // fetched wit-bindgen), into a target directory kept between runs.
+    let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--offline", "--target", "wasm32-wasip2"])
+        .current_dir(dir.path().join("adder"))
+        .env("CARGO_TARGET_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/template-target"))
+        .output()
+        .expect("run cargo");
+    assert!(built.status.success(), "cargo build: {}", String::from_utf8_lossy(&built.stderr));
+    let wasm = concat!(env!("CARGO_TARGET_TMPDIR"), "/template-target/wasm32-wasip2/release/adder.wasm");
+    let described: serde_json::Value = serde_json::from_str(&stdout(&run(&["deploy", "demo/adder", wasm]))).unwrap();
+    assert_eq!(described["kind"], "component");
+    assert_eq!(stdout(&run(&["invoke", "demo/adder", "-d", "rust"])), "hello rust");
+    assert_eq!(stdout(&run(&["invoke", "demo/adder"])), "hello world");
 }
 
 #[test]
