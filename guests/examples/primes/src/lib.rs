@@ -9,8 +9,6 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-wit_bindgen::generate!({ path: "../../../wit", world: "function-with-init" });
-
 /// Numbers covered: 0 .. 2^26.
 const LIMIT: usize = 1 << 26;
 
@@ -51,14 +49,12 @@ fn build() -> Tables {
 
 struct Primes;
 
-impl Guest for Primes {
+impl shoal_sdk::Function for Primes {
     fn init() {
         TABLES.get_or_init(build);
         BUILT_BY_INIT.store(true, Ordering::Relaxed);
     }
-}
 
-impl exports::shoal::function::handler::Guest for Primes {
     fn handle(input: Vec<u8>) -> Result<Vec<u8>, String> {
         let text = String::from_utf8_lossy(&input);
         let n: usize = text.trim().parse().map_err(|_| format!("input {:?} is not a whole number", text.trim()))?;
@@ -75,4 +71,4 @@ impl exports::shoal::function::handler::Guest for Primes {
     }
 }
 
-export!(Primes);
+shoal_sdk::export!(Primes, init);
