@@ -213,7 +213,8 @@ pub(crate) async fn run(
             // engine, its memory starting from its snapshot.
             let engine = match &image.pre {
                 ImagePre::Interpreted { snapshot, .. } => {
-                    limiter.plan = Some(Plan { snapshot: snapshot.clone(), capture: None });
+                    limiter.plan =
+                        Some(Plan { snapshot: snapshot.clone(), capture: None, tenant: Some(settings.tenant.clone()) });
                     &runtime.interp.engine
                 }
                 _ => &runtime.engine,

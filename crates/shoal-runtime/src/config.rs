@@ -64,7 +64,7 @@ pub struct RuntimeConfig {
     pub runtime_cache_dir: Option<PathBuf>,
     /// Linear memories of Python and JavaScript functions kept between
     /// calls, in all (least recently used go first; at most two per
-    /// function), each reset to its function's snapshot after a call by
+    /// function and tenant, and only for that tenant's calls), each reset to its function's snapshot after a call by
     /// restoring only the pages the call wrote. A call that finds none
     /// makes one afresh. 0 turns reuse off. Needs Linux 6.7
     /// (PAGEMAP_SCAN); older kernels always make memories afresh.

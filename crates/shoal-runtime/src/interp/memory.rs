@@ -38,11 +38,6 @@ pub(crate) struct BaseImage {
     view: usize,
 }
 
-// SAFETY: `view` is a read-only mapping of sealed content: nothing can
-// change what it points to, from any thread.
-unsafe impl Send for BaseImage {}
-unsafe impl Sync for BaseImage {}
-
 impl Drop for BaseImage {
     fn drop(&mut self) {
         if self.len > 0 {
@@ -94,7 +89,9 @@ impl BaseImage {
         // SAFETY: [from, shared) lies within the view; `dest` has room for
         // `to - from` bytes (the caller's memory range).
         unsafe {
-            std::ptr::copy_nonoverlapping((self.view + from) as *const u8, dest, shared - from);
+            if shared > from {
+                std::ptr::copy_nonoverlapping((self.view + from) as *const u8, dest, shared - from);
+            }
             std::ptr::write_bytes(dest.add(shared - from), 0, to - shared);
         }
     }
@@ -210,6 +207,11 @@ impl MemorySnapshot {
 pub(crate) struct Plan {
     pub(crate) snapshot: Arc<MemorySnapshot>,
     pub(crate) capture: Option<Arc<Mutex<Option<MemoryView>>>>,
+    /// The calling tenant: a call's memory is kept for that tenant's next
+    /// call of the same snapshot only (a memory's content is reset, but
+    /// which of its pages are resident says what the last call touched,
+    /// which a call could time). `None` (a deploy): never kept.
+    pub(crate) tenant: Option<Arc<str>>,
 }
 
 thread_local! {
@@ -252,12 +254,19 @@ pub(crate) struct SnapshotMemories {
 impl SnapshotMemories {
     /// Keeping at most `idle_limit` idle memories (0: none).
     pub(crate) fn new(idle_limit: usize) -> Self {
-        Self { idle: Arc::new(IdleMemories { limit: idle_limit, list: Mutex::default() }) }
+        Self {
+            idle: Arc::new(IdleMemories {
+                limit: idle_limit,
+                list: Mutex::default(),
+                #[cfg(test)]
+                restored_pages: AtomicUsize::new(0),
+            }),
+        }
     }
 }
 
-/// Idle memories kept per snapshot: enough for a function called twice
-/// at once without holding more than it uses.
+/// Idle memories kept per snapshot and tenant: enough for a function
+/// called twice at once without holding more than it uses.
 const IDLE_PER_SNAPSHOT: usize = 2;
 
 // SAFETY: every memory is a reservation of `reserved + guard` bytes with
@@ -283,19 +292,27 @@ unsafe impl MemoryCreator for SnapshotMemories {
         let reserved = reserved.unwrap_or(4 << 30);
         // A call's memory may be reused by the function's next call; a
         // deploy's (captured to take the snapshot) is never.
-        let reusable = plan.capture.is_none() && self.idle.limit > 0 && plan.snapshot.size % PAGE == 0;
-        let tracker = if reusable { Tracker::get() } else { None };
-        let error = |e: std::io::Error| format!("creating a linear memory: {e}");
-        let memory = match tracker {
-            Some(tracker) => {
-                let pool = Pool { snapshot: plan.snapshot.clone(), idle: self.idle.clone() };
+        let size = plan.snapshot.size;
+        let tenant = plan
+            .tenant
+            .clone()
+            .filter(|_| plan.capture.is_none() && self.idle.limit > 0 && size > 0 && size % PAGE == 0);
+        let tracked = match (tenant, Tracker::get()) {
+            (Some(tenant), Some(tracker)) => {
+                let pool = Pool { snapshot: plan.snapshot.clone(), tenant, idle: self.idle.clone() };
                 match pool.take(reserved, guard) {
-                    Some(area) => SnapMemory::reused(area, pool, minimum, maximum).map_err(error)?,
-                    None => SnapMemory::fresh(&plan.snapshot, minimum, maximum, reserved, guard, Some((tracker, pool)))
-                        .map_err(error)?,
+                    Some(area) => SnapMemory::reused(tracker, area, pool, minimum, maximum),
+                    None => SnapMemory::fresh(&plan.snapshot, minimum, maximum, reserved, guard, Some((tracker, pool))),
                 }
+                .inspect_err(|e| tracing::debug!(error = %e, "a memory to reuse could not be set up: made afresh"))
+                .ok()
             }
-            None => SnapMemory::fresh(&plan.snapshot, minimum, maximum, reserved, guard, None).map_err(error)?,
+            _ => None,
+        };
+        let memory = match tracked {
+            Some(memory) => memory,
+            None => SnapMemory::fresh(&plan.snapshot, minimum, maximum, reserved, guard, None)
+                .map_err(|e| format!("creating a linear memory: {e}"))?,
         };
         if let Some(capture) = plan.capture {
             let view = MemoryView { ptr: memory.ptr, size: memory.size.clone() };
@@ -347,11 +364,21 @@ impl Drop for Area {
 /// memory given back past the limit pushes out the oldest.
 pub(crate) struct IdleMemories {
     limit: usize,
-    list: Mutex<std::collections::VecDeque<(u64, Area)>>,
+    list: Mutex<std::collections::VecDeque<Idle>>,
+    /// Pages restored by resets so far (for tests).
+    #[cfg(test)]
+    restored_pages: AtomicUsize,
+}
+
+/// A kept memory: the snapshot it holds, the tenant it is kept for.
+struct Idle {
+    snapshot: u64,
+    tenant: Arc<str>,
+    area: Area,
 }
 
 impl IdleMemories {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, Area)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Idle>> {
         self.list.lock().expect("idle list lock is never poisoned")
     }
 
@@ -361,7 +388,7 @@ impl IdleMemories {
         let mut gone = Vec::new();
         let mut at = 0;
         while at < list.len() {
-            if list[at].0 == id {
+            if list[at].snapshot == id {
                 gone.extend(list.remove(at));
             } else {
                 at += 1;
@@ -373,36 +400,42 @@ impl IdleMemories {
 
     #[cfg(test)]
     fn count(&self, id: Option<u64>) -> usize {
-        self.lock().iter().filter(|(kept, _)| id.is_none_or(|id| *kept == id)).count()
+        self.lock().iter().filter(|kept| id.is_none_or(|id| kept.snapshot == id)).count()
     }
 }
 
 /// Where a call's memory goes back to after the call.
 struct Pool {
     snapshot: Arc<MemorySnapshot>,
+    tenant: Arc<str>,
     idle: Arc<IdleMemories>,
 }
 
 impl Pool {
     fn take(&self, reserved: usize, guard: usize) -> Option<Area> {
         let mut list = self.idle.lock();
-        let at = list
-            .iter()
-            .rposition(|(id, area)| *id == self.snapshot.id && area.reserved == reserved && area.guard == guard)?;
-        list.remove(at).map(|(_, area)| area)
+        let at = list.iter().rposition(|kept| {
+            kept.snapshot == self.snapshot.id
+                && kept.tenant == self.tenant
+                && kept.area.reserved == reserved
+                && kept.area.guard == guard
+        })?;
+        list.remove(at).map(|kept| kept.area)
     }
 
     fn give_back(&self, area: Area) {
         let id = self.snapshot.id;
         let mut list = self.idle.lock();
-        let dropped = if list.iter().filter(|(kept, _)| *kept == id).count() >= IDLE_PER_SNAPSHOT {
+        let same = list.iter().filter(|kept| kept.snapshot == id && kept.tenant == self.tenant).count();
+        let dropped = if same >= IDLE_PER_SNAPSHOT {
             Some(area)
         } else {
-            list.push_back((id, area));
-            if list.len() > self.idle.limit { list.pop_front().map(|(_, area)| area) } else { None }
+            list.push_back(Idle { snapshot: id, tenant: self.tenant.clone(), area });
+            if list.len() > self.idle.limit { list.pop_front().map(|kept| kept.area) } else { None }
         };
         drop(list);
         drop(dropped); // unmapped outside the lock
+        // A snapshot belongs to one runtime, so to one list of idle memories.
         let mut kept_in = self.snapshot.kept_in.lock().expect("kept_in lock is never poisoned");
         if kept_in.is_none() {
             *kept_in = Some(Arc::downgrade(&self.idle));
@@ -420,6 +453,8 @@ struct SnapMemory {
     /// Set for a memory whose writes are tracked: reset and kept for the
     /// snapshot's next call when dropped.
     reuse: Option<(&'static Tracker, Pool)>,
+    /// Whether the memory was ever grown (or tried to be) past its start.
+    grew: bool,
 }
 
 impl SnapMemory {
@@ -438,8 +473,14 @@ impl SnapMemory {
             return Err(std::io::Error::other("the snapshot is larger than the memory may be"));
         }
         let area = Area::new(reserved, guard)?;
-        let mut memory =
-            Self { ptr: area.ptr, size: Arc::new(AtomicUsize::new(size)), maximum, area: Some(area), reuse: None };
+        let mut memory = Self {
+            ptr: area.ptr,
+            size: Arc::new(AtomicUsize::new(size)),
+            maximum,
+            area: Some(area),
+            reuse: None,
+            grew: size > snapshot.size,
+        };
         let image = &snapshot.base;
         let shared = image.len.min(size);
         if shared > 0 {
@@ -482,8 +523,13 @@ impl SnapMemory {
     }
 
     /// An idle memory of `pool`'s snapshot, reset when it was given back.
-    fn reused(area: Area, pool: Pool, minimum: usize, maximum: Option<usize>) -> std::io::Result<Self> {
-        let tracker = Tracker::get().ok_or_else(|| std::io::Error::other("write tracking went away"))?;
+    fn reused(
+        tracker: &'static Tracker,
+        area: Area,
+        pool: Pool,
+        minimum: usize,
+        maximum: Option<usize>,
+    ) -> std::io::Result<Self> {
         let kept = pool.snapshot.size;
         let size = kept.max(minimum);
         if size > area.reserved || maximum.is_some_and(|max| size > max) {
@@ -495,6 +541,7 @@ impl SnapMemory {
             maximum,
             area: Some(area),
             reuse: Some((tracker, pool)),
+            grew: size > kept,
         };
         memory.protect(kept, size)?;
         Ok(memory)
@@ -521,16 +568,17 @@ impl SnapMemory {
     /// scan gets its snapshot content back, copied from the snapshot's
     /// own pages or the base (zeros past it). Written pages stay this
     /// memory's own, so the next call does not fault on them again.
-    fn reset(&self, tracker: &Tracker, snapshot: &MemorySnapshot) -> std::io::Result<()> {
+    /// `reserved`: the bytes of its area. Returns the pages restored.
+    fn reset(&self, tracker: &Tracker, snapshot: &MemorySnapshot, reserved: usize) -> std::io::Result<usize> {
         let kept = snapshot.size;
-        let size = self.size.load(Ordering::Acquire);
-        if size > kept {
-            // SAFETY: replaces [kept, size) of our own reservation with a
-            // fresh inaccessible mapping, releasing what the call grew.
+        if self.grew {
+            // SAFETY: replaces [kept, reserved) of our own reservation with
+            // a fresh inaccessible mapping, releasing what the call grew
+            // (all of it: even a growth that failed half-way).
             let at = unsafe {
                 libc::mmap(
                     (self.ptr + kept) as *mut libc::c_void,
-                    size - kept,
+                    reserved - kept,
                     libc::PROT_NONE,
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
                     -1,
@@ -541,8 +589,12 @@ impl SnapMemory {
                 return Err(std::io::Error::last_os_error());
             }
         }
+        // Written pages are the memory's own (anonymous); a page still of
+        // the base's file holds the base, which is what the snapshot has
+        // there (its own pages were copied in, so are never the file's).
         let mut written = Vec::new();
         tracker.scan(self.ptr, kept, false, |from, to| written.push((from - self.ptr, to - self.ptr)))?;
+        let restored = written.iter().map(|(from, to)| (to - from) / PAGE).sum();
         for (from, to) in written {
             snapshot.pieces(from, to, |offset, len, own| {
                 let dest = (self.ptr + offset) as *mut u8;
@@ -557,7 +609,7 @@ impl SnapMemory {
         // Only now mark the pages unwritten: restoring wrote them too.
         tracker.scan(self.ptr, kept, true, |_, _| {})?;
         self.size.store(kept, Ordering::Release);
-        Ok(())
+        Ok(restored)
     }
 }
 
@@ -565,8 +617,12 @@ impl Drop for SnapMemory {
     fn drop(&mut self) {
         let Some(area) = self.area.take() else { return };
         if let Some((tracker, pool)) = self.reuse.take() {
-            match self.reset(tracker, &pool.snapshot) {
-                Ok(()) => pool.give_back(area),
+            match self.reset(tracker, &pool.snapshot, area.reserved) {
+                Ok(_restored) => {
+                    #[cfg(test)]
+                    pool.idle.restored_pages.fetch_add(_restored, Ordering::Relaxed);
+                    pool.give_back(area);
+                }
                 Err(e) => tracing::debug!(error = %e, "a memory could not be reset: dropped"),
             }
         }
@@ -588,6 +644,7 @@ unsafe impl LinearMemory for SnapMemory {
         if new_size > self.byte_capacity() || self.maximum.is_some_and(|max| new_size > max) {
             wasmtime::bail!("memory cannot grow to {new_size} bytes");
         }
+        self.grew = true;
         self.protect(self.byte_size(), new_size)?;
         self.size.store(new_size, Ordering::Release);
         Ok(())
@@ -645,18 +702,25 @@ mod tests {
             .or_else(|| (found.len() != expected.len()).then_some(found.len().min(expected.len())))
     }
 
-    /// A memory from `creator` for a call of `snapshot`.
-    fn call_memory(creator: &SnapshotMemories, snapshot: &Arc<MemorySnapshot>) -> Box<dyn LinearMemory> {
-        plan_next(Some(Plan { snapshot: snapshot.clone(), capture: None }));
-        creator.new_memory(MemoryType::new(1, None), PAGE, None, Some(1 << 30), 1 << 16).unwrap()
+    /// A memory from `creator` for `tenant`'s call of `snapshot`, at least
+    /// `minimum` bytes.
+    fn memory_for(
+        creator: &SnapshotMemories,
+        snapshot: &Arc<MemorySnapshot>,
+        tenant: &str,
+        minimum: usize,
+    ) -> Box<dyn LinearMemory> {
+        plan_next(Some(Plan { snapshot: snapshot.clone(), capture: None, tenant: Some(Arc::from(tenant)) }));
+        creator.new_memory(MemoryType::new(1, None), minimum, None, Some(1 << 30), 1 << 16).unwrap()
     }
 
-    #[test]
-    fn a_reused_memory_holds_exactly_its_snapshot_again() {
-        // Reuse needs the kernel's write tracking (Linux 6.7); without it
-        // every memory is fresh, and the same checks hold.
-        let tracked = tracking::Tracker::get().is_some();
-        assert!(tracked || !tracking::kernel_at_least(6, 7), "Linux 6.7 or later tracks writes");
+    fn call_memory(creator: &SnapshotMemories, snapshot: &Arc<MemorySnapshot>) -> Box<dyn LinearMemory> {
+        memory_for(creator, snapshot, "t", PAGE)
+    }
+
+    /// A 32-page snapshot over a 16-page base, with its own pages 3, 4, 10
+    /// and 20 (past the base).
+    fn test_snapshot() -> (Arc<MemorySnapshot>, Vec<u8>) {
         let base_bytes: Vec<u8> = (0..16 * PAGE).map(|i| (i / PAGE) as u8 + 1).collect();
         let base = Arc::new(BaseImage::new("test", &base_bytes).unwrap());
         let mut content = base_bytes.clone();
@@ -664,7 +728,17 @@ mod tests {
         for page in [3, 4, 10, 20] {
             content[page * PAGE..(page + 1) * PAGE].fill(0xA0 + page as u8);
         }
-        let snapshot = Arc::new(MemorySnapshot::diff(base.clone(), &base_bytes, &content));
+        (Arc::new(MemorySnapshot::diff(base, &base_bytes, &content)), content)
+    }
+
+    #[test]
+    fn a_reused_memory_holds_exactly_its_snapshot_again() {
+        // Reuse needs the kernel's write tracking (Linux 6.7, userfaultfd
+        // allowed); without it every memory is fresh, and the same checks
+        // hold. CI says it has it.
+        let tracked = tracking::Tracker::get().is_some();
+        assert!(tracked || !tracking::expected(), "this machine should track writes");
+        let (snapshot, content) = test_snapshot();
         assert_eq!(snapshot.runs.len(), 3);
         let creator = SnapshotMemories::new(8);
         let source = std::fs::File::open("/proc/self/stat").unwrap();
@@ -707,9 +781,52 @@ mod tests {
     }
 
     #[test]
-    fn idle_memories_are_bounded_per_snapshot_and_in_all() {
+    fn a_reset_restores_only_the_pages_written_and_sizes_come_back() {
         if tracking::Tracker::get().is_none() {
-            assert!(!tracking::kernel_at_least(6, 7), "Linux 6.7 or later tracks writes");
+            assert!(!tracking::expected(), "this machine should track writes");
+            return;
+        }
+        let (snapshot, content) = test_snapshot();
+        let creator = SnapshotMemories::new(8);
+        let restored = || creator.idle.restored_pages.swap(0, Ordering::Relaxed);
+        // The first use: every page counts as written (the memory is new).
+        drop(call_memory(&creator, &snapshot));
+        restored();
+        // Reading every page restores none.
+        let memory = call_memory(&creator, &snapshot);
+        assert_eq!(first_difference(&read_all(&*memory), &content), None);
+        drop(memory);
+        assert_eq!(restored(), 0, "reads restore nothing");
+        // Writing every other page (base pages, own pages, pages past the
+        // base): exactly those come back.
+        let memory = call_memory(&creator, &snapshot);
+        let written: Vec<usize> = (0..32).step_by(2).collect();
+        for page in &written {
+            // SAFETY: within the memory.
+            unsafe { *memory.as_ptr().add(page * PAGE) = 0xEE };
+        }
+        drop(memory);
+        assert_eq!(restored(), written.len());
+        let memory = call_memory(&creator, &snapshot);
+        assert_eq!(first_difference(&read_all(&*memory), &content), None);
+        drop(memory);
+        // A function whose memory starts larger than its snapshot (a
+        // module's declared minimum) gets zeros past the snapshot, reused.
+        for _ in 0..2 {
+            let memory = memory_for(&creator, &snapshot, "t", content.len() + 8 * PAGE);
+            assert_eq!(memory.byte_size(), content.len() + 8 * PAGE);
+            let all = read_all(&*memory);
+            assert_eq!(first_difference(&all[..content.len()], &content), None);
+            assert!(all[content.len()..].iter().all(|&b| b == 0));
+            // SAFETY: within the memory, past the snapshot.
+            unsafe { memory.as_ptr().add(content.len() + PAGE).write_bytes(0xCC, 8) };
+        }
+    }
+
+    #[test]
+    fn idle_memories_are_kept_per_tenant_and_bounded_per_snapshot_and_in_all() {
+        if tracking::Tracker::get().is_none() {
+            assert!(!tracking::expected(), "this machine should track writes");
             return;
         }
         let base = Arc::new(BaseImage::new("test", &vec![1u8; 16 * PAGE]).unwrap());
@@ -720,12 +837,20 @@ mod tests {
         let (a, b) = (snapshot(2), snapshot(3));
         let creator = SnapshotMemories::new(3);
         let idle = |id: Option<u64>| creator.idle.count(id);
-        let memories: Vec<_> = (0..3).map(|_| call_memory(&creator, &a)).collect();
-        drop(memories);
-        assert_eq!(idle(Some(a.id)), IDLE_PER_SNAPSHOT, "at most two per snapshot");
+        // Another tenant's call of the same snapshot gets a memory of its own.
+        let first = memory_for(&creator, &a, "t", PAGE);
+        let ptr = first.as_ptr() as usize;
+        drop(first);
+        let other = memory_for(&creator, &a, "u", PAGE);
+        assert_ne!(other.as_ptr() as usize, ptr, "never another tenant's memory");
+        drop(other);
+        assert_eq!(memory_for(&creator, &a, "t", PAGE).as_ptr() as usize, ptr, "the tenant's own, again");
+        assert_eq!(idle(Some(a.id)), 2);
+
         let memories: Vec<_> = (0..3).map(|_| call_memory(&creator, &b)).collect();
         drop(memories);
-        assert_eq!((idle(Some(a.id)), idle(Some(b.id))), (1, 2), "at most three in all: the oldest went");
+        assert_eq!(idle(Some(b.id)), IDLE_PER_SNAPSHOT, "at most two per snapshot and tenant");
+        assert_eq!((idle(Some(a.id)), idle(None)), (1, 3), "at most three in all: the oldest went");
         drop(a);
         assert_eq!(idle(None), 2, "a dropped snapshot's memories go with it");
         // A reused memory leaves the list while in use.

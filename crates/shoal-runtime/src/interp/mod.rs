@@ -177,7 +177,7 @@ impl Interpreters {
         limit: Duration,
     ) -> Result<Arc<MemorySnapshot>, DeployError> {
         let capture = Arc::new(Mutex::new(None));
-        let plan = Plan { snapshot: runtime.base_snapshot.clone(), capture: Some(capture.clone()) };
+        let plan = Plan { snapshot: runtime.base_snapshot.clone(), capture: Some(capture.clone()), tenant: None };
         let (mut store, stderr) = deploy_store(&self.engine, config, limit, Some(plan), "loading");
         let files: Vec<(String, Vec<u8>)> = bundle.files.clone();
         let load = async {
