@@ -11,7 +11,7 @@
 //!   p99, side by side with the same function on a runtime that makes
 //!   every call's memory afresh (no idle memories kept) and with the Rust
 //!   `hello` component, in the same run; and the first call after each
-//!   deploy (no memory of the function kept yet).
+//!   deploy (on the memory the deploy left, which holds the snapshot).
 //!
 //! `cargo bench -p shoal-runtime --bench languages` (N = 100 per language); run as a test
 //! (`cargo test --all-targets`), N = 3 and a few calls, as a smoke test.
@@ -159,7 +159,7 @@ fn main() {
             deploys.last().expect("some")
         );
         println!(
-            "{name}: first call after deploy (its memory made afresh): median {:.2?}, p99 {:.2?}",
+            "{name}: first call after deploy (on the memory the deploy left): median {:.2?}, p99 {:.2?}",
             percentile(&first_calls, 0.5),
             percentile(&first_calls, 0.99)
         );

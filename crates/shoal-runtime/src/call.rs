@@ -213,8 +213,12 @@ pub(crate) async fn run(
             // engine, its memory starting from its snapshot.
             let engine = match &image.pre {
                 ImagePre::Interpreted { snapshot, .. } => {
-                    limiter.plan =
-                        Some(Plan { snapshot: snapshot.clone(), capture: None, tenant: Some(settings.tenant.clone()) });
+                    limiter.plan = Some(Plan {
+                        snapshot: snapshot.clone(),
+                        capture: None,
+                        tenant: Some(settings.tenant.clone()),
+                        adopt: None,
+                    });
                     &runtime.interp.engine
                 }
                 _ => &runtime.engine,

@@ -212,7 +212,16 @@ pub(crate) struct Plan {
     /// which of its pages are resident says what the last call touched,
     /// which a call could time). `None` (a deploy): never kept.
     pub(crate) tenant: Option<Arc<str>>,
+    /// A deploy's: where it leaves the snapshot it took of this memory
+    /// before dropping the store. The memory then holds exactly that
+    /// snapshot and is kept for its first call, by any tenant (what is
+    /// resident says only what loading the source touched, the same for
+    /// every deploy of it).
+    pub(crate) adopt: Option<AdoptSlot>,
 }
+
+/// Where a deploy leaves the snapshot it took of its memory.
+pub(crate) type AdoptSlot = Arc<Mutex<Option<Arc<MemorySnapshot>>>>;
 
 thread_local! {
     static NEXT: RefCell<Option<Plan>> = const { RefCell::new(None) };
@@ -309,11 +318,14 @@ unsafe impl MemoryCreator for SnapshotMemories {
             }
             _ => None,
         };
-        let memory = match tracked {
+        let mut memory = match tracked {
             Some(memory) => memory,
             None => SnapMemory::fresh(&plan.snapshot, minimum, maximum, reserved, guard, None)
                 .map_err(|e| format!("creating a linear memory: {e}"))?,
         };
+        if self.idle.limit > 0 {
+            memory.adopt = plan.adopt.map(|slot| (slot, self.idle.clone()));
+        }
         if let Some(capture) = plan.capture {
             let view = MemoryView { ptr: memory.ptr, size: memory.size.clone() };
             *capture.lock().expect("capture slot lock is never poisoned") = Some(view);
@@ -373,13 +385,36 @@ pub(crate) struct IdleMemories {
 /// A kept memory: the snapshot it holds, the tenant it is kept for.
 struct Idle {
     snapshot: u64,
-    tenant: Arc<str>,
+    /// `None`: a deploy's memory, for the first call of any tenant.
+    tenant: Option<Arc<str>>,
     area: Area,
 }
 
 impl IdleMemories {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Idle>> {
         self.list.lock().expect("idle list lock is never poisoned")
+    }
+
+    /// Keep `area`, which holds `snapshot`, for `tenant`'s next call of it
+    /// (any tenant's: `None`), unless that many are kept already; the
+    /// least recently kept memory goes past the limit.
+    fn keep(self: &Arc<Self>, snapshot: &Arc<MemorySnapshot>, tenant: Option<Arc<str>>, area: Area) {
+        let id = snapshot.id;
+        let mut list = self.lock();
+        let same = list.iter().filter(|kept| kept.snapshot == id && kept.tenant == tenant).count();
+        let dropped = if same >= IDLE_PER_SNAPSHOT {
+            Some(area)
+        } else {
+            list.push_back(Idle { snapshot: id, tenant, area });
+            if list.len() > self.limit { list.pop_front().map(|kept| kept.area) } else { None }
+        };
+        drop(list);
+        drop(dropped); // unmapped outside the lock
+        // A snapshot belongs to one runtime, so to one list of idle memories.
+        let mut kept_in = snapshot.kept_in.lock().expect("kept_in lock is never poisoned");
+        if kept_in.is_none() {
+            *kept_in = Some(Arc::downgrade(self));
+        }
     }
 
     /// Drop the memories kept for snapshot `id` (it is gone).
@@ -416,7 +451,7 @@ impl Pool {
         let mut list = self.idle.lock();
         let at = list.iter().rposition(|kept| {
             kept.snapshot == self.snapshot.id
-                && kept.tenant == self.tenant
+                && kept.tenant.as_ref().is_none_or(|tenant| *tenant == self.tenant)
                 && kept.area.reserved == reserved
                 && kept.area.guard == guard
         })?;
@@ -424,22 +459,7 @@ impl Pool {
     }
 
     fn give_back(&self, area: Area) {
-        let id = self.snapshot.id;
-        let mut list = self.idle.lock();
-        let same = list.iter().filter(|kept| kept.snapshot == id && kept.tenant == self.tenant).count();
-        let dropped = if same >= IDLE_PER_SNAPSHOT {
-            Some(area)
-        } else {
-            list.push_back(Idle { snapshot: id, tenant: self.tenant.clone(), area });
-            if list.len() > self.idle.limit { list.pop_front().map(|kept| kept.area) } else { None }
-        };
-        drop(list);
-        drop(dropped); // unmapped outside the lock
-        // A snapshot belongs to one runtime, so to one list of idle memories.
-        let mut kept_in = self.snapshot.kept_in.lock().expect("kept_in lock is never poisoned");
-        if kept_in.is_none() {
-            *kept_in = Some(Arc::downgrade(&self.idle));
-        }
+        self.idle.keep(&self.snapshot, Some(self.tenant.clone()), area);
     }
 }
 
@@ -455,6 +475,9 @@ struct SnapMemory {
     reuse: Option<(&'static Tracker, Pool)>,
     /// Whether the memory was ever grown (or tried to be) past its start.
     grew: bool,
+    /// A deploy's memory: the slot its snapshot may be left in, and where
+    /// to keep it then.
+    adopt: Option<(AdoptSlot, Arc<IdleMemories>)>,
 }
 
 impl SnapMemory {
@@ -480,6 +503,7 @@ impl SnapMemory {
             area: Some(area),
             reuse: None,
             grew: size > snapshot.size,
+            adopt: None,
         };
         let image = &snapshot.base;
         let shared = image.len.min(size);
@@ -542,6 +566,7 @@ impl SnapMemory {
             area: Some(area),
             reuse: Some((tracker, pool)),
             grew: size > kept,
+            adopt: None,
         };
         memory.protect(kept, size)?;
         Ok(memory)
@@ -568,27 +593,58 @@ impl SnapMemory {
     /// scan gets its snapshot content back, copied from the snapshot's
     /// own pages or the base (zeros past it). Written pages stay this
     /// memory's own, so the next call does not fault on them again.
-    /// `reserved`: the bytes of its area. Returns the pages restored.
-    fn reset(&self, tracker: &Tracker, snapshot: &MemorySnapshot, reserved: usize) -> std::io::Result<usize> {
-        let kept = snapshot.size;
-        if self.grew {
-            // SAFETY: replaces [kept, reserved) of our own reservation with
-            // a fresh inaccessible mapping, releasing what the call grew
-            // (all of it: even a growth that failed half-way).
-            let at = unsafe {
-                libc::mmap(
-                    (self.ptr + kept) as *mut libc::c_void,
-                    reserved - kept,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                    -1,
-                    0,
-                )
-            };
-            if at == libc::MAP_FAILED {
+    /// After any growth, make [kept, reserved) a fresh inaccessible
+    /// mapping, releasing what was grown (all of it: even a growth that
+    /// failed half-way).
+    fn release_growth(&self, kept: usize, reserved: usize) -> std::io::Result<()> {
+        if !self.grew {
+            return Ok(());
+        }
+        // SAFETY: replaces [kept, reserved) of our own reservation.
+        let at = unsafe {
+            libc::mmap(
+                (self.ptr + kept) as *mut libc::c_void,
+                reserved - kept,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// A deploy's memory, which holds exactly `snapshot`: track its writes
+    /// from now on.
+    fn adopt(&self, tracker: &Tracker, snapshot: &MemorySnapshot, reserved: usize) -> std::io::Result<()> {
+        let size = snapshot.size;
+        if size == 0 || !size.is_multiple_of(PAGE) || self.byte_size() != size {
+            return Err(std::io::Error::other("the memory is not the snapshot's size"));
+        }
+        self.release_growth(size, reserved)?;
+        // Loading read much of the runtime's image, all of it still mapped:
+        // unmapped again (it shows the same base when next read), so a kept
+        // memory maps only what calls use.
+        let mut read = Vec::new();
+        tracker.file_pages(self.ptr, size, |from, to| read.push((from, to)))?;
+        for (from, to) in read {
+            // SAFETY: drops the mapping of pages of our own memory that are
+            // still the base file's (not written): their content stays.
+            if unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_DONTNEED) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
         }
+        tracker.register(self.ptr, size)?;
+        tracker.scan(self.ptr, size, true, |_, _| {})
+    }
+
+    /// `reserved`: the bytes of its area. Returns the pages restored.
+    fn reset(&self, tracker: &Tracker, snapshot: &MemorySnapshot, reserved: usize) -> std::io::Result<usize> {
+        let kept = snapshot.size;
+        self.release_growth(kept, reserved)?;
         // Written pages are the memory's own (anonymous); a page still of
         // the base's file holds the base, which is what the snapshot has
         // there (its own pages were copied in, so are never the file's).
@@ -624,6 +680,14 @@ impl Drop for SnapMemory {
                     pool.give_back(area);
                 }
                 Err(e) => tracing::debug!(error = %e, "a memory could not be reset: dropped"),
+            }
+        } else if let Some((slot, idle)) = self.adopt.take() {
+            let snapshot = slot.lock().expect("adopt slot lock is never poisoned").take();
+            if let (Some(snapshot), Some(tracker)) = (snapshot, Tracker::get()) {
+                match self.adopt(tracker, &snapshot, area.reserved) {
+                    Ok(()) => idle.keep(&snapshot, None, area),
+                    Err(e) => tracing::debug!(error = %e, "a deploy's memory could not be kept: dropped"),
+                }
             }
         }
     }
@@ -710,7 +774,12 @@ mod tests {
         tenant: &str,
         minimum: usize,
     ) -> Box<dyn LinearMemory> {
-        plan_next(Some(Plan { snapshot: snapshot.clone(), capture: None, tenant: Some(Arc::from(tenant)) }));
+        plan_next(Some(Plan {
+            snapshot: snapshot.clone(),
+            capture: None,
+            tenant: Some(Arc::from(tenant)),
+            adopt: None,
+        }));
         creator.new_memory(MemoryType::new(1, None), minimum, None, Some(1 << 30), 1 << 16).unwrap()
     }
 
@@ -821,6 +890,59 @@ mod tests {
             // SAFETY: within the memory, past the snapshot.
             unsafe { memory.as_ptr().add(content.len() + PAGE).write_bytes(0xCC, 8) };
         }
+    }
+
+    #[test]
+    fn a_deploys_memory_is_kept_for_the_first_call_of_its_snapshot() {
+        if tracking::Tracker::get().is_none() {
+            assert!(!tracking::expected(), "this machine should track writes");
+            return;
+        }
+        let base_bytes: Vec<u8> = (0..16 * PAGE).map(|i| (i / PAGE) as u8 + 1).collect();
+        let base = Arc::new(BaseImage::new("test", &base_bytes).unwrap());
+        let from_base = Arc::new(MemorySnapshot::of_base(base.clone(), 16 * PAGE));
+        let creator = SnapshotMemories::new(8);
+        // A deploy: the memory starts as the base, the load writes to it
+        // and grows it; the snapshot is taken of what it then holds.
+        let adopt = Arc::new(Mutex::new(None));
+        let capture = Arc::new(Mutex::new(None));
+        plan_next(Some(Plan {
+            snapshot: from_base,
+            capture: Some(capture.clone()),
+            tenant: None,
+            adopt: Some(adopt.clone()),
+        }));
+        let mut memory = creator.new_memory(MemoryType::new(1, None), PAGE, None, Some(1 << 30), 1 << 16).unwrap();
+        memory.grow_to(32 * PAGE).unwrap();
+        for page in [2usize, 9, 20] {
+            // SAFETY: within the memory.
+            unsafe { memory.as_ptr().add(page * PAGE).write_bytes(0x5A, 64) };
+        }
+        let deployed_at = memory.as_ptr() as usize;
+        let content = read_all(&*memory);
+        let snapshot = Arc::new(MemorySnapshot::diff(base.clone(), &base_bytes, &content));
+        *adopt.lock().unwrap() = Some(snapshot.clone());
+        drop(memory);
+        assert_eq!(creator.idle.count(Some(snapshot.id)), 1, "kept for the snapshot's first call");
+        // Any tenant's first call takes it; it holds the snapshot exactly.
+        let first = memory_for(&creator, &snapshot, "u", PAGE);
+        assert_eq!(first.as_ptr() as usize, deployed_at);
+        assert_eq!(first_difference(&read_all(&*first), &content), None);
+        // SAFETY: within the memory.
+        unsafe { first.as_ptr().add(5 * PAGE).write_bytes(0x77, 8) };
+        drop(first);
+        let again = memory_for(&creator, &snapshot, "u", PAGE);
+        assert_eq!(first_difference(&read_all(&*again), &content), None, "and is reset like any other");
+        // A deploy whose snapshot was never left (it failed): not kept.
+        plan_next(Some(Plan {
+            snapshot: Arc::new(MemorySnapshot::of_base(base, 16 * PAGE)),
+            capture: Some(capture),
+            tenant: None,
+            adopt: Some(Arc::new(Mutex::new(None))),
+        }));
+        let failed = creator.new_memory(MemoryType::new(1, None), PAGE, None, Some(1 << 30), 1 << 16).unwrap();
+        drop(failed);
+        assert_eq!(creator.idle.count(None), 0, "{} kept", creator.idle.count(None));
     }
 
     #[test]

@@ -177,7 +177,13 @@ impl Interpreters {
         limit: Duration,
     ) -> Result<Arc<MemorySnapshot>, DeployError> {
         let capture = Arc::new(Mutex::new(None));
-        let plan = Plan { snapshot: runtime.base_snapshot.clone(), capture: Some(capture.clone()), tenant: None };
+        let adopt = Arc::new(Mutex::new(None));
+        let plan = Plan {
+            snapshot: runtime.base_snapshot.clone(),
+            capture: Some(capture.clone()),
+            tenant: None,
+            adopt: Some(adopt.clone()),
+        };
         let (mut store, stderr) = deploy_store(&self.engine, config, limit, Some(plan), "loading");
         let files: Vec<(String, Vec<u8>)> = bundle.files.clone();
         let load = async {
@@ -211,14 +217,18 @@ impl Interpreters {
         // load has returned and nothing else can run in it.
         #[allow(unsafe_code)]
         let content = unsafe { view.read() };
-        drop(store);
         let base = runtime.base.clone();
-        tokio::task::spawn_blocking(move || {
+        let snapshot = tokio::task::spawn_blocking(move || {
             let base_bytes = base.read()?;
             Ok(Arc::new(MemorySnapshot::diff(base, &base_bytes, &content)))
         })
         .await
         .map_err(|e| DeployError::Internal(format!("taking the snapshot: {e}")))?
-        .map_err(|e: std::io::Error| DeployError::Internal(format!("reading the runtime's image: {e}")))
+        .map_err(|e: std::io::Error| DeployError::Internal(format!("reading the runtime's image: {e}")))?;
+        // The memory, untouched since it was read, holds exactly the
+        // snapshot: dropping the store keeps it for the first call.
+        *adopt.lock().expect("adopt slot lock is never poisoned") = Some(snapshot.clone());
+        drop(store);
+        Ok(snapshot)
     }
 }

@@ -40,6 +40,7 @@ const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
 const PAGE_IS_FILE: u64 = 1 << 2;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
 
 #[repr(C)]
 struct UffdioApi {
@@ -175,22 +176,40 @@ impl Tracker {
         start: usize,
         len: usize,
         mark: bool,
-        mut found: impl FnMut(usize, usize),
+        found: impl FnMut(usize, usize),
     ) -> std::io::Result<()> {
+        let query = if mark {
+            Query { flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, all_of: PAGE_IS_WRITTEN, none_of: 0 }
+        } else {
+            Query { flags: PM_SCAN_CHECK_WPASYNC, all_of: PAGE_IS_WRITTEN, none_of: PAGE_IS_FILE }
+        };
+        self.walk(start, len, query, found)
+    }
+
+    /// Call `found(from, to)` for every run of pages in `[start, start +
+    /// len)` mapped from a file (present and not the process's own); the
+    /// range need not be registered.
+    pub(crate) fn file_pages(&self, start: usize, len: usize, found: impl FnMut(usize, usize)) -> std::io::Result<()> {
+        self.walk(start, len, Query { flags: 0, all_of: PAGE_IS_FILE | PAGE_IS_PRESENT, none_of: 0 }, found)
+    }
+
+    fn walk(&self, start: usize, len: usize, query: Query, mut found: impl FnMut(usize, usize)) -> std::io::Result<()> {
         let end = start + len;
         let mut regions = [PageRegion::default(); 64];
         let mut from = start;
         while from < end {
             let mut arg = PmScanArg {
                 size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: if mark { PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC } else { PM_SCAN_CHECK_WPASYNC },
+                flags: query.flags,
                 start: from as u64,
                 end: end as u64,
                 vec: regions.as_mut_ptr() as u64,
                 vec_len: regions.len() as u64,
-                category_mask: if mark { PAGE_IS_WRITTEN } else { PAGE_IS_WRITTEN | PAGE_IS_FILE },
-                category_inverted: if mark { 0 } else { PAGE_IS_FILE },
-                return_mask: PAGE_IS_WRITTEN,
+                // Pages with every category in `all_of | none_of`, those
+                // of `none_of` inverted: i.e. all of one, none of the other.
+                category_mask: query.all_of | query.none_of,
+                category_inverted: query.none_of,
+                return_mask: query.all_of,
                 ..PmScanArg::default()
             };
             // SAFETY: PAGEMAP_SCAN on our own pagemap; the kernel writes at
@@ -210,6 +229,15 @@ impl Tracker {
         }
         Ok(())
     }
+}
+
+/// What a page scan looks for.
+struct Query {
+    flags: u64,
+    /// Categories every page listed has.
+    all_of: u64,
+    /// Categories no page listed has.
+    none_of: u64,
 }
 
 /// A fresh private anonymous read-write mapping of `len` bytes; the caller
