@@ -96,6 +96,28 @@ impl BaseImage {
         }
     }
 
+    /// A private read-write mapping of the base (as a memory's start),
+    /// which the caller unmaps.
+    #[cfg(test)]
+    pub(crate) fn map_private_for_test(&self) -> std::io::Result<usize> {
+        // SAFETY: a new private mapping of our memfd at an address the
+        // kernel picks.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                self.memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(at as usize)
+    }
+
     /// The base's bytes, read back (for taking differences from it).
     pub(crate) fn read(&self) -> std::io::Result<Vec<u8>> {
         let file = std::fs::File::from(self.memfd.try_clone()?);
@@ -210,7 +232,8 @@ pub(crate) struct Plan {
     /// The calling tenant: a call's memory is kept for that tenant's next
     /// call of the same snapshot only (a memory's content is reset, but
     /// which of its pages are resident says what the last call touched,
-    /// which a call could time). `None` (a deploy): never kept.
+    /// which a call could time). `None` (a deploy): kept only through
+    /// `adopt`.
     pub(crate) tenant: Option<Arc<str>>,
     /// A deploy's: where it leaves the snapshot it took of this memory
     /// before dropping the store. The memory then holds exactly that
@@ -300,7 +323,7 @@ unsafe impl MemoryCreator for SnapshotMemories {
         }
         let reserved = reserved.unwrap_or(4 << 30);
         // A call's memory may be reused by the function's next call; a
-        // deploy's (captured to take the snapshot) is never.
+        // deploy's (captured to take the snapshot) only through `adopt`.
         let size = plan.snapshot.size;
         let tenant = plan
             .tenant
@@ -587,12 +610,6 @@ impl SnapMemory {
         Ok(())
     }
 
-    /// Bring the memory back to exactly its snapshot: what lies beyond
-    /// the snapshot's size is unmapped (inaccessible, and zero when next
-    /// made accessible); within it, every page written since the last
-    /// scan gets its snapshot content back, copied from the snapshot's
-    /// own pages or the base (zeros past it). Written pages stay this
-    /// memory's own, so the next call does not fault on them again.
     /// After any growth, make [kept, reserved) a fresh inaccessible
     /// mapping, releasing what was grown (all of it: even a growth that
     /// failed half-way).
@@ -641,6 +658,12 @@ impl SnapMemory {
         tracker.scan(self.ptr, size, true, |_, _| {})
     }
 
+    /// Bring the memory back to exactly its snapshot: what lies beyond
+    /// the snapshot's size is unmapped (inaccessible, and zero when next
+    /// made accessible); within it, every page written since the last
+    /// scan gets its snapshot content back, copied from the snapshot's
+    /// own pages or the base (zeros past it). Written pages stay this
+    /// memory's own, so the next call does not fault on them again.
     /// `reserved`: the bytes of its area. Returns the pages restored.
     fn reset(&self, tracker: &Tracker, snapshot: &MemorySnapshot, reserved: usize) -> std::io::Result<usize> {
         let kept = snapshot.size;
@@ -918,6 +941,15 @@ mod tests {
             // SAFETY: within the memory.
             unsafe { memory.as_ptr().add(page * PAGE).write_bytes(0x5A, 64) };
         }
+        // A page written and then set back to the base's bytes: the
+        // process's own, yet no part of the snapshot.
+        // SAFETY: within the memory.
+        unsafe {
+            let byte = memory.as_ptr().add(7 * PAGE);
+            let was = *byte;
+            *byte = was ^ 0xFF;
+            *byte = was;
+        }
         let deployed_at = memory.as_ptr() as usize;
         let content = read_all(&*memory);
         let snapshot = Arc::new(MemorySnapshot::diff(base.clone(), &base_bytes, &content));
@@ -932,7 +964,17 @@ mod tests {
         unsafe { first.as_ptr().add(5 * PAGE).write_bytes(0x77, 8) };
         drop(first);
         let again = memory_for(&creator, &snapshot, "u", PAGE);
+        assert_eq!(again.as_ptr() as usize, deployed_at);
         assert_eq!(first_difference(&read_all(&*again), &content), None, "and is reset like any other");
+        drop(again);
+        // Once a call had it, it is that tenant's: another gets its own.
+        let other = memory_for(&creator, &snapshot, "v", PAGE);
+        assert_ne!(other.as_ptr() as usize, deployed_at);
+        assert_eq!(first_difference(&read_all(&*other), &content), None);
+        drop(other);
+        let again = memory_for(&creator, &snapshot, "u", PAGE);
+        assert_eq!(again.as_ptr() as usize, deployed_at, "u's own, again");
+        let kept = creator.idle.count(None);
         // A deploy whose snapshot was never left (it failed): not kept.
         plan_next(Some(Plan {
             snapshot: Arc::new(MemorySnapshot::of_base(base, 16 * PAGE)),
@@ -942,7 +984,7 @@ mod tests {
         }));
         let failed = creator.new_memory(MemoryType::new(1, None), PAGE, None, Some(1 << 30), 1 << 16).unwrap();
         drop(failed);
-        assert_eq!(creator.idle.count(None), 0, "{} kept", creator.idle.count(None));
+        assert_eq!(creator.idle.count(None), kept, "a failed deploy's memory is not kept");
     }
 
     #[test]

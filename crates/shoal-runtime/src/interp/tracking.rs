@@ -317,4 +317,31 @@ mod tests {
         // SAFETY: unmaps the mapping made above.
         unsafe { libc::munmap(ptr as *mut libc::c_void, len) };
     }
+
+    #[test]
+    fn file_pages_are_the_mapped_and_unwritten_pages_of_a_file() {
+        let Some(tracker) = Tracker::get() else {
+            assert!(!expected(), "this machine should track writes");
+            return;
+        };
+        let len = 8 * PAGE;
+        let base = super::super::memory::BaseImage::new("test", &vec![7u8; len]).unwrap();
+        let ptr = base.map_private_for_test().unwrap();
+        // SAFETY: within the private mapping of the base: pages 1 and 2
+        // read, page 2 then written (now the process's own), 5 read.
+        unsafe {
+            let _ = std::ptr::read_volatile((ptr + PAGE) as *const u8);
+            let _ = std::ptr::read_volatile((ptr + 2 * PAGE) as *const u8);
+            *((ptr + 2 * PAGE) as *mut u8) = 1;
+            let _ = std::ptr::read_volatile((ptr + 5 * PAGE) as *const u8);
+        }
+        // Reads may map neighbouring pages too (fault-around): check only
+        // that the written page is never listed and the read ones are.
+        let mut file = Vec::new();
+        tracker.file_pages(ptr, len, |from, to| file.extend(((from - ptr) / PAGE)..((to - ptr) / PAGE))).unwrap();
+        assert!(file.contains(&1) && file.contains(&5), "{file:?}");
+        assert!(!file.contains(&2), "a written page is the process's own: {file:?}");
+        // SAFETY: unmaps the mapping made above.
+        unsafe { libc::munmap(ptr as *mut libc::c_void, len) };
+    }
 }
