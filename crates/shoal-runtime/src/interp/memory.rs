@@ -85,14 +85,13 @@ impl BaseImage {
 
     /// The base's bytes in [from, to) (zeros past its end).
     fn copy_to(&self, from: usize, to: usize, dest: *mut u8) {
-        let shared = to.min(self.len).max(from);
-        // SAFETY: [from, shared) lies within the view; `dest` has room for
-        // `to - from` bytes (the caller's memory range).
+        let end = to.min(self.len);
+        let from_base: &[u8] = if from < end { &self.bytes()[from..end] } else { &[] };
+        // SAFETY: `dest` has room for `to - from` bytes (the caller's
+        // memory range), of which `from_base` fills the start.
         unsafe {
-            if shared > from {
-                std::ptr::copy_nonoverlapping((self.view + from) as *const u8, dest, shared - from);
-            }
-            std::ptr::write_bytes(dest.add(shared - from), 0, to - shared);
+            std::ptr::copy_nonoverlapping(from_base.as_ptr(), dest, from_base.len());
+            std::ptr::write_bytes(dest.add(from_base.len()), 0, to - from - from_base.len());
         }
     }
 
@@ -118,12 +117,14 @@ impl BaseImage {
         Ok(at as usize)
     }
 
-    /// The base's bytes, read back (for taking differences from it).
-    pub(crate) fn read(&self) -> std::io::Result<Vec<u8>> {
-        let file = std::fs::File::from(self.memfd.try_clone()?);
-        let mut content = vec![0; self.len];
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut content, 0)?;
-        Ok(content)
+    /// The base's bytes (its shared read-only view).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `view` maps `len` bytes of the sealed memfd read-only
+        // for as long as `self` lives; nothing can change them.
+        unsafe { std::slice::from_raw_parts(self.view as *const u8, self.len) }
     }
 }
 
@@ -158,8 +159,9 @@ impl MemorySnapshot {
         Self::new(base, size, Vec::new())
     }
 
-    /// `content` as differences from `base`, whose bytes are `base_bytes`.
-    pub(crate) fn diff(base: Arc<BaseImage>, base_bytes: &[u8], content: &[u8]) -> Self {
+    /// `content` as differences from `base`.
+    pub(crate) fn diff(base: Arc<BaseImage>, content: &[u8]) -> Self {
+        let base_bytes = base.bytes();
         let mut runs: Vec<(usize, Box<[u8]>)> = Vec::new();
         let mut run: Option<(usize, Vec<u8>)> = None;
         for (i, page) in content.chunks(PAGE).enumerate() {
@@ -759,13 +761,13 @@ mod tests {
         let mut base_bytes = vec![0u8; 8 * PAGE];
         base_bytes[PAGE] = 1;
         let base = Arc::new(BaseImage::new("test", &base_bytes).unwrap());
-        assert_eq!(base.read().unwrap(), base_bytes);
+        assert_eq!(base.bytes(), &base_bytes[..]);
         let mut content = base_bytes.clone();
         content.extend(vec![0u8; 4 * PAGE]);
         content[3 * PAGE + 5] = 7; // one page
         content[4 * PAGE] = 8; // next to it: the same run
         content[10 * PAGE] = 9; // beyond the base
-        let snapshot = MemorySnapshot::diff(base.clone(), &base_bytes, &content);
+        let snapshot = MemorySnapshot::diff(base.clone(), &content);
         let offsets: Vec<(usize, usize)> = snapshot.runs.iter().map(|(o, b)| (*o, b.len())).collect();
         assert_eq!(offsets, vec![(3 * PAGE, 2 * PAGE), (10 * PAGE, PAGE)]);
         assert_eq!(snapshot.own_bytes(), 3 * PAGE);
@@ -775,7 +777,7 @@ mod tests {
         assert_eq!(read_all(&memory), content, "the memory starts as the snapshot");
         // SAFETY: as above; a write to the private mapping.
         unsafe { *(memory.ptr as *mut u8).add(PAGE) = 42 };
-        assert_eq!(base.read().unwrap()[PAGE], 1, "writes never reach the shared base");
+        assert_eq!(base.bytes()[PAGE], 1, "writes never reach the shared base");
         let second = SnapMemory::fresh(&snapshot, 8 * PAGE, None, 1 << 30, 1 << 16, None).unwrap();
         assert_eq!(read_all(&second)[PAGE], 1, "nor another memory of the same snapshot");
     }
@@ -820,7 +822,7 @@ mod tests {
         for page in [3, 4, 10, 20] {
             content[page * PAGE..(page + 1) * PAGE].fill(0xA0 + page as u8);
         }
-        (Arc::new(MemorySnapshot::diff(base, &base_bytes, &content)), content)
+        (Arc::new(MemorySnapshot::diff(base, &content)), content)
     }
 
     #[test]
@@ -952,7 +954,7 @@ mod tests {
         }
         let deployed_at = memory.as_ptr() as usize;
         let content = read_all(&*memory);
-        let snapshot = Arc::new(MemorySnapshot::diff(base.clone(), &base_bytes, &content));
+        let snapshot = Arc::new(MemorySnapshot::diff(base.clone(), &content));
         *adopt.lock().unwrap() = Some(snapshot.clone());
         drop(memory);
         assert_eq!(creator.idle.count(Some(snapshot.id)), 1, "kept for the snapshot's first call");
@@ -996,7 +998,7 @@ mod tests {
         let base = Arc::new(BaseImage::new("test", &vec![1u8; 16 * PAGE]).unwrap());
         let snapshot = |fill: u8| {
             let content = vec![fill; 16 * PAGE];
-            Arc::new(MemorySnapshot::diff(base.clone(), &base.read().unwrap(), &content))
+            Arc::new(MemorySnapshot::diff(base.clone(), &content))
         };
         let (a, b) = (snapshot(2), snapshot(3));
         let creator = SnapshotMemories::new(3);

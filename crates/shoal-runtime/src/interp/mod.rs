@@ -218,13 +218,9 @@ impl Interpreters {
         #[allow(unsafe_code)]
         let content = unsafe { view.read() };
         let base = runtime.base.clone();
-        let snapshot = tokio::task::spawn_blocking(move || {
-            let base_bytes = base.read()?;
-            Ok(Arc::new(MemorySnapshot::diff(base, &base_bytes, &content)))
-        })
-        .await
-        .map_err(|e| DeployError::Internal(format!("taking the snapshot: {e}")))?
-        .map_err(|e: std::io::Error| DeployError::Internal(format!("reading the runtime's image: {e}")))?;
+        let snapshot = tokio::task::spawn_blocking(move || Arc::new(MemorySnapshot::diff(base, &content)))
+            .await
+            .map_err(|e| DeployError::Internal(format!("taking the snapshot: {e}")))?;
         // The memory, untouched since it was read, holds exactly the
         // snapshot: dropping the store keeps it for the first call.
         *adopt.lock().expect("adopt slot lock is never poisoned") = Some(snapshot.clone());
