@@ -29,7 +29,7 @@ struct Cli {
 enum Command {
     /// Run a node: the embedded single-node default, with the example
     /// functions deployed under tenant `demo`.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Deploy a function as TENANT/NAME: a wasm component, a WASI command
     /// module, a Python file, or a folder with an `app.py`.
     Deploy {
@@ -152,7 +152,7 @@ fn read_input(data: Option<String>, data_file: Option<PathBuf>) -> anyhow::Resul
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
-        Command::Serve(args) => return serve::run(args).await,
+        Command::Serve(args) => return serve::run(*args).await,
         Command::Bench(args) => return bench::run(args).await,
         command => command,
     };

@@ -85,6 +85,30 @@ pub struct ServeArgs {
     /// (default 1 each); repeatable.
     #[arg(long = "tenant-weight", value_parser = parse_weight)]
     tenant_weights: Vec<(String, u32)>,
+    /// Sum of the memory limits of the calls running at once, all
+    /// tenants, e.g. 8GiB (default: half of the machine's memory).
+    #[arg(long, env = "SHOAL_CALL_MEMORY", value_parser = parse_size)]
+    call_memory: Option<u64>,
+    /// Root calls of one tenant running at once while no other tenant
+    /// waits (default: 3 per core, never all of the node's 4 per core).
+    #[arg(long, env = "SHOAL_TENANT_RUNNING")]
+    tenant_running: Option<u32>,
+    /// Sandboxes one tenant's calls (and their children) hold at once
+    /// (default: half of --max-concurrent-calls).
+    #[arg(long, env = "SHOAL_TENANT_SANDBOXES")]
+    tenant_sandboxes: Option<u32>,
+    /// Sum of the memory limits of one tenant's running calls, e.g. 4GiB
+    /// (default: half of --call-memory).
+    #[arg(long, env = "SHOAL_TENANT_CALL_MEMORY", value_parser = parse_size)]
+    tenant_call_memory: Option<u64>,
+    /// Bytes of values the local state tier holds, every tenant's
+    /// together, e.g. 2GiB (default: an eighth of the machine's memory).
+    #[arg(long, env = "SHOAL_LOCAL_TIER_MEMORY", value_parser = parse_size)]
+    local_tier_memory: Option<u64>,
+    /// Bytes of one tenant's values in the local state tier (default: a
+    /// quarter of --local-tier-memory).
+    #[arg(long, env = "SHOAL_TENANT_LOCAL_MEMORY", value_parser = parse_size)]
+    tenant_local_memory: Option<u64>,
     /// Function images kept loaded; past it the least recently used idle
     /// ones are dropped and reloaded from the compiled cache when called.
     #[arg(long, env = "SHOAL_MAX_LOADED_IMAGES")]
@@ -115,6 +139,12 @@ struct ServeFile {
     advertise: Option<String>,
     gateway: Option<bool>,
     tenant_weights: Option<std::collections::BTreeMap<String, u32>>,
+    call_memory: Option<String>,
+    tenant_running: Option<u32>,
+    tenant_sandboxes: Option<u32>,
+    tenant_call_memory: Option<String>,
+    local_tier_memory: Option<String>,
+    tenant_local_memory: Option<String>,
     max_state_value: Option<String>,
     state_quota: Option<String>,
     examples: Option<bool>,
@@ -220,6 +250,35 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
     for (tenant, weight) in &args.tenant_weights {
         config.tenant_weights.retain(|(t, _)| t != tenant);
         config.tenant_weights.push((tenant.clone(), *weight));
+    }
+    if let Some(text) = &file.call_memory {
+        config.call_memory_bytes = parse_size(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(bytes) = args.call_memory {
+        config.call_memory_bytes = bytes;
+    }
+    if let Some(n) = args.tenant_running.or(file.tenant_running) {
+        anyhow::ensure!(n > 0, "tenant_running must be at least 1");
+        config.scheduler.max_running_per_tenant = n;
+    }
+    config.tenant_sandboxes = args.tenant_sandboxes.or(file.tenant_sandboxes);
+    if let Some(text) = &file.tenant_call_memory {
+        config.tenant_call_memory_bytes = Some(parse_size(text).map_err(anyhow::Error::msg)?);
+    }
+    if let Some(bytes) = args.tenant_call_memory {
+        config.tenant_call_memory_bytes = Some(bytes);
+    }
+    if let Some(text) = &file.local_tier_memory {
+        config.local_tier_bytes = parse_size(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(bytes) = args.local_tier_memory {
+        config.local_tier_bytes = bytes;
+    }
+    if let Some(text) = &file.tenant_local_memory {
+        config.tenant_local_bytes = Some(parse_size(text).map_err(anyhow::Error::msg)?);
+    }
+    if let Some(bytes) = args.tenant_local_memory {
+        config.tenant_local_bytes = Some(bytes);
     }
     if let Some(text) = &file.max_state_value {
         config.max_state_value_bytes = parse_size(text).map_err(anyhow::Error::msg)?;

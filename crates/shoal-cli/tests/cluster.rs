@@ -433,12 +433,17 @@ async fn a_node_killed_mid_load_loses_no_acknowledged_write_and_no_accepted_call
     let hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
     // Node 1 is a gateway (it places every call, so calls reach the victim
     // through it); the others run calls, at most 8 at a time (8 on two
-    // cores or more: 4 per core).
+    // cores or more: 4 per core), all of them the one tenant's (this test
+    // is about a node dying, not about tenants sharing it).
     let mut nodes: Vec<NodeProcess> = hosts
         .iter()
         .enumerate()
         .map(|(i, h)| {
-            let extra: &[&str] = if i == 1 { &["--gateway"] } else { &["--max-concurrent-calls", "8"] };
+            let extra: &[&str] = if i == 1 {
+                &["--gateway"]
+            } else {
+                &["--max-concurrent-calls", "8", "--tenant-running", "8", "--tenant-sandboxes", "8"]
+            };
             start_node(&redis, h, extra)
         })
         .collect();

@@ -133,6 +133,10 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
             .map_or(0, |c| c.membership.members().iter().filter(|m| m.load.capacity > 0).count()),
         calls_forwarded: node.cluster.as_ref().map_or(0, |c| c.n_forwarded.load(Ordering::Relaxed)),
         forward_failures: node.cluster.as_ref().map_or(0, |c| c.n_forward_failures.load(Ordering::Relaxed)),
+        n_queued: node.executor.queued(),
+        call_memory_bytes: node.executor.memory_in_use(),
+        local: node.state.local().bytes(),
+        local_evictions: node.state.local().evictions(),
     };
     let mut response = node.metrics.render(&gauges).into_response();
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

@@ -113,6 +113,19 @@ pub(crate) enum RecordError {
     Registry(#[from] crate::registry::RegistryError),
 }
 
+/// A tenant's asynchronous calls on this node.
+struct TenantCalls {
+    unfinished: usize,
+    /// Its calls asking the scheduler for a turn at once: the others wait
+    /// here, in order, so a tenant's backlog is drained by the
+    /// scheduler's round robin among tenants without polling it.
+    turns: Arc<tokio::sync::Semaphore>,
+}
+
+/// A tenant's asynchronous calls that may ask the scheduler for a turn at
+/// once.
+const ASYNC_TURNS_PER_TENANT: usize = 16;
+
 /// The records of asynchronous calls and the count of those not finished.
 pub(crate) struct AsyncCalls {
     store: Arc<EmbeddedStore>,
@@ -122,17 +135,31 @@ pub(crate) struct AsyncCalls {
     /// Queued or running on this node now.
     unfinished: AtomicUsize,
     max_unfinished: usize,
+    /// Unfinished calls per tenant, and the most one tenant may have.
+    tenants: std::sync::Mutex<std::collections::HashMap<String, TenantCalls>>,
+    max_per_tenant: usize,
     retention: Duration,
 }
+
+const POISON: &str = "the async calls' lock is never poisoned: nothing panics while holding it";
 
 impl AsyncCalls {
     pub(crate) fn new(
         store: Arc<EmbeddedStore>,
         queue: Option<CallQueue>,
         max_unfinished: usize,
+        max_per_tenant: usize,
         retention: Duration,
     ) -> Self {
-        Self { store, queue, unfinished: AtomicUsize::new(0), max_unfinished, retention }
+        Self {
+            store,
+            queue,
+            unfinished: AtomicUsize::new(0),
+            max_unfinished,
+            tenants: Default::default(),
+            max_per_tenant,
+            retention,
+        }
     }
 
     fn full(&self, what: &str) -> ApiError {
@@ -145,6 +172,53 @@ impl AsyncCalls {
 
     pub(crate) fn unfinished(&self) -> usize {
         self.unfinished.load(Ordering::Relaxed)
+    }
+
+    /// Count one more unfinished call of `tenant` (refused past its
+    /// share or the node's limit, unless `forced`: a call accepted before
+    /// a restart).
+    fn count(&self, tenant: &str, forced: bool) -> Result<(), ApiError> {
+        let mut tenants = self.tenants.lock().expect(POISON);
+        let calls = tenants.entry(tenant.to_string()).or_insert_with(|| TenantCalls {
+            unfinished: 0,
+            turns: Arc::new(tokio::sync::Semaphore::new(ASYNC_TURNS_PER_TENANT)),
+        });
+        if !forced && calls.unfinished >= self.max_per_tenant {
+            return Err(ApiError {
+                kind: ErrorKind::Overloaded,
+                message: format!(
+                    "tenant `{tenant}` has {} asynchronous calls waiting or running, its limit on this node",
+                    self.max_per_tenant
+                ),
+                retry_after: Some(Duration::from_secs(1)),
+            });
+        }
+        let admitted = self.unfinished.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (forced || n < self.max_unfinished).then_some(n + 1)
+        });
+        if admitted.is_err() {
+            return Err(self.full("this node"));
+        }
+        calls.unfinished += 1;
+        Ok(())
+    }
+
+    /// One unfinished call of `tenant` fewer.
+    fn uncount(&self, tenant: &str) {
+        self.unfinished.fetch_sub(1, Ordering::AcqRel);
+        let mut tenants = self.tenants.lock().expect(POISON);
+        if let Some(calls) = tenants.get_mut(tenant) {
+            calls.unfinished = calls.unfinished.saturating_sub(1);
+            if calls.unfinished == 0 {
+                tenants.remove(tenant);
+            }
+        }
+    }
+
+    /// Wait until `tenant`'s call may ask the scheduler for its turn.
+    async fn turn(&self, tenant: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let turns = self.tenants.lock().expect(POISON).get(tenant).map(|calls| calls.turns.clone())?;
+        turns.acquire_owned().await.ok()
     }
 
     /// A new id: acceptance time first (so ids sort by age), then 64
@@ -164,12 +238,7 @@ impl AsyncCalls {
             }
             return Ok(record);
         }
-        let admitted = self
-            .unfinished
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_unfinished).then_some(n + 1));
-        if admitted.is_err() {
-            return Err(self.full("this node"));
-        }
+        self.count(tenant, false)?;
         let record = CallRecord::queued(Self::new_id(now), tenant, function, now);
         let (store, stored) = (self.store.clone(), record.clone());
         let written = tokio::task::spawn_blocking(move || {
@@ -184,7 +253,7 @@ impl AsyncCalls {
         match written {
             Ok(Ok(())) => Ok(record),
             failed => {
-                self.unfinished.fetch_sub(1, Ordering::AcqRel);
+                self.uncount(tenant);
                 Err(match failed {
                     Ok(Err(e)) => ApiError::from(e),
                     _ => ApiError::internal("recording an asynchronous call", "the store task failed"),
@@ -232,8 +301,18 @@ impl AsyncCalls {
 
     /// Calls accepted but not finished (after a restart: those the last
     /// run of the node did not finish).
-    fn pending(&self) -> Result<Vec<String>, StoreError> {
-        Ok(self.store.scan_prefix(PENDING, "")?.into_iter().map(|(id, _)| id).collect())
+    fn pending(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let ids: Vec<String> = self.store.scan_prefix(PENDING, "")?.into_iter().map(|(id, _)| id).collect();
+        self.store.snapshot(|tx| {
+            let mut pending = Vec::with_capacity(ids.len());
+            for id in ids {
+                // A pending id without a readable record runs (and is
+                // dropped) like any other; its tenant is unknown.
+                let tenant = tx.get(CALLS, &id)?.and_then(|bytes| decode(&id, &bytes).ok()).map(|r| r.tenant);
+                pending.push((id, tenant.unwrap_or_default()));
+            }
+            Ok(pending)
+        })
     }
 
     /// Remove finished records accepted more than the retention time ago.
@@ -282,18 +361,18 @@ impl Node {
             // Whichever node has room takes it from the queue; this one
             // looks at once.
             Some(cluster) => cluster.queued.notify_one(),
-            None => self.spawn_async(record.call_id),
+            None => self.spawn_async(record.call_id, record.tenant),
         }
         Ok(id)
     }
 
-    fn spawn_async(self: &Arc<Self>, id: String) {
+    fn spawn_async(self: &Arc<Self>, id: String, tenant: String) {
         let node = self.clone();
         tokio::spawn(async move {
             if let Err(e) = node.run_async(&id).await {
                 tracing::error!(call_id = %id, error = %e, "an asynchronous call could not be recorded; it stays pending");
             }
-            node.async_calls.unfinished.fetch_sub(1, Ordering::AcqRel);
+            node.async_calls.uncount(&tenant);
         });
     }
 
@@ -396,7 +475,13 @@ impl Node {
                 Some((ErrorKind::NotFound, format!("function `{}/{}` does not exist", record.tenant, record.function))),
             ),
             Some(deployed) => {
-                let slot = self.executor.admit_accepted(&deployed.settings.tenant, &deployed.key).await;
+                // Its tenant's turn to ask the scheduler (in a cluster,
+                // the worker takes calls only while the node has room).
+                let _turn = if shared.is_none() { self.async_calls.turn(&record.tenant).await } else { None };
+                let slot = self
+                    .executor
+                    .admit_accepted(&deployed.settings.tenant, &deployed.key, deployed.settings.memory_limit)
+                    .await;
                 record.status = CallStatus::Running;
                 record.started_at_ms = Some(now_ms());
                 record.attempts += 1;
@@ -409,15 +494,13 @@ impl Node {
                     }
                     None => self.write_record(record, None).await?,
                 }
-                let out = match self.image_of(deployed).await {
+                let mut out = match self.image_of(deployed).await {
                     Ok(image) => slot.run(&image, &deployed.settings, input.into()).await,
-                    Err(e) => shoal_runtime::CallOutput {
-                        result: Err(shoal_runtime::CallError::Internal(format!("loading the function: {e}"))),
-                        stdout: Default::default(),
-                        stderr: Default::default(),
-                    },
+                    Err(e) => shoal_runtime::CallOutput::failed(shoal_runtime::CallError::Internal(format!(
+                        "loading the function: {e}"
+                    ))),
                 };
-                deployed.logs.append(&id, now_ms(), out.log_lines());
+                deployed.logs.append(&id, now_ms(), out.take_logs());
                 let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
                 self.metrics.record_call(outcome, Some(started.elapsed()));
                 match out.result {
@@ -449,9 +532,10 @@ impl Node {
     /// the retention sweep.
     pub(crate) fn resume_async_calls(self: &Arc<Self>) -> Result<usize, StoreError> {
         let pending = self.async_calls.pending()?;
-        for id in &pending {
-            self.async_calls.unfinished.fetch_add(1, Ordering::AcqRel);
-            self.spawn_async(id.clone());
+        for (id, tenant) in &pending {
+            // Accepted before the restart: counted whatever the limits.
+            let _ = self.async_calls.count(tenant, true);
+            self.spawn_async(id.clone(), tenant.clone());
         }
         let node = Arc::downgrade(self);
         tokio::spawn(async move {

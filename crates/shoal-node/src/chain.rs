@@ -1,10 +1,11 @@
 //! Chained calls on this node: the [`Invoker`] the runtime asks when a
 //! guest calls `invoke.call` or `invoke.spawn`. The callee is resolved in
-//! the caller's tenant only, takes a call slot like any call (never
-//! waiting: with every slot busy the guest gets `unavailable`, so parents
-//! waiting on children can never deadlock the node), and is logged and
-//! counted like a call made over HTTP. No HTTP hop and no copy beyond the
-//! input bytes.
+//! the caller's tenant only and goes through the scheduler charged to
+//! that tenant: it waits for its turn on the CPU like any call, but takes
+//! no running place and never waits for a sandbox (with none free, or its
+//! tenant at its caps, the guest gets `unavailable`, so parents waiting on
+//! children can never deadlock the node). It is logged and counted like a
+//! call made over HTTP. No HTTP hop and no copy beyond the input bytes.
 
 use std::sync::{Arc, Weak};
 use std::time::Instant;
@@ -44,10 +45,19 @@ impl Invoker for NodeInvoker {
                 .map_err(|e| ChainError::Unavailable(format!("loading `{}`: {e}", deployed.key)))?;
             let input = bytes::Bytes::from(input);
             let hop = (lineage.depth, lineage.deadline);
-            let out = match node.executor.run_in(&image, &deployed.settings, input.clone(), lineage).await {
+            // Charged to the caller's tenant (the callee's: the same one).
+            let run = node.executor.run_chained(
+                &deployed.settings.tenant,
+                &deployed.key,
+                &image,
+                &deployed.settings,
+                input.clone(),
+                lineage,
+            );
+            let mut out = match run.await {
                 Ok(out) => out,
-                // No sandbox free here: another node of the cluster may
-                // have one.
+                // No place or sandbox here in time: another node of the
+                // cluster may have one.
                 Err(_) if node.cluster.is_some() => {
                     return node.forward_chained(&deployed, input, hop.0, hop.1).await;
                 }
@@ -56,7 +66,7 @@ impl Invoker for NodeInvoker {
                     return Err(ChainError::Unavailable(overloaded.to_string()));
                 }
             };
-            deployed.logs.append(&call_id, now_ms(), out.log_lines());
+            deployed.logs.append(&call_id, now_ms(), out.take_logs());
             let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
             node.metrics.record_call(outcome, Some(started.elapsed()));
             out.result.map_err(ChainError::Failed)

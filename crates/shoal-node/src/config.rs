@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -40,12 +41,24 @@ pub struct NodeConfig {
     /// Tenants' shares of the node's CPU when they compete (weight 1 for
     /// any tenant not named).
     pub tenant_weights: Vec<(String, u32)>,
+    /// Sum of the memory limits of the calls running at once (every
+    /// tenant's, chained calls included); a call that would pass it is
+    /// refused. Default: half of the machine's memory.
+    pub call_memory_bytes: u64,
+    /// Sandboxes one tenant's calls (roots and their children) hold at
+    /// once. Default (None): half of `max_concurrent_calls`.
+    pub tenant_sandboxes: Option<u32>,
+    /// Sum of the memory limits of one tenant's running calls. Default
+    /// (None): half of `call_memory_bytes`.
+    pub tenant_call_memory_bytes: Option<u64>,
     /// Function images (compiled, pre-linked code) kept loaded; past it the
     /// least recently used idle ones are dropped and reloaded from the
     /// compiled cache (no compiling) when next called. Default 4,096 (an
     /// image of the `hello` example is ~236 KiB resident: ~1 GiB).
     pub max_loaded_images: usize,
-    /// Concurrent compilations. Default 1.
+    /// Concurrent compilations (at a lower priority than calls), shared
+    /// round robin by tenant, one tenant holding at most all but one of
+    /// them. Default 2.
     pub compile_concurrency: usize,
     /// The longest a deploy waits for its compile. Default 60 s.
     pub compile_timeout: Duration,
@@ -58,6 +71,10 @@ pub struct NodeConfig {
     /// Asynchronous calls accepted and not finished; more are refused with
     /// 429. Default 10,000.
     pub max_async_calls: usize,
+    /// Asynchronous calls of one tenant accepted and not finished on this
+    /// node; more of its calls are refused with 429, the other tenants'
+    /// still accepted. Default (None): a quarter of `max_async_calls`.
+    pub max_async_calls_per_tenant: Option<usize>,
     /// How long records of asynchronous calls are kept. Default 24 h.
     pub async_retention: Duration,
     /// Cluster mode: with a Redis URL the node joins the cluster kept
@@ -85,6 +102,14 @@ pub struct NodeConfig {
     /// Where compiled language runtimes are cached. Default: the data
     /// directory's compiled-artifact cache.
     pub runtime_cache_dir: Option<PathBuf>,
+    /// Bytes of values the node's local state tier holds, every tenant's
+    /// together (values not yet pushed and copies of the global tier's;
+    /// copies are evicted to make room). Default: an eighth of the
+    /// machine's memory.
+    pub local_tier_bytes: u64,
+    /// Bytes of one tenant's values in the local tier. Default (None): a
+    /// quarter of `local_tier_bytes`.
+    pub tenant_local_bytes: Option<u64>,
     /// Largest state value and bytes of state per tenant. Defaults 64 MiB, 1 GiB.
     pub max_state_value_bytes: u64,
     pub state_quota_bytes: u64,
@@ -110,13 +135,17 @@ impl NodeConfig {
                 std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
             ),
             tenant_weights: Vec::new(),
+            call_memory_bytes: machine_memory_bytes().map_or(8 << 30, |total| total / 2),
+            tenant_sandboxes: None,
+            tenant_call_memory_bytes: None,
             max_loaded_images: 4096,
-            compile_concurrency: 1,
+            compile_concurrency: 2,
             compile_timeout: Duration::from_secs(60),
             log_lines_per_function: 1000,
             max_call_depth: 16,
             max_spawns_per_root: 1000,
             max_async_calls: 10_000,
+            max_async_calls_per_tenant: None,
             async_retention: Duration::from_secs(24 * 3600),
             redis_url: None,
             advertise: None,
@@ -126,9 +155,28 @@ impl NodeConfig {
             python_runtime: shoal_runtime::RuntimeBinary::default(),
             js_runtime: shoal_runtime::RuntimeBinary::default(),
             runtime_cache_dir: None,
+            local_tier_bytes: machine_memory_bytes().map_or(GIB, |total| total / 8),
+            tenant_local_bytes: None,
             max_state_value_bytes: 64 * MIB,
             state_quota_bytes: 1024 * MIB,
         }
+    }
+
+    /// What the node's and each tenant's running calls may hold (the
+    /// defaults derived from the node's limits where unset).
+    pub fn sandbox_limits(&self) -> shoal_sched::SandboxLimits {
+        let derived = shoal_sched::SandboxLimits::derived(self.max_concurrent_calls, self.call_memory_bytes);
+        shoal_sched::SandboxLimits {
+            tenant_sandboxes: self.tenant_sandboxes.unwrap_or(derived.tenant_sandboxes),
+            tenant_memory_bytes: self.tenant_call_memory_bytes.unwrap_or(derived.tenant_memory_bytes),
+            ..derived
+        }
+    }
+
+    /// What the local state tier may hold.
+    pub fn local_limits(&self) -> shoal_state::LocalLimits {
+        let derived = shoal_state::LocalLimits::derived(self.local_tier_bytes);
+        shoal_state::LocalLimits { tenant_bytes: self.tenant_local_bytes.unwrap_or(derived.tenant_bytes), ..derived }
     }
 
     /// Check the settings once, at start.
@@ -152,6 +200,19 @@ impl NodeConfig {
         if self.gateway && self.redis_url.is_none() {
             return Err("a gateway places calls on the other nodes of a cluster: it needs a Redis URL".into());
         }
+        if self.call_memory_bytes < self.max_memory_bytes {
+            return Err(format!(
+                "the node's call memory {} MiB must hold at least one call of the largest memory limit ({} MiB)",
+                self.call_memory_bytes >> 20,
+                self.max_memory_bytes >> 20
+            ));
+        }
+        if self.tenant_sandboxes == Some(0) || self.tenant_call_memory_bytes.is_some_and(|m| m < self.max_memory_bytes)
+        {
+            return Err(
+                "a tenant's sandboxes must be at least 1 and its call memory at least the largest memory limit".into(),
+            );
+        }
         if self.max_concurrent_calls == 0 {
             return Err("max_concurrent_calls must be at least 1".into());
         }
@@ -162,4 +223,12 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// The machine's memory (Linux: `MemTotal` of /proc/meminfo).
+fn machine_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

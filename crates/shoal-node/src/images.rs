@@ -37,7 +37,7 @@ impl Node {
             .module(&function.record.sha256)
             .await?
             .ok_or_else(|| ImageError::Missing(function.key.to_string()))?;
-        let image = self.runtime().load_with(&wasm, function.record.load_options()).await?;
+        let image = self.runtime().load_with(&wasm, &function.record.load_options()).await?;
         function.set_image(image.clone());
         self.enforce_image_budget();
         Ok(image)

@@ -124,6 +124,7 @@ impl Node {
         runtime_config.compile_concurrency = config.compile_concurrency;
         runtime_config.compile_timeout = config.compile_timeout;
         runtime_config.max_output_bytes = config.max_body_bytes;
+        runtime_config.max_log_lines = config.log_lines_per_function;
         runtime_config.max_call_depth = config.max_call_depth;
         runtime_config.max_spawns_per_root = config.max_spawns_per_root;
         runtime_config.python_runtime = config.python_runtime;
@@ -142,7 +143,7 @@ impl Node {
                 Arc::new(redis)
             }
         };
-        let state = Arc::new(StateTiers::new(global));
+        let state = Arc::new(StateTiers::with_local_limits(global, config.local_limits()));
         let max_running = config.scheduler.max_running.min(config.max_concurrent_calls);
         let (shared, cluster) = match &config.redis_url {
             None => (None, None),
@@ -156,14 +157,22 @@ impl Node {
         policy.max_running = policy.max_running.min(config.max_concurrent_calls);
         policy.max_running_per_tenant = policy.max_running_per_tenant.min(policy.max_running);
         policy.max_running_long = policy.max_running_long.min(policy.max_running);
-        let executor = Executor::new(runtime.clone(), config.max_concurrent_calls, policy);
+        policy.max_long_per_tenant = policy.max_long_per_tenant.min(policy.max_running_long);
+        let executor =
+            Executor::with_limits(runtime.clone(), config.max_concurrent_calls, policy, config.sandbox_limits());
         for (tenant, weight) in &config.tenant_weights {
             executor.set_weight(tenant, *weight);
         }
 
         let queue = cluster.as_ref().map(|c| c.queue.clone());
-        let async_calls =
-            Arc::new(AsyncCalls::new(store.clone(), queue, config.max_async_calls, config.async_retention));
+        let async_per_tenant = config.max_async_calls_per_tenant.unwrap_or((config.max_async_calls / 4).max(1));
+        let async_calls = Arc::new(AsyncCalls::new(
+            store.clone(),
+            queue,
+            config.max_async_calls,
+            async_per_tenant,
+            config.async_retention,
+        ));
         let registry = Registry::open(store, shared)?;
         let node = Arc::new_cyclic(|node| {
             // A fresh runtime has no invoker yet: this cannot fail.
@@ -208,7 +217,7 @@ impl Node {
         let n_stored = stored.len();
         let started = std::time::Instant::now();
         for (record, wasm) in stored {
-            match self.executor.runtime().load_with(&wasm, record.load_options()).await {
+            match self.executor.runtime().load_with(&wasm, &record.load_options()).await {
                 Ok(image) => {
                     let logs = self.registry.logs_for(&record.tenant, &record.name, self.config.log_lines_per_function);
                     self.registry.insert_loaded(DeployedFunction::new(record, image, logs));
@@ -284,7 +293,12 @@ impl Node {
                 return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist; create it first")));
             }
         }
-        let image = self.runtime().load_with(wasm, LoadOptions { snapshot: spec.snapshot }).await?;
+        // Compiled and loaded in the tenant's turns, the deploy-time guest
+        // code on the call pool (never on a thread that serves HTTP).
+        let options = LoadOptions { snapshot: spec.snapshot, tenant: Some(Arc::from(tenant)) };
+        let (runtime, bytes) = (self.runtime().clone(), wasm.to_vec());
+        let load = self.executor.on_pool(async move { runtime.load_with(&bytes, &options).await }).await;
+        let image = load.map_err(|e| ApiError::internal("loading a function", e))??;
         let declared = image.declared().memory_bytes;
         if declared > spec.memory_bytes {
             let (kind, what) = if shoal_runtime::SourceBundle::is_bundle(wasm) {

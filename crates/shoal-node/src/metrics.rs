@@ -54,6 +54,14 @@ pub struct Gauges {
     pub cluster_members_ready: usize,
     pub calls_forwarded: u64,
     pub forward_failures: u64,
+    /// Calls waiting for their turn.
+    pub n_queued: usize,
+    /// Sum of the memory limits of the calls running now.
+    pub call_memory_bytes: u64,
+    /// The local state tier: bytes of values held, and evictions since
+    /// start (values, bytes).
+    pub local: shoal_state::LocalBytes,
+    pub local_evictions: (u64, u64),
 }
 
 impl Metrics {
@@ -138,6 +146,37 @@ impl Metrics {
                 "Forwards whose node could not be reached or whose answer was lost.",
                 gauges.forward_failures,
             ),
+            ("shoal_calls_queued", "gauge", "Calls waiting for their turn.", gauges.n_queued as u64),
+            (
+                "shoal_call_memory_bytes",
+                "gauge",
+                "Sum of the memory limits of the calls running now.",
+                gauges.call_memory_bytes,
+            ),
+            (
+                "shoal_state_local_clean_bytes",
+                "gauge",
+                "Bytes of the local state tier's copies of global values (evicted first to make room).",
+                gauges.local.clean,
+            ),
+            (
+                "shoal_state_local_dirty_bytes",
+                "gauge",
+                "Bytes of the local state tier's values written and not pushed.",
+                gauges.local.dirty,
+            ),
+            (
+                "shoal_state_local_evictions_total",
+                "counter",
+                "Copies of global values evicted from the local state tier to make room.",
+                gauges.local_evictions.0,
+            ),
+            (
+                "shoal_state_local_evicted_bytes_total",
+                "counter",
+                "Bytes of the copies evicted from the local state tier.",
+                gauges.local_evictions.1,
+            ),
             (
                 "shoal_state_global_read_bytes_total",
                 "counter",
@@ -184,6 +223,10 @@ mod tests {
             cluster_members_ready: 2,
             calls_forwarded: 8,
             forward_failures: 9,
+            n_queued: 10,
+            call_memory_bytes: 11,
+            local: shoal_state::LocalBytes { clean: 12, dirty: 13 },
+            local_evictions: (14, 15),
         });
         for expected in [
             "shoal_calls_total{outcome=\"ok\"} 1",
@@ -199,6 +242,12 @@ mod tests {
             "shoal_http_connections 5",
             "shoal_http_connections_refused_total 6",
             "shoal_http_connections_idle_closed_total 7",
+            "shoal_calls_queued 10",
+            "shoal_call_memory_bytes 11",
+            "shoal_state_local_clean_bytes 12",
+            "shoal_state_local_dirty_bytes 13",
+            "shoal_state_local_evictions_total 14",
+            "shoal_state_local_evicted_bytes_total 15",
             "shoal_cluster_members 3",
             "shoal_cluster_members_ready 2",
             "shoal_calls_forwarded_total 8",

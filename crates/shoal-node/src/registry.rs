@@ -66,7 +66,7 @@ pub struct FunctionRecord {
 impl FunctionRecord {
     /// How the function's binary is loaded (again).
     pub fn load_options(&self) -> shoal_runtime::LoadOptions {
-        shoal_runtime::LoadOptions { snapshot: self.snapshot }
+        shoal_runtime::LoadOptions { snapshot: self.snapshot, tenant: Some(std::sync::Arc::from(self.tenant.as_str())) }
     }
 }
 

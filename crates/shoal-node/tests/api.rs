@@ -653,8 +653,14 @@ mod chaining {
     use super::*;
     use std::time::{Duration, Instant};
 
+    /// A node whose one tenant may hold every sandbox (the tests here are
+    /// about chains, not about sharing the node).
     async fn node_with(tweak: impl FnOnce(&mut NodeConfig)) -> TestNode {
-        let node = TestNode::start_with(tweak).await;
+        let node = TestNode::start_with(|c| {
+            tweak(c);
+            c.tenant_sandboxes = Some(c.max_concurrent_calls);
+        })
+        .await;
         node.node.deploy_defaults("demo", &[("chain", shoal_guests::CHAIN)]).await.unwrap();
         node
     }
@@ -901,9 +907,34 @@ mod async_calls {
     }
 
     #[tokio::test]
+    async fn a_tenants_backlog_fills_its_own_share_and_never_refuses_another_tenant() {
+        let node = TestNode::start_with(|c| {
+            c.max_async_calls = 8;
+            c.max_async_calls_per_tenant = Some(2);
+        })
+        .await;
+        node.node.deploy_defaults("demo", &[("chain", shoal_guests::CHAIN)]).await.unwrap();
+        let acme = node.create_tenant("acme").await;
+        assert_eq!(node.deploy("acme/echo", "", shoal_guests::ECHO).await.0, StatusCode::CREATED);
+        for _ in 0..2 {
+            assert_eq!(submit(&node, ADMIN, "demo/chain", b"sleep 300").await.0, StatusCode::ACCEPTED);
+        }
+        let (status, refused) = submit(&node, ADMIN, "demo/echo", b"x").await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(message.contains("tenant `demo` has 2 asynchronous calls"), "{message}");
+        let (status, accepted) = submit(&node, &acme, "acme/echo", b"mine").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+        let done = finished(&node, accepted["call_id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        node.stop().await;
+    }
+
+    #[tokio::test]
     async fn too_many_unfinished_calls_are_refused_and_old_records_expire() {
         let node = TestNode::start_with(|c| {
             c.max_async_calls = 2;
+            c.max_async_calls_per_tenant = Some(2);
             c.async_retention = Duration::ZERO;
         })
         .await;

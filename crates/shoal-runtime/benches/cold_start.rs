@@ -57,8 +57,9 @@ fn cold_start(c: &mut Criterion) {
     // of the same binary deployed without one, which builds the tables first.
     let mut group = c.benchmark_group("heavy_init");
     group.sample_size(10);
-    let snapshot =
-        tokio.block_on(runtime.load_with(shoal_guests::PRIMES, LoadOptions { snapshot: true })).expect("snapshot");
+    let snapshot = tokio
+        .block_on(runtime.load_with(shoal_guests::PRIMES, &LoadOptions { snapshot: true, tenant: None }))
+        .expect("snapshot");
     let plain = tokio.block_on(runtime.load(shoal_guests::PRIMES)).expect("primes loads");
     for (name, image) in [("primes_from_snapshot", &snapshot), ("primes_init_every_call", &plain)] {
         group.bench_function(name, |b| {

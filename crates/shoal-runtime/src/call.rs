@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
@@ -25,12 +24,18 @@ use crate::capture::CaptureBuffer;
 use crate::host::{CallLimiter, ChainCtx, CommandCtx, ComponentCtx};
 use crate::image::ImagePre;
 use crate::interp::memory::Plan;
+use crate::lanes::{FairLanes, Lane};
 use crate::{CallError, FunctionImage, Lineage, Runtime};
 
 /// How long past its deadline a call may take to notice it (epoch ticks
 /// are checked at function entries and loop heads) before the host stops
 /// waiting for it.
 const DEADLINE_GRACE: Duration = Duration::from_millis(50);
+
+/// How much sooner than its caller a chained call is given up on, per
+/// level of depth: a child sharing its caller's deadline ends (and is
+/// counted) before its caller stops waiting for it.
+const GRACE_PER_DEPTH: Duration = Duration::from_millis(3);
 
 /// The limits and environment of one call, set at deploy.
 #[derive(Clone, Debug)]
@@ -52,19 +57,41 @@ pub struct CallOutput {
     /// Captured stdout (components only: a command's stdout is its output).
     pub stdout: Bytes,
     pub stderr: Bytes,
+    /// The last lines of stdout then stderr, at most
+    /// `RuntimeConfig::max_log_lines`, split where the call ran (its
+    /// thread, its CPU time), never by whoever reads its answer.
+    pub logs: Vec<LogLine>,
 }
 
 impl CallOutput {
-    /// The captured output as log lines, stdout first.
-    pub fn log_lines(&self) -> Vec<LogLine> {
-        let mut lines = Vec::new();
-        for (stream, bytes) in [(LogStream::Stdout, &self.stdout), (LogStream::Stderr, &self.stderr)] {
-            for line in String::from_utf8_lossy(bytes).lines() {
-                lines.push(LogLine { stream, line: line.to_string() });
-            }
-        }
-        lines
+    /// A call that did not run, or failed outside the guest.
+    pub fn failed(error: CallError) -> Self {
+        Self { result: Err(error), stdout: Bytes::new(), stderr: Bytes::new(), logs: Vec::new() }
     }
+
+    /// The call's log lines, taken out.
+    pub fn take_logs(&mut self) -> Vec<LogLine> {
+        std::mem::take(&mut self.logs)
+    }
+}
+
+/// The last `max` lines of `stdout` then `stderr`, stdout's first; when
+/// there are more, stderr's (where failures are told) are kept first.
+/// Only the lines kept are copied: a call that printed a million lines
+/// costs a scan of its bounded buffers, not a million allocations.
+fn tail_lines(stdout: &[u8], stderr: &[u8], max: usize) -> Vec<LogLine> {
+    let err = String::from_utf8_lossy(stderr);
+    let mut err_lines: Vec<&str> = err.lines().rev().take(max).collect();
+    let out = String::from_utf8_lossy(stdout);
+    let mut out_lines: Vec<&str> = out.lines().rev().take(max - err_lines.len()).collect();
+    out_lines.reverse();
+    err_lines.reverse();
+    let line = |stream, text: &str| LogLine { stream, line: text.to_string() };
+    out_lines
+        .into_iter()
+        .map(|text| line(LogStream::Stdout, text))
+        .chain(err_lines.into_iter().map(|text| line(LogStream::Stderr, text)))
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,9 +132,11 @@ impl std::error::Error for DeadlineExceeded {}
 struct LongLanes {
     /// Epoch ticks of running after which a call is long.
     after_ticks: u64,
-    places: Arc<Semaphore>,
+    places: Arc<FairLanes>,
+    /// Whose turns this call takes (lanes are shared round robin by tenant).
+    tenant: Arc<str>,
     /// The place this call holds, if any.
-    held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    held: Arc<Mutex<Option<Lane>>>,
 }
 
 impl LongLanes {
@@ -142,9 +171,9 @@ async fn releasing_when_blocked<F: Future>(call: F, lanes: &LongLanes) -> F::Out
 /// second than run one after the other). Past `after_ticks` a call is
 /// long: from then on it yields at every tick and runs each tick only
 /// while it holds one of the few long-call places, given back and queued
-/// for again at every tick (first come, first served). Long calls take
-/// turns on those places, and the remaining cores stay free for short
-/// calls. A call blocked in a host call holds no place (see
+/// for again at every tick (round robin by tenant: `lanes.rs`). Long calls
+/// take turns on those places, each tenant's in proportion to nothing but
+/// its being there, and the remaining cores stay free for short calls. A call blocked in a host call holds no place (see
 /// `releasing_when_blocked`).
 fn arm_deadline<T: 'static>(store: &mut Store<T>, deadline: Instant, lanes: LongLanes) {
     store.set_epoch_deadline(1);
@@ -157,22 +186,66 @@ fn arm_deadline<T: 'static>(store: &mut Store<T>, deadline: Instant, lanes: Long
         if ticks < lanes.after_ticks {
             return Ok(UpdateDeadline::Continue(1));
         }
-        lanes.release();
-        let (places, held) = (lanes.places.clone(), lanes.held.clone());
-        Ok(UpdateDeadline::YieldCustom(
+        Ok(lanes.next_turn(deadline))
+    });
+}
+
+impl LongLanes {
+    /// A call expected to be long waits for its first turn before it
+    /// starts (until `deadline` at most: then its first check ends it).
+    async fn first_turn(&self, expected_long: bool, deadline: Instant) {
+        if !expected_long {
+            return;
+        }
+        let place =
+            tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), self.places.acquire(&self.tenant));
+        if let Ok(place) = place.await {
+            *self.held.lock().expect(HELD) = Some(place);
+        }
+    }
+
+    /// What a long call does at a tick: give its place back, let the
+    /// executor run others, and wait for its next turn on a place (until
+    /// `deadline` at most: then the next check ends it).
+    fn next_turn(&self, deadline: Instant) -> UpdateDeadline {
+        self.release();
+        let (places, held, tenant) = (self.places.clone(), self.held.clone(), self.tenant.clone());
+        UpdateDeadline::YieldCustom(
             1,
             Box::pin(async move {
                 // Always let the executor run others, even with a place free.
                 tokio::task::yield_now().await;
-                // Wait for a place until the deadline at most (then the next
-                // check ends the call). The semaphore is never closed.
-                let place = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), places.acquire_owned());
-                if let Ok(Ok(place)) = place.await {
+                let place = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), places.acquire(&tenant));
+                if let Ok(place) = place.await {
                     *held.lock().expect(HELD) = Some(place);
                 }
             }),
-        ))
-    });
+        )
+    }
+}
+
+/// Deploy-time guest code (a snapshot's `init`, a Python or JavaScript
+/// loader running a function's top-level code) takes its tenant's turns
+/// on the long calls' lanes from its first tick, like a long call: a
+/// tenant deploying many slow sources at once gets the lanes' time one
+/// turn per round, beside every other tenant's long calls.
+#[derive(Clone)]
+pub(crate) struct Turns(LongLanes);
+
+impl Turns {
+    pub(crate) fn new(places: Arc<FairLanes>, tenant: Arc<str>) -> Self {
+        Self(LongLanes { after_ticks: 1, places, tenant, held: Arc::default() })
+    }
+
+    /// The epoch callback's answer at a tick before `deadline`.
+    pub(crate) fn next_turn(&self, deadline: Instant) -> UpdateDeadline {
+        self.0.next_turn(deadline)
+    }
+
+    /// Run `work`, its turn given back whenever it blocks.
+    pub(crate) async fn run<F: Future>(&self, work: F) -> F::Output {
+        releasing_when_blocked(work, &self.0).await
+    }
 }
 
 const HELD: &str = "the long-call place lock is never poisoned: nothing panics while holding it";
@@ -195,15 +268,22 @@ pub(crate) async fn run(
         Some(caller) if caller < own_deadline => (caller, caller.saturating_duration_since(now)),
         _ => (own_deadline, settings.timeout),
     };
-    let backstop = tokio::time::Instant::from_std(deadline + DEADLINE_GRACE);
+    let grace = DEADLINE_GRACE.saturating_sub(GRACE_PER_DEPTH * lineage.depth.min(15));
+    let backstop = tokio::time::Instant::from_std(deadline + grace);
     let stderr = CaptureBuffer::new(config.max_log_bytes);
     let mut wasi = WasiCtxBuilder::new();
     wasi.stderr(stderr.clone()).envs(&settings.env);
     let mut limiter = CallLimiter::new(settings.memory_limit);
     let tick = config.epoch_tick.as_nanos().max(1);
+    let expected_long = lineage.long;
     let lanes = LongLanes {
-        after_ticks: u64::try_from(config.long_call_after.as_nanos() / tick).unwrap_or(u64::MAX).max(1),
+        after_ticks: if expected_long {
+            1
+        } else {
+            u64::try_from(config.long_call_after.as_nanos() / tick).unwrap_or(u64::MAX).max(1)
+        },
         places: runtime.long_lanes.clone(),
+        tenant: settings.tenant.clone(),
         held: Arc::default(),
     };
 
@@ -218,6 +298,7 @@ pub(crate) async fn run(
                         capture: None,
                         tenant: Some(settings.tenant.clone()),
                         adopt: None,
+                        owner: None,
                     });
                     &runtime.interp.engine
                 }
@@ -242,6 +323,7 @@ pub(crate) async fn run(
             store.limiter(|ctx| &mut ctx.limiter);
             arm_deadline(&mut store, deadline, lanes.clone());
             let call = async {
+                lanes.first_turn(expected_long, deadline).await;
                 let function = pre.instantiate_async(&mut store).await?;
                 function.shoal_function_handler().call_handle(&mut store, input).await
             };
@@ -268,7 +350,9 @@ pub(crate) async fn run(
                 }
                 Ok(Ok(Ok(output))) => Ok(output),
             };
-            CallOutput { result, stdout: stdout.take().0, stderr }
+            let stdout = stdout.take().0;
+            let logs = tail_lines(&stdout, &stderr, config.max_log_lines);
+            CallOutput { result, stdout, stderr, logs }
         }
         ImagePre::Command(pre) => {
             let stdout = CaptureBuffer::new(config.max_output_bytes);
@@ -278,6 +362,7 @@ pub(crate) async fn run(
             store.limiter(|ctx| &mut ctx.limiter);
             arm_deadline(&mut store, deadline, lanes.clone());
             let call = async {
+                lanes.first_turn(expected_long, deadline).await;
                 let instance = pre.instantiate_async(&mut store).await?;
                 let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                 start.call_async(&mut store, ()).await
@@ -307,7 +392,8 @@ pub(crate) async fn run(
                 )),
                 (None, Ok(Ok(()))) => unreachable!("a successful return has exit code 0"),
             };
-            CallOutput { result, stdout: Bytes::new(), stderr }
+            let logs = tail_lines(&[], &stderr, config.max_log_lines);
+            CallOutput { result, stdout: Bytes::new(), stderr, logs }
         }
     }
 }
@@ -344,5 +430,21 @@ fn classify(
         // A host function failed in a way the guest cannot handle; report it
         // as a trap of this call, never as a failure of the node.
         None => CallError::Trap { message: format!("{error:#}{}", stderr_suffix(stderr)) },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_last_lines_are_kept_stderr_first() {
+        let stdout = (0..100_000).map(|i| format!("out {i}\n")).collect::<String>();
+        let lines = tail_lines(stdout.as_bytes(), b"err a\nerr b", 3);
+        let kept: Vec<(&str, &str)> = lines.iter().map(|l| (l.stream.as_str(), l.line.as_str())).collect();
+        assert_eq!(kept, [("stdout", "out 99999"), ("stderr", "err a"), ("stderr", "err b")]);
+        let lines = tail_lines(b"a\r\nb\n", b"", 10);
+        assert_eq!(lines.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(tail_lines(b"x\n", b"y\n", 0).is_empty());
     }
 }

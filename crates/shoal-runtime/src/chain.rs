@@ -66,12 +66,16 @@ pub struct Lineage {
     /// timeout. None for a root call.
     pub deadline: Option<Instant>,
     pub root: Arc<RootCall>,
+    /// The scheduler expects the call to be long: it takes its turns on
+    /// the long calls' places from its start (host work included), not
+    /// only once it has run long.
+    pub long: bool,
 }
 
 impl Lineage {
     /// The lineage of a call a client made.
     pub fn root() -> Self {
-        Self { depth: 0, deadline: None, root: Arc::new(RootCall::default()) }
+        Self { depth: 0, deadline: None, root: Arc::new(RootCall::default()), long: false }
     }
 }
 

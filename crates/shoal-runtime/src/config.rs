@@ -38,6 +38,9 @@ pub struct RuntimeConfig {
     /// Bytes of a call's stdout/stderr kept as logs (and, for command
     /// modules, the largest stdout accepted as output). Default 1 MiB.
     pub max_log_bytes: usize,
+    /// Log lines a call's captured output is split into: the last ones,
+    /// stderr's first. Default 1,000.
+    pub max_log_lines: usize,
     /// Largest output a call may return. Default 6 MiB.
     pub max_output_bytes: usize,
     /// Running time after which a call counts as long. Default 5 ms.
@@ -98,6 +101,7 @@ impl RuntimeConfig {
             compile_timeout: Duration::from_secs(60),
             epoch_tick: Duration::from_millis(1),
             max_log_bytes: MIB,
+            max_log_lines: 1000,
             max_output_bytes: 6 * MIB,
             long_call_after: Duration::from_millis(5),
             long_call_lanes: std::thread::available_parallelism()

@@ -189,6 +189,7 @@ pub(crate) fn deploy_store(
     limit: std::time::Duration,
     plan: Option<Plan>,
     doing: &'static str,
+    turns: crate::call::Turns,
 ) -> (wasmtime::Store<ComponentCtx>, crate::capture::CaptureBuffer) {
     let stderr = crate::capture::CaptureBuffer::new(config.max_log_bytes);
     let mut wasi = wasmtime_wasi::WasiCtxBuilder::new();
@@ -216,9 +217,11 @@ pub(crate) fn deploy_store(
         if Instant::now() >= deadline {
             return Err(wasmtime::format_err!("{doing} took longer than {} ms", limit.as_millis()));
         }
-        // Yield at every tick: deploy-time code may run for long, and must
-        // leave the executor's threads to everything else meanwhile.
-        Ok(wasmtime::UpdateDeadline::Yield(1))
+        // Yield at every tick, and run each only on its tenant's turn on
+        // the long calls' lanes: deploy-time code may run for long, and
+        // must leave the executor's threads and the CPU to everything
+        // else meanwhile.
+        Ok(turns.next_turn(deadline))
     });
     (store, stderr)
 }

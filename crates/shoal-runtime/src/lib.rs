@@ -20,6 +20,7 @@ mod error;
 mod host;
 mod image;
 mod interp;
+mod lanes;
 mod snapshot;
 mod source;
 
@@ -31,11 +32,45 @@ pub use image::{Declared, FunctionImage, FunctionKind};
 pub use source::{Language, MAX_SOURCE_FILES, SourceBundle};
 
 /// How [`Runtime::load_with`] loads a binary.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Run the component's `init` export once and start every call from
     /// the state it leaves.
     pub snapshot: bool,
+    /// Whose deploy this is: its compiles take that tenant's turns on the
+    /// compile pool, its deploy-time guest code that tenant's turns on the
+    /// long calls' lanes. None: the node's own (its examples, a restart).
+    pub tenant: Option<Arc<str>>,
+}
+
+impl LoadOptions {
+    fn tenant(&self) -> Arc<str> {
+        self.tenant.clone().unwrap_or_else(|| Arc::from(""))
+    }
+}
+
+/// The compile threads' priority: below the call pool's, so compiles use
+/// what calls leave of the CPU (and never the HTTP threads' share).
+const COMPILE_NICE: i32 = 15;
+
+/// Lower the calling thread's priority to `nice` (0 normal, 19 lowest).
+/// Best effort: where it cannot be done, the thread keeps its priority.
+pub fn lower_this_thread(nice: i32) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: `gettid` and `setpriority` take and return plain integers
+        // and touch no memory of ours.
+        #[allow(unsafe_code)]
+        let result = unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+        };
+        if result != 0 {
+            tracing::debug!(nice, error = %std::io::Error::last_os_error(), "could not lower a thread's priority");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 use std::collections::HashMap;
@@ -44,7 +79,6 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use sha2::{Digest, Sha256};
 use shoal_state::StateTiers;
-use tokio::sync::Semaphore;
 
 use crate::artifact_cache::{ArtifactCache, Compiled};
 use crate::engine::EpochTicker;
@@ -57,8 +91,9 @@ pub struct Runtime {
     interp: interp::Interpreters,
     cache: Arc<ArtifactCache>,
     /// Bounds concurrent compilations so a burst of deploys cannot take
-    /// every core from running calls.
-    compile_permits: Arc<Semaphore>,
+    /// every core from running calls; shared round robin by tenant, one
+    /// tenant holding at most all but one of them.
+    compile_permits: Arc<lanes::FairLanes>,
     /// Images by content hash: many names deploying the same bytes share one.
     images: Mutex<HashMap<[u8; 32], Weak<FunctionImage>>>,
     config: RuntimeConfig,
@@ -71,7 +106,7 @@ pub struct Runtime {
     /// Runs chained calls; without one, `invoke` answers `unavailable`.
     invoker: OnceLock<Arc<dyn Invoker>>,
     /// Places for long calls to run in (see `call.rs`).
-    long_lanes: Arc<Semaphore>,
+    long_lanes: Arc<lanes::FairLanes>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -98,9 +133,12 @@ impl Runtime {
         let cache = Arc::new(ArtifactCache::open(&config.cache_dir, &engine)?);
         let interp = interp::Interpreters::new(&config)?;
         let ticker = EpochTicker::start(vec![engine.clone(), interp.engine.clone()], config.epoch_tick);
-        let long_lanes = Arc::new(Semaphore::new(config.long_call_lanes as usize));
+        let long_lanes = lanes::FairLanes::new(config.long_call_lanes);
         Ok(Self {
-            compile_permits: Arc::new(Semaphore::new(config.compile_concurrency)),
+            compile_permits: lanes::FairLanes::with_per_tenant(
+                config.compile_concurrency as u32,
+                (config.compile_concurrency as u32).saturating_sub(1),
+            ),
             engine,
             linkers,
             interp,
@@ -144,7 +182,7 @@ impl Runtime {
     }
 
     pub fn long_calls_running(&self) -> u32 {
-        self.config.long_call_lanes - self.long_lanes.available_permits() as u32
+        self.long_lanes.in_use()
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -162,14 +200,14 @@ impl Runtime {
     /// from the compiled-artifact cache, else compiled on the bounded
     /// compile pool (never on the calling task's thread).
     pub async fn load(&self, wasm: &[u8]) -> Result<Arc<FunctionImage>, DeployError> {
-        self.load_with(wasm, LoadOptions::default()).await
+        self.load_with(wasm, &LoadOptions::default()).await
     }
 
     /// [`Runtime::load`], with options. With `snapshot`, the component's
     /// `init` export runs once here and the state it leaves is where every
     /// call starts (see `snapshot.rs`); the snapshot is compiled and cached
     /// under its own key, so a restart neither runs `init` nor compiles.
-    pub async fn load_with(&self, wasm: &[u8], options: LoadOptions) -> Result<Arc<FunctionImage>, DeployError> {
+    pub async fn load_with(&self, wasm: &[u8], options: &LoadOptions) -> Result<Arc<FunctionImage>, DeployError> {
         if wasm.len() > self.config.max_module_bytes {
             return Err(DeployError::TooLarge { size: wasm.len(), limit: self.config.max_module_bytes });
         }
@@ -188,7 +226,7 @@ impl Runtime {
             return Ok(image);
         }
         if interpreted {
-            let image = self.load_source(sha256, kind, SourceBundle::decode(wasm)?).await?;
+            let image = self.load_source(sha256, kind, SourceBundle::decode(wasm)?, options).await?;
             return Ok(self.keep(key, image));
         }
         if snapshot && kind != FunctionKind::Component {
@@ -234,19 +272,21 @@ impl Runtime {
             None => {
                 let limit = self.config.compile_timeout;
                 let work = async {
+                    let tenant = options.tenant();
                     if !snapshot {
-                        return self.compile(key, kind, wasm).await;
+                        return self.compile(key, kind, wasm, &tenant).await;
                     }
                     let snapshotted = {
                         // The instrumented binary is compiled too: it takes
                         // its turn on the compile pool like any compile.
-                        let _permit = self.compile_permit().await?;
+                        let _permit = self.compile_permits.acquire(&tenant).await;
                         let _ticking = self.ticker.enter();
-                        snapshot::take(&self.engine, &self.linkers, wasm, &self.config, limit).await?
+                        let turns = call::Turns::new(self.long_lanes.clone(), tenant.clone());
+                        snapshot::take(&self.engine, &self.linkers, wasm, &self.config, limit, turns).await?
                     };
                     declared = on_a_blocking_thread_if_large(&snapshotted, Declared::of).await?.unwrap_or_default();
                     self.cache.store_declared(&key, &declared);
-                    self.compile(key, kind, &snapshotted).await
+                    self.compile(key, kind, &snapshotted, &tenant).await
                 };
                 match tokio::time::timeout(limit, work).await {
                     Ok(compiled) => compiled?,
@@ -267,10 +307,14 @@ impl Runtime {
         sha256: [u8; 32],
         kind: FunctionKind,
         bundle: SourceBundle,
+        options: &LoadOptions,
     ) -> Result<Arc<FunctionImage>, DeployError> {
         let shared = self.interp.runtime(bundle.language).await?;
         let _ticking = self.ticker.enter();
-        let snapshot = self.interp.snapshot(&shared, &bundle, &self.config, self.config.compile_timeout).await?;
+        let turns = call::Turns::new(self.long_lanes.clone(), options.tenant());
+        let limit = self.config.compile_timeout;
+        let snapshot =
+            self.interp.snapshot(&shared, &bundle, &self.config, limit, turns, options.tenant.clone()).await?;
         Ok(Arc::new(FunctionImage::interpreted(sha256, kind, shared.pre.clone(), snapshot)))
     }
 
@@ -286,21 +330,19 @@ impl Runtime {
         image
     }
 
-    /// A place on the compile pool, waited for.
-    async fn compile_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, DeployError> {
-        self.compile_permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| DeployError::Internal("compile pool closed".into()))
-    }
-
-    /// Compile on the pool and cache the artifact. The pool's permit and
-    /// the work belong to the blocking task: a deploy that stops waiting
-    /// (its compile timed out, or its client left) leaves the compile to
-    /// finish, holding its place on the pool, and its artifact cached.
-    async fn compile(&self, sha256: [u8; 32], kind: FunctionKind, wasm: &[u8]) -> Result<Compiled, DeployError> {
-        let permit = self.compile_permit().await?;
+    /// Compile on a thread of its own and cache the artifact, after
+    /// `tenant`'s turn on the compile pool. The pool's place and the work
+    /// belong to that thread: a deploy that stops waiting (its compile
+    /// timed out, or its client left) leaves the compile to finish,
+    /// holding its tenant's place on the pool, and its artifact cached.
+    async fn compile(
+        &self,
+        sha256: [u8; 32],
+        kind: FunctionKind,
+        wasm: &[u8],
+        tenant: &Arc<str>,
+    ) -> Result<Compiled, DeployError> {
+        let permit = self.compile_permits.acquire(tenant).await;
         // A compile of the same bytes that finished while this one waited
         // (a deploy that timed out and is retried).
         if let Some(compiled) = self.cache.load(&self.engine, &sha256, kind) {
@@ -311,16 +353,27 @@ impl Runtime {
         let cache = self.cache.clone();
         let bytes = wasm.to_vec();
         let n_compiling = self.n_compiling.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            n_compiling.fetch_add(1, Ordering::Relaxed);
-            let artifact = image::precompile(&engine, kind, &bytes);
-            let compiled = artifact.and_then(|artifact| cache.store(&engine, &sha256, kind, &artifact));
-            n_compiling.fetch_sub(1, Ordering::Relaxed);
-            compiled
-        })
-        .await
-        .map_err(|e| DeployError::Internal(format!("compile task failed: {e}")))?
+        let (done, compiled) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("shoal-compile".into())
+            .spawn(move || {
+                lower_this_thread(COMPILE_NICE);
+                n_compiling.fetch_add(1, Ordering::Relaxed);
+                let artifact = image::precompile(&engine, kind, &bytes);
+                let compiled = artifact.and_then(|artifact| cache.store(&engine, &sha256, kind, &artifact));
+                n_compiling.fetch_sub(1, Ordering::Relaxed);
+                // The place is free before the deploy hears its compile ended.
+                drop(permit);
+                let _ = done.send(compiled);
+            })
+            .map_err(|e| DeployError::Internal(format!("starting a compile thread: {e}")))?;
+        compiled.await.map_err(|_| DeployError::Internal("the compile thread failed".into()))?
+    }
+
+    /// Compiles `tenant`'s deploys hold places on the compile pool now
+    /// (finished waiting or not).
+    pub fn compiles_of(&self, tenant: &str) -> u32 {
+        self.compile_permits.held_by(tenant)
     }
 
     fn lookup(&self, sha256: &[u8; 32]) -> Option<Arc<FunctionImage>> {

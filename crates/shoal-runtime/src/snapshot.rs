@@ -36,6 +36,7 @@ pub(crate) async fn take(
     wasm: &[u8],
     config: &RuntimeConfig,
     limit: Duration,
+    turns: crate::call::Turns,
 ) -> Result<Vec<u8>, DeployError> {
     let invalid = |what: &str, e: wasmtime::Error| DeployError::InvalidWasm(format!("{what}: {e:#}"));
     let wizer = wizer();
@@ -57,14 +58,14 @@ pub(crate) async fn take(
     }
     let pre = linkers.component.instantiate_pre(&component).map_err(|e| invalid("linking for the snapshot", e))?;
 
-    let (mut store, stderr) = deploy_store(engine, config, limit, None, "the initialiser");
+    let (mut store, stderr) = deploy_store(engine, config, limit, None, "the initialiser", turns.clone());
     let run = async {
         let instance = pre.instantiate_async(&mut store).await?;
         let init = instance.get_typed_func::<(), ()>(&mut store, INIT_EXPORT)?;
         init.call_async(&mut store, ()).await?;
         Ok::<_, wasmtime::Error>(instance)
     };
-    let instance = match tokio::time::timeout(limit + Duration::from_millis(100), run).await {
+    let instance = match tokio::time::timeout(limit + Duration::from_millis(100), turns.run(run)).await {
         Ok(Ok(instance)) => instance,
         Ok(Err(e)) => {
             let printed = String::from_utf8_lossy(&stderr.take().0).trim().to_string();

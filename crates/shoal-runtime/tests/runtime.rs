@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_runtime::{CallError, CallOutput, CallSettings, DeployError, FunctionKind, Runtime, RuntimeConfig};
+use shoal_runtime::{
+    CallError, CallOutput, CallSettings, DeployError, FunctionKind, LoadOptions, Runtime, RuntimeConfig,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -332,7 +334,7 @@ async fn stdout_and_stderr_are_captured_as_logs() {
     let rt = runtime(&dir);
     let out = call(&rt, shoal_guests::MISBEHAVE, b"log").await;
     let lines: Vec<(String, String)> =
-        out.log_lines().into_iter().map(|l| (l.stream.as_str().to_string(), l.line)).collect();
+        out.logs.clone().into_iter().map(|l| (l.stream.as_str().to_string(), l.line)).collect();
     assert_eq!(lines, vec![("stdout".into(), "to stdout".into()), ("stderr".into(), "to stderr".into())]);
     assert_eq!(ok(out), "logged");
 }
@@ -383,19 +385,6 @@ async fn calls_run_concurrently_up_to_the_pool() {
     assert_eq!(answers, ["0", "1", "1", "2", "3", "5", "8", "13"]);
 }
 
-/// A module that takes long to compile: many functions with real bodies.
-fn slow_to_compile(tag: u32, n_functions: usize) -> Vec<u8> {
-    let mut text = String::from("(module (memory 1)");
-    for i in 0..n_functions {
-        text.push_str(&format!(
-            "(func (param i32) (result i32) (local.get 0) (i32.const {i}) (i32.add) (i32.const {tag}) (i32.mul) \
-             (i32.load (i32.const 0)) (i32.xor) (i32.const 7) (i32.rotl))"
-        ));
-    }
-    text.push_str(r#"(func (export "_start")))"#);
-    wat::parse_str(&text).unwrap()
-}
-
 #[tokio::test]
 async fn calls_run_while_the_compile_pool_is_busy() {
     let dir = tempfile::tempdir().unwrap();
@@ -405,7 +394,7 @@ async fn calls_run_while_the_compile_pool_is_busy() {
     let loads: Vec<_> = (0..2)
         .map(|tag| {
             let rt = rt.clone();
-            tokio::spawn(async move { rt.load(&slow_to_compile(tag, 8_000)).await.map(|_| ()) })
+            tokio::spawn(async move { rt.load(&shoal_testkit::slow_to_compile(tag, 8_000)).await.map(|_| ()) })
         })
         .collect();
     while rt.n_compiling() == 0 {
@@ -423,6 +412,37 @@ async fn calls_run_while_the_compile_pool_is_busy() {
         load.await.unwrap().unwrap();
     }
     assert_eq!(rt.n_compiling(), 0);
+}
+
+#[tokio::test]
+async fn a_tenants_compiles_leave_a_place_on_the_pool_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = RuntimeConfig::new(dir.path().join("cache"));
+    config.compile_concurrency = 2;
+    let rt = Arc::new(Runtime::new(config).unwrap());
+    let as_tenant = |name: &str| LoadOptions { snapshot: false, tenant: Some(Arc::from(name)) };
+    // Three slow compiles of one tenant at once hold one of the two places.
+    let loads: Vec<_> = (0..3)
+        .map(|tag| {
+            let (rt, options) = (rt.clone(), as_tenant("hostile"));
+            tokio::spawn(async move {
+                rt.load_with(&shoal_testkit::slow_to_compile(100 + tag, 8_000), &options).await.map(|_| ())
+            })
+        })
+        .collect();
+    while rt.n_compiling() == 0 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(rt.compiles_of("hostile"), 1);
+    // Another tenant's deploy compiles in the other place at once, while
+    // the first of the three is still compiling.
+    rt.load_with(shoal_guests::ECHO, &as_tenant("victim")).await.unwrap();
+    assert_eq!(rt.compiles_of("hostile"), 1);
+    assert!(loads.iter().all(|load| !load.is_finished()), "the victim's compile waited for the hostile ones");
+    for load in loads {
+        load.await.unwrap().unwrap();
+    }
+    assert_eq!((rt.n_compiling(), rt.compiles_of("hostile")), (0, 0));
 }
 
 #[tokio::test]
@@ -935,7 +955,7 @@ mod hostile_guests {
         config.max_instances = 8;
         config.compile_timeout = Duration::from_millis(1);
         let rt = Runtime::new(config).unwrap();
-        let bomb = slow_to_compile(99, 8_000);
+        let bomb = shoal_testkit::slow_to_compile(99, 8_000);
         match rt.load(&bomb).await {
             Err(DeployError::CompileTimeout { limit }) => assert_eq!(limit, Duration::from_millis(1)),
             other => panic!("expected a compile timeout, got {other:?}"),
@@ -1376,7 +1396,7 @@ mod snapshots {
     use super::*;
     use shoal_runtime::LoadOptions;
 
-    const SNAPSHOT: LoadOptions = LoadOptions { snapshot: true };
+    const SNAPSHOT: &LoadOptions = &LoadOptions { snapshot: true, tenant: None };
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_call_starts_from_the_state_init_left_and_never_runs_it() {

@@ -9,27 +9,37 @@
 //! a worker per core), apart from the threads that serve HTTP: a node
 //! whose cores are busy with guests still reads, refuses and answers
 //! requests at once. Calls of a function measured to cost less than
-//! [`INLINE_BELOW`] run where they were asked instead, as handing them to
-//! the pool and back would cost more than running them.
+//! [`INLINE_BELOW`] start where they were asked instead, as handing them to
+//! the pool and back would cost more than running them; one that stops
+//! (blocks in a host call, or runs long and yields) goes on on the pool.
 //!
-//! Two kinds of capacity: the policy's running limit (calls a client or an
-//! asynchronous queue started) and the sandbox slots (every instance,
-//! chained calls included). Chained calls skip the policy — their root was
-//! admitted already, and making a parent wait for a child's turn could
-//! deadlock — but still need a sandbox slot, without waiting for one.
+//! Besides the policy's places, every running call holds a **sandbox**:
+//! one of the node's sandboxes, counted against its tenant's cap on
+//! sandboxes and, with its memory limit, against its tenant's and the
+//! node's budgets of memory in use ([`SandboxLimits`]). A call that would
+//! pass one is refused, so a tenant's calls and their children together
+//! can never hold the node's sandboxes or memory.
+//!
+//! Chained calls go through the policy too, charged to the tenant of the
+//! call that made them ([`Origin::Chained`]): they wait for their turn and
+//! a place on the CPU like any call, but take no running place (their root
+//! holds one) and never wait for a sandbox — with none free, or over their
+//! tenant's caps, they are refused at once (a parent waiting for a child
+//! that waits for its parent's sandbox would deadlock).
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shoal_runtime::{CallError, CallOutput, CallSettings, FunctionImage, Lineage, Runtime};
+use shoal_runtime::{CallOutput, CallSettings, FunctionImage, Lineage, Runtime};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::os::CpuClock;
-use crate::policy::{Admission, CallTicket, Decision, Policy, PolicyConfig};
+use crate::policy::{Admission, CallTicket, Decision, Origin, Policy, PolicyConfig};
 
 /// The node cannot take the call now.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -43,9 +53,6 @@ pub struct Overloaded {
 /// Calls are short; a second is the smallest `Retry-After` HTTP can express.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Expected CPU time of a function never measured.
-const FIRST_GUESS: Duration = Duration::from_millis(1);
-
 /// Weight of the newest measurement in a function's mean.
 const EWMA_WEIGHT: f64 = 0.2;
 
@@ -58,6 +65,44 @@ pub const INLINE_BELOW: Duration = Duration::from_micros(100);
 /// that waiting never refuses it.
 const ACCEPTED_HORIZON: Duration = Duration::from_secs(24 * 3600);
 
+/// What the node's running calls may hold together, and one tenant's
+/// calls (its root calls and all their children).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxLimits {
+    /// Sum of the memory limits of the calls running at once, all tenants.
+    pub node_memory_bytes: u64,
+    /// Sandboxes one tenant's calls hold at once.
+    pub tenant_sandboxes: u32,
+    /// Sum of the memory limits of one tenant's running calls.
+    pub tenant_memory_bytes: u64,
+}
+
+impl SandboxLimits {
+    /// Defaults derived from the node's: a tenant may hold half of the
+    /// sandboxes and half of the memory budget.
+    pub fn derived(n_sandboxes: u32, node_memory_bytes: u64) -> Self {
+        Self {
+            node_memory_bytes,
+            tenant_sandboxes: (n_sandboxes / 2).max(1),
+            tenant_memory_bytes: node_memory_bytes / 2,
+        }
+    }
+}
+
+/// One tenant's settings, as the admin set them (None: the node's
+/// default).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// Its share of the CPU when tenants compete (default 1).
+    pub weight: Option<u32>,
+    /// Root calls running at once when no other tenant waits.
+    pub running: Option<u32>,
+    /// Sandboxes its calls hold at once.
+    pub sandboxes: Option<u32>,
+    /// Sum of the memory limits of its running calls.
+    pub memory_bytes: Option<u64>,
+}
+
 #[derive(Debug)]
 enum Start {
     Run,
@@ -67,13 +112,70 @@ enum Start {
 struct Waiter {
     tenant: Arc<str>,
     cost: Duration,
+    origin: Origin,
     start: oneshot::Sender<Start>,
+}
+
+/// Sandboxes and memory one tenant's calls hold now.
+#[derive(Debug, Default)]
+struct InUse {
+    sandboxes: u32,
+    memory: u64,
 }
 
 struct Inner {
     policy: Policy,
     waiters: HashMap<CallTicket, Waiter>,
     next_ticket: CallTicket,
+    limits: SandboxLimits,
+    overrides: HashMap<Arc<str>, TenantLimits>,
+    in_use: HashMap<Arc<str>, InUse>,
+    node_memory: u64,
+}
+
+impl Inner {
+    /// Count a sandbox with `memory` for `tenant`, or say which limit it
+    /// would pass.
+    fn reserve(&mut self, tenant: &Arc<str>, memory: u64) -> Result<(), String> {
+        let own = self.overrides.get(tenant);
+        let max_sandboxes = own.and_then(|o| o.sandboxes).unwrap_or(self.limits.tenant_sandboxes);
+        let max_memory = own.and_then(|o| o.memory_bytes).unwrap_or(self.limits.tenant_memory_bytes);
+        let used = self.in_use.entry(tenant.clone()).or_default();
+        if used.sandboxes >= max_sandboxes {
+            return Err(format!("tenant `{tenant}` has {max_sandboxes} sandboxes in use, its limit"));
+        }
+        if used.memory + memory > max_memory {
+            return Err(format!(
+                "tenant `{tenant}`'s running calls hold {} MiB of memory limits; this call's {} MiB would pass its limit of {} MiB",
+                used.memory >> 20,
+                memory >> 20,
+                max_memory >> 20
+            ));
+        }
+        if self.node_memory + memory > self.limits.node_memory_bytes {
+            return Err(format!(
+                "the node's running calls hold {} MiB of memory limits; this call's {} MiB would pass its limit of {} MiB",
+                self.node_memory >> 20,
+                memory >> 20,
+                self.limits.node_memory_bytes >> 20
+            ));
+        }
+        used.sandboxes += 1;
+        used.memory += memory;
+        self.node_memory += memory;
+        Ok(())
+    }
+
+    fn release(&mut self, tenant: &str, memory: u64) {
+        self.node_memory = self.node_memory.saturating_sub(memory);
+        if let Some(used) = self.in_use.get_mut(tenant) {
+            used.sandboxes = used.sandboxes.saturating_sub(1);
+            used.memory = used.memory.saturating_sub(memory);
+            if used.sandboxes == 0 {
+                self.in_use.remove(tenant);
+            }
+        }
+    }
 }
 
 pub struct Executor {
@@ -84,7 +186,8 @@ pub struct Executor {
     slots: Arc<Semaphore>,
     n_slots: u32,
     pool: CallPool,
-    /// The policy's `long_after`.
+    /// The policy's `long_after`: also what a function never measured is
+    /// expected to cost (it is not trusted to be cheap).
     long_after: Duration,
 }
 
@@ -160,14 +263,31 @@ const POISON: &str = "scheduler locks are never poisoned: nothing panics while h
 
 impl Executor {
     /// An executor with at most `n_slots` sandboxes in use (never more than
-    /// the runtime has) and the scheduling `policy`.
+    /// the runtime has), the scheduling `policy`, and the default sandbox
+    /// limits (every tenant may hold half the sandboxes; memory limits
+    /// are not summed).
     pub fn new(runtime: Arc<Runtime>, n_slots: u32, policy: PolicyConfig) -> Self {
+        let limits = SandboxLimits::derived(n_slots, u64::MAX);
+        Self::with_limits(runtime, n_slots, policy, limits)
+    }
+
+    /// [`Executor::new`] with explicit sandbox and memory limits.
+    pub fn with_limits(runtime: Arc<Runtime>, n_slots: u32, policy: PolicyConfig, limits: SandboxLimits) -> Self {
         let n_slots = n_slots.clamp(1, runtime.config().max_instances);
         let pool = CallPool::new(policy.cores);
         let long_after = policy.long_after;
+        let inner = Inner {
+            policy: Policy::new(policy),
+            waiters: HashMap::new(),
+            next_ticket: 0,
+            limits,
+            overrides: HashMap::new(),
+            in_use: HashMap::new(),
+            node_memory: 0,
+        };
         Self {
             runtime,
-            inner: Arc::new(Mutex::new(Inner { policy: Policy::new(policy), waiters: HashMap::new(), next_ticket: 0 })),
+            inner: Arc::new(Mutex::new(inner)),
             costs: Arc::new(Mutex::new(HashMap::new())),
             slots: Arc::new(Semaphore::new(n_slots as usize)),
             n_slots,
@@ -194,50 +314,94 @@ impl Executor {
         self.inner.lock().expect(POISON).policy.queued()
     }
 
+    /// Sandboxes and the sum of their memory limits that `tenant`'s calls
+    /// hold now.
+    pub fn in_use_of(&self, tenant: &str) -> (u32, u64) {
+        let inner = self.inner.lock().expect(POISON);
+        inner.in_use.get(tenant).map_or((0, 0), |used| (used.sandboxes, used.memory))
+    }
+
+    /// Run `work` on the call pool (at its priority, off the threads that
+    /// serve HTTP); dropping the returned future cancels it.
+    pub async fn on_pool<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, String> {
+        self.pool.run(work).await
+    }
+
+    /// Sum of the memory limits of the calls running now.
+    pub fn memory_in_use(&self) -> u64 {
+        self.inner.lock().expect(POISON).node_memory
+    }
+
     /// Set a tenant's share of the node (default weight 1).
     pub fn set_weight(&self, tenant: &str, weight: u32) {
         self.inner.lock().expect(POISON).policy.set_weight(tenant, weight);
     }
 
-    /// The mean CPU time of `function`'s calls.
-    pub fn expected_cost(&self, function: &str) -> Duration {
-        self.costs.lock().expect(POISON).get(function).copied().unwrap_or(FIRST_GUESS)
+    /// Set what the admin decided for `tenant` (None fields: the node's
+    /// defaults). Calls running keep what they hold; new ones obey.
+    pub fn set_tenant_limits(&self, tenant: &str, limits: TenantLimits) {
+        let mut inner = self.inner.lock().expect(POISON);
+        inner.policy.set_weight(tenant, limits.weight.unwrap_or(1));
+        inner.policy.set_running_cap(tenant, limits.running);
+        if limits == TenantLimits::default() {
+            inner.overrides.remove(tenant);
+        } else {
+            inner.overrides.insert(Arc::from(tenant), limits);
+        }
+        pump(&mut inner);
     }
 
-    /// Ask to run a call of `function` (a `tenant/name` key) that must end
-    /// by `deadline`: now, after waiting its turn, or not at all.
+    /// The mean CPU time of `function`'s calls; a function never measured
+    /// is expected to be long.
+    pub fn expected_cost(&self, function: &str) -> Duration {
+        self.costs.lock().expect(POISON).get(function).copied().unwrap_or(self.long_after)
+    }
+
+    /// Ask to run a root call of `function` (a `tenant/name` key) that must
+    /// end by `deadline` and may use `memory` bytes: now, after waiting its
+    /// turn, or not at all.
     pub async fn admit(
         &self,
         tenant: &Arc<str>,
         function: &Arc<str>,
         deadline: Instant,
+        memory: u64,
+    ) -> Result<Admitted<'_>, Overloaded> {
+        self.admit_as(tenant, function, deadline, memory, Origin::Root).await
+    }
+
+    async fn admit_as(
+        &self,
+        tenant: &Arc<str>,
+        function: &Arc<str>,
+        deadline: Instant,
+        memory: u64,
+        origin: Origin,
     ) -> Result<Admitted<'_>, Overloaded> {
         let cost = self.expected_cost(function);
         let now = Instant::now();
-        let admitted = || Admitted {
-            executor: self,
-            tenant: tenant.clone(),
-            function: function.clone(),
-            cost,
-            deadline,
-            settled: false,
-        };
         let rx = {
             let mut inner = self.inner.lock().expect(POISON);
             let ticket = inner.next_ticket;
             inner.next_ticket += 1;
-            match inner.policy.admit(now, tenant, ticket, cost, deadline) {
-                Admission::Run => return Ok(admitted()),
+            match inner.policy.admit(now, tenant, ticket, cost, deadline, origin) {
+                Admission::Run => {
+                    drop(inner);
+                    return self.take_sandbox(tenant, function, cost, deadline, memory, origin);
+                }
                 Admission::Refused { retry_after, reason } => return Err(Overloaded { reason, retry_after }),
                 Admission::Queued => {
                     let (tx, rx) = oneshot::channel();
-                    inner.waiters.insert(ticket, Waiter { tenant: tenant.clone(), cost, start: tx });
+                    inner.waiters.insert(ticket, Waiter { tenant: tenant.clone(), cost, origin, start: tx });
                     // Places may be free (held back only by a tenant's cap
                     // or by the long calls' share): let the policy decide
                     // now, not at the next call's end. A decision for this
                     // call waits in the channel.
                     pump(&mut inner);
-                    QueuedGuard { executor: self, tenant: tenant.to_string(), ticket, cost, rx, done: false }
+                    QueuedGuard { executor: self, tenant: tenant.to_string(), ticket, cost, origin, rx, done: false }
                 }
             }
         };
@@ -250,14 +414,14 @@ impl Executor {
             Err(_elapsed) => {
                 if let Some(Start::Run) = queued.withdraw() {
                     // Named just as its deadline came: too late to start.
-                    self.settle(tenant, cost, Duration::ZERO);
+                    self.settle(tenant, cost, Duration::ZERO, origin);
                 }
                 None
             }
         };
         queued.done = true;
         match start {
-            Some(Start::Run) => Ok(admitted()),
+            Some(Start::Run) => self.take_sandbox(tenant, function, cost, deadline, memory, origin),
             _ => Err(Overloaded {
                 reason: "the call's deadline passed while it waited its turn".into(),
                 retry_after: RETRY_AFTER,
@@ -265,11 +429,45 @@ impl Executor {
         }
     }
 
+    /// A call the policy let start takes its sandbox, or gives its places
+    /// back and is refused.
+    fn take_sandbox(
+        &self,
+        tenant: &Arc<str>,
+        function: &Arc<str>,
+        cost: Duration,
+        deadline: Instant,
+        memory: u64,
+        origin: Origin,
+    ) -> Result<Admitted<'_>, Overloaded> {
+        let refused = |reason: String| {
+            self.settle(tenant, cost, Duration::ZERO, origin);
+            Err(Overloaded { reason, retry_after: RETRY_AFTER })
+        };
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return refused(format!("all {} sandboxes are in use", self.n_slots));
+        };
+        let reserved = self.inner.lock().expect(POISON).reserve(tenant, memory);
+        if let Err(reason) = reserved {
+            return refused(reason);
+        }
+        let sandbox = Sandbox { inner: self.inner.clone(), tenant: tenant.clone(), memory, _slot: slot };
+        Ok(Admitted {
+            executor: self,
+            tenant: tenant.clone(),
+            function: function.clone(),
+            cost,
+            deadline,
+            origin,
+            sandbox: Some(sandbox),
+        })
+    }
+
     /// Wait for a turn for work accepted already (an asynchronous call):
-    /// never refused, only delayed while the node is full.
-    pub async fn admit_accepted(&self, tenant: &Arc<str>, function: &Arc<str>) -> Admitted<'_> {
+    /// never refused, only delayed while the node (or its tenant) is full.
+    pub async fn admit_accepted(&self, tenant: &Arc<str>, function: &Arc<str>, memory: u64) -> Admitted<'_> {
         loop {
-            match self.admit(tenant, function, Instant::now() + ACCEPTED_HORIZON).await {
+            match self.admit(tenant, function, Instant::now() + ACCEPTED_HORIZON, memory).await {
                 Ok(admitted) => return admitted,
                 Err(refused) => tokio::time::sleep(refused.retry_after.min(Duration::from_millis(100))).await,
             }
@@ -286,37 +484,37 @@ impl Executor {
         settings: &CallSettings,
         input: Bytes,
     ) -> Result<CallOutput, Overloaded> {
-        let admitted = self.admit(tenant, function, Instant::now() + settings.timeout).await?;
+        let deadline = Instant::now() + settings.timeout;
+        let admitted = self.admit(tenant, function, deadline, settings.memory_limit).await?;
         Ok(admitted.run(image, settings, input).await)
     }
 
-    /// Run a chained call now, in a free sandbox, or refuse it at once. It
-    /// runs on the call pool (where its caller usually is already).
-    pub async fn run_in(
+    /// Run a chained call of `function`, charged to `tenant` (its root's):
+    /// after its turn, if one comes before its caller's deadline, in a
+    /// sandbox that must be free now (else it is refused). It runs on the
+    /// call pool, on a task of its own, so its caller is blocked (and off
+    /// the CPU) while it runs.
+    pub async fn run_chained(
         &self,
+        tenant: &Arc<str>,
+        function: &Arc<str>,
         image: &Arc<FunctionImage>,
         settings: &CallSettings,
         input: Bytes,
         lineage: Lineage,
     ) -> Result<CallOutput, Overloaded> {
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            return Err(Overloaded {
-                reason: format!("all {} sandboxes are in use", self.n_slots),
-                retry_after: RETRY_AFTER,
-            });
-        };
-        if IN_POOL.with(Cell::get) {
-            return Ok(self.runtime.call_in(image, settings, &input, lineage).await);
-        }
-        let call = measured(self.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot, None);
-        Ok(self.pool.run(call).await.unwrap_or_else(failed))
+        let own = Instant::now() + settings.timeout;
+        let deadline = lineage.deadline.map_or(own, |caller| caller.min(own));
+        let admitted = self.admit_as(tenant, function, deadline, settings.memory_limit, Origin::Chained).await?;
+        Ok(admitted.run_in(image, settings, input, lineage).await)
     }
 
-    /// A running call ended: settle it with the policy, start whoever the
-    /// policy names next, and answer whoever can no longer make it.
-    fn settle(&self, tenant: &str, expected: Duration, used: Duration) {
+    /// A running call ended (or never started): settle it with the
+    /// policy, start whoever the policy names next, and answer whoever can
+    /// no longer make it.
+    fn settle(&self, tenant: &str, expected: Duration, used: Duration, origin: Origin) {
         let mut inner = self.inner.lock().expect(POISON);
-        inner.policy.finish(tenant, expected, used);
+        inner.policy.finish(tenant, expected, used, origin);
         pump(&mut inner);
     }
 }
@@ -337,7 +535,7 @@ fn pump(inner: &mut Inner) {
             let started = matches!(start, Start::Run);
             if waiter.start.send(start).is_err() && started {
                 // Its caller left just now: the place it was given is free.
-                inner.policy.finish(&waiter.tenant, waiter.cost, Duration::ZERO);
+                inner.policy.finish(&waiter.tenant, waiter.cost, Duration::ZERO, waiter.origin);
             }
         }
     }
@@ -351,6 +549,7 @@ struct QueuedGuard<'a> {
     tenant: String,
     ticket: CallTicket,
     cost: Duration,
+    origin: Origin,
     rx: oneshot::Receiver<Start>,
     done: bool,
 }
@@ -376,13 +575,28 @@ impl Drop for QueuedGuard<'_> {
         }
         if let Some(Start::Run) = self.withdraw() {
             // Named to run, but nobody will run it.
-            self.executor.settle(&self.tenant, self.cost, Duration::ZERO);
+            self.executor.settle(&self.tenant, self.cost, Duration::ZERO, self.origin);
         }
     }
 }
 
-/// A call the policy let start: run it (once), and it is settled when it
-/// ends; dropped unrun, its place is given back.
+/// A sandbox held: one of the node's, counted with its memory limit
+/// against its tenant's and the node's budgets until dropped.
+struct Sandbox {
+    inner: Arc<Mutex<Inner>>,
+    tenant: Arc<str>,
+    memory: u64,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.inner.lock().expect(POISON).release(&self.tenant, self.memory);
+    }
+}
+
+/// A call the policy let start, with its sandbox: run it (once), and it
+/// is settled when it ends; dropped unrun, its places are given back.
 pub struct Admitted<'a> {
     executor: &'a Executor,
     tenant: Arc<str>,
@@ -390,7 +604,9 @@ pub struct Admitted<'a> {
     cost: Duration,
     /// The deadline it was admitted with: time spent waiting counts.
     deadline: Instant,
-    settled: bool,
+    origin: Origin,
+    /// Taken when it runs.
+    sandbox: Option<Sandbox>,
 }
 
 impl Admitted<'_> {
@@ -398,80 +614,97 @@ impl Admitted<'_> {
     /// `measured`).
     ///
     /// It runs on the call pool unless its function is known to be cheaper
-    /// than the hand-off ([`INLINE_BELOW`]).
-    pub async fn run(mut self, image: &Arc<FunctionImage>, settings: &CallSettings, input: Bytes) -> CallOutput {
-        let executor = self.executor;
-        let Ok(slot) = executor.slots.clone().try_acquire_owned() else {
-            return CallOutput {
-                result: Err(CallError::Overloaded { limit: executor.n_slots }),
-                stdout: Default::default(),
-                stderr: Default::default(),
-            };
-        };
+    /// than the hand-off ([`INLINE_BELOW`]); such a call that stops before
+    /// it ends (blocked in a host call, or run long) goes on on the pool,
+    /// so no call ever holds a thread that serves HTTP for long.
+    pub async fn run(self, image: &Arc<FunctionImage>, settings: &CallSettings, input: Bytes) -> CallOutput {
         // The call ends by the deadline it was admitted with, so time spent
         // queued comes out of its timeout.
         let lineage = Lineage { deadline: Some(self.deadline), ..Lineage::root() };
+        self.run_in(image, settings, input, lineage).await
+    }
+
+    async fn run_in(
+        mut self,
+        image: &Arc<FunctionImage>,
+        settings: &CallSettings,
+        input: Bytes,
+        mut lineage: Lineage,
+    ) -> CallOutput {
+        let executor = self.executor;
+        // Expected long, it takes turns on the long calls' places from its
+        // start: its CPU (host work included) stays within those places,
+        // and the other cores stay free for short calls.
+        lineage.long = self.cost >= executor.long_after;
+        let sandbox = self.sandbox.take().expect("an admitted call has its sandbox until it runs");
         // From here the call's account goes with its future, which
         // settles it where the call ends (on the pool: the next call is
         // named without waiting for this caller to be woken).
-        self.settled = true;
         let account = Account {
             inner: executor.inner.clone(),
             costs: executor.costs.clone(),
             tenant: self.tenant.clone(),
             function: self.function.clone(),
             cost: self.cost,
+            origin: self.origin,
             long: self.cost >= executor.long_after,
+            turned_long: false,
+            long_after: executor.long_after,
             blocked: false,
             used: Duration::ZERO,
         };
         let call =
-            measured(executor.runtime.clone(), image.clone(), settings.clone(), input, lineage, slot, Some(account));
-        if self.cost < INLINE_BELOW || IN_POOL.with(Cell::get) {
-            call.await
-        } else {
-            executor.pool.run(call).await.unwrap_or_else(failed)
+            measured(executor.runtime.clone(), image.clone(), settings.clone(), input, lineage, sandbox, account);
+        let inline = self.origin == Origin::Root && self.cost < INLINE_BELOW;
+        if self.origin == Origin::Root && IN_POOL.with(Cell::get) {
+            return call.await;
+        }
+        if !inline {
+            return executor.pool.run(call).await.unwrap_or_else(failed);
+        }
+        let mut call = Box::pin(call);
+        match std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await {
+            Poll::Ready(out) => out,
+            Poll::Pending => executor.pool.run(call).await.unwrap_or_else(failed),
         }
     }
 }
 
-/// One call in a sandbox (`slot`, held until the call is dropped).
-///
-/// A call admitted by the policy has an `account` with it: its place on
-/// the CPU, given back whenever the call stops (`Pending`) and taken again
-/// when it is next polled — a short call stops only to wait (on I/O, a
-/// chained call) or once it has run long enough to be long, when it takes
-/// turns with the long calls and must not keep a short call's place;
-/// and, when it ends, the CPU time it took (its thread's CPU time while
-/// its future was being polled: the guest running, host calls included;
-/// waits, and time the thread was preempted, excluded), settled with the
-/// policy. (Wall time would count preemption: a call on the pool, whose
-/// threads yield to the HTTP threads, would look costlier the busier the
-/// node — and cheap functions would stop running inline just when it
-/// matters most.)
+/// One call in its `sandbox` (held until the call is dropped), with its
+/// `account` with the policy: its place on the CPU, given back whenever
+/// the call stops (`Pending`) and taken again when it is next polled — a
+/// short call stops only to wait (on I/O, a chained call) or once it has
+/// run long enough to be long, when it takes turns with the long calls and
+/// must not keep a short call's place; and, when it ends, the CPU time it
+/// took (its thread's CPU time while its future was being polled: the
+/// guest running, host calls included; waits, and time the thread was
+/// preempted, excluded), settled with the policy. (Wall time would count
+/// preemption: a call on the pool, whose threads yield to the HTTP
+/// threads, would look costlier the busier the node — and cheap functions
+/// would stop running inline just when it matters most.)
 async fn measured(
     runtime: Arc<Runtime>,
     image: Arc<FunctionImage>,
     settings: CallSettings,
     input: Bytes,
     lineage: Lineage,
-    slot: OwnedSemaphorePermit,
-    mut account: Option<Account>,
+    sandbox: Sandbox,
+    mut account: Account,
 ) -> CallOutput {
     // The call and then its sandbox are given back before the account is
     // settled, so that whoever the policy names next finds them free.
     // (Dropped unfinished, the locals go first too, and then the account.)
     let out = {
-        let _slot = slot;
+        let _sandbox = sandbox;
         let mut call = std::pin::pin!(runtime.call_in(&image, &settings, &input, lineage));
         std::future::poll_fn(|cx| {
-            let Some(account) = &mut account else { return call.as_mut().poll(cx) };
             account.set_blocked(false);
             let polled_at = CpuClock::now();
             let poll = call.as_mut().poll(cx);
             account.used += polled_at.elapsed();
             if poll.is_pending() {
                 account.set_blocked(true);
+                account.note_long();
             }
             poll
         })
@@ -490,9 +723,14 @@ struct Account {
     tenant: Arc<str>,
     function: Arc<str>,
     cost: Duration,
-    /// Expected to be long: it holds a long call's place throughout, so
-    /// its stops change nothing in the policy.
+    origin: Origin,
+    /// Expected to be long: it holds a long call's place throughout (or,
+    /// chained, none), so its stops change nothing in the policy.
     long: bool,
+    /// Expected short, it has run long: it stays off the short places
+    /// (blocked, for the policy) until it ends.
+    turned_long: bool,
+    long_after: Duration,
     blocked: bool,
     /// CPU time used so far.
     used: Duration,
@@ -500,7 +738,7 @@ struct Account {
 
 impl Account {
     fn set_blocked(&mut self, blocked: bool) {
-        if self.long || self.blocked == blocked {
+        if self.long || self.turned_long || self.blocked == blocked {
             return;
         }
         self.blocked = blocked;
@@ -511,6 +749,22 @@ impl Account {
         } else {
             inner.policy.unblock(self.cost);
         }
+    }
+
+    /// A call expected short that has run long: while it runs, its
+    /// function is expected to cost at least what this call has used so
+    /// far, without waiting for the call to end — a function that turns
+    /// into a loop gets no more short places for its next calls. The call
+    /// itself stays off the short places (blocked, for the policy) and
+    /// takes turns with the long calls.
+    fn note_long(&mut self) {
+        if self.long || self.used < self.long_after {
+            return;
+        }
+        self.turned_long = true;
+        let mut costs = self.costs.lock().expect(POISON);
+        let mean = costs.entry(self.function.clone()).or_insert(self.used);
+        *mean = (*mean).max(self.used);
     }
 }
 
@@ -529,19 +783,20 @@ impl Drop for Account {
         if self.blocked {
             inner.policy.unblock(self.cost);
         }
-        inner.policy.finish(&self.tenant, self.cost, used);
+        inner.policy.finish(&self.tenant, self.cost, used, self.origin);
         pump(&mut inner);
     }
 }
 
 fn failed(message: String) -> CallOutput {
-    CallOutput { result: Err(CallError::Internal(message)), stdout: Default::default(), stderr: Default::default() }
+    CallOutput::failed(shoal_runtime::CallError::Internal(message))
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        if !self.settled {
-            self.executor.settle(&self.tenant, self.cost, Duration::ZERO);
+        if let Some(sandbox) = self.sandbox.take() {
+            drop(sandbox);
+            self.executor.settle(&self.tenant, self.cost, Duration::ZERO, self.origin);
         }
     }
 }
@@ -719,6 +974,12 @@ mod tests {
         let runtime = Arc::new(Runtime::new(RuntimeConfig::new(dir.path())).unwrap());
         let executor = Arc::new(Executor::new(runtime.clone(), 4, PolicyConfig::new(1)));
         let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
+        // Measured once, the function is expected to be short.
+        let (measured_by, five_s) = (Arc::from(other), settings(Duration::from_secs(5)));
+        let function = f();
+        let measure = executor.run(&measured_by, &function, &image, &five_s, Bytes::from_static(b"x"));
+        assert!(measure.await.unwrap().result.is_ok());
+        assert!(executor.expected_cost("t/f") < executor.long_after);
         let first = {
             let (executor, image) = (executor.clone(), image.clone());
             tokio::spawn(async move {
@@ -750,10 +1011,120 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_that_runs_long_gives_its_short_place_to_others() {
-        // Never measured, the function is expected to be short; this call
-        // loops until its 60 s are up, and once long takes turns without
-        // its short place.
-        let (_, looping) = a_quick_call_gets_through_beside("a", b"loop", "b").await;
+        // Measured short, the function's call loops until its 60 s are
+        // up, and once long takes turns without its short place; once it
+        // has used a long call's CPU, its function is expected to be long,
+        // before the call ends.
+        let (executor, looping) = a_quick_call_gets_through_beside("a", b"loop", "b").await;
+        let waited = Instant::now();
+        while executor.expected_cost("t/f") < executor.long_after {
+            assert!(waited.elapsed() < Duration::from_secs(20), "still expected short");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!looping.is_finished());
         looping.abort();
+    }
+
+    /// An executor on 2 cores with `limits` (and the policy's caps on a
+    /// tenant's running calls out of the way), the misbehaving guest
+    /// loaded.
+    async fn with_limits(limits: SandboxLimits) -> (Arc<Executor>, Arc<FunctionImage>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Arc::new(Runtime::new(RuntimeConfig::new(dir.path())).unwrap());
+        let policy = PolicyConfig { max_running_per_tenant: 8, max_long_per_tenant: 4, ..PolicyConfig::new(2) };
+        let executor = Arc::new(Executor::with_limits(runtime.clone(), 16, policy, limits));
+        let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
+        (executor, image, dir)
+    }
+
+    /// A call of `tenant` sleeping for 60 s in the background, once it holds
+    /// its sandbox.
+    async fn sleeper(
+        executor: &Arc<Executor>,
+        image: &Arc<FunctionImage>,
+        tenant: &'static str,
+    ) -> tokio::task::JoinHandle<Result<CallOutput, Overloaded>> {
+        let before = executor.busy();
+        let call = {
+            let (executor, image) = (executor.clone(), image.clone());
+            tokio::spawn(async move {
+                let settings = settings(Duration::from_secs(60));
+                executor.run(&Arc::from(tenant), &f(), &image, &settings, Bytes::from_static(b"sleep")).await
+            })
+        };
+        while executor.busy() == before {
+            tokio::task::yield_now().await;
+        }
+        call
+    }
+
+    #[tokio::test]
+    async fn a_tenants_calls_and_children_stop_at_its_sandboxes_and_memory() {
+        let limits = SandboxLimits { node_memory_bytes: 56 << 20, tenant_sandboxes: 2, tenant_memory_bytes: 32 << 20 };
+        let (executor, image, _dir) = with_limits(limits).await;
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"), Arc::from("c"));
+        let quick = settings(Duration::from_secs(5));
+        let first = sleeper(&executor, &image, "a").await;
+        let second = sleeper(&executor, &image, "a").await;
+        assert_eq!(executor.in_use_of("a"), (2, 32 << 20));
+        // a's third call, root or chained, is refused at once, naming a's
+        // limit; b's runs.
+        let refused = executor.run(&a, &f(), &image, &quick, Bytes::from_static(b"x")).await.unwrap_err();
+        assert!(refused.reason.contains("tenant `a` has 2 sandboxes"), "{refused}");
+        let lineage = Lineage { depth: 1, deadline: Some(Instant::now() + Duration::from_secs(5)), ..Lineage::root() };
+        let function = f();
+        let child = executor.run_chained(&a, &function, &image, &quick, Bytes::from_static(b"x"), lineage.clone());
+        let refused = tokio::time::timeout(Duration::from_secs(5), child).await.expect("refused at once").unwrap_err();
+        assert!(refused.reason.contains("tenant `a`"), "{refused}");
+        let out = executor.run_chained(&b, &f(), &image, &quick, Bytes::from_static(b"x"), lineage).await.unwrap();
+        assert!(out.result.is_ok());
+        // The node's memory: a and b hold 48 MiB of 56; c's 16 MiB call
+        // would pass it.
+        let third = sleeper(&executor, &image, "b").await;
+        let refused = executor.run(&c, &f(), &image, &quick, Bytes::from_static(b"x")).await.unwrap_err();
+        assert!(refused.reason.contains("the node's running calls hold 48 MiB"), "{refused}");
+        for call in [first, second, third] {
+            call.abort();
+        }
+        let waited = Instant::now();
+        while executor.in_use_of("a") != (0, 0) {
+            assert!(waited.elapsed() < Duration::from_secs(20), "a's sandboxes were not given back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(executor.run(&c, &f(), &image, &quick, Bytes::from_static(b"x")).await.unwrap().result.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_function_never_measured_is_expected_to_be_long() {
+        let (executor, image, _dir) = with_limits(SandboxLimits::derived(16, u64::MAX)).await;
+        assert_eq!(executor.expected_cost("t/f"), executor.long_after);
+        let out = executor.run(&t(), &f(), &image, &settings(Duration::from_secs(5)), Bytes::from_static(b"x")).await;
+        assert!(out.unwrap().result.is_ok());
+        assert!(executor.expected_cost("t/f") < executor.long_after, "measured: {:?}", executor.expected_cost("t/f"));
+    }
+
+    #[tokio::test]
+    async fn a_cheap_call_that_turns_long_leaves_the_asking_thread() {
+        let (executor, image, _dir) = with_limits(SandboxLimits::derived(16, u64::MAX)).await;
+        // Measured cheap: its calls start on the asking thread (this
+        // test's, its runtime's only one).
+        executor.costs.lock().unwrap().insert(f(), Duration::from_micros(10));
+        let looping = {
+            let (executor, image) = (executor.clone(), image.clone());
+            tokio::spawn(async move {
+                executor.run(&t(), &f(), &image, &settings(Duration::from_secs(3)), Bytes::from_static(b"loop")).await
+            })
+        };
+        while executor.busy() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Had it stayed on this thread, nothing else here would run until
+        // its 3 s were up.
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(started.elapsed() < Duration::from_secs(2), "the thread was held for {:?}", started.elapsed());
+        assert!(!looping.is_finished());
+        let out = looping.await.unwrap().unwrap();
+        assert!(matches!(out.result, Err(shoal_runtime::CallError::Timeout { .. })), "{:?}", out.result);
     }
 }

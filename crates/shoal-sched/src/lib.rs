@@ -13,5 +13,5 @@ mod executor;
 mod os;
 mod policy;
 
-pub use executor::{Admitted, Executor, Overloaded};
-pub use policy::{Admission, CallTicket, Decision, Policy, PolicyConfig};
+pub use executor::{Admitted, Executor, Overloaded, SandboxLimits, TenantLimits};
+pub use policy::{Admission, CallTicket, Decision, Origin, Policy, PolicyConfig};

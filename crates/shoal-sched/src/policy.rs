@@ -1,16 +1,31 @@
 //! The scheduling policy: admission, per-tenant queues served by deficit
-//! round robin, and per-tenant concurrency — pure functions over a state
-//! and a clock (the caller passes `now`), with no I/O, no tasks and no
-//! sleeps, so every decision is unit- and property-tested.
+//! round robin, and per-tenant shares of the running places — pure
+//! functions over a state and a clock (the caller passes `now`), with no
+//! I/O, no tasks and no sleeps, so every decision is unit- and
+//! property-tested.
 //!
 //! - **Capacity** is CPU: the node has `cores`, and each call is expected
 //!   to use the CPU time its function used lately (an exponentially
-//!   weighted mean the driver keeps). At most `short_places` short calls
-//!   are on the CPU at once (one per core: more would only take turns on
-//!   the cores and each would end later; a call blocked in a host call, on
-//!   I/O or a chained call, is not on the CPU — see [`Policy::block`]),
-//!   and at most `max_running` calls are started and unfinished, at most
-//!   `max_running_per_tenant` of one tenant.
+//!   weighted mean the driver keeps; a function never measured is expected
+//!   to be long). At most `short_places` short calls are on the CPU at
+//!   once (one per core: more would only take turns on the cores and each
+//!   would end later; a call blocked in a host call, on I/O or a chained
+//!   call, is not on the CPU — see [`Policy::block`]), and at most
+//!   `max_running` root calls (a client's or an asynchronous queue's) are
+//!   started and unfinished.
+//! - **Shares**: a tenant alone may start up to `max_running_per_tenant`
+//!   root calls (fewer than the node's: never all of them) and
+//!   `max_long_per_tenant` long ones; while other tenants wait, no more
+//!   than its weighted share of the places among the tenants waiting
+//!   (itself included). Calls it started already run on; it starts no
+//!   more until it is back under its share.
+//! - **Chained calls** (a call's children, [`Origin::Chained`]) are charged
+//!   to their root's tenant: they wait in its queue, take its turns and
+//!   the short places like any call, but take no running place (their
+//!   root holds one), and a long one takes no long place (long calls take
+//!   turns on the CPU in the runtime, round robin by tenant). So a child
+//!   never waits for a place a blocked call holds: a parent waiting for
+//!   its children cannot deadlock the node.
 //! - **Admission**: a call runs now if there is room and no one waits;
 //!   else it is queued only if its tenant's queue and the node's queue
 //!   have room *and* its expected completion fits its deadline; else it is
@@ -27,11 +42,11 @@
 //!   the busy tenants' turns. It gets this once per time it was idle, so
 //!   a tenant keeping calls queued or running cannot use it to pass others.
 //! - **Short and long calls**: a call expected to use at least
-//!   `long_after` of CPU is long; at most `max_running_long` long calls hold
-//!   running places (they take turns on the CPU in the runtime), so short
-//!   calls always find one. A tenant's queue is FIFO within each kind: a
-//!   waiting call whose kind's places are full never holds up a call of
-//!   the other kind behind it.
+//!   `long_after` of CPU is long; at most `max_running_long` long root
+//!   calls hold running places (they take turns on the CPU in the
+//!   runtime), so short calls always find one. A tenant's queue is FIFO
+//!   within each kind and origin: a waiting call whose places are full
+//!   never holds up a call that could start behind it.
 //! - **Expiry**: a queued call whose deadline can no longer be met is
 //!   handed back (never silently dropped) so its caller gets an answer.
 
@@ -49,10 +64,11 @@ pub struct PolicyConfig {
     /// Short calls on the CPU at once (started, not finished, not blocked
     /// in a host call).
     pub short_places: u32,
-    /// Calls started and unfinished at once (blocked ones included), all
-    /// tenants together.
+    /// Root calls started and unfinished at once (blocked ones included),
+    /// all tenants together.
     pub max_running: u32,
-    /// Calls of one tenant running at once.
+    /// Root calls of one tenant running at once when no other tenant
+    /// waits (while others wait: its weighted share of `max_running`).
     pub max_running_per_tenant: u32,
     /// Calls waiting, all tenants together, and per tenant.
     pub max_queued: usize,
@@ -61,8 +77,11 @@ pub struct PolicyConfig {
     pub quantum: Duration,
     /// Expected CPU time from which a call is long.
     pub long_after: Duration,
-    /// Long calls holding running places at once.
+    /// Long root calls holding running places at once.
     pub max_running_long: u32,
+    /// Long root calls of one tenant when no other tenant waits (while
+    /// others wait: its weighted share of `max_running_long`).
+    pub max_long_per_tenant: u32,
 }
 
 impl PolicyConfig {
@@ -72,14 +91,26 @@ impl PolicyConfig {
             cores,
             short_places: cores,
             max_running: 4 * cores,
-            max_running_per_tenant: 4 * cores,
+            max_running_per_tenant: 3 * cores,
             max_queued: 10_000,
             max_queued_per_tenant: 2_000,
             quantum: Duration::from_micros(250),
             long_after: Duration::from_millis(5),
             max_running_long: 2 * cores,
+            max_long_per_tenant: cores,
         }
     }
+}
+
+/// Who made a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// A client, or the queue of asynchronous calls: it takes a running
+    /// place.
+    Root,
+    /// Another call (`invoke.call`/`spawn`): charged to the root's tenant,
+    /// it takes no running place.
+    Chained,
 }
 
 /// What happens to a call that arrives.
@@ -106,6 +137,8 @@ struct Waiting {
     ticket: CallTicket,
     cost: Duration,
     deadline: Instant,
+    /// Arrival order within the policy.
+    seq: u64,
 }
 
 impl Waiting {
@@ -120,11 +153,32 @@ fn earliest(a: Option<Instant>, b: Instant) -> Option<Instant> {
     Some(a.map_or(b, |a| a.min(b)))
 }
 
+/// A tenant's queues, one per kind of call: (origin, long). Each is FIFO;
+/// the oldest head that can start goes first.
+const KINDS: [(Origin, bool); 4] =
+    [(Origin::Root, false), (Origin::Root, true), (Origin::Chained, false), (Origin::Chained, true)];
+
+fn kind_index(origin: Origin, long: bool) -> usize {
+    match (origin, long) {
+        (Origin::Root, false) => 0,
+        (Origin::Root, true) => 1,
+        (Origin::Chained, false) => 2,
+        (Origin::Chained, true) => 3,
+    }
+}
+
 #[derive(Debug, Default)]
 struct Tenant {
     weight: u32,
-    queue: VecDeque<Waiting>,
+    queues: [VecDeque<Waiting>; 4],
+    queued: usize,
+    /// Root calls started and unfinished.
     running: u32,
+    /// Long root calls holding long places.
+    long: u32,
+    /// The admin's cap on its running root calls, if any (else the
+    /// policy's `max_running_per_tenant`).
+    running_cap: Option<u32>,
     /// CPU time it may still use this round, in nanoseconds (may go
     /// negative when calls use more than expected).
     deficit: i128,
@@ -145,11 +199,20 @@ pub struct Policy {
     tenants: HashMap<Arc<str>, Tenant>,
     /// Tenants with queued calls, in round-robin order.
     round: VecDeque<Arc<str>>,
+    /// Sum of the weights of the tenants in the round.
+    active_weight: u64,
+    /// Root calls started and unfinished.
     running: u32,
+    /// Long root calls holding long places.
     running_long: u32,
+    /// Short calls (of any origin) started and unfinished.
+    running_short: u32,
+    /// Chained calls started and unfinished.
+    running_chained: u32,
     /// Short calls running but blocked in a host call.
     blocked_short: u32,
     queued: usize,
+    next_seq: u64,
     /// Expected CPU time of running and queued calls, and of queued ones.
     backlog: Duration,
     queued_cost: Duration,
@@ -165,10 +228,14 @@ impl Policy {
             config,
             tenants: HashMap::new(),
             round: VecDeque::new(),
+            active_weight: 0,
             running: 0,
             running_long: 0,
+            running_short: 0,
+            running_chained: 0,
             blocked_short: 0,
             queued: 0,
+            next_seq: 0,
             backlog: Duration::ZERO,
             queued_cost: Duration::ZERO,
         }
@@ -178,15 +245,26 @@ impl Policy {
         &self.config
     }
 
+    /// Root calls running now.
     pub fn running(&self) -> u32 {
         self.running
+    }
+
+    /// Chained calls running now.
+    pub fn running_chained(&self) -> u32 {
+        self.running_chained
     }
 
     pub fn queued(&self) -> usize {
         self.queued
     }
 
-    /// Long calls running now.
+    /// Calls of `tenant` waiting now.
+    pub fn queued_of(&self, tenant: &str) -> usize {
+        self.tenants.get(tenant).map_or(0, |t| t.queued)
+    }
+
+    /// Long root calls running now.
     pub fn running_long(&self) -> u32 {
         self.running_long
     }
@@ -197,18 +275,7 @@ impl Policy {
 
     /// Short calls on the CPU now: running and not blocked.
     pub fn short_on_cpu(&self) -> u32 {
-        (self.running - self.running_long).saturating_sub(self.blocked_short)
-    }
-
-    /// Whether a call of this cost may take a running place now (leaving
-    /// the tenant's own cap aside).
-    fn place_for(&self, cost: Duration) -> bool {
-        self.running < self.config.max_running
-            && if self.is_long(cost) {
-                self.running_long < self.config.max_running_long
-            } else {
-                self.short_on_cpu() < self.config.short_places
-            }
+        self.running_short.saturating_sub(self.blocked_short)
     }
 
     /// A running call of expected `cost` stopped: it waits in a host call
@@ -230,17 +297,78 @@ impl Policy {
         }
     }
 
+    /// Root calls of `tenant` running now.
     pub fn running_of(&self, tenant: &str) -> u32 {
         self.tenants.get(tenant).map_or(0, |t| t.running)
     }
 
     /// Set a tenant's weight (default 1; 0 is taken as 1).
     pub fn set_weight(&mut self, tenant: &str, weight: u32) {
-        self.tenant(tenant).weight = weight.max(1);
+        let weight = weight.max(1);
+        let t = self.tenant(tenant);
+        let (old, active) = (t.weight, t.active);
+        t.weight = weight;
+        if active {
+            self.active_weight = self.active_weight - u64::from(old) + u64::from(weight);
+        }
+    }
+
+    /// Cap a tenant's running root calls below the policy's
+    /// `max_running_per_tenant` (None: that default).
+    pub fn set_running_cap(&mut self, tenant: &str, cap: Option<u32>) {
+        self.tenant(tenant).running_cap = cap.map(|c| c.max(1));
     }
 
     fn tenant(&mut self, name: &str) -> &mut Tenant {
         self.tenants.entry(Arc::from(name)).or_insert_with(|| Tenant { weight: 1, ..Tenant::default() })
+    }
+
+    /// The most of `total` places `t` may hold: `alone` while no other
+    /// tenant waits, else its weighted share among the tenants waiting and
+    /// itself (at least one place, at most `alone`).
+    fn share(&self, t: &Tenant, total: u32, alone: u32) -> u32 {
+        let own = u64::from(t.weight);
+        let others = self.active_weight - if t.active { own } else { 0 };
+        if others == 0 {
+            return alone;
+        }
+        let share = (u64::from(total) * own).div_ceil(own + others);
+        u32::try_from(share).unwrap_or(u32::MAX).clamp(1, alone.max(1))
+    }
+
+    /// Whether a call of `t` of this origin and kind may start now.
+    fn may_start(&self, t: &Tenant, origin: Origin, long: bool) -> bool {
+        let config = &self.config;
+        match (origin, long) {
+            (Origin::Chained, true) => true,
+            (_, false) if self.short_on_cpu() >= config.short_places => false,
+            (Origin::Chained, false) => true,
+            (Origin::Root, long) => {
+                let alone = t.running_cap.unwrap_or(config.max_running_per_tenant).min(config.max_running);
+                self.running < config.max_running
+                    && t.running < self.share(t, config.max_running, alone)
+                    && (!long
+                        || (self.running_long < config.max_running_long
+                            && t.long < self.share(t, config.max_running_long, config.max_long_per_tenant)))
+            }
+        }
+    }
+
+    /// Take the places of a call of `tenant` starting now.
+    fn start(&mut self, tenant: &str, origin: Origin, cost: Duration) {
+        let long = self.is_long(cost);
+        self.backlog += cost;
+        self.running_short += u32::from(!long);
+        match origin {
+            Origin::Root => {
+                self.running += 1;
+                self.running_long += u32::from(long);
+                let t = self.tenant(tenant);
+                t.running += 1;
+                t.long += u32::from(long);
+            }
+            Origin::Chained => self.running_chained += 1,
+        }
     }
 
     /// How long until a call of `tenant` costing `cost` would be done if
@@ -254,20 +382,9 @@ impl Policy {
         let node_wide = (self.queued_cost + cost) / cores;
         let Some(t) = self.tenants.get(tenant) else { return (running_cost + self.queued_cost + cost) / cores };
         // Its share of the cores among the tenants waiting, itself included.
-        let total_weight: u64 = self
-            .round
-            .iter()
-            .filter(|name| name.as_ref() != tenant)
-            .filter_map(|name| self.tenants.get(name))
-            .map(|other| u64::from(other.weight))
-            .sum::<u64>()
-            + u64::from(t.weight);
+        let total_weight = self.active_weight + if t.active { 0 } else { u64::from(t.weight) };
         let own = (t.queued_cost + cost).mul_f64(total_weight as f64 / (f64::from(t.weight) * f64::from(cores)));
         running_cost / cores + node_wide.min(own)
-    }
-
-    fn may_start(&self, t: &Tenant) -> bool {
-        self.running < self.config.max_running && t.running < self.config.max_running_per_tenant
     }
 
     /// A call arrives: run it now, queue it, or refuse it.
@@ -278,17 +395,14 @@ impl Policy {
         ticket: CallTicket,
         cost: Duration,
         deadline: Instant,
+        origin: Origin,
     ) -> Admission {
         let nobody_waits = self.queued == 0;
-        let t = self.tenant(tenant);
-        let tenant_idle = t.queue.is_empty();
-        if nobody_waits && tenant_idle && self.may_start(&self.tenants[tenant]) && self.place_for(cost) {
-            let long = self.is_long(cost);
-            let t = self.tenant(tenant);
-            t.running += 1;
-            self.running += 1;
-            self.running_long += u32::from(long);
-            self.backlog += cost;
+        let long = self.is_long(cost);
+        self.tenant(tenant);
+        let t = &self.tenants[tenant];
+        if nobody_waits && t.queued == 0 && self.may_start(t, origin, long) {
+            self.start(tenant, origin, cost);
             return Admission::Run;
         }
         let refuse = |retry_after: Duration, reason: String| Admission::Refused {
@@ -299,8 +413,7 @@ impl Policy {
         if self.queued >= self.config.max_queued {
             return refuse(wait, format!("the node's queue holds {} calls, its limit", self.config.max_queued));
         }
-        let t = &self.tenants[tenant];
-        if t.queue.len() >= self.config.max_queued_per_tenant {
+        if t.queued >= self.config.max_queued_per_tenant {
             return refuse(
                 wait,
                 format!("tenant `{tenant}` has {} calls queued, its limit", self.config.max_queued_per_tenant),
@@ -316,28 +429,44 @@ impl Policy {
                 ),
             );
         }
-        let name: Arc<str> =
-            self.tenants.get_key_value(tenant).map(|(k, _)| k.clone()).unwrap_or_else(|| Arc::from(tenant));
-        let t = self.tenant(tenant);
-        let waiting = Waiting { ticket, cost, deadline };
+        let name: Arc<str> = self.tenants.get_key_value(tenant).map(|(k, _)| k.clone()).expect("inserted above");
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let t = self.tenants.get_mut(tenant).expect("inserted above");
+        let waiting = Waiting { ticket, cost, deadline, seq };
         t.expires_from = earliest(t.expires_from, waiting.expires_from(now));
-        t.queue.push_back(waiting);
+        t.queues[kind_index(origin, long)].push_back(waiting);
+        t.queued += 1;
         t.queued_cost += cost;
         let newly_active = !t.active;
         t.active = true;
-        if newly_active && t.running == 0 {
-            // A sparse tenant (nothing running, nothing waiting) goes
-            // first, once, with credit for this call: its call waits for
-            // one place to free, not for a round of the busy tenants.
-            t.deficit = t.deficit.max(nanos(cost));
-            self.round.push_front(name);
-        } else if newly_active {
-            self.round.push_back(name);
+        if newly_active {
+            self.active_weight += u64::from(t.weight);
+            if t.running == 0 {
+                // A sparse tenant (nothing running, nothing waiting) goes
+                // first, once, with credit for this call: its call waits for
+                // one place to free, not for a round of the busy tenants.
+                t.deficit = t.deficit.max(nanos(cost));
+                self.round.push_front(name);
+            } else {
+                self.round.push_back(name);
+            }
         }
         self.queued += 1;
         self.backlog += cost;
         self.queued_cost += cost;
         Admission::Queued
+    }
+
+    /// Take `name` out of the round's accounting (its queue is empty).
+    fn deactivate(&mut self, name: &str) {
+        if let Some(t) = self.tenants.get_mut(name)
+            && t.active
+        {
+            t.active = false;
+            t.deficit = 0;
+            self.active_weight -= u64::from(t.weight);
+        }
     }
 
     /// Decide what starts now (and which waiting calls can no longer make
@@ -350,40 +479,37 @@ impl Policy {
         // whose calls can have a place now is set aside for this decision
         // and keeps its place in the round (a sparse tenant stays first).
         let mut passed = Vec::new();
-        while self.running < self.config.max_running {
-            let Some(name) = self.round.pop_front() else { break };
+        while let Some(name) = self.round.pop_front() {
             let Some(t) = self.tenants.get(&name) else { continue };
-            if t.queue.is_empty() {
-                let t = self.tenants.get_mut(&name).expect("looked up just now");
-                t.active = false;
-                t.deficit = 0;
+            if t.queued == 0 {
+                self.deactivate(&name);
                 continue;
             }
-            let Some(at) = self.startable(t) else {
+            let Some(kind) = self.startable(t) else {
                 passed.push(name);
                 continue;
             };
             let quantum = nanos(self.config.quantum).max(1);
-            let long_after = self.config.long_after;
-            let t = self.tenants.get_mut(&name).expect("looked up just now");
-            let cost = t.queue[at].cost;
+            let cost = t.queues[kind].front().expect("a startable queue has a head").cost;
             if t.deficit < nanos(cost) {
+                let t = self.tenants.get_mut(&name).expect("looked up just now");
                 t.deficit += quantum * i128::from(t.weight);
                 self.round.push_back(name);
                 continue;
             }
-            let head = t.queue.remove(at).expect("position is in range");
+            let t = self.tenants.get_mut(&name).expect("looked up just now");
+            let head = t.queues[kind].pop_front().expect("a startable queue has a head");
             t.deficit -= nanos(head.cost);
+            t.queued -= 1;
             t.queued_cost = t.queued_cost.saturating_sub(head.cost);
+            let emptied = t.queued == 0;
             self.queued_cost = self.queued_cost.saturating_sub(head.cost);
-            t.running += 1;
-            self.running += 1;
-            self.running_long += u32::from(head.cost >= long_after);
+            self.backlog = self.backlog.saturating_sub(head.cost);
             self.queued -= 1;
+            self.start(&name, KINDS[kind].0, head.cost);
             decisions.push(Decision::Run(head.ticket));
-            if t.queue.is_empty() {
-                t.active = false;
-                t.deficit = 0;
+            if emptied {
+                self.deactivate(&name);
             } else {
                 // Stay at the front while its deficit lasts.
                 self.round.push_front(name);
@@ -395,17 +521,19 @@ impl Policy {
         decisions
     }
 
-    /// Where in `t`'s queue is the first call that can have a place now:
-    /// the head, or — when one kind's places are full — the first call of
-    /// the other kind; none when the tenant is at its own limit.
+    /// Which of `t`'s queues has the oldest head that can start now; none
+    /// when no call of it can.
     fn startable(&self, t: &Tenant) -> Option<usize> {
-        if t.running >= self.config.max_running_per_tenant {
-            return None;
-        }
-        let long_full = self.running_long >= self.config.max_running_long;
-        let short_full = self.short_on_cpu() >= self.config.short_places;
         let long_after = self.config.long_after;
-        t.queue.iter().position(|w| if w.cost < long_after { !short_full } else { !long_full })
+        (0..KINDS.len())
+            .filter_map(|kind| t.queues[kind].front().map(|head| (kind, head)))
+            .filter(|(kind, head)| {
+                let (origin, long) = KINDS[*kind];
+                debug_assert_eq!(long, head.cost >= long_after);
+                self.may_start(t, origin, long)
+            })
+            .min_by_key(|(_, head)| head.seq)
+            .map(|(kind, _)| kind)
     }
 
     /// Skip the rounds in which no tenant could start a call yet: add to
@@ -421,8 +549,8 @@ impl Policy {
             .iter()
             .filter_map(|name| self.tenants.get(name))
             .filter_map(|t| {
-                let at = self.startable(t)?;
-                let need = nanos(t.queue[at].cost) - t.deficit;
+                let kind = self.startable(t)?;
+                let need = nanos(t.queues[kind].front()?.cost) - t.deficit;
                 let per_round = quantum * i128::from(t.weight);
                 Some(if need <= 0 { 0 } else { (need + per_round - 1) / per_round })
             })
@@ -438,33 +566,39 @@ impl Policy {
     }
 
     fn expire(&mut self, now: Instant, decisions: &mut Vec<Decision>) {
-        for t in self.tenants.values_mut() {
+        let mut emptied = Vec::new();
+        for (name, t) in &mut self.tenants {
             if t.expires_from.is_none_or(|from| now <= from) {
                 continue;
             }
-            let before = t.queue.len();
+            let mut expired = 0;
             let mut expired_cost = Duration::ZERO;
             let mut expires_from = None;
-            t.queue.retain(|w| {
-                let keep = now + w.cost <= w.deadline;
-                if keep {
-                    expires_from = earliest(expires_from, w.expires_from(now));
-                } else {
-                    decisions.push(Decision::Expire(w.ticket));
-                    expired_cost += w.cost;
-                }
-                keep
-            });
+            for queue in &mut t.queues {
+                queue.retain(|w| {
+                    let keep = now + w.cost <= w.deadline;
+                    if keep {
+                        expires_from = earliest(expires_from, w.expires_from(now));
+                    } else {
+                        decisions.push(Decision::Expire(w.ticket));
+                        expired += 1;
+                        expired_cost += w.cost;
+                    }
+                    keep
+                });
+            }
             t.expires_from = expires_from;
-            let n = before - t.queue.len();
-            self.queued -= n;
+            t.queued -= expired;
+            self.queued -= expired;
             t.queued_cost = t.queued_cost.saturating_sub(expired_cost);
             self.backlog = self.backlog.saturating_sub(expired_cost);
             self.queued_cost = self.queued_cost.saturating_sub(expired_cost);
-            if t.queue.is_empty() && t.active {
-                t.active = false;
-                t.deficit = 0;
+            if t.queued == 0 && t.active {
+                emptied.push(name.clone());
             }
+        }
+        for name in &emptied {
+            self.deactivate(name);
         }
         let tenants = &self.tenants;
         self.round.retain(|name| tenants.get(name).is_some_and(|t| t.active));
@@ -473,31 +607,50 @@ impl Policy {
     /// Take a queued call out (its caller gave up).
     pub fn cancel(&mut self, tenant: &str, ticket: CallTicket) -> bool {
         let Some(t) = self.tenants.get_mut(tenant) else { return false };
-        let Some(at) = t.queue.iter().position(|w| w.ticket == ticket) else { return false };
-        let w = t.queue.remove(at).expect("position is in range");
+        let Some(w) = t.queues.iter_mut().find_map(|queue| {
+            let at = queue.iter().position(|w| w.ticket == ticket)?;
+            queue.remove(at)
+        }) else {
+            return false;
+        };
+        t.queued -= 1;
         t.queued_cost = t.queued_cost.saturating_sub(w.cost);
+        let emptied = t.queued == 0;
         self.backlog = self.backlog.saturating_sub(w.cost);
         self.queued_cost = self.queued_cost.saturating_sub(w.cost);
         self.queued -= 1;
-        if t.queue.is_empty() {
-            t.active = false;
-            t.deficit = 0;
+        if emptied {
+            self.deactivate(tenant);
             self.round.retain(|name| name.as_ref() != tenant);
         }
         true
     }
 
     /// A running call of `tenant` ended after using `used` CPU time where
-    /// `expected` was planned: free its place and settle the difference
-    /// with its tenant's deficit.
-    pub fn finish(&mut self, tenant: &str, expected: Duration, used: Duration) {
-        self.running = self.running.saturating_sub(1);
-        if self.is_long(expected) {
-            self.running_long = self.running_long.saturating_sub(1);
+    /// `expected` was planned: free its places and settle the difference
+    /// with its tenant's deficit. (A blocked short call is unblocked first.)
+    pub fn finish(&mut self, tenant: &str, expected: Duration, used: Duration, origin: Origin) {
+        let long = self.is_long(expected);
+        if !long {
+            self.running_short = self.running_short.saturating_sub(1);
         }
         self.backlog = self.backlog.saturating_sub(expected);
+        match origin {
+            Origin::Root => {
+                self.running = self.running.saturating_sub(1);
+                if long {
+                    self.running_long = self.running_long.saturating_sub(1);
+                }
+            }
+            Origin::Chained => self.running_chained = self.running_chained.saturating_sub(1),
+        }
         if let Some(t) = self.tenants.get_mut(tenant) {
-            t.running = t.running.saturating_sub(1);
+            if origin == Origin::Root {
+                t.running = t.running.saturating_sub(1);
+                if long {
+                    t.long = t.long.saturating_sub(1);
+                }
+            }
             if t.active {
                 t.deficit -= nanos(used) - nanos(expected);
             }
@@ -520,11 +673,11 @@ mod tests {
     fn a_call_runs_at_once_when_there_is_room() {
         let mut p = policy(2, 2);
         let now = Instant::now();
-        assert_eq!(p.admit(now, "a", 1, MS, now + 100 * MS), Admission::Run);
-        assert_eq!(p.admit(now, "a", 2, MS, now + 100 * MS), Admission::Run);
-        assert_eq!(p.admit(now, "a", 3, MS, now + 100 * MS), Admission::Queued);
+        assert_eq!(p.admit(now, "a", 1, MS, now + 100 * MS, Origin::Root), Admission::Run);
+        assert_eq!(p.admit(now, "a", 2, MS, now + 100 * MS, Origin::Root), Admission::Run);
+        assert_eq!(p.admit(now, "a", 3, MS, now + 100 * MS, Origin::Root), Admission::Queued);
         assert_eq!(p.next(now), vec![]);
-        p.finish("a", MS, MS);
+        p.finish("a", MS, MS, Origin::Root);
         assert_eq!(p.next(now), vec![Decision::Run(3)]);
     }
 
@@ -532,9 +685,9 @@ mod tests {
     fn calls_that_cannot_finish_in_time_are_refused_at_once() {
         let mut p = policy(1, 1);
         let now = Instant::now();
-        assert_eq!(p.admit(now, "a", 1, 50 * MS, now + 100 * MS), Admission::Run);
-        assert_eq!(p.admit(now, "a", 2, 40 * MS, now + 100 * MS), Admission::Queued);
-        match p.admit(now, "a", 3, 40 * MS, now + 100 * MS) {
+        assert_eq!(p.admit(now, "a", 1, 50 * MS, now + 100 * MS, Origin::Root), Admission::Run);
+        assert_eq!(p.admit(now, "a", 2, 40 * MS, now + 100 * MS, Origin::Root), Admission::Queued);
+        match p.admit(now, "a", 3, 40 * MS, now + 100 * MS, Origin::Root) {
             Admission::Refused { reason, retry_after } => {
                 assert!(reason.contains("deadline"), "{reason}");
                 assert!(retry_after >= Duration::from_secs(1));
@@ -547,13 +700,16 @@ mod tests {
     fn a_light_tenant_is_not_refused_for_a_heavy_tenants_backlog() {
         let mut p = policy(1, 1);
         let now = Instant::now();
-        assert_eq!(p.admit(now, "heavy", 0, 10 * MS, now + Duration::from_secs(10)), Admission::Run);
+        assert_eq!(p.admit(now, "heavy", 0, 10 * MS, now + Duration::from_secs(10), Origin::Root), Admission::Run);
         for i in 1..=90 {
-            assert_eq!(p.admit(now, "heavy", i, 10 * MS, now + Duration::from_secs(10)), Admission::Queued);
+            assert_eq!(
+                p.admit(now, "heavy", i, 10 * MS, now + Duration::from_secs(10), Origin::Root),
+                Admission::Queued
+            );
         }
         // 900 ms of heavy work queued; light's own call needs ~2 ms at a
         // half share.
-        assert_eq!(p.admit(now, "light", 100, MS, now + 50 * MS), Admission::Queued);
+        assert_eq!(p.admit(now, "light", 100, MS, now + 50 * MS, Origin::Root), Admission::Queued);
     }
 
     /// `heavy` runs call 0 (the one short place of a one-core policy) with
@@ -562,11 +718,11 @@ mod tests {
     fn heavy_running_and_queued_then_light(p: &mut Policy) -> (Instant, Instant) {
         let now = Instant::now();
         let far = now + Duration::from_secs(10);
-        assert_eq!(p.admit(now, "heavy", 0, MS, far), Admission::Run);
+        assert_eq!(p.admit(now, "heavy", 0, MS, far, Origin::Root), Admission::Run);
         for i in 1..=5 {
-            assert_eq!(p.admit(now, "heavy", i, MS, far), Admission::Queued);
+            assert_eq!(p.admit(now, "heavy", i, MS, far, Origin::Root), Admission::Queued);
         }
-        assert_eq!(p.admit(now, "light", 100, MS, far), Admission::Queued);
+        assert_eq!(p.admit(now, "light", 100, MS, far, Origin::Root), Admission::Queued);
         (now, far)
     }
 
@@ -574,11 +730,11 @@ mod tests {
     fn a_sparse_tenant_goes_next_but_only_once() {
         let mut p = policy(1, 1);
         let (now, far) = heavy_running_and_queued_then_light(&mut p);
-        p.finish("heavy", MS, MS);
+        p.finish("heavy", MS, MS, Origin::Root);
         assert_eq!(p.next(now), vec![Decision::Run(100)]);
         // Its next call arrives while the first runs: no head start.
-        assert_eq!(p.admit(now, "light", 101, MS, far), Admission::Queued);
-        p.finish("light", MS, MS);
+        assert_eq!(p.admit(now, "light", 101, MS, far, Origin::Root), Admission::Queued);
+        p.finish("light", MS, MS, Origin::Root);
         assert_eq!(p.next(now), vec![Decision::Run(1)], "heavy's turn");
     }
 
@@ -593,7 +749,7 @@ mod tests {
         }
         // Heavy's call used less than expected: it has credit for its next
         // call, but light is first in the round.
-        p.finish("heavy", MS, Duration::ZERO);
+        p.finish("heavy", MS, Duration::ZERO, Origin::Root);
         assert_eq!(p.next(now), vec![Decision::Run(100)]);
     }
 
@@ -601,8 +757,8 @@ mod tests {
     fn waiting_calls_past_hope_are_handed_back() {
         let mut p = policy(1, 1);
         let now = Instant::now();
-        assert_eq!(p.admit(now, "a", 1, 10 * MS, now + Duration::from_secs(1)), Admission::Run);
-        assert_eq!(p.admit(now, "a", 2, 10 * MS, now + 30 * MS), Admission::Queued);
+        assert_eq!(p.admit(now, "a", 1, 10 * MS, now + Duration::from_secs(1), Origin::Root), Admission::Run);
+        assert_eq!(p.admit(now, "a", 2, 10 * MS, now + 30 * MS, Origin::Root), Admission::Queued);
         assert_eq!(p.next(now + 25 * MS), vec![Decision::Expire(2)]);
         assert_eq!(p.queued(), 0);
     }
@@ -612,11 +768,11 @@ mod tests {
         let mut p = Policy::new(PolicyConfig { max_running: 4, max_running_per_tenant: 1, ..PolicyConfig::new(4) });
         let now = Instant::now();
         let far = now + Duration::from_secs(10);
-        assert_eq!(p.admit(now, "a", 1, MS, far), Admission::Run);
-        assert_eq!(p.admit(now, "a", 2, MS, far), Admission::Queued);
-        assert_eq!(p.admit(now, "b", 3, MS, far), Admission::Queued);
+        assert_eq!(p.admit(now, "a", 1, MS, far, Origin::Root), Admission::Run);
+        assert_eq!(p.admit(now, "a", 2, MS, far, Origin::Root), Admission::Queued);
+        assert_eq!(p.admit(now, "b", 3, MS, far, Origin::Root), Admission::Queued);
         assert_eq!(p.next(now), vec![Decision::Run(3)], "b starts; a is at its limit");
-        p.finish("a", MS, MS);
+        p.finish("a", MS, MS, Origin::Root);
         assert_eq!(p.next(now), vec![Decision::Run(2)]);
     }
 
@@ -632,14 +788,14 @@ mod tests {
         let mut p = Policy::new(config);
         let now = Instant::now();
         let far = now + Duration::from_secs(100);
-        assert_eq!(p.admit(now, "a", 1, 500 * MS, far), Admission::Run);
-        assert_eq!(p.admit(now, "a", 2, 500 * MS, far), Admission::Queued, "the long place is taken");
+        assert_eq!(p.admit(now, "a", 1, 500 * MS, far, Origin::Root), Admission::Run);
+        assert_eq!(p.admit(now, "a", 2, 500 * MS, far, Origin::Root), Admission::Queued, "the long place is taken");
         // A short call of the same tenant, queued behind the long one, and
         // one arriving now: neither waits for the long place.
-        assert_eq!(p.admit(now, "a", 3, MS, far), Admission::Queued, "someone waits: FIFO");
+        assert_eq!(p.admit(now, "a", 3, MS, far, Origin::Root), Admission::Queued, "someone waits: FIFO");
         assert_eq!(p.next(now), vec![Decision::Run(3)]);
         assert_eq!(p.running_long(), 1);
-        p.finish("a", 500 * MS, 500 * MS);
+        p.finish("a", 500 * MS, 500 * MS, Origin::Root);
         assert_eq!(p.next(now), vec![Decision::Run(2)]);
         assert_eq!(p.running_long(), 1);
     }
@@ -649,16 +805,126 @@ mod tests {
         let mut p = policy(1, 1);
         let now = Instant::now();
         let far = now + Duration::from_secs(10_000);
-        assert_eq!(p.admit(now, "a", 1, MS, far), Admission::Run);
+        assert_eq!(p.admit(now, "a", 1, MS, far, Origin::Root), Admission::Run);
         // Expected to cost 900 s of CPU: 450,000 quanta of 2 ms.
-        assert_eq!(p.admit(now, "b", 2, Duration::from_secs(900), far), Admission::Queued);
-        p.finish("a", MS, MS);
+        assert_eq!(p.admit(now, "b", 2, Duration::from_secs(900), far, Origin::Root), Admission::Queued);
+        p.finish("a", MS, MS, Origin::Root);
         assert_eq!(p.next(now), vec![Decision::Run(2)]);
+    }
+
+    /// A policy whose short places are never the limit: the running
+    /// places are.
+    fn roomy(cores: u32) -> Policy {
+        Policy::new(PolicyConfig { short_places: 100, ..PolicyConfig::new(cores) })
+    }
+
+    #[test]
+    fn a_tenant_alone_never_takes_every_running_place() {
+        let mut p = roomy(2);
+        let (now, far) = (Instant::now(), Instant::now() + Duration::from_secs(60));
+        assert_eq!(p.config().max_running, 8);
+        for i in 0..6 {
+            assert_eq!(p.admit(now, "a", i, MS, far, Origin::Root), Admission::Run, "call {i}");
+        }
+        assert_eq!(p.admit(now, "a", 6, MS, far, Origin::Root), Admission::Queued, "6 of 8: its limit alone");
+        assert_eq!(p.next(now), vec![]);
+        // Another tenant's call finds one of the places left.
+        assert_eq!(p.admit(now, "b", 100, MS, far, Origin::Root), Admission::Queued, "someone waits: FIFO");
+        assert_eq!(p.next(now), vec![Decision::Run(100)]);
+        assert_eq!(p.running_of("b"), 1);
+    }
+
+    #[test]
+    fn while_others_wait_a_tenant_starts_no_more_than_its_weighted_share() {
+        let mut p = roomy(2);
+        let (now, far) = (Instant::now(), Instant::now() + Duration::from_secs(60));
+        for i in 0..6 {
+            assert_eq!(p.admit(now, "a", i, MS, far, Origin::Root), Admission::Run);
+        }
+        for i in 6..20 {
+            assert_eq!(p.admit(now, "a", i, MS, far, Origin::Root), Admission::Queued);
+        }
+        // b keeps calls waiting: a's share is half of the 8 places.
+        for i in 100..110 {
+            p.admit(now, "b", i, MS, far, Origin::Root);
+        }
+        p.next(now);
+        assert_eq!(p.running_of("b"), 2, "the places a left");
+        for _ in 0..6 {
+            p.finish("a", MS, MS, Origin::Root);
+            p.next(now);
+        }
+        assert_eq!((p.running_of("a"), p.running_of("b")), (4, 4), "each at its share of 4");
+        p.finish("b", MS, MS, Origin::Root);
+        p.next(now);
+        assert_eq!((p.running_of("a"), p.running_of("b")), (4, 4), "b, under its share, starts again; a does not");
+        // With weight 3 to b's 1, a's share is 6 of 8 and b's 2.
+        p.set_weight("a", 3);
+        p.finish("b", MS, MS, Origin::Root);
+        p.finish("b", MS, MS, Origin::Root);
+        p.next(now);
+        assert_eq!((p.running_of("a"), p.running_of("b")), (6, 2));
+    }
+
+    #[test]
+    fn long_calls_of_one_tenant_leave_long_places_to_others() {
+        let mut p = roomy(2);
+        let (now, far) = (Instant::now(), Instant::now() + Duration::from_secs(600));
+        let long = Duration::from_secs(1);
+        assert_eq!(p.admit(now, "a", 0, long, far, Origin::Root), Admission::Run);
+        assert_eq!(p.admit(now, "a", 1, long, far, Origin::Root), Admission::Run);
+        assert_eq!(p.admit(now, "a", 2, long, far, Origin::Root), Admission::Queued, "2 of 4 long places alone");
+        assert_eq!(p.admit(now, "b", 3, long, far, Origin::Root), Admission::Queued);
+        assert_eq!(p.next(now), vec![Decision::Run(3)], "b's long call starts, a's waits");
+        assert_eq!(p.running_long(), 3);
+        // a's short calls are not held up by its long ones.
+        assert_eq!(p.admit(now, "a", 4, MS, far, Origin::Root), Admission::Queued);
+        assert_eq!(p.next(now), vec![Decision::Run(4)]);
+    }
+
+    #[test]
+    fn chained_calls_take_no_running_place_and_wait_only_for_the_cpu() {
+        let mut p = Policy::new(PolicyConfig { max_running: 1, max_running_per_tenant: 1, ..PolicyConfig::new(1) });
+        let (now, far) = (Instant::now(), Instant::now() + Duration::from_secs(60));
+        assert_eq!(p.admit(now, "a", 0, MS, far, Origin::Root), Admission::Run);
+        // The root holds the one running place and the one short place:
+        // its short child waits for the CPU, its long one starts.
+        assert_eq!(p.admit(now, "a", 1, MS, far, Origin::Chained), Admission::Queued);
+        assert_eq!(p.admit(now, "a", 2, Duration::from_secs(1), far, Origin::Chained), Admission::Queued);
+        assert_eq!(p.next(now), vec![Decision::Run(2)]);
+        // The root blocks, waiting for its children: the short child runs.
+        p.block(MS);
+        assert_eq!(p.next(now), vec![Decision::Run(1)]);
+        assert_eq!((p.running(), p.running_chained()), (1, 2));
+        // Another tenant's root call still waits for the running place,
+        // not for the children.
+        assert_eq!(p.admit(now, "b", 3, MS, far, Origin::Root), Admission::Queued);
+        p.finish("a", MS, MS, Origin::Chained);
+        p.finish("a", Duration::from_secs(1), Duration::from_secs(1), Origin::Chained);
+        assert_eq!(p.next(now), vec![]);
+        p.unblock(MS);
+        p.finish("a", MS, MS, Origin::Root);
+        assert_eq!(p.next(now), vec![Decision::Run(3)]);
+    }
+
+    #[test]
+    fn a_tenants_children_are_served_in_its_turns() {
+        // One short place; a's children flood its queue, b's calls go
+        // first as soon as they arrive.
+        let mut p = Policy::new(PolicyConfig { short_places: 1, ..PolicyConfig::new(1) });
+        let (now, far) = (Instant::now(), Instant::now() + Duration::from_secs(60));
+        assert_eq!(p.admit(now, "a", 0, MS, far, Origin::Chained), Admission::Run);
+        for i in 1..500 {
+            assert_eq!(p.admit(now, "a", i, MS, far, Origin::Chained), Admission::Queued);
+        }
+        assert_eq!(p.admit(now, "b", 1000, MS, far, Origin::Root), Admission::Queued);
+        p.finish("a", MS, MS, Origin::Chained);
+        assert_eq!(p.next(now), vec![Decision::Run(1000)], "b's call is next");
     }
 
     #[derive(Clone, Debug)]
     enum Step {
-        Arrive { tenant: usize, cost_ms: u64, deadline_ms: u64 },
+        Arrive { tenant: usize, cost_ms: u64, deadline_ms: u64, chained: bool },
         Finish { pick: usize, used_ms: u64 },
         Block { pick: usize },
         Unblock { pick: usize },
@@ -667,10 +933,8 @@ mod tests {
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
-            (0usize..3, 1u64..20, 1u64..500).prop_map(|(tenant, cost_ms, deadline_ms)| Step::Arrive {
-                tenant,
-                cost_ms,
-                deadline_ms
+            (0usize..3, 1u64..20, 1u64..500, any::<bool>()).prop_map(|(tenant, cost_ms, deadline_ms, chained)| {
+                Step::Arrive { tenant, cost_ms, deadline_ms, chained }
             }),
             (any::<usize>(), 0u64..40).prop_map(|(pick, used_ms)| Step::Finish { pick, used_ms }),
             any::<usize>().prop_map(|pick| Step::Block { pick }),
@@ -680,6 +944,9 @@ mod tests {
     }
 
     const TENANTS: [&str; 3] = ["a", "b", "c"];
+
+    /// A call the model knows: ticket, tenant, expected cost, origin.
+    type Call = (u64, usize, Duration, Origin);
 
     proptest! {
         /// Whatever arrives and ends, in any order: never more running than
@@ -693,7 +960,8 @@ mod tests {
                 max_queued: 20,
                 max_queued_per_tenant: 10,
                 long_after: Duration::from_millis(10),
-                max_running_long: 1,
+                max_running_long: 2,
+                max_long_per_tenant: 1,
                 short_places: 1,
                 ..PolicyConfig::new(2)
             };
@@ -703,38 +971,39 @@ mod tests {
             let mut now = start;
             let mut next_ticket = 0u64;
             let mut answered: HashMap<u64, &'static str> = HashMap::new();
-            let mut running: Vec<(u64, usize, Duration)> = Vec::new();
-            let mut waiting: HashMap<u64, (usize, Duration)> = HashMap::new();
+            let mut running: Vec<Call> = Vec::new();
+            let mut waiting: HashMap<u64, Call> = HashMap::new();
             for step in steps {
                 match step {
-                    Step::Arrive { tenant, cost_ms, deadline_ms } => {
+                    Step::Arrive { tenant, cost_ms, deadline_ms, chained } => {
                         let ticket = next_ticket;
                         next_ticket += 1;
                         let cost = Duration::from_millis(cost_ms);
-                        match p.admit(now, TENANTS[tenant], ticket, cost, now + Duration::from_millis(deadline_ms)) {
+                        let origin = if chained { Origin::Chained } else { Origin::Root };
+                        match p.admit(now, TENANTS[tenant], ticket, cost, now + Duration::from_millis(deadline_ms), origin) {
                             Admission::Run => {
                                 if cost < config.long_after {
                                     prop_assert!(p.short_on_cpu() <= config.short_places, "started past the short places");
                                 }
                                 answered.insert(ticket, "run");
-                                running.push((ticket, tenant, cost));
+                                running.push((ticket, tenant, cost, origin));
                             }
-                            Admission::Queued => { waiting.insert(ticket, (tenant, cost)); }
+                            Admission::Queued => { waiting.insert(ticket, (ticket, tenant, cost, origin)); }
                             Admission::Refused { .. } => { answered.insert(ticket, "refused"); }
                         }
                     }
                     Step::Finish { pick, used_ms } => {
                         if !running.is_empty() {
-                            let (ticket, tenant, cost) = running.remove(pick % running.len());
+                            let (ticket, tenant, cost, origin) = running.remove(pick % running.len());
                             if blocked.remove(&ticket) {
                                 p.unblock(cost);
                             }
-                            p.finish(TENANTS[tenant], cost, Duration::from_millis(used_ms));
+                            p.finish(TENANTS[tenant], cost, Duration::from_millis(used_ms), origin);
                         }
                     }
                     Step::Block { pick } => {
                         if !running.is_empty() {
-                            let (ticket, _, cost) = running[pick % running.len()];
+                            let (ticket, _, cost, _) = running[pick % running.len()];
                             if blocked.insert(ticket) {
                                 p.block(cost);
                             }
@@ -742,7 +1011,7 @@ mod tests {
                     }
                     Step::Unblock { pick } => {
                         if !running.is_empty() {
-                            let (ticket, _, cost) = running[pick % running.len()];
+                            let (ticket, _, cost, _) = running[pick % running.len()];
                             if blocked.remove(&ticket) {
                                 p.unblock(cost);
                             }
@@ -750,53 +1019,76 @@ mod tests {
                     }
                     Step::Tick { ms } => now += Duration::from_millis(ms),
                 }
-                let short_on_cpu = |running: &[(u64, usize, Duration)]| {
-                    running.iter().filter(|(t, _, c)| *c < config.long_after && !blocked.contains(t)).count() as u32
+                let short_on_cpu = |running: &[Call]| {
+                    running.iter().filter(|(t, _, c, _)| *c < config.long_after && !blocked.contains(t)).count() as u32
                 };
                 let on_cpu_before = short_on_cpu(&running);
                 prop_assert_eq!(p.short_on_cpu(), on_cpu_before);
+                let roots_before: Vec<u32> = (0..TENANTS.len())
+                    .map(|i| running.iter().filter(|c| c.1 == i && c.3 == Origin::Root).count() as u32)
+                    .collect();
+                let mut started = vec![0u32; TENANTS.len()];
                 for decision in p.next(now) {
                     let (ticket, what) = match decision { Decision::Run(t) => (t, "run"), Decision::Expire(t) => (t, "expired") };
-                    let (tenant, cost) = waiting.remove(&ticket).expect("decided about a waiting call");
+                    let call = waiting.remove(&ticket).expect("decided about a waiting call");
                     prop_assert!(answered.insert(ticket, what).is_none(), "ticket {} answered twice", ticket);
-                    if what == "run" { running.push((ticket, tenant, cost)); }
+                    if what == "run" {
+                        if call.3 == Origin::Root {
+                            started[call.1] += 1;
+                        }
+                        running.push(call);
+                    }
                 }
-                prop_assert_eq!(p.running() as usize, running.len());
+                let roots = running.iter().filter(|c| c.3 == Origin::Root).count();
+                prop_assert_eq!(p.running() as usize, roots);
                 prop_assert!(p.running() <= config.max_running);
+                prop_assert_eq!(p.running_chained() as usize, running.len() - roots);
                 // Short calls start only into free places on the CPU (a
                 // blocked call running again may overfill them for a while).
                 let on_cpu = short_on_cpu(&running);
                 prop_assert_eq!(p.short_on_cpu(), on_cpu);
                 prop_assert!(on_cpu <= config.short_places.max(on_cpu_before), "{} short calls on the CPU", on_cpu);
-                let long = running.iter().filter(|(_, _, cost)| *cost >= config.long_after).count() as u32;
+                let long = running.iter().filter(|c| c.2 >= config.long_after && c.3 == Origin::Root).count() as u32;
                 prop_assert_eq!(p.running_long(), long);
                 prop_assert!(long <= config.max_running_long);
                 for (i, name) in TENANTS.iter().enumerate() {
-                    let n = running.iter().filter(|(_, t, _)| *t == i).count() as u32;
+                    let n = running.iter().filter(|c| c.1 == i && c.3 == Origin::Root).count() as u32;
                     prop_assert_eq!(p.running_of(name), n);
+                    // Never all the running places, and no more started
+                    // while over its share.
                     prop_assert!(n <= config.max_running_per_tenant);
+                    let long = running.iter().filter(|c| c.1 == i && c.3 == Origin::Root && c.2 >= config.long_after).count() as u32;
+                    prop_assert!(long <= config.max_long_per_tenant);
+                    if started[i] > 0 {
+                        prop_assert!(roots_before[i] < config.max_running_per_tenant);
+                    }
                 }
                 prop_assert_eq!(p.queued(), waiting.len());
                 prop_assert!(p.queued() <= config.max_queued);
                 // Nothing left waiting that can no longer make its deadline.
                 for t in p.tenants.values() {
-                    for w in &t.queue {
+                    for w in t.queues.iter().flatten() {
                         prop_assert!(now + w.cost <= w.deadline, "ticket {} waits past hope", w.ticket);
                     }
                 }
+                let weights: u64 = p.round.iter().map(|name| u64::from(p.tenants[name].weight)).sum();
+                prop_assert_eq!(p.active_weight, weights, "the round's weight is kept exactly");
             }
             // Drain: finish everything; every waiting call is eventually
             // started or expired.
             let mut rounds = 0;
             while !running.is_empty() || !waiting.is_empty() {
-                if let Some((_, tenant, cost)) = running.pop() {
-                    p.finish(TENANTS[tenant], cost, cost);
+                if let Some((ticket, tenant, cost, origin)) = running.pop() {
+                    if blocked.remove(&ticket) {
+                        p.unblock(cost);
+                    }
+                    p.finish(TENANTS[tenant], cost, cost, origin);
                 }
                 for decision in p.next(now) {
                     let (ticket, what) = match decision { Decision::Run(t) => (t, "run"), Decision::Expire(t) => (t, "expired") };
-                    let (tenant, cost) = waiting.remove(&ticket).expect("decided about a waiting call");
+                    let call = waiting.remove(&ticket).expect("decided about a waiting call");
                     prop_assert!(answered.insert(ticket, what).is_none());
-                    if what == "run" { running.push((ticket, tenant, cost)); }
+                    if what == "run" { running.push(call); }
                 }
                 rounds += 1;
                 prop_assert!(rounds < 10_000, "waiting calls never started");
@@ -823,7 +1115,7 @@ mod tests {
                 for (t, c) in [("a", cost_a), ("b", cost_b)] {
                     ticket += 1;
                     owner.insert(ticket, (t, c));
-                    match p.admit(now, t, ticket, c, far) {
+                    match p.admit(now, t, ticket, c, far, Origin::Root) {
                         Admission::Run => current = Some((t, c)),
                         Admission::Queued => {}
                         refused => prop_assert!(false, "{:?}", refused),
@@ -832,11 +1124,11 @@ mod tests {
             }
             for _ in 0..2000 {
                 if let Some((t, c)) = current.take() {
-                    p.finish(t, c, c);
+                    p.finish(t, c, c, Origin::Root);
                     *used.entry(t).or_default() += c;
                     ticket += 1;
                     owner.insert(ticket, (t, c));
-                    p.admit(now, t, ticket, c, far);
+                    p.admit(now, t, ticket, c, far, Origin::Root);
                 }
                 for d in p.next(now) {
                     if let Decision::Run(id) = d { current = Some(owner[&id]); }

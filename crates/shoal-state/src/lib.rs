@@ -23,7 +23,7 @@ pub use global::{
     parse_counter,
 };
 pub use key::{MAX_KEY_BYTES, ScopedKey};
-pub use local::{CHUNK_BYTES, DirtyChunks, LocalTier};
+pub use local::{CHUNK_BYTES, DirtyChunks, LocalBytes, LocalLimits, LocalTier};
 pub use tiers::{StateTiers, TierStats};
 
 /// Why a state operation failed; maps onto the guest interface's `error`.

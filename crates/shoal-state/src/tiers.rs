@@ -11,17 +11,21 @@
 //! Locks are leases on the global tier: `lock` waits (polling with a short
 //! backoff) until the key is free or the caller's deadline comes.
 //!
-//! Limits: a local `set`/`set-range` checks the value size limit; the
-//! tenant's quota is the global tier's and is checked when a value reaches
-//! it (`push`, `incr`, `append`, HTTP `PUT`). The local tier has no memory
-//! budget of its own yet: a value stays local until deleted, pulled over or
-//! the node restarts.
+//! Limits: a local `set`/`set-range` checks the value size limit and the
+//! local tier's budget (the node's and the tenant's share: a write that
+//! would pass it with nothing clean left to evict is `limit_exceeded`);
+//! the tenant's quota is the global tier's and is checked when a value
+//! reaches it (`push`, `incr`, `append`, HTTP `PUT`). A value written and
+//! not pushed stays in the local tier until it is pushed (then it may be
+//! evicted like any clean copy), deleted or pulled over, or the node
+//! restarts; a read finding no room in the local tier is served from the
+//! global tier without being kept.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{DirtyChunks, GlobalTier, LeaseToken, LocalTier, ScopedKey, StateError};
+use crate::{DirtyChunks, GlobalTier, LeaseToken, LocalLimits, LocalTier, ScopedKey, StateError};
 
 /// Bytes moved between the tiers since the node started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,9 +48,25 @@ pub struct StateTiers {
 /// Longest pause between two attempts to take a held lock.
 const LOCK_RETRY_MAX: Duration = Duration::from_millis(20);
 
+/// What a fill found.
+enum Fill {
+    /// The local tier holds the value.
+    Local,
+    /// Read from the global tier, with no room to keep it locally.
+    Fetched(Vec<u8>),
+    /// Neither tier has it.
+    Missing,
+}
+
 impl StateTiers {
+    /// Tiers with an unbounded local tier.
     pub fn new(global: Arc<dyn GlobalTier>) -> Self {
-        Self { local: LocalTier::new(), global, from_global: AtomicU64::new(0), to_global: AtomicU64::new(0) }
+        Self::with_local_limits(global, LocalLimits::UNBOUNDED)
+    }
+
+    /// Tiers whose local tier holds at most `limits`.
+    pub fn with_local_limits(global: Arc<dyn GlobalTier>, limits: LocalLimits) -> Self {
+        Self { local: LocalTier::new(limits), global, from_global: AtomicU64::new(0), to_global: AtomicU64::new(0) }
     }
 
     pub fn local(&self) -> &LocalTier {
@@ -71,34 +91,40 @@ impl StateTiers {
         got
     }
 
-    /// Make sure the local tier holds `key` if the global tier has it;
-    /// returns whether it is local now.
-    async fn fill(&self, key: &ScopedKey) -> Result<bool, StateError> {
+    /// Make sure the local tier holds `key` if the global tier has it and
+    /// there is room for it.
+    async fn fill(&self, key: &ScopedKey) -> Result<Fill, StateError> {
         if self.local.contains(key) {
-            return Ok(true);
+            return Ok(Fill::Local);
         }
-        match self.read(self.global.get(key).await?) {
-            Some(bytes) => {
-                if !self.local.contains(key) {
-                    self.local.install(key, bytes);
-                }
-                Ok(true)
-            }
-            None => Ok(false),
+        let Some(bytes) = self.read(self.global.get(key).await?) else { return Ok(Fill::Missing) };
+        if self.local.contains(key) {
+            return Ok(Fill::Local);
         }
+        Ok(match self.local.install(key, bytes) {
+            Ok(()) => Fill::Local,
+            Err(bytes) => Fill::Fetched(bytes),
+        })
     }
 
     pub async fn get(&self, key: &ScopedKey) -> Result<Option<Vec<u8>>, StateError> {
         if let Some(bytes) = self.local.get(key) {
             return Ok(Some(bytes));
         }
-        Ok(if self.fill(key).await? { self.local.get(key) } else { None })
+        match self.fill(key).await? {
+            Fill::Local => match self.local.get(key) {
+                Some(bytes) => Ok(Some(bytes)),
+                // Evicted a moment after it was filled.
+                None => Ok(self.read(self.global.get(key).await?)),
+            },
+            Fill::Fetched(bytes) => Ok(Some(bytes)),
+            Fill::Missing => Ok(None),
+        }
     }
 
     pub async fn set(&self, key: &ScopedKey, value: Vec<u8>) -> Result<(), StateError> {
         self.check_size(value.len() as u64)?;
-        self.local.set(key, value);
-        Ok(())
+        self.local.set(key, value)
     }
 
     /// Read a range of the local copy, filling it from the global tier on a
@@ -108,7 +134,19 @@ impl StateTiers {
         if let Some(bytes) = self.local.get_range(key, offset, len) {
             return Ok(Some(bytes));
         }
-        Ok(if self.fill(key).await? { self.local.get_range(key, offset, len) } else { None })
+        let range = |bytes: &[u8]| {
+            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+            let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX)).min(bytes.len());
+            bytes[start..end].to_vec()
+        };
+        match self.fill(key).await? {
+            Fill::Local => match self.local.get_range(key, offset, len) {
+                Some(bytes) => Ok(Some(bytes)),
+                None => Ok(self.read(self.global.get(key).await?).map(|bytes| range(&bytes))),
+            },
+            Fill::Fetched(bytes) => Ok(Some(range(&bytes))),
+            Fill::Missing => Ok(None),
+        }
     }
 
     pub async fn set_range(&self, key: &ScopedKey, offset: u64, data: &[u8]) -> Result<(), StateError> {
@@ -117,8 +155,13 @@ impl StateTiers {
         self.check_size(end)?;
         // Writing into a value that lives only in the global tier: fetch
         // it first, so the local copy (and a later push) is whole.
-        self.fill(key).await?;
-        self.local.set_range(key, offset, data).map_err(|_| StateError::TooLarge("range end overflows".into()))?;
+        if let Fill::Fetched(_) = self.fill(key).await? {
+            return Err(StateError::LimitExceeded(format!(
+                "the local state tier has no room for `{}` to be written in place (push or delete values first)",
+                key.key()
+            )));
+        }
+        self.local.set_range(key, offset, data)?;
         Ok(())
     }
 
@@ -155,7 +198,10 @@ impl StateTiers {
     pub async fn pull(&self, key: &ScopedKey) -> Result<bool, StateError> {
         match self.read(self.global.get(key).await?) {
             Some(bytes) => {
-                self.local.install(key, bytes);
+                if self.local.install(key, bytes).is_err() {
+                    // No room to keep it: the next read fetches it.
+                    self.local.remove(key);
+                }
                 Ok(true)
             }
             None => {

@@ -164,7 +164,7 @@ async fn pushes_converge(
     writes: &[(u64, u8, usize)],
     push_every: usize,
 ) -> Result<(), TestCaseError> {
-    let local = LocalTier::new();
+    let local = LocalTier::default();
     let k = key(0);
     let mut model: Vec<u8> = Vec::new();
     for (i, (offset, b, n)) in writes.iter().copied().enumerate() {
@@ -224,10 +224,10 @@ fn a_value_that_shrinks_and_grows_again_never_shows_old_bytes() {
             expected.resize(10 + 2 * chunk, 3);
             assert!(tier.get(&key).await.unwrap().unwrap() == expected, "{backend:?}: after set + append");
             // The same through a push that shrinks the value.
-            let local = LocalTier::new();
-            local.set(&key, vec![4; 3 * chunk]);
+            let local = LocalTier::default();
+            local.set(&key, vec![4; 3 * chunk]).unwrap();
             local.mark_clean(&key, &tier.write_chunks(&key, local.dirty_chunks(&key).unwrap()).await.unwrap());
-            local.set(&key, vec![5; 1]);
+            local.set(&key, vec![5; 1]).unwrap();
             tier.write_chunks(&key, local.dirty_chunks(&key).unwrap()).await.unwrap();
             tier.append(&key, vec![6; chunk]).await.unwrap();
             let mut expected = vec![5];

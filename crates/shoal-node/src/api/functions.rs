@@ -322,12 +322,12 @@ async fn load_image(node: &Node, function: &DeployedFunction) -> Result<Arc<shoa
 fn answer(
     node: &Node,
     function: &DeployedFunction,
-    out: shoal_runtime::CallOutput,
+    mut out: shoal_runtime::CallOutput,
     started: Instant,
     call_id: &str,
 ) -> Result<Response, ApiError> {
     let elapsed = started.elapsed();
-    function.logs.append(call_id, now_ms(), out.log_lines());
+    function.logs.append(call_id, now_ms(), out.take_logs());
     match out.result {
         Ok(output) => {
             node.metrics.record_call(Ok(()), Some(elapsed));
@@ -410,10 +410,13 @@ async fn run_placed(
         depth: u32::try_from(depth).unwrap_or(u32::MAX),
         deadline: Some(std::time::Instant::now() + left),
         root: Arc::new(shoal_runtime::RootCall::default()),
+        long: false,
     };
     let started = Instant::now();
     let image = load_image(node, &function).await?;
-    let out = match node.executor.run_in(&image, &function.settings, input, lineage).await {
+    let run =
+        node.executor.run_chained(&function.settings.tenant, &function.key, &image, &function.settings, input, lineage);
+    let out = match run.await {
         Ok(out) => out,
         Err(overloaded) => {
             node.metrics.record_call(Err(ErrorKind::Overloaded), None);

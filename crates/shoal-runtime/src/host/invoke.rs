@@ -77,11 +77,12 @@ impl ComponentCtx {
             ));
             return Err(GuestError::LimitExceeded);
         }
-        Ok((invoker, Lineage { depth, deadline: Some(self.deadline), root: chain.lineage.root.clone() }))
+        let lineage = Lineage { depth, deadline: Some(self.deadline), root: chain.lineage.root.clone(), long: false };
+        Ok((invoker, lineage))
     }
 
     /// Tell the function's logs why the host refused something.
-    fn note(&self, message: &str) {
+    pub(super) fn note(&self, message: &str) {
         self.chain.stderr.append(format!("shoal: {message}\n").as_bytes());
     }
 

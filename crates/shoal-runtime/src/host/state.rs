@@ -37,6 +37,15 @@ fn guest_error(e: StateError) -> GuestError {
 }
 
 impl ComponentCtx {
+    /// The guest's error for `e`; a limit's refusal is also told in the
+    /// call's logs (the guest's error carries no message).
+    fn refused(&self, e: StateError) -> GuestError {
+        if let StateError::LimitExceeded(why) | StateError::TooLarge(why) = &e {
+            self.note(&format!("state: {why}"));
+        }
+        guest_error(e)
+    }
+
     /// The tiers and the scoped key, or the guest-facing error.
     fn scope(&self, key: &str) -> Result<(&Arc<StateTiers>, ScopedKey), GuestError> {
         let tiers = self.state.as_ref().ok_or(GuestError::Unavailable)?;
@@ -52,7 +61,7 @@ macro_rules! state_op {
             Ok(scoped) => scoped,
             Err(e) => return Ok(Err(e)),
         };
-        Ok($body.await.map_err(guest_error))
+        Ok($body.await.map_err(|e| $ctx.refused(e)))
     }};
 }
 
@@ -105,7 +114,7 @@ impl Host for ComponentCtx {
                 self.leases.push((key, token));
                 Ok(Ok(()))
             }
-            Err(e) => Ok(Err(guest_error(e))),
+            Err(e) => Ok(Err(self.refused(e))),
         }
     }
     async fn unlock(&mut self, key: String) -> HostResult<()> {

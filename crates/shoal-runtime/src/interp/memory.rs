@@ -17,6 +17,7 @@
 #![allow(unsafe_code)]
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -243,6 +244,9 @@ pub(crate) struct Plan {
     /// resident says only what loading the source touched, the same for
     /// every deploy of it).
     pub(crate) adopt: Option<AdoptSlot>,
+    /// Whose deploy a kept deploy's memory counts against (the calling
+    /// tenant's memories count against it).
+    pub(crate) owner: Option<Arc<str>>,
 }
 
 /// Where a deploy leaves the snapshot it took of its memory.
@@ -349,7 +353,7 @@ unsafe impl MemoryCreator for SnapshotMemories {
                 .map_err(|e| format!("creating a linear memory: {e}"))?,
         };
         if self.idle.limit > 0 {
-            memory.adopt = plan.adopt.map(|slot| (slot, self.idle.clone()));
+            memory.adopt = plan.adopt.map(|slot| (slot, self.idle.clone(), plan.owner.clone()));
         }
         if let Some(capture) = plan.capture {
             let view = MemoryView { ptr: memory.ptr, size: memory.size.clone() };
@@ -412,6 +416,8 @@ struct Idle {
     snapshot: u64,
     /// `None`: a deploy's memory, for the first call of any tenant.
     tenant: Option<Arc<str>>,
+    /// Whose it counts as: the calling tenant's, or the deploying one's.
+    owner: Option<Arc<str>>,
     area: Area,
 }
 
@@ -421,17 +427,46 @@ impl IdleMemories {
     }
 
     /// Keep `area`, which holds `snapshot`, for `tenant`'s next call of it
-    /// (any tenant's: `None`), unless that many are kept already; the
-    /// least recently kept memory goes past the limit.
-    fn keep(self: &Arc<Self>, snapshot: &Arc<MemorySnapshot>, tenant: Option<Arc<str>>, area: Area) {
+    /// (any tenant's: `None`), counted as `owner`'s, unless that many are
+    /// kept already. Past its owner's share (a quarter of the limit) the
+    /// owner's least recently kept memory goes; past the limit, that of
+    /// the owner keeping the most: one tenant's many functions push out
+    /// its own memories, never all of everyone else's.
+    fn keep(
+        self: &Arc<Self>,
+        snapshot: &Arc<MemorySnapshot>,
+        tenant: Option<Arc<str>>,
+        owner: Option<Arc<str>>,
+        area: Area,
+    ) {
         let id = snapshot.id;
         let mut list = self.lock();
         let same = list.iter().filter(|kept| kept.snapshot == id && kept.tenant == tenant).count();
         let dropped = if same >= IDLE_PER_SNAPSHOT {
             Some(area)
         } else {
-            list.push_back(Idle { snapshot: id, tenant, area });
-            if list.len() > self.limit { list.pop_front().map(|kept| kept.area) } else { None }
+            list.push_back(Idle { snapshot: id, tenant, owner: owner.clone(), area });
+            let share = (self.limit / 4).max(IDLE_PER_SNAPSHOT);
+            let owned = |list: &std::collections::VecDeque<Idle>, owner: &Option<Arc<str>>| {
+                list.iter().filter(|kept| kept.owner == *owner).count()
+            };
+            let evict = if owned(&list, &owner) > share {
+                Some(owner)
+            } else if list.len() > self.limit {
+                let mut counts: HashMap<Option<Arc<str>>, usize> = HashMap::new();
+                for kept in list.iter() {
+                    *counts.entry(kept.owner.clone()).or_default() += 1;
+                }
+                // The oldest memory of an owner keeping the most.
+                let most = counts.values().copied().max().unwrap_or(0);
+                list.iter().find(|kept| counts[&kept.owner] == most).map(|kept| kept.owner.clone())
+            } else {
+                None
+            };
+            evict.and_then(|owner| {
+                let at = list.iter().position(|kept| kept.owner == owner)?;
+                list.remove(at).map(|kept| kept.area)
+            })
         };
         drop(list);
         drop(dropped); // unmapped outside the lock
@@ -484,7 +519,7 @@ impl Pool {
     }
 
     fn give_back(&self, area: Area) {
-        self.idle.keep(&self.snapshot, Some(self.tenant.clone()), area);
+        self.idle.keep(&self.snapshot, Some(self.tenant.clone()), Some(self.tenant.clone()), area);
     }
 }
 
@@ -502,7 +537,7 @@ struct SnapMemory {
     grew: bool,
     /// A deploy's memory: the slot its snapshot may be left in, and where
     /// to keep it then.
-    adopt: Option<(AdoptSlot, Arc<IdleMemories>)>,
+    adopt: Option<(AdoptSlot, Arc<IdleMemories>, Option<Arc<str>>)>,
 }
 
 impl SnapMemory {
@@ -706,11 +741,11 @@ impl Drop for SnapMemory {
                 }
                 Err(e) => tracing::debug!(error = %e, "a memory could not be reset: dropped"),
             }
-        } else if let Some((slot, idle)) = self.adopt.take() {
+        } else if let Some((slot, idle, owner)) = self.adopt.take() {
             let snapshot = slot.lock().expect("adopt slot lock is never poisoned").take();
             if let (Some(snapshot), Some(tracker)) = (snapshot, Tracker::get()) {
                 match self.adopt(tracker, &snapshot, area.reserved) {
-                    Ok(()) => idle.keep(&snapshot, None, area),
+                    Ok(()) => idle.keep(&snapshot, None, owner, area),
                     Err(e) => tracing::debug!(error = %e, "a deploy's memory could not be kept: dropped"),
                 }
             }
@@ -804,6 +839,7 @@ mod tests {
             capture: None,
             tenant: Some(Arc::from(tenant)),
             adopt: None,
+            owner: None,
         }));
         creator.new_memory(MemoryType::new(1, None), minimum, None, Some(1 << 30), 1 << 16).unwrap()
     }
@@ -936,6 +972,7 @@ mod tests {
             capture: Some(capture.clone()),
             tenant: None,
             adopt: Some(adopt.clone()),
+            owner: None,
         }));
         let mut memory = creator.new_memory(MemoryType::new(1, None), PAGE, None, Some(1 << 30), 1 << 16).unwrap();
         memory.grow_to(32 * PAGE).unwrap();
@@ -983,6 +1020,7 @@ mod tests {
             capture: Some(capture),
             tenant: None,
             adopt: Some(Arc::new(Mutex::new(None))),
+            owner: None,
         }));
         let failed = creator.new_memory(MemoryType::new(1, None), PAGE, None, Some(1 << 30), 1 << 16).unwrap();
         drop(failed);
@@ -1024,5 +1062,27 @@ mod tests {
         assert_eq!(idle(None), 1);
         drop(memory);
         assert_eq!(idle(None), 2);
+    }
+
+    #[test]
+    fn one_tenant_keeping_many_memories_pushes_out_its_own_first() {
+        if tracking::Tracker::get().is_none() {
+            assert!(!tracking::expected(), "this machine should track writes");
+            return;
+        }
+        let base = Arc::new(BaseImage::new("test", &vec![1u8; 16 * PAGE]).unwrap());
+        let snapshot = |fill: u8| Arc::new(MemorySnapshot::diff(base.clone(), &vec![fill; 16 * PAGE]));
+        // Eight kept in all: two per tenant (a quarter).
+        let creator = SnapshotMemories::new(8);
+        let victims = snapshot(2);
+        drop(memory_for(&creator, &victims, "victim", PAGE));
+        // A tenant calling six functions keeps two memories, its newest.
+        let many: Vec<_> = (0..6).map(|i| snapshot(10 + i)).collect();
+        for s in &many {
+            drop(memory_for(&creator, s, "hostile", PAGE));
+        }
+        assert_eq!(creator.idle.count(Some(victims.id)), 1, "the victim's memory is still kept");
+        assert_eq!(creator.idle.count(None), 3);
+        assert_eq!((creator.idle.count(Some(many[4].id)), creator.idle.count(Some(many[5].id))), (1, 1));
     }
 }

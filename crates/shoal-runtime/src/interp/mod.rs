@@ -175,6 +175,8 @@ impl Interpreters {
         bundle: &SourceBundle,
         config: &RuntimeConfig,
         limit: Duration,
+        turns: crate::call::Turns,
+        owner: Option<Arc<str>>,
     ) -> Result<Arc<MemorySnapshot>, DeployError> {
         let capture = Arc::new(Mutex::new(None));
         let adopt = Arc::new(Mutex::new(None));
@@ -183,8 +185,9 @@ impl Interpreters {
             capture: Some(capture.clone()),
             tenant: None,
             adopt: Some(adopt.clone()),
+            owner,
         };
-        let (mut store, stderr) = deploy_store(&self.engine, config, limit, Some(plan), "loading");
+        let (mut store, stderr) = deploy_store(&self.engine, config, limit, Some(plan), "loading", turns.clone());
         let files: Vec<(String, Vec<u8>)> = bundle.files.clone();
         let load = async {
             let instance = runtime.instance_pre.instantiate_async(&mut store).await?;
@@ -193,7 +196,7 @@ impl Interpreters {
             let (result,) = load.call_async(&mut store, (files,)).await?;
             Ok::<_, wasmtime::Error>(result)
         };
-        let outcome = match tokio::time::timeout(limit + Duration::from_millis(100), load).await {
+        let outcome = match tokio::time::timeout(limit + Duration::from_millis(100), turns.run(load)).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 return Err(DeployError::InvalidSource(format!("loading took longer than {} ms", limit.as_millis())));

@@ -61,6 +61,14 @@ impl shoal_sdk::Function for Misbehave {
                 Ok(b"woke up".to_vec())
             }
             b"error" => Err("failed on purpose".to_string()),
+            // `print N`: N lines to stdout, one write each.
+            other if other.starts_with(b"print ") => {
+                let n: u64 = std::str::from_utf8(&other[6..]).ok().and_then(|n| n.parse().ok()).unwrap_or(0);
+                for i in 0..n {
+                    println!("line {i}");
+                }
+                Ok(format!("printed {n}").into_bytes())
+            }
             other => {
                 // Remember the input in a static: a fresh instance per call
                 // means the next call must never see it.

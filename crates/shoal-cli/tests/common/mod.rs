@@ -1,0 +1,53 @@
+//! What the tests of the `shoal` binary share: `shoal serve` as a child
+//! process on a free loopback port.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// A `shoal serve` child process, killed when dropped.
+pub struct Served {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `shoal serve` in `dir` on a free port; returns once it is serving.
+pub fn serve(dir: &Path) -> Served {
+    serve_with(dir, &[])
+}
+
+pub fn serve_with(dir: &Path, extra: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        // The Python runtime compiled once for every node of every test.
+        .env("SHOAL_RUNTIME_CACHE", concat!(env!("CARGO_TARGET_TMPDIR"), "/runtime-cache"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .current_dir(dir)
+        .env_remove("SHOAL_ADMIN_TOKEN")
+        .env_remove("SHOAL_DATA_DIR")
+        .env("SHOAL_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start shoal serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut url = None;
+    for line in lines.by_ref() {
+        let line = line.expect("read serve's stderr");
+        if let Some(rest) = line.strip_prefix("shoal: serving ") {
+            url = Some(rest.split_whitespace().next().unwrap().to_string());
+            break;
+        }
+    }
+    // Keep draining, so the node never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Served { child, url: url.expect("shoal serve printed its address") }
+}
