@@ -272,7 +272,12 @@ async fn victim_beside(node: &Node, victim: &Victim, warmup: Duration, start: im
     );
     assert!(beside.calls >= (VICTIM_RATE * 5) as usize, "the victim's calls were not all made: {beside:?}");
     assert!(sent > 0, "the attacker sent nothing");
-    assert!(beside.failures.is_empty(), "the victim lost calls: {:?}", beside.failures);
+    assert!(
+        beside.failures.is_empty(),
+        "the victim lost {} calls, the first: {:?}",
+        beside.failures.len(),
+        &beside.failures[..beside.failures.len().min(3)]
+    );
     assert!(beside.p99 <= alone.p99 + P99_MARGIN, "victim p99 {:?} beside, {:?} alone", beside.p99, alone.p99);
     (beside, rss)
 }
@@ -520,22 +525,27 @@ async fn slow_deploys() {
                     i += 1;
                     let source = match language {
                         "python" => format!(
-                            "# {worker}-{i}\nn = 0\nfor k in range(20_000_000):\n    n += k\n\ndef handle(input):\n    return str(n)\n"
+                            "# {worker}-{i}\nn = 0\nfor k in range(2_000_000):\n    n += k\n\ndef handle(input):\n    return str(n)\n"
                         ),
                         _ => format!(
-                            "// {worker}-{i}\nlet n = 0;\nfor (let k = 0; k < 300000000; k++) {{ n += k; }}\nfunction handle(input) {{ return String(n); }}\nmodule.exports = {{ handle }};\n"
+                            "// {worker}-{i}\nlet n = 0;\nfor (let k = 0; k < 5000000; k++) {{ n += k; }}\nfunction handle(input) {{ return String(n); }}\nmodule.exports = {{ handle }};\n"
                         ),
                     };
                     started.fetch_add(1, Ordering::Relaxed);
                     let url = format!("{base}/v1/functions/hostile/slow{worker}?language={language}");
-                    let _ = http.put(url).bearer_auth(&token).body(source).send().await;
-                    deploys.fetch_add(1, Ordering::Relaxed);
+                    let sent = http.put(url).bearer_auth(&token).body(source).send().await;
+                    if sent.is_ok_and(|response| response.status() == StatusCode::CREATED) {
+                        deploys.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }));
         }
     })
     .await;
-    eprintln!("hostile deploys finished: {}", deploys.load(Ordering::Relaxed));
+    // The slow loaders made progress: they ran, in their own turns.
+    let deployed = deploys.load(Ordering::Relaxed);
+    eprintln!("hostile slow deploys done: {deployed}");
+    assert!(deployed > 0, "no slow deploy finished");
 }
 
 #[test]
