@@ -248,6 +248,31 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Show `tenant`'s limits; with `changes` (or `reset`), set them first:
+    /// what was set, less everything if `reset`, with `changes` over it.
+    pub async fn tenant_limits(
+        &self,
+        tenant: &str,
+        changes: &[(&str, Option<u64>)],
+        reset: bool,
+    ) -> anyhow::Result<()> {
+        let path = format!("/v1/tenants/{}/limits", percent_encode(tenant));
+        let mut shown = self.json(self.request(Method::GET, &path)).await?;
+        if reset || changes.iter().any(|(_, value)| value.is_some()) {
+            let mut set = if reset { serde_json::json!({}) } else { shown["set"].clone() };
+            for (field, value) in changes {
+                if let Some(value) = value {
+                    set[*field] = serde_json::json!(value);
+                }
+            }
+            shown = self.json(self.request(Method::PUT, &path).json(&set)).await?;
+        }
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        Ok(())
+    }
+}
+
 /// Percent-encode everything but unreserved characters (RFC 3986).
 fn percent_encode(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());

@@ -135,6 +135,30 @@ enum CallCommand {
 enum TenantCommand {
     /// Create a tenant and print its token (shown once).
     Create { name: String },
+    /// Show a tenant's weight and limits (set, and in force); with any of
+    /// the options, set them first (the others keep what was set; --reset
+    /// starts from the node's defaults).
+    Limits {
+        name: String,
+        /// Its share of the CPU and running places when tenants compete.
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Root calls running at once while no other tenant waits.
+        #[arg(long)]
+        running: Option<u32>,
+        /// Sandboxes its calls hold at once.
+        #[arg(long)]
+        sandboxes: Option<u32>,
+        /// Sum of the memory limits of its running calls, e.g. 2GiB.
+        #[arg(long, value_parser = units::parse_size)]
+        memory: Option<u64>,
+        /// Bytes of its values in the local state tier, e.g. 256MiB.
+        #[arg(long, value_parser = units::parse_size)]
+        local_memory: Option<u64>,
+        /// Forget what was set before applying the options.
+        #[arg(long)]
+        reset: bool,
+    },
 }
 
 fn read_input(data: Option<String>, data_file: Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
@@ -188,6 +212,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rm { function } => client.remove(&function).await,
         Command::Logs { function } => client.logs(&function).await,
         Command::Tenant { command: TenantCommand::Create { name } } => client.create_tenant(&name).await,
+        Command::Tenant {
+            command: TenantCommand::Limits { name, weight, running, sandboxes, memory, local_memory, reset },
+        } => {
+            let changes = [
+                ("weight", weight.map(u64::from)),
+                ("running", running.map(u64::from)),
+                ("sandboxes", sandboxes.map(u64::from)),
+                ("memory_bytes", memory),
+                ("local_bytes", local_memory),
+            ];
+            client.tenant_limits(&name, &changes, reset).await
+        }
         Command::State { command } => match command {
             StateCommand::Get { key } => {
                 let value = client.state_get(&key).await?;

@@ -54,6 +54,20 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     // Deploy from a file with limits and env, under a new tenant.
     let token = stdout(&run(&["tenant", "create", "acme"])).trim().to_string();
     assert!(token.starts_with("acme."), "{token}");
+    let limits: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["tenant", "limits", "acme", "--weight", "2", "--memory", "1GiB"])))
+            .unwrap();
+    assert_eq!(
+        (limits["set"]["weight"].as_u64(), limits["effective"]["memory_bytes"].as_u64()),
+        (Some(2), Some(1 << 30))
+    );
+    let limits: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["tenant", "limits", "acme", "--running", "3"]))).unwrap();
+    assert_eq!(
+        limits["set"],
+        serde_json::json!({ "weight": 2, "running": 3, "memory_bytes": 1u64 << 30 }),
+        "the others kept"
+    );
     let wasm = dir.path().join("echo.wasm");
     std::fs::write(&wasm, shoal_guests::ECHO).unwrap();
     let described =

@@ -217,6 +217,18 @@ impl SharedRegistry {
         Ok(added)
     }
 
+    /// Replace a tenant's record (its limits changed).
+    pub async fn update_tenant(&self, name: &str, record: &[u8]) -> Result<(), ClusterError> {
+        let (_, _): (u64, u64) = redis::pipe()
+            .atomic()
+            .hset(self.key("tenants"), name, record)
+            .incr(self.key("registry:version"), 1)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+
     /// Deploy: store the wasm (once per content) and the record.
     pub async fn put_function(&self, key: &str, sha256: &str, record: &[u8], wasm: &[u8]) -> Result<(), ClusterError> {
         let mut conn = self.conn.clone();

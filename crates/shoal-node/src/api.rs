@@ -31,6 +31,7 @@ use crate::metrics::Gauges;
 pub(crate) fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/tenants", post(tenants::create))
+        .route("/v1/tenants/{tenant}/limits", get(tenants::get_limits).put(tenants::put_limits))
         .route("/v1/functions/{tenant}", get(functions::list))
         .route(
             "/v1/functions/{tenant}/{name}",

@@ -440,10 +440,12 @@ pub(crate) fn spawn_chores(node: &Arc<Node>) {
             }
             cluster.membership.report_load(cluster.load_of_me(&node));
             tick = tick.wrapping_add(1);
-            if tick.is_multiple_of(MIRROR_EVERY)
-                && let Err(e) = node.registry.mirror(false, node.config.log_lines_per_function).await
-            {
-                tracing::warn!(error = %e, "mirroring the cluster's registry failed; retrying");
+            if tick.is_multiple_of(MIRROR_EVERY) {
+                match node.registry.mirror(false, node.config.log_lines_per_function).await {
+                    Ok(true) => node.apply_tenant_limits(),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "mirroring the cluster's registry failed; retrying"),
+                }
             }
             if tick.is_multiple_of(RECLAIM_EVERY) {
                 reclaim(cluster, &mut suspects).await;

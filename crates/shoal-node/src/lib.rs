@@ -205,6 +205,7 @@ impl Node {
             node.load_functions().await?;
         }
         node.enforce_image_budget();
+        node.apply_tenant_limits();
         let resumed = node.resume_async_calls()?;
         if resumed > 0 {
             tracing::info!(resumed, "resuming asynchronous calls accepted before the last stop");
@@ -235,6 +236,27 @@ impl Node {
             "loaded deployed functions"
         );
         Ok(())
+    }
+
+    /// Apply every tenant's limits as the registry holds them (at start,
+    /// after a change, and in a cluster after each mirror that read
+    /// something).
+    pub(crate) fn apply_tenant_limits(&self) {
+        for (tenant, limits) in self.registry.all_tenant_limits() {
+            let weight = limits
+                .weight
+                .or_else(|| self.config.tenant_weights.iter().find(|(t, _)| *t == tenant).map(|(_, w)| *w));
+            self.executor.set_tenant_limits(
+                &tenant,
+                shoal_sched::TenantLimits {
+                    weight,
+                    running: limits.running,
+                    sandboxes: limits.sandboxes,
+                    memory_bytes: limits.memory_bytes,
+                },
+            );
+            self.state.local().set_tenant_limit(&tenant, limits.local_bytes);
+        }
     }
 
     /// This node's id in its cluster (None when it runs alone).
@@ -269,6 +291,7 @@ impl Node {
             name: tenant.to_string(),
             token_sha256: hex::encode(auth::hash_token(&token)),
             created_ms: now_ms(),
+            limits: Default::default(),
         };
         Ok(self.registry.create_tenant(record).await?.then_some(token))
     }

@@ -34,6 +34,37 @@ pub struct TenantRecord {
     /// SHA-256 of the tenant's token, hex.
     pub token_sha256: String,
     pub created_ms: u64,
+    /// What the admin set for it (records written before limits existed
+    /// have none).
+    #[serde(default, skip_serializing_if = "TenantLimitsRecord::is_default")]
+    pub limits: TenantLimitsRecord,
+}
+
+/// A tenant's limits as the admin set them; None: the node's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimitsRecord {
+    /// Its share of the CPU and of the running places when tenants compete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Root calls running at once while no other tenant waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<u32>,
+    /// Sandboxes its calls hold at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandboxes: Option<u32>,
+    /// Sum of the memory limits of its running calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Bytes of its values in the local state tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_bytes: Option<u64>,
+}
+
+impl TenantLimitsRecord {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl TenantRecord {
@@ -319,6 +350,30 @@ impl Registry {
         self.store.put(TENANTS, &record.name, &encode(&record))?;
         tenants.insert(record.name.clone(), record);
         Ok(true)
+    }
+
+    /// Replace `tenant`'s limits; false if there is no such tenant.
+    pub async fn set_tenant_limits(&self, tenant: &str, limits: TenantLimitsRecord) -> Result<bool, RegistryError> {
+        let Some(mut record) = self.tenants.read().expect(POISON).get(tenant).cloned() else { return Ok(false) };
+        record.limits = limits;
+        if let Some(shared) = &self.shared {
+            let _changes = self.changes.lock().await;
+            shared.update_tenant(tenant, &encode(&record)).await?;
+        } else {
+            self.store.put(TENANTS, tenant, &encode(&record))?;
+        }
+        self.tenants.write().expect(POISON).insert(tenant.to_string(), record);
+        Ok(true)
+    }
+
+    /// `tenant`'s limits, if it exists.
+    pub fn tenant_limits(&self, tenant: &str) -> Option<TenantLimitsRecord> {
+        self.tenants.read().expect(POISON).get(tenant).map(|record| record.limits.clone())
+    }
+
+    /// Every tenant's limits.
+    pub fn all_tenant_limits(&self) -> Vec<(String, TenantLimitsRecord)> {
+        self.tenants.read().expect(POISON).values().map(|record| (record.name.clone(), record.limits.clone())).collect()
     }
 
     /// Every stored function with its wasm, for loading at start.

@@ -308,6 +308,69 @@ fn futures_stream(
 }
 
 #[tokio::test]
+async fn tenant_limits_are_set_by_the_admin_applied_and_kept_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start_in(config(dir.path())).await;
+    let acme = node.create_tenant("acme").await;
+    let beta = node.create_tenant("beta").await;
+    for (name, wasm) in [("chain", shoal_guests::CHAIN), ("echo", shoal_guests::ECHO)] {
+        assert_eq!(node.deploy(&format!("acme/{name}"), "", wasm).await.0, StatusCode::CREATED);
+    }
+    let limits = |node: &TestNode, token: &str| {
+        let request = node.req(reqwest::Method::GET, "/v1/tenants/acme/limits", Some(token));
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let put = |node: &TestNode, token: &str, body: Value| {
+        let request = node.req(reqwest::Method::PUT, "/v1/tenants/acme/limits", Some(token)).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // The node's defaults, shown to the tenant itself; not to another.
+    let (status, shown) = limits(&node, &acme).await;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    assert_eq!(shown["set"], serde_json::json!({}));
+    let running = node.node.config().scheduler.max_running_per_tenant;
+    assert_eq!(shown["effective"]["running"], running);
+    assert_eq!(shown["effective"]["sandboxes"], 4, "half of the node's 8");
+    assert_eq!(limits(&node, &beta).await.0, StatusCode::FORBIDDEN);
+    // Only the admin sets them, and only sensible ones.
+    assert_eq!(put(&node, &acme, serde_json::json!({ "sandboxes": 8 })).await.0, StatusCode::FORBIDDEN);
+    for bad in
+        [serde_json::json!({ "weight": 0 }), serde_json::json!({ "sandboxes": 0 }), serde_json::json!({ "nope": 1 })]
+    {
+        assert_eq!(put(&node, ADMIN, bad.clone()).await.0, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let missing = node.req(reqwest::Method::PUT, "/v1/tenants/nobody/limits", Some(ADMIN)).json(&serde_json::json!({}));
+    assert_eq!(missing.send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    // One sandbox: the root call holds it, so its child finds none.
+    let (status, shown) = put(&node, ADMIN, serde_json::json!({ "sandboxes": 1, "weight": 3 })).await;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    assert_eq!((shown["effective"]["sandboxes"].as_u64(), shown["set"]["weight"].as_u64()), (Some(1), Some(3)));
+    async fn refused(node: &TestNode, token: &str) -> bool {
+        let (status, body) = node.invoke_as(token, "acme/chain", b"call echo x").await;
+        status == StatusCode::INTERNAL_SERVER_ERROR && String::from_utf8_lossy(&body).contains("Unavailable")
+    }
+    assert!(refused(&node, &acme).await, "the child was given a second sandbox");
+    let logs = node.get_json("/v1/functions/acme/chain/logs").await.to_string();
+    assert!(logs.contains("tenant `acme` has 1 sandboxes in use"), "{logs}");
+    // Kept across a restart.
+    node.stop().await;
+    let node = TestNode::start_in(config(dir.path())).await;
+    let (_, shown) = limits(&node, &acme).await;
+    assert_eq!(shown["set"], serde_json::json!({ "sandboxes": 1, "weight": 3 }));
+    assert!(refused(&node, &acme).await, "the limit holds after the restart");
+    // Set back to the defaults: the child runs.
+    assert_eq!(put(&node, ADMIN, serde_json::json!({})).await.0, StatusCode::OK);
+    assert_eq!(node.invoke_as(&acme, "acme/chain", b"call echo x").await, (StatusCode::OK, b"x".to_vec()));
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn tokens_are_required_and_scoped_to_their_tenant() {
     let node = TestNode::start().await;
     let acme = node.create_tenant("acme").await;

@@ -1,16 +1,23 @@
 //! `POST /v1/tenants`: the admin creates a tenant and gets its token, once.
+//! `PUT /v1/tenants/{tenant}/limits`: the admin sets a tenant's weight and
+//! limits (applied at once, kept in the registry); `GET` shows them, with
+//! what is in force (the node's defaults where none is set), to the admin
+//! and to the tenant itself.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
-use super::read_body;
+use super::{path_error, read_body};
 use crate::Node;
 use crate::error::{ApiError, ErrorKind};
+use crate::names::check_name;
+use crate::registry::TenantLimitsRecord;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,4 +41,76 @@ pub(super) async fn create(
         Some(token) => Ok((StatusCode::CREATED, Json(serde_json::json!({ "name": request.name, "token": token })))),
         None => Err(ApiError::new(ErrorKind::Conflict, format!("tenant `{}` exists already", request.name))),
     }
+}
+
+/// A tenant's limits as set, and as in force.
+fn limits_view(node: &Node, tenant: &str, set: &TenantLimitsRecord) -> serde_json::Value {
+    let config = &node.config;
+    let sandboxes = config.sandbox_limits();
+    let weight =
+        set.weight.or_else(|| config.tenant_weights.iter().find(|(t, _)| t == tenant).map(|(_, w)| *w)).unwrap_or(1);
+    serde_json::json!({
+        "tenant": tenant,
+        "set": set,
+        "effective": {
+            "weight": weight,
+            "running": set.running.unwrap_or(config.scheduler.max_running_per_tenant),
+            "sandboxes": set.sandboxes.unwrap_or(sandboxes.tenant_sandboxes),
+            "memory_bytes": set.memory_bytes.unwrap_or(sandboxes.tenant_memory_bytes),
+            "local_bytes": set.local_bytes.unwrap_or(config.local_limits().tenant_bytes),
+        },
+    })
+}
+
+fn tenant_of(node: &Node, path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(tenant) = path.map_err(path_error)?;
+    check_name("tenant", &tenant)?;
+    if !node.registry.tenant_exists(&tenant) {
+        return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist")));
+    }
+    Ok(tenant)
+}
+
+pub(super) async fn get_limits(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = node.authenticate(&headers)?;
+    let Path(tenant) = path.map_err(path_error)?;
+    caller.check_tenant(&tenant)?;
+    let tenant = tenant_of(&node, Ok(Path(tenant)))?;
+    let set = node.registry.tenant_limits(&tenant).unwrap_or_default();
+    Ok(Json(limits_view(&node, &tenant, &set)))
+}
+
+pub(super) async fn put_limits(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    node.authenticate(&headers)?.check_admin()?;
+    let tenant = tenant_of(&node, path)?;
+    let body = read_body(&node, body, &headers, MAX_TENANT_BODY).await?;
+    let limits: TenantLimitsRecord = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "body must be {{\"weight\", \"running\", \"sandboxes\", \"memory_bytes\", \"local_bytes\"}} (each optional): {e}"
+        ))
+    })?;
+    if limits.weight.is_some_and(|w| !(1..=1000).contains(&w)) {
+        return Err(ApiError::bad_request("weight must be 1 to 1000"));
+    }
+    if limits.running == Some(0) || limits.sandboxes == Some(0) {
+        return Err(ApiError::bad_request("running and sandboxes must be at least 1"));
+    }
+    if limits.memory_bytes.is_some_and(|m| m < 1 << 20) {
+        return Err(ApiError::bad_request("memory_bytes must be at least 1 MiB"));
+    }
+    if !node.registry.set_tenant_limits(&tenant, limits.clone()).await? {
+        return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist")));
+    }
+    node.apply_tenant_limits();
+    tracing::info!(%tenant, ?limits, "tenant limits set");
+    Ok(Json(limits_view(&node, &tenant, &limits)))
 }
