@@ -16,7 +16,7 @@
 #
 # Invoke and 5xx: a call whose guest fails is answered 500 (kind `trap`,
 # `function_error` or `out_of_memory`) or 504 (kind `timeout`) by design —
-# the function failed, not the platform (DESIGN.md §4). So for the invoke
+# the function failed, not the platform (ARCHITECTURE.md, "How a call flows"). So for the invoke
 # operation only, the generic not_a_server_error check is off and the
 # custom check `invoke_5xx_is_a_guest_failure` takes its place: it fails on
 # any invoke 5xx whose error kind is not one of those guest failures (e.g.

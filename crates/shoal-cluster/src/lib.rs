@@ -1,4 +1,4 @@
-//! Cluster mode (DESIGN.md §6): identical nodes that share what they must
+//! Cluster mode (ARCHITECTURE.md, `crates/shoal-cluster`): identical nodes that share what they must
 //! through Redis, with no consensus of their own.
 //!
 //! - [`Membership`]: each node keeps a key with a short TTL alive in Redis

@@ -1,4 +1,4 @@
-//! The HTTP API (DESIGN.md §4). Handlers are thin: authenticate, check
+//! The HTTP API (ARCHITECTURE.md, "How a call flows"). Handlers are thin: authenticate, check
 //! names and limits, call the node, map the outcome. Bodies are read with
 //! their limit enforced while reading, so an oversized body is refused
 //! without being buffered.

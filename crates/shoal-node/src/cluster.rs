@@ -1,4 +1,4 @@
-//! This node as one of a cluster (DESIGN.md §6), when it is started with a
+//! This node as one of a cluster (ARCHITECTURE.md, "In a cluster"), when it is started with a
 //! Redis URL: it heartbeats its membership and load, mirrors the shared
 //! registry, takes asynchronous calls from the cluster's queue, puts back
 //! the calls of nodes that died, and places calls it cannot run warm

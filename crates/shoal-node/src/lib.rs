@@ -1,5 +1,5 @@
 //! A Shoal node: the runtime, the embedded store and the executor composed
-//! behind the HTTP API (DESIGN.md §4), with auth, logs and metrics.
+//! behind the HTTP API (ARCHITECTURE.md, `crates/shoal-node`), with auth, logs and metrics.
 //!
 //! [`Node::start`] opens the data directory, loads every deployed function
 //! (from the compiled-artifact cache, without compiling) and returns a node

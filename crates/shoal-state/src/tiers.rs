@@ -1,5 +1,5 @@
 //! The two tiers together, as the host's `state` interface uses them
-//! (DESIGN.md "State semantics"):
+//! (`wit/shoal.wit` says what each does; ARCHITECTURE.md, `crates/shoal-state`):
 //! - `get`/`set`/ranges work on the local tier, which is filled with the
 //!   whole value from the global tier on a miss: the first read of a key on
 //!   a node fetches it once, later reads copy out only what they ask for;
