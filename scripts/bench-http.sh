@@ -23,7 +23,7 @@ cleanup() { for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "
 trap cleanup EXIT
 ticks=$(getconf CLK_TCK)
 
-wait_port() { for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+wait_port() { for _ in $(seq 1200); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 run() { # name pid url lua connections
   local name=$1 pid=$2 url=$3 lua=$4 conns=$5 threads=2 out u0 s0 u1 s1 total
@@ -39,7 +39,8 @@ run() { # name pid url lua connections
     "$(awk '/Non-2xx/ {print "non-2xx: " $NF}' <<<"$out")"
 }
 
-cargo build --release --bin shoal >/dev/null 2>&1
+# A given binary (e.g. an older commit's, to compare) is used as it is.
+[ -n "${SHOAL_BIN:-}" ] || cargo build --release --bin shoal >/dev/null 2>&1
 SHOAL_LOG=warn "${SHOAL_BIN:-./target/release/shoal}" serve --data-dir "$work/data" --listen 127.0.0.1:18490 2>"$work/serve.log" &
 pids+=($!)
 wait_port 18490

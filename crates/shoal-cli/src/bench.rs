@@ -14,6 +14,7 @@
 //! file and four SVG charts: latency vs throughput, CPU vs throughput,
 //! memory vs throughput, responses vs submitted.
 
+mod noisy;
 mod plot;
 
 use std::io::{BufRead, BufReader};
@@ -77,6 +78,18 @@ pub struct BenchArgs {
     /// Extra flags for the node, e.g. `--node-arg=--max-concurrent-calls=64`.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     node_args: Vec<String>,
+    /// Instead of the sweep: a victim tenant's calls (`hello` at
+    /// `--victim-rate`) alone and beside each hostile tenant of the
+    /// noisy-neighbour suite in turn, for `--duration` each; results in
+    /// `OUT/noisy.csv`.
+    #[arg(long)]
+    noisy: bool,
+    /// With `--noisy`: the attackers to run (default: all of them).
+    #[arg(long, value_delimiter = ',')]
+    attackers: Vec<String>,
+    /// With `--noisy`: the victim's calls per second.
+    #[arg(long, default_value_t = 50)]
+    victim_rate: u32,
     /// Run the node on these CPUs only (`taskset -c LIST`, e.g. `1`), so
     /// that it and the generator do not take turns on the same cores. Run
     /// the generator itself under `taskset -c` on the others.
@@ -313,7 +326,7 @@ async fn offer(
                     Err(_) => None,
                 };
                 let elapsed = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX);
-                let mut tallies = tallies.lock().expect("the tally lock is never poisoned");
+                let mut tallies = tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let tally = &mut tallies[target.tenant];
                 tally.span = tally.span.max(start.elapsed());
                 match outcome {
@@ -331,7 +344,7 @@ async fn offer(
             let _ = task.await;
         }
     }
-    std::mem::take(&mut *tallies.lock().expect("the tally lock is never poisoned"))
+    std::mem::take(&mut *tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
 /// Background CPU-bound load until `stop` (for the time-slicing run).
@@ -356,6 +369,17 @@ fn background(
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.noisy {
+        return noisy::run(noisy::NoisyArgs {
+            attackers: &args.attackers,
+            victim_rate: args.victim_rate,
+            duration: args.duration,
+            out: &args.out,
+            node_args: &args.node_args,
+            node_cpus: args.node_cpus.as_deref(),
+        })
+        .await;
+    }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)

@@ -124,13 +124,19 @@ impl Client {
         if let Some(timeout) = timeout {
             query.push(("timeout_ms", parse_duration(timeout).map_err(anyhow::Error::msg)?.as_millis().to_string()));
         }
+        let mut builder = self.request(Method::PUT, &format!("/v1/functions/{tenant}/{name}"));
         for var in env {
             if !var.contains('=') {
                 bail!("--env {var:?} must be NAME=VALUE");
             }
-            query.push(("env", var.clone()));
+            // In a header, not the URL (env vars are often secrets); a value
+            // a header cannot carry (a line break) goes in the query.
+            match reqwest::header::HeaderValue::from_str(var) {
+                Ok(value) => builder = builder.header("shoal-env", value),
+                Err(_) => query.push(("env", var.clone())),
+            }
         }
-        let builder = self.request(Method::PUT, &format!("/v1/functions/{tenant}/{name}")).query(&query).body(body);
+        let builder = builder.query(&query).body(body);
         let described = self.json(builder).await?;
         println!("{}", serde_json::to_string_pretty(&described)?);
         Ok(())

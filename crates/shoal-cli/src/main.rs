@@ -155,6 +155,9 @@ enum TenantCommand {
         /// Bytes of its values in the local state tier, e.g. 256MiB.
         #[arg(long, value_parser = units::parse_size)]
         local_memory: Option<u64>,
+        /// Bytes of its values in the global (durable) state tier, e.g. 4GiB.
+        #[arg(long, value_parser = units::parse_size)]
+        state_quota: Option<u64>,
         /// Forget what was set before applying the options.
         #[arg(long)]
         reset: bool,
@@ -213,7 +216,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logs { function } => client.logs(&function).await,
         Command::Tenant { command: TenantCommand::Create { name } } => client.create_tenant(&name).await,
         Command::Tenant {
-            command: TenantCommand::Limits { name, weight, running, sandboxes, memory, local_memory, reset },
+            command:
+                TenantCommand::Limits { name, weight, running, sandboxes, memory, local_memory, state_quota, reset },
         } => {
             let changes = [
                 ("weight", weight.map(u64::from)),
@@ -221,6 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ("sandboxes", sandboxes.map(u64::from)),
                 ("memory_bytes", memory),
                 ("local_bytes", local_memory),
+                ("state_quota_bytes", state_quota),
             ];
             client.tenant_limits(&name, &changes, reset).await
         }

@@ -159,7 +159,7 @@ fn source_readme(name: &str, extension: &str) -> String {
     )
 }
 
-const PYTHON_APP: &str = r#"""A Shoal function: `handle` gets the call's input and returns its output.
+const PYTHON_APP: &str = r#""""A Shoal function: `handle` gets the call's input and returns its output.
 
 `import shoal` reaches shared state (`shoal.state.get/set/incr/...`) and
 other functions of the tenant (`shoal.call`, `shoal.spawn`, `shoal.wait`).

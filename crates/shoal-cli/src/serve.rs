@@ -25,6 +25,11 @@ pub struct ServeArgs {
     /// default: a node should be exposed on purpose, behind TLS.
     #[arg(long, env = "SHOAL_PUBLIC")]
     public: bool,
+    /// Also serve `/metrics` with no token on this address, for a scraper
+    /// (loopback unless --public). On the API, `/metrics` needs the admin
+    /// token.
+    #[arg(long, env = "SHOAL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Connections served at once; past it new ones are answered 503.
     #[arg(long, env = "SHOAL_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -113,6 +118,9 @@ pub struct ServeArgs {
     /// ones are dropped and reloaded from the compiled cache when called.
     #[arg(long, env = "SHOAL_MAX_LOADED_IMAGES")]
     max_loaded_images: Option<usize>,
+    /// Functions one tenant may have deployed at once (default 1000).
+    #[arg(long, env = "SHOAL_MAX_FUNCTIONS_PER_TENANT")]
+    max_functions_per_tenant: Option<usize>,
     /// Do not deploy the example functions under tenant `demo`.
     #[arg(long)]
     no_examples: bool,
@@ -124,6 +132,7 @@ pub struct ServeArgs {
 struct ServeFile {
     listen: Option<SocketAddr>,
     public: Option<bool>,
+    metrics_listen: Option<SocketAddr>,
     max_connections: Option<usize>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -133,6 +142,7 @@ struct ServeFile {
     max_module: Option<String>,
     max_concurrent_calls: Option<u32>,
     max_loaded_images: Option<usize>,
+    max_functions_per_tenant: Option<usize>,
     default_timeout: Option<String>,
     default_memory: Option<String>,
     redis: Option<String>,
@@ -161,7 +171,9 @@ fn size(text: &str) -> anyhow::Result<usize> {
     usize::try_from(bytes).context("size does not fit this machine")
 }
 
-fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
+/// The node's settings, whether to deploy the examples, and the metrics
+/// listener's address.
+fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<SocketAddr>)> {
     let file: ServeFile = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -174,7 +186,7 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
     config.python_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
     config.js_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
     config.runtime_cache_dir = args.runtime_cache.clone();
-    config.admin_token = std::env::var("SHOAL_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+    config.admin_token = std::env::var("SHOAL_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Into::into);
     if let Some(listen) = args.listen.or(file.listen) {
         config.listen = listen;
     }
@@ -184,6 +196,13 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
         "refusing to listen on {}, which other machines can reach: pass --public (or `public = true`) to mean it",
         config.listen
     );
+    let metrics_listen = args.metrics_listen.or(file.metrics_listen);
+    if let Some(addr) = metrics_listen {
+        anyhow::ensure!(
+            public || addr.ip().is_loopback(),
+            "refusing to serve metrics on {addr}, which other machines can reach: pass --public (or `public = true`) to mean it"
+        );
+    }
     if let Some(n) = args.max_connections.or(file.max_connections) {
         config.http.max_connections = n;
     }
@@ -220,6 +239,10 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
     if let Some(n) = args.max_concurrent_calls.or(file.max_concurrent_calls) {
         config.max_concurrent_calls = n;
     }
+    if let Some(n) = args.max_functions_per_tenant.or(file.max_functions_per_tenant) {
+        anyhow::ensure!(n > 0, "max_functions_per_tenant must be at least 1");
+        config.max_functions_per_tenant = n;
+    }
     if let Some(n) = args.max_loaded_images.or(file.max_loaded_images) {
         anyhow::ensure!(n > 0, "max_loaded_images must be at least 1");
         config.max_loaded_images = n;
@@ -236,7 +259,7 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
     if let Some(bytes) = args.default_memory {
         config.default_memory_bytes = bytes;
     }
-    config.redis_url = args.redis.clone().or(file.redis).filter(|url| !url.is_empty());
+    config.redis_url = args.redis.clone().or(file.redis).filter(|url| !url.is_empty()).map(Into::into);
     config.advertise = args.advertise.clone().or(file.advertise).filter(|a| !a.is_empty());
     config.gateway = args.gateway || file.gateway.unwrap_or(false);
     if config.redis_url.is_some() && config.advertise.is_none() {
@@ -294,7 +317,7 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool)> {
     }
     config.validate().map_err(anyhow::Error::msg)?;
     let examples = !args.no_examples && file.examples.unwrap_or(true);
-    Ok((config, examples))
+    Ok((config, examples, metrics_listen))
 }
 
 async fn shutdown_signal() {
@@ -318,7 +341,7 @@ async fn shutdown_signal() {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let (mut config, examples) = node_config(&args)?;
+    let (mut config, examples, metrics_listen) = node_config(&args)?;
     let listen = config.listen;
     let data_dir = config.data_dir.clone();
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
@@ -345,6 +368,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         node.deploy_defaults_with("demo", &[("primes", shoal_guests::PRIMES)], true)
             .await
             .map_err(|e| anyhow::anyhow!("deploying the snapshot example: {}", e.message))?;
+    }
+    // Announced before the API's address, which ends what tests read.
+    if let Some(addr) = metrics_listen {
+        let metrics = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let _ = writeln!(std::io::stderr(), "shoal: metrics at http://{}/metrics", metrics.local_addr()?);
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = node.serve_metrics(metrics).await {
+                tracing::error!(error = %e, "the metrics listener failed");
+            }
+        });
     }
     let addr = listener.local_addr()?;
     // Written with `writeln!`, not `eprintln!`: a closed stderr must not
@@ -399,7 +433,7 @@ mod tests {
         let file = dir.path().join("shoal.toml");
         std::fs::write(&file, "[tenant_weights]\nacme = 3\nbeta = 2\n").unwrap();
         let cli = Cli::parse_from(["serve", "--config", file.to_str().unwrap(), "--tenant-weight", "beta=5"]);
-        let (config, _) = node_config(&cli.serve).unwrap();
+        let (config, _, _) = node_config(&cli.serve).unwrap();
         let mut weights = config.tenant_weights.clone();
         weights.sort();
         assert_eq!(weights, [("acme".to_string(), 3), ("beta".to_string(), 5)]);
@@ -430,6 +464,10 @@ mod tests {
         assert!(error.contains("--public"), "{error}");
         let meant = Cli::parse_from(["serve", "--listen", "0.0.0.0:8080", "--public"]);
         assert_eq!(node_config(&meant.serve).unwrap().0.listen.port(), 8080);
+        let metrics = Cli::parse_from(["serve", "--metrics-listen", "0.0.0.0:9464"]);
+        assert!(node_config(&metrics.serve).unwrap_err().to_string().contains("--public"));
+        let metrics = Cli::parse_from(["serve", "--metrics-listen", "127.0.0.1:9464"]);
+        assert_eq!(node_config(&metrics.serve).unwrap().2.map(|a| a.port()), Some(9464));
         let v6 = Cli::parse_from(["serve", "--listen", "[::1]:8080"]);
         assert!(node_config(&v6.serve).is_ok(), "IPv6 loopback needs no flag");
     }

@@ -62,10 +62,11 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
         (Some(2), Some(1 << 30))
     );
     let limits: serde_json::Value =
-        serde_json::from_str(&stdout(&run(&["tenant", "limits", "acme", "--running", "3"]))).unwrap();
+        serde_json::from_str(&stdout(&run(&["tenant", "limits", "acme", "--running", "3", "--state-quota", "5MiB"])))
+            .unwrap();
     assert_eq!(
         limits["set"],
-        serde_json::json!({ "weight": 2, "running": 3, "memory_bytes": 1u64 << 30 }),
+        serde_json::json!({ "weight": 2, "running": 3, "memory_bytes": 1u64 << 30, "state_quota_bytes": 5u64 << 20 }),
         "the others kept"
     );
     let wasm = dir.path().join("echo.wasm");
@@ -113,6 +114,11 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     let visits = stdout(&run(&["invoke", "demo/visits", "-d", "ann"]));
     assert_eq!(visits, r#"{"greeting": "hello ann", "visits": 1}"#);
     assert!(stdout(&run(&["new", "python", "greet"])).contains("greet"));
+    // The template as made, then grown by a module of its own.
+    let described: serde_json::Value = serde_json::from_str(&stdout(&run(&["deploy", "acme/greet", "greet"]))).unwrap();
+    assert_eq!(described["kind"], "python");
+    assert_eq!(stdout(&run(&["invoke", "acme/greet", "-d", "py"])), "hello py");
+    assert_eq!(stdout(&run(&["invoke", "acme/greet"])), "hello world");
     std::fs::write(dir.path().join("greet/names.py"), "def shout(name):\n    return name.upper()\n").unwrap();
     std::fs::write(
         dir.path().join("greet/app.py"),

@@ -362,6 +362,27 @@ async fn state_pushed_on_one_node_is_seen_on_another_after_a_pull_body() {
     let reply = http.send(Method::POST, url, &token, b"set k three".to_vec(), &[]).await.unwrap();
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     assert_eq!(on(&b, "get k").await.text(), "two");
+
+    // A tenant's limits set through one node hold on every node: a state
+    // quota below what it holds, set on a, refuses a write on b.
+    let limits = serde_json::to_vec(&serde_json::json!({ "state_quota_bytes": 2 })).unwrap();
+    http.ok(Method::PUT, format!("{}/v1/tenants/acme/limits", a.url), ADMIN, limits).await;
+    let started = Instant::now();
+    loop {
+        let url = format!("{}/v1/state/acme/big", b.url);
+        let reply = http.send(Method::PUT, url, &token, vec![b'x'; 100], &[]).await.unwrap();
+        if reply.status == StatusCode::INSUFFICIENT_STORAGE {
+            assert_eq!(reply.error_kind().as_deref(), Some("limit_exceeded"));
+            break;
+        }
+        assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text());
+        assert!(started.elapsed() < SETTLE, "the quota set on a never applied on b");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let url = format!("{}/v1/state/acme/big", b.url);
+        http.ok(Method::DELETE, url, &token, Vec::new()).await;
+    }
+    let shown = http.ok(Method::GET, format!("{}/v1/tenants/acme/limits", b.url), &token, Vec::new()).await.json();
+    assert_eq!(shown["set"], serde_json::json!({ "state_quota_bytes": 2 }), "{shown}");
 }
 
 #[test]

@@ -99,7 +99,8 @@ impl Node {
     }
 
     async fn metric(&self, name: &str) -> u64 {
-        let text = self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let text =
+            self.http.get(self.url("/metrics")).bearer_auth(&self.admin).send().await.unwrap().text().await.unwrap();
         let line = text.lines().find(|line| line.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}"));
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
@@ -555,10 +556,10 @@ fn compile_bombs_leave_another_tenants_deploy_a_place() {
 
 async fn compile_bombs() {
     let (node, victim, token) = arena(&[]).await;
-    let bomb_size = shoal_testkit::slow_to_compile(0, 12_000).len();
+    let bomb_size = shoal_guests::slow_to_compile(0, 12_000).len();
     eprintln!("a compile bomb is {} KiB", bomb_size >> 10);
     // The victim's small deploys (of new code each time), alone.
-    let small = |i: u64| shoal_testkit::slow_to_compile(1_000_000 + i, 20);
+    let small = |i: u64| shoal_guests::slow_to_compile(1_000_000 + i, 20);
     let mut alone = Duration::ZERO;
     for i in 0..3 {
         let started = Instant::now();
@@ -572,7 +573,7 @@ async fn compile_bombs() {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let wasm = shoal_testkit::slow_to_compile(worker * 1_000 + i, 12_000);
+                let wasm = shoal_guests::slow_to_compile(worker * 1_000 + i, 12_000);
                 let url = format!("{base}/v1/functions/hostile/bomb{worker}");
                 let _ = http.put(url).bearer_auth(&token).body(wasm).send().await;
             }

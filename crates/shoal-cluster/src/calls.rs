@@ -1,15 +1,23 @@
-//! Asynchronous calls of a cluster: a queue in Redis any node may take
-//! from, with a lease on every call a node is running.
+//! Asynchronous calls of a cluster: a queue per tenant in Redis that any
+//! node may take from, round robin by tenant, with a lease on every call a
+//! node is running.
 //!
 //! Keys (under the cluster's prefix `P`):
 //! - `P:call:<id>` — the call's record (JSON, as the node wrote it);
 //! - `P:call:<id>:in` — its input, until it finishes;
 //! - `P:call:<id>:out` — the output of a call that succeeded;
-//! - `P:calls:queue` — ids accepted and not yet taken (pushed left, taken
-//!   right: oldest first);
+//! - `P:calls:queue:<tenant>` — a tenant's ids accepted and not yet taken
+//!   (pushed left, taken right: oldest first);
+//! - `P:calls:tenants` — the tenants with calls queued, in the order they
+//!   are served: a take serves the first and moves it to the end, so a
+//!   tenant with ten thousand calls queued and one with one call each get
+//!   one call taken per round;
+//! - `P:calls:queued` — calls queued in all (the cluster's limit);
+//! - `P:calls:owner` — the tenant of every call accepted and not finished
+//!   (for a requeue to find its tenant's queue);
 //! - `P:calls:running:<node>` — ids a node has taken and not finished. The
 //!   node's heartbeat is the lease on all of them: when its membership key
-//!   expires, any other node moves them back to the queue
+//!   expires, any other node moves them back to their queues
 //!   ([`CallQueue::requeue_from`], which does nothing while the key is
 //!   there), so the calls of a killed node run again elsewhere. At least
 //!   once. A node finishes a call only while it still holds its lease, so
@@ -25,11 +33,18 @@ use redis::{AsyncCommands, Script};
 
 use crate::{ClusterError, redis_error};
 
-/// Take the oldest queued call under a node's lease, with its record and
-/// input, in one step (nothing is leased that the node does not also get).
+/// Take the next tenant's oldest queued call under a node's lease, with
+/// its record and input, in one step (nothing is leased that the node does
+/// not also get). KEYS: tenants, running, queued; ARGV: record prefix,
+/// queue prefix.
 const TAKE: &str = r"
-local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+local tenant = redis.call('LMOVE', KEYS[1], KEYS[1], 'LEFT', 'RIGHT')
+if not tenant then return false end
+local queue = ARGV[2] .. tenant
+local id = redis.call('LMOVE', queue, KEYS[2], 'RIGHT', 'LEFT')
+if redis.call('LLEN', queue) == 0 then redis.call('LREM', KEYS[1], 0, tenant) end
 if not id then return false end
+redis.call('DECR', KEYS[3])
 local record = redis.call('GET', ARGV[1] .. id)
 local input = redis.call('GET', ARGV[1] .. id .. ':in')
 return {id, record or '', input or '', record and 1 or 0}
@@ -43,16 +58,34 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[3]) end
 redis.call('DEL', KEYS[4])
+redis.call('HDEL', KEYS[5], ARGV[1])
 return 1
 ";
 
-/// Move every call a node holds back to the head of the queue, unless the
-/// node's heartbeat key is there (it is alive). -1 when alive.
+/// Give a call back to the head of its tenant's queue, and the tenant to
+/// the head of the round when it had nothing queued. Used by the requeue
+/// scripts: `id` was just removed from a node's running list; KEYS[2..4]
+/// are tenants, queued, owner; `prefix` the queue prefix.
+const GIVE_BACK: &str = r"
+local function give_back(id, prefix)
+  local tenant = redis.call('HGET', KEYS[4], id) or ''
+  if redis.call('RPUSH', prefix .. tenant, id) == 1 then redis.call('LPUSH', KEYS[2], tenant) end
+  redis.call('INCR', KEYS[3])
+end
+";
+
+/// Move every call a node holds back to its queue, unless the node's
+/// heartbeat key is there (it is alive). -1 when alive. KEYS: running,
+/// tenants, queued, owner, heartbeat; ARGV: queue prefix.
 const REQUEUE_FROM: &str = r"
-if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
 local moved = 0
-while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'RIGHT') do moved = moved + 1 end
-return moved
+while true do
+  local id = redis.call('RPOP', KEYS[1])
+  if not id then return moved end
+  give_back(id, ARGV[1])
+  moved = moved + 1
+end
 ";
 
 /// Replace the record of a call a node is about to run, only while the
@@ -71,22 +104,47 @@ redis.call('SET', KEYS[2], ARGV[2])
 return 1
 ";
 
-/// Give one call a node holds back to the head of the queue.
+/// Give one call a node holds back to the head of its queue. KEYS:
+/// running, tenants, queued, owner; ARGV: id, queue prefix.
 const REQUEUE_ONE: &str = r"
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
+give_back(ARGV[1], ARGV[2])
 return 1
 ";
 
-/// Queue a call unless the queue is full: record, input and queue entry
-/// in one step. Returns 0 when full.
-const ACCEPT: &str = r"
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('SET', KEYS[3], ARGV[3])
-redis.call('LPUSH', KEYS[1], ARGV[4])
+/// Drop a node's lease on a call it will not run.
+const RELEASE: &str = r"
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 ";
+
+/// Queue a call unless the cluster's queue or the tenant's is full:
+/// record, input, queue entry, owner in one step. KEYS: tenants, the
+/// tenant's queue, record, input, queued, owner; ARGV: cluster limit,
+/// record, input, id, tenant limit, tenant. Returns 1 when queued, 0 when
+/// the cluster's queue is full, 2 when the tenant's is.
+const ACCEPT: &str = r"
+if tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[1]) then return 0 end
+local mine = redis.call('LLEN', KEYS[2])
+if mine >= tonumber(ARGV[5]) then return 2 end
+redis.call('SET', KEYS[3], ARGV[2])
+redis.call('SET', KEYS[4], ARGV[3])
+redis.call('LPUSH', KEYS[2], ARGV[4])
+if mine == 0 then redis.call('RPUSH', KEYS[1], ARGV[6]) end
+redis.call('HSET', KEYS[6], ARGV[4], ARGV[6])
+redis.call('INCR', KEYS[5])
+return 1
+";
+
+/// Why the queue refused a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The cluster's queue holds its limit of calls.
+    Cluster,
+    /// The tenant's queue holds its share.
+    Tenant,
+}
 
 #[derive(Clone)]
 pub struct CallQueue {
@@ -97,6 +155,7 @@ pub struct CallQueue {
     finish: Script,
     requeue_from: Script,
     requeue_one: Script,
+    release: Script,
     update: Script,
 }
 
@@ -123,8 +182,9 @@ impl CallQueue {
             accept: Script::new(ACCEPT),
             take: Script::new(TAKE),
             finish: Script::new(FINISH),
-            requeue_from: Script::new(REQUEUE_FROM),
-            requeue_one: Script::new(REQUEUE_ONE),
+            requeue_from: Script::new(&format!("{GIVE_BACK}{REQUEUE_FROM}")),
+            requeue_one: Script::new(&format!("{GIVE_BACK}{REQUEUE_ONE}")),
+            release: Script::new(RELEASE),
             update: Script::new(UPDATE),
         }
     }
@@ -133,40 +193,73 @@ impl CallQueue {
         format!("{}:call:{id}", self.prefix)
     }
 
-    fn queue_key(&self) -> String {
-        format!("{}:calls:queue", self.prefix)
+    /// Prefix of the tenants' queues.
+    fn queue_prefix(&self) -> String {
+        format!("{}:calls:queue:", self.prefix)
+    }
+
+    fn tenants_key(&self) -> String {
+        format!("{}:calls:tenants", self.prefix)
+    }
+
+    fn queued_key(&self) -> String {
+        format!("{}:calls:queued", self.prefix)
+    }
+
+    fn owner_key(&self) -> String {
+        format!("{}:calls:owner", self.prefix)
     }
 
     fn running_key(&self, node: &str) -> String {
         format!("{}:calls:running:{node}", self.prefix)
     }
 
-    /// Queue a call; false when `max_queued` calls wait already.
-    pub async fn accept(&self, id: &str, record: &[u8], input: &[u8], max_queued: usize) -> Result<bool, ClusterError> {
+    /// Queue a call of `tenant`; refused when `max_queued` calls wait in
+    /// the cluster already, or `max_per_tenant` of this tenant's.
+    pub async fn accept(
+        &self,
+        tenant: &str,
+        id: &str,
+        record: &[u8],
+        input: &[u8],
+        max_queued: usize,
+        max_per_tenant: usize,
+    ) -> Result<Result<(), Refused>, ClusterError> {
         let key = self.record_key(id);
         let accepted: i64 = self
             .accept
-            .key(self.queue_key())
+            .key(self.tenants_key())
+            .key(format!("{}{tenant}", self.queue_prefix()))
             .key(&key)
             .key(format!("{key}:in"))
+            .key(self.queued_key())
+            .key(self.owner_key())
             .arg(max_queued)
             .arg(record)
             .arg(input)
             .arg(id)
+            .arg(max_per_tenant)
+            .arg(tenant)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
-        Ok(accepted == 1)
+        Ok(match accepted {
+            1 => Ok(()),
+            2 => Err(Refused::Tenant),
+            _ => Err(Refused::Cluster),
+        })
     }
 
-    /// Take the oldest queued call for `node`, holding it under the node's
-    /// lease; None when the queue is empty.
+    /// Take a queued call for `node`, holding it under the node's lease:
+    /// the oldest of the tenant whose turn it is. None when nothing waits.
     pub async fn take(&self, node: &str) -> Result<Option<TakenCall>, ClusterError> {
         let taken: Option<(String, Vec<u8>, Vec<u8>, i64)> = self
             .take
-            .key(self.queue_key())
+            .key(self.tenants_key())
             .key(self.running_key(node))
+            .key(self.queued_key())
             .arg(self.record_key(""))
+            .arg(self.queue_prefix())
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
@@ -213,6 +306,7 @@ impl CallQueue {
             .key(&key)
             .key(format!("{key}:out"))
             .key(format!("{key}:in"))
+            .key(self.owner_key())
             .arg(id)
             .arg(record)
             .arg(ttl)
@@ -235,8 +329,11 @@ impl CallQueue {
         let moved: i64 = self
             .requeue_one
             .key(self.running_key(node))
-            .key(self.queue_key())
+            .key(self.tenants_key())
+            .key(self.queued_key())
+            .key(self.owner_key())
             .arg(id)
+            .arg(self.queue_prefix())
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
@@ -246,7 +343,15 @@ impl CallQueue {
     /// Give up `node`'s lease on a call it will not run (its record is
     /// gone or finished already).
     pub async fn release(&self, node: &str, id: &str) -> Result<(), ClusterError> {
-        self.conn.clone().lrem(self.running_key(node), 1, id).await.map_err(redis_error)
+        let _: i64 = self
+            .release
+            .key(self.running_key(node))
+            .key(self.owner_key())
+            .arg(id)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(())
     }
 
     /// The record of a call and, if it succeeded, its output.
@@ -259,7 +364,13 @@ impl CallQueue {
 
     /// Calls queued and not taken.
     pub async fn queued(&self) -> Result<usize, ClusterError> {
-        self.conn.clone().llen(self.queue_key()).await.map_err(redis_error)
+        let queued: Option<i64> = self.conn.clone().get(self.queued_key()).await.map_err(redis_error)?;
+        Ok(usize::try_from(queued.unwrap_or(0)).unwrap_or(0))
+    }
+
+    /// Calls of `tenant` queued and not taken.
+    pub async fn queued_of(&self, tenant: &str) -> Result<usize, ClusterError> {
+        self.conn.clone().llen(format!("{}{tenant}", self.queue_prefix())).await.map_err(redis_error)
     }
 
     /// Nodes holding leases on calls (whether or not they are alive).
@@ -295,8 +406,11 @@ impl CallQueue {
         let moved: i64 = self
             .requeue_from
             .key(self.running_key(node))
-            .key(self.queue_key())
+            .key(self.tenants_key())
+            .key(self.queued_key())
+            .key(self.owner_key())
             .key(format!("{}:node:{node}", self.prefix))
+            .arg(self.queue_prefix())
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
@@ -315,9 +429,10 @@ mod tests {
         let redis = RedisServer::start();
         let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
         for i in 0..3 {
-            assert!(queue.accept(&format!("c{i}"), b"queued", format!("in{i}").as_bytes(), 3).await.unwrap());
+            let accepted = queue.accept("a", &format!("c{i}"), b"queued", format!("in{i}").as_bytes(), 3, 3).await;
+            assert_eq!(accepted.unwrap(), Ok(()));
         }
-        assert!(!queue.accept("c3", b"queued", b"", 3).await.unwrap(), "the queue holds 3");
+        assert_eq!(queue.accept("b", "c3", b"queued", b"", 3, 3).await.unwrap(), Err(Refused::Cluster));
         assert_eq!(queue.get("c3").await.unwrap(), None, "a refused call leaves nothing");
         let first = queue.take("n1").await.unwrap().unwrap();
         assert_eq!((first.id.as_str(), first.input.as_slice()), ("c0", &b"in0"[..]));
@@ -362,10 +477,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tenants_are_served_in_turns_and_a_tenants_backlog_fills_only_its_own_share() {
+        let redis = RedisServer::start();
+        let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
+        let accept = |tenant: &'static str, id: String| {
+            let queue = queue.clone();
+            async move { queue.accept(tenant, &id, b"r", b"", 100, 5).await.unwrap() }
+        };
+        // A flooder fills its share of 5; its sixth call is refused, not
+        // another tenant's.
+        for i in 0..5 {
+            assert_eq!(accept("flood", format!("f{i}")).await, Ok(()));
+        }
+        assert_eq!(accept("flood", "f5".into()).await, Err(Refused::Tenant));
+        assert_eq!(accept("quiet", "q0".into()).await, Ok(()));
+        assert_eq!(accept("quiet", "q1".into()).await, Ok(()));
+        assert_eq!((queue.queued().await.unwrap(), queue.queued_of("flood").await.unwrap()), (7, 5));
+        // Taken in turns: the quiet tenant's calls do not wait behind the
+        // flood, and each tenant's come oldest first.
+        let mut order = Vec::new();
+        while let Some(call) = queue.take("n").await.unwrap() {
+            order.push(call.id);
+        }
+        assert_eq!(order, ["f0", "q0", "f1", "q1", "f2", "f3", "f4"]);
+        assert_eq!(queue.queued().await.unwrap(), 0);
+        // A requeued call goes back to its own tenant's queue, taken first,
+        // and counts against its share again.
+        assert!(queue.requeue("n", "q1").await.unwrap());
+        assert_eq!(queue.queued_of("quiet").await.unwrap(), 1);
+        assert_eq!(queue.take("m").await.unwrap().unwrap().id, "q1");
+        // A dead node's calls go back to their tenants' queues.
+        redis.command(&["DEL", "t:node:n"]);
+        assert_eq!(queue.requeue_from("n").await.unwrap(), Some(6));
+        assert_eq!((queue.queued_of("flood").await.unwrap(), queue.queued_of("quiet").await.unwrap()), (5, 1));
+        // Finished and released calls leave no owner entry behind.
+        for i in 0..6 {
+            let call = queue.take("m").await.unwrap().unwrap();
+            if i % 2 == 0 {
+                assert!(queue.finish("m", &call.id, b"done", None, Duration::from_secs(60)).await.unwrap());
+            } else {
+                queue.release("m", &call.id).await.unwrap();
+            }
+        }
+        assert!(queue.finish("m", "q1", b"done", None, Duration::from_secs(60)).await.unwrap());
+        assert!(queue.take("m").await.unwrap().is_none());
+        assert_eq!(redis.command(&["HLEN", "t:calls:owner"]), ":0");
+        assert_eq!(redis.command(&["LLEN", "t:calls:tenants"]), ":0");
+        assert_eq!(queue.queued().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
     async fn finished_records_expire_after_the_retention() {
         let redis = RedisServer::start();
         let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
-        assert!(queue.accept("c", b"queued", b"x", 10).await.unwrap());
+        assert_eq!(queue.accept("a", "c", b"queued", b"x", 10, 10).await.unwrap(), Ok(()));
         queue.take("n").await.unwrap().unwrap();
         assert!(queue.finish("n", "c", b"failed", None, Duration::from_secs(2)).await.unwrap());
         assert_eq!(queue.get("c").await.unwrap(), Some((b"failed".to_vec(), None)));

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-pub use calls::{CallQueue, TakenCall};
+pub use calls::{CallQueue, Refused, TakenCall};
 pub use forward::{Answer, ForwardError, Forwarder, SECRET_HEADER};
 pub use membership::{Load, Member, Membership, MembershipConfig};
 pub use registry::{RegistrySnapshot, Republished, SharedRegistry};

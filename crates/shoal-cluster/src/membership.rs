@@ -46,8 +46,9 @@ impl Member {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MembershipConfig {
+    /// May hold a password: left out of `Debug`.
     pub redis_url: String,
     /// How long a node's key lives without a heartbeat: a node that stops
     /// is gone from the others' view within about this long. Heartbeats
@@ -56,6 +57,16 @@ pub struct MembershipConfig {
     /// Prefix of the keys, so that several clusters can share one Redis.
     /// Default `shoal`.
     pub prefix: String,
+}
+
+impl std::fmt::Debug for MembershipConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MembershipConfig")
+            .field("redis_url", &"<redacted>")
+            .field("ttl", &self.ttl)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
 }
 
 impl MembershipConfig {

@@ -38,7 +38,7 @@ async fn start(redis: &RedisServer, host: &str, gateway: bool) -> Running {
     let addr = listener.local_addr().expect("addr");
     let mut config = NodeConfig::new(dir.path());
     config.admin_token = Some(ADMIN.into());
-    config.redis_url = Some(redis.url());
+    config.redis_url = Some(redis.url().into());
     config.advertise = Some(addr.to_string());
     config.max_concurrent_calls = 200;
     config.gateway = gateway;
@@ -87,7 +87,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn wait_members(http: &reqwest::Client, base: &str, n: usize) {
     let started = Instant::now();
     loop {
-        let text = http.get(format!("{base}/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let response = http.get(format!("{base}/metrics")).bearer_auth(ADMIN).send().await.expect("metrics");
+        let text = response.text().await.expect("text");
         if text.lines().any(|l| l == format!("shoal_cluster_members {n}")) {
             return;
         }

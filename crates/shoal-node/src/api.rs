@@ -29,7 +29,10 @@ use crate::error::{ApiError, ErrorKind};
 use crate::metrics::Gauges;
 
 pub(crate) fn router(node: Arc<Node>) -> Router {
-    Router::new()
+    let router = Router::new();
+    #[cfg(feature = "fault-injection")]
+    let router = router.route("/v1/_fault/panic", post(fault_panic));
+    router
         .route("/v1/tenants", post(tenants::create))
         .route("/v1/tenants/{tenant}/limits", get(tenants::get_limits).put(tenants::put_limits))
         .route("/v1/functions/{tenant}", get(functions::list))
@@ -45,6 +48,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/state/{tenant}/{*key}", get(state::get).put(state::put).delete(state::delete))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
@@ -113,7 +117,25 @@ async fn read_body(node: &Node, body: Body, headers: &HeaderMap, limit: usize) -
     }
 }
 
-async fn metrics(State(node): State<Arc<Node>>) -> Response {
+/// `/metrics` on the API: the admin's only (counts of tenants, functions
+/// and compiles say more than a stranger should know).
+async fn metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    node.authenticate(&headers)?.check_admin()?;
+    Ok(render_metrics(&node))
+}
+
+/// The router of the metrics listener (`--metrics-listen`): `/metrics`
+/// with no token, for a scraper on a network the operator trusts, and
+/// `/healthz`.
+pub(crate) fn metrics_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/metrics", get(|State(node): State<Arc<Node>>| async move { render_metrics(&node) }))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .with_state(node)
+}
+
+fn render_metrics(node: &Node) -> Response {
     let gauges = Gauges {
         n_tenants: node.registry.n_tenants(),
         n_functions: node.registry.n_functions(),
@@ -127,6 +149,8 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         connections_open: node.conn_stats.open.load(Ordering::Relaxed),
         connections_refused: node.conn_stats.refused.load(Ordering::Relaxed),
         connections_idle_closed: node.conn_stats.idle_closed.load(Ordering::Relaxed),
+        panics: node.conn_stats.panics.load(Ordering::Relaxed),
+        chore_restarts: node.chore_restarts.load(Ordering::Relaxed),
         cluster_members: node.cluster.as_ref().map_or(0, |c| c.membership.members().len()),
         cluster_members_ready: node
             .cluster
@@ -152,6 +176,32 @@ async fn openapi() -> Response {
     response
 }
 
+/// Fault injection (the `fault-injection` feature, for tests only): the
+/// admin makes the handler panic holding the registry's locks.
+#[cfg(feature = "fault-injection")]
+async fn fault_panic(
+    State(node): State<Arc<Node>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    node.authenticate(&headers)?.check_admin()?;
+    // `?in=chores`: the cluster chores panic at their next tick instead.
+    if query.as_deref() == Some("in=chores") {
+        node.fault_in_chores.store(true, Ordering::Release);
+        return Ok(axum::http::StatusCode::NO_CONTENT.into_response());
+    }
+    match node.registry.panic_holding_locks() {}
+}
+
+/// Ready for work (see `Node::readiness`): 200 `ready`, else 503 with why.
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    match node.readiness().await {
+        Ok(()) => "ready\n".into_response(),
+        Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+    }
+}
+
+/// Alive: the node answers (its async threads run).
 async fn healthz() -> &'static str {
     "ok\n"
 }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use shoal_cluster::{CallQueue, ClusterError, TakenCall};
+use shoal_cluster::{CallQueue, ClusterError, Refused, TakenCall};
 use shoal_state::{EmbeddedStore, StoreError, Table};
 
 use crate::error::{ApiError, ErrorKind};
@@ -141,8 +141,6 @@ pub(crate) struct AsyncCalls {
     retention: Duration,
 }
 
-const POISON: &str = "the async calls' lock is never poisoned: nothing panics while holding it";
-
 impl AsyncCalls {
     pub(crate) fn new(
         store: Arc<EmbeddedStore>,
@@ -170,6 +168,14 @@ impl AsyncCalls {
         }
     }
 
+    fn tenant_full(&self, tenant: &str, where_: &str) -> ApiError {
+        ApiError {
+            kind: ErrorKind::Overloaded,
+            message: format!("tenant `{tenant}` has {} asynchronous calls {where_}, its limit", self.max_per_tenant),
+            retry_after: Some(Duration::from_secs(1)),
+        }
+    }
+
     pub(crate) fn unfinished(&self) -> usize {
         self.unfinished.load(Ordering::Relaxed)
     }
@@ -178,20 +184,13 @@ impl AsyncCalls {
     /// share or the node's limit, unless `forced`: a call accepted before
     /// a restart).
     fn count(&self, tenant: &str, forced: bool) -> Result<(), ApiError> {
-        let mut tenants = self.tenants.lock().expect(POISON);
+        let mut tenants = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let calls = tenants.entry(tenant.to_string()).or_insert_with(|| TenantCalls {
             unfinished: 0,
             turns: Arc::new(tokio::sync::Semaphore::new(ASYNC_TURNS_PER_TENANT)),
         });
         if !forced && calls.unfinished >= self.max_per_tenant {
-            return Err(ApiError {
-                kind: ErrorKind::Overloaded,
-                message: format!(
-                    "tenant `{tenant}` has {} asynchronous calls waiting or running, its limit on this node",
-                    self.max_per_tenant
-                ),
-                retry_after: Some(Duration::from_secs(1)),
-            });
+            return Err(self.tenant_full(tenant, "waiting or running on this node"));
         }
         let admitted = self.unfinished.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
             (forced || n < self.max_unfinished).then_some(n + 1)
@@ -206,7 +205,7 @@ impl AsyncCalls {
     /// One unfinished call of `tenant` fewer.
     fn uncount(&self, tenant: &str) {
         self.unfinished.fetch_sub(1, Ordering::AcqRel);
-        let mut tenants = self.tenants.lock().expect(POISON);
+        let mut tenants = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(calls) = tenants.get_mut(tenant) {
             calls.unfinished = calls.unfinished.saturating_sub(1);
             if calls.unfinished == 0 {
@@ -217,7 +216,12 @@ impl AsyncCalls {
 
     /// Wait until `tenant`'s call may ask the scheduler for its turn.
     async fn turn(&self, tenant: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let turns = self.tenants.lock().expect(POISON).get(tenant).map(|calls| calls.turns.clone())?;
+        let turns = self
+            .tenants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(tenant)
+            .map(|calls| calls.turns.clone())?;
         turns.acquire_owned().await.ok()
     }
 
@@ -233,10 +237,14 @@ impl AsyncCalls {
         let now = now_ms();
         if let Some(queue) = &self.queue {
             let record = CallRecord::queued(Self::new_id(now), tenant, function, now);
-            if !queue.accept(&record.call_id, &encode(&record), &input, self.max_unfinished).await? {
-                return Err(self.full("the cluster"));
-            }
-            return Ok(record);
+            let queued = queue
+                .accept(tenant, &record.call_id, &encode(&record), &input, self.max_unfinished, self.max_per_tenant)
+                .await?;
+            return match queued {
+                Ok(()) => Ok(record),
+                Err(Refused::Cluster) => Err(self.full("the cluster")),
+                Err(Refused::Tenant) => Err(self.tenant_full(tenant, "queued in the cluster")),
+            };
         }
         self.count(tenant, false)?;
         let record = CallRecord::queued(Self::new_id(now), tenant, function, now);
@@ -537,16 +545,19 @@ impl Node {
             let _ = self.async_calls.count(tenant, true);
             self.spawn_async(id.clone(), tenant.clone());
         }
-        let node = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(SWEEP_EVERY);
-            loop {
-                every.tick().await;
-                let Some(node) = node.upgrade() else { return };
-                match node.expire_call_records().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(removed = n, "expired asynchronous call records"),
-                    Err(e) => tracing::warn!(error = %e, "expiring call records failed"),
+        let weak = Arc::downgrade(self);
+        crate::supervise(self, "call record sweep", move || {
+            let node = weak.clone();
+            async move {
+                let mut every = tokio::time::interval(SWEEP_EVERY);
+                loop {
+                    every.tick().await;
+                    let Some(node) = node.upgrade() else { return };
+                    match node.expire_call_records().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(removed = n, "expired asynchronous call records"),
+                        Err(e) => tracing::warn!(error = %e, "expiring call records failed"),
+                    }
                 }
             }
         });

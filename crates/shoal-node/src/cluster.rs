@@ -164,8 +164,8 @@ impl Cluster {
 
     /// Every member but `exclude`, with its best known load.
     fn candidates(&self, node: &Node, exclude: &[String]) -> Vec<(Member, Load)> {
-        let reported = self.reported.lock().expect(POISON);
-        let in_flight = self.in_flight.lock().expect(POISON);
+        let reported = self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.membership
             .members()
             .into_iter()
@@ -226,7 +226,10 @@ impl Cluster {
         match &answer {
             Ok(answer) => {
                 if let Some(load) = answer.headers.get(LOAD_HEADER).and_then(|v| parse_load(v.to_str().ok()?)) {
-                    self.reported.lock().expect(POISON).insert(peer.id.clone(), (load, Instant::now()));
+                    self.reported
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(peer.id.clone(), (load, Instant::now()));
                 }
             }
             Err(_) => {
@@ -236,8 +239,6 @@ impl Cluster {
         answer
     }
 }
-
-const POISON: &str = "cluster locks are never poisoned: nothing panics while holding them";
 
 /// An asynchronous call counted as running here (and its lease as held
 /// for a reason) until its task ends, however it ends.
@@ -249,14 +250,19 @@ struct Running<'a> {
 impl<'a> Running<'a> {
     fn new(cluster: &'a Cluster, id: &'a str) -> Self {
         cluster.async_running.fetch_add(1, Ordering::AcqRel);
-        *cluster.running_ids.lock().expect(POISON).entry(id.to_string()).or_default() += 1;
+        *cluster
+            .running_ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(id.to_string())
+            .or_default() += 1;
         Self { cluster, id }
     }
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        let mut running = self.cluster.running_ids.lock().expect(POISON);
+        let mut running = self.cluster.running_ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(n) = running.get_mut(self.id) {
             *n -= 1;
             if *n == 0 {
@@ -276,14 +282,21 @@ struct InFlight<'a> {
 
 impl<'a> InFlight<'a> {
     fn new(cluster: &'a Cluster, peer: &'a str) -> Self {
-        *cluster.in_flight.lock().expect(POISON).entry(peer.to_string()).or_default() += 1;
+        *cluster
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(peer.to_string())
+            .or_default() += 1;
         Self { cluster, peer }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if let Some(n) = self.cluster.in_flight.lock().expect(POISON).get_mut(self.peer) {
+        if let Some(n) =
+            self.cluster.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(self.peer)
+        {
             *n = n.saturating_sub(1);
         }
     }
@@ -425,35 +438,43 @@ fn chained_outcome(answer: Answer) -> Result<Vec<u8>, ChainError> {
 /// load, mirror the registry, put back the calls of dead nodes.
 pub(crate) fn spawn_chores(node: &Arc<Node>) {
     let weak = Arc::downgrade(node);
-    spawn_async_worker(weak.clone());
-    tokio::spawn(async move {
-        let mut tick: u32 = 0;
-        let mut suspects: HashSet<String> = HashSet::new();
-        let mut strays: HashSet<String> = HashSet::new();
-        let mut every = tokio::time::interval(TICK);
-        loop {
-            every.tick().await;
-            let Some(node) = weak.upgrade() else { return };
-            let Some(cluster) = &node.cluster else { return };
-            if cluster.stopping.load(Ordering::Acquire) {
-                return;
-            }
-            cluster.membership.report_load(cluster.load_of_me(&node));
-            tick = tick.wrapping_add(1);
-            if tick.is_multiple_of(MIRROR_EVERY) {
-                match node.registry.mirror(false, node.config.log_lines_per_function).await {
-                    Ok(true) => node.apply_tenant_limits(),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "mirroring the cluster's registry failed; retrying"),
-                }
-            }
-            if tick.is_multiple_of(RECLAIM_EVERY) {
-                reclaim(cluster, &mut suspects).await;
-                release_strays(cluster, &mut strays).await;
-                cluster.refresh_secret().await;
+    let worker = weak.clone();
+    crate::supervise(node, "async worker", move || async_worker(worker.clone()));
+    crate::supervise(node, "cluster chores", move || chores(weak.clone()));
+}
+
+async fn chores(weak: Weak<Node>) {
+    let mut tick: u32 = 0;
+    let mut suspects: HashSet<String> = HashSet::new();
+    let mut strays: HashSet<String> = HashSet::new();
+    let mut every = tokio::time::interval(TICK);
+    loop {
+        every.tick().await;
+        let Some(node) = weak.upgrade() else { return };
+        let Some(cluster) = &node.cluster else { return };
+        if cluster.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        node.chores_beat.store(crate::now_ms(), Ordering::Release);
+        #[cfg(feature = "fault-injection")]
+        if node.fault_in_chores.swap(false, Ordering::AcqRel) {
+            panic!("fault injected: a panic in the cluster chores");
+        }
+        cluster.membership.report_load(cluster.load_of_me(&node));
+        tick = tick.wrapping_add(1);
+        if tick.is_multiple_of(MIRROR_EVERY) {
+            match node.registry.mirror(false, node.config.log_lines_per_function).await {
+                Ok(true) => node.apply_tenant_limits(),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "mirroring the cluster's registry failed; retrying"),
             }
         }
-    });
+        if tick.is_multiple_of(RECLAIM_EVERY) {
+            reclaim(cluster, &mut suspects).await;
+            release_strays(cluster, &mut strays).await;
+            cluster.refresh_secret().await;
+        }
+    }
 }
 
 /// Requeue the calls held by nodes that are not members (seen so twice in
@@ -470,8 +491,12 @@ async fn reclaim(cluster: &Cluster, suspects: &mut HashSet<String>) {
     let live: HashSet<String> = cluster.membership.members().into_iter().map(|m| m.id).collect();
     // Forget what was noted about nodes that are gone (ids are new on
     // every start, so these maps would otherwise only grow).
-    cluster.reported.lock().expect(POISON).retain(|id, _| live.contains(id));
-    cluster.in_flight.lock().expect(POISON).retain(|id, n| live.contains(id) || *n > 0);
+    cluster.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|id, _| live.contains(id));
+    cluster
+        .in_flight
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|id, n| live.contains(id) || *n > 0);
     let mut now_suspect = HashSet::new();
     for holder in holders {
         if holder == cluster.id() || live.contains(&holder) {
@@ -502,7 +527,8 @@ async fn release_strays(cluster: &Cluster, strays: &mut HashSet<String>) {
             return;
         }
     };
-    let running: HashSet<String> = cluster.running_ids.lock().expect(POISON).keys().cloned().collect();
+    let running: HashSet<String> =
+        cluster.running_ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).keys().cloned().collect();
     let mut now_stray = HashSet::new();
     for id in held.into_iter().filter(|id| !running.contains(id)) {
         if strays.contains(&id) {
@@ -520,56 +546,54 @@ async fn release_strays(cluster: &Cluster, strays: &mut HashSet<String>) {
 
 /// Take asynchronous calls from the cluster's queue while this node has
 /// room for them, and run each.
-fn spawn_async_worker(weak: Weak<Node>) {
-    tokio::spawn(async move {
-        loop {
-            let (slots, cluster_stopping) = {
-                let Some(node) = weak.upgrade() else { return };
-                let Some(cluster) = &node.cluster else { return };
-                (cluster.async_slots.clone(), cluster.stopping.load(Ordering::Acquire))
-            };
-            if cluster_stopping {
-                return;
-            }
-            let Ok(permit) = slots.acquire_owned().await else { return };
+async fn async_worker(weak: Weak<Node>) {
+    loop {
+        let (slots, cluster_stopping) = {
             let Some(node) = weak.upgrade() else { return };
-            let Some(cluster) = node.cluster.clone() else { return };
-            // A node on its way out takes nothing more.
-            if cluster.stopping.load(Ordering::Acquire) {
-                return;
-            }
-            if cluster.capacity == 0 {
-                // A gateway runs no calls: the other nodes take them.
-                return;
-            }
-            match cluster.queue.take(cluster.id()).await {
-                Ok(Some(call)) => {
-                    tokio::spawn(async move {
-                        let id = call.id.clone();
-                        let running = Running::new(&cluster, &id);
-                        let requeue = node.run_taken(call).await;
-                        // No longer running here before it is given back, so
-                        // a new take of it is never mistaken for this one.
-                        drop(running);
-                        if requeue && let Err(e) = cluster.queue.requeue(cluster.id(), &id).await {
-                            tracing::warn!(call_id = %id, error = %e, "requeueing failed; it is given back later");
-                        }
-                        drop(permit);
-                    });
-                }
-                Ok(None) => {
-                    drop((permit, node));
-                    tokio::select! {
-                        () = cluster.queued.notified() => {}
-                        () = tokio::time::sleep(IDLE_POLL) => {}
+            let Some(cluster) = &node.cluster else { return };
+            (cluster.async_slots.clone(), cluster.stopping.load(Ordering::Acquire))
+        };
+        if cluster_stopping {
+            return;
+        }
+        let Ok(permit) = slots.acquire_owned().await else { return };
+        let Some(node) = weak.upgrade() else { return };
+        let Some(cluster) = node.cluster.clone() else { return };
+        // A node on its way out takes nothing more.
+        if cluster.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        if cluster.capacity == 0 {
+            // A gateway runs no calls: the other nodes take them.
+            return;
+        }
+        match cluster.queue.take(cluster.id()).await {
+            Ok(Some(call)) => {
+                tokio::spawn(async move {
+                    let id = call.id.clone();
+                    let running = Running::new(&cluster, &id);
+                    let requeue = node.run_taken(call).await;
+                    // No longer running here before it is given back, so
+                    // a new take of it is never mistaken for this one.
+                    drop(running);
+                    if requeue && let Err(e) = cluster.queue.requeue(cluster.id(), &id).await {
+                        tracing::warn!(call_id = %id, error = %e, "requeueing failed; it is given back later");
                     }
+                    drop(permit);
+                });
+            }
+            Ok(None) => {
+                drop((permit, node));
+                tokio::select! {
+                    () = cluster.queued.notified() => {}
+                    () = tokio::time::sleep(IDLE_POLL) => {}
                 }
-                Err(e) => {
-                    drop((permit, node));
-                    tracing::warn!(error = %e, "taking from the cluster's call queue failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
+            }
+            Err(e) => {
+                drop((permit, node));
+                tracing::warn!(error = %e, "taking from the cluster's call queue failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
-    });
+    }
 }

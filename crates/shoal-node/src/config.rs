@@ -9,6 +9,35 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
+/// A setting that must not be printed: its `Debug` says `<redacted>`, so
+/// a configuration logged or shown in an error keeps it out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self(value.to_string())
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub listen: SocketAddr,
@@ -17,7 +46,7 @@ pub struct NodeConfig {
     pub http: crate::HttpLimits,
     pub data_dir: PathBuf,
     /// Admin token; generated into `<data_dir>/admin.token` when unset.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Largest invoke request body and response body. Default 6 MiB.
     pub max_body_bytes: usize,
     /// Largest wasm binary a deploy accepts. Default 64 MiB.
@@ -30,6 +59,8 @@ pub struct NodeConfig {
     pub max_memory_bytes: u64,
     /// Env vars per function and bytes of all of them. Defaults 64, 64 KiB.
     pub max_env_vars: usize,
+    /// Functions one tenant may have deployed at once. Default 1,000.
+    pub max_functions_per_tenant: usize,
     pub max_env_bytes: usize,
     /// Sandboxes in use at once (every running call, chained ones
     /// included). Default 1,000.
@@ -80,8 +111,8 @@ pub struct NodeConfig {
     /// Cluster mode: with a Redis URL the node joins the cluster kept
     /// there (membership, registry, async calls) and its global state tier
     /// is that Redis; None (the default) runs alone on the embedded store
-    /// in the data directory.
-    pub redis_url: Option<String>,
+    /// in the data directory. (It may hold a password: never printed.)
+    pub redis_url: Option<Secret>,
     /// Where the other nodes reach this one (`host:port`); default the
     /// listen address.
     pub advertise: Option<String>,
@@ -129,6 +160,7 @@ impl NodeConfig {
             max_timeout: Duration::from_secs(900),
             max_memory_bytes: 256 * MIB,
             max_env_vars: 64,
+            max_functions_per_tenant: 1000,
             max_env_bytes: 64 << 10,
             max_concurrent_calls: 1000,
             scheduler: shoal_sched::PolicyConfig::new(
@@ -217,7 +249,7 @@ impl NodeConfig {
             return Err("max_concurrent_calls must be at least 1".into());
         }
         if let Some(token) = &self.admin_token
-            && token.len() < 16
+            && token.expose().len() < 16
         {
             return Err("the admin token must be at least 16 characters".into());
         }

@@ -17,6 +17,7 @@ mod cluster;
 mod config;
 mod error;
 mod images;
+mod linger;
 mod logs;
 mod metrics;
 mod names;
@@ -24,8 +25,9 @@ mod registry;
 mod server;
 
 pub use calls::{CallFailure, CallRecord, CallStatus};
-pub use config::NodeConfig;
+pub use config::{NodeConfig, Secret};
 pub use error::{ApiError, ErrorKind};
+pub use linger::Linger;
 pub use registry::FunctionRecord;
 pub use server::HttpLimits;
 
@@ -85,6 +87,13 @@ pub struct DeploySpec {
     pub snapshot: bool,
 }
 
+/// Each readiness check must answer within this.
+const READY_CHECK: Duration = Duration::from_secs(2);
+/// The longest a task may wait for an async thread on a ready node.
+const READY_LAG: Duration = Duration::from_millis(500);
+/// The longest the cluster chores may go without a tick on a ready node.
+const READY_CHORES_MS: u64 = 3000;
+
 pub struct Node {
     config: NodeConfig,
     state: Arc<StateTiers>,
@@ -98,6 +107,42 @@ pub struct Node {
     /// The clock of function use, for evicting the least recently used.
     use_clock: std::sync::atomic::AtomicU64,
     conn_stats: server::ConnStats,
+    /// Set when the node begins to stop: not ready for new work.
+    draining: std::sync::atomic::AtomicBool,
+    /// When the cluster chores last ticked (Unix ms; 0 before the first).
+    chores_beat: std::sync::atomic::AtomicU64,
+    /// When a readiness check last wrote to the store (Unix ms).
+    store_ready_ms: std::sync::atomic::AtomicU64,
+    /// Background chores restarted after a panic.
+    chore_restarts: std::sync::atomic::AtomicU64,
+    /// Fault injection: the cluster chores panic at their next tick.
+    #[cfg(feature = "fault-injection")]
+    fault_in_chores: std::sync::atomic::AtomicBool,
+}
+
+/// Run the chore `make` starts, on its own task, and start it again a
+/// second after it panics (counted in `shoal_chore_restarts_total` and
+/// logged), until it ends by itself or the node is gone.
+pub(crate) fn supervise<F, Fut>(node: &Arc<Node>, name: &'static str, make: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let weak = Arc::downgrade(node);
+    tokio::spawn(async move {
+        loop {
+            match tokio::spawn(make()).await {
+                Err(e) if e.is_panic() => {
+                    let Some(node) = weak.upgrade() else { return };
+                    node.chore_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    drop(node);
+                    tracing::error!(chore = name, "a background chore panicked; starting it again in a second");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                _ => return,
+            }
+        }
+    });
 }
 
 impl std::fmt::Debug for Node {
@@ -113,7 +158,7 @@ impl Node {
         let data_dir = &config.data_dir;
         std::fs::create_dir_all(data_dir)
             .map_err(|source| StartError::DataDir { path: data_dir.display().to_string(), source })?;
-        let admin_token = auth::admin_token(data_dir, config.admin_token.as_deref())
+        let admin_token = auth::admin_token(data_dir, config.admin_token.as_ref().map(Secret::expose))
             .map_err(|source| StartError::DataDir { path: data_dir.display().to_string(), source })?;
         let store = Arc::new(EmbeddedStore::open(&data_dir.join("shoal.redb"))?);
 
@@ -135,7 +180,7 @@ impl Node {
         let global: Arc<dyn GlobalTier> = match &config.redis_url {
             None => Arc::new(EmbeddedTier::new(EmbeddedGlobal::new(store.clone(), limits))),
             Some(url) => {
-                let redis = RedisTier::connect(RedisConfig { limits, ..RedisConfig::new(url.clone()) })
+                let redis = RedisTier::connect(RedisConfig { limits, ..RedisConfig::new(url.expose()) })
                     .map_err(|e| StartError::Redis(e.to_string()))?;
                 // Refuse to start against a Redis that is not there: a wrong
                 // URL should fail now, not at the first state call.
@@ -148,7 +193,7 @@ impl Node {
         let (shared, cluster) = match &config.redis_url {
             None => (None, None),
             Some(url) => {
-                let (shared, cluster) = join_cluster(&config, url, &admin_token, max_running).await?;
+                let (shared, cluster) = join_cluster(&config, url.expose(), &admin_token, max_running).await?;
                 (Some(shared), Some(cluster))
             }
         };
@@ -188,6 +233,12 @@ impl Node {
                 cluster,
                 use_clock: std::sync::atomic::AtomicU64::new(0),
                 conn_stats: server::ConnStats::default(),
+                draining: std::sync::atomic::AtomicBool::new(false),
+                chores_beat: std::sync::atomic::AtomicU64::new(0),
+                store_ready_ms: std::sync::atomic::AtomicU64::new(0),
+                chore_restarts: std::sync::atomic::AtomicU64::new(0),
+                #[cfg(feature = "fault-injection")]
+                fault_in_chores: std::sync::atomic::AtomicBool::new(false),
             }
         });
         if node.cluster.is_some() {
@@ -256,7 +307,55 @@ impl Node {
                 },
             );
             self.state.local().set_tenant_limit(&tenant, limits.local_bytes);
+            self.state.global().set_tenant_quota(&tenant, limits.state_quota_bytes);
         }
+    }
+
+    /// Whether the node should be sent new work, and if not, why: it is
+    /// not draining, its store takes a write, its cluster's Redis answers
+    /// and its cluster chores run, and its async threads run a task within
+    /// `READY_LAG`.
+    pub(crate) async fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("draining: the node is stopping".into());
+        }
+        let bounded = |what: &'static str| move |_| format!("{what}: no answer within {READY_CHECK:?}");
+        // How long a task waits for an async thread: a node whose threads
+        // are held up cannot serve what it is sent.
+        let started = std::time::Instant::now();
+        tokio::time::timeout(READY_CHECK, tokio::spawn(async {}))
+            .await
+            .map_err(bounded("the async threads"))?
+            .map_err(|e| format!("the async threads: {e}"))?;
+        let lag = started.elapsed();
+        if lag > READY_LAG {
+            return Err(format!("the async threads: a task waited {lag:?} to run (the bound is {READY_LAG:?})"));
+        }
+        // At most one durable write a second, however often `/readyz` (open
+        // to anyone) is asked: a recent success stands.
+        let last_write = self.store_ready_ms.load(std::sync::atomic::Ordering::Acquire);
+        if now_ms().saturating_sub(last_write) >= 1000 {
+            tokio::time::timeout(READY_CHECK, self.registry.store_writable())
+                .await
+                .map_err(bounded("the store"))?
+                .map_err(|e| format!("the store: {e}"))?;
+            self.store_ready_ms.store(now_ms(), std::sync::atomic::Ordering::Release);
+        }
+        if self.cluster.is_some() {
+            // The chores (heartbeat, mirror, reclaim) tick every 100 ms.
+            let beat = self.chores_beat.load(std::sync::atomic::Ordering::Acquire);
+            let since = now_ms().saturating_sub(beat);
+            if beat > 0 && since > READY_CHORES_MS {
+                return Err(format!("the cluster chores have not run for {since} ms"));
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            tokio::time::timeout(READY_CHECK, cluster.queue.queued())
+                .await
+                .map_err(bounded("Redis"))?
+                .map_err(|e| format!("Redis: {e}"))?;
+        }
+        Ok(())
     }
 
     /// This node's id in its cluster (None when it runs alone).
@@ -280,6 +379,12 @@ impl Node {
     /// The HTTP API.
     pub fn router(self: &Arc<Self>) -> axum::Router {
         api::router(self.clone())
+    }
+
+    /// Serve `/metrics` without a token (and `/healthz`) on `listener`, a
+    /// separate address for a scraper, until the process ends.
+    pub async fn serve_metrics(self: &Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        axum::serve(listener, api::metrics_router(self.clone())).await
     }
 
     /// Create `tenant` if it does not exist; returns its new token, or None
@@ -315,6 +420,15 @@ impl Node {
             if !self.registry.tenant_exists(tenant) {
                 return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist; create it first")));
             }
+        }
+        // A new name counts against the tenant's functions (a redeploy
+        // does not): checked before any compile work.
+        let max = self.config.max_functions_per_tenant;
+        if self.registry.get(tenant, name).is_none() && self.registry.n_functions_of(tenant) >= max {
+            return Err(ApiError::new(
+                ErrorKind::LimitExceeded,
+                format!("tenant `{tenant}` has {max} functions, its limit; remove one first"),
+            ));
         }
         // Compiled and loaded in the tenant's turns, the deploy-time guest
         // code on the call pool (never on a thread that serves HTTP).
@@ -412,8 +526,10 @@ impl Node {
         // From the shutdown signal on, take no more asynchronous calls from
         // the cluster's queue.
         let cluster = self.cluster.clone();
+        let node = self.clone();
         let shutdown = async move {
             shutdown.await;
+            node.draining.store(true, std::sync::atomic::Ordering::Release);
             if let Some(cluster) = cluster {
                 cluster.stopping.store(true, std::sync::atomic::Ordering::Release);
                 // Peers stop placing calls here at their next refresh.

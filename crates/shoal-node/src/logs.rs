@@ -35,7 +35,7 @@ impl LogRing {
         if lines.is_empty() || self.capacity == 0 {
             return;
         }
-        let mut ring = self.lines.lock().expect("log ring lock is never poisoned: no panics while held");
+        let mut ring = self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for LogLine { stream, mut line } in lines {
             if line.len() > MAX_LINE_BYTES {
                 let mut cut = MAX_LINE_BYTES;
@@ -52,7 +52,7 @@ impl LogRing {
     }
 
     pub fn snapshot(&self) -> Vec<LogEntry> {
-        let ring = self.lines.lock().expect("log ring lock is never poisoned: no panics while held");
+        let ring = self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         ring.iter().cloned().collect()
     }
 }

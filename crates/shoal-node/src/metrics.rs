@@ -46,6 +46,8 @@ pub struct Gauges {
     pub connections_open: usize,
     pub connections_refused: u64,
     pub connections_idle_closed: u64,
+    pub panics: u64,
+    pub chore_restarts: u64,
     /// Members seen, calls forwarded to peers, and forwards that failed
     /// (zero when the node runs alone).
     pub cluster_members: usize,
@@ -126,6 +128,18 @@ impl Metrics {
                 "counter",
                 "Connections closed after moving no bytes for the idle timeout.",
                 gauges.connections_idle_closed,
+            ),
+            (
+                "shoal_panics_total",
+                "counter",
+                "Requests whose handling panicked (answered 500 `internal`; a bug to report).",
+                gauges.panics,
+            ),
+            (
+                "shoal_chore_restarts_total",
+                "counter",
+                "Background chores (the cluster chores and async worker, the call record sweep) started again after a panic.",
+                gauges.chore_restarts,
             ),
             ("shoal_cluster_members", "gauge", "Nodes of the cluster this node sees.", gauges.cluster_members as u64),
             (
@@ -219,6 +233,8 @@ mod tests {
             connections_open: 5,
             connections_refused: 6,
             connections_idle_closed: 7,
+            panics: 0,
+            chore_restarts: 0,
             cluster_members: 3,
             cluster_members_ready: 2,
             calls_forwarded: 8,

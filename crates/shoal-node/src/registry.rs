@@ -27,6 +27,8 @@ use crate::logs::LogRing;
 const TENANTS: Table = Table::new("tenants");
 const FUNCTIONS: Table = Table::new("functions");
 const MODULES: Table = Table::new("modules");
+/// The node's own notes: `ready` is written by each readiness check.
+const NODE: Table = Table::new("node");
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantRecord {
@@ -59,6 +61,9 @@ pub struct TenantLimitsRecord {
     /// Bytes of its values in the local state tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_bytes: Option<u64>,
+    /// Bytes of its values in the global tier (durable state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_quota_bytes: Option<u64>,
 }
 
 impl TenantLimitsRecord {
@@ -120,11 +125,11 @@ pub struct DeployedFunction {
 impl DeployedFunction {
     /// The image, if loaded.
     pub fn loaded(&self) -> Option<Arc<FunctionImage>> {
-        self.image.lock().expect(POISON).clone()
+        self.image.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     pub fn set_image(&self, image: Arc<FunctionImage>) {
-        *self.image.lock().expect(POISON) = Some(image);
+        *self.image.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(image);
     }
 
     pub fn touch(&self, now: u64) {
@@ -137,7 +142,7 @@ impl DeployedFunction {
 
     /// Let go of the image (a call using it keeps it until it ends).
     pub fn evict(&self) {
-        self.image.lock().expect(POISON).take();
+        self.image.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     }
 
     pub fn new(record: FunctionRecord, image: Arc<FunctionImage>, logs: Arc<LogRing>) -> Self {
@@ -206,9 +211,23 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-const POISON: &str = "registry locks are never poisoned: nothing panics while holding them";
-
 impl Registry {
+    /// Whether the store takes a durable write now (a readiness check).
+    pub(crate) async fn store_writable(&self) -> Result<(), RegistryError> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let stamp = now.as_millis().to_le_bytes();
+        self.on_store(move |store| store.put(NODE, "ready", &stamp)).await
+    }
+
+    /// Panic while holding the locks every request takes (tenants, to
+    /// authenticate; functions, to find what it calls).
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn panic_holding_locks(&self) -> std::convert::Infallible {
+        let _tenants = self.tenants.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _functions = self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        panic!("fault injected: a panic holding the registry's locks");
+    }
+
     /// Open the registry and read the tenants; functions are loaded by the
     /// node with [`Registry::stored_functions`] and [`Registry::insert_loaded`].
     /// With `shared`, tenants and functions come from the cluster (by
@@ -241,7 +260,7 @@ impl Registry {
         let _changes = self.changes.lock().await;
         let (version, epoch) = shared.version().await?;
         let mirrored = self.mirrored.load(Ordering::Acquire);
-        let known = self.epoch.lock().expect(POISON).clone();
+        let known = self.epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         if epoch.is_none() || epoch != known || version < mirrored {
             // Redis lost the registry (restarted empty, or from an older
             // snapshot; another node may have started it afresh): put back
@@ -249,7 +268,7 @@ impl Registry {
             if known.is_some() {
                 self.republish(shared).await?;
             }
-            *self.epoch.lock().expect(POISON) = Some(shared.epoch().await?);
+            *self.epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(shared.epoch().await?);
         } else if !force && version == mirrored {
             return Ok(false);
         }
@@ -269,7 +288,7 @@ impl Registry {
                 }
             })
             .collect();
-        *self.tenants.write().expect(POISON) = tenants;
+        *self.tenants.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tenants;
         let mut next: HashMap<String, HashMap<String, Arc<DeployedFunction>>> = HashMap::new();
         for record in records {
             let function = match self.get(&record.tenant, &record.name) {
@@ -282,26 +301,47 @@ impl Registry {
             let record = &function.record;
             next.entry(record.tenant.clone()).or_default().insert(record.name.clone(), function.clone());
         }
-        *self.functions.write().expect(POISON) = next;
+        *self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
         self.mirrored.store(version, Ordering::Release);
         Ok(true)
     }
 
     pub fn tenant_hash(&self, tenant: &str) -> Option<TokenHash> {
-        self.tenants.read().expect(POISON).get(tenant).and_then(TenantRecord::token_hash)
+        self.tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(tenant)
+            .and_then(TenantRecord::token_hash)
     }
 
     pub fn tenant_exists(&self, tenant: &str) -> bool {
-        self.tenants.read().expect(POISON).contains_key(tenant)
+        self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(tenant)
+    }
+
+    /// Store work on a blocking thread: a durable commit waits for the
+    /// disk, which must hold up neither an async thread (and the requests
+    /// it serves) nor a lock that calls take.
+    async fn on_store<R: Send + 'static>(
+        &self,
+        work: impl FnOnce(&EmbeddedStore) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, RegistryError> {
+        let store = self.store.clone();
+        let done = tokio::task::spawn_blocking(move || work(&store)).await;
+        Ok(done.map_err(|e| StoreError::Io(format!("the store task failed: {e}")))??)
     }
 
     pub fn n_tenants(&self) -> usize {
-        self.tenants.read().expect(POISON).len()
+        self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 
     async fn republish(&self, shared: &SharedRegistry) -> Result<(), RegistryError> {
-        let tenants: Vec<(String, Vec<u8>)> =
-            self.tenants.read().expect(POISON).values().map(|t| (t.name.clone(), encode(t))).collect();
+        let tenants: Vec<(String, Vec<u8>)> = self
+            .tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(|t| (t.name.clone(), encode(t)))
+            .collect();
         let mut functions = Vec::new();
         let mut missing = 0;
         let all = self.all();
@@ -339,41 +379,61 @@ impl Registry {
             let _changes = self.changes.lock().await;
             let created = shared.put_tenant(&record.name, &encode(&record)).await?;
             if created {
-                self.tenants.write().expect(POISON).insert(record.name.clone(), record);
+                self.tenants
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(record.name.clone(), record);
             }
             return Ok(created);
         }
-        let mut tenants = self.tenants.write().expect(POISON);
-        if tenants.contains_key(&record.name) {
+        // Changes one at a time: nothing is created between the check and
+        // the insert.
+        let _changes = self.changes.lock().await;
+        if self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(&record.name) {
             return Ok(false);
         }
-        self.store.put(TENANTS, &record.name, &encode(&record))?;
-        tenants.insert(record.name.clone(), record);
+        let (name, encoded) = (record.name.clone(), encode(&record));
+        self.on_store(move |store| store.put(TENANTS, &name, &encoded)).await?;
+        self.tenants.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(record.name.clone(), record);
         Ok(true)
     }
 
     /// Replace `tenant`'s limits; false if there is no such tenant.
     pub async fn set_tenant_limits(&self, tenant: &str, limits: TenantLimitsRecord) -> Result<bool, RegistryError> {
-        let Some(mut record) = self.tenants.read().expect(POISON).get(tenant).cloned() else { return Ok(false) };
+        let _changes = self.changes.lock().await;
+        let Some(mut record) =
+            self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(tenant).cloned()
+        else {
+            return Ok(false);
+        };
         record.limits = limits;
         if let Some(shared) = &self.shared {
-            let _changes = self.changes.lock().await;
             shared.update_tenant(tenant, &encode(&record)).await?;
         } else {
-            self.store.put(TENANTS, tenant, &encode(&record))?;
+            let (name, encoded) = (tenant.to_string(), encode(&record));
+            self.on_store(move |store| store.put(TENANTS, &name, &encoded)).await?;
         }
-        self.tenants.write().expect(POISON).insert(tenant.to_string(), record);
+        self.tenants.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(tenant.to_string(), record);
         Ok(true)
     }
 
     /// `tenant`'s limits, if it exists.
     pub fn tenant_limits(&self, tenant: &str) -> Option<TenantLimitsRecord> {
-        self.tenants.read().expect(POISON).get(tenant).map(|record| record.limits.clone())
+        self.tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(tenant)
+            .map(|record| record.limits.clone())
     }
 
     /// Every tenant's limits.
     pub fn all_tenant_limits(&self) -> Vec<(String, TenantLimitsRecord)> {
-        self.tenants.read().expect(POISON).values().map(|record| (record.name.clone(), record.limits.clone())).collect()
+        self.tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(|record| (record.name.clone(), record.limits.clone()))
+            .collect()
     }
 
     /// Every stored function with its wasm, for loading at start.
@@ -391,7 +451,7 @@ impl Registry {
     }
 
     pub fn get(&self, tenant: &str, name: &str) -> Option<Arc<DeployedFunction>> {
-        self.functions.read().expect(POISON).get(tenant)?.get(name).cloned()
+        self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(tenant)?.get(name).cloned()
     }
 
     /// The wasm stored under `sha256` (hex): the local copy, else (in a
@@ -402,31 +462,47 @@ impl Registry {
         }
         let Some(shared) = &self.shared else { return Ok(None) };
         let Some(wasm) = shared.wasm(sha256).await? else { return Ok(None) };
-        self.store.put(MODULES, sha256, &wasm)?;
+        let (sha, kept) = (sha256.to_string(), wasm.clone());
+        self.on_store(move |store| store.put(MODULES, &sha, &kept)).await?;
         Ok(Some(wasm))
     }
 
     /// Every function deployed now.
     pub fn all(&self) -> Vec<Arc<DeployedFunction>> {
-        self.functions.read().expect(POISON).values().flat_map(|by_name| by_name.values().cloned()).collect()
+        self.functions
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .flat_map(|by_name| by_name.values().cloned())
+            .collect()
     }
 
     pub fn list(&self, tenant: &str) -> Vec<FunctionRecord> {
-        let functions = self.functions.read().expect(POISON);
+        let functions = self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut records: Vec<FunctionRecord> =
             functions.get(tenant).into_iter().flat_map(|by_name| by_name.values()).map(|f| f.record.clone()).collect();
         records.sort_by(|a, b| a.name.cmp(&b.name));
         records
     }
 
+    /// Functions `tenant` has deployed.
+    pub fn n_functions_of(&self, tenant: &str) -> usize {
+        self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(tenant).map_or(0, HashMap::len)
+    }
+
     pub fn n_functions(&self) -> usize {
-        self.functions.read().expect(POISON).values().map(HashMap::len).sum()
+        self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner).values().map(HashMap::len).sum()
     }
 
     fn publish(&self, function: Arc<DeployedFunction>) {
         let record = &function.record;
-        let mut functions = self.functions.write().expect(POISON);
-        functions.entry(record.tenant.clone()).or_default().insert(record.name.clone(), function);
+        let replaced = {
+            let mut functions = self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            functions.entry(record.tenant.clone()).or_default().insert(record.name.clone(), function.clone())
+        };
+        // The function it replaces (and perhaps its image, code and all) is
+        // dropped here, with the lock calls read released.
+        drop(replaced);
     }
 
     /// The log ring a (re)deployed function should use: its predecessor's,
@@ -451,14 +527,19 @@ impl Registry {
         let _changes = self.changes.lock().await;
         if let Some(shared) = &self.shared {
             shared.put_function(&key, &record.sha256, &encoded, wasm).await?;
-            if self.store.get(MODULES, &record.sha256)?.is_none() {
-                self.store.put(MODULES, &record.sha256, wasm)?;
-            }
-        } else if self.store.get(MODULES, &record.sha256)?.is_some() {
-            self.store.put(FUNCTIONS, &key, &encoded)?;
-        } else {
-            self.store.put_all(&[(MODULES, &record.sha256, wasm), (FUNCTIONS, &key, &encoded)])?;
         }
+        let (sha, wasm, local_record) = (record.sha256.clone(), wasm.to_vec(), self.shared.is_none());
+        self.on_store(move |store| {
+            let have_wasm = store.get(MODULES, &sha)?.is_some();
+            match (local_record, have_wasm) {
+                // In a cluster the record lives in Redis; keep the wasm.
+                (false, true) => Ok(()),
+                (false, false) => store.put(MODULES, &sha, &wasm),
+                (true, true) => store.put(FUNCTIONS, &key, &encoded),
+                (true, false) => store.put_all(&[(MODULES, &sha, &wasm), (FUNCTIONS, &key, &encoded)]),
+            }
+        })
+        .await?;
         let function = Arc::new(function);
         self.publish(function.clone());
         Ok(function)
@@ -476,22 +557,29 @@ impl Registry {
             // Whatever the cluster holds under the name now, even if this
             // node has not mirrored it yet.
             let removed = shared.remove_function(&function_key(tenant, name)).await?;
-            if let Some(by_name) = self.functions.write().expect(POISON).get_mut(tenant) {
-                by_name.remove(name);
-            }
+            let gone = self
+                .functions
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_mut(tenant)
+                .and_then(|by_name| by_name.remove(name));
+            drop(gone);
             return Ok(removed);
         }
-        let mut functions = self.functions.write().expect(POISON);
-        let Some(by_name) = functions.get_mut(tenant) else {
+        let _changes = self.changes.lock().await;
+        let Some(sha) = self.get(tenant, name).map(|f| f.record.sha256.clone()) else {
             return Ok(false);
         };
-        let Some(sha) = by_name.get(name).map(|f| f.record.sha256.clone()) else {
-            return Ok(false);
+        let key = function_key(tenant, name);
+        self.on_store(move |store| store.delete(FUNCTIONS, &key)).await?;
+        let (gone, still_used) = {
+            let mut functions = self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let gone = functions.get_mut(tenant).and_then(|by_name| by_name.remove(name));
+            (gone, functions.values().flat_map(HashMap::values).any(|f| f.record.sha256 == sha))
         };
-        self.store.delete(FUNCTIONS, &function_key(tenant, name))?;
-        by_name.remove(name);
-        if !functions.values().flat_map(HashMap::values).any(|f| f.record.sha256 == sha) {
-            self.store.delete(MODULES, &sha)?;
+        drop(gone);
+        if !still_used {
+            self.on_store(move |store| store.delete(MODULES, &sha)).await?;
         }
         Ok(true)
     }

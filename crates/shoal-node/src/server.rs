@@ -15,6 +15,11 @@
 //! - Request targets longer than `max_uri_bytes` are answered `414`
 //!   before routing.
 //!
+//! - An answer to a request whose body was left unread (an early refusal)
+//!   is sent after reading what the client still sends, up to `linger`,
+//!   and closes an HTTP/1 connection (see `linger.rs`), so a client that
+//!   writes its whole body before reading still gets the answer.
+//!
 //! Bodies are read, with their size and rate limits, by the handlers
 //! (`api::read_body`).
 
@@ -36,6 +41,7 @@ use tower::ServiceExt;
 
 use crate::Node;
 use crate::error::{ApiError, ErrorKind};
+use crate::linger::{Leftover, Linger, Watched};
 
 /// Connection-level limits (see the module docs).
 #[derive(Clone, Debug)]
@@ -58,6 +64,10 @@ pub struct HttpLimits {
     pub min_body_rate: u64,
     /// On shutdown, requests in flight get this long to finish. Default 30 s.
     pub drain_timeout: Duration,
+    /// Of a body the handler left unread (an early refusal), read and
+    /// discard at most this much before answering and closing (none after
+    /// a 408). Default 16 MiB, 5 s.
+    pub linger: Linger,
 }
 
 impl Default for HttpLimits {
@@ -71,6 +81,7 @@ impl Default for HttpLimits {
             body_grace: Duration::from_secs(10),
             min_body_rate: 64 << 10,
             drain_timeout: Duration::from_secs(30),
+            linger: Linger { bytes: 16 << 20, time: Duration::from_secs(5) },
         }
     }
 }
@@ -92,6 +103,7 @@ impl HttpLimits {
             ("idle_timeout", self.idle_timeout),
             ("body_grace", self.body_grace),
             ("drain_timeout", self.drain_timeout),
+            ("linger time", self.linger.time),
         ] {
             if value < Duration::from_millis(10) || value > Duration::from_secs(24 * 3600) {
                 return Err(format!("{name} must be 10 ms to 24 h"));
@@ -110,6 +122,7 @@ pub(crate) struct ConnStats {
     pub open: AtomicUsize,
     pub refused: AtomicU64,
     pub idle_closed: AtomicU64,
+    pub panics: AtomicU64,
 }
 
 /// Serve `node`'s API on `listener` until `shutdown` resolves; then stop
@@ -172,8 +185,11 @@ pub(crate) async fn serve(
             let router = router.clone();
             let activity = activity.clone();
             let max_uri = limits.max_uri_bytes;
+            let linger = limits.linger;
+            let served = node.clone();
             hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
                 let router = router.clone();
+                let node = served.clone();
                 let handling = activity.handling();
                 async move {
                     let _handling = handling;
@@ -185,7 +201,28 @@ pub(crate) async fn serve(
                         );
                         return Ok::<_, std::convert::Infallible>(error.into_response());
                     }
-                    router.oneshot(request.map(Body::new)).await
+                    let http1 = request.version() <= hyper::Version::HTTP_11;
+                    let leftover = Leftover::default();
+                    let request = request.map(|body| Body::new(Watched::new(body, leftover.clone())));
+                    let handling = std::pin::pin!(router.oneshot(request));
+                    let response = match CatchPanic(handling).await {
+                        Ok(response) => response?,
+                        Err(panic) => {
+                            node.conn_stats.panics.fetch_add(1, Ordering::Relaxed);
+                            let what = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_default();
+                            tracing::error!(panic = %what, "a request's handling panicked; answered 500");
+                            ApiError::internal("handling the request", "a bug in the node (it was logged)")
+                                .into_response()
+                        }
+                    };
+                    Ok(match leftover.take() {
+                        Some(rest) if http1 => crate::linger::closing(response, rest, linger).await,
+                        _ => response,
+                    })
                 }
             })
         };
@@ -249,6 +286,25 @@ async fn refuse(mut stream: TcpStream) {
         Ok::<_, std::io::Error>(())
     })
     .await;
+}
+
+/// A request's handling, with a panic in it caught: the connection gets a
+/// `500` instead of being dropped, and the node goes on (its locks do not
+/// stay poisoned: every lock is taken past a poisoning).
+/// (The future is pinned where it is awaited: no allocation per request.)
+struct CatchPanic<'a, F>(std::pin::Pin<&'a mut F>);
+
+impl<F: Future> Future for CatchPanic<'_, F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(output)) => std::task::Poll::Ready(Ok(output)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    }
 }
 
 /// When a connection last started or finished handling a request, and how

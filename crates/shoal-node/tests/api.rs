@@ -22,7 +22,7 @@ struct TestNode {
 
 fn config(dir: &std::path::Path) -> NodeConfig {
     let mut config = NodeConfig::new(dir);
-    config.admin_token = Some(ADMIN.to_string());
+    config.admin_token = Some(ADMIN.into());
     config.max_concurrent_calls = 8;
     config.max_body_bytes = 64 << 10;
     config
@@ -229,7 +229,8 @@ async fn a_full_node_queues_what_it_can_finish_in_time_and_refuses_the_rest() {
     let wait_until_running = async || {
         // Without sleeping blind: until the spinning call holds the place.
         loop {
-            let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+            let metrics =
+                node.req(reqwest::Method::GET, "/metrics", Some(ADMIN)).send().await.unwrap().text().await.unwrap();
             if metrics.contains("shoal_calls_running 1") {
                 break;
             }
@@ -358,6 +359,18 @@ async fn tenant_limits_are_set_by_the_admin_applied_and_kept_across_a_restart() 
     assert!(refused(&node, &acme).await, "the child was given a second sandbox");
     let logs = node.get_json("/v1/functions/acme/chain/logs").await.to_string();
     assert!(logs.contains("tenant `acme` has 1 sandboxes in use"), "{logs}");
+    // What it holds and has used: a module of its own compiled here, a
+    // value stored; nothing running.
+    let unique = shoal_guests::slow_to_compile(0x5eed_ac0e, 50);
+    assert_eq!(node.deploy("acme/unique", "", &unique).await.0, StatusCode::CREATED);
+    let stored = node.req(reqwest::Method::PUT, "/v1/state/acme/k", Some(&acme)).body(vec![b'v'; 100]).send().await;
+    assert_eq!(stored.unwrap().status(), StatusCode::NO_CONTENT);
+    let (_, shown) = limits(&node, &acme).await;
+    let in_use = &shown["in_use"];
+    assert!(in_use["compiles"].as_u64().unwrap() >= 1, "{shown}");
+    assert!(in_use["compile_cpu_ms"].is_u64(), "{shown}");
+    assert_eq!((in_use["sandboxes"].as_u64(), in_use["compiling"].as_u64()), (Some(0), Some(0)), "{shown}");
+    assert_eq!(in_use["state_bytes"].as_u64(), Some(100), "{shown}");
     // Kept across a restart.
     node.stop().await;
     let node = TestNode::start_in(config(dir.path())).await;
@@ -462,6 +475,51 @@ async fn deploy_options_are_checked_and_applied() {
     assert_eq!(body["kind"], "component");
     assert_eq!(body["env"], serde_json::json!(["A", "B"]), "values are never shown");
     assert_eq!(node.invoke("demo/opts", b"env").await, (StatusCode::OK, b"A=1\nB=x=y".to_vec()));
+    // Env vars in `Shoal-Env` headers (secrets stay out of URLs), checked
+    // the same way; a query's var of the same name comes after.
+    let deploy = |headers: &[&str], query: &str| {
+        let mut request = node
+            .req(reqwest::Method::PUT, &format!("/v1/functions/demo/opts?{query}"), Some(ADMIN))
+            .body(shoal_guests::MISBEHAVE);
+        for header in headers {
+            request = request.header("shoal-env", *header);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = deploy(&["TOKEN=s3cr3t=1", "B=from-header"], "env=B=from-query").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(node.invoke("demo/opts", b"env").await, (StatusCode::OK, b"B=from-query\nTOKEN=s3cr3t=1".to_vec()));
+    let (status, body) = deploy(&["1BAD=x"], "").await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{body}");
+    let many: Vec<String> = (0..65).map(|i| format!("V{i}=x")).collect();
+    let (status, body) = deploy(&many.iter().map(String::as_str).collect::<Vec<_>>(), "").await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large")), "{body}");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_tenant_deploys_at_most_its_number_of_functions() {
+    // Nine: as many as the examples `demo` gets at start.
+    let node = TestNode::start_with(|c| c.max_functions_per_tenant = 9).await;
+    let acme = node.create_tenant("acme").await;
+    for i in 1..=9 {
+        assert_eq!(node.deploy(&format!("acme/f{i}"), "", shoal_guests::ECHO).await.0, StatusCode::CREATED);
+    }
+    let (status, body) = node.deploy("acme/f10", "", shoal_guests::ECHO).await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::INSUFFICIENT_STORAGE, Some("limit_exceeded")));
+    assert!(body["error"]["message"].as_str().unwrap().contains("9 functions"), "{body}");
+    // A redeploy is no new function; another tenant has its own count.
+    assert_eq!(node.deploy("acme/f1", "", shoal_guests::HELLO).await.0, StatusCode::CREATED);
+    node.create_tenant("beta").await;
+    assert_eq!(node.deploy("beta/f1", "", shoal_guests::ECHO).await.0, StatusCode::CREATED);
+    // A removal makes room.
+    let removed = node.req(reqwest::Method::DELETE, "/v1/functions/acme/f2", Some(&acme)).send().await.unwrap();
+    assert!(removed.status().is_success());
+    assert_eq!(node.deploy("acme/f10", "", shoal_guests::ECHO).await.0, StatusCode::CREATED);
+    assert_eq!(node.invoke_as(&acme, "acme/f10", b"ok").await, (StatusCode::OK, b"ok".to_vec()));
     node.stop().await;
 }
 
@@ -514,12 +572,77 @@ async fn metrics_and_health() {
     node.invoke("demo/misbehave", b"panic").await;
     let health = node.req(reqwest::Method::GET, "/healthz", None).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
-    let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+    let ready = node.req(reqwest::Method::GET, "/readyz", None).send().await.unwrap();
+    assert_eq!((ready.status(), ready.text().await.unwrap()), (StatusCode::OK, "ready\n".to_string()));
+    let metrics = node.req(reqwest::Method::GET, "/metrics", Some(ADMIN)).send().await.unwrap().text().await.unwrap();
     for expected in
         ["shoal_calls_total{outcome=\"ok\"} 1", "shoal_calls_total{outcome=\"trap\"} 1", "shoal_functions 9"]
     {
         assert!(metrics.contains(expected), "missing {expected:?} in\n{metrics}");
     }
+    // On the API, only to the admin: not to strangers, nor to a tenant.
+    let stranger = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap();
+    assert_eq!(stranger.status(), StatusCode::UNAUTHORIZED);
+    let acme = node.create_tenant("acme").await;
+    let tenant = node.req(reqwest::Method::GET, "/metrics", Some(&acme)).send().await.unwrap();
+    assert_eq!(tenant.status(), StatusCode::FORBIDDEN);
+    // Open on a listener of its own, for a scraper.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = node.node.clone();
+    let scraping = tokio::spawn(async move { served.serve_metrics(listener).await });
+    let scraped = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
+    assert_eq!(scraped.status(), StatusCode::OK);
+    assert!(scraped.text().await.unwrap().contains("shoal_functions 9"));
+    let other = reqwest::get(format!("http://{addr}/v1/functions/demo")).await.unwrap();
+    assert_eq!(other.status(), StatusCode::NOT_FOUND, "the metrics listener serves nothing else");
+    scraping.abort();
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_panic_in_a_handler_is_answered_500_and_poisons_nothing() {
+    let node = TestNode::start().await;
+    let acme = node.create_tenant("acme").await;
+    // Only the admin reaches the fault; the tenant is refused as anywhere.
+    let refused = node.req(reqwest::Method::POST, "/v1/_fault/panic", Some(&acme)).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    for _ in 0..2 {
+        let response = node.req(reqwest::Method::POST, "/v1/_fault/panic", Some(ADMIN)).send().await.unwrap();
+        let (status, body) = status_and_json(response).await;
+        assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::INTERNAL_SERVER_ERROR, Some("internal")));
+    }
+    // The locks it held serve every later request: a tenant's token is
+    // checked, functions are found, deployed and listed, tenants made.
+    assert_eq!(node.invoke_as(&acme, "demo/hello", b"x").await.0, StatusCode::NOT_FOUND, "not acme's function");
+    assert_eq!(node.deploy("acme/echo", "", shoal_guests::ECHO).await.0, StatusCode::CREATED);
+    assert_eq!(node.invoke_as(&acme, "acme/echo", b"still").await, (StatusCode::OK, b"still".to_vec()));
+    assert_eq!(node.invoke("demo/hello", b"y").await, (StatusCode::OK, b"hello y".to_vec()));
+    node.create_tenant("beta").await;
+    assert_eq!(metric(&node, "shoal_panics_total").await, 2);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_background_chore_that_panics_is_started_again() {
+    let redis = RedisServer::start();
+    let node = TestNode::start_with(|c| c.redis_url = Some(redis.url().into())).await;
+    let ready = || node.req(reqwest::Method::GET, "/readyz", None).send();
+    assert_eq!(ready().await.unwrap().status(), StatusCode::OK);
+    let fault = node.req(reqwest::Method::POST, "/v1/_fault/panic?in=chores", Some(ADMIN)).send().await.unwrap();
+    assert_eq!(fault.status(), StatusCode::NO_CONTENT);
+    let started = std::time::Instant::now();
+    while metric(&node, "shoal_chore_restarts_total").await < 1 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "the chores were never restarted");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Started again: they tick (readiness fails once they have not for
+    // 3 s), and the node serves.
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let answer = ready().await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK, "{}", answer.text().await.unwrap());
+    assert_eq!(metric(&node, "shoal_chore_restarts_total").await, 1);
+    assert_eq!(node.invoke("demo/hello", b"z").await, (StatusCode::OK, b"hello z".to_vec()));
     node.stop().await;
 }
 
@@ -559,7 +682,7 @@ async fn state_over_http_acts_on_the_global_tier() {
 #[tokio::test]
 async fn state_over_http_on_redis() {
     let redis = RedisServer::start();
-    state_over_http(TestNode::start_with(|c| c.redis_url = Some(redis.url())).await).await;
+    state_over_http(TestNode::start_with(|c| c.redis_url = Some(redis.url().into())).await).await;
 }
 
 async fn state_over_http(node: TestNode) {
@@ -604,7 +727,7 @@ async fn state_over_http(node: TestNode) {
 async fn state_limits_over_http_refuse_whole_writes() {
     for redis in [None, Some(RedisServer::start())] {
         let node = TestNode::start_with(|c| {
-            c.redis_url = redis.as_ref().map(RedisServer::url);
+            c.redis_url = redis.as_ref().map(|r| r.url().into());
             c.max_state_value_bytes = 1000;
             c.state_quota_bytes = 1500;
         })
@@ -625,6 +748,29 @@ async fn state_limits_over_http_refuse_whole_writes() {
         );
         let listed = node.get_json("/v1/state/acme").await;
         assert_eq!(listed["keys"], serde_json::json!([{ "key": "a", "size": 1000 }]), "nothing partial was written");
+        // The admin raises this tenant's quota: the write fits.
+        let set_quota = |bytes: u64| {
+            node.req(reqwest::Method::PUT, "/v1/tenants/acme/limits", Some(ADMIN))
+                .json(&serde_json::json!({ "state_quota_bytes": bytes }))
+                .send()
+        };
+        let shown: Value = set_quota(2000).await.unwrap().json().await.unwrap();
+        assert_eq!(shown["effective"]["state_quota_bytes"], 2000, "{shown}");
+        assert_eq!(put("b", 600).await.unwrap().status(), StatusCode::NO_CONTENT);
+        // Lowered below what it holds: what is stored stays, nothing grows.
+        assert_eq!(set_quota(500).await.unwrap().status(), StatusCode::OK);
+        let (status, body) = status_and_json(put("c", 1).await.unwrap()).await;
+        assert_eq!(
+            (status, body["error"]["kind"].as_str()),
+            (StatusCode::INSUFFICIENT_STORAGE, Some("limit_exceeded"))
+        );
+        assert!(body["error"]["message"].as_str().unwrap().contains("quota of 500"), "{body}");
+        assert_eq!(put("b", 100).await.unwrap().status(), StatusCode::NO_CONTENT, "shrinking is allowed");
+        // Another tenant keeps the node's default.
+        let beta = node.create_tenant("beta").await;
+        let response =
+            node.req(reqwest::Method::PUT, "/v1/state/beta/k", Some(&beta)).body(vec![b'y'; 1000]).send().await;
+        assert_eq!(response.unwrap().status(), StatusCode::NO_CONTENT);
         node.stop().await;
     }
 }
@@ -632,9 +778,20 @@ async fn state_limits_over_http_refuse_whole_writes() {
 #[tokio::test]
 async fn with_redis_down_state_answers_503_and_recovers() {
     let mut redis = RedisServer::start();
-    let node = TestNode::start_with(|c| c.redis_url = Some(redis.url())).await;
+    let node = TestNode::start_with(|c| c.redis_url = Some(redis.url().into())).await;
     assert_eq!(node.invoke("demo/counter", b"2").await, (StatusCode::OK, b"2".to_vec()));
+    let ready = |node: &TestNode| {
+        let request = node.req(reqwest::Method::GET, "/readyz", None);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    };
+    assert_eq!(ready(&node).await.0, StatusCode::OK);
     redis.stop();
+    let (status, why) = ready(&node).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{why}");
+    assert!(why.contains("Redis"), "{why}");
     let response = node.req(reqwest::Method::GET, "/v1/state/demo/counter", Some(ADMIN)).send().await.unwrap();
     let (status, body) = status_and_json(response).await;
     assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")));
@@ -654,6 +811,7 @@ async fn with_redis_down_state_answers_503_and_recovers() {
         assert!(start.elapsed() < std::time::Duration::from_secs(20), "never recovered: {status}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    assert_eq!(ready(&node).await.0, StatusCode::OK, "ready again");
     node.stop().await;
 }
 
@@ -664,14 +822,14 @@ async fn a_node_refuses_to_start_on_an_unreachable_redis() {
     let url = redis.url();
     redis.stop();
     let mut config = config(dir.path());
-    config.redis_url = Some(url);
+    config.redis_url = Some(url.into());
     let error = Node::start(config).await.unwrap_err();
     assert!(error.to_string().contains("redis"), "{error}");
 }
 
 /// A counter from the node's `/metrics`.
 async fn metric(node: &TestNode, name: &str) -> u64 {
-    let text = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+    let text = node.req(reqwest::Method::GET, "/metrics", Some(ADMIN)).send().await.unwrap().text().await.unwrap();
     let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name}"));
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
@@ -679,7 +837,7 @@ async fn metric(node: &TestNode, name: &str) -> u64 {
 #[tokio::test]
 async fn matvec_reads_its_matrix_through_the_local_tier() {
     for redis in [None, Some(RedisServer::start())] {
-        let node = TestNode::start_with(|c| c.redis_url = redis.as_ref().map(RedisServer::url)).await;
+        let node = TestNode::start_with(|c| c.redis_url = redis.as_ref().map(|r| r.url().into())).await;
         let (status, body) = node.invoke("demo/matvec", b"init 512 512").await;
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         let matrix_bytes = 512 * 512 * 4;
@@ -834,7 +992,8 @@ mod chaining {
         let (status, body) = node.invoke("demo/parent", b"call chain sleep 3000").await;
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{}", String::from_utf8_lossy(&body));
         assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
-        let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+        let metrics =
+            node.req(reqwest::Method::GET, "/metrics", Some(ADMIN)).send().await.unwrap().text().await.unwrap();
         assert!(metrics.contains("shoal_calls_total{outcome=\"timeout\"} 2"), "parent and child: {metrics}");
         assert_eq!(node.node.executor_busy(), 0, "no call is left running");
         node.stop().await;
@@ -1024,7 +1183,7 @@ mod async_calls {
 async fn past_the_image_budget_idle_images_are_dropped_and_reloaded_without_compiling() {
     let node = TestNode::start_with(|c| c.max_loaded_images = 2).await;
     let loaded = async || {
-        let text = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+        let text = node.req(reqwest::Method::GET, "/metrics", Some(ADMIN)).send().await.unwrap().text().await.unwrap();
         let line = text.lines().find(|l| l.starts_with("shoal_images_loaded ")).unwrap().to_string();
         line.rsplit(' ').next().unwrap().parse::<usize>().unwrap()
     };
@@ -1101,6 +1260,56 @@ mod hostile_clients {
 
     async fn victim_is_served(node: &TestNode) {
         assert_eq!(node.invoke("demo/hello", b"v").await, (StatusCode::OK, b"hello v".to_vec()));
+    }
+
+    /// Send a request head and then the whole body, reading nothing
+    /// until it is all written (as Python's `urllib` does); the answer, up
+    /// to the server's close, or why the body could not be written.
+    async fn send_all_then_read(node: &TestNode, path: &str, token: &str, body_len: usize) -> Result<String, String> {
+        let mut stream = connect(node).await;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {body_len}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
+        let chunk = vec![b'x'; 1 << 20];
+        let mut left = body_len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            stream.write_all(&chunk[..n]).await.map_err(|e| format!("writing the body: {e}"))?;
+            left -= n;
+        }
+        read_until_closed(&mut stream, Duration::from_secs(10)).await.ok_or_else(|| "never closed".to_string())
+    }
+
+    #[tokio::test]
+    async fn a_client_that_writes_its_whole_body_before_reading_gets_the_refusal() {
+        let node = TestNode::start().await;
+        // 15 MiB: more than the loopback's socket buffers hold, so the
+        // server must read it for the client to finish writing.
+        let body = 15 << 20;
+        for (path, token, status) in [
+            ("/v1/functions/demo/echo/invoke", ADMIN, 413),
+            ("/v1/functions/demo/echo/invoke", "wrong", 401),
+            ("/v1/functions/demo/nothing/invoke", ADMIN, 404),
+        ] {
+            let answer = send_all_then_read(&node, path, token, body).await.unwrap_or_else(|e| panic!("{status}: {e}"));
+            assert_eq!(status_of(&answer), Some(status), "{answer}");
+            assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+        }
+        victim_is_served(&node).await;
+        node.stop().await;
+        // What is read after a refusal is bounded: past it, the connection
+        // is closed on the writer.
+        let node = TestNode::start_with(|c| {
+            c.http.linger = shoal_node::Linger { bytes: 1 << 20, time: Duration::from_secs(5) }
+        })
+        .await;
+        let started = Instant::now();
+        let cut = send_all_then_read(&node, "/v1/functions/demo/echo/invoke", "wrong", 256 << 20).await;
+        assert!(cut.is_err(), "256 MiB were read after the refusal: {cut:?}");
+        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+        victim_is_served(&node).await;
+        node.stop().await;
     }
 
     #[tokio::test]
@@ -1206,7 +1415,8 @@ mod hostile_clients {
         pinging.abort();
         assert!(closed, "an HTTP/2 connection kept open by pings alone");
         victim_is_served(&node).await;
-        let metrics = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+        let metrics =
+            node.req(reqwest::Method::GET, "/metrics", Some(ADMIN)).send().await.unwrap().text().await.unwrap();
         let idle_closed: u64 = metrics
             .lines()
             .find_map(|l| l.strip_prefix("shoal_http_connections_idle_closed_total "))
@@ -1331,7 +1541,9 @@ async fn a_binary_declaring_more_memory_than_its_function_may_have_is_refused_at
 
 #[tokio::test]
 async fn tokens_are_kept_hashed_and_never_logged() {
-    // Everything the node logs while this (single-threaded) test runs.
+    // Everything logged on every thread (the call pool's and the blocking
+    // threads' too) while this test runs; the only test that sets the
+    // process's subscriber.
     #[derive(Clone, Default)]
     struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
     impl std::io::Write for Captured {
@@ -1350,7 +1562,7 @@ async fn tokens_are_kept_hashed_and_never_logged() {
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
-    let _logging = tracing::subscriber::set_default(subscriber);
+    tracing::subscriber::set_global_default(subscriber).expect("no other test sets the global subscriber");
 
     let node = TestNode::start().await;
     let token = node.create_tenant("acme").await;
@@ -1364,6 +1576,13 @@ async fn tokens_are_kept_hashed_and_never_logged() {
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("deployed"), "the capture works: {logs}");
+    // Secrets in the configuration print as `<redacted>`: the admin token,
+    // and the Redis URL's password (in the node's and in the tier's own).
+    let mut shown = config(std::path::Path::new("/tmp"));
+    shown.redis_url = Some("redis://shoal:hunter2-password@10.0.0.5:6379".into());
+    let printed = format!("{shown:?} {:?}", shoal_state::RedisConfig::new("redis://u:hunter2-password@h:1"));
+    assert!(!printed.contains(ADMIN) && !printed.contains("hunter2"), "{printed}");
+    assert!(printed.contains("<redacted>"), "{printed}");
     for (what, text) in [("the tenant token", secret.as_str()), ("the admin token", ADMIN)] {
         assert!(!logs.contains(text), "{what} is in the logs:\n{logs}");
     }

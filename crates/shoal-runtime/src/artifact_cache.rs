@@ -1,13 +1,24 @@
 //! Compiled artifacts on disk, keyed by the wasm's SHA-256 and the engine's
 //! fingerprint, so a restart loads previously deployed functions without
-//! compiling them again. Files are written whole (temporary file, then
-//! rename) and never edited in place; a file that fails to load is removed
-//! and the wasm compiled again.
+//! compiling them again.
+//!
+//! They are loaded as executable code, so a torn or altered file must
+//! never run: every file is written whole to a temporary name, flushed to
+//! disk (`fsync`), renamed into place, and the directory flushed, so a
+//! crash leaves the old file, the new one, or none; beside each artifact a
+//! `.sum` file holds the SHA-256 of its key and bytes (written first, the
+//! same way). A load checks the sum before mapping the code: an artifact
+//! that is torn, altered or missing its sum is removed and the wasm
+//! compiled again. (The sum guards against the disk and crashes, not
+//! against someone who can write the node's data directory.)
 
 #![allow(unsafe_code)]
 
 use std::hash::{Hash, Hasher};
+use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use wasmtime::Engine;
 use wasmtime::Module;
@@ -45,17 +56,31 @@ impl ArtifactCache {
         self.dir.join(format!("{}-{}.{suffix}.cwasm", hex::encode(sha256), self.fingerprint))
     }
 
+    fn sum_path(path: &Path) -> PathBuf {
+        path.with_extension("cwasm.sum")
+    }
+
+    /// The sum kept beside an artifact: SHA-256 of its key and its bytes.
+    fn sum(sha256: &[u8; 32], artifact: &[u8]) -> String {
+        hex::encode(Sha256::new().chain_update(sha256).chain_update(artifact).finalize())
+    }
+
     /// The cached artifact for `sha256`, if there is a usable one.
     pub(crate) fn load(&self, engine: &Engine, sha256: &[u8; 32], kind: FunctionKind) -> Option<Compiled> {
         let path = self.path(sha256, kind);
-        if !path.exists() {
-            return None;
-        }
-        match deserialize(engine, &path, kind) {
+        let bytes = std::fs::read(&path).ok()?;
+        let kept = std::fs::read_to_string(Self::sum_path(&path)).unwrap_or_default();
+        let loaded = if kept.trim() != Self::sum(sha256, &bytes) {
+            Err(wasmtime::Error::msg("its checksum does not match (torn, altered, or written before checksums)"))
+        } else {
+            deserialize(engine, &path, kind)
+        };
+        match loaded {
             Ok(compiled) => Some(compiled),
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "dropping unusable compiled artifact");
+                tracing::warn!(path = %path.display(), error = %e, "dropping unusable compiled artifact; compiling again");
                 let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(Self::sum_path(&path));
                 None
             }
         }
@@ -71,14 +96,12 @@ impl ArtifactCache {
         artifact: &[u8],
     ) -> Result<Compiled, DeployError> {
         let path = self.path(sha256, kind);
-        // A name of its own per write: two compiles of the same bytes may
-        // store at once (compile_concurrency > 1).
-        static N_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
         let io = |e: std::io::Error| DeployError::Internal(format!("writing {}: {e}", path.display()));
-        std::fs::write(&tmp, artifact).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
+        // The sum first: an artifact is never in place without its sum (a
+        // crash between the two leaves a sum that matches nothing, and the
+        // artifact is compiled again).
+        write_durably(&Self::sum_path(&path), Self::sum(sha256, artifact).as_bytes()).map_err(io)?;
+        write_durably(&path, artifact).map_err(io)?;
         // The engine refuses here what its sandboxes cannot hold (the
         // checks before compiling should have caught it): the module's fault.
         deserialize(engine, &path, kind).map_err(|e| {
@@ -105,7 +128,7 @@ impl ArtifactCache {
             declared.most_memories_in_a_module,
             declared.most_tables_in_a_module
         );
-        if let Err(e) = std::fs::write(self.declared_path(key), text) {
+        if let Err(e) = write_durably(&self.declared_path(key), text.as_bytes()) {
             tracing::warn!(error = %e, "keeping a snapshot's declared sizes failed");
         }
     }
@@ -126,12 +149,37 @@ impl ArtifactCache {
     }
 }
 
+/// Replace `path` with `bytes` so that a crash at any point leaves the old
+/// file or the new one, whole: a temporary file of its own (two compiles of
+/// the same bytes may store at once), flushed, renamed over `path`, and the
+/// directory flushed so the rename itself is durable.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static N_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn deserialize(engine: &Engine, path: &Path, kind: FunctionKind) -> wasmtime::Result<Compiled> {
     // SAFETY: `deserialize_file` trusts the file to be an artifact this
     // engine produced. Only `ArtifactCache::store` writes into the cache
-    // directory, which belongs to the node's data directory, and the file
-    // name carries the engine fingerprint, so an artifact from another
-    // engine configuration is never picked up.
+    // directory, which belongs to the node's data directory; `load` checks
+    // the file's sum first; and the file name carries the engine
+    // fingerprint, so an artifact from another engine configuration is
+    // never picked up.
     Ok(match kind {
         FunctionKind::Component | FunctionKind::Python | FunctionKind::JavaScript => {
             Compiled::Component(unsafe { Component::deserialize_file(engine, path)? })

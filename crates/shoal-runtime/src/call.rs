@@ -143,7 +143,7 @@ impl LongLanes {
     /// Give the place back (the call stopped running: it waits in a host
     /// call, or for its next turn).
     fn release(&self) {
-        drop(self.held.lock().expect(HELD).take());
+        drop(self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
     }
 }
 
@@ -200,7 +200,7 @@ impl LongLanes {
         let place =
             tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), self.places.acquire(&self.tenant));
         if let Ok(place) = place.await {
-            *self.held.lock().expect(HELD) = Some(place);
+            *self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(place);
         }
     }
 
@@ -217,7 +217,7 @@ impl LongLanes {
                 tokio::task::yield_now().await;
                 let place = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), places.acquire(&tenant));
                 if let Ok(place) = place.await {
-                    *held.lock().expect(HELD) = Some(place);
+                    *held.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(place);
                 }
             }),
         )
@@ -247,8 +247,6 @@ impl Turns {
         releasing_when_blocked(work, &self.0).await
     }
 }
-
-const HELD: &str = "the long-call place lock is never poisoned: nothing panics while holding it";
 
 pub(crate) async fn run(
     runtime: &Runtime,

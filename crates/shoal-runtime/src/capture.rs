@@ -27,15 +27,13 @@ struct Captured {
     truncated: bool,
 }
 
-const POISON: &str = "capture lock is never poisoned: nothing panics while holding it";
-
 impl CaptureBuffer {
     pub(crate) fn new(capacity: usize) -> Self {
         Self { inner: Arc::new(Mutex::new(Captured { bytes: BytesMut::new(), capacity, truncated: false })) }
     }
 
     pub(crate) fn append(&self, data: &[u8]) {
-        let mut captured = self.inner.lock().expect(POISON);
+        let mut captured = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let room = captured.capacity - captured.bytes.len();
         if data.len() > room {
             captured.truncated = true;
@@ -45,7 +43,7 @@ impl CaptureBuffer {
 
     /// What was captured, and whether anything was dropped.
     pub(crate) fn take(&self) -> (Bytes, bool) {
-        let mut captured = self.inner.lock().expect(POISON);
+        let mut captured = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         (std::mem::take(&mut captured.bytes).freeze(), captured.truncated)
     }
 }

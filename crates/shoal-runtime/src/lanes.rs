@@ -16,8 +16,6 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-const POISON: &str = "the lanes' lock is never poisoned: nothing panics while holding it";
-
 #[derive(Default)]
 struct State {
     free: u32,
@@ -116,18 +114,18 @@ impl FairLanes {
 
     /// Places held now.
     pub(crate) fn in_use(&self) -> u32 {
-        self.capacity - self.state.lock().expect(POISON).free
+        self.capacity - self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).free
     }
 
     /// Places `tenant` holds now.
     pub(crate) fn held_by(&self, tenant: &str) -> u32 {
-        self.state.lock().expect(POISON).held_by(tenant)
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).held_by(tenant)
     }
 
     /// Wait for a place, behind the other tenants' waiters in turn.
     pub(crate) async fn acquire(self: &Arc<Self>, tenant: &Arc<str>) -> Lane {
         let rx = {
-            let mut state = self.state.lock().expect(POISON);
+            let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let first = !state.waiting.contains_key(tenant);
             if state.free > 0 && first && state.held_by(tenant) < self.per_tenant {
                 state.free -= 1;
@@ -155,7 +153,7 @@ impl FairLanes {
 
     /// `tenant` gives a place back: to the next waiter, or free.
     fn release(&self, tenant: &str) {
-        let mut state = self.state.lock().expect(POISON);
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         state.give_back(tenant);
         while let Some((next, waiter)) = state.next_waiter(self.per_tenant) {
             // Counted as the next tenant's before it is sent: a waiter that

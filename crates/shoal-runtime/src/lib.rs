@@ -21,6 +21,7 @@ mod host;
 mod image;
 mod interp;
 mod lanes;
+mod os;
 mod snapshot;
 mod source;
 
@@ -29,6 +30,8 @@ pub use chain::{ChainError, InvokeFuture, Invoker, Lineage, RootCall};
 pub use config::{RuntimeBinary, RuntimeConfig};
 pub use error::{CallError, DeployError, RuntimeError};
 pub use image::{Declared, FunctionImage, FunctionKind};
+pub use os::{CpuClock, lower_this_thread};
+
 pub use source::{Language, MAX_SOURCE_FILES, SourceBundle};
 
 /// How [`Runtime::load_with`] loads a binary.
@@ -49,29 +52,17 @@ impl LoadOptions {
     }
 }
 
+/// What one tenant's compiles have used on a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompileUse {
+    pub compiles: u64,
+    /// CPU time of the compile threads.
+    pub cpu: std::time::Duration,
+}
+
 /// The compile threads' priority: below the call pool's, so compiles use
 /// what calls leave of the CPU (and never the HTTP threads' share).
 const COMPILE_NICE: i32 = 15;
-
-/// Lower the calling thread's priority to `nice` (0 normal, 19 lowest).
-/// Best effort: where it cannot be done, the thread keeps its priority.
-pub fn lower_this_thread(nice: i32) {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: `gettid` and `setpriority` take and return plain integers
-        // and touch no memory of ours.
-        #[allow(unsafe_code)]
-        let result = unsafe {
-            let tid = libc::gettid();
-            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
-        };
-        if result != 0 {
-            tracing::debug!(nice, error = %std::io::Error::last_os_error(), "could not lower a thread's priority");
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = nice;
-}
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,6 +91,9 @@ pub struct Runtime {
     ticker: EpochTicker,
     n_compiles: AtomicU64,
     n_compiling: Arc<AtomicU64>,
+    /// Each tenant's compiles so far: how many, and the CPU they used
+    /// (compiles its deploys stopped waiting for included).
+    compile_use: Arc<Mutex<HashMap<Arc<str>, CompileUse>>>,
     /// The state tiers the `state` interface reaches; without them every
     /// state operation answers `unavailable`.
     state: Option<Arc<StateTiers>>,
@@ -148,6 +142,7 @@ impl Runtime {
             ticker,
             n_compiles: AtomicU64::new(0),
             n_compiling: Arc::new(AtomicU64::new(0)),
+            compile_use: Arc::default(),
             state,
             invoker: OnceLock::new(),
             long_lanes,
@@ -168,6 +163,16 @@ impl Runtime {
     }
 
     /// Compilations running now (never more than `compile_concurrency`).
+    /// What `tenant`'s compiles have used so far on this node.
+    pub fn compile_use_of(&self, tenant: &str) -> CompileUse {
+        self.compile_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(tenant)
+            .copied()
+            .unwrap_or_default()
+    }
+
     pub fn n_compiling(&self) -> u64 {
         self.n_compiling.load(Ordering::Relaxed)
     }
@@ -321,7 +326,7 @@ impl Runtime {
     /// Keep `image` as the one image of these bytes (another task may have
     /// loaded the same bytes meanwhile: the first kept wins).
     fn keep(&self, sha256: [u8; 32], image: Arc<FunctionImage>) -> Arc<FunctionImage> {
-        let mut images = self.images.lock().expect("image map lock is never poisoned: no panics while held");
+        let mut images = self.images.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(existing) = images.get(&sha256).and_then(Weak::upgrade) {
             return existing;
         }
@@ -353,15 +358,23 @@ impl Runtime {
         let cache = self.cache.clone();
         let bytes = wasm.to_vec();
         let n_compiling = self.n_compiling.clone();
+        let (compile_use, tenant) = (self.compile_use.clone(), tenant.clone());
         let (done, compiled) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("shoal-compile".into())
             .spawn(move || {
                 lower_this_thread(COMPILE_NICE);
+                let cpu = CpuClock::now();
                 n_compiling.fetch_add(1, Ordering::Relaxed);
                 let artifact = image::precompile(&engine, kind, &bytes);
                 let compiled = artifact.and_then(|artifact| cache.store(&engine, &sha256, kind, &artifact));
                 n_compiling.fetch_sub(1, Ordering::Relaxed);
+                let used = cpu.elapsed();
+                let mut uses = compile_use.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let of_tenant = uses.entry(tenant).or_default();
+                of_tenant.compiles += 1;
+                of_tenant.cpu += used;
+                drop(uses);
                 // The place is free before the deploy hears its compile ended.
                 drop(permit);
                 let _ = done.send(compiled);
@@ -377,7 +390,7 @@ impl Runtime {
     }
 
     fn lookup(&self, sha256: &[u8; 32]) -> Option<Arc<FunctionImage>> {
-        let images = self.images.lock().expect("image map lock is never poisoned: no panics while held");
+        let images = self.images.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         images.get(sha256).and_then(Weak::upgrade)
     }
 

@@ -116,6 +116,50 @@ async fn a_corrupt_cached_artifact_is_recompiled() {
     assert_eq!(rt.n_compiles(), 1);
 }
 
+/// The artifacts (not their sums) in the cache directory.
+fn cached_artifacts(dir: &tempfile::TempDir) -> Vec<std::path::PathBuf> {
+    let entries = std::fs::read_dir(dir.path().join("cache")).unwrap();
+    let mut paths: Vec<_> =
+        entries.map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().ends_with(".cwasm")).collect();
+    paths.sort();
+    paths
+}
+
+#[tokio::test]
+async fn a_torn_or_altered_artifact_is_never_run_but_compiled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let rt = runtime(&dir);
+        rt.load(shoal_guests::ECHO).await.unwrap();
+        rt.load(shoal_guests::UPPER).await.unwrap();
+    }
+    let artifacts = cached_artifacts(&dir);
+    assert_eq!(artifacts.len(), 2, "{artifacts:?}");
+    for artifact in &artifacts {
+        assert!(artifact.with_extension("cwasm.sum").exists(), "each artifact has its sum");
+    }
+    // One torn (cut short, as by a crash mid-write), one altered in its
+    // code: a byte in the middle flipped, which wasmtime's own checks of
+    // the header and metadata would not notice.
+    let torn = std::fs::read(&artifacts[0]).unwrap();
+    std::fs::write(&artifacts[0], &torn[..torn.len() / 2]).unwrap();
+    let mut altered = std::fs::read(&artifacts[1]).unwrap();
+    let middle = altered.len() / 2;
+    altered[middle] ^= 0x5a;
+    std::fs::write(&artifacts[1], &altered).unwrap();
+    let rt = runtime(&dir);
+    assert_eq!(ok(call(&rt, shoal_guests::ECHO, b"x").await), "x");
+    assert_eq!(ok(call(&rt, shoal_guests::UPPER, b"y").await), "Y");
+    assert_eq!(rt.n_compiles(), 2, "both compiled again");
+    // An artifact whose sum is gone is not trusted either.
+    for artifact in cached_artifacts(&dir) {
+        std::fs::remove_file(artifact.with_extension("cwasm.sum")).unwrap();
+    }
+    let rt = runtime(&dir);
+    assert_eq!(ok(call(&rt, shoal_guests::ECHO, b"z").await), "z");
+    assert_eq!(rt.n_compiles(), 1);
+}
+
 #[tokio::test]
 async fn malformed_wasm_is_refused_with_the_validators_message() {
     let dir = tempfile::tempdir().unwrap();
@@ -394,7 +438,7 @@ async fn calls_run_while_the_compile_pool_is_busy() {
     let loads: Vec<_> = (0..2)
         .map(|tag| {
             let rt = rt.clone();
-            tokio::spawn(async move { rt.load(&shoal_testkit::slow_to_compile(tag, 8_000)).await.map(|_| ()) })
+            tokio::spawn(async move { rt.load(&shoal_guests::slow_to_compile(tag, 8_000)).await.map(|_| ()) })
         })
         .collect();
     while rt.n_compiling() == 0 {
@@ -426,7 +470,7 @@ async fn a_tenants_compiles_leave_a_place_on_the_pool_to_the_others() {
         .map(|tag| {
             let (rt, options) = (rt.clone(), as_tenant("hostile"));
             tokio::spawn(async move {
-                rt.load_with(&shoal_testkit::slow_to_compile(100 + tag, 8_000), &options).await.map(|_| ())
+                rt.load_with(&shoal_guests::slow_to_compile(100 + tag, 8_000), &options).await.map(|_| ())
             })
         })
         .collect();
@@ -955,7 +999,7 @@ mod hostile_guests {
         config.max_instances = 8;
         config.compile_timeout = Duration::from_millis(1);
         let rt = Runtime::new(config).unwrap();
-        let bomb = shoal_testkit::slow_to_compile(99, 8_000);
+        let bomb = shoal_guests::slow_to_compile(99, 8_000);
         match rt.load(&bomb).await {
             Err(DeployError::CompileTimeout { limit }) => assert_eq!(limit, Duration::from_millis(1)),
             other => panic!("expected a compile timeout, got {other:?}"),

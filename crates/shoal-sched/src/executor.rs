@@ -259,8 +259,6 @@ impl std::fmt::Debug for Executor {
     }
 }
 
-const POISON: &str = "scheduler locks are never poisoned: nothing panics while holding them";
-
 impl Executor {
     /// An executor with at most `n_slots` sandboxes in use (never more than
     /// the runtime has), the scheduling `policy`, and the default sandbox
@@ -311,13 +309,13 @@ impl Executor {
 
     /// Calls waiting for their turn.
     pub fn queued(&self) -> usize {
-        self.inner.lock().expect(POISON).policy.queued()
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).policy.queued()
     }
 
     /// Sandboxes and the sum of their memory limits that `tenant`'s calls
     /// hold now.
     pub fn in_use_of(&self, tenant: &str) -> (u32, u64) {
-        let inner = self.inner.lock().expect(POISON);
+        let inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         inner.in_use.get(tenant).map_or((0, 0), |used| (used.sandboxes, used.memory))
     }
 
@@ -332,18 +330,18 @@ impl Executor {
 
     /// Sum of the memory limits of the calls running now.
     pub fn memory_in_use(&self) -> u64 {
-        self.inner.lock().expect(POISON).node_memory
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).node_memory
     }
 
     /// Set a tenant's share of the node (default weight 1).
     pub fn set_weight(&self, tenant: &str, weight: u32) {
-        self.inner.lock().expect(POISON).policy.set_weight(tenant, weight);
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).policy.set_weight(tenant, weight);
     }
 
     /// Set what the admin decided for `tenant` (None fields: the node's
     /// defaults). Calls running keep what they hold; new ones obey.
     pub fn set_tenant_limits(&self, tenant: &str, limits: TenantLimits) {
-        let mut inner = self.inner.lock().expect(POISON);
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         inner.policy.set_weight(tenant, limits.weight.unwrap_or(1));
         inner.policy.set_running_cap(tenant, limits.running);
         if limits == TenantLimits::default() {
@@ -357,7 +355,12 @@ impl Executor {
     /// The mean CPU time of `function`'s calls; a function never measured
     /// is expected to be long.
     pub fn expected_cost(&self, function: &str) -> Duration {
-        self.costs.lock().expect(POISON).get(function).copied().unwrap_or(self.long_after)
+        self.costs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(function)
+            .copied()
+            .unwrap_or(self.long_after)
     }
 
     /// Ask to run a root call of `function` (a `tenant/name` key) that must
@@ -384,7 +387,7 @@ impl Executor {
         let cost = self.expected_cost(function);
         let now = Instant::now();
         let rx = {
-            let mut inner = self.inner.lock().expect(POISON);
+            let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let ticket = inner.next_ticket;
             inner.next_ticket += 1;
             match inner.policy.admit(now, tenant, ticket, cost, deadline, origin) {
@@ -447,7 +450,7 @@ impl Executor {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return refused(format!("all {} sandboxes are in use", self.n_slots));
         };
-        let reserved = self.inner.lock().expect(POISON).reserve(tenant, memory);
+        let reserved = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).reserve(tenant, memory);
         if let Err(reason) = reserved {
             return refused(reason);
         }
@@ -513,7 +516,7 @@ impl Executor {
     /// policy, start whoever the policy names next, and answer whoever can
     /// no longer make it.
     fn settle(&self, tenant: &str, expected: Duration, used: Duration, origin: Origin) {
-        let mut inner = self.inner.lock().expect(POISON);
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         inner.policy.finish(tenant, expected, used, origin);
         pump(&mut inner);
     }
@@ -558,7 +561,7 @@ impl QueuedGuard<'_> {
     /// Stop waiting: out of the queue, or — if the policy decided already —
     /// that decision. Under the lock, so no decision can be in flight.
     fn withdraw(&mut self) -> Option<Start> {
-        let mut inner = self.executor.inner.lock().expect(POISON);
+        let mut inner = self.executor.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if inner.waiters.remove(&self.ticket).is_some() {
             inner.policy.cancel(&self.tenant, self.ticket);
             pump(&mut inner);
@@ -591,7 +594,7 @@ struct Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        self.inner.lock().expect(POISON).release(&self.tenant, self.memory);
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).release(&self.tenant, self.memory);
     }
 }
 
@@ -742,7 +745,7 @@ impl Account {
             return;
         }
         self.blocked = blocked;
-        let mut inner = self.inner.lock().expect(POISON);
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if blocked {
             inner.policy.block(self.cost);
             pump(&mut inner);
@@ -762,7 +765,7 @@ impl Account {
             return;
         }
         self.turned_long = true;
-        let mut costs = self.costs.lock().expect(POISON);
+        let mut costs = self.costs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mean = costs.entry(self.function.clone()).or_insert(self.used);
         *mean = (*mean).max(self.used);
     }
@@ -775,11 +778,11 @@ impl Drop for Account {
     fn drop(&mut self) {
         let used = self.used;
         {
-            let mut costs = self.costs.lock().expect(POISON);
+            let mut costs = self.costs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let mean = costs.entry(self.function.clone()).or_insert(used);
             *mean = mean.mul_f64(1.0 - EWMA_WEIGHT) + used.mul_f64(EWMA_WEIGHT);
         }
-        let mut inner = self.inner.lock().expect(POISON);
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.blocked {
             inner.policy.unblock(self.cost);
         }

@@ -17,8 +17,10 @@
 //!
 //! [`CHUNK_BYTES`]: crate::CHUNK_BYTES
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use crate::{DirtyChunks, ScopedKey, StateError};
@@ -27,7 +29,7 @@ mod embedded;
 mod redis;
 
 pub use embedded::{EmbeddedGlobal, EmbeddedTier};
-pub use redis::{RedisConfig, RedisTier};
+pub use redis::{RedisConfig, RedisTier, redacted_url};
 
 /// What a global-tier operation returns.
 pub type StateFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StateError>> + Send + 'a>>;
@@ -44,6 +46,34 @@ pub struct StateLimits {
 impl Default for StateLimits {
     fn default() -> Self {
         Self { max_value_bytes: 64 << 20, tenant_quota_bytes: 1 << 30 }
+    }
+}
+
+/// Each tenant's state quota: the node's default, or the one the admin set
+/// for that tenant. Both backends check writes against [`Quotas::of`].
+#[derive(Debug, Default)]
+pub struct Quotas {
+    set: RwLock<HashMap<String, u64>>,
+}
+
+impl Quotas {
+    /// The quota of `tenant` under `limits`.
+    pub fn of(&self, tenant: &str, limits: &StateLimits) -> u64 {
+        self.set
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(tenant)
+            .copied()
+            .unwrap_or(limits.tenant_quota_bytes)
+    }
+
+    /// Set (`Some`) or forget (`None`: back to the default) a tenant's quota.
+    pub fn set(&self, tenant: &str, quota: Option<u64>) {
+        let mut set = self.set.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match quota {
+            Some(bytes) => set.insert(tenant.to_string(), bytes),
+            None => set.remove(tenant),
+        };
     }
 }
 
@@ -65,6 +95,20 @@ impl LeaseToken {
 /// A global tier backend. Every method is atomic on its own.
 pub trait GlobalTier: Send + Sync + std::fmt::Debug {
     fn limits(&self) -> StateLimits;
+
+    /// The per-tenant quotas this backend checks writes against.
+    fn quotas(&self) -> &Quotas;
+
+    /// Bytes of state `tenant` may hold: its own quota, or the default.
+    fn quota_of(&self, tenant: &str) -> u64 {
+        self.quotas().of(tenant, &self.limits())
+    }
+
+    /// Give `tenant` a quota of its own (`None`: the default again). Values
+    /// already stored stay; writes that would grow past it are refused.
+    fn set_tenant_quota(&self, tenant: &str, quota: Option<u64>) {
+        self.quotas().set(tenant, quota);
+    }
 
     /// `len` bytes from `offset`, clamped to the value's end (None if the
     /// key is absent), reading only the chunks that hold them.

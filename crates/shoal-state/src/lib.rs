@@ -19,8 +19,8 @@ mod tiers;
 
 pub use embedded::{EmbeddedStore, ReadTx, StoreError, Table, WriteTx};
 pub use global::{
-    EmbeddedGlobal, EmbeddedTier, GlobalTier, LeaseToken, RedisConfig, RedisTier, StateFuture, StateLimits,
-    parse_counter,
+    EmbeddedGlobal, EmbeddedTier, GlobalTier, LeaseToken, Quotas, RedisConfig, RedisTier, StateFuture, StateLimits,
+    parse_counter, redacted_url,
 };
 pub use key::{MAX_KEY_BYTES, ScopedKey};
 pub use local::{CHUNK_BYTES, DirtyChunks, LocalBytes, LocalLimits, LocalTier};

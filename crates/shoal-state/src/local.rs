@@ -177,8 +177,6 @@ impl Accounts {
     }
 }
 
-const POISON: &str = "local tier locks are never poisoned: nothing panics while holding them";
-
 /// The local tier of one node.
 #[derive(Debug)]
 pub struct LocalTier {
@@ -217,7 +215,7 @@ impl LocalTier {
 
     /// Set a tenant's bytes (None: the node's default share).
     pub fn set_tenant_limit(&self, tenant: &str, bytes: Option<u64>) {
-        let mut accounts = self.accounts.lock().expect(POISON);
+        let mut accounts = self.accounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match bytes {
             Some(bytes) => accounts.tenant_limits.insert(tenant.to_string(), bytes),
             None => accounts.tenant_limits.remove(tenant),
@@ -226,12 +224,18 @@ impl LocalTier {
 
     /// Bytes held by every tenant's values together.
     pub fn bytes(&self) -> LocalBytes {
-        self.accounts.lock().expect(POISON).node
+        self.accounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).node
     }
 
     /// Bytes held by `tenant`'s values.
     pub fn bytes_of(&self, tenant: &str) -> LocalBytes {
-        self.accounts.lock().expect(POISON).tenants.get(tenant).copied().unwrap_or_default()
+        self.accounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .tenants
+            .get(tenant)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Values evicted since start, and their bytes.
@@ -244,24 +248,24 @@ impl LocalTier {
     }
 
     fn value(&self, key: &ScopedKey) -> Option<Arc<Mutex<LocalValue>>> {
-        self.values.read().expect(POISON).get(key).cloned()
+        self.values.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).cloned()
     }
 
     fn value_or_insert(&self, key: &ScopedKey) -> Arc<Mutex<LocalValue>> {
         if let Some(value) = self.value(key) {
             return value;
         }
-        self.values.write().expect(POISON).entry(key.clone()).or_default().clone()
+        self.values.write().unwrap_or_else(std::sync::PoisonError::into_inner).entry(key.clone()).or_default().clone()
     }
 
     pub fn contains(&self, key: &ScopedKey) -> bool {
-        self.values.read().expect(POISON).contains_key(key)
+        self.values.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(key)
     }
 
     /// Read under the value's lock, marking it used.
     fn read<T>(&self, key: &ScopedKey, f: impl FnOnce(&LocalValue) -> T) -> Option<T> {
         let value = self.value(key)?;
-        let mut value = value.lock().expect(POISON);
+        let mut value = value.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         value.last_use = self.tick();
         Some(f(&value))
     }
@@ -304,19 +308,24 @@ impl LocalTier {
                     None => return Ok(()),
                 }
             };
-            let mut value = value.lock().expect(POISON);
+            let mut value = value.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if value.gone {
                 continue;
             }
             let (old, new) = (value.counted, planned(&value));
-            let fits = self.accounts.lock().expect(POISON).fits(tenant, old, new, self.limits);
+            let fits = self.accounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).fits(
+                tenant,
+                old,
+                new,
+                self.limits,
+            );
             match fits {
                 Ok(()) => {
                     edit(&mut value);
                     value.last_use = self.tick();
                     let now = value.counted_now();
                     value.counted = now;
-                    self.accounts.lock().expect(POISON).apply(tenant, old, now);
+                    self.accounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(tenant, old, now);
                     return Ok(());
                 }
                 Err(no_room) => {
@@ -343,7 +352,7 @@ impl LocalTier {
     /// Take out the empty value a refused write made for `key`, if it is
     /// still empty and nobody holds it.
     fn drop_placeholder(&self, key: &ScopedKey) {
-        let mut values = self.values.write().expect(POISON);
+        let mut values = self.values.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let empty = values.get(key).is_some_and(|value| {
             value.try_lock().is_ok_and(|mut value| {
                 let empty = value.counted == Counted::default() && value.bytes.is_empty();
@@ -365,7 +374,7 @@ impl LocalTier {
             None => self.limits.node_bytes / 16,
         };
         let target = need.saturating_add(slack.min(64 << 20));
-        let mut values = self.values.write().expect(POISON);
+        let mut values = self.values.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut clean: Vec<(u64, ScopedKey)> = values
             .iter()
             .filter(|(key, _)| tenant.is_none_or(|t| key.tenant() == t))
@@ -385,9 +394,7 @@ impl LocalTier {
             if value.counted.dirty {
                 continue;
             }
-            value.gone = true;
-            let counted = std::mem::take(&mut value.counted);
-            self.accounts.lock().expect(POISON).apply(key.tenant(), counted, Counted::default());
+            let counted = self.forget(&key, &mut value);
             freed += counted.len;
             drop(value);
             values.remove(&key);
@@ -395,6 +402,19 @@ impl LocalTier {
             self.evicted_bytes.fetch_add(counted.len, Ordering::Relaxed);
         }
         freed
+    }
+
+    /// Mark a value taken out of the map as gone and take its bytes off its
+    /// tenant's account; returns what it counted.
+    fn forget(&self, key: &ScopedKey, value: &mut LocalValue) -> Counted {
+        value.gone = true;
+        let counted = std::mem::take(&mut value.counted);
+        self.accounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(
+            key.tenant(),
+            counted,
+            Counted::default(),
+        );
+        counted
     }
 
     /// Replace the whole value; every chunk becomes dirty.
@@ -433,11 +453,11 @@ impl LocalTier {
     }
 
     pub fn remove(&self, key: &ScopedKey) -> bool {
-        let Some(value) = self.values.write().expect(POISON).remove(key) else { return false };
-        let mut value = value.lock().expect(POISON);
-        value.gone = true;
-        let counted = std::mem::take(&mut value.counted);
-        self.accounts.lock().expect(POISON).apply(key.tenant(), counted, Counted::default());
+        let Some(value) = self.values.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key) else {
+            return false;
+        };
+        let mut value = value.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.forget(key, &mut value);
         true
     }
 
@@ -479,7 +499,7 @@ impl LocalTier {
     /// changed length meanwhile (then everything stays dirty).
     pub fn mark_clean(&self, key: &ScopedKey, pushed: &DirtyChunks) {
         let Some(value) = self.value(key) else { return };
-        let mut value = value.lock().expect(POISON);
+        let mut value = value.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if value.gone || value.bytes.len() as u64 != pushed.len {
             return;
         }
@@ -493,7 +513,7 @@ impl LocalTier {
         }
         let (old, now) = (value.counted, value.counted_now());
         value.counted = now;
-        self.accounts.lock().expect(POISON).apply(key.tenant(), old, now);
+        self.accounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(key.tenant(), old, now);
     }
 }
 

@@ -76,9 +76,15 @@ fn env_name_is_valid(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Parse `timeout_ms`, `memory_mb` and repeated `env=K=V` against the
-/// node's caps. Unknown parameters are refused, not ignored.
-fn deploy_spec(node: &Node, query: Option<&str>) -> Result<DeploySpec, ApiError> {
+/// The header carrying one env var of a deploy, `NAME=VALUE` (repeatable):
+/// the place for secrets, which a query string would put in URLs (and the
+/// access logs of every proxy on the way).
+pub(crate) const ENV_HEADER: &str = "shoal-env";
+
+/// Parse `timeout_ms`, `memory_mb` and repeated `env=K=V` from the query and
+/// `Shoal-Env: K=V` headers against the node's caps. Unknown parameters
+/// are refused, not ignored.
+fn deploy_spec(node: &Node, query: Option<&str>, headers: &HeaderMap) -> Result<DeploySpec, ApiError> {
     let config = &node.config;
     let mut spec = DeploySpec {
         memory_bytes: config.default_memory_bytes,
@@ -88,6 +94,32 @@ fn deploy_spec(node: &Node, query: Option<&str>) -> Result<DeploySpec, ApiError>
         snapshot: false,
     };
     let mut env_bytes = 0;
+    let mut add_env = |value: &str, spec: &mut DeploySpec| -> Result<(), ApiError> {
+        let Some((name, val)) = value.split_once('=') else {
+            return Err(ApiError::bad_request(format!("env {value:?} must be NAME=VALUE")));
+        };
+        if !env_name_is_valid(name) {
+            return Err(ApiError::bad_request(format!("env var name {name:?} must match [A-Za-z_][A-Za-z0-9_]*")));
+        }
+        env_bytes += name.len() + val.len();
+        if spec.env.len() == config.max_env_vars || env_bytes > config.max_env_bytes {
+            return Err(ApiError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "env vars are over the limit of {} vars or {} bytes",
+                    config.max_env_vars, config.max_env_bytes
+                ),
+            ));
+        }
+        spec.env.retain(|(k, _)| k != name);
+        spec.env.push((name.to_string(), val.to_string()));
+        Ok(())
+    };
+    for value in headers.get_all(ENV_HEADER) {
+        let value = std::str::from_utf8(value.as_bytes())
+            .map_err(|_| ApiError::bad_request(format!("a {ENV_HEADER} header is not UTF-8")))?;
+        add_env(value, &mut spec)?;
+    }
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         let number = || {
             value.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{key}={value:?} is not a whole number")))
@@ -109,28 +141,7 @@ fn deploy_spec(node: &Node, query: Option<&str>) -> Result<DeploySpec, ApiError>
                 }
                 spec.memory_bytes = mb << 20;
             }
-            "env" => {
-                let Some((name, val)) = value.split_once('=') else {
-                    return Err(ApiError::bad_request(format!("env={value:?} must be NAME=VALUE")));
-                };
-                if !env_name_is_valid(name) {
-                    return Err(ApiError::bad_request(format!(
-                        "env var name {name:?} must match [A-Za-z_][A-Za-z0-9_]*"
-                    )));
-                }
-                env_bytes += name.len() + val.len();
-                if spec.env.len() == config.max_env_vars || env_bytes > config.max_env_bytes {
-                    return Err(ApiError::new(
-                        ErrorKind::TooLarge,
-                        format!(
-                            "env vars are over the limit of {} vars or {} bytes",
-                            config.max_env_vars, config.max_env_bytes
-                        ),
-                    ));
-                }
-                spec.env.retain(|(k, _)| k != name);
-                spec.env.push((name.to_string(), val.to_string()));
-            }
+            "env" => add_env(&value, &mut spec)?,
             "snapshot" => {
                 spec.snapshot = match value.as_ref() {
                     "true" | "1" => true,
@@ -159,7 +170,7 @@ pub(super) async fn deploy(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let Path((tenant, name)) = path.map_err(path_error)?;
     authorise(&node, &headers, &tenant, Some(&name))?;
-    let spec = deploy_spec(&node, query.as_deref())?;
+    let spec = deploy_spec(&node, query.as_deref(), &headers)?;
     let mut wasm = read_body(&node, body, &headers, node.config.max_module_bytes).await?;
     if let Some(language) = spec.language {
         // Stored and shared as the canonical bundle, like wasm by content.

@@ -1,8 +1,9 @@
 //! `POST /v1/tenants`: the admin creates a tenant and gets its token, once.
 //! `PUT /v1/tenants/{tenant}/limits`: the admin sets a tenant's weight and
 //! limits (applied at once, kept in the registry); `GET` shows them, with
-//! what is in force (the node's defaults where none is set), to the admin
-//! and to the tenant itself.
+//! what is in force (the node's defaults where none is set) and what the
+//! tenant holds and has used on this node, to the admin and to the tenant
+//! itself.
 
 use std::sync::Arc;
 
@@ -58,7 +59,27 @@ fn limits_view(node: &Node, tenant: &str, set: &TenantLimitsRecord) -> serde_jso
             "sandboxes": set.sandboxes.unwrap_or(sandboxes.tenant_sandboxes),
             "memory_bytes": set.memory_bytes.unwrap_or(sandboxes.tenant_memory_bytes),
             "local_bytes": set.local_bytes.unwrap_or(config.local_limits().tenant_bytes),
+            "state_quota_bytes": set.state_quota_bytes.unwrap_or(config.state_quota_bytes),
         },
+    })
+}
+
+/// What a tenant holds and has used on this node now.
+async fn in_use(node: &Node, tenant: &str) -> serde_json::Value {
+    let (sandboxes, memory_bytes) = node.executor.in_use_of(tenant);
+    let local = node.state.local().bytes_of(tenant);
+    // Unknown (null) while the global tier cannot answer.
+    let state_bytes = node.state.global().usage(tenant).await.ok();
+    let compiles = node.runtime().compile_use_of(tenant);
+    serde_json::json!({
+        "sandboxes": sandboxes,
+        "memory_bytes": memory_bytes,
+        "local_bytes": local.clean + local.dirty,
+        "local_unpushed_bytes": local.dirty,
+        "state_bytes": state_bytes,
+        "compiling": node.runtime().compiles_of(tenant),
+        "compiles": compiles.compiles,
+        "compile_cpu_ms": u64::try_from(compiles.cpu.as_millis()).unwrap_or(u64::MAX),
     })
 }
 
@@ -81,7 +102,9 @@ pub(super) async fn get_limits(
     caller.check_tenant(&tenant)?;
     let tenant = tenant_of(&node, Ok(Path(tenant)))?;
     let set = node.registry.tenant_limits(&tenant).unwrap_or_default();
-    Ok(Json(limits_view(&node, &tenant, &set)))
+    let mut view = limits_view(&node, &tenant, &set);
+    view["in_use"] = in_use(&node, &tenant).await;
+    Ok(Json(view))
 }
 
 pub(super) async fn put_limits(
@@ -95,7 +118,7 @@ pub(super) async fn put_limits(
     let body = read_body(&node, body, &headers, MAX_TENANT_BODY).await?;
     let limits: TenantLimitsRecord = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
-            "body must be {{\"weight\", \"running\", \"sandboxes\", \"memory_bytes\", \"local_bytes\"}} (each optional): {e}"
+            "body must be {{\"weight\", \"running\", \"sandboxes\", \"memory_bytes\", \"local_bytes\", \"state_quota_bytes\"}} (each optional): {e}"
         ))
     })?;
     if limits.weight.is_some_and(|w| !(1..=1000).contains(&w)) {

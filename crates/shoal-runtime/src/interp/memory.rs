@@ -357,7 +357,7 @@ unsafe impl MemoryCreator for SnapshotMemories {
         }
         if let Some(capture) = plan.capture {
             let view = MemoryView { ptr: memory.ptr, size: memory.size.clone() };
-            *capture.lock().expect("capture slot lock is never poisoned") = Some(view);
+            *capture.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(view);
         }
         Ok(Box::new(memory))
     }
@@ -423,7 +423,7 @@ struct Idle {
 
 impl IdleMemories {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Idle>> {
-        self.list.lock().expect("idle list lock is never poisoned")
+        self.list.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Keep `area`, which holds `snapshot`, for `tenant`'s next call of it
@@ -471,7 +471,7 @@ impl IdleMemories {
         drop(list);
         drop(dropped); // unmapped outside the lock
         // A snapshot belongs to one runtime, so to one list of idle memories.
-        let mut kept_in = snapshot.kept_in.lock().expect("kept_in lock is never poisoned");
+        let mut kept_in = snapshot.kept_in.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if kept_in.is_none() {
             *kept_in = Some(Arc::downgrade(self));
         }
@@ -742,7 +742,7 @@ impl Drop for SnapMemory {
                 Err(e) => tracing::debug!(error = %e, "a memory could not be reset: dropped"),
             }
         } else if let Some((slot, idle, owner)) = self.adopt.take() {
-            let snapshot = slot.lock().expect("adopt slot lock is never poisoned").take();
+            let snapshot = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             if let (Some(snapshot), Some(tracker)) = (snapshot, Tracker::get()) {
                 match self.adopt(tracker, &snapshot, area.reserved) {
                     Ok(()) => idle.keep(&snapshot, None, owner, area),

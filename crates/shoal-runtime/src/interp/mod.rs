@@ -213,7 +213,7 @@ impl Interpreters {
         }
         let view = capture
             .lock()
-            .expect("capture slot lock is never poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
             .ok_or_else(|| DeployError::Internal("the runtime's memory was not seen being created".into()))?;
         // SAFETY: `store` (which owns the memory) is alive and idle: the
@@ -226,7 +226,7 @@ impl Interpreters {
             .map_err(|e| DeployError::Internal(format!("taking the snapshot: {e}")))?;
         // The memory, untouched since it was read, holds exactly the
         // snapshot: dropping the store keeps it for the first call.
-        *adopt.lock().expect("adopt slot lock is never poisoned") = Some(snapshot.clone());
+        *adopt.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(snapshot.clone());
         drop(store);
         Ok(snapshot)
     }

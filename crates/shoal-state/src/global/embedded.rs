@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{GlobalTier, LeaseToken, StateFuture, StateLimits, not_an_integer, over_quota, overflow, too_large};
+use super::{
+    GlobalTier, LeaseToken, Quotas, StateFuture, StateLimits, not_an_integer, over_quota, overflow, too_large,
+};
 use crate::embedded::{EmbeddedStore, ReadTx, Table, WriteTx};
 use crate::local::{CHUNK_BYTES, DirtyChunks};
 use crate::{ScopedKey, StateError};
@@ -32,11 +34,12 @@ fn decode_u64(bytes: Option<Vec<u8>>) -> u64 {
 pub struct EmbeddedGlobal {
     store: Arc<EmbeddedStore>,
     limits: StateLimits,
+    quotas: Quotas,
 }
 
 impl EmbeddedGlobal {
     pub fn new(store: Arc<EmbeddedStore>, limits: StateLimits) -> Self {
-        Self { store, limits }
+        Self { store, limits, quotas: Quotas::default() }
     }
 
     pub fn limits(&self) -> StateLimits {
@@ -90,8 +93,9 @@ impl EmbeddedGlobal {
         let tenant = key.tenant();
         let used = decode_u64(tx.get(USAGE, tenant)?);
         let after = used.saturating_sub(old_len).saturating_add(new_len);
-        if new_len > old_len && after > self.limits.tenant_quota_bytes {
-            return Err(over_quota(tenant, after, self.limits.tenant_quota_bytes));
+        let quota = self.quotas.of(tenant, &self.limits);
+        if new_len > old_len && after > quota {
+            return Err(over_quota(tenant, after, quota));
         }
         tx.put(USAGE, tenant, &after.to_le_bytes())?;
         Ok(())
@@ -268,11 +272,13 @@ impl EmbeddedTier {
     }
 }
 
-const LEASES: &str = "the lease table's lock is never poisoned: nothing panics while holding it";
-
 impl GlobalTier for EmbeddedTier {
     fn limits(&self) -> StateLimits {
         self.global.limits
+    }
+
+    fn quotas(&self) -> &Quotas {
+        &self.global.quotas
     }
 
     fn get_range<'a>(&'a self, key: &'a ScopedKey, offset: u64, len: u64) -> StateFuture<'a, Option<Vec<u8>>> {
@@ -317,7 +323,7 @@ impl GlobalTier for EmbeddedTier {
 
     fn try_lock<'a>(&'a self, key: &'a ScopedKey, token: &'a LeaseToken, lease: Duration) -> StateFuture<'a, bool> {
         let now = Instant::now();
-        let mut leases = self.leases.lock().expect(LEASES);
+        let mut leases = self.leases.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let taken = match leases.get(key) {
             Some((_, expiry)) if *expiry > now => false,
             _ => {
@@ -329,7 +335,7 @@ impl GlobalTier for EmbeddedTier {
     }
 
     fn unlock<'a>(&'a self, key: &'a ScopedKey, token: &'a LeaseToken) -> StateFuture<'a, bool> {
-        let mut leases = self.leases.lock().expect(LEASES);
+        let mut leases = self.leases.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let held = matches!(leases.get(key), Some((holder, expiry)) if holder == token && *expiry > Instant::now());
         if held || matches!(leases.get(key), Some((_, expiry)) if *expiry <= Instant::now()) {
             leases.remove(key);

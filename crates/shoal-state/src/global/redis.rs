@@ -21,12 +21,14 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, ScriptInvocation, Value};
 
-use super::{GlobalTier, LeaseToken, StateFuture, StateLimits, not_an_integer, over_quota, overflow, too_large};
+use super::{
+    GlobalTier, LeaseToken, Quotas, StateFuture, StateLimits, not_an_integer, over_quota, overflow, too_large,
+};
 use crate::local::{CHUNK_BYTES, DirtyChunks};
 use crate::{ScopedKey, StateError};
 
 /// How to reach Redis.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]`.
     pub url: String,
@@ -35,6 +37,28 @@ pub struct RedisConfig {
     /// Prefix of every key Shoal writes.
     pub prefix: String,
     pub limits: StateLimits,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redacted_url(&self.url))
+            .field("timeout", &self.timeout)
+            .field("prefix", &self.prefix)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// `url` with any password replaced, for logs and errors.
+pub fn redacted_url(url: &str) -> String {
+    match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?))) {
+        Some((scheme, (userinfo, host))) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:<redacted>@{host}")
+        }
+        None => url.to_string(),
+    }
 }
 
 impl RedisConfig {
@@ -178,6 +202,7 @@ pub struct RedisTier {
     conn: ConnectionManager,
     config: RedisConfig,
     scripts: Scripts,
+    quotas: Quotas,
 }
 
 impl std::fmt::Debug for RedisTier {
@@ -207,7 +232,7 @@ impl RedisTier {
     /// called within a Tokio runtime.
     pub fn connect(config: RedisConfig) -> Result<Self, StateError> {
         let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| StateError::Unavailable(format!("redis URL {:?}: {e}", config.url)))?;
+            .map_err(|e| StateError::Unavailable(format!("redis URL {:?}: {e}", redacted_url(&config.url))))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
@@ -222,7 +247,7 @@ impl RedisTier {
             get_range: Script::new(GET_RANGE),
             unlock: Script::new(UNLOCK),
         };
-        Ok(Self { conn, config, scripts })
+        Ok(Self { conn, config, scripts, quotas: Quotas::default() })
     }
 
     /// Check that Redis answers.
@@ -279,7 +304,7 @@ impl RedisTier {
         match code {
             DONE => Ok(value),
             TOO_LARGE => Err(too_large(value, self.config.limits.max_value_bytes)),
-            OVER_QUOTA => Err(over_quota(key.tenant(), value, self.config.limits.tenant_quota_bytes)),
+            OVER_QUOTA => Err(over_quota(key.tenant(), value, self.quota_of(key.tenant()))),
             _ => Err(bad_reply(what, &reply)),
         }
     }
@@ -294,7 +319,7 @@ impl RedisTier {
         let mut call = self.on_value(&self.scripts.write, key);
         call.arg(len)
             .arg(self.config.limits.max_value_bytes)
-            .arg(self.config.limits.tenant_quota_bytes)
+            .arg(self.quota_of(key.tenant()))
             .arg(CHUNK_BYTES)
             .arg(if whole { "1" } else { "0" });
         for (idx, bytes) in chunks {
@@ -309,6 +334,10 @@ impl RedisTier {
 impl GlobalTier for RedisTier {
     fn limits(&self) -> StateLimits {
         self.config.limits
+    }
+
+    fn quotas(&self) -> &Quotas {
+        &self.quotas
     }
 
     fn get_range<'a>(&'a self, key: &'a ScopedKey, offset: u64, len: u64) -> StateFuture<'a, Option<Vec<u8>>> {
@@ -369,10 +398,7 @@ impl GlobalTier for RedisTier {
     fn append<'a>(&'a self, key: &'a ScopedKey, data: Vec<u8>) -> StateFuture<'a, u64> {
         Box::pin(async move {
             let mut call = self.on_value(&self.scripts.append, key);
-            call.arg(data)
-                .arg(self.config.limits.max_value_bytes)
-                .arg(self.config.limits.tenant_quota_bytes)
-                .arg(CHUNK_BYTES);
+            call.arg(data).arg(self.config.limits.max_value_bytes).arg(self.quota_of(key.tenant())).arg(CHUNK_BYTES);
             let mut conn = self.conn.clone();
             let reply: Value = self.bounded(call.invoke_async(&mut conn)).await?;
             self.written(key, "append", reply)
@@ -382,7 +408,7 @@ impl GlobalTier for RedisTier {
     fn incr<'a>(&'a self, key: &'a ScopedKey, delta: i64) -> StateFuture<'a, i64> {
         Box::pin(async move {
             let mut call = self.on_value(&self.scripts.incr, key);
-            call.arg(delta).arg(self.config.limits.tenant_quota_bytes);
+            call.arg(delta).arg(self.quota_of(key.tenant()));
             let mut conn = self.conn.clone();
             let reply: Value = self.bounded(call.invoke_async(&mut conn)).await?;
             let Value::Array(items) = &reply else { return Err(bad_reply("incr", &reply)) };
@@ -393,7 +419,7 @@ impl GlobalTier for RedisTier {
                 (Some(NOT_AN_INTEGER), _) => Err(not_an_integer(key)),
                 (Some(OVERFLOW), _) => Err(overflow(key, delta)),
                 (Some(OVER_QUOTA), Some(after)) => {
-                    Err(over_quota(key.tenant(), int(after).unwrap_or(0) as u64, self.config.limits.tenant_quota_bytes))
+                    Err(over_quota(key.tenant(), int(after).unwrap_or(0) as u64, self.quota_of(key.tenant())))
                 }
                 _ => Err(bad_reply("incr", &reply)),
             }
