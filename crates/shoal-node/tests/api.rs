@@ -370,7 +370,7 @@ async fn tenant_limits_are_set_by_the_admin_applied_and_kept_across_a_restart() 
     assert!(in_use["compiles"].as_u64().unwrap() >= 1, "{shown}");
     assert!(in_use["compile_cpu_ms"].is_u64(), "{shown}");
     assert_eq!((in_use["sandboxes"].as_u64(), in_use["compiling"].as_u64()), (Some(0), Some(0)), "{shown}");
-    assert_eq!(in_use["state_bytes"].as_u64(), Some(100), "{shown}");
+    assert_eq!(in_use["state_bytes"].as_u64(), Some(shoal_state::key_charge("k", 100)), "{shown}");
     // Kept across a restart.
     node.stop().await;
     let node = TestNode::start_in(config(dir.path())).await;

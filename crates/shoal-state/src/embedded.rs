@@ -6,6 +6,8 @@ use std::path::Path;
 
 use redb::{Database, ReadableTable, TableDefinition, TableError};
 
+type StrTable = TableDefinition<'static, &'static str, &'static [u8]>;
+
 /// A named table of the store. Names are fixed by the code that uses them.
 #[derive(Clone, Copy, Debug)]
 pub struct Table(&'static str);
@@ -15,7 +17,7 @@ impl Table {
         Self(name)
     }
 
-    fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    fn definition(self) -> StrTable {
         TableDefinition::new(self.0)
     }
 }
@@ -168,6 +170,55 @@ impl ReadTx {
         };
         Ok(t.get(key).map_err(io)?.map(|v| v.value().to_vec()))
     }
+
+    /// Fold `f` over every entry whose key starts with `prefix`, in key
+    /// order, without collecting them.
+    pub fn fold_prefix<A>(
+        &self,
+        table: Table,
+        prefix: &str,
+        init: A,
+        f: impl FnMut(A, &str, &[u8]) -> A,
+    ) -> Result<A, StoreError> {
+        match self.tx.open_table(table.definition()) {
+            Ok(t) => fold_prefix(&t, prefix, init, f),
+            Err(TableError::TableDoesNotExist(_)) => Ok(init),
+            Err(e) => Err(io(e)),
+        }
+    }
+}
+
+/// Call `f` on each entry whose key starts with `prefix`, in key order,
+/// until it returns false or the prefix's entries end.
+fn visit_prefix<T: ReadableTable<&'static str, &'static [u8]>>(
+    table: &T,
+    prefix: &str,
+    mut f: impl FnMut(&str, &[u8]) -> bool,
+) -> Result<(), StoreError> {
+    for entry in table.range(prefix..).map_err(io)? {
+        let (key, value) = entry.map_err(io)?;
+        if !key.value().starts_with(prefix) || !f(key.value(), value.value()) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Fold `f` over every entry whose key starts with `prefix`.
+fn fold_prefix<A, T: ReadableTable<&'static str, &'static [u8]>>(
+    table: &T,
+    prefix: &str,
+    mut acc: A,
+    mut f: impl FnMut(A, &str, &[u8]) -> A,
+) -> Result<A, StoreError> {
+    for entry in table.range(prefix..).map_err(io)? {
+        let (key, value) = entry.map_err(io)?;
+        if !key.value().starts_with(prefix) {
+            break;
+        }
+        acc = f(acc, key.value(), value.value());
+    }
+    Ok(acc)
 }
 
 /// Access to tables inside [`EmbeddedStore::transaction`].
@@ -188,6 +239,32 @@ impl WriteTx<'_> {
 
     pub fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
         Ok(self.tx.open_table(table.definition()).map_err(io)?.remove(key).map_err(io)?.is_some())
+    }
+
+    /// Fold `f` over every entry whose key starts with `prefix`, in key
+    /// order, without collecting them.
+    pub fn fold_prefix<A>(
+        &self,
+        table: Table,
+        prefix: &str,
+        init: A,
+        f: impl FnMut(A, &str, &[u8]) -> A,
+    ) -> Result<A, StoreError> {
+        fold_prefix(&self.tx.open_table(table.definition()).map_err(io)?, prefix, init, f)
+    }
+
+    /// The first `limit` entries whose key starts with `prefix`, in key
+    /// order.
+    pub fn scan_prefix(&self, table: Table, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        visit_prefix(&self.tx.open_table(table.definition()).map_err(io)?, prefix, |key, value| {
+            if out.len() >= limit {
+                return false;
+            }
+            out.push((key.to_string(), value.to_vec()));
+            true
+        })?;
+        Ok(out)
     }
 }
 

@@ -15,6 +15,10 @@
 //! its length plus chunks of [`CHUNK_BYTES`], so a range read or a push
 //! moves only the chunks it needs.
 //!
+//! The quota counts every stored key, not only its bytes: a key costs
+//! [`key_charge`] (a fixed [`KEY_OVERHEAD_BYTES`], its name and its value),
+//! so a tenant cannot fill the store with millions of empty keys for free.
+//!
 //! [`CHUNK_BYTES`]: crate::CHUNK_BYTES
 
 use std::collections::HashMap;
@@ -34,12 +38,27 @@ pub use redis::{RedisConfig, RedisTier, redacted_url};
 /// What a global-tier operation returns.
 pub type StateFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StateError>> + Send + 'a>>;
 
+/// What each stored key costs against its tenant's quota on top of its
+/// name and value: an estimate of what either backend spends per key —
+/// Redis a hash object with its length field plus a field in the tenant's
+/// index; redb a length row and a chunk row, each repeating the scoped
+/// name in a B-tree entry. Changing it changes every tenant's usage, so it
+/// is a constant and both backends use this one.
+pub const KEY_OVERHEAD_BYTES: u64 = 100;
+
+/// Bytes the key `key` (as the tenant wrote it, without the tenant) with a
+/// value of `value_len` bytes counts for against its tenant's quota.
+pub fn key_charge(key: &str, value_len: u64) -> u64 {
+    KEY_OVERHEAD_BYTES.saturating_add(key.len() as u64).saturating_add(value_len)
+}
+
 /// Size limits of the global tier.
 #[derive(Clone, Copy, Debug)]
 pub struct StateLimits {
     /// Largest value. Default 64 MiB.
     pub max_value_bytes: u64,
-    /// Bytes of all of one tenant's values together. Default 1 GiB.
+    /// What all of one tenant's keys may count for together, each
+    /// [`key_charge`] bytes (value, name and overhead). Default 1 GiB.
     pub tenant_quota_bytes: u64,
 }
 
@@ -139,7 +158,8 @@ pub trait GlobalTier: Send + Sync + std::fmt::Debug {
     /// Every key of `tenant` with its length, in key order.
     fn list<'a>(&'a self, tenant: &'a str) -> StateFuture<'a, Vec<(String, u64)>>;
 
-    /// Bytes of state `tenant` uses.
+    /// Bytes of state `tenant` uses: the sum of [`key_charge`] over its
+    /// keys, which is what its quota limits.
     fn usage<'a>(&'a self, tenant: &'a str) -> StateFuture<'a, u64>;
 
     /// Take the lock on `key` for `lease` unless someone holds it; returns
@@ -148,6 +168,15 @@ pub trait GlobalTier: Send + Sync + std::fmt::Debug {
 
     /// Release the lock if `token` holds it; returns whether it did.
     fn unlock<'a>(&'a self, key: &'a ScopedKey, token: &'a LeaseToken) -> StateFuture<'a, bool>;
+
+    /// Delete every value of `tenant` (and its usage counter and index), in
+    /// batches so no single transaction or script runs long; returns how many
+    /// keys were deleted. Idempotent: a second call deletes nothing and succeeds.
+    ///
+    /// Also forgets the tenant's own quota and any lock it holds. Meant for
+    /// a tenant that is being deleted: its functions should no longer run,
+    /// since a write racing with the deletion may be left behind.
+    fn delete_tenant<'a>(&'a self, tenant: &'a str) -> StateFuture<'a, u64>;
 }
 
 /// The integers `incr` works on: decimal text, an optional `-`, no leading

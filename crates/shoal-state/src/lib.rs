@@ -6,7 +6,9 @@
 //!   chunked values in the embedded durable store ([`EmbeddedStore`], one
 //!   redb file in the data directory, where the node also keeps its
 //!   registry); across nodes [`RedisTier`]. Both have atomic `incr`,
-//!   `append` and lock leases, a per-tenant quota and a value size limit.
+//!   `append` and lock leases, a per-tenant quota (counting a fixed
+//!   overhead and the name of every key, not only its bytes) and a value
+//!   size limit.
 //!
 //! Keys reach this crate already scoped to their tenant ([`ScopedKey`]).
 //! This crate never interprets the bytes it stores.
@@ -19,8 +21,8 @@ mod tiers;
 
 pub use embedded::{EmbeddedStore, ReadTx, StoreError, Table, WriteTx};
 pub use global::{
-    EmbeddedGlobal, EmbeddedTier, GlobalTier, LeaseToken, Quotas, RedisConfig, RedisTier, StateFuture, StateLimits,
-    parse_counter, redacted_url,
+    EmbeddedGlobal, EmbeddedTier, GlobalTier, KEY_OVERHEAD_BYTES, LeaseToken, Quotas, RedisConfig, RedisTier,
+    StateFuture, StateLimits, key_charge, parse_counter, redacted_url,
 };
 pub use key::{MAX_KEY_BYTES, ScopedKey};
 pub use local::{CHUNK_BYTES, DirtyChunks, LocalBytes, LocalLimits, LocalTier};

@@ -461,6 +461,25 @@ impl LocalTier {
         true
     }
 
+    /// Drop every value `tenant` holds here, clean or dirty (its dirty bytes
+    /// are not pushed), and its limit; returns how many values were dropped.
+    pub fn remove_tenant(&self, tenant: &str) -> usize {
+        // Take them out of the map first, then settle each one's account
+        // under its own lock (the order `remove` uses): a write holding one
+        // finishes first, and one coming after finds it gone.
+        let taken: Vec<(ScopedKey, Arc<Mutex<LocalValue>>)> = {
+            let mut values = self.values.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let keys: Vec<ScopedKey> = values.keys().filter(|key| key.tenant() == tenant).cloned().collect();
+            keys.into_iter().filter_map(|key| values.remove(&key).map(|value| (key, value))).collect()
+        };
+        for (key, value) in &taken {
+            let mut value = value.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.forget(key, &mut value);
+        }
+        self.accounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).tenant_limits.remove(tenant);
+        taken.len()
+    }
+
     /// Put a value fetched from the global tier; it starts clean. When
     /// there is no room for it, it is not kept (a value already here is
     /// left as it was) and its bytes are handed back.
@@ -621,6 +640,40 @@ mod tests {
         assert_eq!(big.install(&scoped("a", "c"), vec![2; 10]), Err(vec![2; 10]));
         assert!(!big.contains(&scoped("a", "c")));
         assert_eq!(big.bytes_of("a"), LocalBytes { clean: 0, dirty: MIB as u64 });
+    }
+
+    #[test]
+    fn removing_a_tenant_drops_its_clean_and_dirty_values_and_keeps_the_accounts_exact() {
+        let tier = LocalTier::new(LocalLimits { node_bytes: 64 << 20, tenant_bytes: 16 << 20 });
+        tier.set_tenant_limit("a", Some(8 << 20));
+        tier.set(&scoped("a", "dirty"), vec![1; MIB]).unwrap();
+        tier.install(&scoped("a", "clean"), vec![2; 2 * MIB]).unwrap();
+        // Half pushed: one chunk clean, the rest dirty.
+        tier.set(&scoped("a", "mixed"), vec![3; 3 * CHUNK_BYTES]).unwrap();
+        let pushed = tier.dirty_chunks(&scoped("a", "mixed")).unwrap();
+        tier.mark_clean(
+            &scoped("a", "mixed"),
+            &DirtyChunks { len: pushed.len, chunks: vec![pushed.chunks[0].clone()] },
+        );
+        tier.set(&scoped("a", "empty"), Vec::new()).unwrap();
+        tier.set(&scoped("b", "dirty"), vec![4; MIB]).unwrap();
+        tier.install(&scoped("b", "clean"), vec![5; 10]).unwrap();
+        let b_before = tier.bytes_of("b");
+        assert_eq!(b_before, LocalBytes { clean: 10, dirty: MIB as u64 });
+
+        assert_eq!(tier.remove_tenant("a"), 4);
+        assert_eq!(tier.bytes_of("a"), LocalBytes::default());
+        assert_eq!(tier.bytes_of("b"), b_before, "another tenant is untouched");
+        assert_eq!(tier.bytes(), b_before, "the node counts only what is left");
+        for k in ["dirty", "clean", "mixed", "empty"] {
+            assert!(!tier.contains(&scoped("a", k)), "{k}");
+        }
+        assert_eq!(tier.get(&scoped("b", "dirty")), Some(vec![4; MIB]));
+        assert_eq!(tier.remove_tenant("a"), 0, "a second removal finds nothing");
+        // Its own limit went too: the node's default share applies again.
+        tier.set(&scoped("a", "k"), vec![6; 12 * MIB]).unwrap();
+        assert_eq!(tier.bytes_of("a"), LocalBytes { clean: 0, dirty: 12 << 20 });
+        assert_eq!(tier.bytes(), LocalBytes { clean: 10, dirty: 13 << 20 });
     }
 
     #[test]

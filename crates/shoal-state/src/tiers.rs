@@ -264,6 +264,19 @@ impl StateTiers {
         self.global.list(tenant).await
     }
 
+    /// Delete everything `tenant` holds in state: every key in the global
+    /// tier (with its usage counter, index, locks and own quota), then every
+    /// value in this node's local tier, clean or dirty (nothing is pushed),
+    /// and its local limit. Returns how many keys the global tier deleted.
+    /// Idempotent; if the global tier fails, the local tier is left as it
+    /// was, so a retry does both. Other nodes' local tiers keep their own
+    /// copies until they are told (see `LocalTier::remove_tenant`).
+    pub async fn delete_tenant(&self, tenant: &str) -> Result<u64, StateError> {
+        let deleted = self.global.delete_tenant(tenant).await?;
+        self.local.remove_tenant(tenant);
+        Ok(deleted)
+    }
+
     fn check_size(&self, len: u64) -> Result<(), StateError> {
         let limit = self.global.limits().max_value_bytes;
         if len > limit {

@@ -2,8 +2,9 @@
 //! sequence of operations runs, each global tier backend — the embedded
 //! store and a real `redis-server` started for the test — answers as a map
 //! of byte vectors would, and a local tier pushed through dirty chunks ends
-//! up equal to the global copy. Then limits, isolation, durability, lock
-//! leases and Redis faults.
+//! up equal to the global copy. Then limits (each key charged its overhead
+//! and name, stores counted the old way), isolation, deleting a tenant,
+//! durability, lock leases and Redis faults.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,8 +14,8 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use shoal_state::{
-    EmbeddedGlobal, EmbeddedStore, EmbeddedTier, GlobalTier, LeaseToken, LocalTier, RedisConfig, RedisTier, ScopedKey,
-    StateError, StateLimits, StateTiers, parse_counter,
+    EmbeddedGlobal, EmbeddedStore, EmbeddedTier, GlobalTier, KEY_OVERHEAD_BYTES, LeaseToken, LocalTier, RedisConfig,
+    RedisTier, ScopedKey, StateError, StateLimits, StateTiers, Table, key_charge, parse_counter,
 };
 use shoal_testkit::RedisServer;
 
@@ -69,13 +70,22 @@ impl Env {
     }
 
     fn tier(&self, backend: Backend, limits: StateLimits) -> Arc<dyn GlobalTier> {
+        self.raw_tier(backend, limits).0
+    }
+
+    /// A fresh tier and a way to look at (and tamper with) what it stores.
+    fn raw_tier(&self, backend: Backend, limits: StateLimits) -> (Arc<dyn GlobalTier>, Raw) {
         let n = self.made.fetch_add(1, Ordering::Relaxed);
         match backend {
             Backend::Embedded => {
                 let store = Arc::new(EmbeddedStore::open(&self.dir.path().join(format!("{n}.redb"))).unwrap());
-                Arc::new(EmbeddedTier::new(EmbeddedGlobal::new(store, limits)))
+                (Arc::new(EmbeddedTier::new(EmbeddedGlobal::new(store.clone(), limits))), Raw::Embedded(store))
             }
-            Backend::Redis => self.redis_tier(RedisConfig { prefix: format!("t{n}"), limits, ..self.redis_config() }),
+            Backend::Redis => {
+                let prefix = format!("t{n}");
+                let tier = self.redis_tier(RedisConfig { prefix: prefix.clone(), limits, ..self.redis_config() });
+                (tier, Raw::Redis { url: self.redis.url().to_string(), prefix })
+            }
         }
     }
 
@@ -87,6 +97,103 @@ impl Env {
         let _guard = self.rt.enter();
         Arc::new(RedisTier::connect(config).unwrap())
     }
+}
+
+/// The store under a tier, read and written behind its back: the layout
+/// each backend documents (`global/embedded.rs`, `global/redis.rs`).
+enum Raw {
+    Embedded(Arc<EmbeddedStore>),
+    Redis { url: String, prefix: String },
+}
+
+/// The embedded backend's tables: every one a state key can reach.
+const TABLES: [&str; 4] = ["state_meta", "state_chunks", "state_usage", "state_usage2"];
+
+impl Raw {
+    async fn redis(url: &str) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+
+    /// Every entry (embedded: `table: key`) or key (Redis) that mentions
+    /// `tenant`, found by scanning the whole store.
+    async fn everything_of(&self, tenant: &str) -> Vec<String> {
+        match self {
+            Raw::Embedded(store) => TABLES
+                .iter()
+                .flat_map(|table| {
+                    let entries = store.scan_prefix(Table::new(table), tenant).unwrap();
+                    entries.into_iter().map(move |(key, _)| format!("{table}: {key:?}"))
+                })
+                .collect(),
+            Raw::Redis { url, prefix } => {
+                let pattern = format!("{prefix}:*{tenant}*");
+                let keys: Vec<String> =
+                    redis::cmd("KEYS").arg(pattern).query_async(&mut Self::redis(url).await).await.unwrap();
+                // `{prefix}:{kind}:{tenant}[/{key}]`: another tenant's key
+                // may hold the name too (`kept/gone`); it is not this one's.
+                keys.into_iter()
+                    .filter(|key| key.splitn(3, ':').nth(2).is_some_and(|rest| rest.split('/').next() == Some(tenant)))
+                    .collect()
+            }
+        }
+    }
+
+    /// The tenant's counters: (the old one of value bytes, the new one).
+    async fn counters(&self, tenant: &str) -> (Option<u64>, Option<u64>) {
+        match self {
+            Raw::Embedded(store) => {
+                let read = |table| {
+                    store.get(Table::new(table), tenant).unwrap().map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                };
+                (read("state_usage"), read("state_usage2"))
+            }
+            Raw::Redis { url, prefix } => {
+                let mut conn = Self::redis(url).await;
+                let mut get = async |key: String| -> Option<u64> {
+                    redis::cmd("GET").arg(key).query_async(&mut conn).await.unwrap()
+                };
+                (get(format!("{prefix}:u:{tenant}")).await, get(format!("{prefix}:u2:{tenant}")).await)
+            }
+        }
+    }
+
+    /// Make `tenant`'s counters what a store written before keys were
+    /// charged has: only the old one, of `value_bytes`.
+    async fn make_old(&self, tenant: &str, value_bytes: u64) {
+        match self {
+            Raw::Embedded(store) => {
+                store.delete(Table::new("state_usage2"), tenant).unwrap();
+                store.put(Table::new("state_usage"), tenant, &value_bytes.to_le_bytes()).unwrap();
+            }
+            Raw::Redis { url, prefix } => {
+                let mut conn = Self::redis(url).await;
+                let () = redis::cmd("DEL").arg(format!("{prefix}:u2:{tenant}")).query_async(&mut conn).await.unwrap();
+                let () = redis::cmd("SET")
+                    .arg(format!("{prefix}:u:{tenant}"))
+                    .arg(value_bytes)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        assert_eq!(self.counters(tenant).await, (Some(value_bytes), None));
+    }
+
+    /// Milliseconds the lock lease on `key` has left (Redis), if any.
+    async fn lease_left(&self, key: &ScopedKey) -> Option<i64> {
+        let Raw::Redis { url, prefix } = self else { return None };
+        let left: i64 = redis::cmd("PTTL")
+            .arg(format!("{prefix}:l:{}", key.as_str()))
+            .query_async(&mut Self::redis(url).await)
+            .await
+            .unwrap();
+        Some(left)
+    }
+}
+
+/// What the model's keys count for against the quota.
+fn charged(model: &BTreeMap<usize, Vec<u8>>) -> u64 {
+    model.iter().map(|(k, v)| key_charge(KEYS[*k], v.len() as u64)).sum()
 }
 
 async fn behaves_like_a_map(tier: &dyn GlobalTier, ops: &[Op]) -> Result<(), TestCaseError> {
@@ -133,8 +240,7 @@ async fn behaves_like_a_map(tier: &dyn GlobalTier, ops: &[Op]) -> Result<(), Tes
     for k in 0..KEYS.len() {
         prop_assert_eq!(tier.get(&key(k)).await.unwrap(), model.get(&k).cloned());
     }
-    let total: usize = model.values().map(Vec::len).sum();
-    prop_assert_eq!(tier.usage("t").await.unwrap(), total as u64, "usage equals the sum of lengths");
+    prop_assert_eq!(tier.usage("t").await.unwrap(), charged(&model), "usage equals the sum of the keys' charges");
     let listed: Vec<String> = tier.list("t").await.unwrap().into_iter().map(|(k, _)| k).collect();
     let mut expected: Vec<String> = model.keys().map(|k| key(*k).key().to_string()).collect();
     expected.sort();
@@ -250,16 +356,175 @@ fn refused_writes_change_nothing() {
             assert!(matches!(tier.set(&b, vec![3; 600]).await, Err(StateError::LimitExceeded(_))), "{backend:?}");
             assert!(matches!(tier.append(&a, vec![4]).await, Err(StateError::TooLarge(_))), "{backend:?}");
             assert_eq!(tier.get(&b).await.unwrap(), None);
-            assert_eq!(tier.usage("t").await.unwrap(), 1000);
+            assert_eq!(tier.usage("t").await.unwrap(), key_charge("a", 1000));
             // Shrinking is always allowed, and frees quota.
             tier.set(&a, vec![5; 10]).await.unwrap();
             tier.set(&b, vec![6; 600]).await.unwrap();
-            assert_eq!(tier.usage("t").await.unwrap(), 610);
+            assert_eq!(tier.usage("t").await.unwrap(), key_charge("a", 10) + key_charge("b", 600));
             // A counter that would overflow is refused and keeps its value.
             let c = k("t", "c");
             tier.incr(&c, i64::MAX).await.unwrap();
             assert!(matches!(tier.incr(&c, 1).await, Err(StateError::LimitExceeded(_))), "{backend:?}");
             assert_eq!(tier.incr(&c, 0).await.unwrap(), i64::MAX);
+        });
+    }
+}
+
+#[test]
+fn every_key_costs_its_overhead_and_name_once_and_gives_it_all_back() {
+    let env = Env::new();
+    let quota = 1000;
+    for backend in BOTH {
+        let tier = env.tier(backend, StateLimits { max_value_bytes: 1000, tenant_quota_bytes: quota });
+        env.rt.block_on(async {
+            let empty = k("t", "empty");
+            tier.set(&empty, Vec::new()).await.unwrap();
+            assert_eq!(tier.usage("t").await.unwrap(), KEY_OVERHEAD_BYTES + 5, "{backend:?}: an empty key costs");
+            tier.set(&empty, Vec::new()).await.unwrap();
+            tier.set(&empty, vec![1; 10]).await.unwrap();
+            assert_eq!(tier.usage("t").await.unwrap(), key_charge("empty", 10), "{backend:?}: charged once");
+            // `append` and `incr` creating a key charge it, even for nothing.
+            tier.append(&k("t", "log"), b"12345".to_vec()).await.unwrap();
+            tier.append(&k("t", "nil"), Vec::new()).await.unwrap();
+            assert_eq!(tier.incr(&k("t", "n"), 7).await.unwrap(), 7);
+            let all = key_charge("empty", 10) + key_charge("log", 5) + key_charge("nil", 0) + key_charge("n", 1);
+            assert_eq!(tier.usage("t").await.unwrap(), all, "{backend:?}");
+            // Growing an existing key charges only the growth.
+            tier.append(&k("t", "log"), b"678".to_vec()).await.unwrap();
+            assert_eq!(tier.incr(&k("t", "n"), 3).await.unwrap(), 10);
+            assert_eq!(tier.usage("t").await.unwrap(), all + 3 + 1, "{backend:?}");
+            // Deleting gives back the whole charge.
+            for key in ["empty", "log", "nil", "n"] {
+                assert!(tier.delete(&k("t", key)).await.unwrap());
+            }
+            assert_eq!(tier.usage("t").await.unwrap(), 0, "{backend:?}");
+
+            // Empty keys cannot be made without end: each costs.
+            let per_key = key_charge("k0", 0);
+            let fit = quota / per_key;
+            for i in 0..fit {
+                tier.set(&k("t", &format!("k{i}")), Vec::new()).await.unwrap();
+            }
+            let over = k("t", &format!("k{fit}"));
+            let refused = tier.set(&over, Vec::new()).await;
+            assert!(matches!(&refused, Err(StateError::LimitExceeded(m)) if m.contains(&format!("would use {}", (fit + 1) * per_key))), "{backend:?}: {refused:?}");
+            assert!(matches!(tier.append(&over, Vec::new()).await, Err(StateError::LimitExceeded(_))), "{backend:?}");
+            assert!(matches!(tier.incr(&over, 1).await, Err(StateError::LimitExceeded(_))), "{backend:?}");
+            assert_eq!(tier.get(&over).await.unwrap(), None, "{backend:?}: nothing written");
+            assert_eq!(tier.list("t").await.unwrap().len() as u64, fit);
+            assert_eq!(tier.usage("t").await.unwrap(), fit * per_key);
+            // Rewriting a key in place is not growth, even at the quota.
+            tier.set(&k("t", "k0"), Vec::new()).await.unwrap();
+            assert_eq!(tier.usage("t").await.unwrap(), fit * per_key);
+        });
+    }
+}
+
+#[test]
+fn a_store_counted_in_value_bytes_only_is_recounted_once_and_never_underflows() {
+    let env = Env::new();
+    for backend in BOTH {
+        let (tier, raw) = env.raw_tier(backend, StateLimits::default());
+        env.rt.block_on(async {
+            tier.set(&k("t", "a"), vec![1; 1000]).await.unwrap();
+            tier.set(&k("t", "bb"), Vec::new()).await.unwrap();
+            tier.incr(&k("t", "n"), 5).await.unwrap();
+            tier.set(&k("other", "x"), vec![2; 10]).await.unwrap();
+            let charged = key_charge("a", 1000) + key_charge("bb", 0) + key_charge("n", 1);
+            assert_eq!(raw.counters("t").await, (None, Some(charged)), "{backend:?}");
+            // As the old code left it: one counter, of value bytes.
+            raw.make_old("t", 1001).await;
+            assert_eq!(tier.usage("t").await.unwrap(), charged, "{backend:?}: computed from the keys");
+            assert_eq!(raw.counters("t").await, (Some(1001), None), "{backend:?}: a read stores nothing");
+            // The quota is checked against the computed usage, not the old
+            // counter; a refusal changes nothing, counters included.
+            tier.set_tenant_quota("t", Some(charged + key_charge("c", 99)));
+            let refused = tier.set(&k("t", "c"), vec![3; 100]).await;
+            assert!(matches!(refused, Err(StateError::LimitExceeded(_))), "{backend:?}: {refused:?}");
+            assert_eq!(raw.counters("t").await, (Some(1001), None), "{backend:?}");
+            tier.set(&k("t", "c"), vec![3; 99]).await.unwrap();
+            let charged = charged + key_charge("c", 99);
+            assert_eq!(raw.counters("t").await, (None, Some(charged)), "{backend:?}: stored once, the old one gone");
+            assert_eq!(tier.usage("t").await.unwrap(), charged);
+            assert_eq!(tier.usage("other").await.unwrap(), key_charge("x", 10), "{backend:?}: per tenant");
+
+            // Old counters too small to pay for a delete: the first delete
+            // recounts, and none goes below zero.
+            raw.make_old("t", 0).await;
+            let mut left = charged;
+            for (key, len) in [("a", 1000), ("bb", 0), ("n", 1), ("c", 99)] {
+                assert!(tier.delete(&k("t", key)).await.unwrap());
+                left -= key_charge(key, len);
+                assert_eq!(tier.usage("t").await.unwrap(), left, "{backend:?}: after deleting {key}");
+            }
+            assert_eq!(raw.counters("t").await, (None, Some(0)), "{backend:?}");
+            // The same with `append` and `incr` as the first write.
+            tier.set(&k("t", "a"), vec![1; 10]).await.unwrap();
+            raw.make_old("t", 10).await;
+            tier.append(&k("t", "a"), vec![1; 5]).await.unwrap();
+            assert_eq!(tier.usage("t").await.unwrap(), key_charge("a", 15), "{backend:?}");
+            raw.make_old("t", 15).await;
+            tier.incr(&k("t", "n"), 1).await.unwrap();
+            assert_eq!(tier.usage("t").await.unwrap(), key_charge("a", 15) + key_charge("n", 1), "{backend:?}");
+            assert_eq!(raw.counters("t").await.0, None);
+        });
+    }
+}
+
+#[test]
+fn deleting_a_tenant_removes_all_it_stored_in_batches_and_nothing_else() {
+    let env = Env::new();
+    let chunk = shoal_state::CHUNK_BYTES;
+    for backend in BOTH {
+        let (tier, raw) = env.raw_tier(backend, StateLimits::default());
+        let tiers = StateTiers::new(tier.clone());
+        env.rt.block_on(async {
+            // More keys than one batch, and a value of several chunks.
+            let small = 2_500;
+            for i in 0..small {
+                tier.set(&k("gone", &format!("key-{i:05}")), vec![i as u8; 3]).await.unwrap();
+            }
+            tier.set(&k("gone", "big"), vec![9; 3 * chunk + 5]).await.unwrap();
+            tier.incr(&k("gone", "n"), 1).await.unwrap();
+            tier.set_tenant_quota("gone", Some(1 << 40));
+            let lock = k("gone", "big");
+            assert!(tier.try_lock(&lock, &LeaseToken::random(), Duration::from_secs(30)).await.unwrap());
+            // A value written on this node and never pushed.
+            tiers.set(&k("gone", "local"), vec![7; 100]).await.unwrap();
+            for key in ["x", "gone"] {
+                tier.set(&k("kept", key), b"stays".to_vec()).await.unwrap();
+            }
+            let kept_usage = tier.usage("kept").await.unwrap();
+            assert!(!raw.everything_of("gone").await.is_empty());
+
+            let deleted = tiers.delete_tenant("gone").await.unwrap();
+            assert_eq!(deleted, small + 2, "{backend:?}");
+            assert_eq!(tier.list("gone").await.unwrap(), Vec::<(String, u64)>::new(), "{backend:?}");
+            assert_eq!(tier.usage("gone").await.unwrap(), 0, "{backend:?}");
+            assert_eq!(tier.get(&k("gone", "big")).await.unwrap(), None, "{backend:?}");
+            assert_eq!(tiers.get(&k("gone", "local")).await.unwrap(), None, "{backend:?}: the local copy went too");
+            assert_eq!(tiers.local().bytes_of("gone"), Default::default());
+            assert_eq!(tier.quota_of("gone"), StateLimits::default().tenant_quota_bytes, "its own quota is forgotten");
+            let mut left = raw.everything_of("gone").await;
+            if let Some(ms) = raw.lease_left(&lock).await {
+                // Redis: the lease is not in the tenant's index; it expires.
+                assert!(ms > 0, "{backend:?}: the lock key has a lease ({ms})");
+                left.retain(|key| !key.contains(":l:"));
+            } else {
+                assert!(tier.try_lock(&lock, &LeaseToken::random(), Duration::from_secs(1)).await.unwrap());
+            }
+            assert_eq!(left, Vec::<String>::new(), "{backend:?}: nothing of the tenant is left in the store");
+            // The other tenant (even its key named like the tenant) is untouched.
+            assert_eq!(tier.list("kept").await.unwrap().len(), 2, "{backend:?}");
+            assert_eq!(tier.get(&k("kept", "gone")).await.unwrap().unwrap(), b"stays");
+            assert_eq!(tier.usage("kept").await.unwrap(), kept_usage);
+
+            // Again: nothing to delete, no error.
+            assert_eq!(tiers.delete_tenant("gone").await.unwrap(), 0, "{backend:?}");
+            assert_eq!(tier.delete_tenant("never-was").await.unwrap(), 0, "{backend:?}");
+            // A tenant of the same name starts from nothing.
+            tier.set(&k("gone", "new"), vec![1; 4]).await.unwrap();
+            assert_eq!(tier.usage("gone").await.unwrap(), key_charge("new", 4), "{backend:?}");
         });
     }
 }

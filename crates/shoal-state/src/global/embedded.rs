@@ -1,6 +1,7 @@
 //! The embedded backend: values in chunks of [`CHUNK_BYTES`] in the redb
-//! file of the data directory, a per-tenant usage counter updated in the
-//! same transaction as the value, every acknowledged write durable.
+//! file of the data directory, a per-tenant usage counter (the sum of
+//! [`key_charge`] over the tenant's keys) updated in the same transaction
+//! as the value, every acknowledged write durable.
 //! [`EmbeddedGlobal`] is the synchronous store; [`EmbeddedTier`] runs it on
 //! the blocking pool (writes fsync) and keeps lock leases in memory.
 
@@ -9,24 +10,55 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{
-    GlobalTier, LeaseToken, Quotas, StateFuture, StateLimits, not_an_integer, over_quota, overflow, too_large,
+    GlobalTier, LeaseToken, Quotas, StateFuture, StateLimits, key_charge, not_an_integer, over_quota, overflow,
+    too_large,
 };
 use crate::embedded::{EmbeddedStore, ReadTx, Table, WriteTx};
 use crate::local::{CHUNK_BYTES, DirtyChunks};
 use crate::{ScopedKey, StateError};
 
+/// `<tenant>/<key>` → the value's length.
 const META: Table = Table::new("state_meta");
+/// `<tenant>/<key>\0<index>` → one chunk of the value.
 const CHUNKS: Table = Table::new("state_chunks");
-const USAGE: Table = Table::new("state_usage");
+/// `<tenant>` → what its keys count for against its quota (the sum of
+/// [`key_charge`]).
+const USAGE: Table = Table::new("state_usage2");
+/// `<tenant>` → the bytes of its values alone: the counter of stores
+/// written before keys were charged. Never read: a tenant without a
+/// [`USAGE`] row has it computed from its [`META`] rows at its next write,
+/// and this row is dropped in the same transaction.
+const OLD_USAGE: Table = Table::new("state_usage");
+
+/// Most keys one transaction of [`EmbeddedGlobal::delete_tenant`] removes.
+const DELETE_BATCH_KEYS: usize = 1000;
+/// Most chunks one such transaction removes (it takes at least one key,
+/// however large), so a batch of large values is no longer than one of
+/// small ones.
+const DELETE_BATCH_CHUNKS: u64 = 4096;
 
 fn chunk_key(key: &ScopedKey, idx: u64) -> String {
+    chunk_name(key.as_str(), idx)
+}
+
+fn chunk_name(scoped: &str, idx: u64) -> String {
     // The key may hold any character, NUL included; the suffix has a fixed
     // length, so (key, idx) ↦ string is one-to-one.
-    format!("{}\0{idx:08x}", key.as_str())
+    format!("{scoped}\0{idx:08x}")
 }
 
 fn decode_u64(bytes: Option<Vec<u8>>) -> u64 {
-    bytes.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_le_bytes).unwrap_or(0)
+    bytes.as_deref().map(decode).unwrap_or(0)
+}
+
+fn decode(bytes: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(bytes).map(u64::from_le_bytes).unwrap_or(0)
+}
+
+/// A fold over a tenant's [`META`] rows (`prefix` is its key prefix)
+/// adding up what its keys count for.
+fn add_charge(prefix: &str) -> impl Fn(u64, &str, &[u8]) -> u64 + '_ {
+    move |sum, scoped, len| sum.saturating_add(key_charge(scoped.get(prefix.len()..).unwrap_or_default(), decode(len)))
 }
 
 /// The global tier on the embedded store.
@@ -84,17 +116,44 @@ impl EmbeddedGlobal {
         Ok(self.store.snapshot(|tx| Self::len_in(tx, key).map_err(into_store))?)
     }
 
-    /// Check the size and quota for `key` going from its current length to
-    /// `new_len`, and record the new usage.
-    fn account(&self, tx: &WriteTx<'_>, key: &ScopedKey, old_len: u64, new_len: u64) -> Result<(), StateError> {
-        if new_len > self.limits.max_value_bytes {
-            return Err(too_large(new_len, self.limits.max_value_bytes));
+    /// What `tenant`'s keys count for, inside a write. A tenant with no
+    /// counter yet — none of its keys written since keys were charged, its
+    /// old counter counting value bytes only — has it computed once from
+    /// its length rows; the caller stores it and the old counter goes (in
+    /// the same transaction, so both or neither).
+    fn used(tx: &WriteTx<'_>, tenant: &str) -> Result<u64, StateError> {
+        if let Some(bytes) = tx.get(USAGE, tenant)? {
+            return Ok(decode(&bytes));
+        }
+        let prefix = ScopedKey::tenant_prefix(tenant);
+        let used = tx.fold_prefix(META, &prefix, 0, add_charge(&prefix))?;
+        tx.delete(OLD_USAGE, tenant)?;
+        Ok(used)
+    }
+
+    /// Check the size and quota for `key` going from its current length
+    /// (`None`: absent) to `new_len` (`None`: deleted), and record the new
+    /// usage. A key counts for [`key_charge`] of its length while it
+    /// exists, so rewriting one charges only the change in length, and
+    /// deleting it gives back all of it.
+    fn account(
+        &self,
+        tx: &WriteTx<'_>,
+        key: &ScopedKey,
+        old_len: Option<u64>,
+        new_len: Option<u64>,
+    ) -> Result<(), StateError> {
+        if let Some(len) = new_len
+            && len > self.limits.max_value_bytes
+        {
+            return Err(too_large(len, self.limits.max_value_bytes));
         }
         let tenant = key.tenant();
-        let used = decode_u64(tx.get(USAGE, tenant)?);
-        let after = used.saturating_sub(old_len).saturating_add(new_len);
+        let old = old_len.map_or(0, |len| key_charge(key.key(), len));
+        let new = new_len.map_or(0, |len| key_charge(key.key(), len));
+        let after = Self::used(tx, tenant)?.saturating_sub(old).saturating_add(new);
         let quota = self.quotas.of(tenant, &self.limits);
-        if new_len > old_len && after > quota {
+        if new > old && after > quota {
             return Err(over_quota(tenant, after, quota));
         }
         tx.put(USAGE, tenant, &after.to_le_bytes())?;
@@ -119,9 +178,9 @@ impl EmbeddedGlobal {
         let new_len = bytes.len() as u64;
         self.store
             .transaction(|tx| {
-                let old_len = Self::old_len(tx, key).map_err(into_store)?.unwrap_or(0);
-                self.account(tx, key, old_len, new_len).map_err(into_store)?;
-                Self::truncate(tx, key, old_len, new_len).map_err(into_store)?;
+                let old_len = Self::old_len(tx, key).map_err(into_store)?;
+                self.account(tx, key, old_len, Some(new_len)).map_err(into_store)?;
+                Self::truncate(tx, key, old_len.unwrap_or(0), new_len).map_err(into_store)?;
                 for (idx, piece) in bytes.chunks(CHUNK_BYTES).enumerate() {
                     tx.put(CHUNKS, &chunk_key(key, idx as u64), piece)?;
                 }
@@ -134,9 +193,9 @@ impl EmbeddedGlobal {
     pub fn write_chunks(&self, key: &ScopedKey, dirty: &DirtyChunks) -> Result<(), StateError> {
         self.store
             .transaction(|tx| {
-                let old_len = Self::old_len(tx, key).map_err(into_store)?.unwrap_or(0);
-                self.account(tx, key, old_len, dirty.len).map_err(into_store)?;
-                Self::truncate(tx, key, old_len, dirty.len).map_err(into_store)?;
+                let old_len = Self::old_len(tx, key).map_err(into_store)?;
+                self.account(tx, key, old_len, Some(dirty.len)).map_err(into_store)?;
+                Self::truncate(tx, key, old_len.unwrap_or(0), dirty.len).map_err(into_store)?;
                 for (idx, bytes) in &dirty.chunks {
                     tx.put(CHUNKS, &chunk_key(key, u64::from(*idx)), bytes)?;
                 }
@@ -150,7 +209,7 @@ impl EmbeddedGlobal {
         self.store
             .transaction(|tx| {
                 let Some(old_len) = Self::old_len(tx, key).map_err(into_store)? else { return Ok(false) };
-                self.account(tx, key, old_len, 0).map_err(into_store)?;
+                self.account(tx, key, Some(old_len), None).map_err(into_store)?;
                 Self::truncate(tx, key, old_len, 0).map_err(into_store)?;
                 tx.delete(META, key.as_str())?;
                 Ok(true)
@@ -162,9 +221,10 @@ impl EmbeddedGlobal {
     pub fn append(&self, key: &ScopedKey, data: &[u8]) -> Result<u64, StateError> {
         self.store
             .transaction(|tx| {
-                let old_len = Self::old_len(tx, key).map_err(into_store)?.unwrap_or(0);
+                let existing = Self::old_len(tx, key).map_err(into_store)?;
+                let old_len = existing.unwrap_or(0);
                 let new_len = old_len + data.len() as u64;
-                self.account(tx, key, old_len, new_len).map_err(into_store)?;
+                self.account(tx, key, existing, Some(new_len)).map_err(into_store)?;
                 let chunk = CHUNK_BYTES as u64;
                 let mut written = 0usize;
                 while written < data.len() {
@@ -200,7 +260,7 @@ impl EmbeddedGlobal {
                 };
                 let next = current.checked_add(delta).ok_or_else(|| into_store(overflow(key, delta)))?;
                 let text = next.to_string();
-                self.account(tx, key, old_len.unwrap_or(0), text.len() as u64).map_err(into_store)?;
+                self.account(tx, key, old_len, Some(text.len() as u64)).map_err(into_store)?;
                 tx.put(CHUNKS, &chunk_key(key, 0), text.as_bytes())?;
                 tx.put(META, key.as_str(), &(text.len() as u64).to_le_bytes())?;
                 Ok(next)
@@ -215,9 +275,79 @@ impl EmbeddedGlobal {
         Ok(entries.into_iter().map(|(k, v)| (k[prefix.len()..].to_string(), decode_u64(Some(v)))).collect())
     }
 
-    /// Bytes of state `tenant` uses.
+    /// Bytes of state `tenant` uses, as its quota counts them. Computed
+    /// (not stored: this is a read) when its counter predates per-key
+    /// charges.
     pub fn usage(&self, tenant: &str) -> Result<u64, StateError> {
-        Ok(decode_u64(self.store.get(USAGE, tenant)?))
+        Ok(self.store.snapshot(|tx| match tx.get(USAGE, tenant)? {
+            Some(bytes) => Ok(decode(&bytes)),
+            None => {
+                let prefix = ScopedKey::tenant_prefix(tenant);
+                tx.fold_prefix(META, &prefix, 0, add_charge(&prefix))
+            }
+        })?)
+    }
+
+    /// Delete every key of `tenant`, its counters and its quota; returns
+    /// how many keys there were. Batches of at most [`DELETE_BATCH_KEYS`]
+    /// keys and [`DELETE_BATCH_CHUNKS`] chunks, each its own transaction
+    /// keeping the counter right, so other writes wait for one batch at a
+    /// time and a deletion cut short leaves a consistent store that a
+    /// second call finishes.
+    pub fn delete_tenant(&self, tenant: &str) -> Result<u64, StateError> {
+        let prefix = ScopedKey::tenant_prefix(tenant);
+        let mut deleted = 0u64;
+        loop {
+            let removed = self.store.transaction(|tx| {
+                let mut removed = 0u64;
+                let mut chunks = 0u64;
+                let mut freed = 0u64;
+                for (scoped, len) in tx.scan_prefix(META, &prefix, DELETE_BATCH_KEYS)? {
+                    let len = decode(&len);
+                    let count = len.div_ceil(CHUNK_BYTES as u64);
+                    if removed > 0 && chunks + count > DELETE_BATCH_CHUNKS {
+                        break;
+                    }
+                    for idx in 0..count {
+                        tx.delete(CHUNKS, &chunk_name(&scoped, idx))?;
+                    }
+                    tx.delete(META, &scoped)?;
+                    freed = freed.saturating_add(key_charge(scoped.get(prefix.len()..).unwrap_or_default(), len));
+                    chunks += count;
+                    removed += 1;
+                }
+                // A counter not made yet is computed from what is left.
+                if let Some(used) = tx.get(USAGE, tenant)? {
+                    tx.put(USAGE, tenant, &decode(&used).saturating_sub(freed).to_le_bytes())?;
+                }
+                Ok(removed)
+            })?;
+            if removed == 0 {
+                break;
+            }
+            deleted += removed;
+        }
+        // Every chunk went with its length row; sweep the tenant's prefix
+        // anyway, so nothing of it can be left behind.
+        loop {
+            let swept = self.store.transaction(|tx| {
+                let stray = tx.scan_prefix(CHUNKS, &prefix, DELETE_BATCH_CHUNKS as usize)?;
+                for (name, _) in &stray {
+                    tx.delete(CHUNKS, name)?;
+                }
+                Ok(stray.len())
+            })?;
+            if swept == 0 {
+                break;
+            }
+        }
+        self.store.transaction(|tx| {
+            tx.delete(USAGE, tenant)?;
+            tx.delete(OLD_USAGE, tenant)?;
+            Ok(())
+        })?;
+        self.quotas.set(tenant, None);
+        Ok(deleted)
     }
 }
 
@@ -332,6 +462,21 @@ impl GlobalTier for EmbeddedTier {
             }
         };
         Box::pin(std::future::ready(Ok(taken)))
+    }
+
+    fn delete_tenant<'a>(&'a self, tenant: &'a str) -> StateFuture<'a, u64> {
+        let owned = tenant.to_string();
+        let deleting = self.blocking(move |g| g.delete_tenant(&owned));
+        Box::pin(async move {
+            let deleted = deleting.await?;
+            // Leases live only here; a holder of one of the tenant's locks
+            // finds it gone (its unlock answers false).
+            self.leases
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .retain(|key, _| key.tenant() != tenant);
+            Ok(deleted)
+        })
     }
 
     fn unlock<'a>(&'a self, key: &'a ScopedKey, token: &'a LeaseToken) -> StateFuture<'a, bool> {

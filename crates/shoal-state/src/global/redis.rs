@@ -5,7 +5,12 @@
 //!   fields `0`, `1`, … its chunks of [`CHUNK_BYTES`], so a range read or a
 //!   push moves only the chunks it needs;
 //! - `{p}:k:{tenant}`: a hash of the tenant's keys and their lengths;
-//! - `{p}:u:{tenant}`: the bytes the tenant uses (the quota's counter);
+//! - `{p}:u2:{tenant}`: what the tenant's keys count for against its quota,
+//!   the sum of [`key_charge`](super::key_charge) (overhead, name and value of each key);
+//! - `{p}:u:{tenant}`: left by stores written before keys were charged, the
+//!   bytes of the tenant's values alone. Never read: a tenant without a
+//!   `u2` counter has it computed from its index by its next write script,
+//!   which deletes this one;
 //! - `{p}:l:{tenant}/{key}`: a lock lease, `SET NX PX` with a random token.
 //!
 //! Every write is one Lua script, so it is atomic on the server and checks
@@ -22,7 +27,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, ScriptInvocation, Value};
 
 use super::{
-    GlobalTier, LeaseToken, Quotas, StateFuture, StateLimits, not_an_integer, over_quota, overflow, too_large,
+    GlobalTier, KEY_OVERHEAD_BYTES, LeaseToken, Quotas, StateFuture, StateLimits, not_an_integer, over_quota, overflow,
+    too_large,
 };
 use crate::local::{CHUNK_BYTES, DirtyChunks};
 use crate::{ScopedKey, StateError};
@@ -80,15 +86,44 @@ const OVER_QUOTA: i64 = 2;
 const NOT_AN_INTEGER: i64 = 3;
 const OVERFLOW: i64 = 4;
 
-/// KEYS: value, index, usage. ARGV: key, new length, max value, quota,
-/// chunk size, whole ("1": drop every old chunk), then (index, bytes) pairs.
+/// Put in front of every script below (after `local OVERHEAD = …`, the
+/// value of [`KEY_OVERHEAD_BYTES`]): what a key counts for, and the
+/// tenant's usage.
+const PRELUDE: &str = r"
+-- What a key counts for against its tenant's quota (`key_charge`).
+local function charge(key, len) return OVERHEAD + #key + len end
+-- The tenant's usage: its counter; or, for a store written before keys
+-- were charged (whose only counter held value bytes), computed from its
+-- index, once: the next write stores it.
+local function used(index, usage)
+  local u = redis.call('GET', usage)
+  if u then return tonumber(u) end
+  local total = 0
+  local all = redis.call('HGETALL', index)
+  for i = 1, #all, 2 do total = total + charge(all[i], tonumber(all[i + 1])) end
+  return total
+end
+-- Store the usage (KEYS[3]) of a value script; the old counter (KEYS[4])
+-- is stale from now on. As an integer: a Lua number would be sent in %.14g.
+local function store_used(after)
+  redis.call('SET', KEYS[3], string.format('%d', after))
+  redis.call('DEL', KEYS[4])
+end
+";
+
+/// KEYS: value, index, usage, old usage. ARGV: key, new length, max value,
+/// quota, chunk size, whole ("1": drop every old chunk), then (index,
+/// bytes) pairs.
 const WRITE: &str = r"
-local old = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+local n = redis.call('HGET', KEYS[1], 'n')
+local old = tonumber(n or '0')
 local new = tonumber(ARGV[2])
 if new > tonumber(ARGV[3]) then return {1, new} end
-local used = tonumber(redis.call('GET', KEYS[3]) or '0')
-local after = used - old + new
-if new > old and after > tonumber(ARGV[4]) then return {2, after} end
+local was = 0
+if n then was = charge(ARGV[1], old) end
+local now = charge(ARGV[1], new)
+local after = used(KEYS[2], KEYS[3]) - was + now
+if now > was and after > tonumber(ARGV[4]) then return {2, after} end
 local chunk = tonumber(ARGV[5])
 local keep = math.ceil(new / chunk)
 if ARGV[6] == '1' then keep = 0 end
@@ -96,19 +131,23 @@ for i = keep, math.ceil(old / chunk) - 1 do redis.call('HDEL', KEYS[1], i) end
 for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'n', new)
 redis.call('HSET', KEYS[2], ARGV[1], new)
-redis.call('SET', KEYS[3], after)
+store_used(after)
 return {0, new}
 ";
 
-/// KEYS: value, index, usage. ARGV: key, data, max value, quota, chunk size.
+/// KEYS: value, index, usage, old usage. ARGV: key, data, max value, quota,
+/// chunk size.
 const APPEND: &str = r"
-local old = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+local n = redis.call('HGET', KEYS[1], 'n')
+local old = tonumber(n or '0')
 local data = ARGV[2]
 local new = old + #data
 if new > tonumber(ARGV[3]) then return {1, new} end
-local used = tonumber(redis.call('GET', KEYS[3]) or '0')
-local after = used + #data
-if #data > 0 and after > tonumber(ARGV[4]) then return {2, after} end
+local was = 0
+if n then was = charge(ARGV[1], old) end
+local now = charge(ARGV[1], new)
+local after = used(KEYS[2], KEYS[3]) - was + now
+if now > was and after > tonumber(ARGV[4]) then return {2, after} end
 local chunk = tonumber(ARGV[5])
 local pos = old
 local written = 0
@@ -122,12 +161,12 @@ while written < #data do
 end
 redis.call('HSET', KEYS[1], 'n', new)
 redis.call('HSET', KEYS[2], ARGV[1], new)
-redis.call('SET', KEYS[3], after)
+store_used(after)
 return {0, new}
 ";
 
-/// KEYS: value, index, usage. ARGV: key, delta, quota. The reply's value
-/// is the new integer as text (Lua numbers are doubles).
+/// KEYS: value, index, usage, old usage. ARGV: key, delta, quota. The
+/// reply's value is the new integer as text (Lua numbers are doubles).
 const INCR: &str = r"
 local n = redis.call('HGET', KEYS[1], 'n')
 local before = ''
@@ -144,28 +183,77 @@ if not ok then
   return {3, 0}
 end
 local text = redis.call('HGET', KEYS[1], '0')
-local old = tonumber(n or '0')
-local used = tonumber(redis.call('GET', KEYS[3]) or '0')
-local after = used - old + #text
-if #text > old and after > tonumber(ARGV[3]) then
+local was = 0
+if n then was = charge(ARGV[1], tonumber(n)) end
+local now = charge(ARGV[1], #text)
+local after = used(KEYS[2], KEYS[3]) - was + now
+if now > was and after > tonumber(ARGV[3]) then
   if n then redis.call('HSET', KEYS[1], '0', before) else redis.call('DEL', KEYS[1]) end
   return {2, after}
 end
 redis.call('HSET', KEYS[1], 'n', #text)
 redis.call('HSET', KEYS[2], ARGV[1], #text)
-redis.call('SET', KEYS[3], after)
+store_used(after)
 return {0, text}
 ";
 
-/// KEYS: value, index, usage. ARGV: key.
+/// KEYS: value, index, usage, old usage. ARGV: key. The usage is taken
+/// before the key leaves the index (a computed one counts it), and never
+/// goes below 0.
 const DELETE: &str = r"
 local old = redis.call('HGET', KEYS[1], 'n')
 if not old then return 0 end
+local after = math.max(used(KEYS[2], KEYS[3]) - charge(ARGV[1], tonumber(old)), 0)
 redis.call('UNLINK', KEYS[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('DECRBY', KEYS[3], old)
+store_used(after)
 return 1
 ";
+
+/// KEYS: index, usage. Reads only: a computed usage is not stored.
+const USAGE: &str = r"
+return used(KEYS[1], KEYS[2])
+";
+
+/// One batch of a tenant's deletion. KEYS: index, usage, then the value
+/// key of each key in ARGV (the keys as the tenant wrote them, from the
+/// index). Keys no longer in the index are skipped (a scan may return a
+/// key twice); the usage, if stored, keeps counting what is left.
+const DELETE_BATCH: &str = r"
+local freed = 0
+local removed = 0
+for i = 1, #ARGV do
+  local len = redis.call('HGET', KEYS[1], ARGV[i])
+  if len then
+    redis.call('UNLINK', KEYS[i + 2])
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    freed = freed + charge(ARGV[i], tonumber(len))
+    removed = removed + 1
+  end
+end
+local u = redis.call('GET', KEYS[2])
+if u then redis.call('SET', KEYS[2], string.format('%d', math.max(tonumber(u) - freed, 0))) end
+return removed
+";
+
+/// The end of a tenant's deletion. KEYS: index, usage, old usage. Drops
+/// the counters if the index is empty (then it no longer exists either);
+/// replies 0 if a key came back meanwhile, for another round.
+const DELETE_END: &str = r"
+if redis.call('HLEN', KEYS[1]) > 0 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return 1
+";
+
+/// Fields asked of each `HSCAN` of a tenant's index when deleting it (a
+/// hint: Redis may answer a few more), and so the keys of one
+/// [`DELETE_BATCH`] script.
+const DELETE_BATCH_KEYS: usize = 1000;
+
+/// Rounds of scanning a tenant's index before its deletion gives up: each
+/// round deletes every key the index held when it began, so more than a
+/// couple means something keeps writing for the tenant.
+const DELETE_ROUNDS: usize = 16;
 
 /// KEYS: value. ARGV: offset, length, chunk size. Replies nil, or
 /// `{len, start, end, first chunk index, chunks…}`.
@@ -193,8 +281,20 @@ struct Scripts {
     append: Script,
     incr: Script,
     delete: Script,
+    usage: Script,
+    delete_batch: Script,
+    delete_end: Script,
     get_range: Script,
     unlock: Script,
+}
+
+/// A field of a tenant's index (a key as the tenant wrote it) and its value
+/// (the key's length), as `HSCAN` answers them.
+type IndexEntry = (Vec<u8>, Vec<u8>);
+
+/// A script that counts charges: the overhead and [`PRELUDE`] in front.
+fn charging(body: &str) -> Script {
+    Script::new(&format!("local OVERHEAD = {KEY_OVERHEAD_BYTES}\n{PRELUDE}{body}"))
 }
 
 /// The global tier on Redis.
@@ -240,10 +340,13 @@ impl RedisTier {
             .set_max_delay(Duration::from_millis(200));
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config).map_err(unavailable)?;
         let scripts = Scripts {
-            write: Script::new(WRITE),
-            append: Script::new(APPEND),
-            incr: Script::new(INCR),
-            delete: Script::new(DELETE),
+            write: charging(WRITE),
+            append: charging(APPEND),
+            incr: charging(INCR),
+            delete: charging(DELETE),
+            usage: charging(USAGE),
+            delete_batch: charging(DELETE_BATCH),
+            delete_end: Script::new(DELETE_END),
             get_range: Script::new(GET_RANGE),
             unlock: Script::new(UNLOCK),
         };
@@ -276,6 +379,11 @@ impl RedisTier {
     }
 
     fn usage_key(&self, tenant: &str) -> String {
+        format!("{}:u2:{tenant}", self.config.prefix)
+    }
+
+    /// The counter of stores written before keys were charged.
+    fn old_usage_key(&self, tenant: &str) -> String {
         format!("{}:u:{tenant}", self.config.prefix)
     }
 
@@ -283,15 +391,38 @@ impl RedisTier {
         format!("{}:l:{}", self.config.prefix, key.as_str()).into_bytes()
     }
 
-    /// An invocation of one of the value scripts: KEYS value, index, usage;
-    /// first ARGV the key as the tenant wrote it.
+    /// An invocation of one of the value scripts: KEYS value, index, usage,
+    /// old usage; first ARGV the key as the tenant wrote it.
     fn on_value<'s>(&self, script: &'s Script, key: &ScopedKey) -> ScriptInvocation<'s> {
         let mut call = script.prepare_invoke();
         call.key(self.value_key(key))
             .key(self.index_key(key.tenant()))
             .key(self.usage_key(key.tenant()))
+            .key(self.old_usage_key(key.tenant()))
             .arg(key.key());
         call
+    }
+
+    /// Delete the keys `fields` (as the tenant wrote them) of `tenant`, in
+    /// scripts of at most [`DELETE_BATCH_KEYS`]; returns how many were
+    /// there.
+    async fn delete_batch(&self, tenant: &str, fields: &[Vec<u8>]) -> Result<u64, StateError> {
+        let mut removed = 0;
+        let value_prefix = format!("{}:v:{}", self.config.prefix, ScopedKey::tenant_prefix(tenant)).into_bytes();
+        for batch in fields.chunks(DELETE_BATCH_KEYS) {
+            let mut call = self.scripts.delete_batch.prepare_invoke();
+            call.key(self.index_key(tenant)).key(self.usage_key(tenant));
+            for field in batch {
+                call.key([value_prefix.as_slice(), field.as_slice()].concat());
+            }
+            for field in batch {
+                call.arg(field.as_slice());
+            }
+            let mut conn = self.conn.clone();
+            let n: u64 = self.bounded(call.invoke_async(&mut conn)).await?;
+            removed += n;
+        }
+        Ok(removed)
     }
 
     /// Turn a write script's `{code, value}` into the result.
@@ -439,10 +570,57 @@ impl GlobalTier for RedisTier {
 
     fn usage<'a>(&'a self, tenant: &'a str) -> StateFuture<'a, u64> {
         Box::pin(async move {
+            let mut call = self.scripts.usage.prepare_invoke();
+            call.key(self.index_key(tenant)).key(self.usage_key(tenant));
             let mut conn = self.conn.clone();
-            let used: Option<u64> =
-                self.bounded(redis::cmd("GET").arg(self.usage_key(tenant)).query_async(&mut conn)).await?;
-            Ok(used.unwrap_or(0))
+            let used: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+            Ok(u64::try_from(used).unwrap_or(0))
+        })
+    }
+
+    fn delete_tenant<'a>(&'a self, tenant: &'a str) -> StateFuture<'a, u64> {
+        Box::pin(async move {
+            // The tenant's keys are its index's fields: scan that one hash
+            // (never the keyspace), deleting each batch found. Deleting
+            // fields while scanning is allowed: a field there all along is
+            // returned at least once; one returned twice is skipped.
+            // Lock leases (`{p}:l:…`) are not in the index; they expire by
+            // themselves within their lease.
+            let index = self.index_key(tenant);
+            let mut deleted = 0;
+            for _ in 0..DELETE_ROUNDS {
+                let mut cursor = 0u64;
+                loop {
+                    let mut conn = self.conn.clone();
+                    let (next, entries): (u64, Vec<IndexEntry>) = self
+                        .bounded(
+                            redis::cmd("HSCAN")
+                                .arg(&index)
+                                .arg(cursor)
+                                .arg("COUNT")
+                                .arg(DELETE_BATCH_KEYS)
+                                .query_async(&mut conn),
+                        )
+                        .await?;
+                    let fields: Vec<Vec<u8>> = entries.into_iter().map(|(field, _)| field).collect();
+                    deleted += self.delete_batch(tenant, &fields).await?;
+                    cursor = next;
+                    if cursor == 0 {
+                        break;
+                    }
+                }
+                let mut call = self.scripts.delete_end.prepare_invoke();
+                call.key(&index).key(self.usage_key(tenant)).key(self.old_usage_key(tenant));
+                let mut conn = self.conn.clone();
+                let done: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+                if done == 1 {
+                    self.quotas.set(tenant, None);
+                    return Ok(deleted);
+                }
+            }
+            Err(StateError::Unavailable(format!(
+                "tenant `{tenant}` kept writing state while it was being deleted; try again once it has stopped"
+            )))
         })
     }
 
