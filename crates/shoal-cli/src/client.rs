@@ -255,6 +255,43 @@ impl Client {
 }
 
 impl Client {
+    /// Delete `tenant`; with `wait`, poll its status until it is gone.
+    pub async fn delete_tenant(&self, tenant: &str, wait: bool) -> anyhow::Result<()> {
+        let path = format!("/v1/tenants/{}", percent_encode(tenant));
+        self.send(self.request(Method::DELETE, &path)).await?;
+        if !wait {
+            eprintln!("deleting tenant {tenant} (`shoal tenant rm {tenant} --wait` waits until it is gone)");
+            return Ok(());
+        }
+        loop {
+            let response = self.request(Method::GET, &path).send().await.context("reaching the node")?;
+            if response.status() == StatusCode::NOT_FOUND {
+                eprintln!("deleted tenant {tenant}");
+                return Ok(());
+            }
+            self.send(self.request(Method::GET, &path)).await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Give `tenant` a new token and print it; the old one stays valid for `grace`.
+    pub async fn rotate_token(&self, tenant: &str, grace: Duration) -> anyhow::Result<()> {
+        let path = format!("/v1/tenants/{}/token", percent_encode(tenant));
+        let body = serde_json::json!({ "grace_seconds": grace.as_secs() });
+        let rotated = self.json(self.request(Method::POST, &path).json(&body)).await?;
+        eprintln!("new token for tenant {tenant} (shown once); the old one stays valid for {} s:", grace.as_secs());
+        println!("{}", rotated["token"].as_str().unwrap_or(""));
+        Ok(())
+    }
+
+    /// Refuse every token of `tenant` from now on.
+    pub async fn revoke_tokens(&self, tenant: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/tenants/{}/token", percent_encode(tenant));
+        self.send(self.request(Method::DELETE, &path)).await?;
+        eprintln!("revoked every token of tenant {tenant}");
+        Ok(())
+    }
+
     /// Show `tenant`'s limits; with `changes` (or `reset`), set them first:
     /// what was set, less everything if `reset`, with `changes` over it.
     pub async fn tenant_limits(

@@ -135,6 +135,23 @@ enum CallCommand {
 enum TenantCommand {
     /// Create a tenant and print its token (shown once).
     Create { name: String },
+    /// Delete a tenant and everything it has: functions, state, call
+    /// records, tokens. Runs in the background on the node; --wait waits
+    /// until it is gone.
+    Rm {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Give a tenant a new token (printed, shown once); the old one stays
+    /// valid for --grace (0s: refused at once).
+    Rotate {
+        name: String,
+        #[arg(long, default_value = "1h", value_parser = units::parse_duration)]
+        grace: std::time::Duration,
+    },
+    /// Refuse every token of a tenant from now on (rotate to give it a new one).
+    Revoke { name: String },
     /// Show a tenant's weight and limits (set, and in force); with any of
     /// the options, set them first (the others keep what was set; --reset
     /// starts from the node's defaults).
@@ -215,6 +232,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rm { function } => client.remove(&function).await,
         Command::Logs { function } => client.logs(&function).await,
         Command::Tenant { command: TenantCommand::Create { name } } => client.create_tenant(&name).await,
+        Command::Tenant { command: TenantCommand::Rm { name, wait } } => client.delete_tenant(&name, wait).await,
+        Command::Tenant { command: TenantCommand::Rotate { name, grace } } => client.rotate_token(&name, grace).await,
+        Command::Tenant { command: TenantCommand::Revoke { name } } => client.revoke_tokens(&name).await,
         Command::Tenant {
             command:
                 TenantCommand::Limits { name, weight, running, sandboxes, memory, local_memory, state_quota, reset },

@@ -121,6 +121,13 @@ pub struct ServeArgs {
     /// Functions one tenant may have deployed at once (default 1000).
     #[arg(long, env = "SHOAL_MAX_FUNCTIONS_PER_TENANT")]
     max_functions_per_tenant: Option<usize>,
+    /// Records of asynchronous calls one tenant may keep (default 100000;
+    /// finished ones expire after the retention time).
+    #[arg(long, env = "SHOAL_TENANT_ASYNC_RECORDS")]
+    tenant_async_records: Option<usize>,
+    /// Bytes of asynchronous calls' outputs one tenant may keep (default 1GiB).
+    #[arg(long, env = "SHOAL_TENANT_ASYNC_OUTPUT", value_parser = parse_size)]
+    tenant_async_output: Option<u64>,
     /// Do not deploy the example functions under tenant `demo`.
     #[arg(long)]
     no_examples: bool,
@@ -143,6 +150,8 @@ struct ServeFile {
     max_concurrent_calls: Option<u32>,
     max_loaded_images: Option<usize>,
     max_functions_per_tenant: Option<usize>,
+    tenant_async_records: Option<usize>,
+    tenant_async_output: Option<String>,
     default_timeout: Option<String>,
     default_memory: Option<String>,
     redis: Option<String>,
@@ -242,6 +251,15 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
     if let Some(n) = args.max_functions_per_tenant.or(file.max_functions_per_tenant) {
         anyhow::ensure!(n > 0, "max_functions_per_tenant must be at least 1");
         config.max_functions_per_tenant = n;
+    }
+    if let Some(n) = args.tenant_async_records.or(file.tenant_async_records) {
+        anyhow::ensure!(n > 0, "tenant_async_records must be at least 1");
+        config.max_async_records_per_tenant = n;
+    }
+    if let Some(bytes) = args.tenant_async_output {
+        config.max_async_output_bytes_per_tenant = bytes;
+    } else if let Some(text) = &file.tenant_async_output {
+        config.max_async_output_bytes_per_tenant = parse_size(text).map_err(anyhow::Error::msg)?;
     }
     if let Some(n) = args.max_loaded_images.or(file.max_loaded_images) {
         anyhow::ensure!(n > 0, "max_loaded_images must be at least 1");

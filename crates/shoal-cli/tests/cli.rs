@@ -161,6 +161,25 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     assert!(String::from_utf8_lossy(&gone.stderr).contains("not_found"), "{gone:?}");
     let bad_ref = run(&["invoke", "no-slash"]);
     assert!(String::from_utf8_lossy(&bad_ref.stderr).contains("TENANT/NAME"), "{bad_ref:?}");
+
+    // Token rotation with no grace, revocation, and deleting the tenant.
+    let as_token = |token: &str, args: &[&str]| {
+        let mut all = vec!["--token", token];
+        all.extend_from_slice(args);
+        shoal(dir.path(), &served.url, &all)
+    };
+    let rotated = stdout(&run(&["tenant", "rotate", "acme", "--grace", "0s"])).trim().to_string();
+    assert!(rotated.starts_with("acme.") && rotated != token, "{rotated}");
+    assert!(!as_token(&token, &["ls", "acme"]).status.success(), "the old token still works");
+    assert!(as_token(&rotated, &["ls", "acme"]).status.success());
+    assert!(run(&["tenant", "revoke", "acme"]).status.success());
+    assert!(!as_token(&rotated, &["ls", "acme"]).status.success(), "a revoked token still works");
+    assert!(run(&["tenant", "rm", "acme", "--wait"]).status.success());
+    let gone = run(&["ls", "acme"]);
+    assert!(!gone.status.success() || stdout(&gone).trim().is_empty(), "{gone:?}");
+    let again = stdout(&run(&["tenant", "create", "acme"])).trim().to_string();
+    assert!(again.starts_with("acme."), "{again}");
+    assert!(stdout(&run(&["ls", "acme"])).lines().all(|l| !l.starts_with("acme/")), "a new acme starts empty");
 }
 
 #[test]

@@ -229,6 +229,19 @@ impl SharedRegistry {
         Ok(())
     }
 
+    /// Forget a tenant's record (the last step of its deletion, after its
+    /// functions are gone); false if there was none.
+    pub async fn remove_tenant(&self, name: &str) -> Result<bool, ClusterError> {
+        let (removed, _): (u64, u64) = redis::pipe()
+            .atomic()
+            .hdel(self.key("tenants"), name)
+            .incr(self.key("registry:version"), 1)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(removed == 1)
+    }
+
     /// Deploy: store the wasm (once per content) and the record.
     pub async fn put_function(&self, key: &str, sha256: &str, record: &[u8], wasm: &[u8]) -> Result<(), ClusterError> {
         let mut conn = self.conn.clone();

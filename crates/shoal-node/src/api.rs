@@ -34,6 +34,8 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
     let router = router.route("/v1/_fault/panic", post(fault_panic));
     router
         .route("/v1/tenants", post(tenants::create))
+        .route("/v1/tenants/{tenant}", get(tenants::get).delete(tenants::delete))
+        .route("/v1/tenants/{tenant}/token", post(tenants::rotate_token).delete(tenants::revoke_tokens))
         .route("/v1/tenants/{tenant}/limits", get(tenants::get_limits).put(tenants::put_limits))
         .route("/v1/functions/{tenant}", get(functions::list))
         .route(
@@ -59,7 +61,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
 
 impl Node {
     fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
-        auth::authenticate(headers, &self.admin_hash, |tenant| self.registry.tenant_hash(tenant))
+        auth::authenticate(headers, &self.admin_hash, |tenant, presented| self.registry.opens(tenant, presented))
     }
 }
 
@@ -162,6 +164,10 @@ fn render_metrics(node: &Node) -> Response {
         call_memory_bytes: node.executor.memory_in_use(),
         local: node.state.local().bytes(),
         local_evictions: node.state.local().evictions(),
+        disk: vec![
+            ("store", std::fs::metadata(node.config.data_dir.join("shoal.redb")).map_or(0, |m| m.len())),
+            ("compiled", node.runtime().compiled_bytes()),
+        ],
     };
     let mut response = node.metrics.render(&gauges).into_response();
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
@@ -188,6 +194,11 @@ async fn fault_panic(
     // `?in=chores`: the cluster chores panic at their next tick instead.
     if query.as_deref() == Some("in=chores") {
         node.fault_in_chores.store(true, Ordering::Release);
+        return Ok(axum::http::StatusCode::NO_CONTENT.into_response());
+    }
+    // `?in=async-call`: the next asynchronous call's task panics (on one node).
+    if query.as_deref() == Some("in=async-call") {
+        node.fault_in_async_call.store(true, Ordering::Release);
         return Ok(axum::http::StatusCode::NO_CONTENT.into_response());
     }
     match node.registry.panic_holding_locks() {}

@@ -70,6 +70,10 @@ pub struct CallRecord {
     /// Times the call was started (more than 1 after a crash mid-call).
     pub attempts: u32,
     pub error: Option<CallFailure>,
+    /// Bytes of its output, kept (records written before this was counted
+    /// have none, and count as 0 against the tenant's output bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_bytes: Option<u64>,
 }
 
 impl CallRecord {
@@ -84,6 +88,7 @@ impl CallRecord {
             finished_at_ms: None,
             attempts: 0,
             error: None,
+            output_bytes: None,
         }
     }
 }
@@ -139,6 +144,24 @@ pub(crate) struct AsyncCalls {
     tenants: std::sync::Mutex<std::collections::HashMap<String, TenantCalls>>,
     max_per_tenant: usize,
     retention: Duration,
+    /// What each tenant's records hold on this node (one node only: in a
+    /// cluster, records live in Redis), and the most they may.
+    kept: std::sync::Mutex<std::collections::HashMap<String, Kept>>,
+    kept_limits: KeptLimits,
+}
+
+/// The records of asynchronous calls a tenant may keep.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KeptLimits {
+    pub records: usize,
+    pub output_bytes: u64,
+}
+
+/// What a tenant's records hold.
+#[derive(Clone, Copy, Debug, Default)]
+struct Kept {
+    records: usize,
+    output_bytes: u64,
 }
 
 impl AsyncCalls {
@@ -148,8 +171,19 @@ impl AsyncCalls {
         max_unfinished: usize,
         max_per_tenant: usize,
         retention: Duration,
-    ) -> Self {
-        Self {
+        kept_limits: KeptLimits,
+    ) -> Result<Self, StoreError> {
+        // What each tenant keeps, counted once from the records at start.
+        let mut kept: std::collections::HashMap<String, Kept> = Default::default();
+        if queue.is_none() {
+            for (id, bytes) in store.scan_prefix(CALLS, "")? {
+                let Ok(record) = decode(&id, &bytes) else { continue };
+                let entry = kept.entry(record.tenant).or_default();
+                entry.records += 1;
+                entry.output_bytes += record.output_bytes.unwrap_or(0);
+            }
+        }
+        Ok(Self {
             store,
             queue,
             unfinished: AtomicUsize::new(0),
@@ -157,6 +191,72 @@ impl AsyncCalls {
             tenants: Default::default(),
             max_per_tenant,
             retention,
+            kept: std::sync::Mutex::new(kept),
+            kept_limits,
+        })
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Kept>> {
+        self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Refuse a new call of `tenant` if its records are at their limits.
+    fn check_kept(&self, tenant: &str) -> Result<(), ApiError> {
+        let kept = self.kept().get(tenant).copied().unwrap_or_default();
+        let limits = self.kept_limits;
+        let refuse = |what: String| {
+            Err(ApiError::new(
+                ErrorKind::LimitExceeded,
+                format!(
+                    "tenant `{tenant}` keeps {what} of asynchronous calls, its limit; records expire {} s after their call",
+                    self.retention.as_secs()
+                ),
+            ))
+        };
+        if kept.records >= limits.records {
+            return refuse(format!("{} records", limits.records));
+        }
+        if kept.output_bytes >= limits.output_bytes {
+            return refuse(format!("{} bytes of outputs", limits.output_bytes));
+        }
+        Ok(())
+    }
+
+    /// Count `output` against its tenant's output bytes, or, past them,
+    /// fail the call with `limit_exceeded` and drop its output.
+    fn keep_output(&self, record: &mut CallRecord, output: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let output = output?;
+        let len = output.len() as u64;
+        let mut kept = self.kept();
+        let entry = kept.entry(record.tenant.clone()).or_default();
+        if entry.output_bytes.saturating_add(len) > self.kept_limits.output_bytes {
+            drop(kept);
+            record.status = CallStatus::Failed;
+            record.error = Some(CallFailure {
+                kind: ErrorKind::LimitExceeded.as_str().to_string(),
+                message: format!(
+                    "the call's output ({len} bytes) would pass tenant `{}`'s limit of {} bytes of kept outputs; it was dropped",
+                    record.tenant, self.kept_limits.output_bytes
+                ),
+            });
+            return None;
+        }
+        entry.output_bytes += len;
+        record.output_bytes = Some(len);
+        Some(output)
+    }
+
+    /// Records of `tenant` removed: uncount them.
+    fn forget_kept(&self, removed: &[CallRecord]) {
+        let mut kept = self.kept();
+        for record in removed {
+            if let Some(entry) = kept.get_mut(&record.tenant) {
+                entry.records = entry.records.saturating_sub(1);
+                entry.output_bytes = entry.output_bytes.saturating_sub(record.output_bytes.unwrap_or(0));
+                if entry.records == 0 {
+                    kept.remove(&record.tenant);
+                }
+            }
         }
     }
 
@@ -246,6 +346,7 @@ impl AsyncCalls {
                 Err(Refused::Tenant) => Err(self.tenant_full(tenant, "queued in the cluster")),
             };
         }
+        self.check_kept(tenant)?;
         self.count(tenant, false)?;
         let record = CallRecord::queued(Self::new_id(now), tenant, function, now);
         let (store, stored) = (self.store.clone(), record.clone());
@@ -259,7 +360,10 @@ impl AsyncCalls {
         })
         .await;
         match written {
-            Ok(Ok(())) => Ok(record),
+            Ok(Ok(())) => {
+                self.kept().entry(tenant.to_string()).or_default().records += 1;
+                Ok(record)
+            }
             failed => {
                 self.uncount(tenant);
                 Err(match failed {
@@ -307,6 +411,42 @@ impl AsyncCalls {
         })
     }
 
+    /// `tenant`'s calls queued or running on this node.
+    pub(crate) fn unfinished_of(&self, tenant: &str) -> usize {
+        self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(tenant).map_or(0, |c| c.unfinished)
+    }
+
+    /// Remove every record of `tenant`'s calls on this node (records,
+    /// inputs, outputs, pending marks); returns how many. Records carry no
+    /// tenant in their key, so this reads every record once: it runs only
+    /// when a tenant is deleted. In a cluster the records live in Redis
+    /// and expire after the retention time instead (none is written for a
+    /// tenant once its functions are gone).
+    pub(crate) fn delete_records_of(&self, tenant: &str) -> Result<usize, StoreError> {
+        if self.queue.is_some() {
+            return Ok(0);
+        }
+        let ids: Vec<String> = self
+            .store
+            .scan_prefix(CALLS, "")?
+            .into_iter()
+            .filter(|(id, bytes)| decode(id, bytes).is_ok_and(|r| r.tenant == tenant))
+            .map(|(id, _)| id)
+            .collect();
+        for batch in ids.chunks(SWEEP_BATCH) {
+            self.store.transaction(|tx| {
+                for id in batch {
+                    for table in [CALLS, INPUTS, OUTPUTS, PENDING] {
+                        tx.delete(table, id)?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        self.kept().remove(tenant);
+        Ok(ids.len())
+    }
+
     /// Calls accepted but not finished (after a restart: those the last
     /// run of the node did not finish).
     fn pending(&self) -> Result<Vec<(String, String)>, StoreError> {
@@ -332,18 +472,19 @@ impl AsyncCalls {
         loop {
             let old = self.store.scan_before(CALLS, &cutoff, SWEEP_BATCH)?;
             let n = old.len();
-            let finished: Vec<String> = old
-                .into_iter()
-                .filter(|(id, bytes)| decode(id, bytes).is_ok_and(|r| r.status.is_finished()))
-                .map(|(id, _)| id)
+            let finished: Vec<CallRecord> = old
+                .iter()
+                .filter_map(|(id, bytes)| decode(id, bytes).ok())
+                .filter(|r| r.status.is_finished())
                 .collect();
             self.store.transaction(|tx| {
-                for id in &finished {
-                    tx.delete(CALLS, id)?;
-                    tx.delete(OUTPUTS, id)?;
+                for record in &finished {
+                    tx.delete(CALLS, &record.call_id)?;
+                    tx.delete(OUTPUTS, &record.call_id)?;
                 }
                 Ok(())
             })?;
+            self.forget_kept(&finished);
             removed += finished.len();
             // Unfinished records this old cannot exist (a call runs at most
             // 15 minutes); if one did, stop rather than loop over it.
@@ -377,11 +518,45 @@ impl Node {
     fn spawn_async(self: &Arc<Self>, id: String, tenant: String) {
         let node = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = node.run_async(&id).await {
-                tracing::error!(call_id = %id, error = %e, "an asynchronous call could not be recorded; it stays pending");
+            // The call runs on a task of its own, so a panic in it is seen
+            // here: recorded as the call's failure, and the tenant's count
+            // given back either way.
+            let run = {
+                let (node, id) = (node.clone(), id.clone());
+                tokio::spawn(async move { node.run_async(&id).await })
+            };
+            match run.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(call_id = %id, error = %e, "an asynchronous call could not be recorded; it stays pending")
+                }
+                Err(e) => {
+                    node.conn_stats.panics.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(call_id = %id, error = %e, "an asynchronous call's task panicked; recorded as failed");
+                    if let Err(e) = node.record_panicked(&id).await {
+                        tracing::error!(call_id = %id, error = %e, "recording the panicked call failed");
+                    }
+                }
             }
             node.async_calls.uncount(&tenant);
         });
+    }
+
+    /// Record a call whose task panicked as failed (`internal`).
+    async fn record_panicked(&self, id: &str) -> Result<(), StoreError> {
+        let (store, key) = (self.async_calls.store.clone(), id.to_string());
+        let bytes = tokio::task::spawn_blocking(move || store.get(CALLS, &key))
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))??;
+        let Some(bytes) = bytes else { return Ok(()) };
+        let mut record = decode(id, &bytes)?;
+        record.status = CallStatus::Failed;
+        record.finished_at_ms = Some(now_ms());
+        record.error = Some(CallFailure {
+            kind: ErrorKind::Internal.as_str().to_string(),
+            message: "the platform failed while running this call (a panic, counted in shoal_panics_total)".into(),
+        });
+        self.write_record(&record, None).await
     }
 
     async fn run_async(&self, id: &str) -> Result<(), RecordError> {
@@ -393,11 +568,16 @@ impl Node {
                 .await
                 .map_err(|e| StoreError::Io(e.to_string()))??;
         let (Some(bytes), input) = loaded else { return Ok(()) };
+        #[cfg(feature = "fault-injection")]
+        if self.fault_in_async_call.swap(false, Ordering::AcqRel) {
+            panic!("fault injected: a panic in an asynchronous call's task");
+        }
         let mut record = decode(id, &bytes)?;
         if record.status.is_finished() {
             return Ok(());
         }
         let output = self.execute_async(&mut record, input.unwrap_or_default(), None).await?.flatten();
+        let output = self.async_calls.keep_output(&mut record, output);
         Ok(self.write_record(&record, output).await?)
     }
 

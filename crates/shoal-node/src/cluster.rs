@@ -464,7 +464,10 @@ async fn chores(weak: Weak<Node>) {
         tick = tick.wrapping_add(1);
         if tick.is_multiple_of(MIRROR_EVERY) {
             match node.registry.mirror(false, node.config.log_lines_per_function).await {
-                Ok(true) => node.apply_tenant_limits(),
+                Ok(true) => {
+                    node.apply_tenant_limits();
+                    node.collect_orphans();
+                }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "mirroring the cluster's registry failed; retrying"),
             }

@@ -108,6 +108,15 @@ pub struct NodeConfig {
     pub max_async_calls_per_tenant: Option<usize>,
     /// How long records of asynchronous calls are kept. Default 24 h.
     pub async_retention: Duration,
+    /// Records of asynchronous calls one tenant may keep on this node
+    /// (queued, running, or finished and not yet expired); more of its
+    /// calls are refused with 507. Default 100,000.
+    pub max_async_records_per_tenant: usize,
+    /// Bytes of outputs of asynchronous calls one tenant may keep on this
+    /// node: a call whose output would pass it is recorded failed
+    /// (`limit_exceeded`, the output dropped), and once it is reached the
+    /// tenant's new calls are refused with 507. Default 1 GiB.
+    pub max_async_output_bytes_per_tenant: u64,
     /// Cluster mode: with a Redis URL the node joins the cluster kept
     /// there (membership, registry, async calls) and its global state tier
     /// is that Redis; None (the default) runs alone on the embedded store
@@ -179,6 +188,8 @@ impl NodeConfig {
             max_async_calls: 10_000,
             max_async_calls_per_tenant: None,
             async_retention: Duration::from_secs(24 * 3600),
+            max_async_records_per_tenant: 100_000,
+            max_async_output_bytes_per_tenant: 1 << 30,
             redis_url: None,
             advertise: None,
             cluster_prefix: "shoal".into(),

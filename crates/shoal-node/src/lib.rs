@@ -23,6 +23,7 @@ mod metrics;
 mod names;
 mod registry;
 mod server;
+mod tenancy;
 
 pub use calls::{CallFailure, CallRecord, CallStatus};
 pub use config::{NodeConfig, Secret};
@@ -118,31 +119,63 @@ pub struct Node {
     /// Fault injection: the cluster chores panic at their next tick.
     #[cfg(feature = "fault-injection")]
     fault_in_chores: std::sync::atomic::AtomicBool,
+    /// Fault injection: the next asynchronous call's task panics.
+    #[cfg(feature = "fault-injection")]
+    fault_in_async_call: std::sync::atomic::AtomicBool,
+    /// Background chores' supervisors, joined when the node stops.
+    chores: std::sync::Mutex<Vec<(&'static str, tokio::task::JoinHandle<()>)>>,
+    /// Set when the node stops: supervisors end their chores.
+    stop_chores: tokio::sync::watch::Sender<bool>,
 }
 
 /// Run the chore `make` starts, on its own task, and start it again a
 /// second after it panics (counted in `shoal_chore_restarts_total` and
-/// logged), until it ends by itself or the node is gone.
+/// logged), until it ends by itself, the node stops (it is then ended at
+/// its next await and joined: [`Node::join_chores`]) or the node is gone.
 pub(crate) fn supervise<F, Fut>(node: &Arc<Node>, name: &'static str, make: F)
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let weak = Arc::downgrade(node);
-    tokio::spawn(async move {
+    let mut stop = node.stop_chores.subscribe();
+    let supervisor = tokio::spawn(async move {
         loop {
-            match tokio::spawn(make()).await {
+            let mut chore = tokio::spawn(make());
+            let ended = tokio::select! {
+                ended = &mut chore => ended,
+                () = stopped(&mut stop) => {
+                    chore.abort();
+                    let _ = chore.await;
+                    return;
+                }
+            };
+            match ended {
                 Err(e) if e.is_panic() => {
                     let Some(node) = weak.upgrade() else { return };
                     node.chore_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     drop(node);
                     tracing::error!(chore = name, "a background chore panicked; starting it again in a second");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = stopped(&mut stop) => return,
+                    }
                 }
                 _ => return,
             }
         }
     });
+    node.chores.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((name, supervisor));
+}
+
+/// Until the node stops (or is gone).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let now = *stop.borrow_and_update();
+        if now || stop.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -217,7 +250,11 @@ impl Node {
             config.max_async_calls,
             async_per_tenant,
             config.async_retention,
-        ));
+            calls::KeptLimits {
+                records: config.max_async_records_per_tenant,
+                output_bytes: config.max_async_output_bytes_per_tenant,
+            },
+        )?);
         let registry = Registry::open(store, shared)?;
         let node = Arc::new_cyclic(|node| {
             // A fresh runtime has no invoker yet: this cannot fail.
@@ -239,6 +276,10 @@ impl Node {
                 chore_restarts: std::sync::atomic::AtomicU64::new(0),
                 #[cfg(feature = "fault-injection")]
                 fault_in_chores: std::sync::atomic::AtomicBool::new(false),
+                #[cfg(feature = "fault-injection")]
+                fault_in_async_call: std::sync::atomic::AtomicBool::new(false),
+                chores: std::sync::Mutex::new(Vec::new()),
+                stop_chores: tokio::sync::watch::Sender::new(false),
             }
         });
         if node.cluster.is_some() {
@@ -257,6 +298,7 @@ impl Node {
         }
         node.enforce_image_budget();
         node.apply_tenant_limits();
+        node.resume_deletions();
         let resumed = node.resume_async_calls()?;
         if resumed > 0 {
             tracing::info!(resumed, "resuming asynchronous calls accepted before the last stop");
@@ -309,6 +351,14 @@ impl Node {
             self.state.local().set_tenant_limit(&tenant, limits.local_bytes);
             self.state.global().set_tenant_quota(&tenant, limits.state_quota_bytes);
         }
+        // In a cluster, another node may be deleting a tenant: what this
+        // node holds of it locally goes now (its functions are gone here
+        // with the mirror).
+        if self.cluster.is_some() {
+            for tenant in self.registry.tenants_being_deleted() {
+                self.state.local().remove_tenant(&tenant);
+            }
+        }
     }
 
     /// Whether the node should be sent new work, and if not, why: it is
@@ -359,6 +409,24 @@ impl Node {
     }
 
     /// This node's id in its cluster (None when it runs alone).
+    /// End the background chores and wait (at most `bound`) until each has.
+    async fn join_chores(&self, bound: Duration) {
+        self.stop_chores.send_replace(true);
+        let chores = std::mem::take(&mut *self.chores.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let deadline = tokio::time::Instant::now() + bound;
+        for (name, chore) in chores {
+            if tokio::time::timeout_at(deadline, chore).await.is_err() {
+                tracing::warn!(chore = name, "a background chore did not end in time; left behind");
+            }
+        }
+    }
+
+    /// Background chores running now (none once the node has stopped).
+    pub fn chores_running(&self) -> usize {
+        let chores = self.chores.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        chores.iter().filter(|(_, chore)| !chore.is_finished()).count()
+    }
+
     pub fn cluster_id(&self) -> Option<&str> {
         self.cluster.as_ref().map(|c| c.id())
     }
@@ -397,7 +465,15 @@ impl Node {
             token_sha256: hex::encode(auth::hash_token(&token)),
             created_ms: now_ms(),
             limits: Default::default(),
+            previous_tokens: Vec::new(),
+            deleting_since_ms: None,
         };
+        if self.registry.tenant(tenant).is_some_and(|t| t.deleting_since_ms.is_some()) {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!("tenant `{tenant}` is being deleted; create it again once it is gone"),
+            ));
+        }
         Ok(self.registry.create_tenant(record).await?.then_some(token))
     }
 
@@ -411,13 +487,13 @@ impl Node {
     ) -> Result<FunctionRecord, ApiError> {
         names::check_name("tenant", tenant)?;
         names::check_name("function", name)?;
-        if !self.registry.tenant_exists(tenant) {
+        if !self.registry.tenant_active(tenant) {
             // In a cluster the tenant may have been created on another
             // node a moment ago: read the registry before saying no.
             if self.cluster.is_some() {
                 self.registry.mirror(true, self.config.log_lines_per_function).await?;
             }
-            if !self.registry.tenant_exists(tenant) {
+            if !self.registry.tenant_active(tenant) {
                 return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist; create it first")));
             }
         }
@@ -559,6 +635,7 @@ impl Node {
                 Err(e) => tracing::warn!(error = %e, "requeueing this node's calls failed; the others will"),
             }
         }
+        self.join_chores(Duration::from_secs(5)).await;
         self.runtime().shutdown();
         tracing::info!("stopped");
         Ok(())

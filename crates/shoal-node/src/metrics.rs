@@ -64,6 +64,8 @@ pub struct Gauges {
     /// start (values, bytes).
     pub local: shoal_state::LocalBytes,
     pub local_evictions: (u64, u64),
+    /// Bytes on disk by kind: (kind, bytes).
+    pub disk: Vec<(&'static str, u64)>,
 }
 
 impl Metrics {
@@ -86,6 +88,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::new();
+        let disk = gauges.disk.clone();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         out.push_str("# HELP shoal_calls_total Calls by outcome.\n# TYPE shoal_calls_total counter\n");
         for (name, count) in OUTCOMES.iter().zip(&self.outcomes) {
@@ -132,7 +135,7 @@ impl Metrics {
             (
                 "shoal_panics_total",
                 "counter",
-                "Requests whose handling panicked (answered 500 `internal`; a bug to report).",
+                "Requests and asynchronous calls whose handling panicked (answered 500 `internal`, or the call recorded failed `internal`; a bug to report).",
                 gauges.panics,
             ),
             (
@@ -207,6 +210,13 @@ impl Metrics {
         for (name, kind, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP shoal_disk_bytes Bytes the node keeps on disk, by kind (store: the embedded store's file; compiled: compiled functions).\n# TYPE shoal_disk_bytes gauge"
+        );
+        for (kind, bytes) in disk {
+            let _ = writeln!(out, "shoal_disk_bytes{{kind=\"{kind}\"}} {bytes}");
+        }
         out
     }
 }
@@ -243,6 +253,7 @@ mod tests {
             call_memory_bytes: 11,
             local: shoal_state::LocalBytes { clean: 12, dirty: 13 },
             local_evictions: (14, 15),
+            disk: vec![("store", 16), ("compiled", 17)],
         });
         for expected in [
             "shoal_calls_total{outcome=\"ok\"} 1",
@@ -263,6 +274,8 @@ mod tests {
             "shoal_state_local_clean_bytes 12",
             "shoal_state_local_dirty_bytes 13",
             "shoal_state_local_evictions_total 14",
+            "shoal_disk_bytes{kind=\"store\"} 16",
+            "shoal_disk_bytes{kind=\"compiled\"} 17",
             "shoal_state_local_evicted_bytes_total 15",
             "shoal_cluster_members 3",
             "shoal_cluster_members_ready 2",

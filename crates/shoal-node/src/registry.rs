@@ -40,6 +40,29 @@ pub struct TenantRecord {
     /// have none).
     #[serde(default, skip_serializing_if = "TenantLimitsRecord::is_default")]
     pub limits: TenantLimitsRecord,
+    /// Tokens rotated out and still valid until their time runs out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_tokens: Vec<PreviousToken>,
+    /// Set when its deletion began: none of its tokens is valid any more,
+    /// nothing of it can be deployed or called, and the node removes what
+    /// it has (resumed at start if the node stopped half-way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleting_since_ms: Option<u64>,
+}
+
+/// A token rotated out, valid until `valid_until_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousToken {
+    pub token_sha256: String,
+    pub valid_until_ms: u64,
+}
+
+/// A token hash, or None if `hex` is not one (a revoked tenant's record
+/// holds an empty string).
+fn parse_hash(hex: &str) -> Option<TokenHash> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex, &mut out).ok()?;
+    Some(out)
 }
 
 /// A tenant's limits as the admin set them; None: the node's default.
@@ -74,9 +97,23 @@ impl TenantLimitsRecord {
 
 impl TenantRecord {
     pub fn token_hash(&self) -> Option<TokenHash> {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(&self.token_sha256, &mut out).ok()?;
-        Some(out)
+        parse_hash(&self.token_sha256)
+    }
+
+    /// Whether `presented` is one of this tenant's valid tokens at `now_ms`:
+    /// its current one, or one rotated out whose grace has not run out.
+    /// Every candidate is compared (in constant time), so the time taken
+    /// says nothing about which one matched.
+    pub fn opens(&self, presented: &TokenHash, now_ms: u64) -> bool {
+        if self.deleting_since_ms.is_some() {
+            return false;
+        }
+        let mut valid = self.token_hash().is_some_and(|h| crate::auth::hashes_equal(presented, &h));
+        for previous in &self.previous_tokens {
+            let matches = parse_hash(&previous.token_sha256).is_some_and(|h| crate::auth::hashes_equal(presented, &h));
+            valid |= matches && now_ms < previous.valid_until_ms;
+        }
+        valid
     }
 }
 
@@ -203,6 +240,9 @@ pub struct Registry {
     /// tenant → name → function: looked up with borrowed strings, so the
     /// call path allocates nothing to find a function.
     functions: RwLock<HashMap<String, HashMap<String, Arc<DeployedFunction>>>>,
+    /// Binaries (SHA-256, hex) the last function using them left: their
+    /// compiled code on disk goes next ([`Registry::take_orphaned`]).
+    orphaned: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -248,6 +288,7 @@ impl Registry {
             changes: tokio::sync::Mutex::new(()),
             tenants: RwLock::new(tenants),
             functions: RwLock::new(HashMap::new()),
+            orphaned: Mutex::new(Vec::new()),
         })
     }
 
@@ -301,21 +342,55 @@ impl Registry {
             let record = &function.record;
             next.entry(record.tenant.clone()).or_default().insert(record.name.clone(), function.clone());
         }
+        let before: std::collections::HashSet<String> = self.all().iter().map(|f| f.record.sha256.clone()).collect();
+        let after: std::collections::HashSet<&str> =
+            next.values().flat_map(HashMap::values).map(|f| f.record.sha256.as_str()).collect();
+        let gone: Vec<String> = before.into_iter().filter(|sha| !after.contains(sha.as_str())).collect();
         *self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
         self.mirrored.store(version, Ordering::Release);
+        // The node's own copies of binaries no function uses any more.
+        for sha in gone {
+            let key = sha.clone();
+            self.on_store(move |store| store.delete(MODULES, &key)).await?;
+            self.orphan(sha);
+        }
         Ok(true)
     }
 
-    pub fn tenant_hash(&self, tenant: &str) -> Option<TokenHash> {
-        self.tenants
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(tenant)
-            .and_then(TenantRecord::token_hash)
+    /// Whether `presented` is one of `tenant`'s valid tokens now.
+    pub fn opens(&self, tenant: &str, presented: &TokenHash) -> bool {
+        let tenants = self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(record) = tenants.get(tenant) else { return false };
+        // The clock is read only when a rotated-out token may still count.
+        let now = if record.previous_tokens.is_empty() { 0 } else { crate::now_ms() };
+        record.opens(presented, now)
     }
 
+    /// Whether `presented` is `tenant`'s current token (not one rotated out).
+    pub fn is_current_token(&self, tenant: &str, presented: &TokenHash) -> bool {
+        let tenants = self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        tenants.get(tenant).and_then(TenantRecord::token_hash).is_some_and(|h| crate::auth::hashes_equal(presented, &h))
+    }
+
+    /// Whether the tenant exists (even while being deleted).
     pub fn tenant_exists(&self, tenant: &str) -> bool {
         self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(tenant)
+    }
+
+    /// Whether the tenant exists and is not being deleted.
+    pub fn tenant_active(&self, tenant: &str) -> bool {
+        self.tenant(tenant).is_some_and(|record| record.deleting_since_ms.is_none())
+    }
+
+    /// The tenant's record, if it exists.
+    pub fn tenant(&self, tenant: &str) -> Option<TenantRecord> {
+        self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(tenant).cloned()
+    }
+
+    /// Tenants whose deletion began and has not ended.
+    pub fn tenants_being_deleted(&self) -> Vec<String> {
+        let tenants = self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        tenants.values().filter(|t| t.deleting_since_ms.is_some()).map(|t| t.name.clone()).collect()
     }
 
     /// Store work on a blocking thread: a durable commit waits for the
@@ -400,13 +475,20 @@ impl Registry {
 
     /// Replace `tenant`'s limits; false if there is no such tenant.
     pub async fn set_tenant_limits(&self, tenant: &str, limits: TenantLimitsRecord) -> Result<bool, RegistryError> {
+        Ok(self.update_tenant(tenant, |record| record.limits = limits).await?.is_some())
+    }
+
+    /// Change `tenant`'s record with `change` and keep it (durably, or in
+    /// the cluster's registry); returns what `change` returned, or None if
+    /// there is no such tenant.
+    pub async fn update_tenant<T>(
+        &self,
+        tenant: &str,
+        change: impl FnOnce(&mut TenantRecord) -> T,
+    ) -> Result<Option<T>, RegistryError> {
         let _changes = self.changes.lock().await;
-        let Some(mut record) =
-            self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(tenant).cloned()
-        else {
-            return Ok(false);
-        };
-        record.limits = limits;
+        let Some(mut record) = self.tenant(tenant) else { return Ok(None) };
+        let out = change(&mut record);
         if let Some(shared) = &self.shared {
             shared.update_tenant(tenant, &encode(&record)).await?;
         } else {
@@ -414,7 +496,22 @@ impl Registry {
             self.on_store(move |store| store.put(TENANTS, &name, &encoded)).await?;
         }
         self.tenants.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(tenant.to_string(), record);
-        Ok(true)
+        Ok(Some(out))
+    }
+
+    /// Forget the tenant's record (its functions must be gone already);
+    /// false if there was none.
+    pub async fn remove_tenant(&self, tenant: &str) -> Result<bool, RegistryError> {
+        let _changes = self.changes.lock().await;
+        let removed = if let Some(shared) = &self.shared {
+            shared.remove_tenant(tenant).await?
+        } else {
+            let name = tenant.to_string();
+            self.on_store(move |store| store.delete(TENANTS, &name)).await?
+        };
+        self.tenants.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(tenant);
+        self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(tenant);
+        Ok(removed)
     }
 
     /// `tenant`'s limits, if it exists.
@@ -545,6 +642,22 @@ impl Registry {
         Ok(function)
     }
 
+    fn orphan(&self, sha256: String) {
+        self.orphaned.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(sha256);
+    }
+
+    /// Binaries the last function using them left since the last time
+    /// (each to be checked again: a deploy may have brought one back).
+    pub fn take_orphaned(&self) -> Vec<String> {
+        std::mem::take(&mut *self.orphaned.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Whether any function deployed now runs the binary `sha256` (hex).
+    pub fn uses(&self, sha256: &str) -> bool {
+        let functions = self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        functions.values().flat_map(HashMap::values).any(|f| f.record.sha256 == sha256)
+    }
+
     /// Make a function loaded from the store at start visible to calls.
     pub fn insert_loaded(&self, function: DeployedFunction) {
         self.publish(Arc::new(function));
@@ -557,13 +670,24 @@ impl Registry {
             // Whatever the cluster holds under the name now, even if this
             // node has not mirrored it yet.
             let removed = shared.remove_function(&function_key(tenant, name)).await?;
-            let gone = self
-                .functions
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get_mut(tenant)
-                .and_then(|by_name| by_name.remove(name));
-            drop(gone);
+            let (gone, still_used) = {
+                let mut functions = self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let gone = functions.get_mut(tenant).and_then(|by_name| by_name.remove(name));
+                let still_used = gone.as_ref().is_some_and(|g| {
+                    functions.values().flat_map(HashMap::values).any(|f| f.record.sha256 == g.record.sha256)
+                });
+                (gone, still_used)
+            };
+            // The node's own copy of the wasm goes with its last function here.
+            if let Some(gone) = gone
+                && !still_used
+            {
+                let sha = gone.record.sha256.clone();
+                drop(gone);
+                let key = sha.clone();
+                self.on_store(move |store| store.delete(MODULES, &key)).await?;
+                self.orphan(sha);
+            }
             return Ok(removed);
         }
         let _changes = self.changes.lock().await;
@@ -579,7 +703,9 @@ impl Registry {
         };
         drop(gone);
         if !still_used {
-            self.on_store(move |store| store.delete(MODULES, &sha)).await?;
+            let key = sha.clone();
+            self.on_store(move |store| store.delete(MODULES, &key)).await?;
+            self.orphan(sha);
         }
         Ok(true)
     }

@@ -643,6 +643,42 @@ async fn a_background_chore_that_panics_is_started_again() {
     assert_eq!(answer.status(), StatusCode::OK, "{}", answer.text().await.unwrap());
     assert_eq!(metric(&node, "shoal_chore_restarts_total").await, 1);
     assert_eq!(node.invoke("demo/hello", b"z").await, (StatusCode::OK, b"hello z".to_vec()));
+    // Stopping the node ends and joins its chores (cluster chores, async
+    // worker, record sweep).
+    let handle = node.node.clone();
+    assert!(handle.chores_running() >= 2, "{} chores running", handle.chores_running());
+    node.stop().await;
+    assert_eq!(handle.chores_running(), 0, "chores outlived the node's stop");
+}
+
+#[tokio::test]
+async fn an_asynchronous_call_whose_task_panics_is_recorded_failed_and_counted() {
+    let node = TestNode::start().await;
+    let fault = node.req(reqwest::Method::POST, "/v1/_fault/panic?in=async-call", Some(ADMIN)).send().await.unwrap();
+    assert_eq!(fault.status(), StatusCode::NO_CONTENT);
+    let submit = || node.req(reqwest::Method::POST, "/v1/functions/demo/hello/invoke?async=true", Some(ADMIN));
+    let (status, accepted) = status_and_json(submit().body("p").send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let id = accepted["call_id"].as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let record = loop {
+        let record = node.get_json(&format!("/v1/calls/{id}")).await;
+        if record["status"] != "queued" && record["status"] != "running" {
+            break record;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "never recorded: {record}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!((record["status"].as_str(), record["error"]["kind"].as_str()), (Some("failed"), Some("internal")));
+    assert_eq!(metric(&node, "shoal_panics_total").await, 1);
+    // The tenant's count was given back: its next calls run.
+    let (status, accepted) = status_and_json(submit().body("q").send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let started = std::time::Instant::now();
+    while metric(&node, "shoal_async_calls_unfinished").await > 0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "the panicked call is still counted");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     node.stop().await;
 }
 
@@ -1149,6 +1185,58 @@ mod async_calls {
         assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
         let done = finished(&node, accepted["call_id"].as_str().unwrap()).await;
         assert_eq!(done["status"], "succeeded", "{done}");
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_tenant_keeps_at_most_its_records_and_output_bytes_and_the_counts_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let tweak = |c: &mut NodeConfig| {
+            c.max_async_records_per_tenant = 3;
+            c.max_async_output_bytes_per_tenant = 25;
+        };
+        let mut cfg = config(dir.path());
+        tweak(&mut cfg);
+        let node = TestNode::start_in(cfg).await;
+        let acme = node.create_tenant("acme").await;
+        let other = node.create_tenant("other").await;
+        for function in ["acme/echo", "other/echo"] {
+            assert_eq!(node.deploy(function, "", shoal_guests::ECHO).await.0, StatusCode::CREATED);
+        }
+        let mut records = Vec::new();
+        for _ in 0..3 {
+            let (status, accepted) = submit(&node, &acme, "acme/echo", b"0123456789").await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+            records.push(finished(&node, accepted["call_id"].as_str().unwrap()).await);
+        }
+        // 10 + 10 bytes kept; the third output would make 30 of 25.
+        assert_eq!(records[1]["output"], "0123456789");
+        assert_eq!(
+            (records[2]["status"].as_str(), records[2]["error"]["kind"].as_str()),
+            (Some("failed"), Some("limit_exceeded")),
+            "{}",
+            records[2]
+        );
+        assert!(records[2]["output"].is_null());
+        // Three records kept: the fourth call is refused; another tenant's is not.
+        let (status, refused) = submit(&node, &acme, "acme/echo", b"x").await;
+        assert_eq!(
+            (status, refused["error"]["kind"].as_str()),
+            (StatusCode::INSUFFICIENT_STORAGE, Some("limit_exceeded"))
+        );
+        let (status, accepted) = submit(&node, &other, "other/echo", b"x").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+        finished(&node, accepted["call_id"].as_str().unwrap()).await;
+        node.stop().await;
+        // Counted again from the records at start.
+        let mut cfg = config(dir.path());
+        tweak(&mut cfg);
+        let node = TestNode::start_in(cfg).await;
+        let (status, refused) = submit(&node, &acme, "acme/echo", b"x").await;
+        assert_eq!(
+            (status, refused["error"]["kind"].as_str()),
+            (StatusCode::INSUFFICIENT_STORAGE, Some("limit_exceeded"))
+        );
         node.stop().await;
     }
 
@@ -1768,4 +1856,215 @@ mod source_functions {
         assert_eq!(node.invoke("demo/bad", b"").await.0, StatusCode::NOT_FOUND);
         node.stop().await;
     }
+}
+
+mod tenant_lifecycle {
+    //! Token rotation and revocation, and deleting a tenant.
+
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    async fn rotate(node: &TestNode, tenant: &str, token: &str, grace_seconds: u64) -> (StatusCode, Value) {
+        let path = format!("/v1/tenants/{tenant}/token");
+        let body = serde_json::json!({ "grace_seconds": grace_seconds });
+        status_and_json(node.req(reqwest::Method::POST, &path, Some(token)).json(&body).send().await.unwrap()).await
+    }
+
+    /// The status of listing the tenant's functions with `token`.
+    async fn list_status(node: &TestNode, tenant: &str, token: &str) -> StatusCode {
+        node.req(reqwest::Method::GET, &format!("/v1/functions/{tenant}"), Some(token)).send().await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn a_rotated_token_works_through_its_grace_and_is_then_refused() {
+        let node = TestNode::start().await;
+        let first = node.create_tenant("rota").await;
+        let other = node.create_tenant("rotb").await;
+
+        // The tenant rotates its own token; the old one keeps working for a second.
+        let (status, body) = rotate(&node, "rota", &first, 1).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let second = body["token"].as_str().unwrap().to_string();
+        assert_ne!(second, first);
+        assert_eq!(list_status(&node, "rota", &first).await, StatusCode::OK);
+        assert_eq!(list_status(&node, "rota", &second).await, StatusCode::OK);
+        // A token in its grace cannot mint another; nor can another tenant.
+        assert_eq!(rotate(&node, "rota", &first, 60).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(rotate(&node, "rota", &other, 60).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(rotate(&node, "rota", ADMIN, 8 * 24 * 3600).await.0, StatusCode::BAD_REQUEST);
+        let started = Instant::now();
+        while list_status(&node, "rota", &first).await == StatusCode::OK {
+            assert!(started.elapsed() < Duration::from_secs(10), "the old token outlived its grace");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(list_status(&node, "rota", &first).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(list_status(&node, "rota", &second).await, StatusCode::OK);
+
+        // No grace: the token it replaces is refused at once.
+        let (status, body) = rotate(&node, "rota", ADMIN, 0).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let third = body["token"].as_str().unwrap().to_string();
+        assert_eq!(list_status(&node, "rota", &second).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(list_status(&node, "rota", &third).await, StatusCode::OK);
+
+        // Revocation: every token refused, including one in its grace; the
+        // other tenant untouched. A tenant cannot revoke.
+        let (status, body) = rotate(&node, "rota", &third, 3600).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let fourth = body["token"].as_str().unwrap().to_string();
+        let revoke = |token: &str| node.req(reqwest::Method::DELETE, "/v1/tenants/rota/token", Some(token)).send();
+        assert_eq!(revoke(&fourth).await.unwrap().status(), StatusCode::FORBIDDEN);
+        assert_eq!(revoke(ADMIN).await.unwrap().status(), StatusCode::NO_CONTENT);
+        for token in [&first, &second, &third, &fourth] {
+            assert_eq!(list_status(&node, "rota", token).await, StatusCode::UNAUTHORIZED);
+        }
+        assert_eq!(list_status(&node, "rotb", &other).await, StatusCode::OK);
+        // The admin gives it a token again.
+        let (status, body) = rotate(&node, "rota", ADMIN, 0).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(list_status(&node, "rota", body["token"].as_str().unwrap()).await, StatusCode::OK);
+        assert_eq!(rotate(&node, "nosuch", ADMIN, 0).await.0, StatusCode::NOT_FOUND);
+        node.stop().await;
+    }
+
+    fn hello() -> &'static [u8] {
+        shoal_guests::EXAMPLES.iter().find(|(name, _)| *name == "hello").unwrap().1
+    }
+
+    #[tokio::test]
+    async fn deleting_a_tenant_removes_everything_it_has_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = TestNode::start_in(config(dir.path())).await;
+        let token = node.create_tenant("leaving").await;
+        let kept = node.create_tenant("staying").await;
+        let own_wasm = shoal_guests::slow_to_compile(4242, 4);
+        for (function, wasm) in [("leaving/hello", hello()), ("leaving/own", &own_wasm[..]), ("staying/hello", hello())]
+        {
+            assert_eq!(node.deploy(function, "", wasm).await.0, StatusCode::CREATED, "{function}");
+        }
+        for tenant in ["leaving", "staying"] {
+            for i in 0..30 {
+                let path = format!("/v1/state/{tenant}/key-{i}");
+                let put = node.req(reqwest::Method::PUT, &path, Some(ADMIN)).body(format!("{tenant}-value-{i}"));
+                assert!(put.send().await.unwrap().status().is_success());
+            }
+        }
+        // A finished asynchronous call leaves a record.
+        let path = "/v1/functions/leaving/hello/invoke?async=true";
+        let (status, accepted) =
+            status_and_json(node.req(reqwest::Method::POST, path, Some(&token)).body("x").send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+        let call = accepted["call_id"].as_str().unwrap().to_string();
+        let started = Instant::now();
+        loop {
+            let record = node.get_json(&format!("/v1/calls/{call}")).await;
+            if record["status"] == "succeeded" {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "the call never finished: {record}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // Only the admin deletes; then it is refused everything at once.
+        let delete = |t: &str| node.req(reqwest::Method::DELETE, "/v1/tenants/leaving", Some(t)).send();
+        assert_eq!(delete(&token).await.unwrap().status(), StatusCode::FORBIDDEN);
+        let (status, body) = status_and_json(delete(ADMIN).await.unwrap()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert!(matches!(body["status"].as_str(), Some("deleting" | "deleted")), "{body}");
+        assert_eq!(list_status(&node, "leaving", &token).await, StatusCode::UNAUTHORIZED);
+        let started = Instant::now();
+        loop {
+            let response = node.req(reqwest::Method::GET, "/v1/tenants/leaving", Some(ADMIN)).send().await.unwrap();
+            if response.status() == StatusCode::NOT_FOUND {
+                break;
+            }
+            let (status, body) = status_and_json(response).await;
+            assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("deleting")), "{body}");
+            assert!(started.elapsed() < Duration::from_secs(30), "the deletion never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(delete(ADMIN).await.unwrap().status(), StatusCode::NOT_FOUND);
+        // Over the API: nothing of it; the other tenant has all it had.
+        let response = node.req(reqwest::Method::GET, "/v1/state/leaving", Some(ADMIN)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let (status, _) = node.invoke_as(&kept, "staying/hello", b"x").await;
+        assert_eq!(status, StatusCode::OK);
+        let listed = node.get_json("/v1/state/staying").await;
+        assert_eq!(listed["keys"].as_array().map(Vec::len), Some(30), "{listed}");
+        let call = node.req(reqwest::Method::GET, &format!("/v1/calls/{call}"), Some(ADMIN)).send().await.unwrap();
+        assert_eq!(call.status(), StatusCode::NOT_FOUND);
+        node.stop().await;
+
+        // In the store's file: no row of it in any table, the other's all there.
+        let store = shoal_state::EmbeddedStore::open(&dir.path().join("shoal.redb")).unwrap();
+        let table = shoal_state::Table::new;
+        let rows = |name: &'static str, prefix: &str| store.scan_prefix(table(name), prefix).unwrap();
+        assert!(rows("tenants", "leaving").is_empty());
+        assert!(rows("functions", "leaving/").is_empty());
+        assert_eq!(rows("functions", "staying/").len(), 1);
+        for state_table in ["state_meta", "state_chunks", "state_usage", "state_usage2"] {
+            assert!(rows(state_table, "leaving").is_empty(), "{state_table} holds some of it");
+        }
+        for state_table in ["state_meta", "state_chunks", "state_usage2"] {
+            assert!(!rows(state_table, "staying").is_empty(), "{state_table} lost the other tenant's");
+        }
+        let own_sha = hex_sha256(&own_wasm);
+        assert!(store.get(table("modules"), &own_sha).unwrap().is_none(), "its own wasm stayed");
+        assert!(store.get(table("modules"), &hex_sha256(hello())).unwrap().is_some(), "shared wasm went");
+        for (id, record) in rows("calls", "") {
+            let record: Value = serde_json::from_slice(&record).unwrap();
+            assert_ne!(record["tenant"], "leaving", "call record {id} stayed");
+        }
+        drop(store);
+
+        // After a restart, the name can be taken again, by a tenant with nothing.
+        let node = TestNode::start_in(config(dir.path())).await;
+        let again = node.create_tenant("leaving").await;
+        let listed = node.get_json("/v1/functions/leaving").await;
+        assert_eq!(listed["functions"].as_array().map(Vec::len), Some(0), "{listed}");
+        let listed = node.get_json("/v1/state/leaving").await;
+        assert_eq!(listed["keys"].as_array().map(Vec::len), Some(0), "{listed}");
+        assert_eq!(list_status(&node, "leaving", &token).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(list_status(&node, "leaving", &again).await, StatusCode::OK);
+        node.stop().await;
+    }
+
+    fn hex_sha256(bytes: &[u8]) -> String {
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))
+    }
+}
+
+#[tokio::test]
+async fn compiled_code_goes_with_the_last_function_that_uses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start_in(config(dir.path())).await;
+    node.create_tenant("gc").await;
+    let wasm = shoal_guests::slow_to_compile(9191, 3);
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&wasm));
+    let cached = || -> usize {
+        std::fs::read_dir(dir.path().join("cache"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&sha))
+            .count()
+    };
+    let compiled = r#"shoal_disk_bytes{kind="compiled"}"#;
+    let before = metric(&node, compiled).await;
+    for function in ["gc/first", "gc/second"] {
+        assert_eq!(node.deploy(function, "", &wasm).await.0, StatusCode::CREATED);
+    }
+    assert_eq!(cached(), 2, "the artifact and its sum");
+    let with = metric(&node, compiled).await;
+    assert!(with > before, "{with} bytes with it, {before} before");
+    assert!(metric(&node, r#"shoal_disk_bytes{kind="store"}"#).await > 0);
+    let remove = |f: &str| node.req(reqwest::Method::DELETE, &format!("/v1/functions/gc/{f}"), Some(ADMIN)).send();
+    assert_eq!(remove("first").await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(cached(), 2, "another function still uses it");
+    assert_eq!(remove("second").await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(cached(), 0, "no function uses it: its compiled code goes");
+    assert_eq!(metric(&node, compiled).await, before);
+    // Deployed again, it is compiled again and works.
+    assert_eq!(node.deploy("gc/third", "", &wasm).await.0, StatusCode::CREATED);
+    assert_eq!(cached(), 2);
+    node.stop().await;
 }

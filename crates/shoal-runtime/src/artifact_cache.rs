@@ -29,6 +29,14 @@ use crate::{Declared, DeployError, FunctionKind, RuntimeError};
 pub(crate) struct ArtifactCache {
     dir: PathBuf,
     fingerprint: String,
+    /// Bytes of the files in `dir`: listed once at open, then kept up to
+    /// date by every write and removal here.
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+/// The size of the file at `path` (0 if there is none).
+fn size_of(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// Compiled code, ready to link.
@@ -45,7 +53,56 @@ impl ArtifactCache {
         // every setting that changes generated code.
         let mut hasher = std::hash::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(Self { dir: dir.to_path_buf(), fingerprint: format!("{:016x}", hasher.finish()) })
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| RuntimeError::Cache { path: dir.display().to_string(), source })?;
+        let bytes = entries.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            fingerprint: format!("{:016x}", hasher.finish()),
+            bytes: std::sync::atomic::AtomicU64::new(bytes),
+        })
+    }
+
+    /// Bytes the cache holds on disk.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Write `bytes` at `path` durably, keeping the count of bytes held.
+    fn write(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let before = size_of(path);
+        write_durably(path, bytes)?;
+        self.account(before, bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Remove the file at `path`, if any, keeping the count of bytes held.
+    fn remove_file(&self, path: &Path) {
+        let before = size_of(path);
+        if std::fs::remove_file(path).is_ok() {
+            self.account(before, 0);
+        }
+    }
+
+    fn account(&self, before: u64, after: u64) {
+        use std::sync::atomic::Ordering;
+        let _ = self.bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            Some(n.saturating_sub(before).saturating_add(after))
+        });
+    }
+
+    /// Remove everything kept under `key` (its compiled code of either
+    /// kind, their sums, what it declares): no function uses it any more.
+    /// Returns the bytes freed.
+    pub(crate) fn remove(&self, key: &[u8; 32]) -> u64 {
+        let before = self.bytes();
+        for kind in [FunctionKind::Component, FunctionKind::Command] {
+            let path = self.path(key, kind);
+            self.remove_file(&Self::sum_path(&path));
+            self.remove_file(&path);
+        }
+        self.remove_file(&self.declared_path(key));
+        before.saturating_sub(self.bytes())
     }
 
     fn path(&self, sha256: &[u8; 32], kind: FunctionKind) -> PathBuf {
@@ -79,8 +136,8 @@ impl ArtifactCache {
             Ok(compiled) => Some(compiled),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "dropping unusable compiled artifact; compiling again");
-                let _ = std::fs::remove_file(&path);
-                let _ = std::fs::remove_file(Self::sum_path(&path));
+                self.remove_file(&path);
+                self.remove_file(&Self::sum_path(&path));
                 None
             }
         }
@@ -100,12 +157,12 @@ impl ArtifactCache {
         // The sum first: an artifact is never in place without its sum (a
         // crash between the two leaves a sum that matches nothing, and the
         // artifact is compiled again).
-        write_durably(&Self::sum_path(&path), Self::sum(sha256, artifact).as_bytes()).map_err(io)?;
-        write_durably(&path, artifact).map_err(io)?;
+        self.write(&Self::sum_path(&path), Self::sum(sha256, artifact).as_bytes()).map_err(io)?;
+        self.write(&path, artifact).map_err(io)?;
         // The engine refuses here what its sandboxes cannot hold (the
         // checks before compiling should have caught it): the module's fault.
         deserialize(engine, &path, kind).map_err(|e| {
-            let _ = std::fs::remove_file(&path);
+            self.remove_file(&path);
             DeployError::InvalidWasm(format!("the module cannot run in this node's sandboxes: {e:#}"))
         })
     }
@@ -128,7 +185,7 @@ impl ArtifactCache {
             declared.most_memories_in_a_module,
             declared.most_tables_in_a_module
         );
-        if let Err(e) = write_durably(&self.declared_path(key), text.as_bytes()) {
+        if let Err(e) = self.write(&self.declared_path(key), text.as_bytes()) {
             tracing::warn!(error = %e, "keeping a snapshot's declared sizes failed");
         }
     }

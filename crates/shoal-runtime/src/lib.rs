@@ -109,6 +109,12 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// The key a snapshot of the binary `sha256` is kept under (its images
+/// and compiled code differ from the binary's own).
+fn snapshot_key(sha256: &[u8; 32]) -> [u8; 32] {
+    Sha256::new().chain_update(b"shoal-snapshot\0").chain_update(sha256).finalize().into()
+}
+
 impl Runtime {
     /// Build the engine, start the epoch ticker and open the artifact cache.
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
@@ -154,6 +160,18 @@ impl Runtime {
     /// ever dropped.
     pub fn set_invoker(&self, invoker: Arc<dyn Invoker>) -> Result<(), RuntimeError> {
         self.invoker.set(invoker).map_err(|_| RuntimeError::Config("the invoker is set already".into()))
+    }
+
+    /// Remove the compiled code kept on disk for the binary `sha256` (and
+    /// for its snapshot): no function uses it any more. A call running it
+    /// keeps its mapped code until it ends. Returns the bytes freed.
+    pub fn forget_compiled(&self, sha256: &[u8; 32]) -> u64 {
+        self.cache.remove(sha256) + self.cache.remove(&snapshot_key(sha256))
+    }
+
+    /// Bytes of compiled functions kept on disk.
+    pub fn compiled_bytes(&self) -> u64 {
+        self.cache.bytes()
     }
 
     /// Wasm binaries compiled since start, language runtimes included
@@ -222,11 +240,7 @@ impl Runtime {
         let interpreted = matches!(kind, FunctionKind::Python | FunctionKind::JavaScript);
         let snapshot = options.snapshot && !interpreted;
         // Images and compiled artifacts of a snapshot have a key of their own.
-        let key: [u8; 32] = if snapshot {
-            Sha256::new().chain_update(b"shoal-snapshot\0").chain_update(sha256).finalize().into()
-        } else {
-            sha256
-        };
+        let key: [u8; 32] = if snapshot { snapshot_key(&sha256) } else { sha256 };
         if let Some(image) = self.lookup(&key) {
             return Ok(image);
         }

@@ -72,7 +72,7 @@ def _bytes(value):
 
 
 class _State:
-    """Shared state, scoped to the function's tenant (see DESIGN.md)."""
+    """Shared state, scoped to the function's tenant (wit/shoal.wit; ARCHITECTURE.md, "What a guest can rely on")."""
 
     def get(self, key: str) -> bytes | None:
         return _host(_state.get, key)

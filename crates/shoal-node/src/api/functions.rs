@@ -213,6 +213,7 @@ pub(super) async fn remove(
     let Path((tenant, name)) = path.map_err(path_error)?;
     authorise_existing(&node, &headers, &tenant, &name)?;
     if node.registry.remove(&tenant, &name).await? {
+        node.collect_orphans();
         tracing::info!(%tenant, function = %name, "removed");
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -24,12 +24,13 @@ fn scoped(node: &Node, headers: &HeaderMap, tenant: &str, key: &str) -> Result<S
     Ok(ScopedKey::new(tenant, key)?)
 }
 
-/// The caller owns `tenant` (or is the admin), and the tenant exists: the
-/// admin cannot write state for a tenant that was never created.
+/// The caller owns `tenant` (or is the admin), and the tenant exists and
+/// is not being deleted: the admin cannot write state for a tenant that
+/// was never created, or bring back one that is going.
 fn check_tenant(node: &Node, headers: &HeaderMap, tenant: &str) -> Result<(), ApiError> {
     node.authenticate(headers)?.check_tenant(tenant)?;
     check_name("tenant", tenant)?;
-    if !node.registry.tenant_exists(tenant) {
+    if !node.registry.tenant_active(tenant) {
         return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist")));
     }
     Ok(())

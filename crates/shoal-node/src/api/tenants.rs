@@ -1,4 +1,12 @@
 //! `POST /v1/tenants`: the admin creates a tenant and gets its token, once.
+//! `GET /v1/tenants/{tenant}`: whether it is active or being deleted.
+//! `DELETE /v1/tenants/{tenant}`: the admin deletes it and everything it
+//! has (in the background: 202, then the status says `deleting` until it
+//! is gone and a GET answers 404).
+//! `POST /v1/tenants/{tenant}/token`: a new token (the admin, or the
+//! tenant with its current token); the old one stays valid for
+//! `grace_seconds`. `DELETE /v1/tenants/{tenant}/token`: the admin
+//! revokes every token of the tenant.
 //! `PUT /v1/tenants/{tenant}/limits`: the admin sets a tenant's weight and
 //! limits (applied at once, kept in the registry); `GET` shows them, with
 //! what is in force (the node's defaults where none is set) and what the
@@ -6,6 +14,7 @@
 //! itself.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -16,6 +25,7 @@ use serde::Deserialize;
 
 use super::{path_error, read_body};
 use crate::Node;
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorKind};
 use crate::names::check_name;
 use crate::registry::TenantLimitsRecord;
@@ -89,7 +99,111 @@ fn tenant_of(node: &Node, path: Result<Path<String>, PathRejection>) -> Result<S
     if !node.registry.tenant_exists(&tenant) {
         return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist")));
     }
+    if !node.registry.tenant_active(&tenant) {
+        return Err(ApiError::new(ErrorKind::Conflict, format!("tenant `{tenant}` is being deleted")));
+    }
     Ok(tenant)
+}
+
+/// A tenant's status: `active`, or `deleting` (since when).
+fn status_view(record: &crate::registry::TenantRecord) -> serde_json::Value {
+    serde_json::json!({
+        "name": record.name,
+        "status": if record.deleting_since_ms.is_some() { "deleting" } else { "active" },
+        "created_ms": record.created_ms,
+        "deleting_since_ms": record.deleting_since_ms,
+    })
+}
+
+pub(super) async fn get(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = node.authenticate(&headers)?;
+    let Path(tenant) = path.map_err(path_error)?;
+    caller.check_tenant(&tenant)?;
+    check_name("tenant", &tenant)?;
+    let record = node
+        .registry
+        .tenant(&tenant)
+        .ok_or_else(|| ApiError::not_found(format!("tenant `{tenant}` does not exist")))?;
+    Ok(Json(status_view(&record)))
+}
+
+pub(super) async fn delete(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    node.authenticate(&headers)?.check_admin()?;
+    let Path(tenant) = path.map_err(path_error)?;
+    check_name("tenant", &tenant)?;
+    node.delete_tenant(&tenant).await?;
+    let record = node.registry.tenant(&tenant);
+    // The deletion may already have ended (a tenant with nothing to wait for).
+    let view =
+        record.as_ref().map(status_view).unwrap_or_else(|| serde_json::json!({ "name": tenant, "status": "deleted" }));
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Rotate {
+    /// How long the current token stays valid (default an hour; 0: not at all).
+    #[serde(default)]
+    grace_seconds: Option<u64>,
+}
+
+/// The grace a rotated-out token gets unless the request says otherwise.
+const DEFAULT_GRACE_SECONDS: u64 = 3600;
+
+pub(super) async fn rotate_token(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = node.authenticate(&headers)?;
+    let Path(tenant) = path.map_err(path_error)?;
+    caller.check_tenant(&tenant)?;
+    check_name("tenant", &tenant)?;
+    // A token rotated out (still in its grace) cannot mint a new one: who
+    // holds a leaked old token must not be able to outlive the rotation.
+    if caller != Caller::Admin
+        && !node.registry.is_current_token(&tenant, &crate::auth::hash_token(crate::auth::bearer(&headers)?))
+    {
+        return Err(ApiError::new(
+            ErrorKind::Forbidden,
+            "only the tenant's current token (or the admin's) can rotate it",
+        ));
+    }
+    let body = read_body(&node, body, &headers, MAX_TENANT_BODY).await?;
+    let request: Rotate = if body.is_empty() {
+        Rotate::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("body must be {{\"grace_seconds\": N}} or empty: {e}")))?
+    };
+    let grace = Duration::from_secs(request.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS));
+    let rotated = node.rotate_token(&tenant, grace).await?;
+    Ok(Json(serde_json::json!({
+        "name": tenant,
+        "token": rotated.token,
+        "previous_valid_until_ms": rotated.previous_valid_until_ms,
+    })))
+}
+
+pub(super) async fn revoke_tokens(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    node.authenticate(&headers)?.check_admin()?;
+    let Path(tenant) = path.map_err(path_error)?;
+    check_name("tenant", &tenant)?;
+    node.revoke_tokens(&tenant).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub(super) async fn get_limits(
