@@ -409,7 +409,10 @@ async fn nodes_ride_out_a_redis_restart_without_restarting_body() {
     while redis.command(&["HEXISTS", "shoal:functions", "acme/hello"]) != ":1"
         || redis.command(&["HEXISTS", "shoal:tenants", "acme"]) != ":1"
         || redis.get("shoal:secret").is_none()
-        || redis.command(&["EXISTS", &format!("shoal:node:{}", a.id), &format!("shoal:node:{}", b.id)]) != ":2"
+        || redis.command(&["HEXISTS", "shoal:member-info", &a.id]) != ":1"
+        || redis.command(&["HEXISTS", "shoal:member-info", &b.id]) != ":1"
+        || redis.command(&["ZSCORE", "shoal:members", &a.id]) == "$-1"
+        || redis.command(&["ZSCORE", "shoal:members", &b.id]) == "$-1"
     {
         assert!(started.elapsed() < SETTLE, "the nodes never put the registry back");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -16,13 +16,20 @@
 //! - `P:calls:owner` — the tenant of every call accepted and not finished
 //!   (for a requeue to find its tenant's queue);
 //! - `P:calls:running:<node>` — ids a node has taken and not finished. The
-//!   node's heartbeat is the lease on all of them: when its membership key
-//!   expires, any other node moves them back to their queues
-//!   ([`CallQueue::requeue_from`], which does nothing while the key is
-//!   there), so the calls of a killed node run again elsewhere. At least
-//!   once. A node finishes a call only while it still holds its lease, so
-//!   a run whose lease was taken away never overwrites the outcome of the
-//!   run that took over.
+//!   node's heartbeat is the lease on all of them: when its heartbeat runs
+//!   out (its score in `P:members`, see `membership.rs`), any other node
+//!   moves them back to their queues ([`CallQueue::requeue_from`], which
+//!   does nothing while the heartbeat has time left), so the calls of a
+//!   killed node run again elsewhere. At least once. A node finishes a
+//!   call only while it still holds its lease, so a run whose lease was
+//!   taken away never overwrites the outcome of the run that took over;
+//! - `P:calls:holders` — set of the nodes whose running list is not empty,
+//!   kept by the same scripts that fill and empty those lists (a take adds
+//!   the node; a finish, release or requeue that empties its list removes
+//!   it), so [`CallQueue::lease_holders`] reads one small set instead of
+//!   scanning the keyspace for running lists;
+//! - `P:calls:holders:complete` — set once the holders set is known to
+//!   name every running list ([`CallQueue::adopt_older_leases`]).
 //!
 //! Finished records (and outputs) expire after the retention time.
 
@@ -31,12 +38,22 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
+use crate::membership::{NOW_MS, members_key};
 use crate::{ClusterError, redis_error};
+
+/// `let_go(running, holders, node)`: after a call left a node's running
+/// list, the node no longer holds leases if the list is empty (Redis
+/// deletes an empty list), so it leaves the holders set.
+const LET_GO: &str = r"
+local function let_go(running, holders, node)
+  if redis.call('LLEN', running) == 0 then redis.call('SREM', holders, node) end
+end
+";
 
 /// Take the next tenant's oldest queued call under a node's lease, with
 /// its record and input, in one step (nothing is leased that the node does
-/// not also get). KEYS: tenants, running, queued; ARGV: record prefix,
-/// queue prefix.
+/// not also get), the node among the lease holders. KEYS: tenants,
+/// running, queued, holders; ARGV: record prefix, queue prefix, node.
 const TAKE: &str = r"
 local tenant = redis.call('LMOVE', KEYS[1], KEYS[1], 'LEFT', 'RIGHT')
 if not tenant then return false end
@@ -44,6 +61,7 @@ local queue = ARGV[2] .. tenant
 local id = redis.call('LMOVE', queue, KEYS[2], 'RIGHT', 'LEFT')
 if redis.call('LLEN', queue) == 0 then redis.call('LREM', KEYS[1], 0, tenant) end
 if not id then return false end
+redis.call('SADD', KEYS[4], ARGV[3])
 redis.call('DECR', KEYS[3])
 local record = redis.call('GET', ARGV[1] .. id)
 local input = redis.call('GET', ARGV[1] .. id .. ':in')
@@ -53,8 +71,11 @@ return {id, record or '', input or '', record and 1 or 0}
 /// Finish a call if the node still holds its lease: the outcome, kept for
 /// the retention time; the input dropped; the lease released. 0 if the
 /// lease was gone (the call was requeued; its new run will finish it).
+/// KEYS: running, record, output, input, owner, holders; ARGV: id,
+/// record, retention ms, whether there is an output, output, node.
 const FINISH: &str = r"
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+let_go(KEYS[1], KEYS[6], ARGV[6])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[3]) end
 redis.call('DEL', KEYS[4])
@@ -75,17 +96,21 @@ end
 ";
 
 /// Move every call a node holds back to its queue, unless the node's
-/// heartbeat key is there (it is alive). -1 when alive. KEYS: running,
-/// tenants, queued, owner, heartbeat; ARGV: queue prefix.
+/// heartbeat has time left (by Redis's clock: it is alive); the node is no
+/// longer a lease holder. -1 when alive. KEYS: running, tenants, queued,
+/// owner, members, holders; ARGV: queue prefix, node.
 const REQUEUE_FROM: &str = r"
-if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
+local expires = redis.call('ZSCORE', KEYS[5], ARGV[2])
+if expires and tonumber(expires) > now_ms() then return -1 end
 local moved = 0
 while true do
   local id = redis.call('RPOP', KEYS[1])
-  if not id then return moved end
+  if not id then break end
   give_back(id, ARGV[1])
   moved = moved + 1
 end
+redis.call('SREM', KEYS[6], ARGV[2])
+return moved
 ";
 
 /// Replace the record of a call a node is about to run, only while the
@@ -105,16 +130,19 @@ return 1
 ";
 
 /// Give one call a node holds back to the head of its queue. KEYS:
-/// running, tenants, queued, owner; ARGV: id, queue prefix.
+/// running, tenants, queued, owner, holders; ARGV: id, queue prefix, node.
 const REQUEUE_ONE: &str = r"
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+let_go(KEYS[1], KEYS[5], ARGV[3])
 give_back(ARGV[1], ARGV[2])
 return 1
 ";
 
-/// Drop a node's lease on a call it will not run.
+/// Drop a node's lease on a call it will not run. KEYS: running, owner,
+/// holders; ARGV: id, node.
 const RELEASE: &str = r"
 redis.call('LREM', KEYS[1], 1, ARGV[1])
+let_go(KEYS[1], KEYS[3], ARGV[2])
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 ";
@@ -181,10 +209,10 @@ impl CallQueue {
             prefix: prefix.to_string(),
             accept: Script::new(ACCEPT),
             take: Script::new(TAKE),
-            finish: Script::new(FINISH),
-            requeue_from: Script::new(&format!("{GIVE_BACK}{REQUEUE_FROM}")),
-            requeue_one: Script::new(&format!("{GIVE_BACK}{REQUEUE_ONE}")),
-            release: Script::new(RELEASE),
+            finish: Script::new(&format!("{LET_GO}{FINISH}")),
+            requeue_from: Script::new(&format!("{NOW_MS}{GIVE_BACK}{REQUEUE_FROM}")),
+            requeue_one: Script::new(&format!("{LET_GO}{GIVE_BACK}{REQUEUE_ONE}")),
+            release: Script::new(&format!("{LET_GO}{RELEASE}")),
             update: Script::new(UPDATE),
         }
     }
@@ -212,6 +240,10 @@ impl CallQueue {
 
     fn running_key(&self, node: &str) -> String {
         format!("{}:calls:running:{node}", self.prefix)
+    }
+
+    fn holders_key(&self) -> String {
+        format!("{}:calls:holders", self.prefix)
     }
 
     /// Queue a call of `tenant`; refused when `max_queued` calls wait in
@@ -258,8 +290,10 @@ impl CallQueue {
             .key(self.tenants_key())
             .key(self.running_key(node))
             .key(self.queued_key())
+            .key(self.holders_key())
             .arg(self.record_key(""))
             .arg(self.queue_prefix())
+            .arg(node)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
@@ -307,11 +341,13 @@ impl CallQueue {
             .key(format!("{key}:out"))
             .key(format!("{key}:in"))
             .key(self.owner_key())
+            .key(self.holders_key())
             .arg(id)
             .arg(record)
             .arg(ttl)
             .arg(if output.is_some() { "1" } else { "0" })
             .arg(output.unwrap_or_default())
+            .arg(node)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
@@ -332,8 +368,10 @@ impl CallQueue {
             .key(self.tenants_key())
             .key(self.queued_key())
             .key(self.owner_key())
+            .key(self.holders_key())
             .arg(id)
             .arg(self.queue_prefix())
+            .arg(node)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
@@ -347,7 +385,9 @@ impl CallQueue {
             .release
             .key(self.running_key(node))
             .key(self.owner_key())
+            .key(self.holders_key())
             .arg(id)
+            .arg(node)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
@@ -375,10 +415,26 @@ impl CallQueue {
 
     /// Nodes holding leases on calls (whether or not they are alive).
     pub async fn lease_holders(&self) -> Result<Vec<String>, ClusterError> {
+        self.conn.clone().smembers(self.holders_key()).await.map_err(redis_error)
+    }
+
+    /// Make the holders set name the running lists an older version of
+    /// the node left (it kept no such set, and found them with `SCAN`), so
+    /// that their calls are requeued when those nodes are gone. Runs the
+    /// one `SCAN` only while `P:calls:holders:complete` is missing: once per
+    /// Redis (again if Redis lost its data), and it is set only after the
+    /// holders are added, so a node that dies half-way leaves it for the
+    /// next start. Returns how many holders it added.
+    pub async fn adopt_older_leases(&self) -> Result<usize, ClusterError> {
         let mut conn = self.conn.clone();
+        let complete = format!("{}:complete", self.holders_key());
+        let done: bool = conn.exists(&complete).await.map_err(redis_error)?;
+        if done {
+            return Ok(0);
+        }
         let pattern = self.running_key("*");
         let strip = self.running_key("");
-        let mut nodes = Vec::new();
+        let mut nodes: Vec<String> = Vec::new();
         let mut cursor: u64 = 0;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -386,22 +442,29 @@ impl CallQueue {
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
-                .arg(500)
+                .arg(1000)
                 .query_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
             nodes.extend(keys.into_iter().filter_map(|k| k.strip_prefix(&strip).map(str::to_string)));
             if next == 0 {
-                return Ok(nodes);
+                break;
             }
             cursor = next;
         }
+        let mut pipe = redis::pipe();
+        if !nodes.is_empty() {
+            pipe.sadd(self.holders_key(), &nodes).ignore();
+        }
+        pipe.set(&complete, 1).ignore();
+        pipe.query_async::<()>(&mut conn).await.map_err(redis_error)?;
+        Ok(nodes.len())
     }
 
     /// Put every call `node` holds back on the queue (to be taken first):
-    /// the node is gone. Nothing moves while the node's heartbeat key
-    /// exists (None then). Safe to run from several nodes at once: each
-    /// call moves once. Returns how many moved.
+    /// the node is gone. Nothing moves while the node's heartbeat has time
+    /// left (None then). Safe to run from several nodes at once: each call
+    /// moves once. Returns how many moved.
     pub async fn requeue_from(&self, node: &str) -> Result<Option<usize>, ClusterError> {
         let moved: i64 = self
             .requeue_from
@@ -409,8 +472,10 @@ impl CallQueue {
             .key(self.tenants_key())
             .key(self.queued_key())
             .key(self.owner_key())
-            .key(format!("{}:node:{node}", self.prefix))
+            .key(members_key(&self.prefix))
+            .key(self.holders_key())
             .arg(self.queue_prefix())
+            .arg(node)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
@@ -448,13 +513,17 @@ mod tests {
         let mut holders = queue.lease_holders().await.unwrap();
         holders.sort();
         assert_eq!(holders, ["n2"], "n1 released its lease when it finished");
-        // While n2's heartbeat key is there, n2 is alive: nothing moves.
-        redis.command(&["SET", "t:node:n2", "{}"]);
+        // While n2's heartbeat has time left, n2 is alive: nothing moves.
+        redis.command(&["ZADD", "t:members", "99999999999999", "n2"]);
         assert_eq!(queue.requeue_from("n2").await.unwrap(), None);
         assert_eq!(queue.held("n2").await.unwrap(), ["c1"]);
-        redis.command(&["DEL", "t:node:n2"]);
+        assert_eq!(queue.lease_holders().await.unwrap(), ["n2"]);
+        // Its time ran out (not yet cleaned up by a reader: the score says
+        // it is dead all the same).
+        redis.command(&["ZADD", "t:members", "1", "n2"]);
         assert_eq!(queue.requeue_from("n2").await.unwrap(), Some(1));
         assert_eq!(queue.requeue_from("n2").await.unwrap(), Some(0), "moved once");
+        assert!(queue.lease_holders().await.unwrap().is_empty(), "n2 holds nothing now");
         // n2 was only slow: its late start and finish do not overwrite the
         // rerun's record.
         assert!(!queue.update("n2", "c1", b"late").await.unwrap());
@@ -507,7 +576,6 @@ mod tests {
         assert_eq!(queue.queued_of("quiet").await.unwrap(), 1);
         assert_eq!(queue.take("m").await.unwrap().unwrap().id, "q1");
         // A dead node's calls go back to their tenants' queues.
-        redis.command(&["DEL", "t:node:n"]);
         assert_eq!(queue.requeue_from("n").await.unwrap(), Some(6));
         assert_eq!((queue.queued_of("flood").await.unwrap(), queue.queued_of("quiet").await.unwrap()), (5, 1));
         // Finished and released calls leave no owner entry behind.
@@ -539,5 +607,97 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(20), "the record never expired");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    async fn holders(queue: &CallQueue) -> Vec<String> {
+        let mut holders = queue.lease_holders().await.unwrap();
+        holders.sort();
+        holders
+    }
+
+    #[tokio::test]
+    async fn lease_holders_follow_takes_finishes_releases_and_requeues() {
+        let redis = RedisServer::start();
+        let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
+        for i in 0..6 {
+            assert_eq!(queue.accept("a", &format!("c{i}"), b"r", b"", 10, 10).await.unwrap(), Ok(()));
+        }
+        assert!(holders(&queue).await.is_empty());
+        let c0 = queue.take("n1").await.unwrap().unwrap().id;
+        let c1 = queue.take("n1").await.unwrap().unwrap().id;
+        let c2 = queue.take("n2").await.unwrap().unwrap().id;
+        let c3 = queue.take("n3").await.unwrap().unwrap().id;
+        assert_eq!(holders(&queue).await, ["n1", "n2", "n3"]);
+        // n1 still holds c1 after finishing c0; not after releasing it.
+        assert!(queue.finish("n1", &c0, b"done", None, Duration::from_secs(60)).await.unwrap());
+        assert_eq!(holders(&queue).await, ["n1", "n2", "n3"]);
+        queue.release("n1", &c1).await.unwrap();
+        assert_eq!(holders(&queue).await, ["n2", "n3"]);
+        // A call given back, and a call given back by a late finish that
+        // no longer holds it, change nothing for the others.
+        assert!(queue.requeue("n2", &c2).await.unwrap());
+        assert!(!queue.finish("n2", &c2, b"late", None, Duration::from_secs(60)).await.unwrap());
+        assert_eq!(holders(&queue).await, ["n3"]);
+        // A dead node's calls requeued: no longer a holder.
+        assert_eq!(queue.requeue_from("n3").await.unwrap(), Some(1));
+        assert!(holders(&queue).await.is_empty());
+        assert_eq!(queue.take("n4").await.unwrap().unwrap().id, c3, "requeued calls are taken first");
+        assert_eq!(holders(&queue).await, ["n4"]);
+        // A live node whose requeue is refused stays a holder.
+        redis.command(&["ZADD", "t:members", "99999999999999", "n4"]);
+        assert_eq!(queue.requeue_from("n4").await.unwrap(), None);
+        assert_eq!(holders(&queue).await, ["n4"]);
+    }
+
+    #[tokio::test]
+    async fn a_dead_nodes_calls_are_requeued_only_once_its_heartbeat_ran_out() {
+        use crate::{Member, Membership, MembershipConfig};
+        let redis = RedisServer::start();
+        let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
+        let config = MembershipConfig {
+            ttl: Duration::from_millis(600),
+            prefix: "t".into(),
+            ..MembershipConfig::new(redis.url())
+        };
+        let node = Membership::join(config, Member::new("n", "127.0.0.2:8080")).await.unwrap();
+        assert_eq!(queue.accept("a", "c", b"r", b"", 10, 10).await.unwrap(), Ok(()));
+        assert_eq!(queue.take("n").await.unwrap().unwrap().id, "c");
+        assert_eq!(queue.requeue_from("n").await.unwrap(), None, "alive: heartbeating");
+        // Killed: no more heartbeats, no leave. Until its last heartbeat
+        // runs out, nothing moves; then its call does.
+        drop(node);
+        let killed = std::time::Instant::now();
+        let moved = loop {
+            match queue.requeue_from("n").await.unwrap() {
+                None => {
+                    assert!(killed.elapsed() < Duration::from_secs(5), "the heartbeat never ran out");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Some(moved) => break moved,
+            }
+        };
+        let waited = killed.elapsed();
+        assert_eq!(moved, 1);
+        // The last heartbeat came within a third of the TTL before the
+        // kill, so the call stayed at least the remaining two thirds.
+        assert!(waited >= Duration::from_millis(350), "requeued {waited:?} after the kill");
+        assert!(queue.lease_holders().await.unwrap().is_empty());
+        assert_eq!(queue.take("m").await.unwrap().unwrap().id, "c");
+    }
+
+    #[tokio::test]
+    async fn leases_of_an_older_version_are_adopted_once() {
+        let redis = RedisServer::start();
+        let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
+        // An older node took c and died: a running list and an owner, no
+        // holders set.
+        redis.command(&["LPUSH", "t:calls:running:old", "c"]);
+        redis.command(&["HSET", "t:calls:owner", "c", "a"]);
+        assert!(queue.lease_holders().await.unwrap().is_empty());
+        assert_eq!(queue.adopt_older_leases().await.unwrap(), 1);
+        assert_eq!(queue.lease_holders().await.unwrap(), ["old"]);
+        assert_eq!(queue.adopt_older_leases().await.unwrap(), 0, "once");
+        assert_eq!(queue.requeue_from("old").await.unwrap(), Some(1));
+        assert_eq!(queue.queued_of("a").await.unwrap(), 1);
     }
 }

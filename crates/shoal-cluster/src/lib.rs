@@ -1,9 +1,10 @@
 //! Cluster mode (ARCHITECTURE.md, `crates/shoal-cluster`): identical nodes that share what they must
 //! through Redis, with no consensus of their own.
 //!
-//! - [`Membership`]: each node keeps a key with a short TTL alive in Redis
-//!   (its heartbeat, carrying its load) and reads everyone's to know who is
-//!   up. A node that stops heartbeating drops out when its key expires.
+//! - [`Membership`]: each node keeps its entry in one sorted set alive in
+//!   Redis (its heartbeat: a score that runs out after a short TTL, and its
+//!   load) and reads the set to know who is up. A node that stops
+//!   heartbeating drops out when its score runs out.
 //! - [`SharedRegistry`]: tenants, function records and wasm (by content),
 //!   with a version every node polls to mirror changes.
 //! - [`CallQueue`]: asynchronous calls, taken by whichever node has room,
@@ -13,6 +14,14 @@
 //!
 //! The crate keeps records as bytes: what they mean is the node's
 //! business. It never sees HTTP routes or function images.
+//!
+//! Nothing a node does over and over reads more of Redis than the cluster's
+//! own bookkeeping: no `SCAN`, `KEYS` or `HVALS` (the same Redis holds every
+//! state value and call record, which may be millions of keys). Members
+//! are one sorted set, lease holders one set, and wasm is kept by a count
+//! of the records that use it. The only reads of everything are one-time
+//! migrations from an older layout (see [`CallQueue::adopt_older_leases`]
+//! and `registry.rs`).
 
 mod calls;
 mod forward;
@@ -53,4 +62,84 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, 
     let mut conn = ConnectionManager::new_lazy_with_config(client, config).map_err(redis_error)?;
     redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(redis_error)?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_testkit::RedisServer;
+
+    /// How often Redis ran each of `commands` since its stats were reset,
+    /// from `INFO commandstats` (which counts commands run by scripts too).
+    async fn calls_of(conn: &mut ConnectionManager, commands: &[&str]) -> Vec<(String, u64)> {
+        let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.unwrap();
+        commands
+            .iter()
+            .map(|command| {
+                let prefix = format!("cmdstat_{command}:calls=");
+                let calls = info
+                    .lines()
+                    .find_map(|line| line.strip_prefix(&prefix))
+                    .and_then(|rest| rest.split(',').next())
+                    .map_or(0, |n| n.parse().unwrap());
+                (command.to_string(), calls)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_clusters_bookkeeping_never_reads_the_whole_keyspace_or_every_record() {
+        let redis = RedisServer::start();
+        let mut conn = connect(&redis.url(), Duration::from_secs(1)).await.unwrap();
+        let queue = CallQueue::new(conn.clone(), "t");
+        let registry = SharedRegistry::new(conn.clone(), "t");
+        // The one-time migrations, done (and checked to count) first.
+        queue.adopt_older_leases().await.unwrap();
+        registry.put_function("acme/zero", "s0", br#"{"sha256":"s0"}"#, b"w").await.unwrap();
+        assert_eq!(calls_of(&mut conn, &["scan"]).await, [("scan".to_string(), 1)], "the stats count");
+        // Some state and call records, as a cluster's Redis holds.
+        for i in 0..200 {
+            redis.command(&["SET", &format!("t:state:acme:k{i}"), "v"]);
+        }
+        let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut conn).await.unwrap();
+
+        let config = MembershipConfig {
+            ttl: Duration::from_millis(300),
+            prefix: "t".into(),
+            ..MembershipConfig::new(redis.url())
+        };
+        let a = Membership::join(config.clone(), Member::new("a", "127.0.0.2:8080")).await.unwrap();
+        let b = Membership::join(config, Member::new("b", "127.0.0.3:8080")).await.unwrap();
+        a.heartbeat().await.unwrap();
+        assert_eq!(a.read_members().await.unwrap().len(), 2);
+        for i in 0..4 {
+            assert_eq!(queue.accept("acme", &format!("c{i}"), b"r", b"", 10, 10).await.unwrap(), Ok(()));
+        }
+        let c0 = queue.take("a").await.unwrap().unwrap().id;
+        let c1 = queue.take("a").await.unwrap().unwrap().id;
+        let c2 = queue.take("b").await.unwrap().unwrap().id;
+        let _c3 = queue.take("b").await.unwrap().unwrap().id;
+        assert!(queue.update("a", &c0, b"running").await.unwrap());
+        assert!(queue.finish("a", &c0, b"done", None, Duration::from_secs(60)).await.unwrap());
+        queue.release("a", &c1).await.unwrap();
+        assert!(queue.requeue("b", &c2).await.unwrap());
+        assert_eq!(queue.lease_holders().await.unwrap(), ["b"]);
+        // b dies; once its heartbeat ran out, its calls are requeued.
+        drop(b);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(queue.requeue_from("b").await.unwrap(), Some(1));
+        assert_eq!(a.read_members().await.unwrap().len(), 1);
+        registry.put_function("acme/one", "s1", br#"{"sha256":"s1"}"#, b"w1").await.unwrap();
+        registry.put_function("acme/two", "s1", br#"{"sha256":"s1"}"#, b"w1").await.unwrap();
+        registry.put_function("acme/two", "s2", br#"{"sha256":"s2"}"#, b"w2").await.unwrap();
+        assert!(registry.remove_function("acme/one").await.unwrap());
+        assert!(registry.remove_function("acme/two").await.unwrap());
+        registry.snapshot().await.unwrap();
+        a.leave().await.unwrap();
+
+        let calls = calls_of(&mut conn, &["scan", "keys", "hvals", "evalsha", "zadd"]).await;
+        assert_eq!(calls[..3], [("scan".into(), 0), ("keys".into(), 0), ("hvals".into(), 0)], "{calls:?}");
+        // The scripts did run (and so were counted) and heartbeats wrote.
+        assert!(calls[3].1 > 10 && calls[4].1 > 2, "{calls:?}");
+    }
 }

@@ -5,6 +5,10 @@
 //! - `P:functions` — hash, `tenant/name` → the function's record (JSON);
 //! - `P:wasm:<sha256>` — the wasm bytes, once per content, shared by every
 //!   function deployed with them, deleted with the last of them;
+//! - `P:wasm-refs` — hash, sha256 → how many function records name that
+//!   wasm. Deploys and removals keep it in the same script as the record,
+//!   so deciding whether a wasm is still used reads one field, not every
+//!   function record;
 //! - `P:registry:version` — bumped by every change, so a node polls one
 //!   small key to know whether to read the hashes again;
 //! - `P:admin` — SHA-256 of the cluster's admin token (the first node's);
@@ -14,8 +18,19 @@
 //!   Redis lost data, whatever the version says.
 //!
 //! Records are opaque bytes here: what a tenant or a function is, the node
-//! decides. Changes that touch two keys run as Lua scripts, so a removal
-//! can never delete the wasm a concurrent deploy is about to point at.
+//! decides, except that a function's record names its wasm in a top-level
+//! `"sha256"` field. Changes that touch two keys run as Lua scripts, so a
+//! removal can never delete the wasm a concurrent deploy is about to point
+//! at.
+//!
+//! A Redis written by an older version of the node has functions and no
+//! `P:wasm-refs` (it read every record on each deploy and removal to find
+//! out). The first deploy, removal or republish that finds functions and
+//! no counts rebuilds them, reading every record once, in the same script
+//! (so no change slips between the count and its use). After that, counts
+//! exist as long as functions do. Nodes of the older version must not
+//! deploy or remove functions on the same Redis once a newer node has:
+//! they do not keep the counts.
 
 use std::sync::{Arc, Mutex};
 
@@ -24,49 +39,84 @@ use redis::{AsyncCommands, Script};
 
 use crate::{ClusterError, redis_error};
 
-/// Whether any record in the hash `KEYS[1]` names wasm `sha` (the exact
-/// JSON field, which no string value inside a record can contain
-/// unescaped), and the sha a record names.
+/// Helpers of the registry's scripts:
+/// - `sha_of(record)`: the wasm a function record names (its `sha256`);
+/// - `count_refs(functions, refs)`: rebuild the reference counts from the
+///   records when there are records and no counts (a Redis of an older
+///   version); otherwise nothing, at the cost of two O(1) commands;
+/// - `unref(refs, prefix, sha)`: one record less names `sha`; its wasm is
+///   deleted with the last.
 const HELPERS: &str = r#"
-local function used(sha)
-  local field = '"sha256":"' .. sha .. '"'
-  for _, other in ipairs(redis.call('HVALS', KEYS[1])) do
-    if string.find(other, field, 1, true) then return true end
-  end
-  return false
-end
 local function sha_of(record)
   local ok, decoded = pcall(cjson.decode, record)
   if ok and type(decoded) == 'table' and type(decoded['sha256']) == 'string' then return decoded['sha256'] end
   return nil
 end
+local function count_refs(functions, refs)
+  if redis.call('EXISTS', refs) == 1 or redis.call('HLEN', functions) == 0 then return end
+  for _, record in ipairs(redis.call('HVALS', functions)) do
+    local sha = sha_of(record)
+    if sha then redis.call('HINCRBY', refs, sha, 1) end
+  end
+end
+local function unref(refs, prefix, sha)
+  if redis.call('HINCRBY', refs, sha, -1) <= 0 then
+    redis.call('HDEL', refs, sha)
+    redis.call('DEL', prefix .. sha)
+  end
+end
 "#;
 
 /// Set `functions[key] = record` and bump the version, only if the wasm is
-/// there (a concurrent removal may have just deleted it); a redeploy with
-/// other bytes deletes the old wasm if nothing else uses it.
+/// there (a concurrent removal may have just deleted it). The new record's
+/// wasm gains a reference and the old one's loses one, unless they are
+/// the same (a redeploy of the same bytes changes no count); the old wasm
+/// goes with its last reference. KEYS: functions, version, wasm, refs;
+/// ARGV: key, record, wasm prefix.
 const PUT_FUNCTION: &str = r"
 if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+count_refs(KEYS[1], KEYS[4])
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if old then
-  local old_sha = sha_of(old)
-  if old_sha and old_sha ~= ARGV[3] and not used(old_sha) then redis.call('DEL', ARGV[4] .. old_sha) end
+local new_sha = sha_of(ARGV[2])
+local old_sha = old and sha_of(old)
+if new_sha ~= old_sha then
+  if new_sha then redis.call('HINCRBY', KEYS[4], new_sha, 1) end
+  if old_sha then unref(KEYS[4], ARGV[3], old_sha) end
 end
 redis.call('INCR', KEYS[2])
 return 1
 ";
 
 /// Remove `functions[key]` (whatever its record says now, not what the
-/// caller last saw); delete its wasm if no other function uses it; bump
-/// the version. Returns 1 if there was such a function.
+/// caller last saw); its wasm loses a reference (and goes with the last);
+/// bump the version. Returns 1 if there was such a function. KEYS:
+/// functions, version, refs; ARGV: key, wasm prefix.
 const REMOVE_FUNCTION: &str = r"
 local record = redis.call('HGET', KEYS[1], ARGV[1])
 if not record then return 0 end
+count_refs(KEYS[1], KEYS[3])
 redis.call('HDEL', KEYS[1], ARGV[1])
 local sha = sha_of(record)
-if sha and not used(sha) then redis.call('DEL', ARGV[2] .. sha) end
+if sha then unref(KEYS[3], ARGV[2], sha) end
 redis.call('INCR', KEYS[2])
+return 1
+";
+
+/// Put back a function Redis lost, unless a record is there already (a
+/// node re-publishing at the same time): the record with a reference to
+/// its wasm, and the wasm if missing. When the record there names the same
+/// wasm, only the wasm is put back if missing. KEYS: functions, wasm,
+/// refs; ARGV: key, record, wasm.
+const REPUBLISH_FUNCTION: &str = r"
+count_refs(KEYS[1], KEYS[3])
+local sha = sha_of(ARGV[2])
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  if sha then redis.call('HINCRBY', KEYS[3], sha, 1) end
+elseif sha_of(redis.call('HGET', KEYS[1], ARGV[1])) ~= sha then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[3], 'NX')
 return 1
 ";
 
@@ -89,6 +139,7 @@ pub struct SharedRegistry {
     prefix: String,
     put_function: Script,
     remove_function: Script,
+    republish_function: Script,
     /// The admin token hash and secret this node claimed or got, to put
     /// back if Redis loses them.
     claimed: Arc<Mutex<Claimed>>,
@@ -129,6 +180,7 @@ impl SharedRegistry {
             prefix: prefix.to_string(),
             put_function: Script::new(&format!("{HELPERS}{PUT_FUNCTION}")),
             remove_function: Script::new(&format!("{HELPERS}{REMOVE_FUNCTION}")),
+            republish_function: Script::new(&format!("{HELPERS}{REPUBLISH_FUNCTION}")),
             claimed: Arc::default(),
         }
     }
@@ -242,7 +294,8 @@ impl SharedRegistry {
         Ok(removed == 1)
     }
 
-    /// Deploy: store the wasm (once per content) and the record.
+    /// Deploy: store the wasm (once per content) and the record, which
+    /// must name it in its `sha256` field (that is what counts as a use).
     pub async fn put_function(&self, key: &str, sha256: &str, record: &[u8], wasm: &[u8]) -> Result<(), ClusterError> {
         let mut conn = self.conn.clone();
         let wasm_key = self.wasm_key(sha256);
@@ -256,9 +309,9 @@ impl SharedRegistry {
                 .key(self.key("functions"))
                 .key(self.key("registry:version"))
                 .key(&wasm_key)
+                .key(self.key("wasm-refs"))
                 .arg(key)
                 .arg(record)
-                .arg(sha256)
                 .arg(self.wasm_key(""))
                 .invoke_async(&mut conn)
                 .await
@@ -276,6 +329,7 @@ impl SharedRegistry {
             .remove_function
             .key(self.key("functions"))
             .key(self.key("registry:version"))
+            .key(self.key("wasm-refs"))
             .arg(key)
             .arg(self.wasm_key(""))
             .invoke_async(&mut self.conn.clone())
@@ -321,13 +375,33 @@ impl SharedRegistry {
         for (name, record) in tenants {
             pipe.hset_nx(self.key("tenants"), name, record).ignore();
         }
-        for function in functions {
-            pipe.set_nx(self.wasm_key(function.sha256), &function.wasm).ignore();
-            pipe.hset_nx(self.key("functions"), function.key, &function.record).ignore();
+        if !pipe.is_empty() {
+            pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(redis_error)?;
         }
-        pipe.set_nx(self.key("epoch"), random_hex()).ignore();
-        pipe.incr(self.key("registry:version"), 1).ignore();
-        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(redis_error)
+        // One script per function, as each keeps its wasm's reference
+        // count with the record.
+        for function in functions {
+            let _: i64 = self
+                .republish_function
+                .key(self.key("functions"))
+                .key(self.wasm_key(function.sha256))
+                .key(self.key("wasm-refs"))
+                .arg(function.key)
+                .arg(&function.record)
+                .arg(&function.wasm)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(redis_error)?;
+        }
+        // Last, so that a node that sees the new version finds everything.
+        redis::pipe()
+            .set_nx(self.key("epoch"), random_hex())
+            .ignore()
+            .incr(self.key("registry:version"), 1)
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)
     }
 
     /// The wasm stored under `sha256`.
@@ -395,5 +469,93 @@ mod tests {
         let secret = a.secret().await.unwrap();
         assert_eq!(secret.len(), 64);
         assert_eq!(b.secret().await.unwrap(), secret, "every node gets the first one's secret");
+    }
+
+    /// The reference counts as Redis has them, by sha.
+    async fn refs(registry: &SharedRegistry) -> Vec<(String, i64)> {
+        let mut refs: Vec<(String, i64)> = registry.conn.clone().hgetall("t:wasm-refs").await.unwrap();
+        refs.sort();
+        refs
+    }
+
+    fn counts(pairs: &[(&str, i64)]) -> Vec<(String, i64)> {
+        pairs.iter().map(|(sha, n)| (sha.to_string(), *n)).collect()
+    }
+
+    #[tokio::test]
+    async fn wasm_is_counted_by_the_records_that_name_it_and_goes_with_the_last() {
+        let redis = RedisServer::start();
+        let r = registry(&redis).await;
+        r.put_function("acme/one", "s1", br#"{"sha256":"s1"}"#, b"wasm-1").await.unwrap();
+        r.put_function("acme/two", "s1", br#"{"sha256":"s1"}"#, b"wasm-1").await.unwrap();
+        assert_eq!(refs(&r).await, counts(&[("s1", 2)]));
+        // A redeploy with the same bytes (a new env, say) changes no count.
+        r.put_function("acme/one", "s1", br#"{"sha256":"s1","env":[]}"#, b"wasm-1").await.unwrap();
+        assert_eq!(refs(&r).await, counts(&[("s1", 2)]));
+        // A redeploy with other bytes moves one reference.
+        r.put_function("acme/two", "s2", br#"{"sha256":"s2"}"#, b"wasm-2").await.unwrap();
+        assert_eq!(refs(&r).await, counts(&[("s1", 1), ("s2", 1)]));
+        assert!(r.wasm("s1").await.unwrap().is_some(), "acme/one still uses s1");
+        // Back to s1: s2 loses its last reference and goes.
+        r.put_function("acme/two", "s1", br#"{"sha256":"s1"}"#, b"wasm-1").await.unwrap();
+        assert_eq!(refs(&r).await, counts(&[("s1", 2)]));
+        assert_eq!(r.wasm("s2").await.unwrap(), None);
+        // Removing one of two users keeps the wasm; the second takes it.
+        assert!(r.remove_function("acme/one").await.unwrap());
+        assert_eq!(refs(&r).await, counts(&[("s1", 1)]));
+        assert!(r.wasm("s1").await.unwrap().is_some());
+        assert!(!r.remove_function("acme/one").await.unwrap());
+        assert_eq!(refs(&r).await, counts(&[("s1", 1)]), "a removal of nothing changes no count");
+        assert!(r.remove_function("acme/two").await.unwrap());
+        assert_eq!(r.wasm("s1").await.unwrap(), None);
+        assert!(refs(&r).await.is_empty());
+        assert_eq!(redis.command(&["EXISTS", "t:wasm-refs"]), ":0");
+    }
+
+    #[tokio::test]
+    async fn counts_missing_from_an_older_version_are_rebuilt_once() {
+        let redis = RedisServer::start();
+        let r = registry(&redis).await;
+        // What an older node left: records and wasm, no counts.
+        for (key, sha) in [("acme/one", "s1"), ("acme/two", "s1"), ("acme/three", "s3")] {
+            redis.command(&["HSET", "t:functions", key, &format!(r#"{{"sha256":"{sha}"}}"#)]);
+            redis.command(&["SET", &format!("t:wasm:{sha}"), "wasm"]);
+        }
+        // The first removal counts every record first, then lets go of one.
+        assert!(r.remove_function("acme/one").await.unwrap());
+        assert_eq!(refs(&r).await, counts(&[("s1", 1), ("s3", 1)]));
+        assert!(r.wasm("s1").await.unwrap().is_some(), "acme/two still uses it");
+        // From then on the counts are kept, not rebuilt.
+        r.put_function("acme/four", "s3", br#"{"sha256":"s3"}"#, b"wasm").await.unwrap();
+        assert_eq!(refs(&r).await, counts(&[("s1", 1), ("s3", 2)]));
+        assert!(r.remove_function("acme/two").await.unwrap());
+        assert_eq!(r.wasm("s1").await.unwrap(), None);
+
+        // The same when the first change is a deploy, and when it is a
+        // republish after Redis lost part of the registry.
+        let redis = RedisServer::start();
+        let r = registry(&redis).await;
+        redis.command(&["HSET", "t:functions", "acme/one", r#"{"sha256":"s1"}"#]);
+        redis.command(&["SET", "t:wasm:s1", "wasm"]);
+        r.put_function("acme/two", "s1", br#"{"sha256":"s1"}"#, b"wasm").await.unwrap();
+        assert_eq!(refs(&r).await, counts(&[("s1", 2)]));
+        let redis = RedisServer::start();
+        let r = registry(&redis).await;
+        redis.command(&["HSET", "t:functions", "acme/one", r#"{"sha256":"s1"}"#]);
+        redis.command(&["SET", "t:wasm:s1", "wasm"]);
+        let functions = [
+            Republished {
+                key: "acme/one",
+                sha256: "s1",
+                record: br#"{"sha256":"s1"}"#.to_vec(),
+                wasm: b"wasm".to_vec(),
+            },
+            Republished { key: "acme/two", sha256: "s2", record: br#"{"sha256":"s2"}"#.to_vec(), wasm: b"w2".to_vec() },
+        ];
+        r.republish(&[], &functions).await.unwrap();
+        assert_eq!(refs(&r).await, counts(&[("s1", 1), ("s2", 1)]));
+        assert_eq!(r.wasm("s2").await.unwrap().as_deref(), Some(&b"w2"[..]));
+        r.republish(&[], &functions).await.unwrap();
+        assert_eq!(refs(&r).await, counts(&[("s1", 1), ("s2", 1)]), "a second republish adds nothing");
     }
 }

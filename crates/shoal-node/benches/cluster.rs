@@ -17,6 +17,11 @@
 //! `cargo bench -p shoal-node --bench cluster`; without `--bench` (as
 //! `cargo test --all-targets` runs it) every part runs briefly, as a smoke
 //! test.
+//!
+//! What the cluster's own bookkeeping in Redis costs (heartbeats, reading
+//! the members, finding lease holders, deploys and removals) as Redis
+//! fills with state and call records is measured without nodes, by
+//! `cargo bench -p shoal-cluster --bench bookkeeping`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

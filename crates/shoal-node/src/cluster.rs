@@ -482,7 +482,7 @@ async fn chores(weak: Weak<Node>) {
 
 /// Requeue the calls held by nodes that are not members (seen so twice in
 /// a row, so a node that just joined is not mistaken for a dead one; and
-/// never while the node's heartbeat key exists).
+/// never while the node's heartbeat has time left).
 async fn reclaim(cluster: &Cluster, suspects: &mut HashSet<String>) {
     let holders = match cluster.queue.lease_holders().await {
         Ok(holders) => holders,

@@ -625,7 +625,7 @@ impl Node {
         if let Some(cluster) = &self.cluster {
             cluster.stopping.store(true, std::sync::atomic::Ordering::Release);
             if let Err(e) = cluster.membership.leave().await {
-                tracing::warn!(error = %e, "leaving the cluster failed; this node's key expires by itself");
+                tracing::warn!(error = %e, "leaving the cluster failed; this node's heartbeat runs out by itself");
             }
             // Calls it took and did not finish go back to the queue now,
             // rather than when the others notice it left.
@@ -667,6 +667,14 @@ async fn join_cluster(
     let forwarder = Forwarder::new(&secret, Duration::from_secs(1), config.max_body_bytes + (64 << 10))
         .map_err(StartError::Config)?;
     let queue = CallQueue::new(conn, &config.cluster_prefix);
+    // Leases an older version of the node left are found once (by a scan
+    // of the keyspace, while no marker says it was done); failing that,
+    // the next start tries again.
+    match queue.adopt_older_leases().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(nodes = n, "found the call leases of nodes of an older version"),
+        Err(e) => tracing::warn!(error = %e, "looking for call leases of an older version failed"),
+    }
     let capacity = if config.gateway { 0 } else { capacity };
     let cluster = cluster::Cluster::new(shared.clone(), membership, queue, forwarder, secret, capacity);
     Ok((shared, Arc::new(cluster)))
