@@ -31,6 +31,13 @@
 //! - `P:calls:holders:complete` — set once the holders set is known to
 //!   name every running list ([`CallQueue::adopt_older_leases`]).
 //!
+//! - `P:calls:kept:<tenant>` — sorted set of the tenant's call ids kept
+//!   (queued, running, or finished and not expired), each scored by when
+//!   its record expires (queued and running ones: never), pruned by each
+//!   accept; with `P:calls:kept-bytes:<tenant>` (id → bytes of its kept
+//!   output) and `P:calls:kept-out:<tenant>` (their sum): what a tenant
+//!   keeps is counted without reading any record, and capped.
+//!
 //! Finished records (and outputs) expire after the retention time.
 
 use std::time::Duration;
@@ -72,15 +79,53 @@ return {id, record or '', input or '', record and 1 or 0}
 /// the retention time; the input dropped; the lease released. 0 if the
 /// lease was gone (the call was requeued; its new run will finish it).
 /// KEYS: running, record, output, input, owner, holders; ARGV: id,
-/// record, retention ms, whether there is an output, output, node.
+/// record, retention ms, whether there is an output, output, node, calls
+/// prefix, output bytes the tenant may keep. 2 (nothing changed) when the
+/// output would pass the tenant's kept output bytes: the caller records
+/// the call failed, without it.
 const FINISH: &str = r"
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+local tenant = redis.call('HGET', KEYS[5], ARGV[1])
+local ids, bytes, out
+if tenant then
+  ids, bytes, out = kept(ARGV[7], tenant)
+  if ARGV[4] == '1' and tonumber(redis.call('GET', out) or '0') + #ARGV[5] > tonumber(ARGV[8]) then return 2 end
+end
+redis.call('LREM', KEYS[1], 1, ARGV[1])
 let_go(KEYS[1], KEYS[6], ARGV[6])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[3]) end
 redis.call('DEL', KEYS[4])
 redis.call('HDEL', KEYS[5], ARGV[1])
+if tenant then
+  redis.call('ZADD', ids, now_ms() + tonumber(ARGV[3]), ARGV[1])
+  if ARGV[4] == '1' then
+    redis.call('HSET', bytes, ARGV[1], #ARGV[5])
+    redis.call('INCRBY', out, #ARGV[5])
+  end
+end
 return 1
+";
+
+/// Forget up to 1,000 of a tenant's kept calls (records, inputs, outputs,
+/// owner entries) and, once none is left, its queue and counts. KEYS:
+/// tenants, the tenant's queue, queued, owner; ARGV: calls prefix, record
+/// prefix, tenant. Returns how many were forgotten (0: done).
+const FORGET_TENANT: &str = r"
+local ids, bytes, out = kept(ARGV[1], ARGV[3])
+local batch = redis.call('ZRANGE', ids, 0, 999)
+for _, id in ipairs(batch) do
+  redis.call('DEL', ARGV[2] .. id, ARGV[2] .. id .. ':in', ARGV[2] .. id .. ':out')
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('ZREM', ids, id)
+end
+if #batch == 0 then
+  local queued = redis.call('LLEN', KEYS[2])
+  if queued > 0 then redis.call('DECRBY', KEYS[3], queued) end
+  redis.call('DEL', KEYS[2], bytes, out)
+  redis.call('LREM', KEYS[1], 0, ARGV[3])
+end
+return #batch
 ";
 
 /// Give a call back to the head of its tenant's queue, and the tenant to
@@ -147,15 +192,44 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 ";
 
+/// What a tenant keeps: `kept(prefix, tenant)` its three keys;
+/// `prune(...)` forgets (at most 1,000 at a time) the ids whose records
+/// have expired by `now`, and their output bytes.
+const KEPT: &str = r"
+local function kept(prefix, tenant)
+  return prefix .. 'kept:' .. tenant, prefix .. 'kept-bytes:' .. tenant, prefix .. 'kept-out:' .. tenant
+end
+local function prune(ids, bytes, out, now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', ids, '-inf', now, 'LIMIT', 0, 1000)) do
+    local b = redis.call('HGET', bytes, id)
+    if b then
+      redis.call('DECRBY', out, b)
+      redis.call('HDEL', bytes, id)
+    end
+    redis.call('ZREM', ids, id)
+  end
+end
+";
+
+/// The score of an id whose record does not expire yet (queued, running).
+const KEPT_FOREVER: &str = "9000000000000000";
+
 /// Queue a call unless the cluster's queue or the tenant's is full:
 /// record, input, queue entry, owner in one step. KEYS: tenants, the
 /// tenant's queue, record, input, queued, owner; ARGV: cluster limit,
-/// record, input, id, tenant limit, tenant. Returns 1 when queued, 0 when
-/// the cluster's queue is full, 2 when the tenant's is.
+/// record, input, id, tenant limit, tenant, calls prefix, records a
+/// tenant may keep, output bytes it may keep. Returns 1 when queued, 0
+/// when the cluster's queue is full, 2 when the tenant's is, 3 when the
+/// tenant keeps its limit of records, 4 of output bytes.
 const ACCEPT: &str = r"
 if tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[1]) then return 0 end
 local mine = redis.call('LLEN', KEYS[2])
 if mine >= tonumber(ARGV[5]) then return 2 end
+local ids, bytes, out = kept(ARGV[7], ARGV[6])
+prune(ids, bytes, out, now_ms())
+if redis.call('ZCARD', ids) >= tonumber(ARGV[8]) then return 3 end
+if tonumber(redis.call('GET', out) or '0') >= tonumber(ARGV[9]) then return 4 end
+redis.call('ZADD', ids, ARGV[10], ARGV[4])
 redis.call('SET', KEYS[3], ARGV[2])
 redis.call('SET', KEYS[4], ARGV[3])
 redis.call('LPUSH', KEYS[2], ARGV[4])
@@ -172,6 +246,23 @@ pub enum Refused {
     Cluster,
     /// The tenant's queue holds its share.
     Tenant,
+    /// The tenant keeps its limit of call records.
+    TenantRecords,
+    /// The tenant keeps its limit of output bytes.
+    TenantOutput,
+}
+
+/// How a finish went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// Recorded.
+    Recorded,
+    /// The node no longer held the call's lease: nothing recorded (the
+    /// call was requeued; its new run records it).
+    LeaseGone,
+    /// The output would pass the tenant's kept output bytes: nothing
+    /// recorded; record the call failed, without its output.
+    OutputOverLimit,
 }
 
 #[derive(Clone)]
@@ -185,6 +276,10 @@ pub struct CallQueue {
     requeue_one: Script,
     release: Script,
     update: Script,
+    forget_tenant: Script,
+    /// What each tenant may keep ([`CallQueue::with_kept_limits`]).
+    kept_records: usize,
+    kept_output_bytes: u64,
 }
 
 impl std::fmt::Debug for CallQueue {
@@ -207,13 +302,54 @@ impl CallQueue {
         Self {
             conn,
             prefix: prefix.to_string(),
-            accept: Script::new(ACCEPT),
+            accept: Script::new(&format!("{NOW_MS}{KEPT}{ACCEPT}")),
             take: Script::new(TAKE),
-            finish: Script::new(&format!("{LET_GO}{FINISH}")),
+            finish: Script::new(&format!("{NOW_MS}{KEPT}{LET_GO}{FINISH}")),
+            forget_tenant: Script::new(&format!("{KEPT}{FORGET_TENANT}")),
+            kept_records: usize::MAX,
+            kept_output_bytes: u64::MAX,
             requeue_from: Script::new(&format!("{NOW_MS}{GIVE_BACK}{REQUEUE_FROM}")),
             requeue_one: Script::new(&format!("{LET_GO}{GIVE_BACK}{REQUEUE_ONE}")),
             release: Script::new(&format!("{LET_GO}{RELEASE}")),
             update: Script::new(UPDATE),
+        }
+    }
+
+    /// Cap what each tenant keeps: `records` call records (queued,
+    /// running, or finished and not expired) and `output_bytes` of outputs.
+    pub fn with_kept_limits(mut self, records: usize, output_bytes: u64) -> Self {
+        self.kept_records = records;
+        self.kept_output_bytes = output_bytes;
+        self
+    }
+
+    fn calls_prefix(&self) -> String {
+        format!("{}:calls:", self.prefix)
+    }
+
+    /// Forget every call of `tenant` (records, inputs, outputs, its queue),
+    /// in batches; returns how many records went. Its calls running on a
+    /// node when this runs are recorded again when they finish (and expire
+    /// after the retention time).
+    pub async fn forget_tenant(&self, tenant: &str) -> Result<usize, ClusterError> {
+        let mut forgotten = 0;
+        loop {
+            let n: i64 = self
+                .forget_tenant
+                .key(self.tenants_key())
+                .key(format!("{}{tenant}", self.queue_prefix()))
+                .key(self.queued_key())
+                .key(self.owner_key())
+                .arg(self.calls_prefix())
+                .arg(self.record_key(""))
+                .arg(tenant)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(redis_error)?;
+            if n <= 0 {
+                return Ok(forgotten);
+            }
+            forgotten += usize::try_from(n).unwrap_or(0);
         }
     }
 
@@ -272,12 +408,18 @@ impl CallQueue {
             .arg(id)
             .arg(max_per_tenant)
             .arg(tenant)
+            .arg(self.calls_prefix())
+            .arg(self.kept_records)
+            .arg(self.kept_output_bytes)
+            .arg(KEPT_FOREVER)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
         Ok(match accepted {
             1 => Ok(()),
             2 => Err(Refused::Tenant),
+            3 => Err(Refused::TenantRecords),
+            4 => Err(Refused::TenantOutput),
             _ => Err(Refused::Cluster),
         })
     }
@@ -322,8 +464,9 @@ impl CallQueue {
 
     /// A call `node` ran has finished: its record (and output) kept for
     /// `retention`, its input dropped, its lease released; one step, and
-    /// only while `node` holds the lease. False when it no longer did (the
-    /// call was requeued and runs again elsewhere; that run records it).
+    /// only while `node` holds the lease (else `LeaseGone`: the call was
+    /// requeued and runs again elsewhere; that run records it) and the
+    /// output fits what its tenant may keep (else `OutputOverLimit`).
     pub async fn finish(
         &self,
         node: &str,
@@ -331,7 +474,7 @@ impl CallQueue {
         record: &[u8],
         output: Option<&[u8]>,
         retention: Duration,
-    ) -> Result<bool, ClusterError> {
+    ) -> Result<Finished, ClusterError> {
         let key = self.record_key(id);
         let ttl = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX).max(1);
         let written: i64 = self
@@ -348,10 +491,16 @@ impl CallQueue {
             .arg(if output.is_some() { "1" } else { "0" })
             .arg(output.unwrap_or_default())
             .arg(node)
+            .arg(self.calls_prefix())
+            .arg(self.kept_output_bytes)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
-        Ok(written == 1)
+        Ok(match written {
+            1 => Finished::Recorded,
+            2 => Finished::OutputOverLimit,
+            _ => Finished::LeaseGone,
+        })
     }
 
     /// The calls `node` holds leases on now.
@@ -490,6 +639,44 @@ mod tests {
     use shoal_testkit::RedisServer;
 
     #[tokio::test]
+    async fn a_tenant_keeps_at_most_its_records_and_output_bytes_and_can_be_forgotten() {
+        let redis = RedisServer::start();
+        let conn = connect(&redis.url(), Duration::from_secs(1)).await.unwrap();
+        let queue = CallQueue::new(conn.clone(), "k").with_kept_limits(3, 10);
+        let retention = Duration::from_millis(300);
+        // Two calls finish with 6 bytes each: the second's output would make 12 of 10.
+        for id in ["a0", "a1"] {
+            assert_eq!(queue.accept("a", id, b"queued", b"in", 100, 100).await.unwrap(), Ok(()));
+            let taken = queue.take("n").await.unwrap().unwrap();
+            assert_eq!(taken.id, id);
+        }
+        assert_eq!(queue.finish("n", "a0", b"done", Some(b"sixsix"), retention).await.unwrap(), Finished::Recorded);
+        assert_eq!(
+            queue.finish("n", "a1", b"done", Some(b"sixsix"), retention).await.unwrap(),
+            Finished::OutputOverLimit
+        );
+        assert_eq!(queue.held("n").await.unwrap(), vec!["a1".to_string()], "refused: nothing changed");
+        assert_eq!(queue.finish("n", "a1", b"failed", None, retention).await.unwrap(), Finished::Recorded);
+        assert_eq!(queue.accept("a", "a2", b"queued", b"in", 100, 100).await.unwrap(), Ok(()));
+        // Three records kept: the fourth call is refused; another tenant's is not.
+        assert_eq!(queue.accept("a", "a3", b"q", b"", 100, 100).await.unwrap(), Err(Refused::TenantRecords));
+        assert_eq!(queue.accept("b", "b0", b"q", b"", 100, 100).await.unwrap(), Ok(()));
+        // Once the finished records expire, they count no more.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(queue.accept("a", "a3", b"q", b"", 100, 100).await.unwrap(), Ok(()));
+        assert_eq!(queue.accept("a", "a4", b"q", b"", 100, 100).await.unwrap(), Ok(()));
+        assert_eq!(queue.accept("a", "a5", b"q", b"", 100, 100).await.unwrap(), Err(Refused::TenantRecords));
+        // Forgetting the tenant leaves nothing of it, and b's call as it was.
+        assert_eq!(queue.forget_tenant("a").await.unwrap(), 3);
+        let mut raw = conn.clone();
+        let left: Vec<String> = redis::cmd("KEYS").arg("k:*").query_async(&mut raw).await.unwrap();
+        assert!(left.iter().all(|k| !k.contains(":a") && !k.ends_with(":a")), "{left:?}");
+        assert_eq!(queue.queued().await.unwrap(), 1);
+        assert_eq!(queue.take("n").await.unwrap().unwrap().id, "b0");
+        assert_eq!(queue.accept("a", "a6", b"q", b"", 100, 100).await.unwrap(), Ok(()), "a starts afresh");
+    }
+
+    #[tokio::test]
     async fn calls_are_taken_oldest_first_and_a_dead_nodes_calls_go_back_to_the_queue() {
         let redis = RedisServer::start();
         let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
@@ -506,7 +693,10 @@ mod tests {
         assert_eq!(second.id, "c1");
         assert!(queue.update("n1", "c0", br#"{"status":"running"}"#).await.unwrap());
         assert!(!queue.update("n2", "c0", b"{}").await.unwrap(), "n2 holds no lease on c0");
-        assert!(queue.finish("n1", "c0", b"done", Some(b"out"), Duration::from_secs(60)).await.unwrap());
+        assert_eq!(
+            queue.finish("n1", "c0", b"done", Some(b"out"), Duration::from_secs(60)).await.unwrap(),
+            Finished::Recorded
+        );
         assert_eq!(queue.get("c0").await.unwrap(), Some((b"done".to_vec(), Some(b"out".to_vec()))));
 
         // n2 dies holding c1: it goes back to the head of the queue.
@@ -527,7 +717,10 @@ mod tests {
         // n2 was only slow: its late start and finish do not overwrite the
         // rerun's record.
         assert!(!queue.update("n2", "c1", b"late").await.unwrap());
-        assert!(!queue.finish("n2", "c1", b"late", None, Duration::from_secs(60)).await.unwrap());
+        assert_eq!(
+            queue.finish("n2", "c1", b"late", None, Duration::from_secs(60)).await.unwrap(),
+            Finished::LeaseGone
+        );
         assert_eq!(queue.get("c1").await.unwrap(), Some((b"queued".to_vec(), None)));
         assert_eq!(queue.queued().await.unwrap(), 2);
         assert_eq!(queue.take("n1").await.unwrap().unwrap().id, "c1", "the requeued call is taken first");
@@ -540,7 +733,10 @@ mod tests {
         assert_eq!(queue.take("n3").await.unwrap().unwrap().id, "c2");
         // A finished call taken again (a requeue raced its finish) is not
         // marked running again.
-        assert!(queue.finish("n3", "c2", br#"{"status":"succeeded"}"#, None, Duration::from_secs(60)).await.unwrap());
+        assert_eq!(
+            queue.finish("n3", "c2", br#"{"status":"succeeded"}"#, None, Duration::from_secs(60)).await.unwrap(),
+            Finished::Recorded
+        );
         redis.command(&["LPUSH", "t:calls:running:n3", "c2"]);
         assert!(!queue.update("n3", "c2", br#"{"status":"running"}"#).await.unwrap());
     }
@@ -582,12 +778,15 @@ mod tests {
         for i in 0..6 {
             let call = queue.take("m").await.unwrap().unwrap();
             if i % 2 == 0 {
-                assert!(queue.finish("m", &call.id, b"done", None, Duration::from_secs(60)).await.unwrap());
+                assert_eq!(
+                    queue.finish("m", &call.id, b"done", None, Duration::from_secs(60)).await.unwrap(),
+                    Finished::Recorded
+                );
             } else {
                 queue.release("m", &call.id).await.unwrap();
             }
         }
-        assert!(queue.finish("m", "q1", b"done", None, Duration::from_secs(60)).await.unwrap());
+        assert_eq!(queue.finish("m", "q1", b"done", None, Duration::from_secs(60)).await.unwrap(), Finished::Recorded);
         assert!(queue.take("m").await.unwrap().is_none());
         assert_eq!(redis.command(&["HLEN", "t:calls:owner"]), ":0");
         assert_eq!(redis.command(&["LLEN", "t:calls:tenants"]), ":0");
@@ -600,7 +799,7 @@ mod tests {
         let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
         assert_eq!(queue.accept("a", "c", b"queued", b"x", 10, 10).await.unwrap(), Ok(()));
         queue.take("n").await.unwrap().unwrap();
-        assert!(queue.finish("n", "c", b"failed", None, Duration::from_secs(2)).await.unwrap());
+        assert_eq!(queue.finish("n", "c", b"failed", None, Duration::from_secs(2)).await.unwrap(), Finished::Recorded);
         assert_eq!(queue.get("c").await.unwrap(), Some((b"failed".to_vec(), None)));
         let started = std::time::Instant::now();
         while queue.get("c").await.unwrap().is_some() {
@@ -629,14 +828,14 @@ mod tests {
         let c3 = queue.take("n3").await.unwrap().unwrap().id;
         assert_eq!(holders(&queue).await, ["n1", "n2", "n3"]);
         // n1 still holds c1 after finishing c0; not after releasing it.
-        assert!(queue.finish("n1", &c0, b"done", None, Duration::from_secs(60)).await.unwrap());
+        assert_eq!(queue.finish("n1", &c0, b"done", None, Duration::from_secs(60)).await.unwrap(), Finished::Recorded);
         assert_eq!(holders(&queue).await, ["n1", "n2", "n3"]);
         queue.release("n1", &c1).await.unwrap();
         assert_eq!(holders(&queue).await, ["n2", "n3"]);
         // A call given back, and a call given back by a late finish that
         // no longer holds it, change nothing for the others.
         assert!(queue.requeue("n2", &c2).await.unwrap());
-        assert!(!queue.finish("n2", &c2, b"late", None, Duration::from_secs(60)).await.unwrap());
+        assert_eq!(queue.finish("n2", &c2, b"late", None, Duration::from_secs(60)).await.unwrap(), Finished::LeaseGone);
         assert_eq!(holders(&queue).await, ["n3"]);
         // A dead node's calls requeued: no longer a holder.
         assert_eq!(queue.requeue_from("n3").await.unwrap(), Some(1));

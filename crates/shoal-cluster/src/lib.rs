@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-pub use calls::{CallQueue, Refused, TakenCall};
+pub use calls::{CallQueue, Finished, Refused, TakenCall};
 pub use forward::{Answer, ForwardError, Forwarder, SECRET_HEADER};
 pub use membership::{Load, Member, Membership, MembershipConfig};
 pub use registry::{RegistrySnapshot, Republished, SharedRegistry};
@@ -120,7 +120,7 @@ mod tests {
         let c2 = queue.take("b").await.unwrap().unwrap().id;
         let _c3 = queue.take("b").await.unwrap().unwrap().id;
         assert!(queue.update("a", &c0, b"running").await.unwrap());
-        assert!(queue.finish("a", &c0, b"done", None, Duration::from_secs(60)).await.unwrap());
+        assert_eq!(queue.finish("a", &c0, b"done", None, Duration::from_secs(60)).await.unwrap(), Finished::Recorded);
         queue.release("a", &c1).await.unwrap();
         assert!(queue.requeue("b", &c2).await.unwrap());
         assert_eq!(queue.lease_holders().await.unwrap(), ["b"]);

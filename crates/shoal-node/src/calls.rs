@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use shoal_cluster::{CallQueue, ClusterError, Refused, TakenCall};
+use shoal_cluster::{CallQueue, ClusterError, Finished, Refused, TakenCall};
 use shoal_state::{EmbeddedStore, StoreError, Table};
 
 use crate::error::{ApiError, ErrorKind};
@@ -204,22 +204,23 @@ impl AsyncCalls {
     fn check_kept(&self, tenant: &str) -> Result<(), ApiError> {
         let kept = self.kept().get(tenant).copied().unwrap_or_default();
         let limits = self.kept_limits;
-        let refuse = |what: String| {
-            Err(ApiError::new(
-                ErrorKind::LimitExceeded,
-                format!(
-                    "tenant `{tenant}` keeps {what} of asynchronous calls, its limit; records expire {} s after their call",
-                    self.retention.as_secs()
-                ),
-            ))
-        };
         if kept.records >= limits.records {
-            return refuse(format!("{} records", limits.records));
+            return Err(self.kept_full(tenant, format!("{} records", limits.records)));
         }
         if kept.output_bytes >= limits.output_bytes {
-            return refuse(format!("{} bytes of outputs", limits.output_bytes));
+            return Err(self.kept_full(tenant, format!("{} bytes of outputs", limits.output_bytes)));
         }
         Ok(())
+    }
+
+    fn kept_full(&self, tenant: &str, what: String) -> ApiError {
+        ApiError::new(
+            ErrorKind::LimitExceeded,
+            format!(
+                "tenant `{tenant}` keeps {what} of asynchronous calls, its limit; records expire {} s after their call",
+                self.retention.as_secs()
+            ),
+        )
     }
 
     /// Count `output` against its tenant's output bytes, or, past them,
@@ -344,6 +345,12 @@ impl AsyncCalls {
                 Ok(()) => Ok(record),
                 Err(Refused::Cluster) => Err(self.full("the cluster")),
                 Err(Refused::Tenant) => Err(self.tenant_full(tenant, "queued in the cluster")),
+                Err(Refused::TenantRecords) => {
+                    Err(self.kept_full(tenant, format!("{} records", self.kept_limits.records)))
+                }
+                Err(Refused::TenantOutput) => {
+                    Err(self.kept_full(tenant, format!("{} bytes of outputs", self.kept_limits.output_bytes)))
+                }
             };
         }
         self.check_kept(tenant)?;
@@ -419,11 +426,11 @@ impl AsyncCalls {
     /// Remove every record of `tenant`'s calls on this node (records,
     /// inputs, outputs, pending marks); returns how many. Records carry no
     /// tenant in their key, so this reads every record once: it runs only
-    /// when a tenant is deleted. In a cluster the records live in Redis
-    /// and expire after the retention time instead (none is written for a
-    /// tenant once its functions are gone).
+    /// when a tenant is deleted. (In a cluster the records live in Redis:
+    /// see `CallQueue::forget_tenant`.)
     pub(crate) fn delete_records_of(&self, tenant: &str) -> Result<usize, StoreError> {
         if self.queue.is_some() {
+            // In a cluster: `Node::delete_records_of` asks the queue.
             return Ok(0);
         }
         let ids: Vec<String> = self
@@ -617,10 +624,23 @@ impl Node {
         // The outcome is in hand: keep trying to record it while Redis is
         // away (if this node dies first, the call runs again elsewhere).
         let mut backoff = Duration::from_millis(100);
+        let mut output = output;
         loop {
             match queue.finish(me, &call.id, &encode(&record), output.as_deref(), self.async_calls.retention).await {
-                Ok(true) => return false,
-                Ok(false) => {
+                Ok(Finished::Recorded) => return false,
+                Ok(Finished::OutputOverLimit) => {
+                    // Past what its tenant may keep: recorded failed, without it.
+                    let len = output.take().map_or(0, |o| o.len());
+                    record.status = CallStatus::Failed;
+                    record.error = Some(CallFailure {
+                        kind: ErrorKind::LimitExceeded.as_str().to_string(),
+                        message: format!(
+                            "the call's output ({len} bytes) would pass tenant `{}`'s limit of {} bytes of kept outputs; it was dropped",
+                            record.tenant, self.config.max_async_output_bytes_per_tenant
+                        ),
+                    });
+                }
+                Ok(Finished::LeaseGone) => {
                     tracing::info!(call_id = %call.id, "this node's lease on a call was taken over; the other run records it");
                     return false;
                 }

@@ -666,7 +666,8 @@ async fn join_cluster(
     let membership = Membership::join(membership_config, Member::new(new_call_id(), advertise)).await?;
     let forwarder = Forwarder::new(&secret, Duration::from_secs(1), config.max_body_bytes + (64 << 10))
         .map_err(StartError::Config)?;
-    let queue = CallQueue::new(conn, &config.cluster_prefix);
+    let queue = CallQueue::new(conn, &config.cluster_prefix)
+        .with_kept_limits(config.max_async_records_per_tenant, config.max_async_output_bytes_per_tenant);
     // Leases an older version of the node left are found once (by a scan
     // of the keyspace, while no marker says it was done); failing that,
     // the next start tries again.

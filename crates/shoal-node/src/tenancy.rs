@@ -149,9 +149,12 @@ impl Node {
         let keys = self.state.delete_tenant(tenant).await?;
         let calls = self.async_calls.clone();
         let owner = tenant.to_string();
-        let records = tokio::task::spawn_blocking(move || calls.delete_records_of(&owner))
+        let mut records = tokio::task::spawn_blocking(move || calls.delete_records_of(&owner))
             .await
             .map_err(|e| ApiError::internal("deleting a tenant's call records", e))??;
+        if let Some(cluster) = &self.cluster {
+            records += cluster.queue.forget_tenant(tenant).await?;
+        }
         self.registry.remove_tenant(tenant).await?;
         self.executor.set_tenant_limits(tenant, Default::default());
         tracing::warn!(%tenant, state_keys = keys, call_records = records, "tenant deleted");

@@ -2068,3 +2068,58 @@ async fn compiled_code_goes_with_the_last_function_that_uses_it() {
     assert_eq!(cached(), 2);
     node.stop().await;
 }
+
+#[tokio::test]
+async fn in_a_cluster_kept_records_are_capped_per_tenant_and_go_with_their_tenant() {
+    let redis = RedisServer::start();
+    let node = TestNode::start_with(|c| {
+        c.redis_url = Some(redis.url().into());
+        c.max_async_records_per_tenant = 2;
+    })
+    .await;
+    let token = node.create_tenant("kept").await;
+    assert_eq!(node.deploy("kept/echo", "", shoal_guests::ECHO).await.0, StatusCode::CREATED);
+    let submit = || node.req(reqwest::Method::POST, "/v1/functions/kept/echo/invoke?async=true", Some(&token));
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, accepted) = status_and_json(submit().body("x").send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+        ids.push(accepted["call_id"].as_str().unwrap().to_string());
+    }
+    let (status, refused) = status_and_json(submit().body("x").send().await.unwrap()).await;
+    assert_eq!((status, refused["error"]["kind"].as_str()), (StatusCode::INSUFFICIENT_STORAGE, Some("limit_exceeded")));
+    // The demo tenant's calls are still taken.
+    let path = "/v1/functions/demo/echo/invoke?async=true";
+    assert_eq!(
+        node.req(reqwest::Method::POST, path, Some(ADMIN)).body("y").send().await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    for id in &ids {
+        let started = std::time::Instant::now();
+        while node.get_json(&format!("/v1/calls/{id}")).await["status"] != "succeeded" {
+            assert!(started.elapsed() < std::time::Duration::from_secs(20), "call {id} never finished");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let deleted = node.req(reqwest::Method::DELETE, "/v1/tenants/kept", Some(ADMIN)).send().await.unwrap();
+    assert_eq!(deleted.status(), StatusCode::ACCEPTED);
+    let started = std::time::Instant::now();
+    while node.req(reqwest::Method::GET, "/v1/tenants/kept", Some(ADMIN)).send().await.unwrap().status()
+        != StatusCode::NOT_FOUND
+    {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the deletion never ended");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for id in &ids {
+        let response = node.req(reqwest::Method::GET, &format!("/v1/calls/{id}"), Some(ADMIN)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "record {id} stayed");
+    }
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+    // The tenant's keys end with its name (queues, counts, indexes) or hold
+    // `kept/` (its state values).
+    let left: Vec<&String> = keys.iter().filter(|k| k.ends_with(":kept") || k.contains("kept/")).collect();
+    assert!(left.is_empty(), "keys of the deleted tenant: {left:?}");
+    node.stop().await;
+}
