@@ -93,6 +93,21 @@ impl CallRecord {
     }
 }
 
+impl CallRecord {
+    /// The call's output of `len` bytes would pass its tenant's `limit` of
+    /// kept output bytes: it is recorded failed, without the output.
+    fn drop_output(&mut self, len: u64, limit: u64) {
+        self.status = CallStatus::Failed;
+        self.error = Some(CallFailure {
+            kind: ErrorKind::LimitExceeded.as_str().to_string(),
+            message: format!(
+                "the call's output ({len} bytes) would pass tenant `{}`'s limit of {limit} bytes of kept outputs; it was dropped",
+                self.tenant
+            ),
+        });
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CallFailure {
     pub kind: String,
@@ -232,14 +247,7 @@ impl AsyncCalls {
         let entry = kept.entry(record.tenant.clone()).or_default();
         if entry.output_bytes.saturating_add(len) > self.kept_limits.output_bytes {
             drop(kept);
-            record.status = CallStatus::Failed;
-            record.error = Some(CallFailure {
-                kind: ErrorKind::LimitExceeded.as_str().to_string(),
-                message: format!(
-                    "the call's output ({len} bytes) would pass tenant `{}`'s limit of {} bytes of kept outputs; it was dropped",
-                    record.tenant, self.kept_limits.output_bytes
-                ),
-            });
+            record.drop_output(len, self.kept_limits.output_bytes);
             return None;
         }
         entry.output_bytes += len;
@@ -631,14 +639,7 @@ impl Node {
                 Ok(Finished::OutputOverLimit) => {
                     // Past what its tenant may keep: recorded failed, without it.
                     let len = output.take().map_or(0, |o| o.len());
-                    record.status = CallStatus::Failed;
-                    record.error = Some(CallFailure {
-                        kind: ErrorKind::LimitExceeded.as_str().to_string(),
-                        message: format!(
-                            "the call's output ({len} bytes) would pass tenant `{}`'s limit of {} bytes of kept outputs; it was dropped",
-                            record.tenant, self.config.max_async_output_bytes_per_tenant
-                        ),
-                    });
+                    record.drop_output(len as u64, self.config.max_async_output_bytes_per_tenant);
                 }
                 Ok(Finished::LeaseGone) => {
                     tracing::info!(call_id = %call.id, "this node's lease on a call was taken over; the other run records it");

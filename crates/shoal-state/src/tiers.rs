@@ -186,6 +186,13 @@ impl StateTiers {
     /// when there is no local copy.
     pub async fn push(&self, key: &ScopedKey) -> Result<bool, StateError> {
         let Some(dirty) = self.local.dirty_chunks(key) else { return Ok(false) };
+        if dirty.chunks.is_empty() {
+            // Nothing changed here since the copy was read or pushed: there
+            // is nothing to send. (Sending its length alone would put back
+            // a value another node deleted or shortened meanwhile, without
+            // its bytes.)
+            return Ok(true);
+        }
         let sent: u64 = dirty.chunks.iter().map(|(_, c)| c.len() as u64).sum();
         let dirty: DirtyChunks = self.global.write_chunks(key, dirty).await?;
         self.to_global.fetch_add(sent, Ordering::Relaxed);

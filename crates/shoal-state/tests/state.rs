@@ -644,6 +644,28 @@ fn the_tiers_count_the_bytes_they_move_and_push_only_dirty_chunks() {
     }
 }
 
+#[test]
+fn pushing_an_unchanged_copy_sends_nothing_and_never_brings_back_a_deleted_value() {
+    let env = Env::new();
+    let chunk = shoal_state::CHUNK_BYTES;
+    for backend in BOTH {
+        let global = env.tier(backend, StateLimits::default());
+        // Two nodes' tiers over one global tier.
+        let (a, b) = (StateTiers::new(global.clone()), StateTiers::new(global.clone()));
+        env.rt.block_on(async {
+            let key = k("t", "shared");
+            a.set(&key, vec![9; 3 * chunk]).await.unwrap();
+            a.push(&key).await.unwrap();
+            assert_eq!(b.get(&key).await.unwrap().map(|v| v.len()), Some(3 * chunk), "b holds a clean copy");
+            a.delete(&key).await.unwrap();
+            let sent = b.stats().bytes_to_global;
+            assert!(b.push(&key).await.unwrap(), "{backend:?}: the copy is there to push");
+            assert_eq!(b.stats().bytes_to_global, sent, "{backend:?}: nothing sent");
+            assert_eq!(global.get(&key).await.unwrap(), None, "{backend:?}: the deleted value came back");
+        });
+    }
+}
+
 /// Retry `op` until it succeeds; Redis may take a moment to come back.
 async fn eventually<T>(what: &str, mut op: impl AsyncFnMut() -> Result<T, StateError>) -> T {
     let start = Instant::now();
