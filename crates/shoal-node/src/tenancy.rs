@@ -13,6 +13,12 @@ use crate::{Node, auth, now_ms};
 /// The longest grace period a rotated-out token may be given.
 pub const MAX_TOKEN_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Tokens rotated out and still in their grace a tenant keeps at most:
+/// past it the oldest is refused at once. Bounds the record, and the
+/// hashes each request of the tenant is compared with, however often a
+/// tenant rotates.
+pub const MAX_PREVIOUS_TOKENS: usize = 4;
+
 /// How long a deletion waits for the tenant's running calls to end before
 /// it removes their state anyway (a call runs at most 15 minutes; its
 /// functions are gone, so no new call starts).
@@ -59,6 +65,8 @@ impl Node {
                 if !old.is_empty() && until > now {
                     record.previous_tokens.push(PreviousToken { token_sha256: old, valid_until_ms: until });
                 }
+                let excess = record.previous_tokens.len().saturating_sub(MAX_PREVIOUS_TOKENS);
+                record.previous_tokens.drain(..excess);
                 true
             })
             .await?;

@@ -1924,6 +1924,20 @@ mod tenant_lifecycle {
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(list_status(&node, "rota", body["token"].as_str().unwrap()).await, StatusCode::OK);
         assert_eq!(rotate(&node, "nosuch", ADMIN, 0).await.0, StatusCode::NOT_FOUND);
+
+        // However often a tenant rotates, it keeps at most 4 tokens in their
+        // grace besides its current one: the oldest beyond that is refused.
+        let mut tokens = vec![body["token"].as_str().unwrap().to_string()];
+        for _ in 0..6 {
+            let (status, body) = rotate(&node, "rota", tokens.last().unwrap(), 3600).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            tokens.push(body["token"].as_str().unwrap().to_string());
+        }
+        let mut valid = Vec::new();
+        for token in &tokens {
+            valid.push(list_status(&node, "rota", token).await == StatusCode::OK);
+        }
+        assert_eq!(valid, [false, false, true, true, true, true, true], "the 2 oldest of 7 are refused");
         node.stop().await;
     }
 

@@ -93,9 +93,15 @@ async fn in_use(node: &Node, tenant: &str) -> serde_json::Value {
     })
 }
 
-fn tenant_of(node: &Node, path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+/// The tenant the path names, if its name is valid.
+fn named(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(tenant) = path.map_err(path_error)?;
     check_name("tenant", &tenant)?;
+    Ok(tenant)
+}
+
+fn tenant_of(node: &Node, path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let tenant = named(path)?;
     if !node.registry.tenant_exists(&tenant) {
         return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist")));
     }
@@ -137,8 +143,7 @@ pub(super) async fn delete(
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     node.authenticate(&headers)?.check_admin()?;
-    let Path(tenant) = path.map_err(path_error)?;
-    check_name("tenant", &tenant)?;
+    let tenant = named(path)?;
     node.delete_tenant(&tenant).await?;
     let record = node.registry.tenant(&tenant);
     // The deletion may already have ended (a tenant with nothing to wait for).
@@ -200,8 +205,7 @@ pub(super) async fn revoke_tokens(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     node.authenticate(&headers)?.check_admin()?;
-    let Path(tenant) = path.map_err(path_error)?;
-    check_name("tenant", &tenant)?;
+    let tenant = named(path)?;
     node.revoke_tokens(&tenant).await?;
     Ok(StatusCode::NO_CONTENT)
 }
