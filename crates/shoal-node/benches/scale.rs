@@ -67,7 +67,7 @@ async fn serve_with(dir: &std::path::Path, max_loaded_images: usize) -> Served {
     config.admin_token = Some(ADMIN.into());
     config.max_concurrent_calls = 64;
     config.max_loaded_images = max_loaded_images;
-    let node = Node::start(config).await.expect("node starts");
+    let node = start_node(config).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -87,6 +87,23 @@ async fn serve_with(dir: &std::path::Path, max_loaded_images: usize) -> Served {
 /// Stop a node and wait until the last reference to it is gone (tasks
 /// finishing the requests it served may hold one a moment longer), so
 /// that its store can be opened again.
+/// Start a node on a data directory a node of this process may have just
+/// left: the last of the old node's work (a sandbox dropped on a call
+/// thread, a sweep finishing) can hold the embedded store a moment after
+/// the node itself is gone, so "already open" is tried again for a while.
+async fn start_node(config: NodeConfig) -> Arc<Node> {
+    let waited = Instant::now();
+    loop {
+        match Node::start(config.clone()).await {
+            Ok(node) => return node,
+            Err(e) if e.to_string().contains("already open") && waited.elapsed().as_secs() < 20 => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("node starts: {e}"),
+        }
+    }
+}
+
 async fn stop(served: Served) {
     let _ = served.stop.send(());
     served.task.await.expect("serve task");

@@ -45,7 +45,19 @@ impl TestNode {
     }
 
     async fn start_in(config: NodeConfig) -> Self {
-        let node = Node::start(config).await.unwrap();
+        // A node of this test may have just left the directory: the last
+        // of its work (a sandbox dropped on a call thread) can hold the
+        // embedded store a moment after the node is gone.
+        let waited = std::time::Instant::now();
+        let node = loop {
+            match Node::start(config.clone()).await {
+                Ok(node) => break node,
+                Err(e) if e.to_string().contains("already open") && waited.elapsed().as_secs() < 20 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("node starts: {e}"),
+            }
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
