@@ -20,6 +20,10 @@ const COMPONENTS: &[(&str, bool)] = &[
     ("misbehave", false),
     ("state-ops", false),
     ("chain", false),
+    ("http-probe", false),
+    ("notes", false),
+    ("compat-wstd", false),
+    ("compat-spin", false),
 ];
 /// WASI preview-1 command modules (wasm32-wasip1).
 const COMMANDS: &[(&str, bool)] = &[("upper", true), ("noop-cmd", false)];

@@ -99,20 +99,19 @@ impl Client {
         response.json().await.context("reading the node's answer")
     }
 
-    pub async fn deploy(
-        &self,
-        function: &str,
-        file: &Path,
-        memory: Option<&str>,
-        timeout: Option<&str>,
-        env: &[String],
-        snapshot: bool,
-    ) -> anyhow::Result<()> {
+    pub async fn deploy(&self, function: &str, file: &Path, options: &DeployOptions) -> anyhow::Result<()> {
+        let DeployOptions { memory, timeout, env, snapshot, public, allow_host } = options;
         let (tenant, name) = function_ref(function)?;
         let (body, language) = crate::project::deploy_body(file)?;
         let mut query: Vec<(&str, String)> = Vec::new();
-        if snapshot {
+        if *snapshot {
             query.push(("snapshot", "true".to_string()));
+        }
+        if *public {
+            query.push(("access", "public".to_string()));
+        }
+        for host in allow_host {
+            query.push(("allow_host", host.clone()));
         }
         if let Some(language) = language {
             query.push(("language", language.as_str().to_string()));
@@ -176,16 +175,20 @@ impl Client {
     pub async fn list(&self, tenant: &str) -> anyhow::Result<()> {
         let listed = self.json(self.request(Method::GET, &format!("/v1/functions/{tenant}"))).await?;
         let functions = listed["functions"].as_array().cloned().unwrap_or_default();
-        println!("{:<24} {:<10} {:<8} {:>9} {:>9}  SHA-256", "NAME", "KIND", "SNAPSHOT", "MEMORY", "TIMEOUT");
+        println!(
+            "{:<24} {:<10} {:<8} {:>9} {:>9}  {:<12}  URL",
+            "NAME", "KIND", "SNAPSHOT", "MEMORY", "TIMEOUT", "SHA-256"
+        );
         for f in functions {
             println!(
-                "{:<24} {:<10} {:<8} {:>6}MiB {:>7}ms  {}",
+                "{:<24} {:<10} {:<8} {:>6}MiB {:>7}ms  {:<12}  {}",
                 format!("{tenant}/{}", f["name"].as_str().unwrap_or("?")),
                 f["kind"].as_str().unwrap_or("?"),
                 if f["snapshot"].as_bool().unwrap_or(false) { "yes" } else { "no" },
                 f["memory_bytes"].as_u64().unwrap_or(0) >> 20,
                 f["timeout_ms"].as_u64().unwrap_or(0),
                 &f["sha256"].as_str().unwrap_or("?")[..12.min(f["sha256"].as_str().unwrap_or("?").len())],
+                f["url"].as_str().unwrap_or("-"),
             );
         }
         Ok(())
@@ -341,4 +344,15 @@ mod tests {
         assert!(Client::state_path("demo").is_err());
         assert!(Client::state_path("/k").is_err());
     }
+}
+
+/// How `shoal deploy` deploys.
+#[derive(Debug, Default)]
+pub struct DeployOptions {
+    pub memory: Option<String>,
+    pub timeout: Option<String>,
+    pub env: Vec<String>,
+    pub snapshot: bool,
+    pub public: bool,
+    pub allow_host: Vec<String>,
 }

@@ -48,6 +48,15 @@ enum Command {
         /// from the state it leaves.
         #[arg(long)]
         snapshot: bool,
+        /// An HTTP function anyone may call (default: only with the
+        /// tenant's token).
+        #[arg(long)]
+        public: bool,
+        /// Where the function's outbound HTTP requests may go,
+        /// scheme://host[:port] (e.g. https://api.example.com,
+        /// https://*.example.com, http://127.0.0.1:8080); repeatable.
+        #[arg(long = "allow-host")]
+        allow_host: Vec<String>,
     },
     /// Create a function project NAME (in the current directory) from a
     /// template, with a README saying how to build, deploy and invoke it.
@@ -203,8 +212,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.client)?;
     match command {
         Command::Serve(_) | Command::Bench(_) => unreachable!("handled above"),
-        Command::Deploy { function, file, memory, timeout, env, snapshot } => {
-            client.deploy(&function, &file, memory.as_deref(), timeout.as_deref(), &env, snapshot).await
+        Command::Deploy { function, file, memory, timeout, env, snapshot, public, allow_host } => {
+            let options = client::DeployOptions { memory, timeout, env, snapshot, public, allow_host };
+            client.deploy(&function, &file, &options).await
         }
         Command::New { language, name } => {
             let root = project::new_project(language, &name, std::path::Path::new("."))?;

@@ -30,6 +30,18 @@ pub struct ServeArgs {
     /// token.
     #[arg(long, env = "SHOAL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Where HTTP functions are served, at /TENANT/NAME/…; `off` for
+    /// nowhere. Default: the --listen address with the next port
+    /// (127.0.0.1:8081), a free port when --listen's is 0.
+    #[arg(long, env = "SHOAL_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// Also route HTTP functions by host: NAME.TENANT.DOMAIN.
+    #[arg(long, env = "SHOAL_HTTP_DOMAIN")]
+    http_domain: Option<String>,
+    /// Largest request body an HTTP function is sent, counted as it
+    /// streams, e.g. 64MiB.
+    #[arg(long, env = "SHOAL_HTTP_MAX_BODY", value_parser = parse_size)]
+    http_max_body: Option<u64>,
     /// Connections served at once; past it new ones are answered 503.
     #[arg(long, env = "SHOAL_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -140,6 +152,9 @@ struct ServeFile {
     listen: Option<SocketAddr>,
     public: Option<bool>,
     metrics_listen: Option<SocketAddr>,
+    http_listen: Option<String>,
+    http_domain: Option<String>,
+    http_max_body: Option<String>,
     max_connections: Option<usize>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -211,6 +226,35 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
             public || addr.ip().is_loopback(),
             "refusing to serve metrics on {addr}, which other machines can reach: pass --public (or `public = true`) to mean it"
         );
+    }
+    config.http_listen = match args.http_listen.as_deref().or(file.http_listen.as_deref()) {
+        Some("off") => None,
+        Some(addr) => Some(addr.parse().with_context(|| format!("--http-listen {addr:?} is not an address or `off`"))?),
+        None => {
+            let (ip, port) = (config.listen.ip(), config.listen.port());
+            Some(SocketAddr::new(
+                ip,
+                if port == 0 {
+                    0
+                } else {
+                    port.checked_add(1).context("--listen's port is the last one: set --http-listen")?
+                },
+            ))
+        }
+    };
+    if let Some(addr) = config.http_listen {
+        anyhow::ensure!(
+            public || addr.ip().is_loopback(),
+            "refusing to serve HTTP functions on {addr}, which other machines can reach: pass --public (or `public = true`) to mean it"
+        );
+    }
+    config.http_domain =
+        args.http_domain.clone().or(file.http_domain.clone()).map(|d| d.trim_matches('.').to_ascii_lowercase());
+    if let Some(text) = &file.http_max_body {
+        config.http_max_body_bytes = parse_size(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(bytes) = args.http_max_body {
+        config.http_max_body_bytes = bytes;
     }
     if let Some(n) = args.max_connections.or(file.max_connections) {
         config.http.max_connections = n;
@@ -367,6 +411,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         // The port actually bound (the listen address may say port 0).
         config.advertise = Some(listener.local_addr()?.to_string());
     }
+    // Bound first: its address (the port a 0 became) is in the URLs the
+    // node gives its HTTP functions.
+    let mut functions_listener = match config.http_listen {
+        Some(addr) => {
+            let bound = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+            config.http_listen = Some(bound.local_addr()?);
+            Some(bound)
+        }
+        None => None,
+    };
     let node = Node::start(config).await.context("starting the node")?;
     // Never print the Redis URL: it may hold a password.
     let state_tier = match node.cluster_id() {
@@ -386,6 +440,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         node.deploy_defaults_with("demo", &[("primes", shoal_guests::PRIMES)], true)
             .await
             .map_err(|e| anyhow::anyhow!("deploying the snapshot example: {}", e.message))?;
+        if node.config().http_listen.is_some() {
+            node.deploy_public_defaults("demo", &[("notes", shoal_guests::NOTES)])
+                .await
+                .map_err(|e| anyhow::anyhow!("deploying the HTTP example: {}", e.message))?;
+        }
     }
     // Announced before the API's address, which ends what tests read.
     if let Some(addr) = metrics_listen {
@@ -398,6 +457,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
         });
     }
+    // HTTP functions: drained before the API stops (which stops the
+    // runtime's clock).
+    let (stop_functions, functions_stopped) = tokio::sync::watch::channel(false);
+    let functions = match node.config().http_listen {
+        Some(addr) => {
+            let _ = writeln!(std::io::stderr(), "shoal: HTTP functions at http://{addr}/TENANT/NAME/");
+            let functions = functions_listener.take().expect("bound with the address");
+            let node = node.clone();
+            let mut stopped = functions_stopped;
+            Some(tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                if let Err(e) = node.serve_functions(functions, shutdown).await {
+                    tracing::error!(error = %e, "the HTTP function listener failed");
+                }
+            }))
+        }
+        None => None,
+    };
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stop_functions.send(true);
+        if let Some(functions) = functions {
+            let _ = functions.await;
+        }
+    };
     let addr = listener.local_addr()?;
     // Written with `writeln!`, not `eprintln!`: a closed stderr must not
     // bring the node down.
@@ -411,10 +497,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .chain(shoal_guests::PYTHON_EXAMPLES.iter().map(|(name, _)| *name))
             .chain(shoal_guests::JS_EXAMPLES.iter().map(|(name, _)| *name))
             .chain(["primes"])
+            .chain(node.config().http_listen.map(|_| "notes"))
             .collect();
         let _ = writeln!(stderr, "shoal: examples deployed as demo/{{{}}}", names.join(","));
     }
-    node.serve(listener, shutdown_signal()).await.context("serving")?;
+    node.serve(listener, shutdown).await.context("serving")?;
     Ok(())
 }
 

@@ -180,6 +180,57 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     let again = stdout(&run(&["tenant", "create", "acme"])).trim().to_string();
     assert!(again.starts_with("acme."), "{again}");
     assert!(stdout(&run(&["ls", "acme"])).lines().all(|l| !l.starts_with("acme/")), "a new acme starts empty");
+
+    // The HTTP example: a JSON API over state, public on its own listener.
+    let functions = served.functions.clone().expect("serve printed where HTTP functions are");
+    let address = functions.trim_start_matches("http://");
+    assert_eq!(
+        request(address, "PUT", "/demo/notes/notes/first", "hello \"world\""),
+        (201, "{\"name\":\"first\",\"text\":\"hello \\\"world\\\"\"}\n".to_string())
+    );
+    assert_eq!(
+        request(address, "GET", "/demo/notes/notes/first", "").1,
+        "{\"name\":\"first\",\"text\":\"hello \\\"world\\\"\"}\n"
+    );
+    assert_eq!(request(address, "POST", "/demo/notes/visits", ""), (200, "{\"visits\":1}\n".to_string()));
+    assert_eq!(request(address, "POST", "/demo/notes/visits", ""), (200, "{\"visits\":2}\n".to_string()));
+    assert_eq!(request(address, "DELETE", "/demo/notes/notes/first", "").0, 200);
+    assert_eq!(request(address, "GET", "/demo/notes/notes/first", "").0, 404);
+    let listed = stdout(&run(&["ls", "demo"]));
+    let notes = listed.lines().find(|line| line.starts_with("demo/notes ")).expect("notes listed");
+    assert!(notes.contains("http") && notes.ends_with(&format!("{functions}/demo/notes/")), "{notes}");
+}
+
+/// One HTTP/1.1 request over a plain connection: the status and the body
+/// (of an answer with a length).
+fn request(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: {address}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (head, rest) = answer.split_once("\r\n\r\n").unwrap();
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let (mut body, mut rest) = (String::new(), rest);
+        loop {
+            let (size, after) = rest.split_once("\r\n").unwrap();
+            let size = usize::from_str_radix(size, 16).unwrap();
+            if size == 0 {
+                break body;
+            }
+            body.push_str(&after[..size]);
+            rest = &after[size + 2..];
+        }
+    } else {
+        rest.to_string()
+    };
+    (status, body)
 }
 
 #[test]
@@ -361,4 +412,69 @@ fn bench_sweeps_rates_and_writes_csv_and_charts() {
         let svg = std::fs::read_to_string(out.join(chart)).unwrap();
         assert_eq!(svg.matches("<polyline").count(), 2, "{chart}: a line per N");
     }
+}
+
+/// RSS of process `pid`, in bytes.
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn an_http_function_deployed_from_the_cli_streams_a_gib_through_a_flat_node() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let served = serve_with(dir.path(), &["--no-examples", "--http-max-body", "2GiB"]);
+    let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
+    std::fs::write(dir.path().join("probe.wasm"), shoal_guests::HTTP_PROBE).unwrap();
+    run(&["tenant", "create", "demo"]);
+    let described: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["deploy", "demo/probe", "probe.wasm", "--public", "--timeout", "5m"])))
+            .unwrap();
+    let functions = served.functions.clone().expect("serve printed where HTTP functions are");
+    assert_eq!(described["kind"], "http");
+    assert_eq!(described["url"], format!("{functions}/demo/probe/"));
+    let listed = stdout(&run(&["ls", "demo"]));
+    assert!(listed.contains(&format!("{functions}/demo/probe/")), "{listed}");
+
+    // 1 GiB up, chunked, and the echo read as it comes back, over one
+    // plain connection.
+    let address = functions.trim_start_matches("http://").to_string();
+    let mut upload = std::net::TcpStream::connect(&address).unwrap();
+    let mut download = upload.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        write!(upload, "POST /demo/probe/echo HTTP/1.1\r\nhost: {address}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n").unwrap();
+        let chunk = vec![b'z'; 1 << 20];
+        for _ in 0..1024 {
+            write!(upload, "{:x}\r\n", chunk.len()).unwrap();
+            upload.write_all(&chunk).unwrap();
+            upload.write_all(b"\r\n").unwrap();
+        }
+        upload.write_all(b"0\r\n\r\n").unwrap();
+    });
+    let node_pid = served.child.id();
+    let rss_at_start = rss_of(node_pid);
+    let (mut received, mut zs, mut peak) = (0u64, 0u64, 0u64);
+    let mut buf = vec![0u8; 256 << 10];
+    let mut tail = Vec::new();
+    loop {
+        let n = download.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        zs += buf[..n].iter().filter(|b| **b == b'z').count() as u64;
+        received += n as u64;
+        if received % (32 << 20) < n as u64 {
+            peak = peak.max(rss_of(node_pid));
+        }
+        tail.extend_from_slice(&buf[..n]);
+        let keep = tail.len().saturating_sub(16);
+        tail.drain(..keep);
+    }
+    sender.join().unwrap();
+    assert_eq!(zs, 1 << 30, "every byte came back");
+    assert!(tail.ends_with(b"0\r\n\r\n"), "the chunked answer ended cleanly: {tail:?}");
+    let grown = peak.saturating_sub(rss_at_start);
+    assert!(grown < 128 << 20, "the node's RSS grew by {} MiB while 1 GiB streamed through it", grown >> 20);
 }

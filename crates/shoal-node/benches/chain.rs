@@ -86,6 +86,7 @@ fn chained_call(c: &mut Criterion, bench: &Bench) {
         memory_limit: 64 << 20,
         timeout: Duration::from_secs(5),
         env: Arc::from(Vec::new()),
+        allowed_hosts: Arc::default(),
     };
     group.bench_function("fresh_noop_instance_x1000_direct", |b| {
         b.iter(|| {

@@ -60,7 +60,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
 }
 
 impl Node {
-    fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    pub(crate) fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         auth::authenticate(headers, &self.admin_hash, |tenant, presented| self.registry.opens(tenant, presented))
     }
 }

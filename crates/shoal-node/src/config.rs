@@ -49,6 +49,14 @@ pub struct NodeConfig {
     pub admin_token: Option<Secret>,
     /// Largest invoke request body and response body. Default 6 MiB.
     pub max_body_bytes: usize,
+    /// Where HTTP functions are served (`Node::serve_functions` is given
+    /// its listener; this is what their URLs name). Default none.
+    pub http_listen: Option<SocketAddr>,
+    /// HTTP functions are also reached by host: `{name}.{tenant}.{domain}`.
+    pub http_domain: Option<String>,
+    /// Largest request body an HTTP function is sent, counted as it
+    /// streams. Default 64 MiB.
+    pub http_max_body_bytes: u64,
     /// Largest wasm binary a deploy accepts. Default 64 MiB.
     pub max_module_bytes: usize,
     /// Limits a function gets when its deploy names none.
@@ -163,6 +171,9 @@ impl NodeConfig {
             data_dir: data_dir.into(),
             admin_token: None,
             max_body_bytes: (6 * MIB) as usize,
+            http_listen: None,
+            http_domain: None,
+            http_max_body_bytes: 64 * MIB,
             max_module_bytes: (64 * MIB) as usize,
             default_timeout: Duration::from_secs(5),
             default_memory_bytes: 64 * MIB,

@@ -22,6 +22,7 @@ mod logs;
 mod metrics;
 mod names;
 mod registry;
+mod routes;
 mod server;
 mod tenancy;
 
@@ -86,6 +87,25 @@ pub struct DeploySpec {
     /// Run the component's `init` once, at deploy, and start every call
     /// from the state it leaves.
     pub snapshot: bool,
+    /// Where its outbound HTTP requests may go (`scheme://host[:port]`).
+    pub allowed_hosts: Vec<String>,
+    /// An HTTP function anyone may call (else: the tenant's token).
+    pub public: bool,
+}
+
+impl DeploySpec {
+    /// The node's defaults: its default limits, nothing else.
+    pub fn defaults(config: &NodeConfig) -> Self {
+        Self {
+            memory_bytes: config.default_memory_bytes,
+            timeout: config.default_timeout,
+            env: Vec::new(),
+            language: None,
+            snapshot: false,
+            allowed_hosts: Vec::new(),
+            public: false,
+        }
+    }
 }
 
 /// Each readiness check must answer within this.
@@ -508,6 +528,7 @@ impl Node {
         }
         // Compiled and loaded in the tenant's turns, the deploy-time guest
         // code on the call pool (never on a thread that serves HTTP).
+        let allowed = shoal_runtime::AllowList::parse(&spec.allowed_hosts).map_err(ApiError::bad_request)?;
         let options = LoadOptions { snapshot: spec.snapshot, tenant: Some(Arc::from(tenant)) };
         let (runtime, bytes) = (self.runtime().clone(), wasm.to_vec());
         let load = self.executor.on_pool(async move { runtime.load_with(&bytes, &options).await }).await;
@@ -530,10 +551,17 @@ impl Node {
                 ),
             ));
         }
+        let kind = image.kind();
+        if spec.public && kind != shoal_runtime::FunctionKind::Http {
+            return Err(ApiError::bad_request(format!(
+                "access=public is for HTTP functions (wasi:http components); this is a {} function",
+                kind.as_str()
+            )));
+        }
         let record = FunctionRecord {
             tenant: tenant.to_string(),
             name: name.to_string(),
-            kind: image.kind().as_str().to_string(),
+            kind: kind.as_str().to_string(),
             snapshot: image.is_snapshot(),
             sha256: image.sha256_hex(),
             size_bytes: wasm.len(),
@@ -541,6 +569,8 @@ impl Node {
             timeout_ms: spec.timeout.as_millis() as u64,
             env: spec.env,
             deployed_ms: now_ms(),
+            allowed_hosts: allowed.entries(),
+            public: spec.public,
         };
         let logs = self.registry.logs_for(tenant, name, self.config.log_lines_per_function);
         let function = self.registry.deploy(DeployedFunction::new(record, image, logs), wasm).await?;
@@ -565,28 +595,52 @@ impl Node {
         functions: &[(&str, &[u8])],
         snapshot: bool,
     ) -> Result<(), ApiError> {
+        let spec = DeploySpec { snapshot, ..DeploySpec::defaults(&self.config) };
+        self.deploy_defaults_as(tenant, functions, &spec).await
+    }
+
+    /// [`Node::deploy_defaults`] for HTTP functions anyone may call.
+    pub async fn deploy_public_defaults(&self, tenant: &str, functions: &[(&str, &[u8])]) -> Result<(), ApiError> {
+        let spec = DeploySpec { public: true, ..DeploySpec::defaults(&self.config) };
+        self.deploy_defaults_as(tenant, functions, &spec).await
+    }
+
+    async fn deploy_defaults_as(
+        &self,
+        tenant: &str,
+        functions: &[(&str, &[u8])],
+        spec: &DeploySpec,
+    ) -> Result<(), ApiError> {
         self.create_tenant(tenant).await?;
         for (name, wasm) in functions {
             let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(wasm));
             // Source (Python, JavaScript) always starts from a snapshot.
             let source = shoal_runtime::SourceBundle::is_bundle(wasm);
-            if self
-                .registry
-                .get(tenant, name)
-                .is_some_and(|f| f.record.sha256 == sha && (f.record.snapshot == snapshot || source))
-            {
+            if self.registry.get(tenant, name).is_some_and(|f| {
+                f.record.sha256 == sha
+                    && (f.record.snapshot == spec.snapshot || source)
+                    && f.record.public == spec.public
+            }) {
                 continue;
             }
-            let spec = DeploySpec {
-                memory_bytes: self.config.default_memory_bytes,
-                timeout: self.config.default_timeout,
-                env: Vec::new(),
-                language: None,
-                snapshot,
-            };
-            self.deploy(tenant, name, wasm, spec).await?;
+            self.deploy(tenant, name, wasm, spec.clone()).await?;
         }
         Ok(())
+    }
+
+    /// Serve HTTP functions on `listener` (see `routes.rs`) until
+    /// `shutdown` resolves, then let the exchanges in flight finish (up to
+    /// the drain timeout). The connection limits are the API's
+    /// (`config.http`). Stop this before [`Node::serve`] returns: that
+    /// stops the runtime's clock, which ends calls at their deadlines.
+    pub async fn serve_functions(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "serving HTTP functions");
+        server::serve(self.clone(), routes::router(self.clone()), listener, shutdown).await
     }
 
     /// Serve the API on `listener` until `shutdown` resolves, then finish
@@ -612,7 +666,7 @@ impl Node {
                 cluster.membership.report_load(shoal_cluster::Load { running: 0, capacity: 0 });
             }
         };
-        server::serve(self.clone(), listener, shutdown).await?;
+        server::serve(self.clone(), self.router(), listener, shutdown).await?;
         // Calls cancelled by the end of the drain stop at their next epoch
         // check: keep the epoch ticking until they have (bounded). The
         // asynchronous calls this node took get the same time to finish.

@@ -134,6 +134,13 @@ pub struct FunctionRecord {
     pub timeout_ms: u64,
     pub env: Vec<(String, String)>,
     pub deployed_ms: u64,
+    /// Where its outbound HTTP requests may go (none in records written
+    /// before outbound HTTP existed).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// An HTTP function anyone may call; else only with its tenant's token.
+    #[serde(default)]
+    pub public: bool,
 }
 
 impl FunctionRecord {
@@ -196,6 +203,8 @@ impl DeployedFunction {
             memory_limit: record.memory_bytes,
             timeout: Duration::from_millis(record.timeout_ms),
             env: Arc::from(record.env.clone()),
+            // Checked at deploy; a record that no longer parses allows nothing.
+            allowed_hosts: Arc::new(shoal_runtime::AllowList::parse(&record.allowed_hosts).unwrap_or_default()),
         };
         let key = Arc::from(function_key(&record.tenant, &record.name));
         Self { record, settings, logs, key, image: Mutex::new(None), last_used: AtomicU64::new(0) }

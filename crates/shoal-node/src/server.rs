@@ -125,16 +125,16 @@ pub(crate) struct ConnStats {
     pub panics: AtomicU64,
 }
 
-/// Serve `node`'s API on `listener` until `shutdown` resolves; then stop
+/// Serve `router` (the node's API, or its HTTP functions) on `listener` until `shutdown` resolves; then stop
 /// accepting, let requests in flight finish (up to the drain timeout) and
 /// return.
 pub(crate) async fn serve(
     node: Arc<Node>,
+    router: axum::Router,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let limits = node.config.http.clone();
-    let router = node.router();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     // Set when the drain ends: connections still open are dropped, with

@@ -14,6 +14,10 @@ const ADMIN: &str = "test-admin-token-0123456789";
 struct TestNode {
     node: Arc<Node>,
     base: String,
+    /// Where its HTTP functions are served.
+    fn_base: String,
+    fn_stop: Option<oneshot::Sender<()>>,
+    fn_served: Option<tokio::task::JoinHandle<()>>,
     http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<()>>,
@@ -71,10 +75,35 @@ impl TestNode {
                 .unwrap();
             })
         };
-        Self { node, base, http: reqwest::Client::new(), stop: Some(stop), served: Some(served), _dir: None }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fn_base = format!("http://{}", listener.local_addr().unwrap());
+        let (fn_stop, fn_stopped) = oneshot::channel::<()>();
+        let fn_served = {
+            let node = node.clone();
+            tokio::spawn(async move {
+                node.serve_functions(listener, async {
+                    let _ = fn_stopped.await;
+                })
+                .await
+                .unwrap();
+            })
+        };
+        Self {
+            node,
+            base,
+            fn_base,
+            fn_stop: Some(fn_stop),
+            fn_served: Some(fn_served),
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            served: Some(served),
+            _dir: None,
+        }
     }
 
     async fn stop(mut self) {
+        let _ = self.fn_stop.take().unwrap().send(());
+        self.fn_served.take().unwrap().await.unwrap();
         let _ = self.stop.take().unwrap().send(());
         self.served.take().unwrap().await.unwrap();
     }
@@ -2149,3 +2178,6 @@ async fn in_a_cluster_kept_records_are_capped_per_tenant_and_go_with_their_tenan
     assert!(left.is_empty(), "keys of the deleted tenant: {left:?}");
     node.stop().await;
 }
+
+#[path = "api/http_functions.rs"]
+mod http_functions;

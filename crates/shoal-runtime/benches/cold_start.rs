@@ -20,6 +20,7 @@ fn cold_start(c: &mut Criterion) {
         memory_limit: 64 << 20,
         timeout: Duration::from_secs(5),
         env: Arc::from(Vec::new()),
+        allowed_hosts: Arc::default(),
     };
     let input = [b'x'; 64];
     let mut group = c.benchmark_group("cold_start");

@@ -80,6 +80,7 @@ fn main() {
         memory_limit: 128 << 20,
         timeout: Duration::from_secs(10),
         env: Arc::from(Vec::new()),
+        allowed_hosts: Arc::default(),
     };
     let hellos = [
         (Language::Python, example(Language::Python, "hello-py")),

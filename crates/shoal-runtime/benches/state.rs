@@ -28,6 +28,7 @@ fn settings() -> CallSettings {
         memory_limit: 128 << 20,
         timeout: Duration::from_secs(30),
         env: Arc::from(Vec::new()),
+        allowed_hosts: Arc::default(),
     }
 }
 

@@ -107,7 +107,9 @@ impl ArtifactCache {
 
     fn path(&self, sha256: &[u8; 32], kind: FunctionKind) -> PathBuf {
         let suffix = match kind {
-            FunctionKind::Component | FunctionKind::Python | FunctionKind::JavaScript => "component",
+            FunctionKind::Component | FunctionKind::Http | FunctionKind::Python | FunctionKind::JavaScript => {
+                "component"
+            }
             FunctionKind::Command => "module",
         };
         self.dir.join(format!("{}-{}.{suffix}.cwasm", hex::encode(sha256), self.fingerprint))
@@ -238,7 +240,7 @@ fn deserialize(engine: &Engine, path: &Path, kind: FunctionKind) -> wasmtime::Re
     // fingerprint, so an artifact from another engine configuration is
     // never picked up.
     Ok(match kind {
-        FunctionKind::Component | FunctionKind::Python | FunctionKind::JavaScript => {
+        FunctionKind::Component | FunctionKind::Http | FunctionKind::Python | FunctionKind::JavaScript => {
             Compiled::Component(unsafe { Component::deserialize_file(engine, path)? })
         }
         FunctionKind::Command => Compiled::Module(unsafe { Module::deserialize_file(engine, path)? }),

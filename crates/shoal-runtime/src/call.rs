@@ -22,10 +22,13 @@ mod backstop;
 use self::backstop::Backstop;
 use crate::capture::CaptureBuffer;
 use crate::host::{CallLimiter, ChainCtx, CommandCtx, ComponentCtx};
+use crate::http::HttpExchange;
 use crate::image::ImagePre;
 use crate::interp::memory::Plan;
 use crate::lanes::{FairLanes, Lane};
+use crate::outbound::Outbound;
 use crate::{CallError, FunctionImage, Lineage, Runtime};
+use wasmtime_wasi_http::WasiHttpCtx;
 
 /// How long past its deadline a call may take to notice it (epoch ticks
 /// are checked at function entries and loop heads) before the host stops
@@ -48,6 +51,8 @@ pub struct CallSettings {
     pub timeout: Duration,
     /// The env vars the guest sees; nothing of the host's leaks in.
     pub env: Arc<[(String, String)]>,
+    /// Where its outbound HTTP requests may go.
+    pub allowed_hosts: Arc<crate::AllowList>,
 }
 
 /// What a call produced, whether it succeeded or not.
@@ -248,11 +253,17 @@ impl Turns {
     }
 }
 
+/// What a call is given, borrowed where it can be.
+pub(crate) enum Given<'a> {
+    Bytes(&'a [u8]),
+    Http(Box<HttpExchange>),
+}
+
 pub(crate) async fn run(
     runtime: &Runtime,
     image: &FunctionImage,
     settings: &CallSettings,
-    input: &[u8],
+    input: Given<'_>,
     lineage: Lineage,
 ) -> CallOutput {
     let config = &runtime.config;
@@ -286,7 +297,7 @@ pub(crate) async fn run(
     };
 
     match &image.pre {
-        ImagePre::Component(pre) | ImagePre::Interpreted { pre, .. } => {
+        ImagePre::Component(_) | ImagePre::Interpreted { .. } | ImagePre::Http(_) => {
             // A function of a shared runtime runs on the interpreter
             // engine, its memory starting from its snapshot.
             let engine = match &image.pre {
@@ -316,14 +327,28 @@ pub(crate) async fn run(
                 max_call_depth: config.max_call_depth,
                 max_spawns_per_root: config.max_spawns_per_root,
                 env: settings.env.clone(),
+                http: WasiHttpCtx::new(),
+                outbound: Outbound::new(settings.allowed_hosts.clone(), &config.outbound, deadline, stderr.clone()),
+                response_cut: None,
             };
             let mut store = Store::new(engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);
             arm_deadline(&mut store, deadline, lanes.clone());
             let call = async {
                 lanes.first_turn(expected_long, deadline).await;
-                let function = pre.instantiate_async(&mut store).await?;
-                function.shoal_function_handler().call_handle(&mut store, input).await
+                match (&image.pre, input) {
+                    (ImagePre::Component(pre) | ImagePre::Interpreted { pre, .. }, Given::Bytes(input)) => {
+                        let function = pre.instantiate_async(&mut store).await?;
+                        function.shoal_function_handler().call_handle(&mut store, input).await
+                    }
+                    (ImagePre::Http(pre), Given::Http(exchange)) => {
+                        crate::http::handle(pre, &mut store, *exchange).await.map(|()| Ok(Vec::new()))
+                    }
+                    (ImagePre::Http(pre), Given::Bytes(input)) => {
+                        crate::http::handle_bytes(pre, &mut store, input, config.max_output_bytes).await
+                    }
+                    _ => Ok(Err("this function is not an HTTP function: it takes bytes, not requests".into())),
+                }
             };
             let outcome = Backstop::new(backstop, releasing_when_blocked(call, &lanes)).await;
             let (stderr, _) = stderr.take();
@@ -348,11 +373,21 @@ pub(crate) async fn run(
                 }
                 Ok(Ok(Ok(output))) => Ok(output),
             };
+            // Before the store (and with it the writer of an HTTP answer's
+            // body) is dropped: a failed call's body ends in an error.
+            if let (Err(_), Some(cut)) = (&result, &store.data().response_cut) {
+                cut.store(true, std::sync::atomic::Ordering::Release);
+            }
             let stdout = stdout.take().0;
             let logs = tail_lines(&stdout, &stderr, config.max_log_lines);
             CallOutput { result, stdout, stderr, logs }
         }
         ImagePre::Command(pre) => {
+            let Given::Bytes(input) = input else {
+                return CallOutput::failed(CallError::Function {
+                    message: "this function is not an HTTP function: it takes bytes, not requests".into(),
+                });
+            };
             let stdout = CaptureBuffer::new(config.max_output_bytes);
             wasi.stdout(stdout.clone()).stdin(MemoryInputPipe::new(Bytes::copy_from_slice(input)));
             let ctx = CommandCtx { wasi: wasi.build_p1(), limiter };

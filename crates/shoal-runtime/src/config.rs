@@ -73,6 +73,8 @@ pub struct RuntimeConfig {
     /// (PAGEMAP_SCAN); older kernels always make memories afresh.
     /// Default 64.
     pub idle_interpreter_memories: usize,
+    /// Outbound HTTP of one call: requests in flight, bytes moved.
+    pub outbound: crate::OutboundLimits,
 }
 
 /// A language runtime's component, built into the binary.
@@ -114,6 +116,7 @@ impl RuntimeConfig {
             js_runtime: RuntimeBinary::default(),
             runtime_cache_dir: None,
             idle_interpreter_memories: 64,
+            outbound: crate::OutboundLimits::default(),
         }
     }
 

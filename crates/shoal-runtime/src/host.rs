@@ -18,9 +18,11 @@ use wasmtime::component::{HasSelf, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::RuntimeError;
 use crate::interp::memory::{Plan, plan_next};
+use crate::outbound::Outbound;
 
 wasmtime::component::bindgen!({
     path: "../../wit",
@@ -49,6 +51,18 @@ pub(crate) struct ComponentCtx {
     pub(crate) max_spawns_per_root: u32,
     /// The env vars set at deploy (`shoal:function/environment`).
     pub(crate) env: Arc<[(String, String)]>,
+    /// `wasi:http`: its settings, and where outbound requests may go.
+    pub(crate) http: WasiHttpCtx,
+    pub(crate) outbound: Outbound,
+    /// Set when an HTTP function's call fails: its response body, if it
+    /// has not ended, ends in an error instead of looking complete.
+    pub(crate) response_cut: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl WasiHttpView for ComponentCtx {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
+    }
 }
 
 impl Drop for ComponentCtx {
@@ -156,6 +170,9 @@ impl Linkers {
         let link_error = |e: wasmtime::Error| RuntimeError::Config(format!("linking host interfaces: {e:#}"));
         let mut component = wasmtime::component::Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component).map_err(link_error)?;
+        // wasi:http: an HTTP function's own interfaces, and outbound
+        // requests for every component (refused unless allowed).
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component).map_err(link_error)?;
         Function::add_to_linker::<ComponentCtx, HasSelf<ComponentCtx>>(&mut component, |ctx| ctx)
             .map_err(link_error)?;
         // wit/interpreter.wit's `environment`, for shared language runtimes.
@@ -209,6 +226,9 @@ pub(crate) fn deploy_store(
         max_call_depth: 0,
         max_spawns_per_root: 0,
         env: Arc::from(Vec::new()),
+        http: WasiHttpCtx::new(),
+        outbound: Outbound::denied(stderr.clone()),
+        response_cut: None,
     };
     let mut store = wasmtime::Store::new(engine, ctx);
     store.limiter(|ctx| &mut ctx.limiter);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use wasmtime::Engine;
 use wasmtime::InstancePre;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::DeployError;
 use crate::artifact_cache::Compiled;
@@ -19,6 +20,8 @@ use crate::source::{Language, SourceBundle};
 pub enum FunctionKind {
     /// A component of the `shoal:function` world.
     Component,
+    /// A component of the `wasi:http/proxy` world: an HTTP handler.
+    Http,
     /// A WASI preview-1 command module: stdin in, stdout out.
     Command,
     /// Python source, run by the shared Python runtime.
@@ -46,6 +49,7 @@ impl FunctionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Component => "component",
+            Self::Http => "http",
             Self::Command => "command",
             Self::Python => "python",
             Self::JavaScript => "javascript",
@@ -102,7 +106,7 @@ impl Declared {
 /// Validate and compile (on the compile pool's thread).
 pub(crate) fn precompile(engine: &Engine, kind: FunctionKind, wasm: &[u8]) -> Result<Vec<u8>, DeployError> {
     match kind {
-        FunctionKind::Component => engine.precompile_component(wasm),
+        FunctionKind::Component | FunctionKind::Http => engine.precompile_component(wasm),
         FunctionKind::Command => engine.precompile_module(wasm),
         FunctionKind::Python | FunctionKind::JavaScript => {
             return Err(DeployError::Internal("source is not compiled".into()));
@@ -113,6 +117,8 @@ pub(crate) fn precompile(engine: &Engine, kind: FunctionKind, wasm: &[u8]) -> Re
 
 pub(crate) enum ImagePre {
     Component(FunctionPre<ComponentCtx>),
+    /// An HTTP function.
+    Http(ProxyPre<ComponentCtx>),
     Command(InstancePre<CommandCtx>),
     /// A shared runtime's code (compiled on the interpreter engine) and
     /// this function's snapshot of its memory.
@@ -162,12 +168,17 @@ impl FunctionImage {
                     .component
                     .instantiate_pre(&component)
                     .map_err(|e| DeployError::InvalidWasm(format!("{e:#}")))?;
-                let pre = FunctionPre::new(instance_pre).map_err(|e| {
-                    DeployError::InvalidWasm(format!(
-                        "component does not export shoal:function/handler@0.1.0 with `handle`: {e:#}"
-                    ))
-                })?;
-                ImagePre::Component(pre)
+                match FunctionPre::new(instance_pre.clone()) {
+                    Ok(pre) => ImagePre::Component(pre),
+                    Err(function) => match ProxyPre::new(instance_pre) {
+                        Ok(pre) => ImagePre::Http(pre),
+                        Err(proxy) => {
+                            return Err(DeployError::InvalidWasm(format!(
+                                "a component must export shoal:function/handler@0.1.0 (`handle`) or wasi:http/incoming-handler@0.2 (`handle`): {function:#}; {proxy:#}"
+                            )));
+                        }
+                    },
+                }
             }
             Compiled::Module(module) => {
                 for import in module.imports() {
@@ -215,6 +226,7 @@ impl FunctionImage {
     pub fn kind(&self) -> FunctionKind {
         match &self.pre {
             ImagePre::Component(_) => FunctionKind::Component,
+            ImagePre::Http(_) => FunctionKind::Http,
             ImagePre::Command(_) => FunctionKind::Command,
             ImagePre::Interpreted { kind, .. } => *kind,
         }

@@ -18,10 +18,12 @@ mod config;
 mod engine;
 mod error;
 mod host;
+mod http;
 mod image;
 mod interp;
 mod lanes;
 mod os;
+mod outbound;
 mod snapshot;
 mod source;
 
@@ -29,8 +31,10 @@ pub use call::{CallOutput, CallSettings, LogLine, LogStream};
 pub use chain::{ChainError, InvokeFuture, Invoker, Lineage, RootCall};
 pub use config::{RuntimeBinary, RuntimeConfig};
 pub use error::{CallError, DeployError, RuntimeError};
+pub use http::{AllowList, CallInput, HttpAnswer, HttpBody, HttpError, HttpExchange, MAX_ALLOWED_HOSTS};
 pub use image::{Declared, FunctionImage, FunctionKind};
 pub use os::{CpuClock, lower_this_thread};
+pub use outbound::OutboundLimits;
 
 pub use source::{Language, MAX_SOURCE_FILES, SourceBundle};
 
@@ -423,7 +427,22 @@ impl Runtime {
         lineage: Lineage,
     ) -> CallOutput {
         let _ticking = self.ticker.enter();
-        call::run(self, image, settings, input, lineage).await
+        call::run(self, image, settings, call::Given::Bytes(input), lineage).await
+    }
+
+    /// Run one request to an HTTP function in a fresh sandbox: the
+    /// answer's head goes to the exchange as soon as the guest sets it, its
+    /// body streams while the guest writes it, and the call ends when the
+    /// guest does (its deadline covers the whole exchange).
+    pub async fn call_http(
+        &self,
+        image: &FunctionImage,
+        settings: &CallSettings,
+        exchange: Box<HttpExchange>,
+        lineage: Lineage,
+    ) -> CallOutput {
+        let _ticking = self.ticker.enter();
+        call::run(self, image, settings, call::Given::Http(exchange), lineage).await
     }
 }
 

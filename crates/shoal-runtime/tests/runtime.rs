@@ -23,6 +23,7 @@ fn settings() -> CallSettings {
         memory_limit: 32 * MIB,
         timeout: Duration::from_secs(5),
         env: Arc::from(vec![("GREETING".to_string(), "hi".to_string())]),
+        allowed_hosts: Arc::default(),
     }
 }
 

@@ -35,7 +35,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shoal_runtime::{CallOutput, CallSettings, FunctionImage, Lineage, Runtime};
+use shoal_runtime::{CallInput, CallOutput, CallSettings, FunctionImage, Lineage, Runtime};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::os::CpuClock;
@@ -485,7 +485,7 @@ impl Executor {
         function: &Arc<str>,
         image: &Arc<FunctionImage>,
         settings: &CallSettings,
-        input: Bytes,
+        input: impl Into<CallInput>,
     ) -> Result<CallOutput, Overloaded> {
         let deadline = Instant::now() + settings.timeout;
         let admitted = self.admit(tenant, function, deadline, settings.memory_limit).await?;
@@ -509,7 +509,7 @@ impl Executor {
         let own = Instant::now() + settings.timeout;
         let deadline = lineage.deadline.map_or(own, |caller| caller.min(own));
         let admitted = self.admit_as(tenant, function, deadline, settings.memory_limit, Origin::Chained).await?;
-        Ok(admitted.run_in(image, settings, input, lineage).await)
+        Ok(admitted.run_in(image, settings, input.into(), lineage).await)
     }
 
     /// A running call ended (or never started): settle it with the
@@ -620,18 +620,23 @@ impl Admitted<'_> {
     /// than the hand-off ([`INLINE_BELOW`]); such a call that stops before
     /// it ends (blocked in a host call, or run long) goes on on the pool,
     /// so no call ever holds a thread that serves HTTP for long.
-    pub async fn run(self, image: &Arc<FunctionImage>, settings: &CallSettings, input: Bytes) -> CallOutput {
+    pub async fn run(
+        self,
+        image: &Arc<FunctionImage>,
+        settings: &CallSettings,
+        input: impl Into<CallInput>,
+    ) -> CallOutput {
         // The call ends by the deadline it was admitted with, so time spent
         // queued comes out of its timeout.
         let lineage = Lineage { deadline: Some(self.deadline), ..Lineage::root() };
-        self.run_in(image, settings, input, lineage).await
+        self.run_in(image, settings, input.into(), lineage).await
     }
 
     async fn run_in(
         mut self,
         image: &Arc<FunctionImage>,
         settings: &CallSettings,
-        input: Bytes,
+        input: CallInput,
         mut lineage: Lineage,
     ) -> CallOutput {
         let executor = self.executor;
@@ -689,7 +694,7 @@ async fn measured(
     runtime: Arc<Runtime>,
     image: Arc<FunctionImage>,
     settings: CallSettings,
-    input: Bytes,
+    input: CallInput,
     lineage: Lineage,
     sandbox: Sandbox,
     mut account: Account,
@@ -699,7 +704,12 @@ async fn measured(
     // (Dropped unfinished, the locals go first too, and then the account.)
     let out = {
         let _sandbox = sandbox;
-        let mut call = std::pin::pin!(runtime.call_in(&image, &settings, &input, lineage));
+        let mut call = std::pin::pin!(async {
+            match input {
+                CallInput::Bytes(bytes) => runtime.call_in(&image, &settings, &bytes, lineage).await,
+                CallInput::Http(exchange) => runtime.call_http(&image, &settings, exchange, lineage).await,
+            }
+        });
         std::future::poll_fn(|cx| {
             account.set_blocked(false);
             let polled_at = CpuClock::now();
@@ -818,7 +828,13 @@ mod tests {
     }
 
     fn settings(timeout: Duration) -> CallSettings {
-        CallSettings { tenant: Arc::from("t"), memory_limit: 16 << 20, timeout, env: Arc::from(Vec::new()) }
+        CallSettings {
+            tenant: Arc::from("t"),
+            memory_limit: 16 << 20,
+            timeout,
+            env: Arc::from(Vec::new()),
+            allowed_hosts: Arc::default(),
+        }
     }
 
     #[tokio::test]

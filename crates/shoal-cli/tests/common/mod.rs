@@ -11,6 +11,9 @@ use std::process::{Child, Command, Stdio};
 pub struct Served {
     pub child: Child,
     pub url: String,
+    /// Where its HTTP functions are served (`http://host:port`), if it said.
+    #[allow(dead_code)]
+    pub functions: Option<String>,
 }
 
 impl Drop for Served {
@@ -39,9 +42,12 @@ pub fn serve_with(dir: &Path, extra: &[&str]) -> Served {
         .spawn()
         .expect("start shoal serve");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut url = None;
+    let (mut url, mut functions) = (None, None);
     for line in lines.by_ref() {
         let line = line.expect("read serve's stderr");
+        if let Some(rest) = line.strip_prefix("shoal: HTTP functions at ") {
+            functions = rest.strip_suffix("/TENANT/NAME/").map(str::to_string);
+        }
         if let Some(rest) = line.strip_prefix("shoal: serving ") {
             url = Some(rest.split_whitespace().next().unwrap().to_string());
             break;
@@ -49,5 +55,5 @@ pub fn serve_with(dir: &Path, extra: &[&str]) -> Served {
     }
     // Keep draining, so the node never writes into a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    Served { child, url: url.expect("shoal serve printed its address") }
+    Served { child, url: url.expect("shoal serve printed its address"), functions }
 }

@@ -25,8 +25,13 @@ use crate::{DeploySpec, Node, new_call_id, now_ms};
 const CALL_ID_HEADER: &str = "x-shoal-call-id";
 
 /// A function as clients see it: env var names, never their values.
-fn description(record: &FunctionRecord) -> serde_json::Value {
+fn description(node: &Node, record: &FunctionRecord) -> serde_json::Value {
+    let url = match node.config.http_listen {
+        Some(addr) if record.kind == "http" => Some(format!("http://{addr}/{}/{}/", record.tenant, record.name)),
+        _ => None,
+    };
     json!({
+        "url": url,
         "tenant": record.tenant,
         "name": record.name,
         "kind": record.kind,
@@ -37,6 +42,8 @@ fn description(record: &FunctionRecord) -> serde_json::Value {
         "timeout_ms": record.timeout_ms,
         "env": record.env.iter().map(|(k, _)| k).collect::<Vec<_>>(),
         "deployed_ms": record.deployed_ms,
+        "allowed_hosts": record.allowed_hosts,
+        "access": if record.kind == "http" { Some(if record.public { "public" } else { "token" }) } else { None },
     })
 }
 
@@ -86,13 +93,7 @@ pub(crate) const ENV_HEADER: &str = "shoal-env";
 /// are refused, not ignored.
 fn deploy_spec(node: &Node, query: Option<&str>, headers: &HeaderMap) -> Result<DeploySpec, ApiError> {
     let config = &node.config;
-    let mut spec = DeploySpec {
-        memory_bytes: config.default_memory_bytes,
-        timeout: config.default_timeout,
-        env: Vec::new(),
-        language: None,
-        snapshot: false,
-    };
+    let mut spec = DeploySpec::defaults(config);
     let mut env_bytes = 0;
     let mut add_env = |value: &str, spec: &mut DeploySpec| -> Result<(), ApiError> {
         let Some((name, val)) = value.split_once('=') else {
@@ -149,6 +150,22 @@ fn deploy_spec(node: &Node, query: Option<&str>, headers: &HeaderMap) -> Result<
                     _ => return Err(ApiError::bad_request(format!("snapshot={value:?} is not true or false"))),
                 };
             }
+            "allow_host" => {
+                if spec.allowed_hosts.len() == shoal_runtime::MAX_ALLOWED_HOSTS {
+                    return Err(ApiError::bad_request(format!(
+                        "at most {} allow_host entries per function",
+                        shoal_runtime::MAX_ALLOWED_HOSTS
+                    )));
+                }
+                spec.allowed_hosts.push(value.into_owned());
+            }
+            "access" => {
+                spec.public = match value.as_ref() {
+                    "public" => true,
+                    "token" => false,
+                    _ => return Err(ApiError::bad_request(format!("access={value:?} is not public or token"))),
+                };
+            }
             "language" => {
                 let language = shoal_runtime::Language::parse(&value).ok_or_else(|| {
                     ApiError::bad_request(format!("language={value:?} is not one Shoal runs (python, javascript)"))
@@ -181,7 +198,7 @@ pub(super) async fn deploy(
         wasm = shoal_runtime::SourceBundle::decode(&wasm)?.encode().into();
     }
     let record = node.deploy(&tenant, &name, &wasm, spec).await?;
-    Ok((StatusCode::CREATED, Json(description(&record))))
+    Ok((StatusCode::CREATED, Json(description(&node, &record))))
 }
 
 pub(super) async fn list(
@@ -191,7 +208,7 @@ pub(super) async fn list(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(tenant) = path.map_err(path_error)?;
     authorise(&node, &headers, &tenant, None)?;
-    let functions: Vec<_> = node.registry.list(&tenant).iter().map(description).collect();
+    let functions: Vec<_> = node.registry.list(&tenant).iter().map(|record| description(&node, record)).collect();
     Ok(Json(json!({ "functions": functions })))
 }
 
@@ -202,7 +219,7 @@ pub(super) async fn describe(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path((tenant, name)) = path.map_err(path_error)?;
     authorise_existing(&node, &headers, &tenant, &name)?;
-    Ok(Json(description(&find(&node, &tenant, &name)?.record)))
+    Ok(Json(description(&node, &find(&node, &tenant, &name)?.record)))
 }
 
 pub(super) async fn remove(
