@@ -100,7 +100,7 @@ impl Client {
     }
 
     pub async fn deploy(&self, function: &str, file: &Path, options: &DeployOptions) -> anyhow::Result<()> {
-        let DeployOptions { memory, timeout, env, snapshot, public, allow_host } = options;
+        let DeployOptions { memory, timeout, env, snapshot, public, allow_host, secrets } = options;
         let (tenant, name) = function_ref(function)?;
         let (body, language) = crate::project::deploy_body(file)?;
         let mut query: Vec<(&str, String)> = Vec::new();
@@ -112,6 +112,9 @@ impl Client {
         }
         for host in allow_host {
             query.push(("allow_host", host.clone()));
+        }
+        for secret in secrets {
+            query.push(("secret", secret.clone()));
         }
         if let Some(language) = language {
             query.push(("language", language.as_str().to_string()));
@@ -248,6 +251,34 @@ impl Client {
         Ok(())
     }
 
+    pub async fn secret_set(&self, tenant: &str, name: &str, value: Vec<u8>) -> anyhow::Result<()> {
+        self.send(self.request(Method::PUT, &format!("/v1/tenants/{tenant}/secrets/{name}")).body(value)).await?;
+        eprintln!("set {tenant}'s secret {name}");
+        Ok(())
+    }
+
+    pub async fn secret_remove(&self, tenant: &str, name: &str) -> anyhow::Result<()> {
+        self.send(self.request(Method::DELETE, &format!("/v1/tenants/{tenant}/secrets/{name}"))).await?;
+        eprintln!("removed {tenant}'s secret {name}");
+        Ok(())
+    }
+
+    pub async fn secret_list(&self, tenant: &str) -> anyhow::Result<()> {
+        let listed = self.json(self.request(Method::GET, &format!("/v1/tenants/{tenant}/secrets"))).await?;
+        println!("{:<32} {:>15}  USED BY", "NAME", "SET (UNIX MS)");
+        for secret in listed["secrets"].as_array().cloned().unwrap_or_default() {
+            let used_by: Vec<&str> =
+                secret["used_by"].as_array().map(|a| a.iter().filter_map(|f| f.as_str()).collect()).unwrap_or_default();
+            println!(
+                "{:<32} {:>15}  {}",
+                secret["name"].as_str().unwrap_or("?"),
+                secret["updated_ms"].as_u64().unwrap_or(0),
+                if used_by.is_empty() { "-".to_string() } else { used_by.join(",") }
+            );
+        }
+        Ok(())
+    }
+
     pub async fn create_tenant(&self, name: &str) -> anyhow::Result<()> {
         let created =
             self.json(self.request(Method::POST, "/v1/tenants").json(&serde_json::json!({ "name": name }))).await?;
@@ -355,4 +386,5 @@ pub struct DeployOptions {
     pub snapshot: bool,
     pub public: bool,
     pub allow_host: Vec<String>,
+    pub secrets: Vec<String>,
 }

@@ -57,6 +57,10 @@ enum Command {
         /// https://*.example.com, http://127.0.0.1:8080); repeatable.
         #[arg(long = "allow-host")]
         allow_host: Vec<String>,
+        /// A secret of the tenant the function gets (as an env var and
+        /// through wasi:config/store), by name; repeatable.
+        #[arg(long = "secret")]
+        secret: Vec<String>,
     },
     /// Create a function project NAME (in the current directory) from a
     /// template, with a README saying how to build, deploy and invoke it.
@@ -106,6 +110,30 @@ enum Command {
         #[command(subcommand)]
         command: TenantCommand,
     },
+    /// A tenant's secrets: write-only values its functions get when their
+    /// deploy names them (`shoal deploy --secret NAME`), as env vars and
+    /// through wasi:config/store.
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Set TENANT's secret NAME to the value read from standard input (so
+    /// it stays out of the shell's history), or from --value-file.
+    Set {
+        tenant: String,
+        name: String,
+        #[arg(long = "value-file")]
+        value_file: Option<PathBuf>,
+    },
+    /// Remove TENANT's secret NAME.
+    Rm { tenant: String, name: String },
+    /// List TENANT's secrets: names, when each was set, the functions
+    /// naming each (never a value).
+    Ls { tenant: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,8 +240,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.client)?;
     match command {
         Command::Serve(_) | Command::Bench(_) => unreachable!("handled above"),
-        Command::Deploy { function, file, memory, timeout, env, snapshot, public, allow_host } => {
-            let options = client::DeployOptions { memory, timeout, env, snapshot, public, allow_host };
+        Command::Deploy { function, file, memory, timeout, env, snapshot, public, allow_host, secret } => {
+            let options = client::DeployOptions { memory, timeout, env, snapshot, public, allow_host, secrets: secret };
             client.deploy(&function, &file, &options).await
         }
         Command::New { language, name } => {
@@ -272,6 +300,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             StateCommand::Set { key, value, data_file } => client.state_set(&key, read_input(value, data_file)?).await,
             StateCommand::Del { key } => client.state_delete(&key).await,
             StateCommand::Ls { tenant } => client.state_list(&tenant).await,
+        },
+        Command::Secret { command } => match command {
+            SecretCommand::Set { tenant, name, value_file } => {
+                let value = match value_file {
+                    Some(path) => std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+                    None => {
+                        let mut value = Vec::new();
+                        std::io::Read::read_to_end(&mut std::io::stdin(), &mut value).context("reading the value")?;
+                        value
+                    }
+                };
+                // A value typed or piped with a final newline means the line.
+                let value = value.strip_suffix(b"\n").map(<[u8]>::to_vec).unwrap_or(value);
+                client.secret_set(&tenant, &name, value).await
+            }
+            SecretCommand::Rm { tenant, name } => client.secret_remove(&tenant, &name).await,
+            SecretCommand::Ls { tenant } => client.secret_list(&tenant).await,
         },
     }
 }

@@ -438,6 +438,17 @@ fn an_http_function_deployed_from_the_cli_streams_a_gib_through_a_flat_node() {
     let listed = stdout(&run(&["ls", "demo"]));
     assert!(listed.contains(&format!("{functions}/demo/probe/")), "{listed}");
 
+    // A secret, set from a file, given to a function that names it.
+    std::fs::write(dir.path().join("key.txt"), "k-123\n").unwrap();
+    assert!(run(&["secret", "set", "demo", "API_KEY", "--value-file", "key.txt"]).status.success());
+    stdout(&run(&["deploy", "demo/keyed", "probe.wasm", "--public", "--secret", "API_KEY"]));
+    let secrets = stdout(&run(&["secret", "ls", "demo"]));
+    assert!(secrets.contains("API_KEY") && secrets.contains("keyed") && !secrets.contains("k-123"), "{secrets}");
+    let address = functions.trim_start_matches("http://");
+    assert_eq!(request(address, "GET", "/demo/keyed/env?name=API_KEY", ""), (200, "k-123".to_string()));
+    assert!(run(&["secret", "rm", "demo", "API_KEY"]).status.success());
+    assert_eq!(request(address, "GET", "/demo/keyed/env?name=API_KEY", ""), (200, String::new()));
+
     // 1 GiB up, chunked, and the echo read as it comes back, over one
     // plain connection.
     let address = functions.trim_start_matches("http://").to_string();

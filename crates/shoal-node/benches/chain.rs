@@ -87,6 +87,7 @@ fn chained_call(c: &mut Criterion, bench: &Bench) {
         timeout: Duration::from_secs(5),
         env: Arc::from(Vec::new()),
         allowed_hosts: Arc::default(),
+        config: Default::default(),
     };
     group.bench_function("fresh_noop_instance_x1000_direct", |b| {
         b.iter(|| {

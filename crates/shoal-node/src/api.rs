@@ -5,6 +5,7 @@
 
 mod calls;
 mod functions;
+mod secrets;
 mod state;
 mod tenants;
 
@@ -37,6 +38,8 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/tenants/{tenant}", get(tenants::get).delete(tenants::delete))
         .route("/v1/tenants/{tenant}/token", post(tenants::rotate_token).delete(tenants::revoke_tokens))
         .route("/v1/tenants/{tenant}/limits", get(tenants::get_limits).put(tenants::put_limits))
+        .route("/v1/tenants/{tenant}/secrets", get(secrets::list))
+        .route("/v1/tenants/{tenant}/secrets/{name}", put(secrets::put).delete(secrets::delete))
         .route("/v1/functions/{tenant}", get(functions::list))
         .route(
             "/v1/functions/{tenant}/{name}",

@@ -704,7 +704,7 @@ impl Node {
                     None => self.write_record(record, None).await?,
                 }
                 let mut out = match self.image_of(deployed).await {
-                    Ok(image) => slot.run(&image, &deployed.settings, bytes::Bytes::from(input)).await,
+                    Ok(image) => slot.run(&image, &self.call_settings(deployed), bytes::Bytes::from(input)).await,
                     Err(e) => shoal_runtime::CallOutput::failed(shoal_runtime::CallError::Internal(format!(
                         "loading the function: {e}"
                     ))),

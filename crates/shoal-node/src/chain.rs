@@ -46,11 +46,12 @@ impl Invoker for NodeInvoker {
             let input = bytes::Bytes::from(input);
             let hop = (lineage.depth, lineage.deadline);
             // Charged to the caller's tenant (the callee's: the same one).
+            let settings = node.call_settings(&deployed);
             let run = node.executor.run_chained(
                 &deployed.settings.tenant,
                 &deployed.key,
                 &image,
-                &deployed.settings,
+                &settings,
                 input.clone(),
                 lineage,
             );

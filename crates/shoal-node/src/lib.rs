@@ -23,6 +23,7 @@ mod metrics;
 mod names;
 mod registry;
 mod routes;
+mod secrets;
 mod server;
 mod tenancy;
 
@@ -91,6 +92,8 @@ pub struct DeploySpec {
     pub allowed_hosts: Vec<String>,
     /// An HTTP function anyone may call (else: the tenant's token).
     pub public: bool,
+    /// The tenant's secrets it is given, by name.
+    pub secrets: Vec<String>,
 }
 
 impl DeploySpec {
@@ -104,6 +107,7 @@ impl DeploySpec {
             snapshot: false,
             allowed_hosts: Vec::new(),
             public: false,
+            secrets: Vec::new(),
         }
     }
 }
@@ -122,6 +126,8 @@ pub struct Node {
     executor: Executor,
     metrics: Metrics,
     admin_hash: TokenHash,
+    /// What tenants' secrets are sealed with (from the admin token).
+    secret_key: secrets::SecretKey,
     async_calls: Arc<AsyncCalls>,
     /// This node's part in a cluster, when started with a Redis URL.
     cluster: Option<Arc<cluster::Cluster>>,
@@ -281,6 +287,7 @@ impl Node {
             let _ = runtime.set_invoker(chain::invoker(node));
             Self {
                 admin_hash: auth::hash_token(&admin_token),
+                secret_key: secrets::SecretKey::derive(&admin_token),
                 config,
                 state,
                 registry,
@@ -487,6 +494,7 @@ impl Node {
             limits: Default::default(),
             previous_tokens: Vec::new(),
             deleting_since_ms: None,
+            secrets: Default::default(),
         };
         if self.registry.tenant(tenant).is_some_and(|t| t.deleting_since_ms.is_some()) {
             return Err(ApiError::new(
@@ -529,6 +537,18 @@ impl Node {
         // Compiled and loaded in the tenant's turns, the deploy-time guest
         // code on the call pool (never on a thread that serves HTTP).
         let allowed = shoal_runtime::AllowList::parse(&spec.allowed_hosts).map_err(ApiError::bad_request)?;
+        let secrets = self.secrets_of(tenant).unwrap_or_default();
+        for name in &spec.secrets {
+            secrets::check_secret_name(name)?;
+            if !secrets.contains_key(name) {
+                return Err(ApiError::bad_request(format!(
+                    "tenant `{tenant}` has no secret {name}; set it first (shoal secret set {tenant} {name})"
+                )));
+            }
+            if spec.env.iter().any(|(env, _)| env == name) {
+                return Err(ApiError::bad_request(format!("{name} is both an env var and a secret of this deploy")));
+            }
+        }
         let options = LoadOptions { snapshot: spec.snapshot, tenant: Some(Arc::from(tenant)) };
         let (runtime, bytes) = (self.runtime().clone(), wasm.to_vec());
         let load = self.executor.on_pool(async move { runtime.load_with(&bytes, &options).await }).await;
@@ -571,6 +591,7 @@ impl Node {
             deployed_ms: now_ms(),
             allowed_hosts: allowed.entries(),
             public: spec.public,
+            secrets: spec.secrets,
         };
         let logs = self.registry.logs_for(tenant, name, self.config.log_lines_per_function);
         let function = self.registry.deploy(DeployedFunction::new(record, image, logs), wasm).await?;

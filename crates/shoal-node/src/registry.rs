@@ -48,6 +48,9 @@ pub struct TenantRecord {
     /// it has (resumed at start if the node stopped half-way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleting_since_ms: Option<u64>,
+    /// Its secrets, sealed (see `secrets.rs`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub secrets: std::collections::BTreeMap<String, crate::secrets::SealedSecret>,
 }
 
 /// A token rotated out, valid until `valid_until_ms`.
@@ -141,6 +144,9 @@ pub struct FunctionRecord {
     /// An HTTP function anyone may call; else only with its tenant's token.
     #[serde(default)]
     pub public: bool,
+    /// The tenant's secrets it is given (as env vars and `wasi:config`).
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 impl FunctionRecord {
@@ -205,6 +211,7 @@ impl DeployedFunction {
             env: Arc::from(record.env.clone()),
             // Checked at deploy; a record that no longer parses allows nothing.
             allowed_hosts: Arc::new(shoal_runtime::AllowList::parse(&record.allowed_hosts).unwrap_or_default()),
+            config: Default::default(),
         };
         let key = Arc::from(function_key(&record.tenant, &record.name));
         Self { record, settings, logs, key, image: Mutex::new(None), last_used: AtomicU64::new(0) }

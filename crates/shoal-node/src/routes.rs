@@ -103,7 +103,8 @@ async fn route(node: &Arc<Node>, request: Request<Body>, call_id: &str) -> Resul
     let call = {
         let (node, function, call_id) = (node.clone(), function.clone(), call_id.to_string());
         tokio::spawn(async move {
-            let run = node.executor.run(&function.settings.tenant, &function.key, &image, &function.settings, exchange);
+            let settings = node.call_settings(&function);
+            let run = node.executor.run(&function.settings.tenant, &function.key, &image, &settings, exchange);
             let span = tracing::debug_span!("call", tenant = %function.record.tenant, function = %function.record.name, %call_id);
             let out = tracing::Instrument::instrument(run, span).await;
             finish(&node, &function, out, started, &call_id)

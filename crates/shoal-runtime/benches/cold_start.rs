@@ -21,6 +21,7 @@ fn cold_start(c: &mut Criterion) {
         timeout: Duration::from_secs(5),
         env: Arc::from(Vec::new()),
         allowed_hosts: Arc::default(),
+        config: Default::default(),
     };
     let input = [b'x'; 64];
     let mut group = c.benchmark_group("cold_start");

@@ -81,6 +81,7 @@ fn main() {
         timeout: Duration::from_secs(10),
         env: Arc::from(Vec::new()),
         allowed_hosts: Arc::default(),
+        config: Default::default(),
     };
     let hellos = [
         (Language::Python, example(Language::Python, "hello-py")),

@@ -29,6 +29,7 @@ fn settings() -> CallSettings {
         timeout: Duration::from_secs(30),
         env: Arc::from(Vec::new()),
         allowed_hosts: Arc::default(),
+        config: Default::default(),
     }
 }
 

@@ -41,7 +41,7 @@ const DEADLINE_GRACE: Duration = Duration::from_millis(50);
 const GRACE_PER_DEPTH: Duration = Duration::from_millis(3);
 
 /// The limits and environment of one call, set at deploy.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CallSettings {
     /// The tenant the function belongs to: its state keys are scoped to it.
     pub tenant: Arc<str>,
@@ -53,6 +53,39 @@ pub struct CallSettings {
     pub env: Arc<[(String, String)]>,
     /// Where its outbound HTTP requests may go.
     pub allowed_hosts: Arc<crate::AllowList>,
+    /// What `wasi:config/store` answers (the tenant's secrets the
+    /// function names).
+    pub config: ConfigValues,
+}
+
+/// Values a function reads through `wasi:config/store`. Never printed:
+/// they are often secrets.
+#[derive(Clone, Default)]
+pub struct ConfigValues(pub(crate) Arc<wasmtime_wasi_config::WasiConfigVariables>);
+
+impl ConfigValues {
+    pub fn new<I: IntoIterator<Item = (String, String)>>(values: I) -> Self {
+        Self(Arc::new(values.into_iter().collect()))
+    }
+}
+
+impl std::fmt::Debug for ConfigValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigValues(..)")
+    }
+}
+
+/// Env var names only: their values may be secrets.
+impl std::fmt::Debug for CallSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallSettings")
+            .field("tenant", &self.tenant)
+            .field("memory_limit", &self.memory_limit)
+            .field("timeout", &self.timeout)
+            .field("env", &self.env.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>())
+            .field("allowed_hosts", &self.allowed_hosts)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a call produced, whether it succeeded or not.
@@ -330,6 +363,7 @@ pub(crate) async fn run(
                 http: WasiHttpCtx::new(),
                 outbound: Outbound::new(settings.allowed_hosts.clone(), &config.outbound, deadline, stderr.clone()),
                 response_cut: None,
+                config: settings.config.0.clone(),
             };
             let mut store = Store::new(engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);

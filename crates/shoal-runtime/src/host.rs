@@ -57,6 +57,8 @@ pub(crate) struct ComponentCtx {
     /// Set when an HTTP function's call fails: its response body, if it
     /// has not ended, ends in an error instead of looking complete.
     pub(crate) response_cut: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// What `wasi:config/store` answers.
+    pub(crate) config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
 }
 
 impl WasiHttpView for ComponentCtx {
@@ -173,6 +175,11 @@ impl Linkers {
         // wasi:http: an HTTP function's own interfaces, and outbound
         // requests for every component (refused unless allowed).
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component).map_err(link_error)?;
+        // wasi:config/store@0.2.0-rc.1: the secrets a function names.
+        wasmtime_wasi_config::add_to_linker(&mut component, |ctx: &mut ComponentCtx| {
+            wasmtime_wasi_config::WasiConfig::from(&*ctx.config)
+        })
+        .map_err(link_error)?;
         Function::add_to_linker::<ComponentCtx, HasSelf<ComponentCtx>>(&mut component, |ctx| ctx)
             .map_err(link_error)?;
         // wit/interpreter.wit's `environment`, for shared language runtimes.
@@ -229,6 +236,7 @@ pub(crate) fn deploy_store(
         http: WasiHttpCtx::new(),
         outbound: Outbound::denied(stderr.clone()),
         response_cut: None,
+        config: Arc::default(),
     };
     let mut store = wasmtime::Store::new(engine, ctx);
     store.limiter(|ctx| &mut ctx.limiter);

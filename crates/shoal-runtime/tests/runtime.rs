@@ -24,6 +24,7 @@ fn settings() -> CallSettings {
         timeout: Duration::from_secs(5),
         env: Arc::from(vec![("GREETING".to_string(), "hi".to_string())]),
         allowed_hosts: Arc::default(),
+        config: Default::default(),
     }
 }
 

@@ -834,6 +834,7 @@ mod tests {
             timeout,
             env: Arc::from(Vec::new()),
             allowed_hosts: Arc::default(),
+            config: Default::default(),
         }
     }
 

@@ -43,6 +43,7 @@ fn description(node: &Node, record: &FunctionRecord) -> serde_json::Value {
         "env": record.env.iter().map(|(k, _)| k).collect::<Vec<_>>(),
         "deployed_ms": record.deployed_ms,
         "allowed_hosts": record.allowed_hosts,
+        "secrets": record.secrets,
         "access": if record.kind == "http" { Some(if record.public { "public" } else { "token" }) } else { None },
     })
 }
@@ -158,6 +159,12 @@ fn deploy_spec(node: &Node, query: Option<&str>, headers: &HeaderMap) -> Result<
                     )));
                 }
                 spec.allowed_hosts.push(value.into_owned());
+            }
+            "secret" => {
+                crate::secrets::check_secret_name(&value)?;
+                if !spec.secrets.iter().any(|s| *s == *value) {
+                    spec.secrets.push(value.into_owned());
+                }
             }
             "access" => {
                 spec.public = match value.as_ref() {
@@ -327,7 +334,8 @@ async fn run_here(
         tracing::debug_span!("call", tenant = %function.record.tenant, function = %function.record.name, %call_id);
     let started = Instant::now();
     let image = load_image(node, function).await?;
-    let run = node.executor.run(&function.settings.tenant, &function.key, &image, &function.settings, input);
+    let settings = node.call_settings(function);
+    let run = node.executor.run(&function.settings.tenant, &function.key, &image, &settings, input);
     let out = match run.instrument(span).await {
         Ok(out) => out,
         Err(overloaded) => {
@@ -443,8 +451,8 @@ async fn run_placed(
     };
     let started = Instant::now();
     let image = load_image(node, &function).await?;
-    let run =
-        node.executor.run_chained(&function.settings.tenant, &function.key, &image, &function.settings, input, lineage);
+    let settings = node.call_settings(&function);
+    let run = node.executor.run_chained(&function.settings.tenant, &function.key, &image, &settings, input, lineage);
     let out = match run.await {
         Ok(out) => out,
         Err(overloaded) => {

@@ -344,3 +344,147 @@ async fn hello_worlds_built_for_wasmtime_serve_and_spin_run_unmodified() {
     assert_eq!(response.text().await.unwrap(), "Hello, Fermyon");
     node.stop().await;
 }
+
+#[tokio::test]
+async fn secrets_are_write_only_sealed_and_reach_the_functions_that_name_them() {
+    let node = TestNode::start().await;
+    let acme = node.create_tenant("acme").await;
+    let beta = node.create_tenant("beta").await;
+    let secret_url = |tenant: &str, name: &str| format!("{}/v1/tenants/{tenant}/secrets/{name}", node.base);
+    let put = |token: &str, tenant: &str, name: &str, value: Vec<u8>| {
+        node.http.put(secret_url(tenant, name)).bearer_auth(token).body(value).send()
+    };
+    assert_eq!(
+        put(&acme, "acme", "API_KEY", b"first-value-1".to_vec()).await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(put(&beta, "acme", "API_KEY", b"x".to_vec()).await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(put(&acme, "acme", "bad-name", b"x".to_vec()).await.unwrap().status(), StatusCode::BAD_REQUEST);
+    assert_eq!(put(&acme, "acme", "BIG", vec![b'x'; 4097]).await.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(put(&acme, "acme", "LATIN", b"caf\xe9".to_vec()).await.unwrap().status(), StatusCode::BAD_REQUEST);
+
+    // A deploy names the secrets its function gets; one that does not
+    // exist is refused.
+    let (status, body) = node.deploy("acme/probe", "access=public&secret=MISSING", PROBE).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, described) = node.deploy("acme/probe", "access=public&secret=API_KEY", PROBE).await;
+    assert_eq!(status, StatusCode::CREATED, "{described}");
+    assert_eq!(described["secrets"], serde_json::json!(["API_KEY"]));
+    assert!(!described.to_string().contains("first-value"), "{described}");
+
+    let env = node.route("acme/probe", "/env?name=API_KEY");
+    let config = node.route("acme/probe", "/config?name=API_KEY");
+    assert_eq!(node.get_text(&env).await.1, "first-value-1");
+    assert_eq!(node.get_text(&config).await.1, "first-value-1");
+    assert_eq!(node.get_text(&node.route("acme/probe", "/config?name=OTHER")).await.1, "none");
+
+    // A new value reaches the next call.
+    assert_eq!(
+        put(ADMIN, "acme", "API_KEY", b"second-value-2".to_vec()).await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(node.get_text(&config).await.1, "second-value-2");
+
+    // Listed by name, with who uses it: never a value.
+    let listed =
+        node.http.get(format!("{}/v1/tenants/acme/secrets", node.base)).bearer_auth(&acme).send().await.unwrap();
+    let listed: Value = listed.json().await.unwrap();
+    assert_eq!(listed["secrets"][0]["name"], "API_KEY");
+    assert_eq!(listed["secrets"][0]["used_by"], serde_json::json!(["probe"]));
+    assert!(!listed.to_string().contains("value-"), "{listed}");
+    let response =
+        node.http.get(format!("{}/v1/tenants/acme/secrets", node.base)).bearer_auth(&beta).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+
+    // Kept sealed: the node's store never holds the value in clear.
+    let store = std::fs::read(node._dir.as_ref().unwrap().path().join("shoal.redb")).unwrap();
+    assert!(
+        !store.windows(b"second-value-2".len()).any(|w| w == b"second-value-2"),
+        "a secret is in the store in clear"
+    );
+
+    // Removed: the function no longer gets it.
+    let response = node.http.delete(secret_url("acme", "API_KEY")).bearer_auth(&acme).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(node.get_text(&config).await.1, "none");
+    assert_eq!(node.get_text(&env).await.1, "");
+    let response = node.http.delete(secret_url("acme", "API_KEY")).bearer_auth(&acme).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn requests_reach_functions_by_host_and_answers_start_before_the_body_ends() {
+    let node = TestNode::start_with(|c| c.http_domain = Some("fn.example.test".into())).await;
+    node.deploy_probe("probe", "access=public").await;
+
+    // By host: NAME.TENANT.DOMAIN, the whole path the guest's.
+    let response = node
+        .http
+        .get(format!("{}/hello?by=host", node.fn_base))
+        .header("host", "probe.demo.fn.example.test:8081")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.text().await.unwrap(), "hello GET /hello?by=host");
+    let response = node
+        .http
+        .get(format!("{}/hello", node.fn_base))
+        .header("host", "nothing.demo.fn.example.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+    // The echo's head arrives while the request body is still being sent.
+    let (more, rest) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    more.send(Ok(b"first ".to_vec())).await.unwrap();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rest, |mut rest| async move {
+        rest.recv().await.map(|chunk| (chunk, rest))
+    }));
+    let response = tokio::time::timeout(
+        Duration::from_secs(30),
+        node.http.post(node.route("demo/probe", "/echo")).body(body).send(),
+    )
+    .await
+    .expect("the head came before the body ended")
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    more.send(Ok(b"and last".to_vec())).await.unwrap();
+    drop(more);
+    assert_eq!(response.text().await.unwrap(), "first and last");
+
+    // A body the guest never reads: the answer comes all the same.
+    let response = node.http.post(node.route("demo/probe", "/hello")).body(vec![7u8; 2 << 20]).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "hello POST /hello");
+
+    // `Expect: 100-continue`: the node says continue when the guest reads.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = node.fn_base.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /demo/probe/count HTTP/1.1\r\nhost: {address}\r\ncontent-length: 5\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = vec![0u8; 25];
+    stream.read_exact(&mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"12345").await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    // Its answer has no length: chunked, one chunk `5`.
+    assert!(answer.starts_with("HTTP/1.1 200 OK") && answer.ends_with("\r\n\r\n1\r\n5\r\n0\r\n\r\n"), "{answer}");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn any_kind_of_function_has_an_allow_list_and_only_http_ones_an_access() {
+    // Outbound HTTP is linked for every component, not only HTTP
+    // functions: any deploy may name its allowed hosts.
+    let node = TestNode::start().await;
+    let (status, body) = node.deploy("demo/fetcher", "allow_host=https://api.example.com", shoal_guests::HELLO).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["allowed_hosts"], serde_json::json!(["https://api.example.com"]));
+    assert_eq!(body["access"], Value::Null);
+    node.stop().await;
+}

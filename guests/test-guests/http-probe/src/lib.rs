@@ -14,6 +14,7 @@
 //! - `/log`: a line on stdout and one on stderr, then `logged`.
 //! - `/none`: returns without answering.
 //! - `/spin`: loops forever.
+//! - `/config?name=K`: `wasi:config/store`'s value for K (`none` if unset).
 //! - `/fetch?url=U&follow=1`: GETs U (following one redirect when asked)
 //!   and answers `{status} {body}`, or `error {code}`.
 
@@ -25,6 +26,10 @@ use wasip2::http::types::{
 };
 
 wasip2::http::proxy::export!(Probe);
+
+mod config {
+    wit_bindgen::generate!({ path: "wit", world: "shoal:probe/probe", generate_all });
+}
 
 struct Probe;
 
@@ -230,6 +235,15 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
                     .find_map(|(k, v)| (k == name).then_some(v))
                     .unwrap_or_default();
                 respond(out, 200, &[], value.as_bytes());
+            }
+            "/config" => {
+                let name = query_param(query, "name").unwrap_or_default();
+                let text = match config::wasi::config::store::get(&name) {
+                    Ok(Some(value)) => value,
+                    Ok(None) => "none".to_string(),
+                    Err(e) => format!("error {e:?}"),
+                };
+                respond(out, 200, &[], text.as_bytes());
             }
             "/log" => {
                 println!("a line on stdout");
