@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// streams, e.g. 64MiB.
     #[arg(long, env = "SHOAL_HTTP_MAX_BODY", value_parser = parse_size)]
     http_max_body: Option<u64>,
+    /// A non-public address (loopback, private, link-local) functions'
+    /// outbound HTTP may reach when their deploy names it; repeatable.
+    /// None by default: tenants reach public addresses only.
+    #[arg(long = "outbound-open", env = "SHOAL_OUTBOUND_OPEN", value_delimiter = ',')]
+    outbound_open: Vec<std::net::IpAddr>,
     /// Connections served at once; past it new ones are answered 503.
     #[arg(long, env = "SHOAL_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -155,6 +160,7 @@ struct ServeFile {
     http_listen: Option<String>,
     http_domain: Option<String>,
     http_max_body: Option<String>,
+    outbound_open: Option<Vec<std::net::IpAddr>>,
     max_connections: Option<usize>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -256,6 +262,11 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
     if let Some(bytes) = args.http_max_body {
         config.http_max_body_bytes = bytes;
     }
+    config.outbound_open = if args.outbound_open.is_empty() {
+        file.outbound_open.clone().unwrap_or_default()
+    } else {
+        args.outbound_open.clone()
+    };
     if let Some(n) = args.max_connections.or(file.max_connections) {
         config.http.max_connections = n;
     }

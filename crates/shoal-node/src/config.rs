@@ -57,6 +57,10 @@ pub struct NodeConfig {
     /// Largest request body an HTTP function is sent, counted as it
     /// streams. Default 64 MiB.
     pub http_max_body_bytes: u64,
+    /// Non-public addresses (loopback, private, link-local) functions'
+    /// outbound HTTP may reach when their deploy names them; no other
+    /// non-public address can be named. Default none.
+    pub outbound_open: Vec<std::net::IpAddr>,
     /// Largest wasm binary a deploy accepts. Default 64 MiB.
     pub max_module_bytes: usize,
     /// Limits a function gets when its deploy names none.
@@ -174,6 +178,7 @@ impl NodeConfig {
             http_listen: None,
             http_domain: None,
             http_max_body_bytes: 64 * MIB,
+            outbound_open: Vec::new(),
             max_module_bytes: (64 * MIB) as usize,
             default_timeout: Duration::from_secs(5),
             default_memory_bytes: 64 * MIB,

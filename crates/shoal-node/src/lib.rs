@@ -232,6 +232,7 @@ impl Node {
         runtime_config.max_call_depth = config.max_call_depth;
         runtime_config.max_spawns_per_root = config.max_spawns_per_root;
         runtime_config.python_runtime = config.python_runtime;
+        runtime_config.outbound.opened = config.outbound_open.clone();
         runtime_config.js_runtime = config.js_runtime;
         runtime_config.runtime_cache_dir = config.runtime_cache_dir.clone();
         let limits =
@@ -537,6 +538,13 @@ impl Node {
         // Compiled and loaded in the tenant's turns, the deploy-time guest
         // code on the call pool (never on a thread that serves HTTP).
         let allowed = shoal_runtime::AllowList::parse(&spec.allowed_hosts).map_err(ApiError::bad_request)?;
+        // A tenant names only public hosts, or addresses the operator opened.
+        let opened = &self.runtime().config().outbound;
+        if let Some(closed) = allowed.non_public_addresses().into_iter().find(|a| !opened.is_open(*a)) {
+            return Err(ApiError::bad_request(format!(
+                "allowed host {closed} is not a public address, and the operator has not opened it to functions (shoal serve --outbound-open)"
+            )));
+        }
         let secrets = self.secrets_of(tenant).unwrap_or_default();
         for name in &spec.secrets {
             secrets::check_secret_name(name)?;

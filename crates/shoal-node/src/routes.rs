@@ -80,11 +80,16 @@ async fn route(node: &Arc<Node>, request: Request<Body>, call_id: &str) -> Resul
         .get(&tenant, &name)
         .filter(|f| f.record.kind == shoal_runtime::FunctionKind::Http.as_str())
         .ok_or_else(not_found)?;
+    // A platform token never reaches a guest: a `token` function's caller
+    // must present its tenant's (or the admin's), and one sent to a public
+    // function is taken out too. Without it, or with another tenant's,
+    // the answer is the 404 of a missing function (names of functions
+    // behind tokens cannot be probed).
+    let caller = node.authenticate(request.headers());
     if !function.record.public {
-        // Another tenant's token gets the 404 a missing function gets.
-        let caller = node.authenticate(request.headers())?;
-        caller.check_tenant(&tenant).map_err(|_| not_found())?;
+        caller.as_ref().map_err(|_| not_found())?.check_tenant(&tenant).map_err(|_| not_found())?;
     }
+    let platform_token = caller.is_ok();
     let limit = node.config.http_max_body_bytes;
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
@@ -93,7 +98,7 @@ async fn route(node: &Arc<Node>, request: Request<Body>, call_id: &str) -> Resul
             format!("the request body is {} bytes; the limit is {limit}", declared.unwrap_or_default()),
         ));
     }
-    let guest_request = for_the_guest(request, &path, function.record.public, limit)?;
+    let guest_request = for_the_guest(request, &path, platform_token, limit)?;
     let image = node.image_of(&function).await.map_err(|e| ApiError::internal("loading a function's image", e))?;
     let (exchange, answer) = HttpExchange::new(guest_request);
 
@@ -171,9 +176,15 @@ fn finish(
 }
 
 /// The request as the guest sees it: the URI `http://{host}{path}?{query}`
-/// (the host from `Host`), the headers less the platform's credentials,
-/// the body limited to `limit` bytes as it streams.
-fn for_the_guest(request: Request<Body>, path: &str, public: bool, limit: u64) -> Result<Request<HttpBody>, ApiError> {
+/// (the host from `Host`), the headers less the platform's credentials
+/// (`Authorization` when it holds a platform token), the body limited to
+/// `limit` bytes as it streams.
+fn for_the_guest(
+    request: Request<Body>,
+    path: &str,
+    platform_token: bool,
+    limit: u64,
+) -> Result<Request<HttpBody>, ApiError> {
     let (mut parts, body) = request.into_parts();
     let host = parts
         .uri
@@ -191,7 +202,7 @@ fn for_the_guest(request: Request<Body>, path: &str, public: bool, limit: u64) -
         .path_and_query(path_and_query)
         .build()
         .map_err(|e| ApiError::bad_request(format!("the request's host or path: {e}")))?;
-    if !public {
+    if platform_token {
         parts.headers.remove(header::AUTHORIZATION);
     }
     let body = Limited { inner: body, left: limit, limit }.boxed_unsync();

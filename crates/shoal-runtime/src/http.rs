@@ -312,12 +312,25 @@ impl AllowList {
         })
     }
 
-    /// Whether an address a name resolved to may be connected to: a public
-    /// address always (the name was allowed); any other only if an entry
-    /// names it.
-    pub fn may_connect(&self, address: IpAddr) -> bool {
+    /// Whether an address a name resolved to may be connected to, for a
+    /// request to `scheme` and `port`: a public address always (the name
+    /// was allowed); any other only if an entry names that address with
+    /// that scheme and port (and the operator opened it: `outbound.rs`).
+    pub fn may_connect(&self, address: IpAddr, scheme: Scheme, port: u16) -> bool {
         let address = canonical(address);
-        is_public(address) || self.entries.iter().any(|e| e.host == HostPattern::Address(address))
+        is_public(address) || self.allows(scheme, &address.to_string(), port)
+    }
+
+    /// The non-public addresses the entries name (each must be opened by
+    /// the operator for a deploy to name it).
+    pub fn non_public_addresses(&self) -> Vec<IpAddr> {
+        self.entries
+            .iter()
+            .filter_map(|e| match e.host {
+                HostPattern::Address(address) if !is_public(address) => Some(address),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -346,10 +359,13 @@ fn parse_entry(text: &str) -> Result<AllowedHost, String> {
         };
         (HostPattern::Address(canonical(IpAddr::V6(address))), port)
     } else {
-        let (host, port) = match rest.rsplit_once(':') {
+        let (host, port) = match rest.split_once(':') {
             Some((host, port)) => (host, Some(port)),
             None => (rest, None),
         };
+        if port.is_some_and(|p| p.contains(':')) {
+            return Err(bad("an IPv6 address goes in [ ]"));
+        }
         let host = host.to_ascii_lowercase();
         let pattern = if host == "*" {
             HostPattern::Any
@@ -423,6 +439,10 @@ pub fn is_public(address: IpAddr) -> bool {
                 let v4 = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
                 return is_public(IpAddr::V4(v4));
             }
+            // 64:ff9b:1::/48, local-use NAT64: whatever it maps to is local.
+            if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+                return false;
+            }
             if s[0] == 0x2002 {
                 let v4 = std::net::Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
                 return is_public(IpAddr::V4(v4));
@@ -473,9 +493,13 @@ mod tests {
         assert!(allow.allows(Scheme::Http, "::1", 9000));
         assert!(allow.allows(Scheme::Http, "::ffff:127.0.0.1", 8080), "v4-mapped is the v4 address");
         assert!(!allow.allows(Scheme::Http, "10.0.0.1", 80), "a wildcard name does not match an address");
-        assert!(allow.may_connect("127.0.0.1".parse().unwrap()));
-        assert!(allow.may_connect("::ffff:127.0.0.1".parse().unwrap()));
-        assert!(!allow.may_connect("127.0.0.2".parse().unwrap()));
+        let http = Scheme::Http;
+        assert!(allow.may_connect("127.0.0.1".parse().unwrap(), http, 8080));
+        assert!(allow.may_connect("::ffff:127.0.0.1".parse().unwrap(), http, 8080));
+        assert!(!allow.may_connect("127.0.0.1".parse().unwrap(), http, 22), "a named address, another port");
+        assert!(!allow.may_connect("127.0.0.1".parse().unwrap(), Scheme::Https, 8080), "another scheme");
+        assert!(!allow.may_connect("127.0.0.2".parse().unwrap(), http, 8080));
+        assert_eq!(allow.non_public_addresses().len(), 2);
         for blocked in [
             "10.1.2.3",
             "172.16.0.1",
@@ -491,10 +515,10 @@ mod tests {
             "64:ff9b::a00:1",
             "2002:a00:1::",
         ] {
-            assert!(!allow.may_connect(blocked.parse().unwrap()), "{blocked}");
+            assert!(!allow.may_connect(blocked.parse().unwrap(), http, 80), "{blocked}");
         }
         for public in ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "1.1.1.1"] {
-            assert!(allow.may_connect(public.parse().unwrap()), "{public}");
+            assert!(allow.may_connect(public.parse().unwrap(), http, 80), "{public}");
         }
     }
 
@@ -510,6 +534,7 @@ mod tests {
             "https://exa mple.com",
             "https://[::1",
             "https://",
+            "http://fd00::1:2",
         ] {
             let error = AllowList::parse(&[bad]).unwrap_err();
             assert!(error.contains(&format!("{bad:?}")), "{error}");

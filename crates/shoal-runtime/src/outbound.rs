@@ -45,17 +45,32 @@ pub struct OutboundLimits {
     /// Bytes sent and received (bodies) by one call, all its requests
     /// together.
     pub max_bytes: u64,
+    /// Non-public addresses (loopback, private, link-local…) the operator
+    /// opened: a deploy's allow-list may name these, and no others. Default
+    /// none — a tenant can never reach the node's own loopback services,
+    /// its private network or a cloud metadata service on its own say.
+    pub opened: Vec<IpAddr>,
 }
 
 impl Default for OutboundLimits {
     fn default() -> Self {
-        Self { max_in_flight: 8, max_bytes: 64 << 20 }
+        Self { max_in_flight: 8, max_bytes: 64 << 20, opened: Vec::new() }
+    }
+}
+
+impl OutboundLimits {
+    /// Whether a request may connect to `address`: a public one, or one the
+    /// operator opened.
+    pub fn is_open(&self, address: IpAddr) -> bool {
+        let address = crate::http::canonical(address);
+        crate::http::is_public(address) || self.opened.iter().any(|o| crate::http::canonical(*o) == address)
     }
 }
 
 /// A call's outbound HTTP: its allow-list, limits and log.
 pub(crate) struct Outbound {
     allow: Arc<AllowList>,
+    limits: Arc<OutboundLimits>,
     deadline: Instant,
     log: CaptureBuffer,
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -66,6 +81,7 @@ impl Outbound {
     pub(crate) fn new(allow: Arc<AllowList>, limits: &OutboundLimits, deadline: Instant, log: CaptureBuffer) -> Self {
         Self {
             allow,
+            limits: Arc::new(limits.clone()),
             deadline,
             log,
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight as usize)),
@@ -114,8 +130,9 @@ impl WasiHttpHooks for Outbound {
             return Box::new(std::future::ready(Err(HttpError::ConnectionLimitReached)));
         };
         let (allow, log, bytes, deadline) = (self.allow.clone(), self.log.clone(), self.bytes.clone(), self.deadline);
+        let limits = self.limits.clone();
         Box::new(async move {
-            let sent = send(request, &target, &allow, bytes, options, deadline).await;
+            let sent = send(request, &target, &allow, &limits, bytes, options, deadline).await;
             match sent {
                 Ok((response, io)) => {
                     let io: IoFuture = Box::new(async move {
@@ -189,13 +206,17 @@ async fn send(
     mut request: http::Request<WasiBody>,
     target: &Target,
     allow: &AllowList,
+    limits: &OutboundLimits,
     bytes: Arc<Budget>,
     options: Option<RequestOptions>,
     deadline: Instant,
 ) -> Result<(http::Response<WasiBody>, IoFuture), HttpError> {
     let connect_within = bounded(options.and_then(|o| o.connect_timeout), deadline);
     let addresses = resolve(target, connect_within).await?;
-    let addresses: Vec<SocketAddr> = addresses.into_iter().filter(|a| allow.may_connect(a.ip())).collect();
+    let addresses: Vec<SocketAddr> = addresses
+        .into_iter()
+        .filter(|a| allow.may_connect(a.ip(), target.scheme, target.port) && limits.is_open(a.ip()))
+        .collect();
     if addresses.is_empty() {
         return Err(HttpError::DestinationIpProhibited);
     }
@@ -223,9 +244,14 @@ async fn send(
         tokio::time::timeout(connect_within, hyper::client::conn::http1::handshake(TokioIo::new(stream)))
             .await
             .map_err(|_| HttpError::ConnectionTimeout)??;
-    // On the wire the target is the path and query; the host is in `Host`.
-    let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-    *request.uri_mut() = http::Uri::try_from(path).map_err(|_| HttpError::HttpRequestUriInvalid)?;
+    // On the wire the target is the path and query (the host is in
+    // `Host`), and only an origin-form path: a request line naming another
+    // host (`GET http://elsewhere/…`) would be routed there by proxies.
+    let path = request.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if !path.as_str().starts_with('/') {
+        return Err(HttpError::HttpRequestUriInvalid);
+    }
+    *request.uri_mut() = http::Uri::from(path);
     let request = request.map(|body| Metered { inner: body, budget: bytes.clone() }.boxed_unsync());
 
     let first_byte = bounded(options.and_then(|o| o.first_byte_timeout), deadline);
@@ -264,15 +290,38 @@ async fn send(
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Stream for T {}
 
+/// Lookups running at once in the process. The system resolver blocks a
+/// thread until it answers (a name server that never does holds it for
+/// its own timeouts, whatever the caller's): each lookup holds a place
+/// until its thread is free again, so guests cannot fill the blocking
+/// threads every node task shares.
+const MAX_LOOKUPS: usize = 16;
+
+fn lookups() -> &'static Arc<tokio::sync::Semaphore> {
+    static LOOKUPS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    LOOKUPS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS)))
+}
+
 async fn resolve(target: &Target, within: Duration) -> Result<Vec<SocketAddr>, HttpError> {
     if let Ok(address) = target.host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(address, target.port)]);
     }
-    let found = tokio::time::timeout(within, tokio::net::lookup_host((target.host.as_str(), target.port)))
+    let lookup = async {
+        let place = lookups().clone().acquire_owned().await.map_err(|_| HttpError::DnsTimeout)?;
+        let (host, port) = (target.host.clone(), target.port);
+        tokio::task::spawn_blocking(move || {
+            let _place = place;
+            std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port)).map(Iterator::collect::<Vec<_>>)
+        })
         .await
-        .map_err(|_| HttpError::DnsTimeout)?
+        .map_err(|_| HttpError::DnsTimeout)
+    };
+    let found = tokio::time::timeout(within, lookup)
+        .await
+        .map_err(|_| HttpError::DnsTimeout)??
         .map_err(|e| HttpError::DnsError { rcode: Some(e.to_string()), info_code: None })?;
-    let found: Vec<SocketAddr> = found.map(|a| SocketAddr::new(crate::http::canonical(a.ip()), a.port())).collect();
+    let found: Vec<SocketAddr> =
+        found.into_iter().map(|a| SocketAddr::new(crate::http::canonical(a.ip()), a.port())).collect();
     if found.is_empty() {
         return Err(HttpError::DestinationNotFound);
     }

@@ -83,8 +83,12 @@ async fn a_token_function_needs_its_tenants_token_and_never_sees_it() {
     let acme = node.create_tenant("acme").await;
 
     let url = node.route("demo/private", "/headers");
+    // Without a token: the 404 of a function that is not there (names
+    // behind tokens cannot be probed).
     let response = node.http.get(&url).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let response = node.http.get(&url).bearer_auth("not-a-token").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
     // Another tenant's token: the same 404 as a function that is not there.
     let response = node.http.get(&url).bearer_auth(&acme).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
@@ -95,9 +99,15 @@ async fn a_token_function_needs_its_tenants_token_and_never_sees_it() {
     assert!(!seen.to_ascii_lowercase().contains("authorization"), "the token reached the guest: {seen}");
     assert!(!seen.contains(ADMIN));
 
-    // A public function's Authorization header is its own business.
+    // A public function's Authorization header is its own business —
+    // unless it holds a platform token, which is taken out.
     let response = node.http.get(node.route("demo/open", "/headers")).bearer_auth("its-own").send().await.unwrap();
     assert!(response.text().await.unwrap().contains("authorization: Bearer its-own"));
+    for token in [ADMIN, acme.as_str()] {
+        let response = node.http.get(node.route("demo/open", "/headers")).bearer_auth(token).send().await.unwrap();
+        let seen = response.text().await.unwrap();
+        assert!(!seen.contains(token) && !seen.to_ascii_lowercase().contains("authorization"), "{seen}");
+    }
 
     // `access=public` is for HTTP functions only.
     let (status, body) = node.deploy("demo/wrong", "access=public", shoal_guests::HELLO).await;
@@ -262,7 +272,9 @@ async fn outside_server() -> (u16, tokio::task::JoinHandle<()>) {
 
 #[tokio::test]
 async fn outbound_requests_go_only_where_the_allow_list_says() {
-    let node = TestNode::start().await;
+    // The operator opens the loopback address the test's server is on;
+    // nothing else non-public.
+    let node = TestNode::start_with(|c| c.outbound_open = vec!["127.0.0.1".parse().unwrap()]).await;
     let (port, server) = outside_server().await;
     let direct = format!("http://127.0.0.1:{port}");
     node.deploy_probe("closed", "access=public").await;
@@ -315,6 +327,14 @@ async fn outbound_requests_go_only_where_the_allow_list_says() {
         .unwrap();
     assert_eq!(response.text().await.unwrap(), "error ErrorCode::HttpRequestDenied");
 
+    // A tenant cannot name a non-public address the operator did not open
+    // (the cloud metadata service, another loopback address, a private
+    // network), nor reach one through a name.
+    for closed in ["http://169.254.169.254", "http://127.0.0.2:8080", "http://[::1]:80", "http://10.0.0.1"] {
+        let (status, body) = node.deploy("demo/sneaky", &format!("allow_host={closed}"), PROBE).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{closed}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("not a public address"), "{body}");
+    }
     // Bad entries are refused at deploy, by name.
     let (status, body) = node.deploy("demo/bad", "allow_host=example.com", PROBE).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
