@@ -118,7 +118,9 @@ impl wasip2::exports::http::incoming_handler::Guest for Notes {
                         };
                         // Written through to the global tier: every node sees it.
                         match state::set(&key, text.as_bytes()).and_then(|()| state::push(&key)) {
-                            Ok(()) => answer(out, 201, &format!("{{\"name\":{},\"text\":{}}}", quoted(name), quoted(&text))),
+                            Ok(()) => {
+                                answer(out, 201, &format!("{{\"name\":{},\"text\":{}}}", quoted(name), quoted(&text)))
+                            }
                             Err(e) => error(out, 503, &format!("state: {e:?}")),
                         }
                     }

@@ -36,7 +36,9 @@ struct Probe;
 fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
-        (k == name).then(|| v.replace("%3A", ":").replace("%2F", "/").replace("%3F", "?").replace("%3D", "=").replace("%26", "&"))
+        (k == name).then(|| {
+            v.replace("%3A", ":").replace("%2F", "/").replace("%3F", "?").replace("%3D", "=").replace("%26", "&")
+        })
     })
 }
 
@@ -195,7 +197,11 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
                 let ms: u64 = query_param(query, "ms").and_then(|n| n.parse().ok()).unwrap_or(0);
                 let (mut sink, outgoing) = start(out, 200, "text/event-stream");
                 for i in 0..n {
-                    if sink.write_all(format!("data: {i}\n\n").as_bytes()).and_then(|()| std::io::Write::flush(&mut sink)).is_err() {
+                    if sink
+                        .write_all(format!("data: {i}\n\n").as_bytes())
+                        .and_then(|()| std::io::Write::flush(&mut sink))
+                        .is_err()
+                    {
                         return;
                     }
                     if ms > 0 {
