@@ -147,14 +147,9 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
                 let (mut sink, outgoing) = start(out, 200, "application/octet-stream");
                 let incoming = request.consume().expect("the body, once");
                 let source = incoming.stream().expect("the stream, once");
-                loop {
-                    match source.blocking_read(64 << 10) {
-                        Ok(chunk) => {
-                            if sink.write_all(&chunk).is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => break,
+                while let Ok(chunk) = source.blocking_read(64 << 10) {
+                    if sink.write_all(&chunk).is_err() {
+                        return;
                     }
                 }
                 drop(source);
