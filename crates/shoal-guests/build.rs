@@ -175,8 +175,9 @@ impl Interpreter {
                 .arg(runtime_dir.join("shoal_runtime.js"))
                 .arg("-w")
                 .arg(root.join("wit"))
-                // No wasi:http (fetch): Shoal links only wasi:cli's imports.
-                .args(["-n", "interpreter", "-d", "http", "fetch-event", "-o"])
+                // Every feature on: `fetch` (wasi:http outbound) and the
+                // fetch event (an HTTP function's incoming requests).
+                .args(["-n", "interpreter", "-o"])
                 .arg(&output),
         };
         let status = command.status().expect("run the runtime's build tool");

@@ -100,12 +100,15 @@ impl Client {
     }
 
     pub async fn deploy(&self, function: &str, file: &Path, options: &DeployOptions) -> anyhow::Result<()> {
-        let DeployOptions { memory, timeout, env, snapshot, public, allow_host, secrets } = options;
+        let DeployOptions { memory, timeout, env, snapshot, http, public, allow_host, secrets } = options;
         let (tenant, name) = function_ref(function)?;
         let (body, language) = crate::project::deploy_body(file)?;
         let mut query: Vec<(&str, String)> = Vec::new();
         if *snapshot {
             query.push(("snapshot", "true".to_string()));
+        }
+        if *http {
+            query.push(("http", "true".to_string()));
         }
         if *public {
             query.push(("access", "public".to_string()));
@@ -384,6 +387,7 @@ pub struct DeployOptions {
     pub timeout: Option<String>,
     pub env: Vec<String>,
     pub snapshot: bool,
+    pub http: bool,
     pub public: bool,
     pub allow_host: Vec<String>,
     pub secrets: Vec<String>,

@@ -31,7 +31,8 @@ enum Command {
     /// functions deployed under tenant `demo`.
     Serve(Box<serve::ServeArgs>),
     /// Deploy a function as TENANT/NAME: a wasm component, a WASI command
-    /// module, a Python file, or a folder with an `app.py`.
+    /// module, a Python or JavaScript file, or a folder with an `app.py` or
+    /// `app.js`.
     Deploy {
         function: String,
         file: PathBuf,
@@ -48,6 +49,10 @@ enum Command {
         /// from the state it leaves.
         #[arg(long)]
         snapshot: bool,
+        /// It must be an HTTP function (a wasi:http component, or Python
+        /// or JavaScript that answers requests); refused otherwise.
+        #[arg(long)]
+        http: bool,
         /// An HTTP function anyone may call (default: only with the
         /// tenant's token).
         #[arg(long)]
@@ -240,8 +245,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.client)?;
     match command {
         Command::Serve(_) | Command::Bench(_) => unreachable!("handled above"),
-        Command::Deploy { function, file, memory, timeout, env, snapshot, public, allow_host, secret } => {
-            let options = client::DeployOptions { memory, timeout, env, snapshot, public, allow_host, secrets: secret };
+        Command::Deploy { function, file, memory, timeout, env, snapshot, http, public, allow_host, secret } => {
+            let options =
+                client::DeployOptions { memory, timeout, env, snapshot, http, public, allow_host, secrets: secret };
             client.deploy(&function, &file, &options).await
         }
         Command::New { language, name } => {

@@ -88,6 +88,11 @@ pub(crate) enum Template {
     Python,
     Js,
     C,
+    /// HTTP functions: a `wasi:http` component (with the `wstd` crate),
+    /// Python's `on_fetch`, JavaScript's Workers-style `fetch`.
+    RustHttp,
+    PythonHttp,
+    JsHttp,
 }
 
 /// The WIT contract, for projects that generate their own bindings.
@@ -111,6 +116,24 @@ pub(crate) fn new_project(template: Template, name: &str, dir: &Path) -> anyhow:
     let files: Vec<(&str, String)> = match template {
         Template::Python => vec![("app.py", PYTHON_APP.to_string()), ("README.md", source_readme(name, "py"))],
         Template::Js => vec![("app.js", JS_APP.to_string()), ("README.md", source_readme(name, "js"))],
+        Template::PythonHttp => {
+            vec![("app.py", PYTHON_HTTP_APP.to_string()), ("README.md", http_readme(name, "nothing to build", "."))]
+        }
+        Template::JsHttp => {
+            vec![("app.js", JS_HTTP_APP.to_string()), ("README.md", http_readme(name, "nothing to build", "."))]
+        }
+        Template::RustHttp => vec![
+            ("Cargo.toml", rust_http_manifest(name)),
+            ("src/main.rs", RUST_HTTP_MAIN.to_string()),
+            (
+                "README.md",
+                http_readme(
+                    name,
+                    "`cargo build --release --target wasm32-wasip2`",
+                    &format!("target/wasm32-wasip2/release/{name}.wasm"),
+                ),
+            ),
+        ],
         Template::C => vec![
             ("app.c", C_APP.to_string()),
             ("Makefile", C_MAKEFILE.to_string()),
@@ -158,6 +181,85 @@ fn source_readme(name: &str, extension: &str) -> String {
          - invoke: `shoal invoke TENANT/{name} -d world`\n"
     )
 }
+
+/// The README of an HTTP function project.
+fn http_readme(name: &str, build: &str, deploy: &str) -> String {
+    format!(
+        "# {name}\n\n\
+         - build: {build}\n\
+         - deploy: `shoal deploy TENANT/{name} {deploy} --http --public` (without `--public`, callers need the tenant's token)\n\
+         - call: `curl 'http://127.0.0.1:8081/TENANT/{name}/?name=you'` (`shoal ls TENANT` shows the URL)\n"
+    )
+}
+
+const PYTHON_HTTP_APP: &str = r#""""A Shoal HTTP function: `on_fetch` gets each request and returns its answer.
+
+`request` has `method`, `path` (after the function's prefix), `query`,
+`args` (the query parsed), `headers` and `body`. Return a `shoal.Response`
+(or bytes, a str, None). `shoal.fetch(url)` calls out, to the hosts named
+at deploy with `--allow-host`; `shoal.state` is shared state.
+"""
+
+import shoal
+
+
+def on_fetch(request: shoal.Request) -> shoal.Response:
+    if request.path != "/":
+        return shoal.Response("not found\n", status=404)
+    name = request.args.get("name", "world")
+    return shoal.Response.json({"hello": name, "method": request.method})
+"#;
+
+const JS_HTTP_APP: &str = r#"// A Shoal HTTP function, Workers style: `fetch` gets each request (a
+// standard Request) and returns a Response. `fetch(url)` inside it calls out,
+// to the hosts named at deploy with `--allow-host`; `require("shoal")`
+// reaches shared state.
+
+export default {
+  async fetch(request) {
+    const url = new URL(request.url);
+    if (url.pathname !== "/") return new Response("not found\n", { status: 404 });
+    const name = url.searchParams.get("name") ?? "world";
+    return new Response(JSON.stringify({ hello: name, method: request.method }), {
+      headers: { "content-type": "application/json" },
+    });
+  },
+};
+"#;
+
+/// The `wstd` the Rust HTTP template uses.
+const WSTD: &str = "0.6";
+
+fn rust_http_manifest(name: &str) -> String {
+    format!(
+        "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n\
+         [dependencies]\nwstd = \"{WSTD}\"\n\n\
+         [profile.release]\nopt-level = \"s\"\nlto = true\nstrip = true\n\n\
+         # A project of its own, not a member of an enclosing workspace.\n[workspace]\n"
+    )
+}
+
+const RUST_HTTP_MAIN: &str = r#"//! A Shoal HTTP function: a standard `wasi:http` handler (the same component
+//! runs under `wasmtime serve` or Spin). Each request gets a fresh instance.
+
+use wstd::http::{Body, Request, Response, StatusCode};
+
+#[wstd::http_server]
+async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Error> {
+    if request.uri().path() != "/" {
+        return Ok(Response::builder().status(StatusCode::NOT_FOUND).body("not found\n".into())?);
+    }
+    let name = request
+        .uri()
+        .query()
+        .and_then(|query| query.split('&').find_map(|pair| pair.strip_prefix("name=")))
+        .unwrap_or("world")
+        .to_string();
+    Ok(Response::builder()
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(format!("hello {name} ({})\n", request.method()).into())?)
+}
+"#;
 
 const PYTHON_APP: &str = r#""""A Shoal function: `handle` gets the call's input and returns its output.
 

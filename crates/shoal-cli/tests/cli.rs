@@ -199,6 +199,25 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     let listed = stdout(&run(&["ls", "demo"]));
     let notes = listed.lines().find(|line| line.starts_with("demo/notes ")).expect("notes listed");
     assert!(notes.contains("http") && notes.ends_with(&format!("{functions}/demo/notes/")), "{notes}");
+
+    // The Python and JavaScript HTTP templates, as made: `--http` holds
+    // them to answering requests, `--public` opens their route.
+    for template in ["python-http", "js-http"] {
+        let name = format!("web-{template}");
+        assert!(stdout(&run(&["new", template, &name])).contains(&name));
+        let deployed = stdout(&run(&["deploy", &format!("demo/{name}"), &name, "--http", "--public"]));
+        let described: serde_json::Value = serde_json::from_str(&deployed).unwrap();
+        assert_eq!(described["kind"], "http", "{template}");
+        let (status, body) = request(address, "GET", &format!("/demo/{name}/?name=ann"), "");
+        assert_eq!(status, 200, "{template}: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer, serde_json::json!({"hello": "ann", "method": "GET"}), "{template}");
+        assert_eq!(request(address, "GET", &format!("/demo/{name}/elsewhere"), "").0, 404, "{template}");
+    }
+    // `--http` refuses what does not answer requests.
+    let refused = run(&["deploy", "demo/not-web", "greet", "--http"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("http=true is for HTTP functions"), "{stderr}");
 }
 
 /// One HTTP/1.1 request over a plain connection: the status and the body
@@ -234,7 +253,7 @@ fn request(address: &str, method: &str, path: &str, body: &str) -> (u16, String)
 }
 
 #[test]
-fn the_rust_template_builds_into_a_function_that_answers() {
+fn the_rust_templates_build_into_functions_that_answer() {
     let dir = tempfile::tempdir().unwrap();
     let served = serve(dir.path());
     let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
@@ -253,6 +272,24 @@ fn the_rust_template_builds_into_a_function_that_answers() {
     assert_eq!(described["kind"], "component");
     assert_eq!(stdout(&run(&["invoke", "demo/adder", "-d", "rust"])), "hello rust");
     assert_eq!(stdout(&run(&["invoke", "demo/adder"])), "hello world");
+
+    // The HTTP template: a wasi:http component built with `wstd`.
+    assert!(stdout(&run(&["new", "rust-http", "web"])).contains("web"));
+    let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--offline", "--target", "wasm32-wasip2"])
+        .current_dir(dir.path().join("web"))
+        .env("CARGO_TARGET_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/template-target"))
+        .output()
+        .expect("run cargo");
+    assert!(built.status.success(), "cargo build: {}", String::from_utf8_lossy(&built.stderr));
+    let wasm = concat!(env!("CARGO_TARGET_TMPDIR"), "/template-target/wasm32-wasip2/release/web.wasm");
+    let deployed = stdout(&run(&["deploy", "demo/web", wasm, "--http", "--public"]));
+    let described: serde_json::Value = serde_json::from_str(&deployed).unwrap();
+    assert_eq!(described["kind"], "http");
+    let functions = served.functions.clone().expect("serve printed where HTTP functions are");
+    let address = functions.trim_start_matches("http://");
+    assert_eq!(request(address, "GET", "/demo/web/?name=rust", ""), (200, "hello rust (GET)\n".to_string()));
+    assert_eq!(request(address, "GET", "/demo/web/other", "").0, 404);
 }
 
 #[test]

@@ -92,6 +92,8 @@ pub struct DeploySpec {
     pub allowed_hosts: Vec<String>,
     /// An HTTP function anyone may call (else: the tenant's token).
     pub public: bool,
+    /// It must be an HTTP function: anything else is refused.
+    pub http: bool,
     /// The tenant's secrets it is given, by name.
     pub secrets: Vec<String>,
 }
@@ -107,6 +109,7 @@ impl DeploySpec {
             snapshot: false,
             allowed_hosts: Vec::new(),
             public: false,
+            http: false,
             secrets: Vec::new(),
         }
     }
@@ -580,9 +583,11 @@ impl Node {
             ));
         }
         let kind = image.kind();
-        if spec.public && kind != shoal_runtime::FunctionKind::Http {
+        if (spec.public || spec.http) && kind != shoal_runtime::FunctionKind::Http {
             return Err(ApiError::bad_request(format!(
-                "access=public is for HTTP functions (wasi:http components); this is a {} function",
+                "{} is for HTTP functions (wasi:http components, or Python or JavaScript that answers requests: \
+                 `on_fetch(request)`, `export default {{ fetch(request) }}`); this is a {} function",
+                if spec.http { "http=true" } else { "access=public" },
                 kind.as_str()
             )));
         }

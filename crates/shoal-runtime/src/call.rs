@@ -361,7 +361,12 @@ pub(crate) async fn run(
                 max_spawns_per_root: config.max_spawns_per_root,
                 env: settings.env.clone(),
                 http: WasiHttpCtx::new(),
-                outbound: Outbound::new(settings.allowed_hosts.clone(), &config.outbound, deadline, stderr.clone()),
+                outbound: Outbound::new(
+                    settings.allowed_hosts.clone(),
+                    runtime.outbound_limits.clone(),
+                    deadline,
+                    stderr.clone(),
+                ),
                 response_cut: None,
                 config: settings.config.0.clone(),
             };
@@ -371,14 +376,17 @@ pub(crate) async fn run(
             let call = async {
                 lanes.first_turn(expected_long, deadline).await;
                 match (&image.pre, input) {
-                    (ImagePre::Component(pre) | ImagePre::Interpreted { pre, .. }, Given::Bytes(input)) => {
+                    (
+                        ImagePre::Component(pre) | ImagePre::Interpreted { pre, proxy: None, .. },
+                        Given::Bytes(input),
+                    ) => {
                         let function = pre.instantiate_async(&mut store).await?;
                         function.shoal_function_handler().call_handle(&mut store, input).await
                     }
-                    (ImagePre::Http(pre), Given::Http(exchange)) => {
+                    (ImagePre::Http(pre) | ImagePre::Interpreted { proxy: Some(pre), .. }, Given::Http(exchange)) => {
                         crate::http::handle(pre, &mut store, *exchange).await.map(|()| Ok(Vec::new()))
                     }
-                    (ImagePre::Http(pre), Given::Bytes(input)) => {
+                    (ImagePre::Http(pre) | ImagePre::Interpreted { proxy: Some(pre), .. }, Given::Bytes(input)) => {
                         crate::http::handle_bytes(pre, &mut store, input, config.max_output_bytes).await
                     }
                     _ => Ok(Err("this function is not an HTTP function: it takes bytes, not requests".into())),

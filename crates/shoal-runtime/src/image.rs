@@ -121,11 +121,13 @@ pub(crate) enum ImagePre {
     Http(ProxyPre<ComponentCtx>),
     Command(InstancePre<CommandCtx>),
     /// A shared runtime's code (compiled on the interpreter engine) and
-    /// this function's snapshot of its memory.
+    /// this function's snapshot of its memory; `proxy` for an HTTP
+    /// function (its calls go to the runtime's incoming handler).
     Interpreted {
         pre: FunctionPre<ComponentCtx>,
+        proxy: Option<ProxyPre<ComponentCtx>>,
         snapshot: Arc<MemorySnapshot>,
-        kind: FunctionKind,
+        language: FunctionKind,
     },
 }
 
@@ -228,16 +230,27 @@ impl FunctionImage {
             ImagePre::Component(_) => FunctionKind::Component,
             ImagePre::Http(_) => FunctionKind::Http,
             ImagePre::Command(_) => FunctionKind::Command,
-            ImagePre::Interpreted { kind, .. } => *kind,
+            ImagePre::Interpreted { proxy: Some(_), .. } => FunctionKind::Http,
+            ImagePre::Interpreted { language, .. } => *language,
+        }
+    }
+
+    /// The language of a function of a shared runtime (`Python` or
+    /// `JavaScript`), also when its kind is `Http`.
+    pub fn language(&self) -> Option<FunctionKind> {
+        match &self.pre {
+            ImagePre::Interpreted { language, .. } => Some(*language),
+            _ => None,
         }
     }
 
     /// A function of a shared runtime: its code is the runtime's, its
-    /// memory starts from `snapshot`.
+    /// memory starts from `snapshot`; an HTTP function when `proxy` is set.
     pub(crate) fn interpreted(
         sha256: [u8; 32],
-        kind: FunctionKind,
+        language: FunctionKind,
         pre: FunctionPre<ComponentCtx>,
+        proxy: Option<ProxyPre<ComponentCtx>>,
         snapshot: Arc<MemorySnapshot>,
     ) -> Self {
         let size = snapshot.size() as u64;
@@ -247,7 +260,7 @@ impl FunctionImage {
             most_memories_in_a_module: 1,
             ..Declared::default()
         };
-        Self { sha256, declared, pre: ImagePre::Interpreted { pre, snapshot, kind }, snapshot: true }
+        Self { sha256, declared, pre: ImagePre::Interpreted { pre, proxy, snapshot, language }, snapshot: true }
     }
 
     /// Bytes of memory this function holds alone: for a function of a

@@ -105,6 +105,8 @@ pub struct Runtime {
     invoker: OnceLock<Arc<dyn Invoker>>,
     /// Places for long calls to run in (see `call.rs`).
     long_lanes: Arc<lanes::FairLanes>,
+    /// `config.outbound`, shared by every call's `Outbound`.
+    outbound_limits: Arc<OutboundLimits>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -148,7 +150,6 @@ impl Runtime {
             interp,
             cache,
             images: Mutex::new(HashMap::new()),
-            config,
             ticker,
             n_compiles: AtomicU64::new(0),
             n_compiling: Arc::new(AtomicU64::new(0)),
@@ -156,6 +157,8 @@ impl Runtime {
             state,
             invoker: OnceLock::new(),
             long_lanes,
+            outbound_limits: Arc::new(config.outbound.clone()),
+            config,
         })
     }
 
@@ -336,9 +339,10 @@ impl Runtime {
         let _ticking = self.ticker.enter();
         let turns = call::Turns::new(self.long_lanes.clone(), options.tenant());
         let limit = self.config.compile_timeout;
-        let snapshot =
+        let (snapshot, entry) =
             self.interp.snapshot(&shared, &bundle, &self.config, limit, turns, options.tenant.clone()).await?;
-        Ok(Arc::new(FunctionImage::interpreted(sha256, kind, shared.pre.clone(), snapshot)))
+        let proxy = (entry == interp::Entry::Http).then(|| shared.proxy.clone());
+        Ok(Arc::new(FunctionImage::interpreted(sha256, kind, shared.pre.clone(), proxy, snapshot)))
     }
 
     /// Keep `image` as the one image of these bytes (another task may have

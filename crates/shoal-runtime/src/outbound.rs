@@ -73,25 +73,34 @@ pub(crate) struct Outbound {
     limits: Arc<OutboundLimits>,
     deadline: Instant,
     log: CaptureBuffer,
-    in_flight: Arc<tokio::sync::Semaphore>,
-    bytes: Arc<Budget>,
+    /// The call's requests in flight and bytes left: made at its first
+    /// request (most calls make none, and pay nothing for them).
+    budget: Option<(Arc<tokio::sync::Semaphore>, Arc<Budget>)>,
 }
 
 impl Outbound {
-    pub(crate) fn new(allow: Arc<AllowList>, limits: &OutboundLimits, deadline: Instant, log: CaptureBuffer) -> Self {
-        Self {
-            allow,
-            limits: Arc::new(limits.clone()),
-            deadline,
-            log,
-            in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight as usize)),
-            bytes: Arc::new(Budget { left: AtomicU64::new(limits.max_bytes), limit: limits.max_bytes }),
-        }
+    pub(crate) fn new(
+        allow: Arc<AllowList>,
+        limits: Arc<OutboundLimits>,
+        deadline: Instant,
+        log: CaptureBuffer,
+    ) -> Self {
+        Self { allow, limits, deadline, log, budget: None }
     }
 
     /// Outbound HTTP refused whatever the request (deploy-time code).
     pub(crate) fn denied(log: CaptureBuffer) -> Self {
-        Self::new(Arc::new(AllowList::none()), &OutboundLimits::default(), Instant::now(), log)
+        Self::new(Arc::new(AllowList::none()), Arc::new(OutboundLimits::default()), Instant::now(), log)
+    }
+
+    fn budget(&mut self) -> &(Arc<tokio::sync::Semaphore>, Arc<Budget>) {
+        let limits = &self.limits;
+        self.budget.get_or_insert_with(|| {
+            (
+                Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight as usize)),
+                Arc::new(Budget { left: AtomicU64::new(limits.max_bytes), limit: limits.max_bytes }),
+            )
+        })
     }
 }
 
@@ -125,11 +134,12 @@ impl WasiHttpHooks for Outbound {
             self.note(&target, "not on the function's allowed hosts");
             return Box::new(std::future::ready(Err(HttpError::HttpRequestDenied)));
         }
-        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+        let (in_flight, bytes) = self.budget().clone();
+        let Ok(permit) = in_flight.try_acquire_owned() else {
             self.note(&target, "too many requests of this call in flight");
             return Box::new(std::future::ready(Err(HttpError::ConnectionLimitReached)));
         };
-        let (allow, log, bytes, deadline) = (self.allow.clone(), self.log.clone(), self.bytes.clone(), self.deadline);
+        let (allow, log, deadline) = (self.allow.clone(), self.log.clone(), self.deadline);
         let limits = self.limits.clone();
         Box::new(async move {
             let sent = send(request, &target, &allow, &limits, bytes, options, deadline).await;

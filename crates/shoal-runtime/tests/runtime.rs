@@ -1262,6 +1262,99 @@ mod python {
         SourceBundle::new(Language::JavaScript, files).unwrap().encode()
     }
 
+    /// A bare HTTP/1.1 server on 127.0.0.1: `/slow` answers after 400 ms,
+    /// `/big` with 1 MiB, anything else `ok`.
+    async fn outside_server() -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let body = match path.as_str() {
+                        "/slow" => {
+                            tokio::time::sleep(Duration::from_millis(400)).await;
+                            b"slow".to_vec()
+                        }
+                        "/big" => vec![b'x'; 1 << 20],
+                        _ => b"ok".to_vec(),
+                    };
+                    let answer =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                    let _ = socket.write_all(&body).await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_calls_outbound_requests_are_bounded_in_number_and_bytes() {
+        let port = outside_server().await;
+        let mut config = RuntimeConfig::new(concat!(env!("CARGO_TARGET_TMPDIR"), "/python-cache"));
+        config.max_memory_bytes = 256 << 20;
+        config.js_runtime = RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
+        config.python_runtime = RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+        config.outbound = shoal_runtime::OutboundLimits {
+            max_in_flight: 2,
+            max_bytes: 256 << 10,
+            opened: vec!["127.0.0.1".parse().unwrap()],
+        };
+        let rt = Runtime::new(config).expect("runtime builds");
+        let base = format!("http://127.0.0.1:{port}");
+        let settings = CallSettings {
+            allowed_hosts: Arc::new(shoal_runtime::AllowList::parse(&[base.as_str()]).unwrap()),
+            env: Arc::from(vec![("BASE".to_string(), base.clone())]),
+            ..py_settings()
+        };
+        let fetcher = js(&[(
+            "app.js",
+            "const shoal = require('shoal');\n\
+             exports.handle = async (input) => {\n\
+               const base = shoal.env().BASE;\n\
+               if (shoal.text(input) === 'three') {\n\
+                 const all = await Promise.allSettled([1, 2, 3].map(() => fetch(`${base}/slow`).then((r) => r.text())));\n\
+                 return all.map((r) => r.status).join(',');\n\
+               }\n\
+               try { return `got ${(await (await fetch(`${base}/big`)).arrayBuffer()).byteLength}`; }\n\
+               catch (error) { return `failed ${error}`; }\n\
+             };\n",
+        )]);
+        let fetcher = rt.load(&fetcher).await.expect("loads");
+        // Two requests in flight at once: the third is refused, and the log
+        // says why. A new call has its own two.
+        for _ in 0..2 {
+            let out = rt.call(&fetcher, &settings, b"three").await;
+            let logs: Vec<String> = out.logs.iter().map(|l| l.line.clone()).collect();
+            assert_eq!(ok(out), "fulfilled,fulfilled,rejected");
+            assert!(logs.iter().any(|l| l.contains("too many requests of this call in flight")), "{logs:?}");
+        }
+        // 1 MiB is past the call's 256 KiB of outbound bytes.
+        let out = ok(rt.call(&fetcher, &settings, b"big").await);
+        assert!(out.starts_with("failed"), "{out}");
+        // Python's `shoal.fetch` meets the same limit.
+        let files = vec![(
+            "app.py".to_string(),
+            b"import os, shoal\n\ndef handle(input):\n    try:\n        return str(len(shoal.fetch(os.environ['BASE'] + '/' + input.decode()).body))\n    except shoal.HttpError as error:\n        return f'failed {error}'\n".to_vec(),
+        )];
+        let py = rt.load(&SourceBundle::new(Language::Python, files).unwrap().encode()).await.expect("loads");
+        assert_eq!(ok(rt.call(&py, &settings, b"small").await), "2");
+        let out = ok(rt.call(&py, &settings, b"big").await);
+        assert!(out.starts_with("failed"), "{out}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn javascript_functions_run_from_snapshots_of_one_shared_engine() {
         let dir = tempfile::tempdir().unwrap();

@@ -8,7 +8,11 @@
 //
 // A function is CommonJS-style: `app.js` sets `exports.handle` (or
 // `module.exports = { handle }`), and `require` reaches its own files
-// (`./util.js`) and `shoal`.
+// (`./util.js`) and `shoal`. An HTTP function answers requests in the
+// Workers style instead: `export default { fetch(request) { ... } }`
+// (also `exports.fetch = ...`) or `addEventListener("fetch", ...)`; its
+// requests come in through wasi:http (StarlingMonkey's fetch event) and
+// reach it here. `fetch` sends requests where the allow-list lets them go.
 
 import * as state from "shoal:function/state@0.1.0";
 import * as invoke from "shoal:function/invoke@0.1.0";
@@ -69,6 +73,9 @@ const shoal = Object.freeze({
 });
 
 let handleFn = null;
+// An HTTP function's entry: its `fetch(request)`, or the listener it added.
+let fetchFn = null;
+let fetchListener = null;
 
 function describe(error) {
   if (error instanceof Error) return `${error.name}: ${error.message}`;
@@ -77,7 +84,9 @@ function describe(error) {
 
 export const loader = {
   load(files) {
-    if (handleFn !== null) throw "this instance has loaded a function already";
+    if (handleFn !== null || fetchFn !== null || fetchListener !== null) {
+      throw "this instance has loaded a function already";
+    }
     const sources = new Map(files.map(([path, contents]) => [path, decoder.decode(contents)]));
     if (!sources.has(ENTRY)) {
       throw `the function has no ${ENTRY} (files: ${[...sources.keys()].sort().join(", ") || "none"})`;
@@ -101,8 +110,17 @@ export const loader = {
       const module = { exports: {} };
       modules.set(path, module);
       const slash = path.lastIndexOf("/");
-      const body = new Function("module", "exports", "require", `${sources.get(path)}\n//# sourceURL=${path}`);
-      body(module, module.exports, requireFrom(slash < 0 ? "" : path.slice(0, slash)));
+      // `export default { ... }` (the Workers style) is read as
+      // `module.exports = { ... }`: the files are evaluated as functions.
+      const text = sources.get(path).replace(/^export\s+default\s+/m, "module.exports = ");
+      const body = new Function(
+        "module",
+        "exports",
+        "require",
+        "addEventListener",
+        `${text}\n//# sourceURL=${path}`,
+      );
+      body(module, module.exports, requireFrom(slash < 0 ? "" : path.slice(0, slash)), addListener);
       return module.exports;
     };
     // What the top level logs is dropped: writing to the real stdout or
@@ -118,27 +136,75 @@ export const loader = {
     } finally {
       Object.assign(console, saved);
     }
+    if (typeof app?.fetch === "function") {
+      fetchFn = app.fetch.bind(app);
+      return "http";
+    }
+    if (fetchListener !== null) return "http";
     if (typeof app?.handle !== "function") {
-      throw `${ENTRY} exports no function handle(input): set exports.handle`;
+      throw `${ENTRY} exports no function handle(input): set exports.handle (or, for an HTTP function, export default { fetch(request) })`;
     }
     handleFn = app.handle;
+    return "bytes";
   },
 };
 
+// What a function's `addEventListener` does: only "fetch" is an event here.
+function addListener(type, listener) {
+  if (type !== "fetch") throw new Error(`there is no "${type}" event: only "fetch" (an HTTP request)`);
+  if (typeof listener !== "function") throw new Error("addEventListener needs a function");
+  fetchListener = listener;
+}
+
+// Every HTTP request comes here first (StarlingMonkey's fetch event).
+addEventListener("fetch", (event) => {
+  if (fetchFn !== null) {
+    event.respondWith(
+      (async () => {
+        const response = await fetchFn(event.request);
+        if (!(response instanceof Response)) {
+          throw new TypeError(`fetch returned ${typeof response}; return a Response`);
+        }
+        return response;
+      })(),
+    );
+  } else if (fetchListener !== null) {
+    fetchListener(event);
+  } else {
+    event.respondWith(new Response("this JavaScript function takes bytes, not HTTP requests\n", { status: 500 }));
+  }
+});
+
+function output(value) {
+  if (value === undefined || value === null) return new Uint8Array();
+  if (typeof value === "string") return encoder.encode(value);
+  if (value instanceof Uint8Array) return value;
+  if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) return new Uint8Array(value.buffer ?? value);
+  throw `handle returned ${typeof value}; return a string, a Uint8Array or nothing`;
+}
+
 export const handler = {
   handle(input) {
-    if (handleFn === null) throw "no function is loaded in this JavaScript runtime";
-    let output;
-    try {
-      output = handleFn(input);
-    } catch (error) {
-      console.error(error?.stack ?? String(error));
-      throw describe(error);
+    if (handleFn === null) {
+      throw fetchFn || fetchListener ? "this JavaScript function takes HTTP requests, not bytes" : "no function is loaded";
     }
-    if (output === undefined || output === null) return new Uint8Array();
-    if (typeof output === "string") return encoder.encode(output);
-    if (output instanceof Uint8Array) return output;
-    if (output instanceof ArrayBuffer || ArrayBuffer.isView(output)) return new Uint8Array(output.buffer ?? output);
-    throw `handle returned ${typeof output}; return a string, a Uint8Array or nothing`;
+    const failed = (error) => {
+      console.error(error?.stack ?? String(error));
+      return describe(error);
+    };
+    let value;
+    try {
+      value = handleFn(input);
+    } catch (error) {
+      throw failed(error);
+    }
+    // An async handle (awaiting `fetch`): the event loop runs until it
+    // settles.
+    if (typeof value?.then === "function") {
+      return value.then(output, (error) => {
+        throw failed(error);
+      });
+    }
+    return output(value);
   },
 };

@@ -61,7 +61,7 @@ import unicodedata  # noqa: F401
 import urllib.parse  # noqa: F401
 import uuid  # noqa: F401
 
-import shoal  # noqa: F401
+import shoal
 
 # Whatever environment the runtime was built in is not a function's: each
 # call sets the env vars of its deploy (see Handler.handle).
@@ -74,11 +74,15 @@ gc.freeze()
 
 from componentize_py_types import Err
 from wit_world import exports
+from wit_world.exports import loader as _loader
 from wit_world.imports import environment
 
 ENTRY = "app"
 
+# The loaded function's entry: `handle(input)`, or `on_fetch(request)` for
+# an HTTP function.
 _handle = None
+_on_fetch = None
 
 
 class _SourceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -114,9 +118,9 @@ class _SourceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 class Loader(exports.Loader):
-    def load(self, files) -> None:
-        global _handle
-        if _handle is not None:
+    def load(self, files) -> _loader.Entry:
+        global _handle, _on_fetch
+        if _handle is not None or _on_fetch is not None:
             raise Err("this instance has loaded a function already")
         sources = {path: bytes(contents) for path, contents in files}
         if ENTRY + ".py" not in sources:
@@ -133,29 +137,44 @@ class Loader(exports.Loader):
             output = printed.getvalue().strip()
             raise Err(_last_exception() + (f"\n{output}" if output else ""))
         handle = getattr(module, "handle", None)
-        if not callable(handle):
-            raise Err(f"{ENTRY}.py defines no function `handle(input: bytes) -> bytes`")
-        _handle = handle
+        on_fetch = getattr(module, "on_fetch", None)
+        if callable(on_fetch):
+            _on_fetch = on_fetch
+            entry = _loader.Entry.HTTP
+        elif callable(handle):
+            _handle = handle
+            entry = _loader.Entry.BYTES
+        else:
+            raise Err(
+                f"{ENTRY}.py defines no function `handle(input: bytes) -> bytes` "
+                "(or `on_fetch(request: shoal.Request) -> shoal.Response` for an HTTP function)"
+            )
         # The same for the function's own objects: a call's collections
         # walk only what the call allocated.
         gc.freeze()
+        return entry
+
+
+def _start_call():
+    """What every call does first."""
+    # The snapshot holds one state of the generator for every call:
+    # each call draws its own numbers.
+    # (16 bytes are plenty: the seed is hashed into the generator's
+    # state; the default would read 2,500.)
+    random.seed(os.urandom(16))
+    # os.environ was filled when the runtime was built: the call's
+    # are the ones set at deploy.
+    wanted = dict(environment.get())
+    if os.environ != wanted:
+        os.environ.clear()
+        os.environ.update(wanted)
 
 
 class Handler(exports.Handler):
     def handle(self, input: bytes) -> bytes:
         if _handle is None:
-            raise Err("no function is loaded in this Python runtime")
-        # The snapshot holds one state of the generator for every call:
-        # each call draws its own numbers.
-        # (16 bytes are plenty: the seed is hashed into the generator's
-        # state; the default would read 2,500.)
-        random.seed(os.urandom(16))
-        # os.environ was filled when the runtime was built: the call's
-        # are the ones set at deploy.
-        wanted = dict(environment.get())
-        if os.environ != wanted:
-            os.environ.clear()
-            os.environ.update(wanted)
+            raise Err("this Python function takes HTTP requests, not bytes" if _on_fetch else "no function is loaded")
+        _start_call()
         try:
             output = _handle(bytes(input))
         except Exception as error:
@@ -168,6 +187,23 @@ class Handler(exports.Handler):
         if isinstance(output, (bytes, bytearray, memoryview)):
             return bytes(output)
         raise Err(f"handle returned {type(output).__name__}; return bytes, str or None")
+
+
+class IncomingHandler(exports.IncomingHandler):
+    def handle(self, request, response_out) -> None:
+        if _on_fetch is None:
+            # Left unanswered, the host answers 500 and logs why.
+            print("this Python function takes bytes, not HTTP requests: define on_fetch(request)", file=sys.stderr)
+            return
+        _start_call()
+        try:
+            answer = _on_fetch(shoal._incoming_request(request))
+            shoal._respond(response_out, answer)
+        except Exception:
+            # The call fails (a trap after the traceback): the host answers
+            # 500 if nothing was sent yet, else cuts the body.
+            traceback.print_exc()
+            raise
 
 
 def _describe(error):

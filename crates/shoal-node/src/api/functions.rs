@@ -144,13 +144,8 @@ fn deploy_spec(node: &Node, query: Option<&str>, headers: &HeaderMap) -> Result<
                 spec.memory_bytes = mb << 20;
             }
             "env" => add_env(&value, &mut spec)?,
-            "snapshot" => {
-                spec.snapshot = match value.as_ref() {
-                    "true" | "1" => true,
-                    "false" | "0" => false,
-                    _ => return Err(ApiError::bad_request(format!("snapshot={value:?} is not true or false"))),
-                };
-            }
+            "snapshot" => spec.snapshot = flag("snapshot", &value)?,
+            "http" => spec.http = flag("http", &value)?,
             "allow_host" => {
                 if spec.allowed_hosts.len() == shoal_runtime::MAX_ALLOWED_HOSTS {
                     return Err(ApiError::bad_request(format!(
@@ -183,6 +178,15 @@ fn deploy_spec(node: &Node, query: Option<&str>, headers: &HeaderMap) -> Result<
         }
     }
     Ok(spec)
+}
+
+/// A true-or-false query parameter.
+fn flag(name: &str, value: &str) -> Result<bool, ApiError> {
+    match value {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(ApiError::bad_request(format!("{name}={value:?} is not true or false"))),
+    }
 }
 
 pub(super) async fn deploy(

@@ -508,3 +508,181 @@ async fn any_kind_of_function_has_an_allow_list_and_only_http_ones_an_access() {
     assert_eq!(body["access"], Value::Null);
     node.stop().await;
 }
+
+/// A Python HTTP function: `on_fetch(request)` with a request/response
+/// pair, state, a streamed answer, outbound requests.
+const PY_HTTP: &[u8] = br#"
+import shoal
+
+def on_fetch(request):
+    if request.path == "/echo":
+        return shoal.Response(request.body, status=201, headers={"x-method": request.method})
+    if request.path == "/info":
+        return shoal.Response.json({
+            "method": request.method, "path": request.path, "query": request.query,
+            "args": request.args, "many": request.headers.get_all("x-many"),
+            "auth": request.headers.get("authorization"),
+        })
+    if request.path == "/count":
+        return str(shoal.state.incr("hits-py"))
+    if request.path == "/stream":
+        return shoal.Response((f"chunk {i}\n" for i in range(3)), headers={"content-type": "text/plain"})
+    if request.path == "/fetch":
+        try:
+            answer = shoal.fetch(request.args["url"])
+        except shoal.HttpError as error:
+            return shoal.Response(f"refused: {error}", status=502)
+        return f"{answer.status} {answer.text()}"
+    if request.path == "/fail":
+        raise ValueError("on purpose")
+    return shoal.Response("no route", status=404)
+"#;
+
+/// The same in JavaScript, Workers style.
+const JS_HTTP: &[u8] = br#"
+const shoal = require("shoal");
+
+export default {
+  async fetch(request) {
+    const url = new URL(request.url);
+    if (url.pathname === "/echo") {
+      return new Response(await request.text(), { status: 201, headers: { "x-method": request.method } });
+    }
+    if (url.pathname === "/info") {
+      return new Response(JSON.stringify({
+        method: request.method, path: url.pathname, query: url.search,
+        auth: request.headers.get("authorization"),
+      }), { headers: { "content-type": "application/json" } });
+    }
+    if (url.pathname === "/count") return new Response(String(shoal.state.incr("hits-js")));
+    if (url.pathname === "/fetch") {
+      try {
+        const answer = await fetch(url.searchParams.get("url"));
+        return new Response(`${answer.status} ${await answer.text()}`);
+      } catch (error) {
+        return new Response(`refused: ${error}`, { status: 502 });
+      }
+    }
+    if (url.pathname === "/stream") {
+      let i = 0;
+      const chunks = new ReadableStream({
+        pull(controller) {
+          if (i < 3) controller.enqueue(new TextEncoder().encode(`chunk ${i++}\n`));
+          else controller.close();
+        },
+      });
+      return new Response(chunks, { headers: { "content-type": "text/plain" } });
+    }
+    if (url.pathname === "/fail") throw new Error("on purpose");
+    return new Response("no route", { status: 404 });
+  },
+};
+"#;
+
+#[tokio::test]
+async fn python_and_javascript_functions_answer_http_and_fetch_behind_the_allow_list() {
+    let node = TestNode::start_with(|config| {
+        config.outbound_open = vec!["127.0.0.1".parse().unwrap()];
+        config.python_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+        config.js_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
+        // Compiled once for every run of these tests.
+        config.runtime_cache_dir = Some(concat!(env!("CARGO_TARGET_TMPDIR"), "/runtime-cache").into());
+    })
+    .await;
+    let (port, server) = outside_server().await;
+    let allowed = format!("allow_host=http://127.0.0.1:{port}");
+    for (language, source) in [("python", PY_HTTP), ("javascript", JS_HTTP)] {
+        let name = format!("demo/{language}-web");
+        let (status, described) =
+            node.deploy(&name, &format!("language={language}&access=public&{allowed}"), source).await;
+        assert_eq!(status, StatusCode::CREATED, "{described}");
+        assert_eq!(described["kind"], "http", "{described}");
+
+        let response = node.http.post(node.route(&name, "/echo")).body("some body").send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{language}");
+        assert_eq!(response.headers()["x-method"], "POST", "{language}");
+        assert_eq!(response.text().await.unwrap(), "some body", "{language}");
+
+        let response = node
+            .http
+            .get(node.route(&name, "/info?a=1&b=two"))
+            .header("x-many", "one")
+            .header("x-many", "two")
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{language}");
+        let info: Value = response.json().await.unwrap();
+        assert_eq!((info["method"].as_str(), info["path"].as_str()), (Some("GET"), Some("/info")), "{info}");
+        assert!(info["query"].as_str().unwrap().ends_with("a=1&b=two"), "{info}");
+        assert_eq!(info["auth"], Value::Null, "the platform token reached the guest: {info}");
+        if language == "python" {
+            assert_eq!(info["args"], serde_json::json!({"a": "1", "b": "two"}));
+            assert_eq!(info["many"], serde_json::json!(["one", "two"]));
+        }
+
+        // State, and a fresh sandbox per request (the counter is in state,
+        // not in the snapshot's globals).
+        for expected in ["1", "2"] {
+            let (status, text) = node.get_text(&node.route(&name, "/count")).await;
+            assert_eq!((status, text.as_str()), (StatusCode::OK, expected), "{language}");
+        }
+
+        let fetch =
+            |url: &str| node.route(&name, &format!("/fetch?url={}", url.replace(':', "%3A").replace('/', "%2F")));
+        let (status, text) = node.get_text(&fetch(&format!("http://127.0.0.1:{port}/data"))).await;
+        assert_eq!((status, text.as_str()), (StatusCode::OK, "200 outside"), "{language}");
+        // Another port is another host: refused, and the log says so.
+        let (status, text) = node.get_text(&fetch(&format!("http://127.0.0.1:{}/data", port ^ 1))).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{language}: {text}");
+        assert!(text.starts_with("refused"), "{language}: {text}");
+        let logs = node.logs_with(&name, "refused: not on").await;
+        assert!(logs.contains("refused: not on the function's allowed hosts"), "{language}: {logs}");
+
+        // A failing handler fails the call: 500, and its error in the logs.
+        let (status, _) = node.get_text(&node.route(&name, "/fail")).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{language}");
+        let logs = node.logs_with(&name, "on purpose").await;
+        assert!(logs.contains("on purpose"), "{language}: {logs}");
+    }
+
+    // A generator (Python) or a ReadableStream (JavaScript) is sent as it
+    // is produced: chunked, with no length.
+    for name in ["demo/python-web", "demo/javascript-web"] {
+        let response = node.http.get(node.route(name, "/stream")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{name}");
+        assert!(response.content_length().is_none(), "{name} answered with a length");
+        assert_eq!(response.text().await.unwrap(), "chunk 0\nchunk 1\nchunk 2\n", "{name}");
+    }
+
+    // JavaScript's other style: a fetch listener.
+    let listener = br#"addEventListener("fetch", (event) => event.respondWith(new Response("from a listener")));"#;
+    let (status, described) = node.deploy("demo/listener", "language=javascript&access=public", listener).await;
+    assert_eq!((status, described["kind"].as_str()), (StatusCode::CREATED, Some("http")), "{described}");
+    let (_, text) = node.get_text(&node.route("demo/listener", "/")).await;
+    assert_eq!(text, "from a listener");
+
+    // Bytes functions of both languages reach the same allow-list.
+    let py_bytes =
+        format!("import shoal\ndef handle(input):\n    return shoal.fetch('http://127.0.0.1:{port}/data').body\n");
+    let js_bytes = format!("exports.handle = async () => (await fetch('http://127.0.0.1:{port}/data')).text();\n");
+    for (language, source) in [("python", py_bytes), ("javascript", js_bytes)] {
+        let name = format!("demo/{language}-fetcher");
+        let (status, body) = node.deploy(&name, &format!("language={language}&{allowed}"), source.as_bytes()).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, output) = node.invoke(&name, b"").await;
+        assert_eq!((status, String::from_utf8_lossy(&output).as_ref()), (StatusCode::OK, "outside"), "{language}");
+        let (status, _) = node.deploy(&name, &format!("language={language}"), source.as_bytes()).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (status, output) = node.invoke(&name, b"").await;
+        assert_ne!(
+            status,
+            StatusCode::OK,
+            "{language} reached a host off its list: {}",
+            String::from_utf8_lossy(&output)
+        );
+    }
+    server.abort();
+    node.stop().await;
+}

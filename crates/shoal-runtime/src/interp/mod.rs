@@ -28,8 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{ComponentExportIndex, InstancePre};
+use wasmtime::component::{ComponentExportIndex, ComponentType, InstancePre, Lift};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use self::memory::{BaseImage, MemorySnapshot, Plan, SnapshotMemories};
 use crate::artifact_cache::{ArtifactCache, Compiled};
@@ -53,9 +54,26 @@ pub(crate) struct Interpreters {
     runtimes: tokio::sync::Mutex<HashMap<Language, Arc<SharedRuntime>>>,
 }
 
+/// What a loaded function answers (wit/interpreter.wit, `loader.entry`).
+#[derive(ComponentType, Lift, Clone, Copy, Debug, PartialEq, Eq)]
+#[component(enum)]
+#[repr(u8)]
+pub(crate) enum Entry {
+    /// `handler.handle`: bytes in, bytes out.
+    #[component(name = "bytes")]
+    #[allow(dead_code, reason = "made by lifting the loader's answer, never by name")]
+    Bytes,
+    /// `wasi:http/incoming-handler`: an HTTP function.
+    #[component(name = "http")]
+    Http,
+}
+
 /// One language's runtime, ready to instantiate.
 pub(crate) struct SharedRuntime {
     pub(crate) pre: FunctionPre<ComponentCtx>,
+    /// The same code as an HTTP handler (for functions whose entry is
+    /// `http`).
+    pub(crate) proxy: ProxyPre<ComponentCtx>,
     instance_pre: InstancePre<ComponentCtx>,
     loader: ComponentExportIndex,
     base: Arc<BaseImage>,
@@ -153,6 +171,8 @@ impl Interpreters {
             .instantiate_pre(&component)
             .map_err(|e| internal("linking the runtime", &format!("{e:#}")))?;
         let pre = FunctionPre::new(instance_pre.clone()).map_err(|e| internal("the runtime's handler", &e))?;
+        let proxy = ProxyPre::new(instance_pre.clone())
+            .map_err(|e| internal("the runtime's HTTP handler", &format!("{e:#}")))?;
         let loader = component
             .get_export_index(None, LOADER)
             .and_then(|interface| component.get_export_index(Some(&interface), "load"))
@@ -162,11 +182,12 @@ impl Interpreters {
             BaseImage::new("shoal-runtime-base", &stripped.memory).map_err(|e| internal("the runtime's image", &e))?,
         );
         let base_snapshot = Arc::new(MemorySnapshot::of_base(base.clone(), size));
-        Ok(SharedRuntime { pre, instance_pre, loader, base, base_snapshot })
+        Ok(SharedRuntime { pre, proxy, instance_pre, loader, base, base_snapshot })
     }
 
     /// Load `bundle` into a fresh instance of its runtime and keep the
-    /// memory that results as the function's snapshot. Loading runs the
+    /// memory that results as the function's snapshot, with the entry the
+    /// function defines. Loading runs the
     /// function's top-level code: it may not reach state or other
     /// functions (they answer `unavailable`), and it has `limit` to finish.
     pub(crate) async fn snapshot(
@@ -177,7 +198,7 @@ impl Interpreters {
         limit: Duration,
         turns: crate::call::Turns,
         owner: Option<Arc<str>>,
-    ) -> Result<Arc<MemorySnapshot>, DeployError> {
+    ) -> Result<(Arc<MemorySnapshot>, Entry), DeployError> {
         let capture = Arc::new(Mutex::new(None));
         let adopt = Arc::new(Mutex::new(None));
         let plan = Plan {
@@ -192,7 +213,7 @@ impl Interpreters {
         let load = async {
             let instance = runtime.instance_pre.instantiate_async(&mut store).await?;
             let load = instance
-                .get_typed_func::<(Vec<(String, Vec<u8>)>,), (Result<(), String>,)>(&mut store, runtime.loader)?;
+                .get_typed_func::<(Vec<(String, Vec<u8>)>,), (Result<Entry, String>,)>(&mut store, runtime.loader)?;
             let (result,) = load.call_async(&mut store, (files,)).await?;
             Ok::<_, wasmtime::Error>(result)
         };
@@ -203,14 +224,14 @@ impl Interpreters {
             }
         };
         let printed = String::from_utf8_lossy(&stderr.take().0).trim().to_string();
-        match outcome {
-            Ok(Ok(())) => {}
+        let entry = match outcome {
+            Ok(Ok(entry)) => entry,
             Ok(Err(reason)) => return Err(DeployError::InvalidSource(reason)),
             Err(e) => {
                 let tail = if printed.is_empty() { String::new() } else { format!("; stderr: {printed}") };
                 return Err(DeployError::InvalidSource(format!("loading the function failed: {e:#}{tail}")));
             }
-        }
+        };
         let view = capture
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -228,6 +249,6 @@ impl Interpreters {
         // snapshot: dropping the store keeps it for the first call.
         *adopt.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(snapshot.clone());
         drop(store);
-        Ok(snapshot)
+        Ok((snapshot, entry))
     }
 }
