@@ -99,12 +99,54 @@ pub struct CallOutput {
     /// `RuntimeConfig::max_log_lines`, split where the call ran (its
     /// thread, its CPU time), never by whoever reads its answer.
     pub logs: Vec<LogLine>,
+    /// What it used, for metering.
+    pub usage: CallUsage,
+}
+
+/// What one call used: what a tenant is charged for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallUsage {
+    /// From the start of its instantiation to its end (its answer's body
+    /// streamed, for an HTTP function).
+    pub wall: Duration,
+    /// The CPU time of the threads that ran it while it was running (the
+    /// guest and its host calls; not its waits). Set by the scheduler,
+    /// which measures it; zero for a call run without one.
+    pub cpu: Duration,
+    /// How long it waited for its turn before it started (set by the
+    /// scheduler).
+    pub queued: Duration,
+    /// The most linear memory it held at once, all its memories together
+    /// (for a function of a shared runtime, the whole runtime's memory:
+    /// what its limit counts).
+    pub peak_memory_bytes: u64,
+    /// Outbound HTTP requests it sent (refused ones not counted) and the
+    /// body bytes they moved both ways.
+    pub outbound_requests: u32,
+    pub outbound_bytes: u64,
+    /// Calls it started with `spawn`.
+    pub spawned: u32,
+}
+
+impl CallUsage {
+    /// Peak memory × wall time, in MiB·ms (rounded down).
+    pub fn memory_mib_ms(&self) -> u64 {
+        let ms = u64::try_from(self.wall.as_millis()).unwrap_or(u64::MAX);
+        // Bytes × ms / MiB, without overflowing for any real call.
+        u64::try_from((u128::from(self.peak_memory_bytes) * u128::from(ms)) >> 20).unwrap_or(u64::MAX)
+    }
 }
 
 impl CallOutput {
     /// A call that did not run, or failed outside the guest.
     pub fn failed(error: CallError) -> Self {
-        Self { result: Err(error), stdout: Bytes::new(), stderr: Bytes::new(), logs: Vec::new() }
+        Self {
+            result: Err(error),
+            stdout: Bytes::new(),
+            stderr: Bytes::new(),
+            logs: Vec::new(),
+            usage: CallUsage::default(),
+        }
     }
 
     /// The call's log lines, taken out.
@@ -422,7 +464,17 @@ pub(crate) async fn run(
             }
             let stdout = stdout.take().0;
             let logs = tail_lines(&stdout, &stderr, config.max_log_lines);
-            CallOutput { result, stdout, stderr, logs }
+            let data = store.data();
+            let (outbound_requests, outbound_bytes) = data.outbound.used();
+            let usage = CallUsage {
+                wall: now.elapsed(),
+                peak_memory_bytes: data.limiter.peak as u64,
+                outbound_requests,
+                outbound_bytes,
+                spawned: data.chain.n_spawned(),
+                ..CallUsage::default()
+            };
+            CallOutput { result, stdout, stderr, logs, usage }
         }
         ImagePre::Command(pre) => {
             let Given::Bytes(input) = input else {
@@ -468,7 +520,12 @@ pub(crate) async fn run(
                 (None, Ok(Ok(()))) => unreachable!("a successful return has exit code 0"),
             };
             let logs = tail_lines(&[], &stderr, config.max_log_lines);
-            CallOutput { result, stdout: Bytes::new(), stderr, logs }
+            let usage = CallUsage {
+                wall: now.elapsed(),
+                peak_memory_bytes: store.data().limiter.peak as u64,
+                ..CallUsage::default()
+            };
+            CallOutput { result, stdout: Bytes::new(), stderr, logs, usage }
         }
     }
 }
@@ -511,6 +568,15 @@ fn classify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_time_is_peak_mib_times_wall_ms() {
+        let usage = CallUsage { wall: Duration::from_millis(250), peak_memory_bytes: 64 << 20, ..Default::default() };
+        assert_eq!(usage.memory_mib_ms(), 64 * 250);
+        let half = CallUsage { wall: Duration::from_millis(3), peak_memory_bytes: 512 << 10, ..Default::default() };
+        assert_eq!(half.memory_mib_ms(), 1, "rounded down from 1.5");
+        assert_eq!(CallUsage::default().memory_mib_ms(), 0);
+    }
 
     #[test]
     fn only_the_last_lines_are_kept_stderr_first() {

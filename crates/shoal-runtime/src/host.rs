@@ -105,6 +105,8 @@ pub(crate) struct CommandCtx {
 pub(crate) struct CallLimiter {
     memory_limit: usize,
     memory_used: usize,
+    /// The most `memory_used` has been.
+    pub(crate) peak: usize,
     pub(crate) memory_denied: bool,
     /// What the call's memories start from (interpreter engine only).
     pub(crate) plan: Option<Plan>,
@@ -118,6 +120,7 @@ impl CallLimiter {
         Self {
             memory_limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
             memory_used: 0,
+            peak: 0,
             memory_denied: false,
             plan: None,
         }
@@ -147,6 +150,7 @@ impl ResourceLimiter for CallLimiter {
             return Ok(false);
         }
         self.memory_used = after;
+        self.peak = self.peak.max(after);
         if creating {
             // wasmtime creates the memory next, on this thread, with no
             // await in between: the creator takes this plan (see

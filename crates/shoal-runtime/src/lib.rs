@@ -27,7 +27,7 @@ mod outbound;
 mod snapshot;
 mod source;
 
-pub use call::{CallOutput, CallSettings, ConfigValues, LogLine, LogStream};
+pub use call::{CallOutput, CallSettings, CallUsage, ConfigValues, LogLine, LogStream};
 pub use chain::{ChainError, InvokeFuture, Invoker, Lineage, RootCall};
 pub use config::{RuntimeBinary, RuntimeConfig};
 pub use error::{CallError, DeployError, RuntimeError};

@@ -76,6 +76,8 @@ pub(crate) struct Outbound {
     /// The call's requests in flight and bytes left: made at its first
     /// request (most calls make none, and pay nothing for them).
     budget: Option<(Arc<tokio::sync::Semaphore>, Arc<Budget>)>,
+    /// Requests sent (past the allow-list and the in-flight limit).
+    sent: u32,
 }
 
 impl Outbound {
@@ -85,12 +87,20 @@ impl Outbound {
         deadline: Instant,
         log: CaptureBuffer,
     ) -> Self {
-        Self { allow, limits, deadline, log, budget: None }
+        Self { allow, limits, deadline, log, budget: None, sent: 0 }
     }
 
     /// Outbound HTTP refused whatever the request (deploy-time code).
     pub(crate) fn denied(log: CaptureBuffer) -> Self {
         Self::new(Arc::new(AllowList::none()), Arc::new(OutboundLimits::default()), Instant::now(), log)
+    }
+
+    /// Requests sent, and body bytes moved both ways (for metering).
+    pub(crate) fn used(&self) -> (u32, u64) {
+        let bytes = self.budget.as_ref().map_or(0, |(_, budget)| {
+            budget.limit.saturating_sub(budget.left.load(Ordering::Acquire).min(budget.limit))
+        });
+        (self.sent, bytes)
     }
 
     fn budget(&mut self) -> &(Arc<tokio::sync::Semaphore>, Arc<Budget>) {
@@ -139,6 +149,7 @@ impl WasiHttpHooks for Outbound {
             self.note(&target, "too many requests of this call in flight");
             return Box::new(std::future::ready(Err(HttpError::ConnectionLimitReached)));
         };
+        self.sent = self.sent.saturating_add(1);
         let (allow, log, deadline) = (self.allow.clone(), self.log.clone(), self.deadline);
         let limits = self.limits.clone();
         Box::new(async move {

@@ -53,6 +53,26 @@ async fn examples_answer() {
 }
 
 #[tokio::test]
+async fn a_call_reports_the_memory_and_time_it_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let out = call(&rt, shoal_guests::HELLO, b"world").await;
+    let small = out.usage;
+    assert!(small.wall > std::time::Duration::ZERO && small.peak_memory_bytes > 0, "{small:?}");
+    // Echoing 8 MiB holds at least those bytes in the guest's memory.
+    let big = call(&rt, shoal_guests::ECHO, &vec![7u8; 8 << 20]).await.usage;
+    assert!(big.peak_memory_bytes >= 8 * MIB && big.peak_memory_bytes > small.peak_memory_bytes, "{big:?}");
+    // A memory bomb's peak is its limit (32 MiB), not more.
+    let bomb = call(&rt, shoal_guests::MISBEHAVE, b"oom").await;
+    assert!(matches!(bomb.result, Err(CallError::OutOfMemory { .. })));
+    let peak = bomb.usage.peak_memory_bytes;
+    assert!(peak > 24 * MIB && peak <= 32 * MIB, "{peak}");
+    assert!(bomb.usage.memory_mib_ms() <= 32 * (bomb.usage.wall.as_millis() as u64 + 1), "{:?}", bomb.usage);
+    // No scheduler measured it: no CPU time, no queue.
+    assert_eq!((bomb.usage.cpu, bomb.usage.queued), (std::time::Duration::ZERO, std::time::Duration::ZERO));
+}
+
+#[tokio::test]
 async fn function_errors_carry_the_guests_message() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(&dir);
@@ -1337,6 +1357,8 @@ mod python {
         // says why. A new call has its own two.
         for _ in 0..2 {
             let out = rt.call(&fetcher, &settings, b"three").await;
+            // Metered: the two sent, with their bodies; not the refused one.
+            assert_eq!((out.usage.outbound_requests, out.usage.outbound_bytes), (2, 8), "{:?}", out.usage);
             let logs: Vec<String> = out.logs.iter().map(|l| l.line.clone()).collect();
             assert_eq!(ok(out), "fulfilled,fulfilled,rejected");
             assert!(logs.iter().any(|l| l.contains("too many requests of this call in flight")), "{logs:?}");
@@ -1350,7 +1372,9 @@ mod python {
             b"import os, shoal\n\ndef handle(input):\n    try:\n        return str(len(shoal.fetch(os.environ['BASE'] + '/' + input.decode()).body))\n    except shoal.HttpError as error:\n        return f'failed {error}'\n".to_vec(),
         )];
         let py = rt.load(&SourceBundle::new(Language::Python, files).unwrap().encode()).await.expect("loads");
-        assert_eq!(ok(rt.call(&py, &settings, b"small").await), "2");
+        let small = rt.call(&py, &settings, b"small").await;
+        assert_eq!((small.usage.outbound_requests, small.usage.outbound_bytes), (1, 2));
+        assert_eq!(ok(small), "2");
         let out = ok(rt.call(&py, &settings, b"big").await);
         assert!(out.starts_with("failed"), "{out}");
     }

@@ -424,7 +424,12 @@ impl Executor {
         };
         queued.done = true;
         match start {
-            Some(Start::Run) => self.take_sandbox(tenant, function, cost, deadline, memory, origin),
+            Some(Start::Run) => {
+                self.take_sandbox(tenant, function, cost, deadline, memory, origin).map(|mut admitted| {
+                    admitted.queued = now.elapsed();
+                    admitted
+                })
+            }
             _ => Err(Overloaded {
                 reason: "the call's deadline passed while it waited its turn".into(),
                 retry_after: RETRY_AFTER,
@@ -463,6 +468,7 @@ impl Executor {
             deadline,
             origin,
             sandbox: Some(sandbox),
+            queued: Duration::ZERO,
         })
     }
 
@@ -610,6 +616,8 @@ pub struct Admitted<'a> {
     origin: Origin,
     /// Taken when it runs.
     sandbox: Option<Sandbox>,
+    /// How long it waited for its turn.
+    queued: Duration,
 }
 
 impl Admitted<'_> {
@@ -660,6 +668,7 @@ impl Admitted<'_> {
             long_after: executor.long_after,
             blocked: false,
             used: Duration::ZERO,
+            queued: self.queued,
         };
         let call =
             measured(executor.runtime.clone(), image.clone(), settings.clone(), input, lineage, sandbox, account);
@@ -723,6 +732,9 @@ async fn measured(
         })
         .await
     };
+    let mut out = out;
+    out.usage.cpu = account.used;
+    out.usage.queued = account.queued;
     drop(account);
     out
 }
@@ -747,6 +759,8 @@ struct Account {
     blocked: bool,
     /// CPU time used so far.
     used: Duration,
+    /// How long the call waited for its turn (reported with its usage).
+    queued: Duration,
 }
 
 impl Account {
@@ -872,8 +886,15 @@ mod tests {
             executor.run(&b, &f(), &image, &settings(Duration::from_secs(5)), Bytes::from_static(b"x")).await.unwrap();
         assert!(out.result.is_ok());
         assert!(started.elapsed() < Duration::from_secs(1), "b waited {:?}", started.elapsed());
-        assert!(first.await.unwrap().unwrap().result.is_err(), "the loop ends at its deadline");
-        assert!(second.await.unwrap().unwrap().result.is_ok(), "a's second call ran after its first");
+        let first = first.await.unwrap().unwrap();
+        assert!(first.result.is_err(), "the loop ends at its deadline");
+        // Its usage: the CPU its loop burned, never more than its wall time.
+        let used = first.usage;
+        assert!(used.cpu > Duration::ZERO && used.cpu <= used.wall + Duration::from_millis(20), "{used:?}");
+        let second = second.await.unwrap().unwrap();
+        assert!(second.result.is_ok(), "a's second call ran after its first");
+        // It waited its turn through most of the first's 2 s.
+        assert!(second.usage.queued >= Duration::from_secs(1), "{:?}", second.usage);
     }
 
     #[tokio::test]

@@ -44,6 +44,13 @@ impl ChainCtx {
     }
 }
 
+impl ChainCtx {
+    /// Calls started with `spawn` (awaited or not).
+    pub(crate) fn n_spawned(&self) -> u32 {
+        u32::try_from(self.next_id - 1).unwrap_or(u32::MAX)
+    }
+}
+
 impl Drop for ChainCtx {
     fn drop(&mut self) {
         for (_, spawned) in self.spawned.drain() {
