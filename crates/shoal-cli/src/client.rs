@@ -200,6 +200,63 @@ impl Client {
         Ok(())
     }
 
+    /// `shoal usage`: the window summed, per function or for the tenant.
+    pub async fn usage(&self, tenant: &str, by_function: bool, since: &str) -> anyhow::Result<()> {
+        let window = crate::units::parse_duration(since).map_err(anyhow::Error::msg)?.as_secs().max(60);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        // One bucket covers the window (two when it straddles a boundary).
+        let step = window.div_ceil(60) * 60;
+        let by = if by_function { "function" } else { "tenant" };
+        let path = format!("/v1/tenants/{tenant}/usage?from={}&to={now}&step={step}&by={by}", now - window);
+        let answer = self.json(self.request(Method::GET, &path)).await?;
+        let mut rows: std::collections::BTreeMap<String, [u64; 9]> = std::collections::BTreeMap::new();
+        for bucket in answer["buckets"].as_array().cloned().unwrap_or_default() {
+            let name =
+                bucket["function"].as_str().map_or_else(|| format!("{tenant} (all)"), |f| format!("{tenant}/{f}"));
+            let ok = bucket["outcomes"]["ok"].as_u64().unwrap_or(0);
+            let calls = bucket["calls"].as_u64().unwrap_or(0);
+            let field = |name: &str| bucket[name].as_u64().unwrap_or(0);
+            let values = [
+                calls,
+                calls - ok.min(calls),
+                field("cpu_us"),
+                field("wall_us"),
+                field("memory_mib_ms"),
+                field("queued_us"),
+                field("outbound_requests"),
+                field("outbound_bytes"),
+                field("spawned"),
+            ];
+            let row = rows.entry(name).or_default();
+            for (sum, value) in row.iter_mut().zip(values) {
+                *sum += value;
+            }
+        }
+        println!(
+            "{:<28} {:>9} {:>7} {:>11} {:>11} {:>12} {:>10} {:>8} {:>12} {:>7}",
+            "FUNCTION",
+            "CALLS",
+            "ERRORS",
+            "CPU ms",
+            "WALL ms",
+            "MEM MiB·s",
+            "QUEUED ms",
+            "OUT REQ",
+            "OUT BYTES",
+            "SPAWNED"
+        );
+        for (name, [calls, errors, cpu, wall, mem, queued, out_req, out_bytes, spawned]) in rows {
+            println!(
+                "{name:<28} {calls:>9} {errors:>7} {:>11.1} {:>11.1} {:>12.1} {:>10.1} {out_req:>8} {out_bytes:>12} {spawned:>7}",
+                cpu as f64 / 1000.0,
+                wall as f64 / 1000.0,
+                mem as f64 / 1000.0,
+                queued as f64 / 1000.0,
+            );
+        }
+        Ok(())
+    }
+
     pub async fn remove(&self, function: &str) -> anyhow::Result<()> {
         let (tenant, name) = function_ref(function)?;
         self.send(self.request(Method::DELETE, &format!("/v1/functions/{tenant}/{name}"))).await?;

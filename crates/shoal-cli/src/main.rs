@@ -102,6 +102,17 @@ enum Command {
     Rm { function: String },
     /// Recent stdout/stderr lines of TENANT/NAME, with call ids.
     Logs { function: String },
+    /// What TENANT's calls used: calls by outcome, CPU, wall and queue
+    /// time, memory-time, outbound HTTP, spawns.
+    Usage {
+        tenant: String,
+        /// A row per function (default: the tenant's total).
+        #[arg(long, value_parser = ["function", "tenant"], default_value = "tenant")]
+        by: String,
+        /// How far back, e.g. 1h, 30m, 7d (default 1h).
+        #[arg(long, default_value = "1h")]
+        since: String,
+    },
     /// Read and write the global state tier.
     State {
         #[command(subcommand)]
@@ -275,6 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ls { tenant } => client.list(&tenant).await,
         Command::Rm { function } => client.remove(&function).await,
         Command::Logs { function } => client.logs(&function).await,
+        Command::Usage { tenant, by, since } => client.usage(&tenant, by == "function", &since).await,
         Command::Tenant { command: TenantCommand::Create { name } } => client.create_tenant(&name).await,
         Command::Tenant { command: TenantCommand::Rm { name, wait } } => client.delete_tenant(&name, wait).await,
         Command::Tenant { command: TenantCommand::Rotate { name, grace } } => client.rotate_token(&name, grace).await,

@@ -83,6 +83,9 @@ pub struct ServeArgs {
     default_timeout: Option<Duration>,
     #[arg(long, env = "SHOAL_DEFAULT_MEMORY", value_parser = parse_size)]
     default_memory: Option<u64>,
+    /// How long usage (`shoal usage`) is kept, e.g. 90d (default 31d).
+    #[arg(long, env = "SHOAL_USAGE_RETENTION", value_parser = parse_duration)]
+    usage_retention: Option<Duration>,
     /// Run as a node of the cluster kept in this Redis (redis://host:port):
     /// shared registry, async calls and global state tier there, calls
     /// placed across the nodes. Without it the node runs alone on the
@@ -175,6 +178,7 @@ struct ServeFile {
     tenant_async_output: Option<String>,
     default_timeout: Option<String>,
     default_memory: Option<String>,
+    usage_retention: Option<String>,
     redis: Option<String>,
     advertise: Option<String>,
     gateway: Option<bool>,
@@ -326,6 +330,13 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
     if let Some(timeout) = args.default_timeout {
         config.default_timeout = timeout;
     }
+    if let Some(text) = &file.usage_retention {
+        config.usage_retention = parse_duration(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(retention) = args.usage_retention {
+        config.usage_retention = retention;
+    }
+    anyhow::ensure!(config.usage_retention >= Duration::from_secs(60), "usage_retention must be at least a minute");
     if let Some(text) = &file.default_memory {
         config.default_memory_bytes = parse_size(text).map_err(anyhow::Error::msg)?;
     }

@@ -111,6 +111,11 @@ fn serve_deploys_the_examples_and_the_client_commands_work() {
     // Python: the examples run on the shared runtime; a project made by
     // `shoal new python` deploys from its folder; bad source is refused.
     assert_eq!(stdout(&run(&["invoke", "demo/hello-py", "-d", "you"])), "hello you from python");
+    // What those calls used, per function.
+    let usage = stdout(&run(&["usage", "demo", "--by", "function", "--since", "1h"]));
+    assert!(usage.starts_with("FUNCTION") && usage.contains("CPU ms"), "{usage}");
+    let py = usage.lines().find(|l| l.starts_with("demo/hello-py ")).unwrap_or_else(|| panic!("{usage}"));
+    assert_eq!(py.split_whitespace().nth(1), Some("1"), "one call: {py}");
     let visits = stdout(&run(&["invoke", "demo/visits", "-d", "ann"]));
     assert_eq!(visits, r#"{"greeting": "hello ann", "visits": 1}"#);
     assert!(stdout(&run(&["new", "python", "greet"])).contains("greet"));

@@ -8,6 +8,7 @@ mod functions;
 mod secrets;
 mod state;
 mod tenants;
+mod usage;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -39,6 +40,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/tenants/{tenant}/token", post(tenants::rotate_token).delete(tenants::revoke_tokens))
         .route("/v1/tenants/{tenant}/limits", get(tenants::get_limits).put(tenants::put_limits))
         .route("/v1/tenants/{tenant}/secrets", get(secrets::list))
+        .route("/v1/tenants/{tenant}/usage", get(usage::get))
         .route("/v1/tenants/{tenant}/secrets/{name}", put(secrets::put).delete(secrets::delete))
         .route("/v1/functions/{tenant}", get(functions::list))
         .route(

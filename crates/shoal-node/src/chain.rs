@@ -64,12 +64,14 @@ impl Invoker for NodeInvoker {
                 }
                 Err(overloaded) => {
                     node.metrics.record_call(Err(ErrorKind::Overloaded), None);
+                    node.meter(&deployed, Err(ErrorKind::Overloaded), None);
                     return Err(ChainError::Unavailable(overloaded.to_string()));
                 }
             };
             deployed.logs.append(&call_id, now_ms(), out.take_logs());
             let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
             node.metrics.record_call(outcome, Some(started.elapsed()));
+            node.meter(&deployed, outcome, Some(&out.usage));
             out.result.map_err(ChainError::Failed)
         })
     }

@@ -120,6 +120,10 @@ pub struct NodeConfig {
     pub max_async_calls_per_tenant: Option<usize>,
     /// How long records of asynchronous calls are kept. Default 24 h.
     pub async_retention: Duration,
+    /// How often each call's usage, summed in memory, is written to the
+    /// store (what a crash can lose), and how long usage is kept.
+    pub usage_flush: Duration,
+    pub usage_retention: Duration,
     /// Records of asynchronous calls one tenant may keep on this node
     /// (queued, running, or finished and not yet expired); more of its
     /// calls are refused with 507. Default 100,000.
@@ -204,6 +208,8 @@ impl NodeConfig {
             max_async_calls: 10_000,
             max_async_calls_per_tenant: None,
             async_retention: Duration::from_secs(24 * 3600),
+            usage_flush: Duration::from_secs(10),
+            usage_retention: Duration::from_secs(31 * 24 * 3600),
             max_async_records_per_tenant: 100_000,
             max_async_output_bytes_per_tenant: 1 << 30,
             redis_url: None,

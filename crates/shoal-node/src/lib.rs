@@ -26,6 +26,7 @@ mod routes;
 mod secrets;
 mod server;
 mod tenancy;
+pub mod usage;
 
 pub use calls::{CallFailure, CallRecord, CallStatus};
 pub use config::{NodeConfig, Secret};
@@ -128,6 +129,10 @@ pub struct Node {
     registry: Registry,
     executor: Executor,
     metrics: Metrics,
+    /// What each tenant's calls used (`usage.rs`), and the store it is
+    /// kept in (the registry's).
+    usage: usage::Meter,
+    usage_store: Arc<EmbeddedStore>,
     admin_hash: TokenHash,
     /// What tenants' secrets are sealed with (from the admin token).
     secret_key: secrets::SecretKey,
@@ -285,6 +290,7 @@ impl Node {
                 output_bytes: config.max_async_output_bytes_per_tenant,
             },
         )?);
+        let usage_store = store.clone();
         let registry = Registry::open(store, shared)?;
         let node = Arc::new_cyclic(|node| {
             // A fresh runtime has no invoker yet: this cannot fail.
@@ -297,6 +303,8 @@ impl Node {
                 registry,
                 executor,
                 metrics: Metrics::default(),
+                usage: usage::Meter::default(),
+                usage_store,
                 async_calls,
                 cluster,
                 use_clock: std::sync::atomic::AtomicU64::new(0),
@@ -327,6 +335,7 @@ impl Node {
         } else {
             node.load_functions().await?;
         }
+        usage::spawn_chore(&node);
         node.enforce_image_budget();
         node.apply_tenant_limits();
         node.resume_deletions();
@@ -724,6 +733,9 @@ impl Node {
             }
         }
         self.join_chores(Duration::from_secs(5)).await;
+        if let Err(e) = self.usage.flush(&self.usage_store).await {
+            tracing::warn!(error = %e, "writing the last usage failed; it is lost");
+        }
         self.runtime().shutdown();
         tracing::info!("stopped");
         Ok(())

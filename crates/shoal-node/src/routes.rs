@@ -150,10 +150,13 @@ fn finish(
         Ok(out) => out,
         Err(overloaded) => {
             node.metrics.record_call(Err(ErrorKind::Overloaded), None);
+            node.meter(function, Err(ErrorKind::Overloaded), None);
             return Some(overloaded.into());
         }
     };
     let mut logs = out.take_logs();
+    let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
+    node.meter(function, outcome, Some(&out.usage));
     let result = match out.result {
         Ok(_) => {
             node.metrics.record_call(Ok(()), Some(elapsed));

@@ -100,6 +100,21 @@ impl EmbeddedStore {
         self.scan(table, prefix.., usize::MAX, |key| key.starts_with(prefix))
     }
 
+    /// Up to `limit` entries with keys from `start` (included) to `end`
+    /// (excluded), in key order.
+    pub fn scan_range(
+        &self,
+        table: Table,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        self.scan(table, start..end, limit, |_| true)
+    }
+
     /// Up to `limit` entries with keys before `end`, in key order.
     pub fn scan_before(&self, table: Table, end: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.scan(table, ..end, limit, |_| true)

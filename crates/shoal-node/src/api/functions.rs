@@ -344,6 +344,7 @@ async fn run_here(
         Ok(out) => out,
         Err(overloaded) => {
             node.metrics.record_call(Err(ErrorKind::Overloaded), None);
+            node.meter(function, Err(ErrorKind::Overloaded), None);
             return Err(overloaded.into());
         }
     };
@@ -369,6 +370,8 @@ fn answer(
 ) -> Result<Response, ApiError> {
     let elapsed = started.elapsed();
     function.logs.append(call_id, now_ms(), out.take_logs());
+    let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
+    node.meter(function, outcome, Some(&out.usage));
     match out.result {
         Ok(output) => {
             node.metrics.record_call(Ok(()), Some(elapsed));
