@@ -37,6 +37,11 @@ async fn calls_are_charged_to_their_tenant_and_function_by_outcome() {
     assert_eq!(node.invoke("demo/misbehave", b"error").await.0, StatusCode::INTERNAL_SERVER_ERROR);
     assert_ne!(node.invoke("demo/bomb", b"oom").await.0, StatusCode::OK);
     assert_eq!(node.invoke_as(&acme, "acme/fib", b"10").await.0, StatusCode::OK);
+    // A call that spawns three: the spawns are charged to it, and each
+    // spawned call to its own function.
+    assert_eq!(node.deploy("demo/chain", "", shoal_guests::CHAIN).await.0, StatusCode::CREATED);
+    let (status, out) = node.invoke("demo/chain", b"spawn-all 3 echo x").await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&out));
 
     let usage = node.get_json("/v1/tenants/demo/usage?by=function").await;
     let rows = usage["buckets"].as_array().unwrap();
@@ -51,6 +56,9 @@ async fn calls_are_charged_to_their_tenant_and_function_by_outcome() {
         "{charged:?} of {cpu_spent:?}"
     );
     assert!(fib["wall_us"].as_u64().unwrap() > 0 && fib["memory_mib_ms"].as_u64().is_some(), "{fib}");
+    let chain = row("chain");
+    assert_eq!((chain["calls"].as_u64(), chain["spawned"].as_u64()), (Some(1), Some(3)), "{chain}");
+    assert_eq!(row("echo")["calls"].as_u64(), Some(3), "{usage}");
     let failed = row("misbehave");
     assert_eq!((failed["calls"].as_u64(), failed["outcomes"]["function_error"].as_u64()), (Some(1), Some(1)));
     // A memory bomb is charged its peak (its 16 MiB limit) for its time.
@@ -80,12 +88,29 @@ async fn calls_are_charged_to_their_tenant_and_function_by_outcome() {
     let lines: Vec<&str> = csv.lines().collect();
     assert!(lines[0].starts_with("start,function,calls,ok,errors,"), "{csv}");
     let calls: u64 = lines[1..].iter().map(|l| l.split(',').nth(2).unwrap().parse::<u64>().unwrap()).sum();
-    assert_eq!(calls, 12, "{csv}");
+    assert_eq!(calls, 16, "{csv}");
     // Bad parameters are named.
     for bad in ["step=90", "from=5&to=4", "from=x", "by=node", "nonsense=1", "step=60&from=0&to=99999999"] {
         let response =
             node.req(reqwest::Method::GET, &format!("/v1/tenants/demo/usage?{bad}"), Some(ADMIN)).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
     }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn usage_is_written_when_the_node_stops_and_read_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start_in(config(dir.path())).await;
+    node.node.deploy_defaults("demo", shoal_guests::EXAMPLES).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(node.invoke("demo/hello", b"x").await.0, StatusCode::OK);
+    }
+    // Stopped before the periodic flush (10 s): the stop writes it.
+    node.stop().await;
+    let node = TestNode::start_in(config(dir.path())).await;
+    let usage = node.get_json("/v1/tenants/demo/usage?function=hello").await;
+    let calls: u64 = usage["buckets"].as_array().unwrap().iter().map(|b| b["calls"].as_u64().unwrap()).sum();
+    assert_eq!(calls, 3, "{usage}");
     node.stop().await;
 }
