@@ -270,6 +270,35 @@ async fn deploys_propagate_and_calls_are_placed_where_their_function_is_warm_bod
     }
     assert!(http.metric(gateway, "shoal_calls_forwarded_total").await.unwrap() >= 48);
 
+    // Usage is summed over the nodes in Redis, each call counted once, by
+    // the node that ran it — also a call the gateway forwarded.
+    http.deploy(&nodes[0], &token, "acme/metered", shoal_guests::HELLO).await;
+    for node in &nodes {
+        assert_eq!(http.invoke_once_visible(node, &token, "acme/metered", "x").await.status, StatusCode::OK);
+    }
+    for node in nodes.iter().cycle().take(9) {
+        assert_eq!(http.invoke(node, &token, "acme/metered", "y").await.unwrap().status, StatusCode::OK);
+    }
+    let usage_url = format!("{}/v1/tenants/acme/usage?function=metered&step=3600", nodes[1].url);
+    let metered = |http: Http, url: String, token: String| async move {
+        let answer = http.ok(Method::GET, url, &token, Vec::new()).await.json();
+        answer["buckets"].as_array().unwrap().iter().map(|b| b["calls"].as_u64().unwrap()).sum::<u64>()
+    };
+    let started = Instant::now();
+    loop {
+        let calls = metered(http.clone(), usage_url.clone(), token.clone()).await;
+        assert!(calls <= 12, "{calls} calls metered for 12 made");
+        if calls == 12 {
+            break;
+        }
+        // Each node writes its sums every 10 s.
+        assert!(started.elapsed() < SETTLE, "only {calls} of 12 calls metered");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A flush later, still 12: nothing was counted twice.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(metered(http.clone(), usage_url.clone(), token.clone()).await, 12);
+
     // A removal reaches every node too.
     let removed = format!("acme/{}", names[0]);
     http.ok(Method::DELETE, format!("{}/v1/functions/{removed}", nodes[1].url), &token, Vec::new()).await;

@@ -11,6 +11,8 @@
 //!   leased to it by its heartbeat and put back when it dies.
 //! - [`placement`]: rendezvous hashing with bounded load.
 //! - [`Forwarder`]: HTTP/2 between nodes, with the cluster secret.
+//! - [`SharedUsage`]: what each tenant's calls used, per minute, summed
+//!   over the nodes.
 //!
 //! The crate keeps records as bytes: what they mean is the node's
 //! business. It never sees HTTP routes or function images.
@@ -28,6 +30,7 @@ mod forward;
 mod membership;
 pub mod placement;
 mod registry;
+mod usage;
 
 use std::time::Duration;
 
@@ -37,6 +40,7 @@ pub use calls::{CallQueue, Finished, Refused, TakenCall};
 pub use forward::{Answer, ForwardError, Forwarder, SECRET_HEADER};
 pub use membership::{Load, Member, Membership, MembershipConfig};
 pub use registry::{RegistrySnapshot, Republished, SharedRegistry};
+pub use usage::{SharedUsage, UsageRow};
 
 /// Why a cluster operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -52,6 +52,8 @@ pub(crate) struct Cluster {
     pub(crate) membership: Membership,
     shared: shoal_cluster::SharedRegistry,
     pub(crate) queue: CallQueue,
+    /// Where every node adds its usage (set when the node joins).
+    pub(crate) usage: Option<shoal_cluster::SharedUsage>,
     pub(crate) forwarder: Forwarder,
     /// The secret peers must present: the cluster's current one, and the
     /// one before it while peers may still send it (Redis lost it and
@@ -105,6 +107,7 @@ impl Cluster {
             shared,
             membership,
             queue,
+            usage: None,
             forwarder,
             secrets: std::sync::RwLock::new((secret, None)),
             capacity,

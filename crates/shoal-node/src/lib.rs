@@ -733,7 +733,7 @@ impl Node {
             }
         }
         self.join_chores(Duration::from_secs(5)).await;
-        if let Err(e) = self.usage.flush(&self.usage_store).await {
+        if let Err(e) = self.flush_usage().await {
             tracing::warn!(error = %e, "writing the last usage failed; it is lost");
         }
         self.runtime().shutdown();
@@ -766,6 +766,7 @@ async fn join_cluster(
     let membership = Membership::join(membership_config, Member::new(new_call_id(), advertise)).await?;
     let forwarder = Forwarder::new(&secret, Duration::from_secs(1), config.max_body_bytes + (64 << 10))
         .map_err(StartError::Config)?;
+    let usage = shoal_cluster::SharedUsage::new(conn.clone(), &config.cluster_prefix);
     let queue = CallQueue::new(conn, &config.cluster_prefix)
         .with_kept_limits(config.max_async_records_per_tenant, config.max_async_output_bytes_per_tenant);
     // Leases an older version of the node left are found once (by a scan
@@ -777,6 +778,7 @@ async fn join_cluster(
         Err(e) => tracing::warn!(error = %e, "looking for call leases of an older version failed"),
     }
     let capacity = if config.gateway { 0 } else { capacity };
-    let cluster = cluster::Cluster::new(shared.clone(), membership, queue, forwarder, secret, capacity);
+    let mut cluster = cluster::Cluster::new(shared.clone(), membership, queue, forwarder, secret, capacity);
+    cluster.usage = Some(usage);
     Ok((shared, Arc::new(cluster)))
 }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shoal_cluster::{SharedUsage, UsageRow};
 use shoal_runtime::CallUsage;
 use shoal_state::{EmbeddedStore, StoreError, Table};
 
@@ -129,18 +130,30 @@ impl Meter {
         }
     }
 
-    /// Add what is pending to the store (on a blocking thread). On a
-    /// failure the sums are kept pending, for the next flush.
-    pub async fn flush(&self, store: &Arc<EmbeddedStore>) -> Result<(), StoreError> {
+    /// What is pending (and what a failed flush left), as store keys
+    /// (`tenant/minute/function`) and sums.
+    fn take_rows(&self) -> Vec<(String, Usage)> {
         let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         let mut rows = std::mem::take(&mut *self.unwritten.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        if taken.is_empty() && rows.is_empty() {
-            return Ok(());
-        }
         for ((_, function, minute), mut row) in taken {
             let Some((tenant, name)) = function.split_once('/') else { continue };
             row.usage.outcomes = row.outcomes.iter().map(|(k, n)| (k.to_string(), *n)).collect();
             rows.push((row_key(tenant, minute, name), row.usage));
+        }
+        rows
+    }
+
+    /// Keep rows a flush could not write for the next one.
+    fn keep_unwritten(&self, rows: Vec<(String, Usage)>) {
+        self.unwritten.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(rows);
+    }
+
+    /// Add what is pending to the store (on a blocking thread). On a
+    /// failure the sums are kept, for the next flush.
+    pub async fn flush(&self, store: &Arc<EmbeddedStore>) -> Result<(), StoreError> {
+        let rows = self.take_rows();
+        if rows.is_empty() {
+            return Ok(());
         }
         let store = store.clone();
         let kept = rows.clone();
@@ -160,10 +173,60 @@ impl Meter {
         .await
         .unwrap_or_else(|e| Err(StoreError::Io(format!("flushing usage: {e}"))));
         if written.is_err() {
-            // Kept for the next flush.
-            self.unwritten.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(kept);
+            self.keep_unwritten(kept);
         }
         written
+    }
+
+    /// Add what is pending to the cluster's sums in Redis, each minute kept
+    /// for `retention`. On a failure the sums are kept, for the next flush.
+    pub async fn flush_shared(&self, shared: &SharedUsage, retention: Duration) -> Result<(), String> {
+        let rows = self.take_rows();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut by_minute: BTreeMap<(String, u64), Vec<(String, u64)>> = BTreeMap::new();
+        for (key, usage) in &rows {
+            let mut parts = key.splitn(3, '/');
+            let (Some(tenant), Some(minute), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            let fields = by_minute.entry((tenant.to_string(), minute.parse().unwrap_or(0))).or_default();
+            fields.extend(to_fields(usage).into_iter().map(|(metric, n)| (format!("{name}|{metric}"), n)));
+        }
+        let shared_rows: Vec<UsageRow> =
+            by_minute.into_iter().map(|((tenant, minute), fields)| (tenant, minute, fields)).collect();
+        match shared.add(&shared_rows, retention).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.keep_unwritten(rows);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// The same as [`Meter::query`], from the cluster's sums in Redis.
+    pub async fn query_shared(shared: &SharedUsage, query: Query) -> Result<Vec<Bucket>, String> {
+        let Query { tenant, from, to, step, function, by_function } = query;
+        let minutes = shared.read(&tenant, from, to).await.map_err(|e| e.to_string())?;
+        let mut buckets: BTreeMap<(u64, Option<String>), Usage> = BTreeMap::new();
+        for (minute, fields) in minutes {
+            let mut per_function: BTreeMap<&str, Vec<(&str, u64)>> = BTreeMap::new();
+            for (field, n) in &fields {
+                if let Some((name, metric)) = field.split_once('|') {
+                    per_function.entry(name).or_default().push((metric, *n));
+                }
+            }
+            for (name, metrics) in per_function {
+                if function.as_deref().is_some_and(|f| f != name) {
+                    continue;
+                }
+                let start = from + (minute - from) / step * step;
+                let group = (by_function || function.is_some()).then(|| name.to_string());
+                buckets.entry((start, group)).or_default().add(&from_fields(&metrics));
+            }
+        }
+        Ok(buckets.into_iter().map(|((start, function), usage)| Bucket { start, function, usage }).collect())
     }
 
     /// Remove every tenant's minutes before `cutoff` (a Unix minute) —
@@ -242,7 +305,7 @@ pub(crate) fn spawn_chore(node: &Arc<crate::Node>) {
             loop {
                 let Some(node) = weak.upgrade() else { return };
                 let every = node.config.usage_flush;
-                if let Err(e) = node.usage.flush(&node.usage_store).await {
+                if let Err(e) = node.flush_usage().await {
                     tracing::warn!(error = %e, "writing usage failed; kept for the next try");
                 }
                 let minute = this_minute();
@@ -271,11 +334,64 @@ impl crate::Node {
         self.usage.record(&function.settings.tenant, &function.key, outcome, usage);
     }
 
-    /// `query`, with what is pending stored first.
-    pub async fn usage(&self, query: Query) -> Result<Vec<Bucket>, StoreError> {
-        self.usage.flush(&self.usage_store).await?;
-        Meter::query(&self.usage_store, query).await
+    /// Write what is pending: to the cluster's sums in Redis, or to the
+    /// node's store.
+    pub(crate) async fn flush_usage(&self) -> Result<(), String> {
+        match self.cluster.as_ref().and_then(|c| c.usage.as_ref()) {
+            Some(shared) => self.usage.flush_shared(shared, self.config.usage_retention).await,
+            None => self.usage.flush(&self.usage_store).await.map_err(|e| e.to_string()),
+        }
     }
+
+    /// `query`, with what is pending written first (this node's: another
+    /// node's last `usage_flush` may not be in yet).
+    pub async fn usage(&self, query: Query) -> Result<Vec<Bucket>, String> {
+        self.flush_usage().await?;
+        match self.cluster.as_ref().and_then(|c| c.usage.as_ref()) {
+            Some(shared) => Meter::query_shared(shared, query).await,
+            None => Meter::query(&self.usage_store, query).await.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// A row's sums as `(metric, amount)`: outcomes as `o:NAME`.
+fn to_fields(usage: &Usage) -> Vec<(String, u64)> {
+    let mut fields = vec![
+        ("calls".to_string(), usage.calls),
+        ("wall_us".to_string(), usage.wall_us),
+        ("cpu_us".to_string(), usage.cpu_us),
+        ("memory_mib_ms".to_string(), usage.memory_mib_ms),
+        ("queued_us".to_string(), usage.queued_us),
+        ("outbound_requests".to_string(), usage.outbound_requests),
+        ("outbound_bytes".to_string(), usage.outbound_bytes),
+        ("spawned".to_string(), usage.spawned),
+    ];
+    fields.retain(|(_, n)| *n > 0);
+    fields.extend(usage.outcomes.iter().map(|(outcome, n)| (format!("o:{outcome}"), *n)));
+    fields
+}
+
+fn from_fields(fields: &[(&str, u64)]) -> Usage {
+    let mut usage = Usage::default();
+    for (metric, n) in fields {
+        let n = *n;
+        match *metric {
+            "calls" => usage.calls += n,
+            "wall_us" => usage.wall_us += n,
+            "cpu_us" => usage.cpu_us += n,
+            "memory_mib_ms" => usage.memory_mib_ms += n,
+            "queued_us" => usage.queued_us += n,
+            "outbound_requests" => usage.outbound_requests += n,
+            "outbound_bytes" => usage.outbound_bytes += n,
+            "spawned" => usage.spawned += n,
+            other => {
+                if let Some(outcome) = other.strip_prefix("o:") {
+                    *usage.outcomes.entry(outcome.to_string()).or_default() += n;
+                }
+            }
+        }
+    }
+    usage
 }
 
 fn row_key(tenant: &str, minute: u64, name: &str) -> String {
