@@ -22,6 +22,12 @@
 # any invoke 5xx whose error kind is not one of those guest failures (e.g.
 # `internal`), so a platform failure on the call path is still caught.
 #
+# Quotas and 507: a write past its tenant's quota is answered 507
+# `limit_exceeded` by design — and the fuzzer sets `demo`'s limits too, so a
+# state write may meet a quota of a few hundred bytes. So for the operations
+# that document 507 (state and secret writes), not_a_server_error is off and
+# `a_5xx_write_is_a_quota` takes its place: any other 5xx still fails.
+#
 # Expect one warning, "Schema validation mismatch" for the deploy: generated
 # bodies are rarely valid wasm, so most deploys are refused with 422.
 #
@@ -136,6 +142,23 @@ def invoke_5xx_is_a_guest_failure(ctx, response, case):
         raise AssertionError(f"invoke answered {response.status_code} with error kind {kind!r}: a platform failure, "
                              "not a failure of the function")
     return None
+
+
+QUOTA_WRITES = {("PUT", "/v1/state/{tenant}/{key}"), ("PUT", "/v1/tenants/{tenant}/secrets/{name}")}
+
+
+@schemathesis.check
+def a_5xx_write_is_a_quota(ctx, response, case):
+    """On state and secret writes, a 5xx must be the tenant's quota (507 limit_exceeded)."""
+    if (case.operation.method.upper(), case.operation.path) not in QUOTA_WRITES or response.status_code < 500:
+        return None
+    try:
+        kind = response.json()["error"]["kind"]
+    except Exception:
+        kind = None
+    if (response.status_code, kind) != (507, "limit_exceeded"):
+        raise AssertionError(f"a write answered {response.status_code} with error kind {kind!r}: not a quota")
+    return None
 PY
 cat >"$work/schemathesis.toml" <<TOML
 hooks = "$work/hooks.py"
@@ -165,6 +188,7 @@ response_schema_conformance = { enabled = true }
 content_type_conformance = { enabled = true }
 ignored_auth = { enabled = true }
 invoke_5xx_is_a_guest_failure = { enabled = true }
+a_5xx_write_is_a_quota = { enabled = true }
 
 # Names that exist, so calls reach the example functions (matvec is left
 # out: its init builds a 16 MiB matrix) instead of mostly 404s.
@@ -180,6 +204,11 @@ parameters = { "path.tenant" = { dictionary = "demo", probability = 0.7 }, "path
 # See the top of this file: on invoke a 5xx may be the guest's failure.
 [[operations]]
 include-operation-id = "invokeFunction"
+checks = { not_a_server_error = { enabled = false } }
+
+# See the top of this file: a write may meet its tenant's quota.
+[[operations]]
+include-operation-id = ["putStateValue", "setSecret"]
 checks = { not_a_server_error = { enabled = false } }
 
 # See above: functions are removed from tenant scratch only.
