@@ -209,7 +209,7 @@ impl Client {
         let by = if by_function { "function" } else { "tenant" };
         let path = format!("/v1/tenants/{tenant}/usage?from={}&to={now}&step={step}&by={by}", now - window);
         let answer = self.json(self.request(Method::GET, &path)).await?;
-        let mut rows: std::collections::BTreeMap<String, [u64; 9]> = std::collections::BTreeMap::new();
+        let mut rows: std::collections::BTreeMap<String, [u64; 11]> = std::collections::BTreeMap::new();
         for bucket in answer["buckets"].as_array().cloned().unwrap_or_default() {
             let name =
                 bucket["function"].as_str().map_or_else(|| format!("{tenant} (all)"), |f| format!("{tenant}/{f}"));
@@ -226,14 +226,17 @@ impl Client {
                 field("outbound_requests"),
                 field("outbound_bytes"),
                 field("spawned"),
+                field("state_read_bytes") + field("state_written_bytes"),
+                field("state_stored_bytes"),
             ];
             let row = rows.entry(name).or_default();
-            for (sum, value) in row.iter_mut().zip(values) {
-                *sum += value;
+            for (i, (sum, value)) in row.iter_mut().zip(values).enumerate() {
+                // Stored bytes are a gauge: the most seen, not a sum.
+                *sum = if i == 10 { (*sum).max(value) } else { *sum + value };
             }
         }
         println!(
-            "{:<28} {:>9} {:>7} {:>11} {:>11} {:>12} {:>10} {:>8} {:>12} {:>7}",
+            "{:<28} {:>9} {:>7} {:>11} {:>11} {:>12} {:>10} {:>8} {:>12} {:>7} {:>12} {:>12}",
             "FUNCTION",
             "CALLS",
             "ERRORS",
@@ -243,11 +246,13 @@ impl Client {
             "QUEUED ms",
             "OUT REQ",
             "OUT BYTES",
-            "SPAWNED"
+            "SPAWNED",
+            "STATE MOVED",
+            "STATE KEPT"
         );
-        for (name, [calls, errors, cpu, wall, mem, queued, out_req, out_bytes, spawned]) in rows {
+        for (name, [calls, errors, cpu, wall, mem, queued, out_req, out_bytes, spawned, moved, kept]) in rows {
             println!(
-                "{name:<28} {calls:>9} {errors:>7} {:>11.1} {:>11.1} {:>12.1} {:>10.1} {out_req:>8} {out_bytes:>12} {spawned:>7}",
+                "{name:<28} {calls:>9} {errors:>7} {:>11.1} {:>11.1} {:>12.1} {:>10.1} {out_req:>8} {out_bytes:>12} {spawned:>7} {moved:>12} {kept:>12}",
                 cpu as f64 / 1000.0,
                 wall as f64 / 1000.0,
                 mem as f64 / 1000.0,

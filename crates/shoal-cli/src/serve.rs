@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// How long usage (`shoal usage`) is kept, e.g. 90d (default 31d).
     #[arg(long, env = "SHOAL_USAGE_RETENTION", value_parser = parse_duration)]
     usage_retention: Option<Duration>,
+    /// How often usage is written to the store (default 10s): a crash
+    /// loses at most this much of it.
+    #[arg(long, env = "SHOAL_USAGE_FLUSH", value_parser = parse_duration)]
+    usage_flush: Option<Duration>,
     /// Run as a node of the cluster kept in this Redis (redis://host:port):
     /// shared registry, async calls and global state tier there, calls
     /// placed across the nodes. Without it the node runs alone on the
@@ -179,6 +183,7 @@ struct ServeFile {
     default_timeout: Option<String>,
     default_memory: Option<String>,
     usage_retention: Option<String>,
+    usage_flush: Option<String>,
     redis: Option<String>,
     advertise: Option<String>,
     gateway: Option<bool>,
@@ -337,6 +342,16 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
         config.usage_retention = retention;
     }
     anyhow::ensure!(config.usage_retention >= Duration::from_secs(60), "usage_retention must be at least a minute");
+    if let Some(text) = &file.usage_flush {
+        config.usage_flush = parse_duration(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(every) = args.usage_flush {
+        config.usage_flush = every;
+    }
+    anyhow::ensure!(
+        (Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&config.usage_flush),
+        "usage_flush must be between 100ms and 1h"
+    );
     if let Some(text) = &file.default_memory {
         config.default_memory_bytes = parse_size(text).map_err(anyhow::Error::msg)?;
     }

@@ -395,6 +395,87 @@ fn a_killed_nodes_lock_on_redis_passes_on_when_its_lease_expires() {
     assert_eq!(redis.command(&["EXISTS", lock_key]), ":0", "released by its new holder");
 }
 
+/// CPU time (user + system) process `pid` has used, from /proc.
+fn cpu_of(pid: u32) -> std::time::Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    std::time::Duration::from_millis(ticks * 10)
+}
+
+/// `shoal usage`'s row of `function`: its calls and CPU ms.
+fn usage_row(table: &str, function: &str) -> (u64, f64) {
+    let line = table.lines().find(|l| l.split_whitespace().next() == Some(function));
+    let columns: Vec<&str> = line.unwrap_or_else(|| panic!("no {function} in\n{table}")).split_whitespace().collect();
+    (columns[1].parse().unwrap(), columns[3].parse().unwrap())
+}
+
+#[test]
+fn usage_charges_the_cpu_calls_spent_and_a_kill_9_loses_at_most_one_flush() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = serve_with(dir.path(), &["--usage-flush", "1s"]);
+    let pid = served.child.id();
+    let (fib_calls, fib_cpu_ms) = {
+        let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
+        // A fib that takes a while, so that /proc's 10 ms ticks are small
+        // beside it.
+        let mut n = 28;
+        while n < 40 {
+            let start = Instant::now();
+            stdout(&run(&["invoke", "demo/fib", "-d", &n.to_string()]));
+            if start.elapsed() >= Duration::from_millis(80) {
+                break;
+            }
+            n += 1;
+        }
+        // Wait for the node to be quiet (the start's compiles done).
+        let mut last = cpu_of(pid);
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = cpu_of(pid);
+            if now - last <= Duration::from_millis(10) {
+                break;
+            }
+            last = now;
+        }
+        let before_table = stdout(&run(&["usage", "demo", "--by", "function", "--since", "1h"]));
+        let (calls_before, cpu_before) = usage_row(&before_table, "demo/fib");
+        let process_before = cpu_of(pid);
+        for _ in 0..8 {
+            stdout(&run(&["invoke", "demo/fib", "-d", &n.to_string()]));
+        }
+        let spent = (cpu_of(pid) - process_before).as_secs_f64() * 1000.0;
+        let table = stdout(&run(&["usage", "demo", "--by", "function", "--since", "1h"]));
+        let (calls, cpu_ms) = usage_row(&table, "demo/fib");
+        assert_eq!(calls - calls_before, 8, "{table}");
+        // What the 8 calls were charged is what the node spent running
+        // them (the rest: 8 requests and their answers, a usage query,
+        // a flush a second), within 10%.
+        let charged = cpu_ms - cpu_before;
+        assert!(spent >= 400.0, "fib({n}) ran too briefly to measure: {spent} ms");
+        assert!((charged - spent).abs() <= spent * 0.1, "charged {charged} ms, the node spent {spent} ms");
+
+        // Five calls written by a flush, then three that may not be.
+        for _ in 0..5 {
+            stdout(&run(&["invoke", "demo/hello", "-d", "x"]));
+        }
+        std::thread::sleep(Duration::from_millis(2500));
+        for _ in 0..3 {
+            stdout(&run(&["invoke", "demo/hello", "-d", "x"]));
+        }
+        (calls, cpu_ms)
+    };
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+
+    let served = serve_with(dir.path(), &["--usage-flush", "1s"]);
+    let table = stdout(&shoal(dir.path(), &served.url, &["usage", "demo", "--by", "function", "--since", "1h"]));
+    assert_eq!(usage_row(&table, "demo/fib"), (fib_calls, fib_cpu_ms), "flushed before the kill: kept");
+    let (hello, _) = usage_row(&table, "demo/hello");
+    assert!((5..=8).contains(&hello), "at most the last flush's calls are lost: {hello} of 8\n{table}");
+}
+
 #[test]
 fn async_calls_accepted_before_kill_9_all_finish_after_the_restart() {
     let dir = tempfile::tempdir().unwrap();

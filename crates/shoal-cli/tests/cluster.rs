@@ -298,6 +298,19 @@ async fn deploys_propagate_and_calls_are_placed_where_their_function_is_warm_bod
     // A flush later, still 12: nothing was counted twice.
     tokio::time::sleep(Duration::from_secs(11)).await;
     assert_eq!(metered(http.clone(), usage_url.clone(), token.clone()).await, 12);
+    // The tenant's stored state bytes: a gauge every node samples, set in
+    // Redis rather than added, so three nodes do not make it three times.
+    http.ok(Method::PUT, format!("{}/v1/state/acme/big", nodes[0].url), &token, vec![b'z'; 2000]).await;
+    let limits = http.ok(Method::GET, format!("{}/v1/tenants/acme/limits", nodes[0].url), &token, Vec::new()).await;
+    let held = limits.json()["in_use"]["state_bytes"].as_u64().unwrap();
+    assert!(held >= 2000, "{held}");
+    for node in &nodes {
+        let url = format!("{}/v1/tenants/acme/usage?step=3600", node.url);
+        let answer = http.ok(Method::GET, url, &token, Vec::new()).await.json();
+        let stored =
+            answer["buckets"].as_array().unwrap().iter().filter_map(|b| b["state_stored_bytes"].as_u64()).max();
+        assert_eq!(stored, Some(held), "{answer}");
+    }
 
     // A removal reaches every node too.
     let removed = format!("acme/{}", names[0]);

@@ -38,20 +38,29 @@ impl SharedUsage {
         format!("{}:usage:{tenant}:{minute}", self.prefix)
     }
 
-    /// Add `rows` (in one pipeline, atomically), each minute's hash kept
-    /// for `retention` after its last addition.
-    pub async fn add(&self, rows: &[UsageRow], retention: Duration) -> Result<(), ClusterError> {
-        if rows.is_empty() {
+    /// Add `rows` and set `gauges` (fields whose value is the same
+    /// whichever node writes it), in one pipeline, atomically; each
+    /// minute's hash is kept for `retention` after its last write.
+    pub async fn add(&self, rows: &[UsageRow], gauges: &[UsageRow], retention: Duration) -> Result<(), ClusterError> {
+        if rows.is_empty() && gauges.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
+        let keep = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
         for (tenant, minute, fields) in rows {
             let key = self.key(tenant, *minute);
             for (field, amount) in fields {
                 pipe.hincr(&key, field, *amount).ignore();
             }
-            pipe.expire(&key, i64::try_from(retention.as_secs()).unwrap_or(i64::MAX)).ignore();
+            pipe.expire(&key, keep).ignore();
+        }
+        for (tenant, minute, fields) in gauges {
+            let key = self.key(tenant, *minute);
+            for (field, value) in fields {
+                pipe.hset(&key, field, *value).ignore();
+            }
+            pipe.expire(&key, keep).ignore();
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(redis_error)

@@ -35,6 +35,9 @@ pub(crate) const DEADLINE_HEADER: &str = "x-shoal-deadline-ms";
 pub(crate) const CALL_ID_HEADER: &str = "x-shoal-call-id";
 /// The id of the node that ran a call, on its answer (cluster mode only).
 pub(crate) const NODE_HEADER: &str = "x-shoal-node";
+/// The CPU time a sync call's run took, in microseconds (what its usage
+/// is charged).
+pub(crate) const CPU_HEADER: &str = "x-shoal-cpu-us";
 
 /// How often the node reports its load and checks the registry's version.
 const TICK: Duration = Duration::from_millis(100);
@@ -403,9 +406,13 @@ fn header_value(text: &str) -> HeaderValue {
 fn relay(answer: Answer) -> Response<Body> {
     let mut response = Response::new(Body::from(answer.body));
     *response.status_mut() = answer.status;
-    for name in
-        [CONTENT_TYPE, RETRY_AFTER, HeaderName::from_static(CALL_ID_HEADER), HeaderName::from_static(NODE_HEADER)]
-    {
+    for name in [
+        CONTENT_TYPE,
+        RETRY_AFTER,
+        HeaderName::from_static(CALL_ID_HEADER),
+        HeaderName::from_static(NODE_HEADER),
+        HeaderName::from_static(CPU_HEADER),
+    ] {
         if let Some(value) = answer.headers.get(&name) {
             response.headers_mut().insert(name, value.clone());
         }

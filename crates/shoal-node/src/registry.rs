@@ -421,6 +421,10 @@ impl Registry {
         Ok(done.map_err(|e| StoreError::Io(format!("the store task failed: {e}")))??)
     }
 
+    pub fn tenant_names(&self) -> Vec<String> {
+        self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner).keys().cloned().collect()
+    }
+
     pub fn n_tenants(&self) -> usize {
         self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }

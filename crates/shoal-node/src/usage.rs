@@ -47,6 +47,20 @@ pub struct Usage {
     /// Calls started with `spawn` (each also counted as a call of its own
     /// function).
     pub spawned: u64,
+    /// Bytes the calls' state operations read from the global tier and
+    /// wrote to it.
+    pub state_read_bytes: u64,
+    pub state_written_bytes: u64,
+    /// The tenant's bytes in the global state tier (what its quota
+    /// counts), sampled once a minute: the most seen in the bucket. A
+    /// tenant-wide gauge, in the tenant's rows only (not per function).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub state_stored_bytes: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Usage {
@@ -62,6 +76,9 @@ impl Usage {
         self.outbound_requests += other.outbound_requests;
         self.outbound_bytes += other.outbound_bytes;
         self.spawned += other.spawned;
+        self.state_read_bytes += other.state_read_bytes;
+        self.state_written_bytes += other.state_written_bytes;
+        self.state_stored_bytes = self.state_stored_bytes.max(other.state_stored_bytes);
     }
 }
 
@@ -127,7 +144,18 @@ impl Meter {
             sums.outbound_requests += u64::from(used.outbound_requests);
             sums.outbound_bytes += used.outbound_bytes;
             sums.spawned += u64::from(used.spawned);
+            sums.state_read_bytes += used.state_read_bytes;
+            sums.state_written_bytes += used.state_written_bytes;
         }
+    }
+
+    /// Note `tenant`'s bytes stored in the global state tier this minute.
+    pub fn record_stored(&self, tenant: &str, bytes: u64) {
+        let tenant: Arc<str> = Arc::from(tenant);
+        let key: Arc<str> = Arc::from(format!("{tenant}/"));
+        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let row = pending.entry((tenant, key, this_minute())).or_default();
+        row.usage.state_stored_bytes = row.usage.state_stored_bytes.max(bytes);
     }
 
     /// What is pending (and what a failed flush left), as store keys
@@ -186,17 +214,24 @@ impl Meter {
             return Ok(());
         }
         let mut by_minute: BTreeMap<(String, u64), Vec<(String, u64)>> = BTreeMap::new();
+        let mut gauges: Vec<UsageRow> = Vec::new();
         for (key, usage) in &rows {
             let mut parts = key.splitn(3, '/');
             let (Some(tenant), Some(minute), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
                 continue;
             };
-            let fields = by_minute.entry((tenant.to_string(), minute.parse().unwrap_or(0))).or_default();
+            let minute = minute.parse().unwrap_or(0);
+            let fields = by_minute.entry((tenant.to_string(), minute)).or_default();
             fields.extend(to_fields(usage).into_iter().map(|(metric, n)| (format!("{name}|{metric}"), n)));
+            if usage.state_stored_bytes > 0 {
+                // The same value whichever node samples it: set, not added.
+                let gauge = vec![(format!("{name}|{STORED}"), usage.state_stored_bytes)];
+                gauges.push((tenant.to_string(), minute, gauge));
+            }
         }
         let shared_rows: Vec<UsageRow> =
             by_minute.into_iter().map(|((tenant, minute), fields)| (tenant, minute, fields)).collect();
-        match shared.add(&shared_rows, retention).await {
+        match shared.add(&shared_rows, &gauges, retention).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.keep_unwritten(rows);
@@ -218,7 +253,7 @@ impl Meter {
                 }
             }
             for (name, metrics) in per_function {
-                if function.as_deref().is_some_and(|f| f != name) {
+                if function.as_deref().is_some_and(|f| f != name) || (name.is_empty() && by_function) {
                     continue;
                 }
                 let start = from + (minute - from) / step * step;
@@ -278,7 +313,7 @@ impl Meter {
             for (key, bytes) in rows {
                 let mut parts = key.splitn(3, '/');
                 let (_, Some(minute), Some(name)) = (parts.next(), parts.next(), parts.next()) else { continue };
-                if function.as_deref().is_some_and(|f| f != name) {
+                if function.as_deref().is_some_and(|f| f != name) || (name.is_empty() && by_function) {
                     continue;
                 }
                 let Ok(minute) = minute.parse::<u64>() else { continue };
@@ -311,6 +346,7 @@ pub(crate) fn spawn_chore(node: &Arc<crate::Node>) {
                 let minute = this_minute();
                 if minute != pruned_at {
                     pruned_at = minute;
+                    node.sample_stored(node.registry.tenant_names()).await;
                     let keep = node.config.usage_retention.as_secs() / 60;
                     if let Err(e) = Meter::prune(&node.usage_store, minute.saturating_sub(keep)).await {
                         tracing::warn!(error = %e, "removing old usage failed");
@@ -334,6 +370,18 @@ impl crate::Node {
         self.usage.record(&function.settings.tenant, &function.key, outcome, usage);
     }
 
+    /// Note every tenant's bytes in the global state tier (the tier's own
+    /// count, what the quota checks) for this minute.
+    async fn sample_stored(&self, tenants: Vec<String>) {
+        for tenant in tenants {
+            match self.state.global().usage(&tenant).await {
+                Ok(bytes) if bytes > 0 => self.usage.record_stored(&tenant, bytes),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, %tenant, "reading a tenant's stored state bytes failed"),
+            }
+        }
+    }
+
     /// Write what is pending: to the cluster's sums in Redis, or to the
     /// node's store.
     pub(crate) async fn flush_usage(&self) -> Result<(), String> {
@@ -344,8 +392,10 @@ impl crate::Node {
     }
 
     /// `query`, with what is pending written first (this node's: another
-    /// node's last `usage_flush` may not be in yet).
+    /// node's last `usage_flush` may not be in yet) and the tenant's stored
+    /// bytes sampled now.
     pub async fn usage(&self, query: Query) -> Result<Vec<Bucket>, String> {
+        self.sample_stored(vec![query.tenant.clone()]).await;
         self.flush_usage().await?;
         match self.cluster.as_ref().and_then(|c| c.usage.as_ref()) {
             Some(shared) => Meter::query_shared(shared, query).await,
@@ -365,6 +415,8 @@ fn to_fields(usage: &Usage) -> Vec<(String, u64)> {
         ("outbound_requests".to_string(), usage.outbound_requests),
         ("outbound_bytes".to_string(), usage.outbound_bytes),
         ("spawned".to_string(), usage.spawned),
+        ("state_read_bytes".to_string(), usage.state_read_bytes),
+        ("state_written_bytes".to_string(), usage.state_written_bytes),
     ];
     fields.retain(|(_, n)| *n > 0);
     fields.extend(usage.outcomes.iter().map(|(outcome, n)| (format!("o:{outcome}"), *n)));
@@ -384,6 +436,9 @@ fn from_fields(fields: &[(&str, u64)]) -> Usage {
             "outbound_requests" => usage.outbound_requests += n,
             "outbound_bytes" => usage.outbound_bytes += n,
             "spawned" => usage.spawned += n,
+            "state_read_bytes" => usage.state_read_bytes += n,
+            "state_written_bytes" => usage.state_written_bytes += n,
+            STORED => usage.state_stored_bytes = usage.state_stored_bytes.max(n),
             other => {
                 if let Some(outcome) = other.strip_prefix("o:") {
                     *usage.outcomes.entry(outcome.to_string()).or_default() += n;
@@ -393,6 +448,9 @@ fn from_fields(fields: &[(&str, u64)]) -> Usage {
     }
     usage
 }
+
+/// The field of the tenant-wide stored-bytes gauge.
+const STORED: &str = "state_stored_bytes";
 
 fn row_key(tenant: &str, minute: u64, name: &str) -> String {
     format!("{tenant}/{minute:010}/{name}")

@@ -126,6 +126,11 @@ pub struct CallUsage {
     pub outbound_bytes: u64,
     /// Calls it started with `spawn`.
     pub spawned: u32,
+    /// Bytes its state operations read from the global tier (fills of the
+    /// local tier, pulls, reads served from the global tier) and wrote to
+    /// it (pushes of dirty chunks, appends).
+    pub state_read_bytes: u64,
+    pub state_written_bytes: u64,
 }
 
 impl CallUsage {
@@ -434,6 +439,8 @@ pub(crate) async fn run(
                     _ => Ok(Err("this function is not an HTTP function: it takes bytes, not requests".into())),
                 }
             };
+            let moved = Arc::new(shoal_state::MovedBytes::default());
+            let call = shoal_state::metered(moved.clone(), call);
             let outcome = Backstop::new(backstop, releasing_when_blocked(call, &lanes)).await;
             let (stderr, _) = stderr.take();
             let result = match outcome {
@@ -472,6 +479,8 @@ pub(crate) async fn run(
                 outbound_requests,
                 outbound_bytes,
                 spawned: data.chain.n_spawned(),
+                state_read_bytes: moved.from_global.load(std::sync::atomic::Ordering::Relaxed),
+                state_written_bytes: moved.to_global.load(std::sync::atomic::Ordering::Relaxed),
                 ..CallUsage::default()
             };
             CallOutput { result, stdout, stderr, logs, usage }
@@ -494,6 +503,8 @@ pub(crate) async fn run(
                 let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                 start.call_async(&mut store, ()).await
             };
+            let moved = Arc::new(shoal_state::MovedBytes::default());
+            let call = shoal_state::metered(moved.clone(), call);
             let outcome = Backstop::new(backstop, releasing_when_blocked(call, &lanes)).await;
             let (stderr, _) = stderr.take();
             let (output, output_truncated) = stdout.take();

@@ -26,7 +26,7 @@ pub use global::{
 };
 pub use key::{MAX_KEY_BYTES, ScopedKey};
 pub use local::{CHUNK_BYTES, DirtyChunks, LocalBytes, LocalLimits, LocalTier};
-pub use tiers::{StateTiers, TierStats};
+pub use tiers::{MovedBytes, StateTiers, TierStats, metered};
 
 /// Why a state operation failed; maps onto the guest interface's `error`.
 #[derive(Debug, thiserror::Error)]

@@ -21,11 +21,38 @@
 //! restarts; a read finding no room in the local tier is served from the
 //! global tier without being kept.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{DirtyChunks, GlobalTier, LeaseToken, LocalLimits, LocalTier, ScopedKey, StateError};
+
+/// Bytes one call's state operations moved between the tiers, counted
+/// while the call runs inside [`metered`]: every read from and write to
+/// the global tier a `StateTiers` method makes on the call's task is added
+/// here as well as to the node's totals.
+#[derive(Debug, Default)]
+pub struct MovedBytes {
+    pub from_global: AtomicU64,
+    pub to_global: AtomicU64,
+}
+
+tokio::task_local! {
+    static MOVED: Arc<MovedBytes>;
+}
+
+/// Run `work` with the bytes its state operations move counted in `moved`.
+pub async fn metered<F: Future>(moved: Arc<MovedBytes>, work: F) -> F::Output {
+    MOVED.scope(moved, work).await
+}
+
+fn count_for_call(to_global: bool, bytes: u64) {
+    let _ = MOVED.try_with(|moved| {
+        let counter = if to_global { &moved.to_global } else { &moved.from_global };
+        counter.fetch_add(bytes, Ordering::Relaxed);
+    });
+}
 
 /// Bytes moved between the tiers since the node started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,7 +60,7 @@ pub struct TierStats {
     /// Read from the global tier (fills, pulls, range reads of values not
     /// held locally, HTTP reads).
     pub bytes_from_global: u64,
-    /// Written to the global tier (pushes, HTTP writes).
+    /// Written to the global tier (pushes, appends, HTTP writes).
     pub bytes_to_global: u64,
 }
 
@@ -84,9 +111,15 @@ impl StateTiers {
         }
     }
 
+    fn wrote(&self, bytes: u64) {
+        self.to_global.fetch_add(bytes, Ordering::Relaxed);
+        count_for_call(true, bytes);
+    }
+
     fn read(&self, got: Option<Vec<u8>>) -> Option<Vec<u8>> {
         if let Some(bytes) = &got {
             self.from_global.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            count_for_call(false, bytes.len() as u64);
         }
         got
     }
@@ -171,7 +204,9 @@ impl StateTiers {
     }
 
     pub async fn append(&self, key: &ScopedKey, data: Vec<u8>) -> Result<(), StateError> {
+        let len = data.len() as u64;
         self.global.append(key, data).await?;
+        self.wrote(len);
         self.local.remove(key);
         Ok(())
     }
@@ -195,7 +230,7 @@ impl StateTiers {
         }
         let sent: u64 = dirty.chunks.iter().map(|(_, c)| c.len() as u64).sum();
         let dirty: DirtyChunks = self.global.write_chunks(key, dirty).await?;
-        self.to_global.fetch_add(sent, Ordering::Relaxed);
+        self.wrote(sent);
         self.local.mark_clean(key, &dirty);
         Ok(true)
     }
@@ -250,7 +285,7 @@ impl StateTiers {
     pub async fn put_global(&self, key: &ScopedKey, value: Vec<u8>) -> Result<(), StateError> {
         let len = value.len() as u64;
         self.global.set(key, value).await?;
-        self.to_global.fetch_add(len, Ordering::Relaxed);
+        self.wrote(len);
         self.local.remove(key);
         Ok(())
     }

@@ -377,6 +377,10 @@ fn answer(
             node.metrics.record_call(Ok(()), Some(elapsed));
             let mut response = output.into_response();
             response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            response.headers_mut().insert(
+                axum::http::HeaderName::from_static(crate::cluster::CPU_HEADER),
+                HeaderValue::from(u64::try_from(out.usage.cpu.as_micros()).unwrap_or(u64::MAX)),
+            );
             Ok(response)
         }
         Err(e) => {

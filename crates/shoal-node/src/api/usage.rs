@@ -85,13 +85,13 @@ pub(super) async fn get(
     let buckets = node.usage(query).await.map_err(|e| ApiError::internal("reading usage", e))?;
     if csv {
         let mut text = String::from(
-            "start,function,calls,ok,errors,wall_us,cpu_us,memory_mib_ms,queued_us,outbound_requests,outbound_bytes,spawned\n",
+            "start,function,calls,ok,errors,wall_us,cpu_us,memory_mib_ms,queued_us,outbound_requests,outbound_bytes,spawned,state_read_bytes,state_written_bytes,state_stored_bytes\n",
         );
         for Bucket { start, function, usage } in &buckets {
             let ok = usage.outcomes.get("ok").copied().unwrap_or(0);
             let _ = writeln!(
                 text,
-                "{},{},{},{ok},{},{},{},{},{},{},{},{}",
+                "{},{},{},{ok},{},{},{},{},{},{},{},{},{},{},{}",
                 start * 60,
                 function.as_deref().unwrap_or(""),
                 usage.calls,
@@ -102,7 +102,10 @@ pub(super) async fn get(
                 usage.queued_us,
                 usage.outbound_requests,
                 usage.outbound_bytes,
-                usage.spawned
+                usage.spawned,
+                usage.state_read_bytes,
+                usage.state_written_bytes,
+                usage.state_stored_bytes
             );
         }
         let mut response = text.into_response();

@@ -29,11 +29,21 @@ async fn calls_are_charged_to_their_tenant_and_function_by_outcome() {
     assert_eq!(status, StatusCode::CREATED);
 
     let cpu_before = process_cpu();
+    let mut answered_cpu_us = 0;
     for _ in 0..10 {
-        let (status, _) = node.invoke("demo/fib", b"27").await;
-        assert_eq!(status, StatusCode::OK);
+        let response = node.req(reqwest::Method::POST, "/v1/functions/demo/fib/invoke", Some(ADMIN)).body("27");
+        let response = response.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        answered_cpu_us += response.headers()["x-shoal-cpu-us"].to_str().unwrap().parse::<u64>().unwrap();
     }
     let cpu_spent = process_cpu() - cpu_before;
+    // State moved by calls: 3000 bytes pushed, then pulled by another call.
+    assert_eq!(node.deploy("demo/ops", "", shoal_guests::STATE_OPS).await.0, StatusCode::CREATED);
+    let value = "v".repeat(3000);
+    let (status, out) = node.invoke("demo/ops", format!("set big {value}\npush big").as_bytes()).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&out));
+    let (status, out) = node.invoke("demo/ops", b"pull big").await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&out));
     assert_eq!(node.invoke("demo/misbehave", b"error").await.0, StatusCode::INTERNAL_SERVER_ERROR);
     assert_ne!(node.invoke("demo/bomb", b"oom").await.0, StatusCode::OK);
     assert_eq!(node.invoke_as(&acme, "acme/fib", b"10").await.0, StatusCode::OK);
@@ -55,7 +65,11 @@ async fn calls_are_charged_to_their_tenant_and_function_by_outcome() {
         charged > Duration::ZERO && charged <= cpu_spent + Duration::from_millis(20),
         "{charged:?} of {cpu_spent:?}"
     );
+    assert_eq!(fib["cpu_us"].as_u64(), Some(answered_cpu_us), "the sum of what each answer said it was charged");
     assert!(fib["wall_us"].as_u64().unwrap() > 0 && fib["memory_mib_ms"].as_u64().is_some(), "{fib}");
+    let ops = row("ops");
+    assert_eq!((ops["state_written_bytes"].as_u64(), ops["state_read_bytes"].as_u64()), (Some(3000), Some(3000)));
+    assert_eq!(fib["state_written_bytes"].as_u64(), Some(0), "{fib}");
     let chain = row("chain");
     assert_eq!((chain["calls"].as_u64(), chain["spawned"].as_u64()), (Some(1), Some(3)), "{chain}");
     assert_eq!(row("echo")["calls"].as_u64(), Some(3), "{usage}");
@@ -88,7 +102,13 @@ async fn calls_are_charged_to_their_tenant_and_function_by_outcome() {
     let lines: Vec<&str> = csv.lines().collect();
     assert!(lines[0].starts_with("start,function,calls,ok,errors,"), "{csv}");
     let calls: u64 = lines[1..].iter().map(|l| l.split(',').nth(2).unwrap().parse::<u64>().unwrap()).sum();
-    assert_eq!(calls, 16, "{csv}");
+    assert_eq!(calls, 18, "{csv}");
+    // The tenant's stored bytes: sampled when asked (and each minute), in
+    // the tenant's rows; the key's value at least.
+    assert!(lines[0].ends_with(",state_stored_bytes"), "{csv}");
+    let stored: u64 = lines[1..].iter().map(|l| l.rsplit(',').next().unwrap().parse::<u64>().unwrap()).max().unwrap();
+    let quota_counts = node.get_json("/v1/tenants/demo/limits").await["in_use"]["state_bytes"].as_u64().unwrap();
+    assert!(stored >= 3000 && stored == quota_counts, "{stored} vs {quota_counts}: {csv}");
     // Bad parameters are named.
     for bad in ["step=90", "from=5&to=4", "from=x", "by=node", "nonsense=1", "step=60&from=0&to=99999999"] {
         let response =
