@@ -30,6 +30,12 @@ pub struct ServeArgs {
     /// token.
     #[arg(long, env = "SHOAL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// How many functions (default 100) and tenants (100) have metrics
+    /// series of their own: the most used; the rest are counted as `other`.
+    #[arg(long, env = "SHOAL_METRICS_FUNCTIONS")]
+    metrics_functions: Option<usize>,
+    #[arg(long, env = "SHOAL_METRICS_TENANTS")]
+    metrics_tenants: Option<usize>,
     /// Where HTTP functions are served, at /TENANT/NAME/…; `off` for
     /// nowhere. Default: the --listen address with the next port
     /// (127.0.0.1:8081), a free port when --listen's is 0.
@@ -164,6 +170,8 @@ struct ServeFile {
     listen: Option<SocketAddr>,
     public: Option<bool>,
     metrics_listen: Option<SocketAddr>,
+    metrics_functions: Option<usize>,
+    metrics_tenants: Option<usize>,
     http_listen: Option<String>,
     http_domain: Option<String>,
     http_max_body: Option<String>,
@@ -342,6 +350,12 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
         config.usage_retention = retention;
     }
     anyhow::ensure!(config.usage_retention >= Duration::from_secs(60), "usage_retention must be at least a minute");
+    if let Some(n) = args.metrics_functions.or(file.metrics_functions) {
+        config.metrics_functions = n;
+    }
+    if let Some(n) = args.metrics_tenants.or(file.metrics_tenants) {
+        config.metrics_tenants = n;
+    }
     if let Some(text) = &file.usage_flush {
         config.usage_flush = parse_duration(text).map_err(anyhow::Error::msg)?;
     }

@@ -711,8 +711,7 @@ impl Node {
                 };
                 deployed.logs.append(&id, now_ms(), out.take_logs());
                 let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
-                self.metrics.record_call(outcome, Some(started.elapsed()));
-                self.meter(deployed, outcome, Some(&out.usage));
+                self.account(deployed, outcome, Some(started.elapsed()), Some(&out.usage));
                 match out.result {
                     Ok(output) => (Some(output), None),
                     Err(e) => (None, Some((ErrorKind::of_call(&e), e.to_string()))),

@@ -63,15 +63,13 @@ impl Invoker for NodeInvoker {
                     return node.forward_chained(&deployed, input, hop.0, hop.1).await;
                 }
                 Err(overloaded) => {
-                    node.metrics.record_call(Err(ErrorKind::Overloaded), None);
-                    node.meter(&deployed, Err(ErrorKind::Overloaded), None);
+                    node.account(&deployed, Err(ErrorKind::Overloaded), None, None);
                     return Err(ChainError::Unavailable(overloaded.to_string()));
                 }
             };
             deployed.logs.append(&call_id, now_ms(), out.take_logs());
             let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
-            node.metrics.record_call(outcome, Some(started.elapsed()));
-            node.meter(&deployed, outcome, Some(&out.usage));
+            node.account(&deployed, outcome, Some(started.elapsed()), Some(&out.usage));
             out.result.map_err(ChainError::Failed)
         })
     }

@@ -124,6 +124,10 @@ pub struct NodeConfig {
     /// store (what a crash can lose), and how long usage is kept.
     pub usage_flush: Duration,
     pub usage_retention: Duration,
+    /// How many functions, and tenants, have metrics series of their own
+    /// (the most used; the rest are counted as `other`). Default 100 each.
+    pub metrics_functions: usize,
+    pub metrics_tenants: usize,
     /// Records of asynchronous calls one tenant may keep on this node
     /// (queued, running, or finished and not yet expired); more of its
     /// calls are refused with 507. Default 100,000.
@@ -210,6 +214,8 @@ impl NodeConfig {
             async_retention: Duration::from_secs(24 * 3600),
             usage_flush: Duration::from_secs(10),
             usage_retention: Duration::from_secs(31 * 24 * 3600),
+            metrics_functions: 100,
+            metrics_tenants: 100,
             max_async_records_per_tenant: 100_000,
             max_async_output_bytes_per_tenant: 1 << 30,
             redis_url: None,

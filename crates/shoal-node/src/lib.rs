@@ -278,6 +278,7 @@ impl Node {
         }
 
         let queue = cluster.as_ref().map(|c| c.queue.clone());
+        let metrics = Metrics::new(config.metrics_functions, config.metrics_tenants);
         let async_per_tenant = config.max_async_calls_per_tenant.unwrap_or((config.max_async_calls / 4).max(1));
         let async_calls = Arc::new(AsyncCalls::new(
             store.clone(),
@@ -302,7 +303,7 @@ impl Node {
                 state,
                 registry,
                 executor,
-                metrics: Metrics::default(),
+                metrics,
                 usage: usage::Meter::default(),
                 usage_store,
                 async_calls,

@@ -1,35 +1,335 @@
-//! Node metrics in the Prometheus text format: call outcomes, call latency
-//! (a fixed-bucket histogram), and gauges of what is deployed and running.
-//! Plain atomics; recording a call never takes a lock.
+//! Node metrics in the Prometheus text format, through `prometheus-client`:
+//! node-wide call outcomes and latency, the same per tenant and per
+//! function (calls by outcome, duration, CPU seconds), and gauges of what
+//! is deployed and running, read at scrape time.
+//!
+//! Label cardinality is bounded: at most `metrics_functions` functions and
+//! `metrics_tenants` tenants have series of their own, the ones used most
+//! (`Labels`: the first ones seen while there is room; then every
+//! `rerank` — each usage flush — a function or tenant used more than twice
+//! as much as the least used one with series takes its place, and the
+//! other's series are removed). Calls of the rest are counted under
+//! `tenant="other"`, `function="other"`. Recording a call takes a read lock
+//! and a few atomic additions; one not in the chosen set also a short lock
+//! on the candidates' counts.
 
-use std::fmt::Write;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::error::ErrorKind;
 
-/// Upper bounds of the latency buckets, in microseconds.
-const BUCKETS_US: [u64; 12] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000, 10_000_000];
+/// Upper bounds of the node-wide latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 10.0];
+/// Fewer for each function's histogram (each bucket is a series).
+const FUNCTION_BUCKETS: [f64; 8] = [0.0001, 0.0005, 0.001, 0.005, 0.025, 0.1, 1.0, 10.0];
+/// The name calls outside the chosen set are counted under.
+pub const OTHER: &str = "other";
+/// `ok` and every error kind: the outcomes a call can have.
+const N_OUTCOMES: usize = 20;
 
-/// Outcomes counted; index 0 is success.
-const OUTCOMES: [&str; 9] =
-    ["ok", "function_error", "trap", "timeout", "out_of_memory", "overloaded", "too_large", "internal", "other"];
-
-#[derive(Debug, Default)]
-pub struct Metrics {
-    outcomes: [AtomicU64; OUTCOMES.len()],
-    buckets: [AtomicU64; BUCKETS_US.len()],
-    duration_us_sum: AtomicU64,
-    n_timed: AtomicU64,
-    n_deploys: AtomicU64,
+fn outcome_index(outcome: Result<(), ErrorKind>) -> (usize, &'static str) {
+    match outcome {
+        Ok(()) => (0, "ok"),
+        Err(kind) => ((kind as usize + 1).min(N_OUTCOMES - 1), kind.as_str()),
+    }
 }
 
-fn outcome_index(outcome: Result<(), ErrorKind>) -> usize {
-    let name = match outcome {
-        Ok(()) => "ok",
-        Err(kind) => kind.as_str(),
-    };
-    OUTCOMES.iter().position(|o| *o == name).unwrap_or(OUTCOMES.len() - 1)
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantOutcome {
+    tenant: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionLabels {
+    tenant: String,
+    function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionOutcome {
+    tenant: String,
+    function: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type CpuCounter = Counter<f64, AtomicU64>;
+
+fn function_histogram() -> Histogram {
+    Histogram::new(FUNCTION_BUCKETS)
+}
+
+/// The families one kind of label (tenants, or functions) counts into.
+#[derive(Clone, Debug)]
+struct Families {
+    /// `tenant` alone, or `tenant` and `function`.
+    per_function: bool,
+    calls: Family<FunctionOutcome, Counter>,
+    duration: HistogramFamily<FunctionLabels>,
+    cpu: Family<FunctionLabels, CpuCounter>,
+    tenant_calls: Family<TenantOutcome, Counter>,
+    tenant_cpu: Family<TenantLabels, CpuCounter>,
+}
+
+/// One series set: a chosen function or tenant, or `other`.
+#[derive(Debug)]
+struct Series {
+    tenant: String,
+    function: String,
+    calls: [OnceLock<Counter>; N_OUTCOMES],
+    duration: Option<Histogram>,
+    cpu: CpuCounter,
+    /// Calls since the last rerank.
+    recent: AtomicU64,
+}
+
+impl Series {
+    fn new(families: &Families, tenant: &str, function: &str) -> Self {
+        let (duration, cpu) = if families.per_function {
+            let labels = FunctionLabels { tenant: tenant.to_string(), function: function.to_string() };
+            (Some(families.duration.get_or_create_owned(&labels)), families.cpu.get_or_create_owned(&labels))
+        } else {
+            (None, families.tenant_cpu.get_or_create_owned(&TenantLabels { tenant: tenant.to_string() }))
+        };
+        Self {
+            tenant: tenant.to_string(),
+            function: function.to_string(),
+            calls: Default::default(),
+            duration,
+            cpu,
+            recent: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, families: &Families, outcome: Result<(), ErrorKind>, call: Option<(Duration, Duration)>) {
+        let (i, name) = outcome_index(outcome);
+        self.calls[i]
+            .get_or_init(|| {
+                if families.per_function {
+                    families.calls.get_or_create_owned(&FunctionOutcome {
+                        tenant: self.tenant.clone(),
+                        function: self.function.clone(),
+                        outcome: name,
+                    })
+                } else {
+                    families
+                        .tenant_calls
+                        .get_or_create_owned(&TenantOutcome { tenant: self.tenant.clone(), outcome: name })
+                }
+            })
+            .inc();
+        if let Some((wall, cpu)) = call {
+            if let Some(duration) = &self.duration {
+                duration.observe(wall.as_secs_f64());
+            }
+            self.cpu.inc_by(cpu.as_secs_f64());
+        }
+        self.recent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Remove this set's series from the families.
+    fn remove(&self, families: &Families) {
+        let (tenant, function) = (self.tenant.clone(), self.function.clone());
+        for outcome in self.calls.iter().enumerate().filter(|(_, c)| c.get().is_some()).map(|(i, _)| outcome_name(i)) {
+            if families.per_function {
+                families.calls.remove(&FunctionOutcome { tenant: tenant.clone(), function: function.clone(), outcome });
+            } else {
+                families.tenant_calls.remove(&TenantOutcome { tenant: tenant.clone(), outcome });
+            }
+        }
+        if families.per_function {
+            let labels = FunctionLabels { tenant, function };
+            families.duration.remove(&labels);
+            families.cpu.remove(&labels);
+        } else {
+            families.tenant_cpu.remove(&TenantLabels { tenant });
+        }
+    }
+}
+
+/// The outcome name of index `i` (see `outcome_index`).
+fn outcome_name(i: usize) -> &'static str {
+    if i == 0 {
+        return "ok";
+    }
+    ALL_KINDS.iter().find(|k| **k as usize + 1 == i).map_or("internal", |k| k.as_str())
+}
+
+const ALL_KINDS: [ErrorKind; N_OUTCOMES - 1] = [
+    ErrorKind::BadRequest,
+    ErrorKind::Unauthorized,
+    ErrorKind::Forbidden,
+    ErrorKind::NotFound,
+    ErrorKind::MethodNotAllowed,
+    ErrorKind::Conflict,
+    ErrorKind::TooLarge,
+    ErrorKind::LimitExceeded,
+    ErrorKind::UriTooLong,
+    ErrorKind::RequestTimeout,
+    ErrorKind::InvalidWasm,
+    ErrorKind::InvalidSource,
+    ErrorKind::Overloaded,
+    ErrorKind::Trap,
+    ErrorKind::FunctionError,
+    ErrorKind::OutOfMemory,
+    ErrorKind::Timeout,
+    ErrorKind::Unavailable,
+    ErrorKind::Internal,
+];
+
+/// Which keys (tenants, or `tenant/name`) have series of their own.
+#[derive(Debug)]
+struct Labels {
+    max: usize,
+    families: Families,
+    chosen: RwLock<HashMap<Arc<str>, Arc<Series>>>,
+    /// Scores of the chosen at the last rerank (decayed by half each time).
+    scores: Mutex<HashMap<Arc<str>, u64>>,
+    /// Calls of keys not chosen since the last rerank (at most `4 × max`
+    /// keys tracked).
+    candidates: Mutex<HashMap<Arc<str>, u64>>,
+    other: Series,
+}
+
+impl Labels {
+    fn new(max: usize, families: Families) -> Self {
+        let other = Series::new(&families, OTHER, OTHER);
+        Self { max, families, chosen: RwLock::default(), scores: Mutex::default(), candidates: Mutex::default(), other }
+    }
+
+    fn split(key: &str) -> (&str, &str) {
+        key.split_once('/').unwrap_or((key, ""))
+    }
+
+    fn record(&self, key: &Arc<str>, outcome: Result<(), ErrorKind>, call: Option<(Duration, Duration)>) {
+        {
+            let chosen = self.chosen.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(series) = chosen.get(key) {
+                series.record(&self.families, outcome, call);
+                return;
+            }
+        }
+        // Room left: it gets series of its own at once.
+        {
+            let mut chosen = self.chosen.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if chosen.len() < self.max || chosen.contains_key(key) {
+                let (tenant, function) = Self::split(key);
+                let series = chosen
+                    .entry(key.clone())
+                    .or_insert_with(|| Arc::new(Series::new(&self.families, tenant, function)));
+                series.record(&self.families, outcome, call);
+                return;
+            }
+        }
+        self.other.record(&self.families, outcome, call);
+        let mut candidates = self.candidates.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if candidates.len() < 4 * self.max.max(1) || candidates.contains_key(key) {
+            *candidates.entry(key.clone()).or_default() += 1;
+        }
+    }
+
+    /// Let the most used candidates take the places of the least used
+    /// chosen (when they were used more than twice as much since the last
+    /// rerank as those were, decayed).
+    fn rerank(&self) {
+        let candidates =
+            std::mem::take(&mut *self.candidates.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let mut scores = self.scores.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut chosen = self.chosen.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ranked: Vec<(u64, Arc<str>)> = chosen
+            .iter()
+            .map(|(key, series)| {
+                let score = scores.get(key).copied().unwrap_or(0) / 2 + series.recent.swap(0, Ordering::Relaxed);
+                (score, key.clone())
+            })
+            .collect();
+        scores.clear();
+        ranked.sort();
+        let mut candidates: Vec<(u64, Arc<str>)> = candidates.into_iter().map(|(k, n)| (n, k)).collect();
+        candidates.sort_by(|a, b| b.cmp(a));
+        let mut weakest = ranked.iter();
+        let mut out = Vec::new();
+        for (score, key) in candidates {
+            if chosen.len() - out.len() < self.max {
+                // Room (a function was removed from the set).
+            } else {
+                match weakest.next() {
+                    Some((least, _)) if score > least.saturating_mul(2) => {}
+                    _ => break,
+                }
+                let (_, gone) = &ranked[out.len()];
+                out.push(gone.clone());
+            }
+            let (tenant, function) = Self::split(&key);
+            let series = Arc::new(Series::new(&self.families, tenant, function));
+            scores.insert(key.clone(), score);
+            chosen.insert(key, series);
+        }
+        for key in &out {
+            if let Some(series) = chosen.remove(key) {
+                series.remove(&self.families);
+            }
+        }
+        for (score, key) in ranked {
+            if chosen.contains_key(&key) {
+                scores.insert(key, score);
+            }
+        }
+    }
+
+    fn n_chosen(&self) -> usize {
+        self.chosen.read().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+}
+
+/// A registry whose help texts lose their final period (the encoder adds
+/// one).
+struct Help<'a>(&'a mut Registry);
+
+impl Help<'_> {
+    fn register(&mut self, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+        self.0.register(name, help.strip_suffix('.').unwrap_or(help), metric);
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    calls: Family<OutcomeLabel, Counter>,
+    duration: Histogram,
+    deploys: Counter,
+    functions: Labels,
+    tenants: Labels,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(100, 100)
+    }
 }
 
 /// Gauges read at render time.
@@ -69,44 +369,105 @@ pub struct Gauges {
 }
 
 impl Metrics {
-    /// Record a call that ran (refused calls have no duration).
-    pub fn record_call(&self, outcome: Result<(), ErrorKind>, duration: Option<Duration>) {
-        self.outcomes[outcome_index(outcome)].fetch_add(1, Ordering::Relaxed);
-        if let Some(duration) = duration {
-            let us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
-            if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-            self.duration_us_sum.fetch_add(us, Ordering::Relaxed);
-            self.n_timed.fetch_add(1, Ordering::Relaxed);
+    /// Series of their own for at most `max_functions` functions and
+    /// `max_tenants` tenants.
+    pub fn new(max_functions: usize, max_tenants: usize) -> Self {
+        let families = |per_function| Families {
+            per_function,
+            calls: Family::default(),
+            duration: Family::new_with_constructor(function_histogram as fn() -> Histogram),
+            cpu: Family::default(),
+            tenant_calls: Family::default(),
+            tenant_cpu: Family::default(),
+        };
+        Self {
+            calls: Family::default(),
+            duration: Histogram::new(BUCKETS),
+            deploys: Counter::default(),
+            functions: Labels::new(max_functions, families(true)),
+            tenants: Labels::new(max_tenants, families(false)),
         }
+    }
+
+    /// Record a call of `function` (`tenant/name`) of `tenant`: one that
+    /// ran, with its wall and CPU time, or one refused before it ran.
+    pub fn record_call(
+        &self,
+        tenant: &Arc<str>,
+        function: &Arc<str>,
+        outcome: Result<(), ErrorKind>,
+        call: Option<(Duration, Duration)>,
+    ) {
+        let (_, name) = outcome_index(outcome);
+        self.calls.get_or_create(&OutcomeLabel { outcome: name }).inc();
+        if let Some((wall, _)) = call {
+            self.duration.observe(wall.as_secs_f64());
+        }
+        self.functions.record(function, outcome, call);
+        self.tenants.record(tenant, outcome, call);
     }
 
     pub fn record_deploy(&self) {
-        self.n_deploys.fetch_add(1, Ordering::Relaxed);
+        self.deploys.inc();
+    }
+
+    /// Give the most used functions and tenants series of their own.
+    pub fn rerank(&self) {
+        self.functions.rerank();
+        self.tenants.rerank();
+    }
+
+    /// Functions and tenants with series of their own now.
+    pub fn n_labelled(&self) -> (usize, usize) {
+        (self.functions.n_chosen(), self.tenants.n_chosen())
     }
 
     pub fn render(&self, gauges: &Gauges) -> String {
-        let mut out = String::new();
-        let disk = gauges.disk.clone();
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        out.push_str("# HELP shoal_calls_total Calls by outcome.\n# TYPE shoal_calls_total counter\n");
-        for (name, count) in OUTCOMES.iter().zip(&self.outcomes) {
-            let _ = writeln!(out, "shoal_calls_total{{outcome=\"{name}\"}} {}", load(count));
-        }
-        out.push_str("# HELP shoal_call_duration_seconds Time from start to end of calls that ran.\n");
-        out.push_str("# TYPE shoal_call_duration_seconds histogram\n");
-        let mut cumulative = 0;
-        for (bound, count) in BUCKETS_US.iter().zip(&self.buckets) {
-            cumulative += load(count);
-            let _ = writeln!(out, "shoal_call_duration_seconds_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
-        }
-        let n_timed = load(&self.n_timed);
-        let _ = writeln!(out, "shoal_call_duration_seconds_bucket{{le=\"+Inf\"}} {n_timed}");
-        let _ = writeln!(out, "shoal_call_duration_seconds_sum {}", load(&self.duration_us_sum) as f64 / 1e6);
-        let _ = writeln!(out, "shoal_call_duration_seconds_count {n_timed}");
-        let gauges = [
-            ("shoal_deploys_total", "counter", "Successful deploys since start.", load(&self.n_deploys)),
+        let mut registry = Registry::default();
+        // (The library ends each help text with a period.)
+        let mut registry = Help(&mut registry);
+        registry.register("shoal_calls", "Calls by outcome.", self.calls.clone());
+        registry.register(
+            "shoal_call_duration_seconds",
+            "Time from start to end of calls that ran.",
+            self.duration.clone(),
+        );
+        let functions = &self.functions.families;
+        registry.register(
+            "shoal_function_calls",
+            "Calls of each function by outcome (the most used functions; the rest as tenant=\"other\", function=\"other\").",
+            functions.calls.clone(),
+        );
+        registry.register(
+            "shoal_function_call_duration_seconds",
+            "Time from start to end of each function's calls that ran.",
+            functions.duration.clone(),
+        );
+        registry.register(
+            "shoal_function_cpu_seconds",
+            "CPU time of each function's calls (the threads that ran them, while they ran).",
+            functions.cpu.clone(),
+        );
+        let tenants = &self.tenants.families;
+        registry.register(
+            "shoal_tenant_calls",
+            "Calls of each tenant by outcome (the most used tenants; the rest as tenant=\"other\").",
+            tenants.tenant_calls.clone(),
+        );
+        registry.register("shoal_tenant_cpu_seconds", "CPU time of each tenant's calls.", tenants.tenant_cpu.clone());
+        let (n_functions, n_tenants) = self.n_labelled();
+        registry.register(
+            "shoal_metrics_labelled_functions",
+            "Functions with series of their own (at most --metrics-functions).",
+            ConstGauge::new(n_functions as i64),
+        );
+        registry.register(
+            "shoal_metrics_labelled_tenants",
+            "Tenants with series of their own (at most --metrics-tenants).",
+            ConstGauge::new(n_tenants as i64),
+        );
+        registry.register("shoal_deploys", "Successful deploys since start.", self.deploys.clone());
+        let values = [
             ("shoal_compiles_total", "counter", "Wasm binaries compiled since start.", gauges.n_compiles),
             ("shoal_tenants", "gauge", "Tenants.", gauges.n_tenants as u64),
             ("shoal_functions", "gauge", "Deployed functions.", gauges.n_functions as u64),
@@ -207,16 +568,24 @@ impl Metrics {
                 gauges.state.bytes_to_global,
             ),
         ];
-        for (name, kind, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        for (name, kind, help, value) in values {
+            let value = i64::try_from(value).unwrap_or(i64::MAX);
+            match kind {
+                "counter" => registry.register(name.trim_end_matches("_total"), help, ConstCounter::new(value as u64)),
+                _ => registry.register(name, help, ConstGauge::new(value)),
+            }
         }
-        let _ = writeln!(
-            out,
-            "# HELP shoal_disk_bytes Bytes the node keeps on disk, by kind (store: the embedded store's file; compiled: compiled functions).\n# TYPE shoal_disk_bytes gauge"
+        let disk: Family<KindLabel, prometheus_client::metrics::gauge::Gauge> = Family::default();
+        for (kind, bytes) in &gauges.disk {
+            disk.get_or_create(&KindLabel { kind }).set(i64::try_from(*bytes).unwrap_or(i64::MAX));
+        }
+        registry.register(
+            "shoal_disk_bytes",
+            "Bytes the node keeps on disk, by kind (store: the embedded store's file; compiled: compiled functions).",
+            disk,
         );
-        for (kind, bytes) in disk {
-            let _ = writeln!(out, "shoal_disk_bytes{{kind=\"{kind}\"}} {bytes}");
-        }
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, registry.0).expect("writing to a String");
         out
     }
 }
@@ -225,13 +594,8 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    #[test]
-    fn calls_land_in_their_outcome_and_bucket() {
-        let m = Metrics::default();
-        m.record_call(Ok(()), Some(Duration::from_micros(80)));
-        m.record_call(Err(ErrorKind::Timeout), Some(Duration::from_secs(2)));
-        m.record_call(Err(ErrorKind::Overloaded), None);
-        let text = m.render(&Gauges {
+    fn gauges() -> Gauges {
+        Gauges {
             n_tenants: 1,
             n_functions: 2,
             n_running: 0,
@@ -254,15 +618,39 @@ mod tests {
             local: shoal_state::LocalBytes { clean: 12, dirty: 13 },
             local_evictions: (14, 15),
             disk: vec![("store", 16), ("compiled", 17)],
-        });
+        }
+    }
+
+    fn key(text: &str) -> Arc<str> {
+        Arc::from(text)
+    }
+
+    /// The value of the series `line` names exactly (name and labels).
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn calls_land_in_their_outcome_bucket_tenant_and_function() {
+        let m = Metrics::new(10, 10);
+        let (acme, fib) = (key("acme"), key("acme/fib"));
+        m.record_call(&acme, &fib, Ok(()), Some((Duration::from_micros(80), Duration::from_micros(70))));
+        m.record_call(&acme, &fib, Err(ErrorKind::Timeout), Some((Duration::from_secs(2), Duration::from_millis(5))));
+        m.record_call(&acme, &fib, Err(ErrorKind::Overloaded), None);
+        let text = m.render(&gauges());
         for expected in [
             "shoal_calls_total{outcome=\"ok\"} 1",
             "shoal_calls_total{outcome=\"timeout\"} 1",
             "shoal_calls_total{outcome=\"overloaded\"} 1",
-            "shoal_call_duration_seconds_bucket{le=\"0.00005\"} 0",
+            "shoal_call_duration_seconds_bucket{le=\"5e-05\"} 0",
             "shoal_call_duration_seconds_bucket{le=\"0.0001\"} 1",
             "shoal_call_duration_seconds_bucket{le=\"10\"} 2",
             "shoal_call_duration_seconds_count 2",
+            "shoal_function_calls_total{tenant=\"acme\",function=\"fib\",outcome=\"ok\"} 1",
+            "shoal_function_calls_total{tenant=\"acme\",function=\"fib\",outcome=\"timeout\"} 1",
+            "shoal_function_calls_total{tenant=\"acme\",function=\"fib\",outcome=\"overloaded\"} 1",
+            "shoal_function_call_duration_seconds_count{tenant=\"acme\",function=\"fib\"} 2",
+            "shoal_tenant_calls_total{tenant=\"acme\",outcome=\"ok\"} 1",
             "shoal_functions 2",
             "shoal_compiles_total 3",
             "shoal_async_calls_unfinished 4",
@@ -284,5 +672,61 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
+        let cpu = value(&text, "shoal_function_cpu_seconds_total{tenant=\"acme\",function=\"fib\"}").unwrap();
+        assert!((cpu - 0.00507).abs() < 1e-9, "{cpu}");
+        // Every outcome has a name of its own.
+        for (i, kind) in ALL_KINDS.iter().enumerate() {
+            assert_eq!(outcome_name(i + 1), kind.as_str());
+            assert_eq!(outcome_index(Err(*kind)), (i + 1, kind.as_str()));
+        }
+    }
+
+    #[test]
+    fn only_the_most_used_functions_and_tenants_get_series_of_their_own() {
+        let m = Metrics::new(2, 2);
+        let call = |tenant: &str, name: &str, n: usize| {
+            for _ in 0..n {
+                m.record_call(&key(tenant), &key(&format!("{tenant}/{name}")), Ok(()), None);
+            }
+        };
+        // Two functions fill the room; the rest are `other`.
+        call("a", "f", 1);
+        call("a", "g", 1);
+        call("b", "h", 5);
+        call("c", "i", 1);
+        let text = m.render(&gauges());
+        assert_eq!(value(&text, "shoal_function_calls_total{tenant=\"a\",function=\"f\",outcome=\"ok\"}"), Some(1.0));
+        assert_eq!(
+            value(&text, "shoal_function_calls_total{tenant=\"other\",function=\"other\",outcome=\"ok\"}"),
+            Some(6.0)
+        );
+        assert_eq!(value(&text, "shoal_tenant_calls_total{tenant=\"b\",outcome=\"ok\"}"), Some(5.0));
+        assert_eq!(value(&text, "shoal_tenant_calls_total{tenant=\"other\",outcome=\"ok\"}"), Some(1.0));
+        assert!(!text.contains("function=\"h\""), "{text}");
+        // `b/h` was used far more than either: it takes the place of one.
+        m.rerank();
+        call("b", "h", 3);
+        let text = m.render(&gauges());
+        assert_eq!(value(&text, "shoal_function_calls_total{tenant=\"b\",function=\"h\",outcome=\"ok\"}"), Some(3.0));
+        let kept = ["f", "g"].iter().filter(|f| text.contains(&format!("function=\"{f}\""))).count();
+        assert_eq!(kept, 1, "one of the two made room:\n{text}");
+        assert_eq!(m.n_labelled(), (2, 2));
+        // A candidate used about as much as the least used one does not
+        // displace it (no flapping).
+        call("a", "f", 2);
+        call("a", "g", 2);
+        m.rerank();
+        call("c", "i", 1);
+        m.rerank();
+        let text = m.render(&gauges());
+        assert!(!text.contains("function=\"i\""), "{text}");
+        // However many functions are called, the series stay bounded.
+        for i in 0..500 {
+            call("z", &format!("f{i}"), 1);
+        }
+        m.rerank();
+        let text = m.render(&gauges());
+        let series = text.lines().filter(|l| l.starts_with("shoal_function_calls_total{")).count();
+        assert!(series <= 3, "{series} series");
     }
 }

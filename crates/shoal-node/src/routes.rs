@@ -149,19 +149,15 @@ fn finish(
     let mut out = match out {
         Ok(out) => out,
         Err(overloaded) => {
-            node.metrics.record_call(Err(ErrorKind::Overloaded), None);
-            node.meter(function, Err(ErrorKind::Overloaded), None);
+            node.account(function, Err(ErrorKind::Overloaded), None, None);
             return Some(overloaded.into());
         }
     };
     let mut logs = out.take_logs();
     let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
-    node.meter(function, outcome, Some(&out.usage));
+    node.account(function, outcome, Some(elapsed), Some(&out.usage));
     let result = match out.result {
-        Ok(_) => {
-            node.metrics.record_call(Ok(()), Some(elapsed));
-            None
-        }
+        Ok(_) => None,
         Err(e) => {
             if let CallError::Timeout { .. } = e {
                 logs.push(LogLine {
@@ -169,9 +165,7 @@ fn finish(
                     line: format!("shoal: {e}; a response still streaming was cut"),
                 });
             }
-            let error = ApiError::from(e);
-            node.metrics.record_call(Err(error.kind), Some(elapsed));
-            Some(error)
+            Some(ApiError::from(e))
         }
     };
     function.logs.append(call_id, now_ms(), logs);

@@ -340,6 +340,7 @@ pub(crate) fn spawn_chore(node: &Arc<crate::Node>) {
             loop {
                 let Some(node) = weak.upgrade() else { return };
                 let every = node.config.usage_flush;
+                node.metrics.rerank();
                 if let Err(e) = node.flush_usage().await {
                     tracing::warn!(error = %e, "writing usage failed; kept for the next try");
                 }
@@ -360,14 +361,20 @@ pub(crate) fn spawn_chore(node: &Arc<crate::Node>) {
 }
 
 impl crate::Node {
-    /// Charge a call of `function` to its tenant (see [`Meter::record`]).
-    pub(crate) fn meter(
+    /// Count a call of `function` in the metrics and charge it to its
+    /// tenant (see [`Meter::record`]): one that ran for `elapsed` and used
+    /// `usage`, or one refused before it ran (`None`, `None`).
+    pub(crate) fn account(
         &self,
         function: &crate::registry::DeployedFunction,
         outcome: Result<(), ErrorKind>,
+        elapsed: Option<Duration>,
         usage: Option<&CallUsage>,
     ) {
-        self.usage.record(&function.settings.tenant, &function.key, outcome, usage);
+        let (tenant, key) = (&function.settings.tenant, &function.key);
+        let cpu = usage.map_or(Duration::ZERO, |u| u.cpu);
+        self.metrics.record_call(tenant, key, outcome, elapsed.map(|wall| (wall, cpu)));
+        self.usage.record(tenant, key, outcome, usage);
     }
 
     /// Note every tenant's bytes in the global state tier (the tier's own

@@ -616,11 +616,20 @@ async fn metrics_and_health() {
     let ready = node.req(reqwest::Method::GET, "/readyz", None).send().await.unwrap();
     assert_eq!((ready.status(), ready.text().await.unwrap()), (StatusCode::OK, "ready\n".to_string()));
     let metrics = node.req(reqwest::Method::GET, "/metrics", Some(ADMIN)).send().await.unwrap().text().await.unwrap();
-    for expected in
-        ["shoal_calls_total{outcome=\"ok\"} 1", "shoal_calls_total{outcome=\"trap\"} 1", "shoal_functions 9"]
-    {
+    for expected in [
+        "shoal_calls_total{outcome=\"ok\"} 1",
+        "shoal_calls_total{outcome=\"trap\"} 1",
+        "shoal_functions 9",
+        "shoal_function_calls_total{tenant=\"demo\",function=\"hello\",outcome=\"ok\"} 1",
+        "shoal_function_calls_total{tenant=\"demo\",function=\"misbehave\",outcome=\"trap\"} 1",
+        "shoal_function_call_duration_seconds_count{tenant=\"demo\",function=\"hello\"} 1",
+        "shoal_tenant_calls_total{tenant=\"demo\",outcome=\"ok\"} 1",
+    ] {
         assert!(metrics.contains(expected), "missing {expected:?} in\n{metrics}");
     }
+    assert!(metrics.contains("shoal_tenant_cpu_seconds_total{tenant=\"demo\"} "), "{metrics}");
+    // Prometheus's own parser and linter take it.
+    shoal_testkit::promtool_check(&metrics);
     // On the API, only to the admin: not to strangers, nor to a tenant.
     let stranger = node.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap();
     assert_eq!(stranger.status(), StatusCode::UNAUTHORIZED);

@@ -182,6 +182,29 @@ fn ping(port: u16) -> bool {
     stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
 }
 
+/// Check a `/metrics` answer with Prometheus's own parser and linter
+/// (`promtool check metrics`: the text format, and the naming and help
+/// rules a scraper's users rely on). Returns what promtool said.
+///
+/// # Panics
+/// When promtool is not installed (Debian: `apt-get install prometheus`)
+/// or finds a problem.
+pub fn promtool_check(metrics: &str) -> String {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("promtool is needed to check /metrics (Debian: apt-get install prometheus): {e}"));
+    child.stdin.take().expect("promtool's stdin").write_all(metrics.as_bytes()).expect("write to promtool");
+    let out = child.wait_with_output().expect("run promtool");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool check metrics failed: {said}\n---\n{metrics}");
+    said
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -343,8 +343,7 @@ async fn run_here(
     let out = match run.instrument(span).await {
         Ok(out) => out,
         Err(overloaded) => {
-            node.metrics.record_call(Err(ErrorKind::Overloaded), None);
-            node.meter(function, Err(ErrorKind::Overloaded), None);
+            node.account(function, Err(ErrorKind::Overloaded), None, None);
             return Err(overloaded.into());
         }
     };
@@ -371,10 +370,9 @@ fn answer(
     let elapsed = started.elapsed();
     function.logs.append(call_id, now_ms(), out.take_logs());
     let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
-    node.meter(function, outcome, Some(&out.usage));
+    node.account(function, outcome, Some(elapsed), Some(&out.usage));
     match out.result {
         Ok(output) => {
-            node.metrics.record_call(Ok(()), Some(elapsed));
             let mut response = output.into_response();
             response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
             response.headers_mut().insert(
@@ -383,11 +381,7 @@ fn answer(
             );
             Ok(response)
         }
-        Err(e) => {
-            let error = ApiError::from(e);
-            node.metrics.record_call(Err(error.kind), Some(elapsed));
-            Err(error)
-        }
+        Err(e) => Err(ApiError::from(e)),
     }
 }
 
@@ -467,7 +461,8 @@ async fn run_placed(
     let out = match run.await {
         Ok(out) => out,
         Err(overloaded) => {
-            node.metrics.record_call(Err(ErrorKind::Overloaded), None);
+            // Not charged: the node that placed it here answers for it.
+            node.metrics.record_call(&function.settings.tenant, &function.key, Err(ErrorKind::Overloaded), None);
             return Err(ApiError::new(ErrorKind::Unavailable, overloaded.to_string()));
         }
     };
