@@ -269,18 +269,33 @@ impl Client {
         Ok(())
     }
 
-    pub async fn logs(&self, function: &str) -> anyhow::Result<()> {
+    /// `shoal logs`: the lines kept; with `follow`, then every new one as
+    /// it comes (each request waits up to 30 s on the node for the next).
+    pub async fn logs(&self, function: &str, follow: bool) -> anyhow::Result<()> {
+        use std::io::Write;
         let (tenant, name) = function_ref(function)?;
-        let logs = self.json(self.request(Method::GET, &format!("/v1/functions/{tenant}/{name}/logs"))).await?;
-        for line in logs["lines"].as_array().cloned().unwrap_or_default() {
-            println!(
-                "{} {} {}",
-                line["call_id"].as_str().unwrap_or("?"),
-                line["stream"].as_str().unwrap_or("?"),
-                line["line"].as_str().unwrap_or("")
-            );
+        let (mut after, mut wait) = (0, 0);
+        loop {
+            let path = format!("/v1/functions/{tenant}/{name}/logs?after={after}&wait={wait}");
+            let logs = self.json(self.request(Method::GET, &path).timeout(Duration::from_secs(45))).await?;
+            let mut out = std::io::stdout().lock();
+            for line in logs["lines"].as_array().cloned().unwrap_or_default() {
+                after = after.max(line["seq"].as_u64().unwrap_or(0));
+                let trace = line["trace_id"].as_str().map(|t| format!(" trace={t}")).unwrap_or_default();
+                writeln!(
+                    out,
+                    "{}{trace} {} {}",
+                    line["call_id"].as_str().unwrap_or("?"),
+                    line["stream"].as_str().unwrap_or("?"),
+                    line["line"].as_str().unwrap_or("")
+                )?;
+            }
+            out.flush()?;
+            if !follow {
+                return Ok(());
+            }
+            wait = 30;
         }
-        Ok(())
     }
 
     /// `/v1/state/{tenant}/{key}` for TENANT/KEY (the key may hold `/`;

@@ -100,8 +100,14 @@ enum Command {
     },
     /// Remove TENANT/NAME.
     Rm { function: String },
-    /// Recent stdout/stderr lines of TENANT/NAME, with call ids.
-    Logs { function: String },
+    /// Recent stdout/stderr lines of TENANT/NAME, with call ids (and the
+    /// trace id of a sampled call).
+    Logs {
+        function: String,
+        /// Keep following: print new lines as calls end, until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// What TENANT's calls used: calls by outcome, CPU, wall and queue
     /// time, memory-time, outbound HTTP, spawns.
     Usage {
@@ -285,7 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ls { tenant } => client.list(&tenant).await,
         Command::Rm { function } => client.remove(&function).await,
-        Command::Logs { function } => client.logs(&function).await,
+        Command::Logs { function, follow } => client.logs(&function, follow).await,
         Command::Usage { tenant, by, since } => client.usage(&tenant, by == "function", &since).await,
         Command::Tenant { command: TenantCommand::Create { name } } => client.create_tenant(&name).await,
         Command::Tenant { command: TenantCommand::Rm { name, wait } } => client.delete_tenant(&name, wait).await,

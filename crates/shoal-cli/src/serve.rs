@@ -36,6 +36,18 @@ pub struct ServeArgs {
     metrics_functions: Option<usize>,
     #[arg(long, env = "SHOAL_METRICS_TENANTS")]
     metrics_tenants: Option<usize>,
+    /// Export spans of every call over OTLP/HTTP to this collector
+    /// (http://host:4318). Default: no tracing.
+    #[arg(long, env = "SHOAL_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// The share of new traces sampled, 0 to 1 (default 1); a request
+    /// with a `traceparent` follows its flag.
+    #[arg(long, env = "SHOAL_TRACE_SAMPLE")]
+    trace_sample: Option<f64>,
+    /// State operations of a sampled call that take at least this long
+    /// get spans (default 1ms).
+    #[arg(long, env = "SHOAL_TRACE_STATE_OVER", value_parser = parse_duration)]
+    trace_state_over: Option<Duration>,
     /// Where HTTP functions are served, at /TENANT/NAME/…; `off` for
     /// nowhere. Default: the --listen address with the next port
     /// (127.0.0.1:8081), a free port when --listen's is 0.
@@ -172,6 +184,10 @@ struct ServeFile {
     metrics_listen: Option<SocketAddr>,
     metrics_functions: Option<usize>,
     metrics_tenants: Option<usize>,
+    otlp_endpoint: Option<String>,
+    trace_sample: Option<f64>,
+    trace_state_over: Option<String>,
+    trace_queue: Option<usize>,
     http_listen: Option<String>,
     http_domain: Option<String>,
     http_max_body: Option<String>,
@@ -355,6 +371,21 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
     }
     if let Some(n) = args.metrics_tenants.or(file.metrics_tenants) {
         config.metrics_tenants = n;
+    }
+    config.otlp_endpoint = args.otlp_endpoint.clone().or(file.otlp_endpoint.clone());
+    if let Some(ratio) = args.trace_sample.or(file.trace_sample) {
+        anyhow::ensure!((0.0..=1.0).contains(&ratio), "trace_sample must be between 0 and 1, not {ratio}");
+        config.trace_sample = ratio;
+    }
+    if let Some(text) = &file.trace_state_over {
+        config.trace_state_ops_over = parse_duration(text).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(over) = args.trace_state_over {
+        config.trace_state_ops_over = over;
+    }
+    if let Some(n) = file.trace_queue {
+        anyhow::ensure!(n > 0, "trace_queue must be at least 1");
+        config.trace_queue = n;
     }
     if let Some(text) = &file.usage_flush {
         config.usage_flush = parse_duration(text).map_err(anyhow::Error::msg)?;

@@ -307,6 +307,27 @@ fn logs_show_what_a_function_printed() {
     assert!(!run(&["invoke", "demo/upper", "--data-file", "latin1.txt"]).status.success());
     let logs = stdout(&run(&["logs", "demo/upper"]));
     assert!(logs.contains("stderr input is not UTF-8"), "{logs}");
+
+    // `-f` prints what is kept, then each new line as its call ends.
+    use std::io::BufRead;
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["logs", "demo/upper", "-f"])
+        .current_dir(dir.path())
+        .env("SHOAL_URL", &served.url)
+        .env_remove("SHOAL_TOKEN")
+        .env_remove("SHOAL_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(follower.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("input is not UTF-8"), "the kept line first");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::fs::write(dir.path().join("latin1-again.txt"), b"\xff").unwrap();
+    assert!(!run(&["invoke", "demo/upper", "--data-file", "latin1-again.txt"]).status.success());
+    let next = lines.next().unwrap().unwrap();
+    assert!(next.contains("stderr input is not UTF-8"), "{next}");
+    follower.kill().unwrap();
+    follower.wait().unwrap();
 }
 
 #[test]

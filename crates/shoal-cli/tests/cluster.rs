@@ -329,9 +329,12 @@ fn a_chained_call_runs_on_another_node_when_its_own_is_full() {
 
 async fn a_chained_call_runs_on_another_node_when_its_own_is_full_body() {
     let redis = RedisServer::start();
+    // Both trace every call to one receiver.
+    let receiver = std::sync::Arc::new(shoal_testkit::OtlpReceiver::start());
+    let otlp = receiver.endpoint();
     // One sandbox: the caller holds it, its callee must go elsewhere.
-    let small = start_node(&redis, "127.0.0.2", &["--max-concurrent-calls", "1"]);
-    let other = start_node(&redis, "127.0.0.3", &[]);
+    let small = start_node(&redis, "127.0.0.2", &["--max-concurrent-calls", "1", "--otlp-endpoint", &otlp]);
+    let other = start_node(&redis, "127.0.0.3", &["--otlp-endpoint", &otlp]);
     let http = Http::new();
     http.wait_members(&small, 2).await;
     http.wait_ready(&small, 2).await;
@@ -355,6 +358,56 @@ async fn a_chained_call_runs_on_another_node_when_its_own_is_full_body() {
     assert!(reply.text().contains("trap"), "{}", reply.text());
     let reply = http.invoke(&small, &token, "acme/chain", "call missing x").await.unwrap();
     assert!(reply.text().contains("NotFound"), "{}", reply.text());
+
+    // The map-reduce across the two nodes is one trace: the reducer runs
+    // where it is called, its two mappers (no sandbox left there) on the
+    // other node, under the forwards that carried its traceparent.
+    http.deploy(&small, &token, "acme/wordcount", shoal_guests::WORDCOUNT).await;
+    http.invoke_once_visible(&other, &token, "acme/wordcount", "warm").await;
+    let (trace, parent) = ("5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b8");
+    let text = "the quick brown fox jumps over the lazy dog\n".repeat((5 << 20) / 44);
+    let url = format!("{}/v1/functions/acme/wordcount/invoke", small.url);
+    let traceparent = format!("00-{trace}-{parent}-01");
+    let reply = http
+        .send(Method::POST, url, &token, text.into_bytes(), &[("traceparent", traceparent.as_str())])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["fox"], (5 << 20) / 44);
+    let spans = {
+        let receiver = receiver.clone();
+        tokio::task::spawn_blocking(move || receiver.wait_for(trace, Duration::from_secs(20), |s| s.len() >= 16))
+            .await
+            .unwrap()
+    };
+    assert_eq!(spans.len(), 16, "{spans:#?}");
+    let under = |id: &str| spans.iter().filter(|s| s.parent_id == id).collect::<Vec<_>>();
+    let named = |list: &[&shoal_testkit::ReceivedSpan], name: &str| list.iter().filter(|s| s.name == name).count();
+    let request = spans.iter().find(|s| s.parent_id == parent).expect("the request's span, under the caller's");
+    assert_eq!((request.instance.as_str(), request.kind), (small.id.as_str(), 2));
+    let steps = under(&request.span_id);
+    assert_eq!((named(&steps, "queue"), named(&steps, "instantiate"), named(&steps, "run")), (1, 1, 1), "{spans:#?}");
+    let run = steps.iter().find(|s| s.name == "run").unwrap();
+    let mappers = under(&run.span_id);
+    assert_eq!(mappers.len(), 2, "{spans:#?}");
+    for mapper in mappers {
+        assert_eq!((mapper.name.as_str(), mapper.instance.as_str()), ("call acme/wordcount", small.id.as_str()));
+        let forwards = under(&mapper.span_id);
+        assert_eq!(forwards.len(), 1, "{spans:#?}");
+        let forward = forwards[0];
+        assert_eq!((forward.name.as_str(), forward.kind), ("forward acme/wordcount", 3));
+        assert_eq!(forward.attr("shoal.peer"), Some(other.id.as_str()));
+        let remote = under(&forward.span_id);
+        assert_eq!(remote.len(), 1, "{spans:#?}");
+        let remote = remote[0];
+        assert_eq!(
+            (remote.name.as_str(), remote.instance.as_str(), remote.kind),
+            ("call acme/wordcount", other.id.as_str(), 2)
+        );
+        assert_eq!(remote.attr("shoal.outcome"), Some("ok"));
+        let steps = under(&remote.span_id);
+        assert_eq!((named(&steps, "queue"), named(&steps, "instantiate"), named(&steps, "run")), (1, 1, 1));
+    }
 }
 
 #[test]

@@ -88,6 +88,7 @@ fn chained_call(c: &mut Criterion, bench: &Bench) {
         env: Arc::from(Vec::new()),
         allowed_hosts: Arc::default(),
         config: Default::default(),
+        trace: None,
     };
     group.bench_function("fresh_noop_instance_x1000_direct", |b| {
         b.iter(|| {

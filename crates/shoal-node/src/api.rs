@@ -173,6 +173,14 @@ fn render_metrics(node: &Node) -> Response {
             ("store", std::fs::metadata(node.config.data_dir.join("shoal.redb")).map_or(0, |m| m.len())),
             ("compiled", node.runtime().compiled_bytes()),
         ],
+        trace_spans: {
+            let stats = &node.tracer.stats;
+            (
+                stats.exported.load(Ordering::Relaxed),
+                stats.dropped.load(Ordering::Relaxed),
+                stats.failed.load(Ordering::Relaxed),
+            )
+        },
     };
     let mut response = node.metrics.render(&gauges).into_response();
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

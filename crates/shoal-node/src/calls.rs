@@ -74,6 +74,10 @@ pub struct CallRecord {
     /// have none, and count as 0 against the tenant's output bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_bytes: Option<u64>,
+    /// The W3C `traceparent` of the request that made it, when traced:
+    /// its run hangs under that span.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl CallRecord {
@@ -89,6 +93,7 @@ impl CallRecord {
             attempts: 0,
             error: None,
             output_bytes: None,
+            traceparent: None,
         }
     }
 }
@@ -342,10 +347,18 @@ impl AsyncCalls {
 
     /// Record an accepted call, durably, and count it; refused when too
     /// many are unfinished.
-    async fn accept(&self, tenant: &str, function: &str, input: Vec<u8>) -> Result<CallRecord, ApiError> {
+    async fn accept(
+        &self,
+        tenant: &str,
+        function: &str,
+        input: Vec<u8>,
+        trace: Option<shoal_runtime::TraceParent>,
+    ) -> Result<CallRecord, ApiError> {
         let now = now_ms();
+        let queued =
+            |id| CallRecord { traceparent: trace.map(|t| t.header()), ..CallRecord::queued(id, tenant, function, now) };
         if let Some(queue) = &self.queue {
-            let record = CallRecord::queued(Self::new_id(now), tenant, function, now);
+            let record = queued(Self::new_id(now));
             let queued = queue
                 .accept(tenant, &record.call_id, &encode(&record), &input, self.max_unfinished, self.max_per_tenant)
                 .await?;
@@ -363,7 +376,7 @@ impl AsyncCalls {
         }
         self.check_kept(tenant)?;
         self.count(tenant, false)?;
-        let record = CallRecord::queued(Self::new_id(now), tenant, function, now);
+        let record = queued(Self::new_id(now));
         let (store, stored) = (self.store.clone(), record.clone());
         let written = tokio::task::spawn_blocking(move || {
             let id = stored.call_id.as_str();
@@ -518,8 +531,9 @@ impl Node {
         tenant: &str,
         name: &str,
         input: Vec<u8>,
+        trace: Option<shoal_runtime::TraceParent>,
     ) -> Result<String, ApiError> {
-        let record = self.async_calls.accept(tenant, name, input).await?;
+        let record = self.async_calls.accept(tenant, name, input, trace).await?;
         let id = record.call_id.clone();
         match &self.cluster {
             // Whichever node has room takes it from the queue; this one
@@ -703,13 +717,33 @@ impl Node {
                     }
                     None => self.write_record(record, None).await?,
                 }
+                // Its run hangs under the request that made it, if traced.
+                let parent = record.traceparent.as_deref().and_then(shoal_runtime::TraceParent::parse);
+                let mut traced = parent
+                    .and_then(|parent| {
+                        self.tracer.begin(
+                            Some(parent),
+                            || format!("async {}", deployed.key),
+                            crate::trace::Kind::Internal,
+                        )
+                    })
+                    .map(crate::trace::Traced::new);
                 let mut out = match self.image_of(deployed).await {
-                    Ok(image) => slot.run(&image, &self.call_settings(deployed), bytes::Bytes::from(input)).await,
+                    Ok(image) => {
+                        let settings = self.settings_for(deployed, traced.as_ref());
+                        slot.run(&image, &settings, bytes::Bytes::from(input)).await
+                    }
                     Err(e) => shoal_runtime::CallOutput::failed(shoal_runtime::CallError::Internal(format!(
                         "loading the function: {e}"
                     ))),
                 };
-                deployed.logs.append(&id, now_ms(), out.take_logs());
+                let trace_id = traced.as_ref().filter(|t| t.span.sampled).map(|t| t.span.trace_hex());
+                if let Some(traced) = &mut traced {
+                    self.trace_call(traced, &out, &id, deployed);
+                    traced.span.attr("shoal.attempt", i64::from(record.attempts));
+                }
+                self.end_trace(traced, out.result.as_ref().err().map(ToString::to_string));
+                deployed.logs.append(&id, trace_id.as_deref(), now_ms(), out.take_logs());
                 let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
                 self.account(deployed, outcome, Some(started.elapsed()), Some(&out.usage));
                 match out.result {

@@ -13,6 +13,7 @@ use std::time::Instant;
 use shoal_runtime::{ChainError, InvokeFuture, Invoker, Lineage};
 
 use crate::error::ErrorKind;
+use crate::trace::{Kind, Traced};
 use crate::{Node, new_call_id, now_ms};
 
 pub(crate) struct NodeInvoker {
@@ -45,8 +46,13 @@ impl Invoker for NodeInvoker {
                 .map_err(|e| ChainError::Unavailable(format!("loading `{}`: {e}", deployed.key)))?;
             let input = bytes::Bytes::from(input);
             let hop = (lineage.depth, lineage.deadline);
+            // A child span of the caller's run, when the caller is traced.
+            let mut traced = lineage
+                .trace
+                .and_then(|parent| node.tracer.begin(Some(parent), || format!("call {}", deployed.key), Kind::Internal))
+                .map(Traced::new);
             // Charged to the caller's tenant (the callee's: the same one).
-            let settings = node.call_settings(&deployed);
+            let settings = node.settings_for(&deployed, traced.as_ref());
             let run = node.executor.run_chained(
                 &deployed.settings.tenant,
                 &deployed.key,
@@ -60,14 +66,24 @@ impl Invoker for NodeInvoker {
                 // No place or sandbox here in time: another node of the
                 // cluster may have one.
                 Err(_) if node.cluster.is_some() => {
-                    return node.forward_chained(&deployed, input, hop.0, hop.1).await;
+                    let forwarded =
+                        node.forward_chained(&deployed, input, hop.0, hop.1, traced.as_ref().map(|t| &t.span)).await;
+                    node.end_trace(traced, forwarded.as_ref().err().map(ToString::to_string));
+                    return forwarded;
                 }
                 Err(overloaded) => {
                     node.account(&deployed, Err(ErrorKind::Overloaded), None, None);
-                    return Err(ChainError::Unavailable(overloaded.to_string()));
+                    let error = ChainError::Unavailable(overloaded.to_string());
+                    node.end_trace(traced, Some(error.to_string()));
+                    return Err(error);
                 }
             };
-            deployed.logs.append(&call_id, now_ms(), out.take_logs());
+            let trace_id = traced.as_ref().filter(|t| t.span.sampled).map(|t| t.span.trace_hex());
+            if let Some(traced) = &mut traced {
+                node.trace_call(traced, &out, &call_id, &deployed);
+            }
+            node.end_trace(traced, out.result.as_ref().err().map(ToString::to_string));
+            deployed.logs.append(&call_id, trace_id.as_deref(), now_ms(), out.take_logs());
             let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
             node.account(&deployed, outcome, Some(started.elapsed()), Some(&out.usage));
             out.result.map_err(ChainError::Failed)

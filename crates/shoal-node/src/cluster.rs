@@ -329,6 +329,7 @@ impl Node {
         function: &DeployedFunction,
         input: &Bytes,
         call_id: &str,
+        traced: Option<&crate::trace::Traced>,
     ) -> Result<Option<Response<Body>>, ApiError> {
         let Some(cluster) = &self.cluster else { return Ok(None) };
         let mut tried: Vec<String> = Vec::new();
@@ -337,9 +338,12 @@ impl Node {
                 Route::Local => return Ok(None),
                 Route::Peer(peer) => peer,
             };
-            let headers = [(HeaderName::from_static(CALL_ID_HEADER), header_value(call_id))];
+            let mut headers = vec![(HeaderName::from_static(CALL_ID_HEADER), header_value(call_id))];
+            let forward = self.forward_span(traced.map(|t| &t.span), function, &peer.id, &mut headers);
             let timeout = function.settings.timeout + Duration::from_secs(5);
-            match cluster.send(&peer, &internal_path(function), &headers, input.clone(), timeout).await {
+            let sent = cluster.send(&peer, &internal_path(function), &headers, input.clone(), timeout).await;
+            self.end_forward_span(forward, &sent);
+            match sent {
                 Ok(answer) if answer.status == StatusCode::UNAUTHORIZED => {
                     // The peer does not take this node's secret (it changed
                     // in Redis and one of us has not seen it yet): the call
@@ -362,6 +366,37 @@ impl Node {
         }
     }
 
+    /// A client span for a forward under `parent`, its context added to
+    /// `headers` as `traceparent`.
+    fn forward_span(
+        &self,
+        parent: Option<&crate::trace::Span>,
+        function: &DeployedFunction,
+        peer: &str,
+        headers: &mut Vec<(HeaderName, HeaderValue)>,
+    ) -> Option<crate::trace::Span> {
+        let parent = parent?;
+        let mut span = parent.child(
+            if parent.sampled { format!("forward {}", function.key) } else { String::new() },
+            crate::trace::Kind::Client,
+        );
+        span.attr("shoal.peer", peer);
+        headers.push((HeaderName::from_static("traceparent"), header_value(&span.context().header())));
+        Some(span)
+    }
+
+    fn end_forward_span(&self, span: Option<crate::trace::Span>, sent: &Result<Answer, ForwardError>) {
+        let Some(mut span) = span else { return };
+        let error = match sent {
+            Ok(answer) => {
+                span.attr("http.response.status_code", i64::from(answer.status.as_u16()));
+                answer.status.is_server_error().then(|| answer.status.to_string())
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        self.tracer.end(span, error);
+    }
+
     /// A chained call that found no room here: run it on another node.
     pub(crate) async fn forward_chained(
         &self,
@@ -369,6 +404,7 @@ impl Node {
         input: Bytes,
         depth: u32,
         deadline: Option<Instant>,
+        traced: Option<&crate::trace::Span>,
     ) -> Result<Vec<u8>, ChainError> {
         let cluster = self.cluster.as_ref().ok_or_else(|| ChainError::Unavailable("no room on this node".into()))?;
         let mut tried = vec![cluster.id().to_string()];
@@ -383,12 +419,15 @@ impl Node {
                     function.key
                 )));
             };
-            let headers = [
+            let mut headers = vec![
                 (HeaderName::from_static(DEPTH_HEADER), header_value(&depth.to_string())),
                 (HeaderName::from_static(DEADLINE_HEADER), header_value(&remaining.as_millis().to_string())),
             ];
+            let forward = self.forward_span(traced, function, &peer.id, &mut headers);
             let timeout = remaining + Duration::from_secs(5);
-            match cluster.send(&peer, &internal_path(function), &headers, input.clone(), timeout).await {
+            let sent = cluster.send(&peer, &internal_path(function), &headers, input.clone(), timeout).await;
+            self.end_forward_span(forward, &sent);
+            match sent {
                 Ok(answer) if answer.status == StatusCode::UNAUTHORIZED => tried.push(peer.id),
                 Ok(answer) => return chained_outcome(answer),
                 Err(ForwardError::NotSent { .. }) => tried.push(peer.id),

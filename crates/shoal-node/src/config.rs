@@ -128,6 +128,17 @@ pub struct NodeConfig {
     /// (the most used; the rest are counted as `other`). Default 100 each.
     pub metrics_functions: usize,
     pub metrics_tenants: usize,
+    /// Where spans go (OTLP/HTTP, `http://host:4318`); None: no tracing.
+    pub otlp_endpoint: Option<String>,
+    /// The share of traces started here that are sampled (a call with a
+    /// `traceparent` follows it). Default 1.
+    pub trace_sample: f64,
+    /// Finished spans waiting for export, at most; more are dropped and
+    /// counted. Default 8192.
+    pub trace_queue: usize,
+    /// A sampled call's state operations that take at least this long get
+    /// spans. Default 1 ms.
+    pub trace_state_ops_over: Duration,
     /// Records of asynchronous calls one tenant may keep on this node
     /// (queued, running, or finished and not yet expired); more of its
     /// calls are refused with 507. Default 100,000.
@@ -216,6 +227,10 @@ impl NodeConfig {
             usage_retention: Duration::from_secs(31 * 24 * 3600),
             metrics_functions: 100,
             metrics_tenants: 100,
+            otlp_endpoint: None,
+            trace_sample: 1.0,
+            trace_queue: 8192,
+            trace_state_ops_over: Duration::from_millis(1),
             max_async_records_per_tenant: 100_000,
             max_async_output_bytes_per_tenant: 1 << 30,
             redis_url: None,

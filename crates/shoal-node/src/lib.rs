@@ -26,6 +26,7 @@ mod routes;
 mod secrets;
 mod server;
 mod tenancy;
+mod trace;
 pub mod usage;
 
 pub use calls::{CallFailure, CallRecord, CallStatus};
@@ -129,6 +130,7 @@ pub struct Node {
     registry: Registry,
     executor: Executor,
     metrics: Metrics,
+    pub(crate) tracer: trace::Tracer,
     /// What each tenant's calls used (`usage.rs`), and the store it is
     /// kept in (the registry's).
     usage: usage::Meter,
@@ -239,6 +241,7 @@ impl Node {
         runtime_config.max_log_lines = config.log_lines_per_function;
         runtime_config.max_call_depth = config.max_call_depth;
         runtime_config.max_spawns_per_root = config.max_spawns_per_root;
+        runtime_config.trace_state_ops_over = config.trace_state_ops_over;
         runtime_config.python_runtime = config.python_runtime;
         runtime_config.outbound.opened = config.outbound_open.clone();
         runtime_config.js_runtime = config.js_runtime;
@@ -279,6 +282,16 @@ impl Node {
 
         let queue = cluster.as_ref().map(|c| c.queue.clone());
         let metrics = Metrics::new(config.metrics_functions, config.metrics_tenants);
+        let tracer = match &config.otlp_endpoint {
+            None => trace::Tracer::off(),
+            Some(endpoint) => trace::Tracer::start(&trace::TraceConfig {
+                endpoint: endpoint.clone(),
+                ratio: config.trace_sample,
+                queue: config.trace_queue,
+                instance: cluster.as_ref().map_or_else(|| "single".to_string(), |c| c.id().to_string()),
+            })
+            .map_err(StartError::Config)?,
+        };
         let async_per_tenant = config.max_async_calls_per_tenant.unwrap_or((config.max_async_calls / 4).max(1));
         let async_calls = Arc::new(AsyncCalls::new(
             store.clone(),
@@ -304,6 +317,7 @@ impl Node {
                 registry,
                 executor,
                 metrics,
+                tracer,
                 usage: usage::Meter::default(),
                 usage_store,
                 async_calls,

@@ -366,6 +366,9 @@ pub struct Gauges {
     pub local_evictions: (u64, u64),
     /// Bytes on disk by kind: (kind, bytes).
     pub disk: Vec<(&'static str, u64)>,
+    /// Spans exported, dropped from the full queue, and lost with a failed
+    /// export.
+    pub trace_spans: (u64, u64, u64),
 }
 
 impl Metrics {
@@ -568,6 +571,17 @@ impl Metrics {
                 gauges.state.bytes_to_global,
             ),
         ];
+        let (exported, dropped, failed) = gauges.trace_spans;
+        let values = values.into_iter().chain([
+            ("shoal_trace_spans_exported_total", "counter", "Spans sent to the OTLP endpoint.", exported),
+            (
+                "shoal_trace_spans_dropped_total",
+                "counter",
+                "Spans dropped because the export queue was full (calls never wait for it).",
+                dropped,
+            ),
+            ("shoal_trace_spans_failed_total", "counter", "Spans lost with an export request that failed.", failed),
+        ]);
         for (name, kind, help, value) in values {
             let value = i64::try_from(value).unwrap_or(i64::MAX);
             match kind {
@@ -618,6 +632,7 @@ mod tests {
             local: shoal_state::LocalBytes { clean: 12, dirty: 13 },
             local_evictions: (14, 15),
             disk: vec![("store", 16), ("compiled", 17)],
+            trace_spans: (18, 19, 20),
         }
     }
 
@@ -669,6 +684,9 @@ mod tests {
             "shoal_cluster_members_ready 2",
             "shoal_calls_forwarded_total 8",
             "shoal_forward_failures_total 9",
+            "shoal_trace_spans_exported_total 18",
+            "shoal_trace_spans_dropped_total 19",
+            "shoal_trace_spans_failed_total 20",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

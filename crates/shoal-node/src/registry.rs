@@ -212,6 +212,7 @@ impl DeployedFunction {
             // Checked at deploy; a record that no longer parses allows nothing.
             allowed_hosts: Arc::new(shoal_runtime::AllowList::parse(&record.allowed_hosts).unwrap_or_default()),
             config: Default::default(),
+            trace: None,
         };
         let key = Arc::from(function_key(&record.tenant, &record.name));
         Self { record, settings, logs, key, image: Mutex::new(None), last_used: AtomicU64::new(0) }

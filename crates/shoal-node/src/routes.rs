@@ -98,6 +98,15 @@ async fn route(node: &Arc<Node>, request: Request<Body>, call_id: &str) -> Resul
             format!("the request body is {} bytes; the limit is {limit}", declared.unwrap_or_default()),
         ));
     }
+    let traced = node
+        .tracer
+        .begin(
+            crate::trace::incoming(request.headers()),
+            || format!("{} {tenant}/{name}", request.method()),
+            crate::trace::Kind::Server,
+        )
+        .map(crate::trace::Traced::new);
+    let method = request.method().to_string();
     let guest_request = for_the_guest(request, &path, platform_token, limit)?;
     let image = node.image_of(&function).await.map_err(|e| ApiError::internal("loading a function's image", e))?;
     let (exchange, answer) = HttpExchange::new(guest_request);
@@ -107,12 +116,21 @@ async fn route(node: &Arc<Node>, request: Request<Body>, call_id: &str) -> Resul
     let started = Instant::now();
     let call = {
         let (node, function, call_id) = (node.clone(), function.clone(), call_id.to_string());
+        let mut traced = traced;
         tokio::spawn(async move {
-            let settings = node.call_settings(&function);
+            let settings = node.settings_for(&function, traced.as_ref());
             let run = node.executor.run(&function.settings.tenant, &function.key, &image, &settings, exchange);
-            let span = tracing::debug_span!("call", tenant = %function.record.tenant, function = %function.record.name, %call_id);
+            let trace_id = traced.as_ref().filter(|t| t.span.sampled).map(|t| t.span.trace_hex());
+            let span = tracing::debug_span!("call", tenant = %function.record.tenant, function = %function.record.name, %call_id, trace_id = trace_id.as_deref().unwrap_or(""));
             let out = tracing::Instrument::instrument(run, span).await;
-            finish(&node, &function, out, started, &call_id)
+            if let (Some(traced), Ok(out)) = (&mut traced, &out) {
+                node.trace_call(traced, out, &call_id, &function);
+                traced.span.attr("http.request.method", method);
+                traced.span.attr("url.path", path);
+            }
+            let failed = finish(&node, &function, out, started, &call_id, trace_id.as_deref());
+            node.end_trace(traced, failed.as_ref().map(ToString::to_string));
+            failed
         })
     };
     // A client gone before the head is answered takes the call with it.
@@ -144,6 +162,7 @@ fn finish(
     out: Result<shoal_runtime::CallOutput, shoal_sched::Overloaded>,
     started: Instant,
     call_id: &str,
+    trace_id: Option<&str>,
 ) -> Option<ApiError> {
     let elapsed = started.elapsed();
     let mut out = match out {
@@ -168,7 +187,7 @@ fn finish(
             Some(ApiError::from(e))
         }
     };
-    function.logs.append(call_id, now_ms(), logs);
+    function.logs.append(call_id, trace_id, now_ms(), logs);
     result
 }
 

@@ -2190,5 +2190,7 @@ async fn in_a_cluster_kept_records_are_capped_per_tenant_and_go_with_their_tenan
 
 #[path = "api/http_functions.rs"]
 mod http_functions;
+#[path = "api/tracing.rs"]
+mod tracing_spans;
 #[path = "api/usage.rs"]
 mod usage;

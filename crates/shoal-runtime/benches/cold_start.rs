@@ -22,6 +22,7 @@ fn cold_start(c: &mut Criterion) {
         env: Arc::from(Vec::new()),
         allowed_hosts: Arc::default(),
         config: Default::default(),
+        trace: None,
     };
     let input = [b'x'; 64];
     let mut group = c.benchmark_group("cold_start");

@@ -82,6 +82,7 @@ fn main() {
         env: Arc::from(Vec::new()),
         allowed_hosts: Arc::default(),
         config: Default::default(),
+        trace: None,
     };
     let hellos = [
         (Language::Python, example(Language::Python, "hello-py")),

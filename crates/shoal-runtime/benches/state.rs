@@ -30,6 +30,7 @@ fn settings() -> CallSettings {
         env: Arc::from(Vec::new()),
         allowed_hosts: Arc::default(),
         config: Default::default(),
+        trace: None,
     }
 }
 

@@ -56,6 +56,10 @@ pub struct CallSettings {
     /// What `wasi:config/store` answers (the tenant's secrets the
     /// function names).
     pub config: ConfigValues,
+    /// The trace context the call's work hangs under (its chained calls
+    /// get it as their parent), when it is traced; when sampled, its slow
+    /// state operations are timed (`CallOutput::state_ops`).
+    pub trace: Option<crate::TraceParent>,
 }
 
 /// Values a function reads through `wasi:config/store`. Never printed:
@@ -101,6 +105,9 @@ pub struct CallOutput {
     pub logs: Vec<LogLine>,
     /// What it used, for metering.
     pub usage: CallUsage,
+    /// A sampled call's state operations that took at least
+    /// `RuntimeConfig::trace_state_ops_over` (at most 128), for its trace.
+    pub state_ops: Vec<crate::StateOpTiming>,
 }
 
 /// What one call used: what a tenant is charged for.
@@ -126,6 +133,9 @@ pub struct CallUsage {
     pub outbound_bytes: u64,
     /// Calls it started with `spawn`.
     pub spawned: u32,
+    /// From the start of its instantiation until its instance was ready
+    /// (the rest of `wall` is the guest's run).
+    pub instantiate: Duration,
     /// Bytes its state operations read from the global tier (fills of the
     /// local tier, pulls, reads served from the global tier) and wrote to
     /// it (pushes of dirty chunks, appends).
@@ -151,6 +161,7 @@ impl CallOutput {
             stderr: Bytes::new(),
             logs: Vec::new(),
             usage: CallUsage::default(),
+            state_ops: Vec::new(),
         }
     }
 
@@ -416,6 +427,12 @@ pub(crate) async fn run(
                 ),
                 response_cut: None,
                 config: settings.config.0.clone(),
+                trace: settings.trace,
+                state_log: settings
+                    .trace
+                    .filter(|t| t.sampled)
+                    .map(|_| crate::trace::StateOpLog { over: config.trace_state_ops_over, ..Default::default() }),
+                ready_at: None,
             };
             let mut store = Store::new(engine, ctx);
             store.limiter(|ctx| &mut ctx.limiter);
@@ -428,6 +445,7 @@ pub(crate) async fn run(
                         Given::Bytes(input),
                     ) => {
                         let function = pre.instantiate_async(&mut store).await?;
+                        store.data_mut().ready_at = Some(Instant::now());
                         function.shoal_function_handler().call_handle(&mut store, input).await
                     }
                     (ImagePre::Http(pre) | ImagePre::Interpreted { proxy: Some(pre), .. }, Given::Http(exchange)) => {
@@ -475,6 +493,7 @@ pub(crate) async fn run(
             let (outbound_requests, outbound_bytes) = data.outbound.used();
             let usage = CallUsage {
                 wall: now.elapsed(),
+                instantiate: data.ready_at.map_or(Duration::ZERO, |at| at.saturating_duration_since(now)),
                 peak_memory_bytes: data.limiter.peak as u64,
                 outbound_requests,
                 outbound_bytes,
@@ -483,7 +502,8 @@ pub(crate) async fn run(
                 state_written_bytes: moved.to_global.load(std::sync::atomic::Ordering::Relaxed),
                 ..CallUsage::default()
             };
-            CallOutput { result, stdout, stderr, logs, usage }
+            let state_ops = store.data_mut().state_log.take().map(|log| log.ops).unwrap_or_default();
+            CallOutput { result, stdout, stderr, logs, usage, state_ops }
         }
         ImagePre::Command(pre) => {
             let Given::Bytes(input) = input else {
@@ -536,7 +556,7 @@ pub(crate) async fn run(
                 peak_memory_bytes: store.data().limiter.peak as u64,
                 ..CallUsage::default()
             };
-            CallOutput { result, stdout: Bytes::new(), stderr, logs, usage }
+            CallOutput { result, stdout: Bytes::new(), stderr, logs, usage, state_ops: Vec::new() }
         }
     }
 }

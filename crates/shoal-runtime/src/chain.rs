@@ -70,12 +70,15 @@ pub struct Lineage {
     /// the long calls' places from its start (host work included), not
     /// only once it has run long.
     pub long: bool,
+    /// The trace context of its caller's run (for a chained call: the
+    /// span it hangs under), when the caller is traced.
+    pub trace: Option<crate::TraceParent>,
 }
 
 impl Lineage {
     /// The lineage of a call a client made.
     pub fn root() -> Self {
-        Self { depth: 0, deadline: None, root: Arc::new(RootCall::default()), long: false }
+        Self { depth: 0, deadline: None, root: Arc::new(RootCall::default()), long: false, trace: None }
     }
 }
 

@@ -54,6 +54,9 @@ pub struct RuntimeConfig {
     /// Spawned calls not yet awaited, per root call and all its
     /// descendants together. Default 1,000.
     pub max_spawns_per_root: u32,
+    /// A sampled call's state operations that take at least this long are
+    /// timed for its trace. Default 1 ms.
+    pub trace_state_ops_over: std::time::Duration,
     /// The Python runtime component (componentize-py's CPython against
     /// `wit/interpreter.wit`), shared by every Python function; without
     /// one, Python deploys are refused. Default: none (the node passes
@@ -112,6 +115,7 @@ impl RuntimeConfig {
                 .max(1),
             max_call_depth: 16,
             max_spawns_per_root: 1000,
+            trace_state_ops_over: std::time::Duration::from_millis(1),
             python_runtime: RuntimeBinary::default(),
             js_runtime: RuntimeBinary::default(),
             runtime_cache_dir: None,

@@ -59,6 +59,12 @@ pub(crate) struct ComponentCtx {
     pub(crate) response_cut: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// What `wasi:config/store` answers.
     pub(crate) config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
+    /// The trace its chained calls hang under, and (sampled) its slow
+    /// state operations so far.
+    pub(crate) trace: Option<crate::TraceParent>,
+    pub(crate) state_log: Option<crate::trace::StateOpLog>,
+    /// When its instance was ready.
+    pub(crate) ready_at: Option<std::time::Instant>,
 }
 
 impl WasiHttpView for ComponentCtx {
@@ -241,6 +247,9 @@ pub(crate) fn deploy_store(
         outbound: Outbound::denied(stderr.clone()),
         response_cut: None,
         config: Arc::default(),
+        trace: None,
+        state_log: None,
+        ready_at: None,
     };
     let mut store = wasmtime::Store::new(engine, ctx);
     store.limiter(|ctx| &mut ctx.limiter);

@@ -88,6 +88,7 @@ pub(crate) async fn handle(
     let cut = Arc::new(AtomicBool::new(false));
     store.data_mut().response_cut = Some(cut.clone());
     let proxy = pre.instantiate_async(&mut *store).await?;
+    store.data_mut().ready_at = Some(std::time::Instant::now());
     let request = store.data_mut().http().new_incoming_request(WasiScheme::Http, request)?;
     let out = store.data_mut().http().new_response_outparam_from_callback(move |answer| {
         let answer = answer

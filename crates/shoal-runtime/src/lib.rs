@@ -26,6 +26,7 @@ mod os;
 mod outbound;
 mod snapshot;
 mod source;
+mod trace;
 
 pub use call::{CallOutput, CallSettings, CallUsage, ConfigValues, LogLine, LogStream};
 pub use chain::{ChainError, InvokeFuture, Invoker, Lineage, RootCall};
@@ -35,6 +36,7 @@ pub use http::{AllowList, CallInput, HttpAnswer, HttpBody, HttpError, HttpExchan
 pub use image::{Declared, FunctionImage, FunctionKind};
 pub use os::{CpuClock, lower_this_thread};
 pub use outbound::OutboundLimits;
+pub use trace::{StateOpTiming, TraceParent};
 
 pub use source::{Language, MAX_SOURCE_FILES, SourceBundle};
 

@@ -25,6 +25,7 @@ fn settings() -> CallSettings {
         env: Arc::from(vec![("GREETING".to_string(), "hi".to_string())]),
         allowed_hosts: Arc::default(),
         config: Default::default(),
+        trace: None,
     }
 }
 

@@ -849,6 +849,7 @@ mod tests {
             env: Arc::from(Vec::new()),
             allowed_hosts: Arc::default(),
             config: Default::default(),
+            trace: None,
         }
     }
 

@@ -3,6 +3,9 @@
 //! of the Redis tier talk to Redis itself, not a stand-in.
 
 pub mod fuzz;
+mod otlp;
+
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

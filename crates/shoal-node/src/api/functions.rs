@@ -20,6 +20,7 @@ use crate::error::{ApiError, ErrorKind};
 use crate::images::ImageError;
 use crate::names::check_name;
 use crate::registry::{DeployedFunction, FunctionRecord};
+use crate::trace::{Kind, Traced, incoming};
 use crate::{DeploySpec, Node, new_call_id, now_ms};
 
 const CALL_ID_HEADER: &str = "x-shoal-call-id";
@@ -249,15 +250,34 @@ pub(super) async fn remove(
     }
 }
 
+/// The longest a `GET …/logs?wait=` waits for a new line.
+const MAX_LOG_WAIT: Duration = Duration::from_secs(60);
+
+/// `GET /v1/functions/{tenant}/{name}/logs[?after=SEQ][&wait=SECONDS]`:
+/// the lines kept (after line `after`), waiting up to `wait` for one when
+/// there is none yet (how `shoal logs -f` follows).
 pub(super) async fn logs(
     State(node): State<Arc<Node>>,
     path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path((tenant, name)) = path.map_err(path_error)?;
     authorise_existing(&node, &headers, &tenant, &name)?;
+    let (mut after, mut wait) = (0u64, Duration::ZERO);
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let number = || {
+            value.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{key}={value:?} is not a whole number")))
+        };
+        match key.as_ref() {
+            "after" => after = number()?,
+            "wait" => wait = Duration::from_secs(number()?).min(MAX_LOG_WAIT),
+            other => return Err(ApiError::bad_request(format!("unknown query parameter {other:?}"))),
+        }
+    }
     let function = find(&node, &tenant, &name)?;
-    Ok(Json(json!({ "lines": function.logs.snapshot() })))
+    let lines = function.logs.follow(after, wait).await;
+    Ok(Json(json!({ "lines": lines })))
 }
 
 pub(super) async fn invoke(
@@ -268,10 +288,24 @@ pub(super) async fn invoke(
     body: Body,
 ) -> Response {
     let call_id = new_call_id();
-    let mut response = match invoke_inner(&node, path, query.as_deref(), &headers, body, &call_id).await {
+    let mut traced = node
+        .tracer
+        .begin(incoming(&headers), || "POST /v1/functions/{tenant}/{name}/invoke".to_string(), Kind::Server)
+        .map(Traced::new);
+    let answered = invoke_inner(&node, path, query.as_deref(), &headers, body, &call_id, traced.as_mut()).await;
+    let mut response = match answered {
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
+    if let Some(traced) = &mut traced {
+        let span = &mut traced.span;
+        span.attr("http.request.method", "POST");
+        span.attr("http.route", "/v1/functions/{tenant}/{name}/invoke");
+        span.attr("http.response.status_code", i64::from(response.status().as_u16()));
+        span.attr("shoal.call_id", call_id.as_str());
+    }
+    let failed = response.status().is_server_error().then(|| response.status().to_string());
+    node.end_trace(traced, failed);
     if !response.headers().contains_key(CALL_ID_HEADER)
         && let Ok(value) = HeaderValue::from_str(&call_id)
     {
@@ -299,9 +333,14 @@ async fn invoke_inner(
     headers: &HeaderMap,
     body: Body,
     call_id: &str,
+    mut traced: Option<&mut Traced>,
 ) -> Result<Response, ApiError> {
     let Path((tenant, name)) = path.map_err(path_error)?;
     authorise_existing(node, headers, &tenant, &name)?;
+    if let Some(traced) = traced.as_deref_mut() {
+        traced.span.attr("shoal.tenant", tenant.as_str());
+        traced.span.attr("shoal.function", name.as_str());
+    }
     let mut is_async = false;
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match (key.as_ref(), value.as_ref()) {
@@ -313,7 +352,8 @@ async fn invoke_inner(
     let function = find(node, &tenant, &name)?;
     let input = read_body(node, body, headers, node.config.max_body_bytes).await?;
     if is_async {
-        let id = node.accept_async(&tenant, &name, input.to_vec()).await?;
+        let parent = traced.as_deref().map(|t| t.span.context());
+        let id = node.accept_async(&tenant, &name, input.to_vec(), parent).await?;
         let mut response = (StatusCode::ACCEPTED, Json(json!({ "call_id": id }))).into_response();
         if let Ok(value) = HeaderValue::from_str(&id) {
             response.headers_mut().insert(CALL_ID_HEADER, value);
@@ -321,10 +361,10 @@ async fn invoke_inner(
         return Ok(response);
     }
 
-    if let Some(response) = node.forward_invoke(&function, &input, call_id).await? {
+    if let Some(response) = node.forward_invoke(&function, &input, call_id, traced.as_deref()).await? {
         return Ok(response);
     }
-    run_here(node, &function, input, call_id).await
+    run_here(node, &function, input, call_id, traced).await
 }
 
 /// Run a sync call on this node, with admission, and answer with its output.
@@ -333,21 +373,28 @@ async fn run_here(
     function: &DeployedFunction,
     input: bytes::Bytes,
     call_id: &str,
+    traced: Option<&mut Traced>,
 ) -> Result<Response, ApiError> {
-    let span =
-        tracing::debug_span!("call", tenant = %function.record.tenant, function = %function.record.name, %call_id);
+    let trace_id = traced.as_deref().filter(|t| t.span.sampled).map(|t| t.span.trace_hex());
+    let span = tracing::debug_span!("call", tenant = %function.record.tenant, function = %function.record.name, %call_id, trace_id = trace_id.as_deref().unwrap_or(""));
     let started = Instant::now();
     let image = load_image(node, function).await?;
-    let settings = node.call_settings(function);
+    let settings = node.settings_for(function, traced.as_deref());
     let run = node.executor.run(&function.settings.tenant, &function.key, &image, &settings, input);
     let out = match run.instrument(span).await {
         Ok(out) => out,
         Err(overloaded) => {
             node.account(function, Err(ErrorKind::Overloaded), None, None);
+            if let Some(traced) = traced {
+                traced.span.attr("shoal.outcome", "overloaded");
+            }
             return Err(overloaded.into());
         }
     };
-    answer(node, function, out, started, call_id)
+    if let Some(traced) = traced {
+        node.trace_call(traced, &out, call_id, function);
+    }
+    answer(node, function, out, started, call_id, trace_id.as_deref())
 }
 
 async fn load_image(node: &Node, function: &DeployedFunction) -> Result<Arc<shoal_runtime::FunctionImage>, ApiError> {
@@ -366,9 +413,10 @@ fn answer(
     mut out: shoal_runtime::CallOutput,
     started: Instant,
     call_id: &str,
+    trace_id: Option<&str>,
 ) -> Result<Response, ApiError> {
     let elapsed = started.elapsed();
-    function.logs.append(call_id, now_ms(), out.take_logs());
+    function.logs.append(call_id, trace_id, now_ms(), out.take_logs());
     let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
     node.account(function, outcome, Some(elapsed), Some(&out.usage));
     match out.result {
@@ -441,9 +489,15 @@ async fn run_placed(
         }
     };
     let input = read_body(node, body, headers, node.config.max_body_bytes).await?;
+    // Traced where it was placed from: its span here hangs under that.
+    let mut traced = incoming(headers)
+        .and_then(|parent| node.tracer.begin(Some(parent), || format!("call {tenant}/{name}"), Kind::Server))
+        .map(Traced::new);
     let number = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let Some(depth) = number(crate::cluster::DEPTH_HEADER) else {
-        return run_here(node, &function, input, call_id).await;
+        let answered = run_here(node, &function, input, call_id, traced.as_mut()).await;
+        node.end_trace(traced, answered.as_ref().err().map(ToString::to_string));
+        return answered;
     };
     // The time left to the caller, never more than the callee's own timeout.
     let left =
@@ -453,18 +507,27 @@ async fn run_placed(
         deadline: Some(std::time::Instant::now() + left),
         root: Arc::new(shoal_runtime::RootCall::default()),
         long: false,
+        trace: None,
     };
     let started = Instant::now();
     let image = load_image(node, &function).await?;
-    let settings = node.call_settings(&function);
+    let settings = node.settings_for(&function, traced.as_ref());
     let run = node.executor.run_chained(&function.settings.tenant, &function.key, &image, &settings, input, lineage);
     let out = match run.await {
         Ok(out) => out,
         Err(overloaded) => {
             // Not charged: the node that placed it here answers for it.
             node.metrics.record_call(&function.settings.tenant, &function.key, Err(ErrorKind::Overloaded), None);
-            return Err(ApiError::new(ErrorKind::Unavailable, overloaded.to_string()));
+            let error = ApiError::new(ErrorKind::Unavailable, overloaded.to_string());
+            node.end_trace(traced, Some(error.to_string()));
+            return Err(error);
         }
     };
-    answer(node, &function, out, started, call_id)
+    let trace_id = traced.as_ref().filter(|t| t.span.sampled).map(|t| t.span.trace_hex());
+    if let Some(traced) = &mut traced {
+        node.trace_call(traced, &out, call_id, &function);
+    }
+    let error = out.result.as_ref().err().map(ToString::to_string);
+    node.end_trace(traced, error);
+    answer(node, &function, out, started, call_id, trace_id.as_deref())
 }

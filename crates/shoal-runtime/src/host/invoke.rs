@@ -84,7 +84,13 @@ impl ComponentCtx {
             ));
             return Err(GuestError::LimitExceeded);
         }
-        let lineage = Lineage { depth, deadline: Some(self.deadline), root: chain.lineage.root.clone(), long: false };
+        let lineage = Lineage {
+            depth,
+            deadline: Some(self.deadline),
+            root: chain.lineage.root.clone(),
+            long: false,
+            trace: self.trace,
+        };
         Ok((invoker, lineage))
     }
 

@@ -55,13 +55,19 @@ impl ComponentCtx {
 }
 
 /// Run a state operation and turn its outcome into the guest's result.
+/// A sampled call's operations are timed (`StateOpLog`).
 macro_rules! state_op {
-    ($ctx:expr, $key:expr, |$tiers:ident, $scoped:ident| $body:expr) => {{
+    ($ctx:expr, $op:literal, $key:expr, |$tiers:ident, $scoped:ident| $body:expr) => {{
         let ($tiers, $scoped) = match $ctx.scope(&$key) {
             Ok(scoped) => scoped,
             Err(e) => return Ok(Err(e)),
         };
-        Ok($body.await.map_err(|e| $ctx.refused(e)))
+        let started = $ctx.state_log.is_some().then(Instant::now);
+        let result = $body.await;
+        if let (Some(log), Some(started)) = ($ctx.state_log.as_mut(), started) {
+            log.note($op, $scoped.key(), started, result.is_ok());
+        }
+        Ok(result.map_err(|e| $ctx.refused(e)))
     }};
 }
 
@@ -71,33 +77,34 @@ fn found<T>(found: Result<Option<T>, GuestError>) -> Result<T, GuestError> {
 
 impl Host for ComponentCtx {
     async fn get(&mut self, key: String) -> HostResult<Option<Vec<u8>>> {
-        state_op!(self, key, |tiers, key| tiers.get(&key))
+        state_op!(self, "get", key, |tiers, key| tiers.get(&key))
     }
     async fn set(&mut self, key: String, value: Vec<u8>) -> HostResult<()> {
-        state_op!(self, key, |tiers, key| tiers.set(&key, value))
+        state_op!(self, "set", key, |tiers, key| tiers.set(&key, value))
     }
     async fn delete(&mut self, key: String) -> HostResult<()> {
-        state_op!(self, key, |tiers, key| tiers.delete(&key))
+        state_op!(self, "delete", key, |tiers, key| tiers.delete(&key))
     }
     async fn get_range(&mut self, key: String, offset: u64, len: u64) -> HostResult<Vec<u8>> {
-        let got: HostResult<Option<Vec<u8>>> = state_op!(self, key, |tiers, key| tiers.get_range(&key, offset, len));
+        let got: HostResult<Option<Vec<u8>>> =
+            state_op!(self, "get-range", key, |tiers, key| tiers.get_range(&key, offset, len));
         Ok(found(got?))
     }
     async fn set_range(&mut self, key: String, offset: u64, data: Vec<u8>) -> HostResult<()> {
-        state_op!(self, key, |tiers, key| tiers.set_range(&key, offset, &data))
+        state_op!(self, "set-range", key, |tiers, key| tiers.set_range(&key, offset, &data))
     }
     async fn append(&mut self, key: String, data: Vec<u8>) -> HostResult<()> {
-        state_op!(self, key, |tiers, key| tiers.append(&key, data))
+        state_op!(self, "append", key, |tiers, key| tiers.append(&key, data))
     }
     async fn incr(&mut self, key: String, delta: i64) -> HostResult<i64> {
-        state_op!(self, key, |tiers, key| tiers.incr(&key, delta))
+        state_op!(self, "incr", key, |tiers, key| tiers.incr(&key, delta))
     }
     async fn push(&mut self, key: String) -> HostResult<()> {
-        let pushed: HostResult<bool> = state_op!(self, key, |tiers, key| tiers.push(&key));
+        let pushed: HostResult<bool> = state_op!(self, "push", key, |tiers, key| tiers.push(&key));
         Ok(pushed?.and_then(|local| if local { Ok(()) } else { Err(GuestError::NotFound) }))
     }
     async fn pull(&mut self, key: String) -> HostResult<()> {
-        let pulled: HostResult<bool> = state_op!(self, key, |tiers, key| tiers.pull(&key));
+        let pulled: HostResult<bool> = state_op!(self, "pull", key, |tiers, key| tiers.pull(&key));
         Ok(pulled?.and_then(|global| if global { Ok(()) } else { Err(GuestError::NotFound) }))
     }
     async fn lock(&mut self, key: String) -> HostResult<()> {
@@ -109,7 +116,12 @@ impl Host for ComponentCtx {
             return Ok(Ok(()));
         }
         let lease = self.deadline.saturating_duration_since(Instant::now()) + LEASE_GRACE;
-        match tiers.lock(&key, lease, self.deadline).await {
+        let started = Instant::now();
+        let taken = tiers.lock(&key, lease, self.deadline).await;
+        if let Some(log) = self.state_log.as_mut() {
+            log.note("lock", key.key(), started, taken.is_ok());
+        }
+        match taken {
             Ok(token) => {
                 self.leases.push((key, token));
                 Ok(Ok(()))
