@@ -22,6 +22,9 @@
 # on 2 cores, once), native-http with cargo. WASMTIME=path uses another;
 # PEERS=0 skips them.
 #
+# CONNS (default "1 16 64") sets the connection counts; SHOAL_ARGS adds
+# flags to `shoal serve` (e.g. "--otlp-endpoint http://… --trace-sample 0.01").
+#
 # Usage: [SHOAL_BIN=path/to/shoal] [PARTS="invoke http stream"] scripts/bench-http.sh [duration, default 10s]
 # Needs wrk and curl (apt-get install wrk curl).
 set -euo pipefail
@@ -29,6 +32,8 @@ cd "$(dirname "$0")/.."
 duration=${1:-10s}
 parts=${PARTS:-invoke http stream}
 peers=${PEERS:-1}
+conns_list=${CONNS:-1 16 64}
+read -r -a serve_args <<<"${SHOAL_ARGS:-}"
 unset RUST_BACKTRACE
 work=$(mktemp -d)
 pids=()
@@ -85,7 +90,7 @@ if [ "$peers" = 1 ] && { has http || has stream; }; then
 fi
 wasmtime=${WASMTIME:-target/tools/wasmtime/bin/wasmtime}
 
-SHOAL_LOG=warn "$shoal" serve --data-dir "$work/data" --listen 127.0.0.1:18490 --http-listen 127.0.0.1:18494 2>"$work/serve.log" &
+SHOAL_LOG=warn "$shoal" serve --data-dir "$work/data" --listen 127.0.0.1:18490 --http-listen 127.0.0.1:18494 "${serve_args[@]}" 2>"$work/serve.log" &
 pids+=($!)
 shoal_pid=${pids[0]}
 wait_port 18490
@@ -94,7 +99,7 @@ printf 'wrk.method = "POST"\nwrk.body = "world"\nwrk.headers["Authorization"] = 
 
 echo "# $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates guests wit || echo '+changes'), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), wrk ${duration} per run"
 if has invoke; then
-  for conns in 1 16 64; do
+  for conns in $conns_list; do
     run shoal-invoke "$shoal_pid" http://127.0.0.1:18490/v1/functions/demo/hello/invoke "$work/shoal.lua" "$conns"
   done
 fi
@@ -111,7 +116,7 @@ if [ "$peers" = 1 ] && { has http || has stream; }; then
 fi
 
 if has http; then
-  for conns in 1 16 64; do
+  for conns in $conns_list; do
     run shoal-http-fn "$shoal_pid" http://127.0.0.1:18494/demo/wstd/ "" "$conns"
   done
   if [ "$peers" = 1 ]; then
@@ -122,12 +127,12 @@ if has http; then
       "$wasmtime" serve -Scli "${opts[@]}" --addr 127.0.0.1:18491 "$guests/compat-wstd.wasm" 2>/dev/null &
       pid=$!
       wait_port 18491
-      for conns in 1 16 64; do
+      for conns in $conns_list; do
         run "wasmtime-serve-$variant" "$pid" http://127.0.0.1:18491/ "" "$conns"
       done
       kill -INT "$pid"; wait "$pid" 2>/dev/null || true
     done
-    for conns in 1 16 64; do
+    for conns in $conns_list; do
       run native-hyper "$native_pid" http://127.0.0.1:18493/ "" "$conns"
     done
   fi
