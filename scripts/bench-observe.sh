@@ -25,7 +25,12 @@ if [ ! -x "$bins/shoal-$parent" ]; then
   # (its dependencies are shared; only Shoal's crates build again).
   tree=$(mktemp -d)
   git worktree add --detach "$tree" "$parent" >/dev/null
-  (cd "$tree" && CARGO_TARGET_DIR="$PWD/../$(basename "$PWD")/target" true)
+  # Its guests and runtimes are built with this checkout's tools (and the
+  # guests' sources must be the same: the script says if not).
+  git diff --quiet "$parent" HEAD -- guests wit crates/shoal-guests || echo "note: the guests changed since $parent" >&2
+  mkdir -p "$tree/target"
+  ln -s "$PWD/target/tools" "$tree/target/tools"
+  ln -s "$PWD/target/guests" "$tree/target/guests"
   (cd "$tree" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release --bin shoal >/dev/null 2>&1)
   cp target/release/shoal "$bins/shoal-$parent"
   git worktree remove --force "$tree"

@@ -10,11 +10,11 @@
 //! as much as the least used one with series takes its place, and the
 //! other's series are removed). Calls of the rest are counted under
 //! `tenant="other"`, `function="other"`. Recording a call takes a read lock
-//! and a few atomic additions; one not in the chosen set also a short lock
-//! on the candidates' counts.
+//! on each chosen set, a histogram's lock and a few atomic additions; one
+//! not in the chosen set also a short lock on the candidates' counts.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -104,8 +104,6 @@ struct Series {
     calls: [OnceLock<Counter>; N_OUTCOMES],
     duration: Option<Histogram>,
     cpu: CpuCounter,
-    /// Calls since the last rerank.
-    recent: AtomicU64,
 }
 
 impl Series {
@@ -116,14 +114,7 @@ impl Series {
         } else {
             (None, families.tenant_cpu.get_or_create_owned(&TenantLabels { tenant: tenant.to_string() }))
         };
-        Self {
-            tenant: tenant.to_string(),
-            function: function.to_string(),
-            calls: Default::default(),
-            duration,
-            cpu,
-            recent: AtomicU64::new(0),
-        }
+        Self { tenant: tenant.to_string(), function: function.to_string(), calls: Default::default(), duration, cpu }
     }
 
     fn record(&self, families: &Families, outcome: Result<(), ErrorKind>, call: Option<(Duration, Duration)>) {
@@ -149,7 +140,11 @@ impl Series {
             }
             self.cpu.inc_by(cpu.as_secs_f64());
         }
-        self.recent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls counted so far, every outcome.
+    fn total(&self) -> u64 {
+        self.calls.iter().filter_map(OnceLock::get).map(Counter::get).sum()
     }
 
     /// Remove this set's series from the families.
@@ -208,8 +203,9 @@ struct Labels {
     max: usize,
     families: Families,
     chosen: RwLock<HashMap<Arc<str>, Arc<Series>>>,
-    /// Scores of the chosen at the last rerank (decayed by half each time).
-    scores: Mutex<HashMap<Arc<str>, u64>>,
+    /// Scores of the chosen at the last rerank (decayed by half each
+    /// time), and their call totals then.
+    scores: Mutex<HashMap<Arc<str>, (u64, u64)>>,
     /// Calls of keys not chosen since the last rerank (at most `4 × max`
     /// keys tracked).
     candidates: Mutex<HashMap<Arc<str>, u64>>,
@@ -264,10 +260,12 @@ impl Labels {
         let mut ranked: Vec<(u64, Arc<str>)> = chosen
             .iter()
             .map(|(key, series)| {
-                let score = scores.get(key).copied().unwrap_or(0) / 2 + series.recent.swap(0, Ordering::Relaxed);
-                (score, key.clone())
+                let total = series.total();
+                let (score, then) = scores.get(key).copied().unwrap_or((0, 0));
+                (score / 2 + total.saturating_sub(then), key.clone())
             })
             .collect();
+        let totals: HashMap<Arc<str>, u64> = chosen.iter().map(|(k, s)| (k.clone(), s.total())).collect();
         scores.clear();
         ranked.sort();
         let mut candidates: Vec<(u64, Arc<str>)> = candidates.into_iter().map(|(k, n)| (n, k)).collect();
@@ -287,7 +285,7 @@ impl Labels {
             }
             let (tenant, function) = Self::split(&key);
             let series = Arc::new(Series::new(&self.families, tenant, function));
-            scores.insert(key.clone(), score);
+            scores.insert(key.clone(), (score, 0));
             chosen.insert(key, series);
         }
         for key in &out {
@@ -297,7 +295,8 @@ impl Labels {
         }
         for (score, key) in ranked {
             if chosen.contains_key(&key) {
-                scores.insert(key, score);
+                let total = totals.get(&key).copied().unwrap_or(0);
+                scores.insert(key, (score, total));
             }
         }
     }
@@ -320,6 +319,8 @@ impl Help<'_> {
 #[derive(Debug)]
 pub struct Metrics {
     calls: Family<OutcomeLabel, Counter>,
+    /// The same counters, by outcome index (no lookup per call).
+    calls_by_outcome: [OnceLock<Counter>; N_OUTCOMES],
     duration: Histogram,
     deploys: Counter,
     functions: Labels,
@@ -385,6 +386,7 @@ impl Metrics {
         };
         Self {
             calls: Family::default(),
+            calls_by_outcome: Default::default(),
             duration: Histogram::new(BUCKETS),
             deploys: Counter::default(),
             functions: Labels::new(max_functions, families(true)),
@@ -401,8 +403,8 @@ impl Metrics {
         outcome: Result<(), ErrorKind>,
         call: Option<(Duration, Duration)>,
     ) {
-        let (_, name) = outcome_index(outcome);
-        self.calls.get_or_create(&OutcomeLabel { outcome: name }).inc();
+        let (i, name) = outcome_index(outcome);
+        self.calls_by_outcome[i].get_or_init(|| self.calls.get_or_create_owned(&OutcomeLabel { outcome: name })).inc();
         if let Some((wall, _)) = call {
             self.duration.observe(wall.as_secs_f64());
         }

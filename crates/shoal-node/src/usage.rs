@@ -2,8 +2,11 @@
 //! function, summed per minute and kept in the node's store.
 //!
 //! A call's usage (`shoal_runtime::CallUsage`, with the CPU and queue time
-//! the scheduler measured) is added to a pending table in memory: one
-//! uncontended lock and a map update per call. The `usage` chore writes
+//! the scheduler measured) is added to a pending table in memory, sharded
+//! by thread: one lock no other thread is likely to hold (nor to have
+//! touched: its cache line stays with the core), a lookup by the
+//! function's name and a few additions per call; nothing is allocated or
+//! reference-counted once the function's row of the minute exists. The `usage` chore writes
 //! the pending sums into the store every `usage_flush` (and the node
 //! before it stops, and before answering a usage query), adding them to the
 //! minute each call ended in. A crash (`kill -9`) loses what was pending:
@@ -90,13 +93,34 @@ struct Pending {
     usage: Usage,
 }
 
-type PendingKey = (Arc<str>, Arc<str>, u64);
+/// Shards of the pending table (a power of two).
+const SHARDS: usize = 16;
+
+/// One shard: `tenant/name` → its sums not yet stored, by Unix minute
+/// (the current one last). A tenant's own row (its stored bytes) is under
+/// `tenant/`.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard(Mutex<Rows>);
+
+/// `tenant/name` → (Unix minute, sums) pairs.
+type Rows = HashMap<Arc<str>, Vec<(u64, Pending)>>;
+
+/// This thread's shard.
+fn my_shard() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static MINE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    MINE.with(|i| *i)
+}
 
 /// The node's meter.
 #[derive(Default)]
 pub struct Meter {
-    /// (tenant, `tenant/name`, Unix minute) → sums not yet stored.
-    pending: Mutex<HashMap<PendingKey, Pending>>,
+    /// Sums not yet stored.
+    pending: [Shard; SHARDS],
     /// Sums a flush failed to store, for the next one.
     unwritten: Mutex<Vec<(String, Usage)>>,
 }
@@ -117,22 +141,16 @@ pub fn this_minute() -> u64 {
 }
 
 impl Meter {
-    /// Charge a call of `function` (`tenant/name`) to `tenant`: one that
+    /// Charge a call of `function` (`tenant/name`) to its tenant: one that
     /// ran (`usage`), or one refused before it ran (`None`).
-    pub fn record(
-        &self,
-        tenant: &Arc<str>,
-        function: &Arc<str>,
-        outcome: Result<(), ErrorKind>,
-        usage: Option<&CallUsage>,
-    ) {
+    pub fn record(&self, function: &Arc<str>, outcome: Result<(), ErrorKind>, usage: Option<&CallUsage>) {
         let name = match outcome {
             Ok(()) => "ok",
             Err(kind) => kind.as_str(),
         };
         let minute = this_minute();
-        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let row = pending.entry((tenant.clone(), function.clone(), minute)).or_default();
+        let mut shard = self.pending[my_shard()].0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let row = Self::row(&mut shard, function, minute);
         *row.outcomes.entry(name).or_default() += 1;
         let sums = &mut row.usage;
         sums.calls += 1;
@@ -149,26 +167,46 @@ impl Meter {
         }
     }
 
+    /// The row of `function` for `minute` in a shard, made if new.
+    fn row<'a>(shard: &'a mut Rows, function: &Arc<str>, minute: u64) -> &'a mut Pending {
+        if !shard.contains_key(&**function) {
+            shard.insert(function.clone(), Vec::new());
+        }
+        let minutes = shard.get_mut(&**function).expect("just made");
+        if minutes.last().is_none_or(|(m, _)| *m != minute) {
+            minutes.push((minute, Pending::default()));
+        }
+        &mut minutes.last_mut().expect("just made").1
+    }
+
     /// Note `tenant`'s bytes stored in the global state tier this minute.
     pub fn record_stored(&self, tenant: &str, bytes: u64) {
-        let tenant: Arc<str> = Arc::from(tenant);
         let key: Arc<str> = Arc::from(format!("{tenant}/"));
-        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let row = pending.entry((tenant, key, this_minute())).or_default();
+        let mut shard = self.pending[my_shard()].0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let row = Self::row(&mut shard, &key, this_minute());
         row.usage.state_stored_bytes = row.usage.state_stored_bytes.max(bytes);
     }
 
     /// What is pending (and what a failed flush left), as store keys
     /// (`tenant/minute/function`) and sums.
     fn take_rows(&self) -> Vec<(String, Usage)> {
-        let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         let mut rows = std::mem::take(&mut *self.unwritten.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        for ((_, function, minute), mut row) in taken {
-            let Some((tenant, name)) = function.split_once('/') else { continue };
-            row.usage.outcomes = row.outcomes.iter().map(|(k, n)| (k.to_string(), *n)).collect();
-            rows.push((row_key(tenant, minute, name), row.usage));
+        for shard in &self.pending {
+            let taken = std::mem::take(&mut *shard.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            for (function, minutes) in taken {
+                let Some((tenant, name)) = function.split_once('/') else { continue };
+                for (minute, mut row) in minutes {
+                    row.usage.outcomes = row.outcomes.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+                    rows.push((row_key(tenant, minute, name), row.usage));
+                }
+            }
         }
-        rows
+        // Shards may hold the same function and minute: one row each.
+        let mut merged: BTreeMap<String, Usage> = BTreeMap::new();
+        for (key, usage) in rows {
+            merged.entry(key).or_default().add(&usage);
+        }
+        merged.into_iter().collect()
     }
 
     /// Keep rows a flush could not write for the next one.
@@ -374,7 +412,7 @@ impl crate::Node {
         let (tenant, key) = (&function.settings.tenant, &function.key);
         let cpu = usage.map_or(Duration::ZERO, |u| u.cpu);
         self.metrics.record_call(tenant, key, outcome, elapsed.map(|wall| (wall, cpu)));
-        self.usage.record(tenant, key, outcome, usage);
+        self.usage.record(key, outcome, usage);
     }
 
     /// Note every tenant's bytes in the global state tier (the tier's own

@@ -11,6 +11,20 @@ use super::*;
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
 
+/// `POST path` as the admin, with a `traceparent` if given.
+async fn post(
+    node: &TestNode,
+    path: &str,
+    traceparent: Option<String>,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    let mut request = node.req(reqwest::Method::POST, path, Some(ADMIN)).body(body);
+    if let Some(traceparent) = traceparent {
+        request = request.header("traceparent", traceparent);
+    }
+    request.send().await.unwrap()
+}
+
 /// The spans of `trace`, once at least `n` came.
 async fn spans_of(receiver: &Arc<OtlpReceiver>, trace: &str, n: usize) -> Vec<ReceivedSpan> {
     let (receiver, trace) = (receiver.clone(), trace.to_string());
@@ -66,13 +80,8 @@ async fn a_map_reduce_is_one_trace_of_its_chained_calls_and_state_operations_hav
     // ~5 MiB of text: the reducer spawns two mappers (4 MiB pieces). The
     // caller's traceparent is honoured: the call joins its trace.
     let text = "the quick brown fox jumps over the lazy dog\n".repeat((5 << 20) / 44);
-    let response = node
-        .req(reqwest::Method::POST, "/v1/functions/demo/wordcount/invoke", Some(ADMIN))
-        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
-        .body(text)
-        .send()
-        .await
-        .unwrap();
+    let response =
+        post(&node, "/v1/functions/demo/wordcount/invoke", Some(format!("00-{TRACE}-{PARENT}-01")), text).await;
     assert_eq!(response.status(), StatusCode::OK);
     let call_id = response.headers()["x-shoal-call-id"].to_str().unwrap().to_string();
     let counts: Value = response.json().await.unwrap();
@@ -105,12 +114,7 @@ async fn a_map_reduce_is_one_trace_of_its_chained_calls_and_state_operations_hav
     // ratio is 1); its state operations have spans under its run, with
     // their keys; its log lines carry its trace id.
     assert_eq!(node.deploy("demo/ops", "", shoal_guests::STATE_OPS).await.0, StatusCode::CREATED);
-    let response = node
-        .req(reqwest::Method::POST, "/v1/functions/demo/ops/invoke", Some(ADMIN))
-        .body("set k v\npush k\nget k")
-        .send()
-        .await
-        .unwrap();
+    let response = post(&node, "/v1/functions/demo/ops/invoke", None, "set k v\npush k\nget k").await;
     assert_eq!(response.status(), StatusCode::OK);
     let call_id = response.headers()["x-shoal-call-id"].to_str().unwrap().to_string();
     let trace = {
@@ -139,26 +143,16 @@ async fn a_map_reduce_is_one_trace_of_its_chained_calls_and_state_operations_hav
     state.sort();
     assert_eq!(state, [("state get", Some("k")), ("state push", Some("k")), ("state set", Some("k"))]);
 
-    let response = node
-        .req(reqwest::Method::POST, "/v1/functions/demo/misbehave/invoke", Some(ADMIN))
-        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
-        .body("log")
-        .send()
-        .await
-        .unwrap();
+    let response =
+        post(&node, "/v1/functions/demo/misbehave/invoke", Some(format!("00-{TRACE}-{PARENT}-01")), "log").await;
     assert_eq!(response.status(), StatusCode::OK);
     let logs = node.get_json("/v1/functions/demo/misbehave/logs").await;
     let lines = logs["lines"].as_array().unwrap();
     assert!(!lines.is_empty() && lines.iter().all(|l| l["trace_id"] == TRACE), "{logs}");
 
     // An asynchronous call's run hangs under the request that made it.
-    let response = node
-        .req(reqwest::Method::POST, "/v1/functions/demo/hello/invoke?async=true", Some(ADMIN))
-        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let response =
+        post(&node, "/v1/functions/demo/hello/invoke?async=true", Some(format!("00-{TRACE}-{PARENT}-01")), "x").await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let spans = spans_of(&receiver, TRACE, 12 + 4 + 1 + 4).await;
     let accepted = spans
@@ -171,13 +165,8 @@ async fn a_map_reduce_is_one_trace_of_its_chained_calls_and_state_operations_hav
 
     // A caller that did not sample its trace gets no spans here.
     let quiet = "0af7651916cd43dd8448eb211c80319c";
-    let response = node
-        .req(reqwest::Method::POST, "/v1/functions/demo/hello/invoke", Some(ADMIN))
-        .header("traceparent", format!("00-{quiet}-b7ad6b7169203331-00"))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let response =
+        post(&node, "/v1/functions/demo/hello/invoke", Some(format!("00-{quiet}-b7ad6b7169203331-00")), "x").await;
     assert_eq!(response.status(), StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(receiver.spans().iter().all(|s| s.trace_id != quiet));
