@@ -9,7 +9,8 @@
 //! are made where they run (on another node too: the forward carries a W3C
 //! `traceparent`). An incoming `traceparent` is honoured: the call joins
 //! that trace, sampled or not as it says; a call without one starts a
-//! trace, sampled with the configured ratio.
+//! trace, sampled with the configured ratio. A call not sampled makes no
+//! span and passes no context on.
 //!
 //! Recording is off the call path: a finished span goes into a bounded
 //! queue (`try_send`: when full it is dropped and counted, never waited
@@ -190,30 +191,36 @@ impl Tracer {
 
     /// The span of a call starting now under `parent` (an incoming
     /// `traceparent`, or the caller's context), or of a new trace sampled
-    /// with the configured ratio: None only when tracing is off. A span
-    /// not sampled records nothing (its name is not even made) but carries
-    /// its context on, so the calls it makes are not sampled either.
+    /// with the configured ratio. None when tracing is off or the trace is
+    /// not sampled: such a call makes nothing and passes nothing on (its
+    /// chained calls, forwards and async runs begin no span of their own:
+    /// they have no parent), so a call not sampled costs a coin toss.
     pub fn begin(&self, parent: Option<TraceParent>, name: impl FnOnce() -> String, kind: Kind) -> Option<Span> {
         self.queue.as_ref()?;
         let (trace_id, parent, sampled) = match parent {
             Some(p) => (p.trace_id, Some(p.span_id), p.sampled),
             None => {
-                let sampled = self.ratio >= 1.0 || (self.ratio > 0.0 && rand::random::<f64>() < self.ratio);
+                if !(self.ratio >= 1.0 || (self.ratio > 0.0 && rand::random::<f64>() < self.ratio)) {
+                    return None;
+                }
                 let trace_id = loop {
                     let id: [u8; 16] = rand::random();
                     if id != [0; 16] {
                         break id;
                     }
                 };
-                (trace_id, None, sampled)
+                (trace_id, None, true)
             }
         };
+        if !sampled {
+            return None;
+        }
         Some(Span {
             trace_id,
             span_id: new_span_id(),
             parent,
             sampled,
-            name: if sampled { name() } else { String::new() },
+            name: name(),
             kind,
             start: Instant::now(),
             attrs: Vec::new(),
@@ -469,13 +476,11 @@ mod tests {
         assert!(off.begin(None, name, Kind::Server).is_none());
         let (tx, _rx) = mpsc::channel(1);
         let never = Tracer { queue: Some(tx.clone()), ratio: 0.0, stats: Arc::default() };
-        let quiet = never.begin(None, name, Kind::Server).unwrap();
-        assert!(!quiet.sampled && quiet.name.is_empty(), "carried on, not recorded");
+        assert!(never.begin(None, name, Kind::Server).is_none(), "not sampled: nothing made");
         let parent = TraceParent { trace_id: [7; 16], span_id: [3; 8], sampled: true };
         let span = never.begin(Some(parent), name, Kind::Server).unwrap();
         assert_eq!((span.trace_id, span.parent, span.sampled), ([7; 16], Some([3; 8]), true));
-        let unsampled = never.begin(Some(TraceParent { sampled: false, ..parent }), name, Kind::Server).unwrap();
-        assert!(!unsampled.sampled);
+        assert!(never.begin(Some(TraceParent { sampled: false, ..parent }), name, Kind::Server).is_none());
         let always = Tracer { queue: Some(tx), ratio: 1.0, stats: Arc::default() };
         let root = always.begin(None, name, Kind::Server).unwrap();
         assert!(root.sampled && root.parent.is_none());
