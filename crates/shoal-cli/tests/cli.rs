@@ -5,26 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{serve, serve_with};
-
-fn shoal(dir: &Path, url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(args)
-        .current_dir(dir)
-        .env("SHOAL_URL", url)
-        .env_remove("SHOAL_TOKEN")
-        .env_remove("SHOAL_ADMIN_TOKEN")
-        .env_remove("SHOAL_DATA_DIR")
-        .output()
-        .expect("run shoal")
-}
-
-fn stdout(output: &Output) -> String {
-    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
+use common::{serve, serve_with, shoal, stdout};
 
 #[test]
 fn serve_deploys_the_examples_and_the_client_commands_work() {
@@ -257,38 +240,37 @@ fn request(address: &str, method: &str, path: &str, body: &str) -> (u16, String)
     (status, body)
 }
 
+/// Build the Rust template project in `project` with its README's command,
+/// offline (the workspace's own build fetched its dependencies), into a
+/// target directory kept between runs; the path of its `NAME.wasm`.
+fn build_template(project: &Path, name: &str) -> String {
+    let target = concat!(env!("CARGO_TARGET_TMPDIR"), "/template-target");
+    let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--offline", "--target", "wasm32-wasip2"])
+        .current_dir(project)
+        .env("CARGO_TARGET_DIR", target)
+        .output()
+        .expect("run cargo");
+    assert!(built.status.success(), "cargo build: {}", String::from_utf8_lossy(&built.stderr));
+    format!("{target}/wasm32-wasip2/release/{name}.wasm")
+}
+
 #[test]
 fn the_rust_templates_build_into_functions_that_answer() {
     let dir = tempfile::tempdir().unwrap();
     let served = serve(dir.path());
     let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
     assert!(stdout(&run(&["new", "rust", "adder"])).contains("adder"));
-    // Its README's build command, offline (the workspace's own build
-    // fetched wit-bindgen), into a target directory kept between runs.
-    let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--offline", "--target", "wasm32-wasip2"])
-        .current_dir(dir.path().join("adder"))
-        .env("CARGO_TARGET_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/template-target"))
-        .output()
-        .expect("run cargo");
-    assert!(built.status.success(), "cargo build: {}", String::from_utf8_lossy(&built.stderr));
-    let wasm = concat!(env!("CARGO_TARGET_TMPDIR"), "/template-target/wasm32-wasip2/release/adder.wasm");
-    let described: serde_json::Value = serde_json::from_str(&stdout(&run(&["deploy", "demo/adder", wasm]))).unwrap();
+    let wasm = build_template(&dir.path().join("adder"), "adder");
+    let described: serde_json::Value = serde_json::from_str(&stdout(&run(&["deploy", "demo/adder", &wasm]))).unwrap();
     assert_eq!(described["kind"], "component");
     assert_eq!(stdout(&run(&["invoke", "demo/adder", "-d", "rust"])), "hello rust");
     assert_eq!(stdout(&run(&["invoke", "demo/adder"])), "hello world");
 
     // The HTTP template: a wasi:http component built with `wstd`.
     assert!(stdout(&run(&["new", "rust-http", "web"])).contains("web"));
-    let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--offline", "--target", "wasm32-wasip2"])
-        .current_dir(dir.path().join("web"))
-        .env("CARGO_TARGET_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/template-target"))
-        .output()
-        .expect("run cargo");
-    assert!(built.status.success(), "cargo build: {}", String::from_utf8_lossy(&built.stderr));
-    let wasm = concat!(env!("CARGO_TARGET_TMPDIR"), "/template-target/wasm32-wasip2/release/web.wasm");
-    let deployed = stdout(&run(&["deploy", "demo/web", wasm, "--http", "--public"]));
+    let wasm = build_template(&dir.path().join("web"), "web");
+    let deployed = stdout(&run(&["deploy", "demo/web", &wasm, "--http", "--public"]));
     let described: serde_json::Value = serde_json::from_str(&deployed).unwrap();
     assert_eq!(described["kind"], "http");
     let functions = served.functions.clone().expect("serve printed where HTTP functions are");
@@ -414,87 +396,6 @@ fn a_killed_nodes_lock_on_redis_passes_on_when_its_lease_expires() {
         assert!(start.elapsed() < std::time::Duration::from_secs(15), "{attempt:?}");
     }
     assert_eq!(redis.command(&["EXISTS", lock_key]), ":0", "released by its new holder");
-}
-
-/// CPU time (user + system) process `pid` has used, from /proc.
-fn cpu_of(pid: u32) -> std::time::Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    std::time::Duration::from_millis(ticks * 10)
-}
-
-/// `shoal usage`'s row of `function`: its calls and CPU ms.
-fn usage_row(table: &str, function: &str) -> (u64, f64) {
-    let line = table.lines().find(|l| l.split_whitespace().next() == Some(function));
-    let columns: Vec<&str> = line.unwrap_or_else(|| panic!("no {function} in\n{table}")).split_whitespace().collect();
-    (columns[1].parse().unwrap(), columns[3].parse().unwrap())
-}
-
-#[test]
-fn usage_charges_the_cpu_calls_spent_and_a_kill_9_loses_at_most_one_flush() {
-    use std::time::{Duration, Instant};
-    let dir = tempfile::tempdir().unwrap();
-    let mut served = serve_with(dir.path(), &["--usage-flush", "1s"]);
-    let pid = served.child.id();
-    let (fib_calls, fib_cpu_ms) = {
-        let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
-        // A fib that takes a while, so that /proc's 10 ms ticks are small
-        // beside it.
-        let mut n = 28;
-        while n < 40 {
-            let start = Instant::now();
-            stdout(&run(&["invoke", "demo/fib", "-d", &n.to_string()]));
-            if start.elapsed() >= Duration::from_millis(80) {
-                break;
-            }
-            n += 1;
-        }
-        // Wait for the node to be quiet (the start's compiles done).
-        let mut last = cpu_of(pid);
-        loop {
-            std::thread::sleep(Duration::from_millis(300));
-            let now = cpu_of(pid);
-            if now - last <= Duration::from_millis(10) {
-                break;
-            }
-            last = now;
-        }
-        let before_table = stdout(&run(&["usage", "demo", "--by", "function", "--since", "1h"]));
-        let (calls_before, cpu_before) = usage_row(&before_table, "demo/fib");
-        let process_before = cpu_of(pid);
-        for _ in 0..8 {
-            stdout(&run(&["invoke", "demo/fib", "-d", &n.to_string()]));
-        }
-        let spent = (cpu_of(pid) - process_before).as_secs_f64() * 1000.0;
-        let table = stdout(&run(&["usage", "demo", "--by", "function", "--since", "1h"]));
-        let (calls, cpu_ms) = usage_row(&table, "demo/fib");
-        assert_eq!(calls - calls_before, 8, "{table}");
-        // What the 8 calls were charged is what the node spent running
-        // them (the rest: 8 requests and their answers, a usage query,
-        // a flush a second), within 10%.
-        let charged = cpu_ms - cpu_before;
-        assert!(spent >= 400.0, "fib({n}) ran too briefly to measure: {spent} ms");
-        assert!((charged - spent).abs() <= spent * 0.1, "charged {charged} ms, the node spent {spent} ms");
-
-        // Five calls written by a flush, then three that may not be.
-        for _ in 0..5 {
-            stdout(&run(&["invoke", "demo/hello", "-d", "x"]));
-        }
-        std::thread::sleep(Duration::from_millis(2500));
-        for _ in 0..3 {
-            stdout(&run(&["invoke", "demo/hello", "-d", "x"]));
-        }
-        (calls, cpu_ms)
-    };
-    served.child.kill().unwrap();
-    served.child.wait().unwrap();
-
-    let served = serve_with(dir.path(), &["--usage-flush", "1s"]);
-    let table = stdout(&shoal(dir.path(), &served.url, &["usage", "demo", "--by", "function", "--since", "1h"]));
-    assert_eq!(usage_row(&table, "demo/fib"), (fib_calls, fib_cpu_ms), "flushed before the kill: kept");
-    let (hello, _) = usage_row(&table, "demo/hello");
-    assert!((5..=8).contains(&hello), "at most the last flush's calls are lost: {hello} of 8\n{table}");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 /// A `shoal serve` child process, killed when dropped.
 pub struct Served {
@@ -56,4 +56,23 @@ pub fn serve_with(dir: &Path, extra: &[&str]) -> Served {
     // Keep draining, so the node never writes into a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
     Served { child, url: url.expect("shoal serve printed its address"), functions }
+}
+
+/// Run the `shoal` client in `dir` against the node at `url`.
+pub fn shoal(dir: &Path, url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .current_dir(dir)
+        .env("SHOAL_URL", url)
+        .env_remove("SHOAL_TOKEN")
+        .env_remove("SHOAL_ADMIN_TOKEN")
+        .env_remove("SHOAL_DATA_DIR")
+        .output()
+        .expect("run shoal")
+}
+
+/// A successful run's stdout (panics with its stderr otherwise).
+pub fn stdout(output: &Output) -> String {
+    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout.clone()).unwrap()
 }
