@@ -6,14 +6,6 @@ mod common;
 
 use common::{serve_with, shoal, stdout};
 
-/// CPU time (user + system) process `pid` has used, from /proc.
-fn cpu_of(pid: u32) -> std::time::Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    std::time::Duration::from_millis(ticks * 10)
-}
-
 /// `shoal usage`'s row of `function`: its calls and CPU ms.
 fn usage_row(table: &str, function: &str) -> (u64, f64) {
     let line = table.lines().find(|l| l.split_whitespace().next() == Some(function));
@@ -30,10 +22,10 @@ fn usage_charges_the_cpu_calls_spent_and_a_kill_9_loses_at_most_one_flush() {
     let (fib_calls, fib_cpu_ms) = {
         let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
         // Wait for the node to be quiet (the start's compiles done).
-        let mut last = cpu_of(pid);
+        let mut last = shoal_testkit::cpu_time_of(pid);
         loop {
             std::thread::sleep(Duration::from_millis(300));
-            let now = cpu_of(pid);
+            let now = shoal_testkit::cpu_time_of(pid);
             if now - last <= Duration::from_millis(10) {
                 break;
             }
@@ -44,9 +36,9 @@ fn usage_charges_the_cpu_calls_spent_and_a_kill_9_loses_at_most_one_flush() {
         // (not its wall time, which a busy machine stretches).
         let mut n = 28;
         while n < 40 {
-            let before = cpu_of(pid);
+            let before = shoal_testkit::cpu_time_of(pid);
             stdout(&run(&["invoke", "demo/fib", "-d", &n.to_string()]));
-            if cpu_of(pid) - before >= Duration::from_millis(60) {
+            if shoal_testkit::cpu_time_of(pid) - before >= Duration::from_millis(60) {
                 break;
             }
             n += 1;
@@ -61,16 +53,16 @@ fn usage_charges_the_cpu_calls_spent_and_a_kill_9_loses_at_most_one_flush() {
             let before_table = stdout(&run(&["usage", "demo", "--by", "function", "--since", "1h"]));
             let (calls_before, cpu_before) = usage_row(&before_table, "demo/fib");
             // What the idle node spends anyway (its timer threads), per second.
-            let idle_from = (cpu_of(pid), std::time::Instant::now());
+            let idle_from = (shoal_testkit::cpu_time_of(pid), std::time::Instant::now());
             std::thread::sleep(Duration::from_secs(1));
-            let idle_ms_per_s =
-                (cpu_of(pid) - idle_from.0).as_secs_f64() * 1000.0 / idle_from.1.elapsed().as_secs_f64();
-            let (process_before, started) = (cpu_of(pid), std::time::Instant::now());
+            let idle_ms_per_s = (shoal_testkit::cpu_time_of(pid) - idle_from.0).as_secs_f64() * 1000.0
+                / idle_from.1.elapsed().as_secs_f64();
+            let (process_before, started) = (shoal_testkit::cpu_time_of(pid), std::time::Instant::now());
             for _ in 0..8 {
                 stdout(&run(&["invoke", "demo/fib", "-d", &n.to_string()]));
             }
-            let spent =
-                (cpu_of(pid) - process_before).as_secs_f64() * 1000.0 - idle_ms_per_s * started.elapsed().as_secs_f64();
+            let spent = (shoal_testkit::cpu_time_of(pid) - process_before).as_secs_f64() * 1000.0
+                - idle_ms_per_s * started.elapsed().as_secs_f64();
             let table = stdout(&run(&["usage", "demo", "--by", "function", "--since", "1h"]));
             (calls, cpu_ms) = usage_row(&table, "demo/fib");
             assert_eq!(calls - calls_before, 8, "{table}");

@@ -106,7 +106,7 @@ async fn route(node: &Arc<Node>, request: Request<Body>, call_id: &str) -> Resul
             crate::trace::Kind::Server,
         )
         .map(crate::trace::Traced::new);
-    let method = request.method().to_string();
+    let method = traced.as_ref().map(|_| request.method().to_string());
     let guest_request = for_the_guest(request, &path, platform_token, limit)?;
     let image = node.image_of(&function).await.map_err(|e| ApiError::internal("loading a function's image", e))?;
     let (exchange, answer) = HttpExchange::new(guest_request);
@@ -125,7 +125,7 @@ async fn route(node: &Arc<Node>, request: Request<Body>, call_id: &str) -> Resul
             let out = tracing::Instrument::instrument(run, span).await;
             if let (Some(traced), Ok(out)) = (&mut traced, &out) {
                 node.trace_call(traced, out, &call_id, &function);
-                traced.span.attr("http.request.method", method);
+                traced.span.attr("http.request.method", method.unwrap_or_default());
                 traced.span.attr("url.path", path);
             }
             let failed = finish(&node, &function, out, started, &call_id, trace_id.as_deref());

@@ -208,6 +208,15 @@ pub fn promtool_check(metrics: &str) -> String {
     said
 }
 
+/// The CPU time (user + system) process `pid` has used so far, from
+/// /proc (in 10 ms ticks: Linux's `USER_HZ` of 100).
+pub fn cpu_time_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    let fields: Vec<&str> = stat.rsplit_once(") ").expect("a stat line").1.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    Duration::from_millis(ticks * 10)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -149,6 +149,16 @@ async fn a_map_reduce_is_one_trace_of_its_chained_calls_and_state_operations_hav
     let logs = node.get_json("/v1/functions/demo/misbehave/logs").await;
     let lines = logs["lines"].as_array().unwrap();
     assert!(!lines.is_empty() && lines.iter().all(|l| l["trace_id"] == TRACE), "{logs}");
+    // Following from the last line waits, and gets nothing new; bad
+    // parameters are named.
+    let last = lines.last().unwrap()["seq"].as_u64().unwrap();
+    let none = node.get_json(&format!("/v1/functions/demo/misbehave/logs?after={last}&wait=1")).await;
+    assert_eq!(none["lines"].as_array().map(Vec::len), Some(0), "{none}");
+    for bad in ["after=x", "wait=-1", "follow=1"] {
+        let path = format!("/v1/functions/demo/misbehave/logs?{bad}");
+        let response = node.req(reqwest::Method::GET, &path, Some(ADMIN)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
 
     // An asynchronous call's run hangs under the request that made it.
     let response =

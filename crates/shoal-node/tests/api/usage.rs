@@ -3,14 +3,6 @@
 
 use super::*;
 
-/// This process's CPU time (user + system), from /proc.
-fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 1000 / 100)
-}
-
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,7 +20,7 @@ async fn calls_are_charged_to_their_tenant_and_function_by_outcome() {
         .unwrap();
     assert_eq!(status, StatusCode::CREATED);
 
-    let cpu_before = process_cpu();
+    let cpu_before = shoal_testkit::cpu_time_of(std::process::id());
     let mut answered_cpu_us = 0;
     for _ in 0..10 {
         let response = node.req(reqwest::Method::POST, "/v1/functions/demo/fib/invoke", Some(ADMIN)).body("27");
@@ -36,7 +28,7 @@ async fn calls_are_charged_to_their_tenant_and_function_by_outcome() {
         assert_eq!(response.status(), StatusCode::OK);
         answered_cpu_us += response.headers()["x-shoal-cpu-us"].to_str().unwrap().parse::<u64>().unwrap();
     }
-    let cpu_spent = process_cpu() - cpu_before;
+    let cpu_spent = shoal_testkit::cpu_time_of(std::process::id()) - cpu_before;
     // State moved by calls: 3000 bytes pushed, then pulled by another call.
     assert_eq!(node.deploy("demo/ops", "", shoal_guests::STATE_OPS).await.0, StatusCode::CREATED);
     let value = "v".repeat(3000);
