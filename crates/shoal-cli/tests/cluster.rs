@@ -233,6 +233,19 @@ async fn deploys_propagate_and_calls_are_placed_where_their_function_is_warm_bod
         http.wait_members(node, 3).await;
         http.wait_ready(node, 2).await;
     }
+    // The admin's view of the nodes (the console's): all three, each
+    // with its address and capacity (the gateway runs none), this one marked.
+    let view = http.ok(Method::GET, format!("{}/v1/cluster", nodes[0].url), ADMIN, Vec::new()).await.json();
+    assert_eq!(view["clustered"], true);
+    let members = view["members"].as_array().unwrap();
+    let listed: BTreeSet<&str> = members.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, nodes.iter().map(|n| n.id.as_str()).collect::<BTreeSet<_>>(), "{view}");
+    for member in members {
+        let node = nodes.iter().find(|n| n.id == member["id"]).unwrap();
+        assert_eq!(member["this_node"], node.id == nodes[0].id, "{member}");
+        assert_eq!(member["capacity"] == 0, node.id == nodes[2].id, "{member}");
+        assert!(node.url.contains(member["advertise"].as_str().unwrap()), "{member} vs {}", node.url);
+    }
     // A tenant made on one node, its functions deployed there: six that
     // each worker comes first for.
     let token = http.create_tenant(&nodes[0], "acme").await;

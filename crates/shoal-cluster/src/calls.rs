@@ -551,6 +551,24 @@ impl CallQueue {
         Ok(record.map(|record| (record, output)))
     }
 
+    /// Up to `most` of `tenant`'s kept calls with their records: those not
+    /// finished first, then the finished ones whose records expire last
+    /// (the latest finished). Ids whose record has just expired are left
+    /// out.
+    pub async fn recent_of(&self, tenant: &str, most: usize) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
+        let mut conn = self.conn.clone();
+        let last = isize::try_from(most).unwrap_or(isize::MAX).saturating_sub(1);
+        let ids: Vec<String> =
+            conn.zrevrange(format!("{}kept:{tenant}", self.calls_prefix()), 0, last).await.map_err(redis_error)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.record_key(id)).collect();
+        let records: Vec<Option<Vec<u8>>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await.map_err(redis_error)?;
+        Ok(ids.into_iter().zip(records).filter_map(|(id, record)| Some((id, record?))).collect())
+    }
+
     /// Calls queued and not taken.
     pub async fn queued(&self) -> Result<usize, ClusterError> {
         let queued: Option<i64> = self.conn.clone().get(self.queued_key()).await.map_err(redis_error)?;

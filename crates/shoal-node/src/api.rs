@@ -4,6 +4,8 @@
 //! without being buffered.
 
 mod calls;
+mod cluster;
+mod console;
 mod functions;
 mod secrets;
 mod state;
@@ -35,7 +37,9 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
     #[cfg(feature = "fault-injection")]
     let router = router.route("/v1/_fault/panic", post(fault_panic));
     router
-        .route("/v1/tenants", post(tenants::create))
+        .route("/v1/tenants", post(tenants::create).get(tenants::list))
+        .route("/v1/cluster", get(cluster::get))
+        .route("/v1/whoami", get(whoami))
         .route("/v1/tenants/{tenant}", get(tenants::get).delete(tenants::delete))
         .route("/v1/tenants/{tenant}/token", post(tenants::rotate_token).delete(tenants::revoke_tokens))
         .route("/v1/tenants/{tenant}/limits", get(tenants::get_limits).put(tenants::put_limits))
@@ -49,8 +53,13 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/functions/{tenant}/{name}/invoke", post(functions::invoke))
         .route("/v1/functions/{tenant}/{name}/logs", get(functions::logs))
+        .route("/v1/functions/{tenant}/{name}/calls", get(functions::recent_calls))
         .route("/internal/v1/functions/{tenant}/{name}/invoke", post(functions::internal_invoke))
+        .route("/v1/calls", get(calls::list))
         .route("/v1/calls/{id}", get(calls::get))
+        .route("/console", get(console::page))
+        .route("/console/", get(console::page))
+        .route("/console/{asset}", get(console::asset))
         .route("/v1/state/{tenant}", get(state::list))
         .route("/v1/state/{tenant}/{*key}", get(state::get).put(state::put).delete(state::delete))
         .route("/metrics", get(metrics))
@@ -122,6 +131,16 @@ async fn read_body(node: &Node, body: Body, headers: &HeaderMap, limit: usize) -
             received.extend_from_slice(&data);
         }
     }
+}
+
+/// `GET /v1/whoami`: whose token this is (how the console learns what
+/// to show after signing in).
+async fn whoami(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let view = match node.authenticate(&headers)? {
+        Caller::Admin => serde_json::json!({ "admin": true, "tenant": null }),
+        Caller::Tenant(tenant) => serde_json::json!({ "admin": false, "tenant": tenant }),
+    };
+    Ok(axum::Json(view).into_response())
 }
 
 /// `/metrics` on the API: the admin's only (counts of tenants, functions

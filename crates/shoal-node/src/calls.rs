@@ -7,7 +7,10 @@
 //! - `calls`: id → the record (JSON: status, function, timings, error);
 //! - `call_inputs`: id → input, until the call finishes;
 //! - `call_outputs`: id → output of a call that succeeded;
-//! - `calls_pending`: ids of calls queued or running.
+//! - `calls_pending`: ids of calls queued or running;
+//! - `calls_of`: `tenant/id` → the call's status, so a tenant's recent
+//!   calls (by status) are listed from its own entries, newest first,
+//!   whatever other tenants keep.
 //!
 //! Guarantee: at least once. A call accepted before a crash is still
 //! pending after the restart and runs then (again, if it was running when
@@ -36,6 +39,16 @@ const CALLS: Table = Table::new("calls");
 const INPUTS: Table = Table::new("call_inputs");
 const OUTPUTS: Table = Table::new("call_outputs");
 const PENDING: Table = Table::new("calls_pending");
+const CALLS_OF: Table = Table::new("calls_of");
+
+fn index_key(tenant: &str, id: &str) -> String {
+    format!("{tenant}/{id}")
+}
+
+/// The most entries of its own one listing of a tenant's calls reads (on
+/// one node; in a cluster, the most recent records it reads).
+const LIST_SCAN: usize = 10_000;
+const LIST_SCAN_CLUSTER: usize = 1_000;
 
 /// How often expired records are removed.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -55,6 +68,19 @@ pub enum CallStatus {
 impl CallStatus {
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Queued, Self::Running, Self::Succeeded, Self::Failed].into_iter().find(|s| s.as_str() == text)
     }
 }
 
@@ -196,11 +222,28 @@ impl AsyncCalls {
         // What each tenant keeps, counted once from the records at start.
         let mut kept: std::collections::HashMap<String, Kept> = Default::default();
         if queue.is_none() {
+            // Records kept by a version of the node before the index are
+            // indexed now, once.
+            let indexed: std::collections::HashSet<String> =
+                store.scan_prefix(CALLS_OF, "")?.into_iter().map(|(key, _)| key).collect();
+            let mut unindexed = Vec::new();
             for (id, bytes) in store.scan_prefix(CALLS, "")? {
                 let Ok(record) = decode(&id, &bytes) else { continue };
+                let key = index_key(&record.tenant, &id);
+                if !indexed.contains(&key) {
+                    unindexed.push((key, record.status.as_str()));
+                }
                 let entry = kept.entry(record.tenant).or_default();
                 entry.records += 1;
                 entry.output_bytes += record.output_bytes.unwrap_or(0);
+            }
+            for batch in unindexed.chunks(SWEEP_BATCH) {
+                store.transaction(|tx| {
+                    for (key, status) in batch {
+                        tx.put(CALLS_OF, key, status.as_bytes())?;
+                    }
+                    Ok(())
+                })?;
             }
         }
         Ok(Self {
@@ -382,6 +425,7 @@ impl AsyncCalls {
             let id = stored.call_id.as_str();
             store.transaction(|tx| {
                 tx.put(CALLS, id, &encode(&stored))?;
+                tx.put(CALLS_OF, &index_key(&stored.tenant, id), stored.status.as_str().as_bytes())?;
                 tx.put(INPUTS, id, &input)?;
                 tx.put(PENDING, id, b"")
             })
@@ -424,10 +468,57 @@ impl AsyncCalls {
         Ok(found?)
     }
 
+    /// Up to `most` of `tenant`'s calls (with `status`, if given), newest
+    /// first. On one node it reads the tenant's own index, at most
+    /// `LIST_SCAN` entries; in a cluster, the tenant's `LIST_SCAN_CLUSTER`
+    /// most recent records.
+    pub(crate) async fn list(
+        &self,
+        tenant: &str,
+        status: Option<CallStatus>,
+        most: usize,
+    ) -> Result<Vec<CallRecord>, ApiError> {
+        if let Some(queue) = &self.queue {
+            let found = queue.recent_of(tenant, LIST_SCAN_CLUSTER).await?;
+            let mut records: Vec<CallRecord> = found
+                .into_iter()
+                .filter_map(|(id, bytes)| decode(&id, &bytes).ok())
+                .filter(|r| r.tenant == tenant && status.is_none_or(|s| r.status == s))
+                .collect();
+            records.sort_by(|a, b| b.call_id.cmp(&a.call_id));
+            records.truncate(most);
+            return Ok(records);
+        }
+        let (store, prefix) = (self.store.clone(), index_key(tenant, ""));
+        let found = tokio::task::spawn_blocking(move || {
+            store.snapshot(|tx| {
+                let (mut ids, mut scanned) = (Vec::new(), 0);
+                tx.visit_prefix_rev(CALLS_OF, &prefix, |key, value| {
+                    scanned += 1;
+                    if status.is_none_or(|s| value == s.as_str().as_bytes()) {
+                        ids.push(key[prefix.len()..].to_string());
+                    }
+                    ids.len() < most && scanned < LIST_SCAN
+                })?;
+                let mut records = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some(bytes) = tx.get(CALLS, &id)? {
+                        records.push(decode(&id, &bytes)?);
+                    }
+                }
+                Ok(records)
+            })
+        })
+        .await
+        .map_err(|e| ApiError::internal("listing call records", e))?;
+        Ok(found?)
+    }
+
     fn update(&self, record: &CallRecord, output: Option<&[u8]>) -> Result<(), StoreError> {
         let id = record.call_id.as_str();
         self.store.transaction(|tx| {
             tx.put(CALLS, id, &encode(record))?;
+            tx.put(CALLS_OF, &index_key(&record.tenant, id), record.status.as_str().as_bytes())?;
             if record.status.is_finished() {
                 tx.delete(INPUTS, id)?;
                 tx.delete(PENDING, id)?;
@@ -467,6 +558,7 @@ impl AsyncCalls {
                     for table in [CALLS, INPUTS, OUTPUTS, PENDING] {
                         tx.delete(table, id)?;
                     }
+                    tx.delete(CALLS_OF, &index_key(tenant, id))?;
                 }
                 Ok(())
             })?;
@@ -509,6 +601,7 @@ impl AsyncCalls {
                 for record in &finished {
                     tx.delete(CALLS, &record.call_id)?;
                     tx.delete(OUTPUTS, &record.call_id)?;
+                    tx.delete(CALLS_OF, &index_key(&record.tenant, &record.call_id))?;
                 }
                 Ok(())
             })?;
@@ -745,7 +838,7 @@ impl Node {
                 self.end_trace(traced, out.result.as_ref().err().map(ToString::to_string));
                 deployed.logs.append(&id, trace_id.as_deref(), now_ms(), out.take_logs());
                 let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
-                self.account(deployed, outcome, Some(started.elapsed()), Some(&out.usage));
+                self.account(deployed, (&id, trace_id.as_deref()), outcome, Some(started.elapsed()), Some(&out.usage));
                 match out.result {
                     Ok(output) => (Some(output), None),
                     Err(e) => (None, Some((ErrorKind::of_call(&e), e.to_string()))),

@@ -72,7 +72,7 @@ impl Invoker for NodeInvoker {
                     return forwarded;
                 }
                 Err(overloaded) => {
-                    node.account(&deployed, Err(ErrorKind::Overloaded), None, None);
+                    node.account(&deployed, (&call_id, None), Err(ErrorKind::Overloaded), None, None);
                     let error = ChainError::Unavailable(overloaded.to_string());
                     node.end_trace(traced, Some(error.to_string()));
                     return Err(error);
@@ -85,7 +85,13 @@ impl Invoker for NodeInvoker {
             node.end_trace(traced, out.result.as_ref().err().map(ToString::to_string));
             deployed.logs.append(&call_id, trace_id.as_deref(), now_ms(), out.take_logs());
             let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
-            node.account(&deployed, outcome, Some(started.elapsed()), Some(&out.usage));
+            node.account(
+                &deployed,
+                (&call_id, trace_id.as_deref()),
+                outcome,
+                Some(started.elapsed()),
+                Some(&out.usage),
+            );
             out.result.map_err(ChainError::Failed)
         })
     }

@@ -9,6 +9,7 @@
 //! The node owns the mapping from typed errors to HTTP statuses and nothing
 //! below it ever sees HTTP.
 
+mod activity;
 mod api;
 mod auth;
 mod calls;
@@ -368,8 +369,9 @@ impl Node {
         for (record, wasm) in stored {
             match self.executor.runtime().load_with(&wasm, &record.load_options()).await {
                 Ok(image) => {
-                    let logs = self.registry.logs_for(&record.tenant, &record.name, self.config.log_lines_per_function);
-                    self.registry.insert_loaded(DeployedFunction::new(record, image, logs));
+                    let trail =
+                        self.registry.trail_for(&record.tenant, &record.name, self.config.log_lines_per_function);
+                    self.registry.insert_loaded(DeployedFunction::new(record, image, trail));
                 }
                 Err(e) => {
                     tracing::error!(tenant = %record.tenant, function = %record.name, error = %e, "cannot load a stored function; skipping it")
@@ -630,8 +632,8 @@ impl Node {
             public: spec.public,
             secrets: spec.secrets,
         };
-        let logs = self.registry.logs_for(tenant, name, self.config.log_lines_per_function);
-        let function = self.registry.deploy(DeployedFunction::new(record, image, logs), wasm).await?;
+        let trail = self.registry.trail_for(tenant, name, self.config.log_lines_per_function);
+        let function = self.registry.deploy(DeployedFunction::new(record, image, trail), wasm).await?;
         function.touch(self.use_clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         self.enforce_image_budget();
         self.metrics.record_deploy();

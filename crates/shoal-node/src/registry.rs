@@ -21,6 +21,7 @@ use shoal_cluster::{RegistrySnapshot, SharedRegistry};
 use shoal_runtime::{CallSettings, FunctionImage};
 use shoal_state::{EmbeddedStore, StoreError, Table};
 
+use crate::activity::CallHistory;
 use crate::auth::TokenHash;
 use crate::logs::LogRing;
 
@@ -162,6 +163,8 @@ pub struct DeployedFunction {
     pub record: FunctionRecord,
     pub settings: CallSettings,
     pub logs: Arc<LogRing>,
+    /// Its recent calls and rates on this node.
+    pub history: Arc<CallHistory>,
     /// `tenant/name`: how the scheduler knows the function.
     pub key: Arc<str>,
     /// The compiled, pre-linked image while loaded; dropped when the node
@@ -195,15 +198,15 @@ impl DeployedFunction {
         self.image.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     }
 
-    pub fn new(record: FunctionRecord, image: Arc<FunctionImage>, logs: Arc<LogRing>) -> Self {
-        let function = Self::unloaded(record, logs);
+    pub fn new(record: FunctionRecord, image: Arc<FunctionImage>, trail: Trail) -> Self {
+        let function = Self::unloaded(record, trail);
         function.set_image(image);
         function
     }
 
     /// A function known from the shared registry whose image this node
     /// has not loaded yet (it loads on the first call here).
-    pub fn unloaded(record: FunctionRecord, logs: Arc<LogRing>) -> Self {
+    pub fn unloaded(record: FunctionRecord, trail: Trail) -> Self {
         let settings = CallSettings {
             tenant: Arc::from(record.tenant.as_str()),
             memory_limit: record.memory_bytes,
@@ -215,8 +218,17 @@ impl DeployedFunction {
             trace: None,
         };
         let key = Arc::from(function_key(&record.tenant, &record.name));
-        Self { record, settings, logs, key, image: Mutex::new(None), last_used: AtomicU64::new(0) }
+        let Trail { logs, history } = trail;
+        Self { record, settings, logs, history, key, image: Mutex::new(None), last_used: AtomicU64::new(0) }
     }
+}
+
+/// What a function leaves behind on this node: its recent log lines and
+/// calls, which a redeploy keeps.
+#[derive(Clone, Debug)]
+pub struct Trail {
+    pub logs: Arc<LogRing>,
+    pub history: Arc<CallHistory>,
 }
 
 fn function_key(tenant: &str, name: &str) -> String {
@@ -352,8 +364,8 @@ impl Registry {
             let function = match self.get(&record.tenant, &record.name) {
                 Some(current) if current.record == record => current,
                 _ => {
-                    let logs = self.logs_for(&record.tenant, &record.name, log_lines);
-                    Arc::new(DeployedFunction::unloaded(record, logs))
+                    let trail = self.trail_for(&record.tenant, &record.name, log_lines);
+                    Arc::new(DeployedFunction::unloaded(record, trail))
                 }
             };
             let record = &function.record;
@@ -623,12 +635,12 @@ impl Registry {
         drop(replaced);
     }
 
-    /// The log ring a (re)deployed function should use: its predecessor's,
-    /// so a redeploy keeps recent logs.
-    pub fn logs_for(&self, tenant: &str, name: &str, capacity: usize) -> Arc<LogRing> {
+    /// The log ring and call history a (re)deployed function should use:
+    /// its predecessor's, so a redeploy keeps recent logs and calls.
+    pub fn trail_for(&self, tenant: &str, name: &str, log_lines: usize) -> Trail {
         match self.get(tenant, name) {
-            Some(previous) => previous.logs.clone(),
-            None => Arc::new(LogRing::new(capacity)),
+            Some(previous) => Trail { logs: previous.logs.clone(), history: previous.history.clone() },
+            None => Trail { logs: Arc::new(LogRing::new(log_lines)), history: Arc::default() },
         }
     }
 

@@ -168,13 +168,13 @@ fn finish(
     let mut out = match out {
         Ok(out) => out,
         Err(overloaded) => {
-            node.account(function, Err(ErrorKind::Overloaded), None, None);
+            node.account(function, (call_id, trace_id), Err(ErrorKind::Overloaded), None, None);
             return Some(overloaded.into());
         }
     };
     let mut logs = out.take_logs();
     let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
-    node.account(function, outcome, Some(elapsed), Some(&out.usage));
+    node.account(function, (call_id, trace_id), outcome, Some(elapsed), Some(&out.usage));
     let result = match out.result {
         Ok(_) => None,
         Err(e) => {

@@ -401,10 +401,12 @@ pub(crate) fn spawn_chore(node: &Arc<crate::Node>) {
 impl crate::Node {
     /// Count a call of `function` in the metrics and charge it to its
     /// tenant (see [`Meter::record`]): one that ran for `elapsed` and used
-    /// `usage`, or one refused before it ran (`None`, `None`).
+    /// `usage`, or one refused before it ran (`None`, `None`); and note it
+    /// in the function's recent calls (`call_id`, its trace when sampled).
     pub(crate) fn account(
         &self,
         function: &crate::registry::DeployedFunction,
+        (call_id, trace_id): (&str, Option<&str>),
         outcome: Result<(), ErrorKind>,
         elapsed: Option<Duration>,
         usage: Option<&CallUsage>,
@@ -413,6 +415,14 @@ impl crate::Node {
         let cpu = usage.map_or(Duration::ZERO, |u| u.cpu);
         self.metrics.record_call(tenant, key, outcome, elapsed.map(|wall| (wall, cpu)));
         self.usage.record(key, outcome, usage);
+        let ended = crate::activity::Ended {
+            call_id,
+            trace_id,
+            outcome: outcome.map_err(ErrorKind::as_str),
+            elapsed,
+            cpu: usage.map(|u| u.cpu),
+        };
+        function.history.record(crate::now_ms(), ended);
     }
 
     /// Note every tenant's bytes in the global state tier (the tier's own

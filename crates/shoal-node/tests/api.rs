@@ -2188,6 +2188,8 @@ async fn in_a_cluster_kept_records_are_capped_per_tenant_and_go_with_their_tenan
     node.stop().await;
 }
 
+#[path = "api/console.rs"]
+mod console;
 #[path = "api/http_functions.rs"]
 mod http_functions;
 #[path = "api/tracing.rs"]

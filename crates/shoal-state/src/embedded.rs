@@ -186,6 +186,43 @@ impl ReadTx {
         Ok(t.get(key).map_err(io)?.map(|v| v.value().to_vec()))
     }
 
+    /// Call `f` on each entry whose key starts with `prefix`, in reverse
+    /// key order (newest first, for keys that end in a time), until it
+    /// returns false or the prefix's entries end.
+    pub fn visit_prefix_rev(
+        &self,
+        table: Table,
+        prefix: &str,
+        mut f: impl FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let t = match self.tx.open_table(table.definition()) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(io(e)),
+        };
+        // Every key with the prefix sorts before the prefix with its last
+        // char bumped by one.
+        let mut end = prefix.to_string();
+        let bumped = end.pop().and_then(|c| char::from_u32(c as u32 + 1));
+        let entries = match bumped {
+            Some(c) => {
+                end.push(c);
+                t.range(prefix..end.as_str()).map_err(io)?
+            }
+            None => t.range(prefix..).map_err(io)?,
+        };
+        for entry in entries.rev() {
+            let (key, value) = entry.map_err(io)?;
+            if !key.value().starts_with(prefix) {
+                continue;
+            }
+            if !f(key.value(), value.value()) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Fold `f` over every entry whose key starts with `prefix`, in key
     /// order, without collecting them.
     pub fn fold_prefix<A>(
@@ -305,6 +342,32 @@ mod tests {
         assert_eq!(store.get(T, "b/x").unwrap().as_deref(), Some(&b"2"[..]));
         assert_eq!(store.get(U, "b/y").unwrap().as_deref(), Some(&b"3"[..]));
         assert_eq!(store.get(U, "a").unwrap(), None, "tables are separate");
+    }
+
+    #[test]
+    fn a_reverse_visit_sees_only_the_prefix_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("db.redb")).unwrap();
+        for key in ["a/1", "a/2", "a/3", "a0", "ab/9", "b/1", "a"] {
+            store.put(T, key, key.as_bytes()).unwrap();
+        }
+        let seen = |prefix: &str, most: usize| {
+            let mut keys = Vec::new();
+            store
+                .snapshot(|tx| {
+                    tx.visit_prefix_rev(T, prefix, |key, value| {
+                        assert_eq!(key.as_bytes(), value);
+                        keys.push(key.to_string());
+                        keys.len() < most
+                    })
+                })
+                .unwrap();
+            keys
+        };
+        assert_eq!(seen("a/", 10), ["a/3", "a/2", "a/1"]);
+        assert_eq!(seen("a/", 2), ["a/3", "a/2"], "it stops when told");
+        assert_eq!(seen("c/", 10), Vec::<String>::new());
+        assert_eq!(seen("b/", 10), ["b/1"]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod fuzz;
 mod otlp;
+pub mod webdriver;
 
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 

@@ -1,5 +1,5 @@
 //! Routes under `/v1/functions/{tenant}`: deploy, list, describe, remove,
-//! invoke and logs.
+//! invoke, logs and recent calls.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use super::{path_error, read_body};
+use crate::activity::CallHistory;
 use crate::error::{ApiError, ErrorKind};
 use crate::images::ImageError;
 use crate::names::check_name;
@@ -220,8 +221,53 @@ pub(super) async fn list(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(tenant) = path.map_err(path_error)?;
     authorise(&node, &headers, &tenant, None)?;
-    let functions: Vec<_> = node.registry.list(&tenant).iter().map(|record| description(&node, record)).collect();
+    let now = now_ms();
+    let functions: Vec<_> = node
+        .registry
+        .list(&tenant)
+        .iter()
+        .map(|record| {
+            let mut view = description(&node, record);
+            if let Some(function) = node.registry.get(&record.tenant, &record.name) {
+                view["activity"] = activity(&function.history, now);
+            }
+            view
+        })
+        .collect();
     Ok(Json(json!({ "functions": functions })))
+}
+
+/// A function's last minute on this node, and its calls per slot over the
+/// last five (what the console's list charts).
+fn activity(history: &CallHistory, now: u64) -> serde_json::Value {
+    let mut view = serde_json::to_value(history.summary(now, LAST_MINUTE)).unwrap_or_default();
+    view["calls_series"] = history.series(now).iter().map(|slot| slot.calls).collect::<Vec<_>>().into();
+    view
+}
+
+/// Slots in a minute.
+const LAST_MINUTE: usize = (60 / crate::activity::SLOT_SECONDS) as usize;
+
+/// `GET /v1/functions/{tenant}/{name}/calls`: the function's recent calls
+/// on this node (newest first: id, end time, outcome, duration, CPU,
+/// trace id when sampled), its calls, errors, p50 and p99 per 10 s over
+/// the last five minutes, and its last minute summed.
+pub(super) async fn recent_calls(
+    State(node): State<Arc<Node>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path((tenant, name)) = path.map_err(path_error)?;
+    authorise_existing(&node, &headers, &tenant, &name)?;
+    let function = find(&node, &tenant, &name)?;
+    let now = now_ms();
+    let history = &function.history;
+    Ok(Json(json!({
+        "calls": history.recent(),
+        "slot_seconds": crate::activity::SLOT_SECONDS,
+        "series": history.series(now),
+        "last_minute": history.summary(now, LAST_MINUTE),
+    })))
 }
 
 pub(super) async fn describe(
@@ -384,7 +430,7 @@ async fn run_here(
     let out = match run.instrument(span).await {
         Ok(out) => out,
         Err(overloaded) => {
-            node.account(function, Err(ErrorKind::Overloaded), None, None);
+            node.account(function, (call_id, trace_id.as_deref()), Err(ErrorKind::Overloaded), None, None);
             if let Some(traced) = traced {
                 traced.span.attr("shoal.outcome", "overloaded");
             }
@@ -418,7 +464,7 @@ fn answer(
     let elapsed = started.elapsed();
     function.logs.append(call_id, trace_id, now_ms(), out.take_logs());
     let outcome = out.result.as_ref().map(drop).map_err(ErrorKind::of_call);
-    node.account(function, outcome, Some(elapsed), Some(&out.usage));
+    node.account(function, (call_id, trace_id), outcome, Some(elapsed), Some(&out.usage));
     match out.result {
         Ok(output) => {
             let mut response = output.into_response();

@@ -1,4 +1,5 @@
 //! `POST /v1/tenants`: the admin creates a tenant and gets its token, once.
+//! `GET /v1/tenants`: the admin lists them all, with limits and weights.
 //! `GET /v1/tenants/{tenant}`: whether it is active or being deleted.
 //! `DELETE /v1/tenants/{tenant}`: the admin deletes it and everything it
 //! has (in the background: 202, then the status says `deleting` until it
@@ -119,6 +120,29 @@ fn status_view(record: &crate::registry::TenantRecord) -> serde_json::Value {
         "created_ms": record.created_ms,
         "deleting_since_ms": record.deleting_since_ms,
     })
+}
+
+/// `GET /v1/tenants`: the admin's list of every tenant, its status and
+/// its limits (as set and in force, weight among them).
+pub(super) async fn list(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    node.authenticate(&headers)?.check_admin()?;
+    let mut names = node.registry.tenant_names();
+    names.sort();
+    let tenants: Vec<serde_json::Value> = names
+        .iter()
+        .filter_map(|name| {
+            let record = node.registry.tenant(name)?;
+            let set = node.registry.tenant_limits(name).unwrap_or_default();
+            let mut view = status_view(&record);
+            view["limits"] = limits_view(&node, name, &set);
+            view["functions"] = node.registry.n_functions_of(name).into();
+            Some(view)
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "tenants": tenants })))
 }
 
 pub(super) async fn get(
