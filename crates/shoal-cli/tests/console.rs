@@ -79,7 +79,7 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     std::fs::write(dir.path().join("markup.py"), MARKUP_PY).unwrap();
     std::fs::write(dir.path().join("echo.wasm"), shoal_guests::ECHO).unwrap();
 
-    let browser = Browser::start(1280, 900);
+    let browser = Browser::start(1280, 1500);
 
     // A wrong token: said so, and nothing is kept.
     browser.goto(&format!("{base}/console"));
@@ -124,7 +124,6 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     let refused = upload("broken.wasm", None, None);
     assert!(refused.contains("invalid_wasm"), "{refused}");
     browser.console(); // the refused request's 422, expected
-    save_screenshot(&browser, "functions");
 
     // Invoke echo with JSON: shown pretty-printed; its settings as deployed.
     browser.goto(&format!("{base}/console#/function/echo"));
@@ -192,7 +191,8 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
         "hello <i>state</i>",
         "the console wrote through the API"
     );
-    // Over the tenant's limit of a value: the API's error, shown.
+    assert_quiet_console(&browser, "state");
+    // Over the node's limit of a value: the API's error, shown.
     let big = "x".repeat(70_000);
     browser.execute("document.getElementById('state-value').value = arguments[0];", vec![big.into()]);
     browser.click(&browser.wait_for("#state-set", SHORT));
@@ -248,6 +248,8 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     );
     browser.click(&browser.wait_for("#nav-functions", SHORT));
     browser.wait_for_text("#functions-table", SHORT, |t| t.contains("markup"));
+    browser.wait_for_text("tr[data-function='markup'] .rate", SHORT, |t| t != "0.00" && t != "–");
+    save_screenshot(&browser, "functions");
     assert_quiet_console(&browser, "admin");
     drop(browser);
     drop(served);

@@ -385,12 +385,14 @@ function latencyLines(series, width = 240, height = 48) {
   svg.appendChild(s('line', { class: 'axis', x1: 0, y1: height - 0.5, x2: width, y2: height - 0.5 }));
   for (const [field, cls] of [['p99_ms', 'line p99'], ['p50_ms', 'line']]) {
     let d = '';
+    const has = (i) => i >= 0 && i < series.length && series[i][field] !== null && series[i][field] !== undefined;
     series.forEach((p, i) => {
-      const v = p[field];
-      if (v === null || v === undefined) return;
+      if (!has(i)) return;
       const x = i * step + step / 2;
-      const y = height - 1 - (v / max) * (height - 3);
-      d += (d && series[i - 1] && series[i - 1][field] != null ? ' L' : ' M') + x.toFixed(1) + ' ' + y.toFixed(1);
+      const y = height - 1 - (p[field] / max) * (height - 3);
+      d += (has(i - 1) ? ' L' : ' M') + x.toFixed(1) + ' ' + y.toFixed(1);
+      // A slot with calls between two without: a dot, not an invisible line.
+      if (!has(i - 1) && !has(i + 1)) svg.appendChild(s('circle', { class: cls.replace('line', 'dot'), cx: x, cy: y, r: 2 }));
     });
     if (d) svg.appendChild(s('path', { class: cls, d: d.trim() }));
   }
