@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// with a `traceparent` follows its flag.
     #[arg(long, env = "SHOAL_TRACE_SAMPLE")]
     trace_sample: Option<f64>,
+    /// Where the console links a trace id to: a URL with `{trace_id}`,
+    /// e.g. http://127.0.0.1:16686/trace/{trace_id} for Jaeger.
+    #[arg(long, env = "SHOAL_TRACE_LINK")]
+    trace_link: Option<String>,
     /// State operations of a sampled call that take at least this long
     /// get spans (default 1ms).
     #[arg(long, env = "SHOAL_TRACE_STATE_OVER", value_parser = parse_duration)]
@@ -186,6 +190,7 @@ struct ServeFile {
     metrics_tenants: Option<usize>,
     otlp_endpoint: Option<String>,
     trace_sample: Option<f64>,
+    trace_link: Option<String>,
     trace_state_over: Option<String>,
     trace_queue: Option<usize>,
     http_listen: Option<String>,
@@ -373,6 +378,13 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
         config.metrics_tenants = n;
     }
     config.otlp_endpoint = args.otlp_endpoint.clone().or(file.otlp_endpoint.clone());
+    if let Some(link) = args.trace_link.clone().or(file.trace_link.clone()) {
+        anyhow::ensure!(
+            (link.starts_with("http://") || link.starts_with("https://")) && link.contains("{trace_id}"),
+            "trace_link must be an http(s) URL holding {{trace_id}}, not {link:?}"
+        );
+        config.trace_link = Some(link);
+    }
     if let Some(ratio) = args.trace_sample.or(file.trace_sample) {
         anyhow::ensure!((0.0..=1.0).contains(&ratio), "trace_sample must be between 0 and 1, not {ratio}");
         config.trace_sample = ratio;

@@ -70,7 +70,19 @@ fn sign_out(browser: &Browser) {
 #[test]
 fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     let dir = tempfile::tempdir().unwrap();
-    let served = serve_with(dir.path(), &["--max-state-value", "64KiB"]);
+    // Spans go nowhere (nothing listens on the discard port), but calls
+    // are sampled: their trace ids link to where `--trace-link` says.
+    let served = serve_with(
+        dir.path(),
+        &[
+            "--max-state-value",
+            "64KiB",
+            "--otlp-endpoint",
+            "http://127.0.0.1:9",
+            "--trace-link",
+            "http://127.0.0.1:16686/trace/{trace_id}",
+        ],
+    );
     let base = served.url.trim_end_matches('/').to_string();
     let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
     let acme = stdout(&run(&["tenant", "create", "acme"])).trim().to_string();
@@ -78,6 +90,21 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     let admin = std::fs::read_to_string(dir.path().join(".shoal/admin.token")).unwrap().trim().to_string();
     std::fs::write(dir.path().join("markup.py"), MARKUP_PY).unwrap();
     std::fs::write(dir.path().join("echo.wasm"), shoal_guests::ECHO).unwrap();
+    std::fs::write(dir.path().join("bytes.bin"), [0u8, 1, 2, 0xff, 0xfe]).unwrap();
+    // A folder of Python source, as a tar archive.
+    std::fs::create_dir(dir.path().join("folder")).unwrap();
+    std::fs::write(dir.path().join("folder/helper.py"), "WORDS = 'from a folder'\n").unwrap();
+    std::fs::write(
+        dir.path().join("folder/app.py"),
+        "from helper import WORDS\n\ndef handle(input: bytes) -> bytes:\n    return WORDS.encode()\n",
+    )
+    .unwrap();
+    let tarred = std::process::Command::new("tar")
+        .args(["-cf", "folder.tar", "-C", "folder", "app.py", "helper.py"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(tarred.success());
 
     let browser = Browser::start(1280, 1500);
 
@@ -103,6 +130,9 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     let upload = |file: &str, memory: Option<&str>, env: Option<&str>| {
         let path = dir.path().join(file);
         browser.type_into(&browser.wait_for("#deploy-file", SHORT), path.to_str().unwrap());
+        if file.ends_with(".tar") {
+            browser.click(&browser.wait_for("#deploy-language option[value='python']", SHORT));
+        }
         if let Some(memory) = memory {
             browser.type_into(&browser.wait_for("#deploy-memory", SHORT), memory);
         }
@@ -116,7 +146,11 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     assert!(deployed.starts_with("Deployed markup"), "{deployed}");
     let deployed = upload("echo.wasm", Some("16"), Some("GREETING=hi"));
     assert!(deployed.starts_with("Deployed echo"), "{deployed}");
-    let listed = browser.wait_for_text("#functions-table", SHORT, |t| t.contains("markup") && t.contains("echo"));
+    let deployed = upload("folder.tar", None, None);
+    assert!(deployed.starts_with("Deployed folder"), "{deployed}");
+    let listed = browser.wait_for_text("#functions-table", SHORT, |t| {
+        t.contains("markup") && t.contains("echo") && t.contains("folder")
+    });
     assert!(listed.contains("python") && listed.contains("16 MiB"), "{listed}");
     assert_quiet_console(&browser, "functions");
     // A bad upload is refused with its kind, and deploys nothing.
@@ -133,6 +167,16 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     browser.click(&browser.wait_for("#invoke-go", SHORT));
     let output = browser.wait_for_text("#invoke-output", SHORT, |t| !t.is_empty());
     assert_eq!(output, "{\n  \"a\": [\n    1,\n    2\n  ]\n}");
+    // A file as input; bytes that are not UTF-8 come back as hex.
+    let bytes = dir.path().join("bytes.bin");
+    browser.type_into(&browser.wait_for("#invoke-file", SHORT), bytes.to_str().unwrap());
+    browser.click(&browser.wait_for("#invoke-go", SHORT));
+    let output = browser.wait_for_text("#invoke-output", SHORT, |t| t.starts_with("00000000"));
+    assert_eq!(output, "00000000  00 01 02 ff fe");
+    // The folder's function: its two files were deployed together.
+    browser.goto(&format!("{base}/console#/function/folder"));
+    browser.click(&browser.wait_for("#invoke-go", SHORT));
+    assert_eq!(browser.wait_for_text("#invoke-output", SHORT, |t| !t.is_empty()), "from a folder");
 
     // The markup function: its output and its log lines are text.
     browser.goto(&format!("{base}/console#/function/markup"));
@@ -149,6 +193,21 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     assert!(recent.contains("ok"), "{recent}");
     let rate = browser.wait_for_text("#rate", SHORT, |t| t.parse::<f64>().is_ok_and(|r| r > 0.0));
     assert!(rate.parse::<f64>().unwrap() > 0.0);
+    // Its trace id links to the trace viewer.
+    browser.wait_for("#recent-table a.trace-link", SHORT);
+    let href = browser.execute("return document.querySelector('#recent-table a.trace-link').href;", vec![]);
+    let href = href.as_str().unwrap();
+    let trace_id = href.strip_prefix("http://127.0.0.1:16686/trace/").unwrap_or_else(|| panic!("{href}"));
+    assert!(trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()), "{href}");
+    // Input it cannot decode: the function fails, and the kind is shown.
+    browser.type_into(&browser.wait_for("#invoke-file", SHORT), bytes.to_str().unwrap());
+    browser.click(&browser.wait_for("#invoke-go", SHORT));
+    let failed = browser.wait_for_text("#invoke-result .error", SHORT, |t| !t.is_empty());
+    assert!(failed.starts_with("function_error: ") || failed.starts_with("trap: "), "{failed}");
+    assert!(failed.contains("UnicodeDecodeError"), "{failed}");
+    browser.console(); // the failed call's 500, expected
+    browser.goto(&format!("{base}/console#/functions"));
+    browser.goto(&format!("{base}/console#/function/markup"));
     // Another call while the page follows: its lines arrive without a reload.
     let follow_from = browser.find_all("#logs > div").len();
     browser.clear(&browser.wait_for("#invoke-input", SHORT));
@@ -200,6 +259,10 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     assert!(refused.contains("too_large") || refused.contains("limit"), "{refused}");
     browser.console(); // the refused request's 413, expected
     save_screenshot(&browser, "state");
+    // Deleted: gone from the list and from the API.
+    browser.click(&browser.wait_for("[data-delete='greeting']", SHORT));
+    browser.wait_for_text("#state-keys", SHORT, |t| t.contains("No keys"));
+    assert!(!run(&["state", "get", "acme/greeting"]).status.success());
 
     // Usage: the calls made are counted.
     browser.click(&browser.wait_for("#nav-usage", SHORT));
@@ -250,6 +313,11 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     browser.wait_for_text("#functions-table", SHORT, |t| t.contains("markup"));
     browser.wait_for_text("tr[data-function='markup'] .rate", SHORT, |t| t != "0.00" && t != "–");
     save_screenshot(&browser, "functions");
+    // Remove asks once more, then removes.
+    browser.click(&browser.wait_for("[data-remove='echo']", SHORT));
+    browser.click(&browser.wait_for("[data-remove='echo'].armed", SHORT));
+    browser.wait_for_text("#functions-table", SHORT, |t| !t.contains("echo"));
+    assert!(!run(&["invoke", "acme/echo", "-d", "x"]).status.success());
     assert_quiet_console(&browser, "admin");
     drop(browser);
     drop(served);

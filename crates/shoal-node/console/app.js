@@ -206,6 +206,7 @@ async function loadSession() {
   const who = await api('GET', '/v1/whoami', { quiet401: true });
   session.admin = who.admin;
   session.tenant = who.tenant;
+  session.traceLink = who.trace_link || null;
   if (who.admin) {
     const list = await api('GET', '/v1/tenants');
     session.tenants = list.tenants.filter((t) => t.status === 'active').map((t) => t.name);
@@ -647,11 +648,18 @@ function recentCalls(calls) {
           h('td', { class: c.outcome === 'ok' ? 'ok' : 'bad' }, c.outcome),
           h('td', { class: 'num' }, fmtUs(c.duration_us)),
           h('td', { class: 'num' }, fmtUs(c.cpu_us)),
-          h('td', { class: 'mono' }, c.trace_id || ''),
+          h('td', { class: 'mono' }, traceCell(c.trace_id)),
         ),
       ),
     ),
   );
+}
+
+// A trace id, linked to the trace viewer the node names (`--trace-link`).
+function traceCell(traceId) {
+  if (!traceId) return '';
+  if (!session.traceLink || !/^[0-9a-f]{32}$/.test(traceId)) return traceId;
+  return h('a', { href: session.traceLink.replace('{trace_id}', traceId), target: '_blank', rel: 'noopener noreferrer', class: 'trace-link' }, traceId.slice(0, 16) + '…');
 }
 
 async function followLogs(base, box) {

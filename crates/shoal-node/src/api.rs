@@ -133,12 +133,13 @@ async fn read_body(node: &Node, body: Body, headers: &HeaderMap, limit: usize) -
     }
 }
 
-/// `GET /v1/whoami`: whose token this is (how the console learns what
-/// to show after signing in).
+/// `GET /v1/whoami`: whose token this is, and where traces are shown
+/// (`--trace-link`): how the console learns what to show after signing in.
 async fn whoami(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let link = node.config.trace_link.as_deref();
     let view = match node.authenticate(&headers)? {
-        Caller::Admin => serde_json::json!({ "admin": true, "tenant": null }),
-        Caller::Tenant(tenant) => serde_json::json!({ "admin": false, "tenant": tenant }),
+        Caller::Admin => serde_json::json!({ "admin": true, "tenant": null, "trace_link": link }),
+        Caller::Tenant(tenant) => serde_json::json!({ "admin": false, "tenant": tenant, "trace_link": link }),
     };
     Ok(axum::Json(view).into_response())
 }

@@ -133,6 +133,8 @@ pub struct NodeConfig {
     /// The share of traces started here that are sampled (a call with a
     /// `traceparent` follows it). Default 1.
     pub trace_sample: f64,
+    /// Where the console links a trace: a URL with `{trace_id}` in it.
+    pub trace_link: Option<String>,
     /// Finished spans waiting for export, at most; more are dropped and
     /// counted. Default 8192.
     pub trace_queue: usize,
@@ -229,6 +231,7 @@ impl NodeConfig {
             metrics_tenants: 100,
             otlp_endpoint: None,
             trace_sample: 1.0,
+            trace_link: None,
             trace_queue: 8192,
             trace_state_ops_over: Duration::from_millis(1),
             max_async_records_per_tenant: 100_000,

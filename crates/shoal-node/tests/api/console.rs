@@ -54,10 +54,13 @@ async fn the_console_is_served_whole_under_a_strict_policy() {
 async fn whoami_and_the_admins_views_of_tenants_and_nodes() {
     let node = TestNode::start().await;
     let acme = node.create_tenant("acme").await;
-    assert_eq!(get_as(&node, "/v1/whoami", Some(ADMIN)).await.1, serde_json::json!({ "admin": true, "tenant": null }));
+    assert_eq!(
+        get_as(&node, "/v1/whoami", Some(ADMIN)).await.1,
+        serde_json::json!({ "admin": true, "tenant": null, "trace_link": null })
+    );
     assert_eq!(
         get_as(&node, "/v1/whoami", Some(&acme)).await.1,
-        serde_json::json!({ "admin": false, "tenant": "acme" })
+        serde_json::json!({ "admin": false, "tenant": "acme", "trace_link": null })
     );
     let (status, body) = get_as(&node, "/v1/whoami", Some("acme.wrong")).await;
     assert_eq!((status, body["error"]["kind"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
