@@ -75,6 +75,18 @@ fn missing(tenant: &str, name: &str) -> ApiError {
     ApiError::not_found(format!("function `{tenant}/{name}` does not exist"))
 }
 
+/// The function the path names, for a caller who may see it (else the
+/// 404 of a missing one).
+fn existing(
+    node: &Node,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: &HeaderMap,
+) -> Result<Arc<DeployedFunction>, ApiError> {
+    let Path((tenant, name)) = path.map_err(path_error)?;
+    authorise_existing(node, headers, &tenant, &name)?;
+    find(node, &tenant, &name)
+}
+
 /// The function, or the same 404 whether or not the tenant exists.
 fn find(node: &Node, tenant: &str, name: &str) -> Result<Arc<DeployedFunction>, ApiError> {
     node.registry.get(tenant, name).ok_or_else(|| missing(tenant, name))
@@ -257,9 +269,7 @@ pub(super) async fn recent_calls(
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Path((tenant, name)) = path.map_err(path_error)?;
-    authorise_existing(&node, &headers, &tenant, &name)?;
-    let function = find(&node, &tenant, &name)?;
+    let function = existing(&node, path, &headers)?;
     let now = now_ms();
     let history = &function.history;
     Ok(Json(json!({
@@ -275,9 +285,7 @@ pub(super) async fn describe(
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Path((tenant, name)) = path.map_err(path_error)?;
-    authorise_existing(&node, &headers, &tenant, &name)?;
-    Ok(Json(description(&node, &find(&node, &tenant, &name)?.record)))
+    Ok(Json(description(&node, &existing(&node, path, &headers)?.record)))
 }
 
 pub(super) async fn remove(
