@@ -16,6 +16,7 @@ mod calls;
 mod chain;
 mod cluster;
 mod config;
+mod cron;
 mod error;
 mod images;
 mod linger;

@@ -1,0 +1,317 @@
+//! Cron schedules: when a trigger's ticks fall.
+//!
+//! An expression has the standard five fields — minute, hour, day of the
+//! month, month, day of the week — or six, with seconds first
+//! (`*/5 * * * * *`: every five seconds). Each field is `*`, a value, a range `a-b`, a
+//! step `*/n`, `a-b/n` or `a/n`, or a list of those (`1,15,30-40/5`);
+//! months and weekdays may be named (`JAN`, `MON`; Sunday is 0 or 7). As in
+//! classic cron, when both the day of the month and the day of the week are
+//! restricted, a day matching either is a match. `@yearly` (`@annually`),
+//! `@monthly`, `@weekly`, `@daily` (`@midnight`) and `@hourly` are short for
+//! their five fields.
+//!
+//! Times are read in the schedule's time zone (UTC unless named): a local
+//! time that a daylight-saving change skips does not occur (its tick is
+//! skipped), and one that occurs twice ticks once, the first time.
+
+// Cron triggers (issue 22) build on this; until they are wired in, only
+// its tests use it.
+#![cfg_attr(not(test), expect(dead_code, reason = "the trigger chore of issue 22 is its first user"))]
+
+use jiff::civil::{Date, DateTime, Time};
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, ToSpan};
+
+/// A parsed schedule.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    seconds: u64,
+    minutes: u64,
+    hours: u64,
+    /// Bits 1..=31.
+    days: u64,
+    /// Bits 1..=12.
+    months: u64,
+    /// Bits 0..=6, Sunday 0.
+    weekdays: u64,
+    /// Whether the day-of-month and day-of-week fields were restricted (not `*`).
+    days_restricted: bool,
+    weekdays_restricted: bool,
+    zone: TimeZone,
+}
+
+const MONTHS: [&str; 12] = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"];
+const WEEKDAYS: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+
+/// How far ahead a next tick is looked for (a schedule like `0 0 30 2 *`
+/// never ticks).
+const HORIZON_YEARS: i16 = 8;
+
+fn bit(n: u32) -> u64 {
+    1u64 << n
+}
+
+/// One field: the set of values it allows (as bits), and whether it was `*`.
+fn parse_field(text: &str, min: u32, max: u32, names: &[&str], name_base: u32) -> Result<(u64, bool), String> {
+    let value = |part: &str| -> Result<u32, String> {
+        if let Ok(n) = part.parse::<u32>() {
+            return Ok(n);
+        }
+        let upper = part.to_ascii_uppercase();
+        names
+            .iter()
+            .position(|n| *n == upper)
+            .map(|i| i as u32 + name_base)
+            .ok_or_else(|| format!("{part:?} is not a number{}", if names.is_empty() { "" } else { " or a name" }))
+    };
+    let mut set = 0u64;
+    for item in text.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((range, step)) => {
+                let step: u32 = step.parse().map_err(|_| format!("step {step:?} is not a number"))?;
+                if step == 0 {
+                    return Err("a step of 0".to_string());
+                }
+                (range, step)
+            }
+            None => (item, 1),
+        };
+        let (low, high) = if range == "*" {
+            (min, max)
+        } else if let Some((a, b)) = range.split_once('-') {
+            (value(a)?, value(b)?)
+        } else {
+            let a = value(range)?;
+            // `a/n` runs from a to the end of the field.
+            (a, if item.contains('/') { max } else { a })
+        };
+        if low < min || high > max || low > high {
+            return Err(format!("{item:?} is outside {min}-{max}"));
+        }
+        let mut n = low;
+        while n <= high {
+            set |= bit(n);
+            n += step;
+        }
+    }
+    Ok((set, text == "*"))
+}
+
+impl Schedule {
+    /// Parse `expression` in `zone` (an IANA name such as `Europe/Berlin`;
+    /// UTC when None).
+    pub fn parse(expression: &str, zone: Option<&str>) -> Result<Self, String> {
+        let expanded = match expression.trim() {
+            "@yearly" | "@annually" => "0 0 1 1 *",
+            "@monthly" => "0 0 1 * *",
+            "@weekly" => "0 0 * * 0",
+            "@daily" | "@midnight" => "0 0 * * *",
+            "@hourly" => "0 * * * *",
+            other if other.starts_with('@') => return Err(format!("unknown schedule {other:?}")),
+            other => other,
+        };
+        let fields: Vec<&str> = expanded.split_whitespace().collect();
+        let (seconds, rest) = match fields.len() {
+            5 => ("0", &fields[..]),
+            6 => (fields[0], &fields[1..]),
+            n => return Err(format!("a schedule has 5 fields (or 6, seconds first), not {n}")),
+        };
+        let named = |what: &str, r: Result<(u64, bool), String>| r.map_err(|e| format!("{what}: {e}"));
+        let (seconds, _) = named("seconds", parse_field(seconds, 0, 59, &[], 0))?;
+        let (minutes, _) = named("minute", parse_field(rest[0], 0, 59, &[], 0))?;
+        let (hours, _) = named("hour", parse_field(rest[1], 0, 23, &[], 0))?;
+        let (days, days_any) = named("day of month", parse_field(rest[2], 1, 31, &[], 0))?;
+        let (months, _) = named("month", parse_field(rest[3], 1, 12, &MONTHS, 1))?;
+        let (mut weekdays, weekdays_any) = named("day of week", parse_field(rest[4], 0, 7, &WEEKDAYS, 0))?;
+        if weekdays & bit(7) != 0 {
+            weekdays = (weekdays & !bit(7)) | bit(0);
+        }
+        let zone_name = zone.unwrap_or("UTC");
+        let zone = TimeZone::get(zone_name).map_err(|_| format!("unknown time zone {zone_name:?}"))?;
+        Ok(Self {
+            seconds,
+            minutes,
+            hours,
+            days,
+            months,
+            weekdays,
+            days_restricted: !days_any,
+            weekdays_restricted: !weekdays_any,
+            zone,
+        })
+    }
+
+    fn day_matches(&self, date: Date) -> bool {
+        let day = self.days & bit(date.day() as u32) != 0;
+        let weekday = self.weekdays & bit(date.weekday().to_sunday_zero_offset() as u32) != 0;
+        match (self.days_restricted, self.weekdays_restricted) {
+            (true, true) => day || weekday,
+            (true, false) => day,
+            (false, true) => weekday,
+            (false, false) => true,
+        }
+    }
+
+    /// The first tick strictly after `after`, if one falls in the next
+    /// eight years.
+    pub fn next_after(&self, after: Timestamp) -> Option<Timestamp> {
+        let start = after.to_zoned(self.zone.clone()).datetime();
+        // The next whole second after `after`, in local time.
+        let mut at = start.with().subsec_nanosecond(0).build().ok()?.checked_add(1.second()).ok()?;
+        let horizon = start.year().saturating_add(HORIZON_YEARS);
+        while at.year() <= horizon {
+            if self.months & bit(at.month() as u32) == 0 {
+                // The first day of the next month.
+                let first = at.date().first_of_month().checked_add(1.month()).ok()?;
+                at = first.to_datetime(Time::midnight());
+                continue;
+            }
+            if !self.day_matches(at.date()) {
+                at = at.date().tomorrow().ok()?.to_datetime(Time::midnight());
+                continue;
+            }
+            if self.hours & bit(at.hour() as u32) == 0 {
+                at = next_unit(at, 1.hour(), |t| t.with().minute(0).second(0).build())?;
+                continue;
+            }
+            if self.minutes & bit(at.minute() as u32) == 0 {
+                at = next_unit(at, 1.minute(), |t| t.with().second(0).build())?;
+                continue;
+            }
+            if self.seconds & bit(at.second() as u32) == 0 {
+                at = at.checked_add(1.second()).ok()?;
+                continue;
+            }
+            // A local time that exists once, or the first of two; one in a
+            // gap the clocks skip does not occur.
+            let ambiguous = self.zone.to_ambiguous_zoned(at);
+            let gap = matches!(ambiguous.offset(), jiff::tz::AmbiguousOffset::Gap { .. });
+            let zoned = if gap { None } else { ambiguous.earlier().ok() };
+            match zoned {
+                Some(zoned) if zoned.timestamp() > after => return Some(zoned.timestamp()),
+                _ => at = at.checked_add(1.second()).ok()?,
+            }
+        }
+        None
+    }
+}
+
+/// `at` truncated by `truncate` and moved on by `unit`.
+fn next_unit(
+    at: DateTime,
+    unit: jiff::Span,
+    truncate: impl Fn(DateTime) -> Result<DateTime, jiff::Error>,
+) -> Option<DateTime> {
+    truncate(at).ok()?.checked_add(unit).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(text: &str) -> Timestamp {
+        text.parse().unwrap()
+    }
+
+    fn ticks(expression: &str, zone: Option<&str>, from: &str, n: usize) -> Vec<String> {
+        let schedule = Schedule::parse(expression, zone).unwrap();
+        let mut at = ts(from);
+        (0..n)
+            .map(|_| {
+                at = schedule.next_after(at).unwrap();
+                at.to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fields_steps_ranges_and_lists() {
+        assert_eq!(
+            ticks("*/15 * * * *", None, "2026-12-04T10:07:30Z", 3),
+            ["2026-12-04T10:15:00Z", "2026-12-04T10:30:00Z", "2026-12-04T10:45:00Z"]
+        );
+        assert_eq!(
+            ticks("0 9-17/4 * * MON-FRI", None, "2026-12-04T12:00:00Z", 3),
+            ["2026-12-04T13:00:00Z", "2026-12-04T17:00:00Z", "2026-12-07T09:00:00Z"],
+            "Friday afternoon, then Monday"
+        );
+        assert_eq!(
+            ticks("30 2 1,15 * *", None, "2026-12-04T00:00:00Z", 2),
+            ["2026-12-15T02:30:00Z", "2027-01-01T02:30:00Z"]
+        );
+        assert_eq!(ticks("0 0 29 feb *", None, "2026-03-01T00:00:00Z", 1), ["2028-02-29T00:00:00Z"]);
+        assert_eq!(ticks("@hourly", None, "2026-12-04T10:59:59Z", 1), ["2026-12-04T11:00:00Z"]);
+        assert_eq!(ticks("0 12 * * 7", None, "2026-12-04T00:00:00Z", 1), ["2026-12-06T12:00:00Z"], "7 is Sunday");
+    }
+
+    #[test]
+    fn seconds_come_first_in_six_fields() {
+        assert_eq!(
+            ticks("* * * * * *", None, "2026-12-04T10:00:00.500Z", 3),
+            ["2026-12-04T10:00:01Z", "2026-12-04T10:00:02Z", "2026-12-04T10:00:03Z"]
+        );
+        assert_eq!(
+            ticks("*/20 * * * * *", None, "2026-12-04T10:00:00Z", 2),
+            ["2026-12-04T10:00:20Z", "2026-12-04T10:00:40Z"]
+        );
+    }
+
+    #[test]
+    fn day_of_month_or_day_of_week_when_both_are_set() {
+        // The 13th, or any Friday.
+        assert_eq!(
+            ticks("0 0 13 * FRI", None, "2026-12-01T00:00:00Z", 3),
+            ["2026-12-04T00:00:00Z", "2026-12-11T00:00:00Z", "2026-12-13T00:00:00Z"]
+        );
+    }
+
+    #[test]
+    fn time_zones_and_daylight_saving() {
+        // 09:00 in Berlin is 08:00 UTC in winter, 07:00 in summer.
+        assert_eq!(ticks("0 9 * * *", Some("Europe/Berlin"), "2026-12-04T12:00:00Z", 1), ["2026-12-05T08:00:00Z"]);
+        assert_eq!(ticks("0 9 * * *", Some("Europe/Berlin"), "2026-07-04T12:00:00Z", 1), ["2026-07-05T07:00:00Z"]);
+        // 02:30 does not exist on the day clocks go forward (29 March 2026):
+        // that day has no tick.
+        assert_eq!(
+            ticks("30 2 * * *", Some("Europe/Berlin"), "2026-03-28T12:00:00Z", 2),
+            ["2026-03-30T00:30:00Z", "2026-03-31T00:30:00Z"]
+        );
+        // 02:30 happens twice when they go back (25 October 2026): once.
+        assert_eq!(
+            ticks("30 2 * * *", Some("Europe/Berlin"), "2026-10-24T12:00:00Z", 2),
+            ["2026-10-25T00:30:00Z", "2026-10-26T01:30:00Z"]
+        );
+        // Every minute through the repeated hour: no minute ticks twice.
+        let schedule = Schedule::parse("* * * * *", Some("Europe/Berlin")).unwrap();
+        let mut at = ts("2026-10-25T00:00:00Z");
+        let mut seen = Vec::new();
+        while at < ts("2026-10-25T02:00:00Z") {
+            at = schedule.next_after(at).unwrap();
+            seen.push(at);
+        }
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn bad_schedules_are_named() {
+        for (expression, zone, said) in [
+            ("* * * *", None, "5 fields"),
+            ("60 * * * *", None, "minute"),
+            ("* 24 * * *", None, "hour"),
+            ("* * 0 * *", None, "day of month"),
+            ("* * * 13 *", None, "month"),
+            ("* * * * 8", None, "day of week"),
+            ("*/0 * * * *", None, "step"),
+            ("* * * * BLU", None, "day of week"),
+            ("5-1 * * * *", None, "outside"),
+            ("@fortnightly", None, "unknown schedule"),
+            ("* * * * *", Some("Mars/Olympus"), "time zone"),
+        ] {
+            let error = Schedule::parse(expression, zone).unwrap_err();
+            assert!(error.contains(said), "{expression}: {error}");
+        }
+        // A date that never comes: no next tick, and no endless search.
+        let never = Schedule::parse("0 0 30 2 *", None).unwrap();
+        assert_eq!(never.next_after(ts("2026-01-01T00:00:00Z")), None);
+    }
+}
