@@ -298,14 +298,19 @@ impl Client {
         }
     }
 
-    /// `/v1/state/{tenant}/{key}` for TENANT/KEY (the key may hold `/`;
-    /// each segment is percent-encoded).
+    /// `/v1/state/{tenant}/{key}` for TENANT/KEY. The key is one
+    /// percent-encoded segment, its `/` escaped too: a key holding `..`
+    /// segments (any tenant may write one) must never walk the request to
+    /// another route with this token. A key of only `.` or `..` cannot be
+    /// a path segment at all.
     fn state_path(key_ref: &str) -> anyhow::Result<String> {
         let Some((tenant, key)) = key_ref.split_once('/').filter(|(t, k)| !t.is_empty() && !k.is_empty()) else {
             bail!("{key_ref:?} is not TENANT/KEY");
         };
-        let encoded: Vec<String> = key.split('/').map(percent_encode).collect();
-        Ok(format!("/v1/state/{tenant}/{}", encoded.join("/")))
+        if key == "." || key == ".." {
+            bail!("the key {key:?} cannot be addressed in a URL");
+        }
+        Ok(format!("/v1/state/{}/{}", percent_encode(tenant), percent_encode(key)))
     }
 
     pub async fn state_get(&self, key: &str) -> anyhow::Result<Vec<u8>> {
@@ -450,7 +455,9 @@ mod tests {
     #[test]
     fn state_paths_encode_each_segment() {
         assert_eq!(Client::state_path("demo/counter").unwrap(), "/v1/state/demo/counter");
-        assert_eq!(Client::state_path("demo/conf/a b").unwrap(), "/v1/state/demo/conf/a%20b");
+        assert_eq!(Client::state_path("demo/conf/a b").unwrap(), "/v1/state/demo/conf%2Fa%20b");
+        assert_eq!(Client::state_path("demo/../../tenants/x").unwrap(), "/v1/state/demo/..%2F..%2Ftenants%2Fx");
+        assert!(Client::state_path("demo/..").is_err());
         assert_eq!(Client::state_path("demo/x?y#z%").unwrap(), "/v1/state/demo/x%3Fy%23z%25");
         assert!(Client::state_path("demo").is_err());
         assert!(Client::state_path("/k").is_err());

@@ -251,6 +251,17 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
         "the console wrote through the API"
     );
     assert_quiet_console(&browser, "state");
+    // A key that holds `..` segments is one key: acting on it never walks
+    // the request to another route (here it would be the admin deleting a
+    // tenant, below).
+    browser.goto(&format!("{base}/console#/functions"));
+    browser.goto(&format!("{base}/console#/state"));
+    browser.clear(&browser.wait_for("#state-key", SHORT));
+    browser.type_into(&browser.wait_for("#state-key", SHORT), "../../tenants/rival");
+    browser.type_into(&browser.wait_for("#state-value", SHORT), "a trap");
+    browser.click(&browser.wait_for("#state-set", SHORT));
+    assert_eq!(browser.wait_for_text("#state-shown", SHORT, |t| !t.is_empty()), "a trap");
+    assert_eq!(stdout(&run(&["state", "get", "acme/../../tenants/rival"])), "a trap");
     // Over the node's limit of a value: the API's error, shown.
     let big = "x".repeat(70_000);
     browser.execute("document.getElementById('state-value').value = arguments[0];", vec![big.into()]);
@@ -261,7 +272,7 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     save_screenshot(&browser, "state");
     // Deleted: gone from the list and from the API.
     browser.click(&browser.wait_for("[data-delete='greeting']", SHORT));
-    browser.wait_for_text("#state-keys", SHORT, |t| t.contains("No keys"));
+    browser.wait_for_text("#state-keys", SHORT, |t| !t.contains("greeting"));
     assert!(!run(&["state", "get", "acme/greeting"]).status.success());
 
     // Usage: the calls made are counted.
@@ -305,6 +316,17 @@ fn a_user_works_in_the_console_and_another_tenant_sees_none_of_it() {
     let members = browser.wait_for_text("#members-table", SHORT, |t| t.contains("running"));
     assert!(members.contains("this node"), "{members}");
     save_screenshot(&browser, "admin");
+    // The admin deletes acme's key named like a route: the key goes, rival stays.
+    browser.execute(
+        "const s = document.getElementById('tenant-select'); s.value = 'acme'; s.dispatchEvent(new Event('change'));",
+        vec![],
+    );
+    browser.click(&browser.wait_for("#nav-state", SHORT));
+    browser.click(&browser.wait_for("[data-delete='../../tenants/rival']", SHORT));
+    browser.wait_for_text("#state-keys", SHORT, |t| t.contains("No keys"));
+    browser.click(&browser.wait_for("#nav-admin", SHORT));
+    let tenants = browser.wait_for_text("#tenants-table", SHORT, |t| t.contains("rival"));
+    assert!(!tenants.contains("deleting"), "{tenants}");
     browser.execute(
         "const s = document.getElementById('tenant-select'); s.value = 'acme'; s.dispatchEvent(new Event('change'));",
         vec![],

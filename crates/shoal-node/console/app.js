@@ -97,8 +97,18 @@ function hex(bytes) {
 
 // Bytes as the user wants to read them: JSON pretty-printed, other UTF-8
 // as text, anything else as hex.
-function showBytes(bytes) {
-  if (bytes.length === 0) return { kind: 'empty', text: '' };
+// The most bytes put on the page (a huge output or value would stall the tab).
+const SHOWN_BYTES = 256 * 1024;
+
+function showBytes(all) {
+  if (all.length === 0) return { kind: 'empty', text: '' };
+  const bytes = all.length > SHOWN_BYTES ? all.slice(0, SHOWN_BYTES) : all;
+  const shown = showAll(bytes);
+  if (bytes !== all) shown.text += '\n… (the first ' + fmtBytes(SHOWN_BYTES) + ' of ' + fmtBytes(all.length) + ')';
+  return shown;
+}
+
+function showAll(bytes) {
   let text;
   try {
     text = new TextDecoder('utf-8', { fatal: true }).decode(bytes);
@@ -260,12 +270,19 @@ function drawBar(here) {
 let timers = [];
 
 function every(ms, f) {
-  f();
-  timers.push(setInterval(f, ms));
+  const signal = pageAbort.signal;
+  const tick = async () => {
+    try {
+      await f();
+    } finally {
+      if (!signal.aborted) timers.push(setTimeout(tick, ms));
+    }
+  };
+  tick();
 }
 
 function leavePage() {
-  timers.forEach(clearInterval);
+  timers.forEach(clearTimeout);
   timers = [];
   pageAbort.abort();
   pageAbort = new AbortController();
@@ -274,7 +291,12 @@ function leavePage() {
 async function render() {
   leavePage();
   const main = clear(byId('main'));
-  const [route, ...rest] = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
+  let route, rest;
+  try {
+    [route, ...rest] = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
+  } catch (_) {
+    [route, rest] = ['functions', []];
+  }
   if (!sessionStorage.getItem(TOKEN_KEY) || route === 'signin') {
     if (sessionStorage.getItem(TOKEN_KEY) && route === 'signin') {
       location.hash = '#/functions';
@@ -287,7 +309,9 @@ async function render() {
     try {
       await loadSession();
     } catch (e) {
-      if (!aborted(e)) signOut('Signing in failed: ' + e.message);
+      if (aborted(e)) return;
+      if (e instanceof ApiFailure && e.status === 401) signOut('Signing in failed: ' + e.message);
+      else main.appendChild(errorBox(e));
       return;
     }
   }
@@ -344,7 +368,8 @@ function signInPage(main) {
           problem.appendChild(errorBox(err));
           return;
         }
-        location.hash = '#/functions';
+        if (location.hash === '#/functions') render();
+        else location.hash = '#/functions';
       },
     },
     h('h1', {}, 'Sign in'),
@@ -467,33 +492,47 @@ function functionsTable(tenant, functions) {
   );
 }
 
+// Removes asked for once (function → until when the second click counts)
+// and the last failure of each: kept across the list's refreshes, which
+// draw new buttons.
+const armedRemovals = new Map();
+const failedRemovals = new Map();
+
 // A remove that asks once more (a second click within 4 s).
 function removeButton(tenant, name, after) {
+  const key = tenant + '/' + name;
+  const isArmed = () => (armedRemovals.get(key) || 0) > Date.now();
+  const label = () => {
+    button.classList.toggle('armed', isArmed());
+    button.textContent = isArmed() ? 'Confirm' : 'Remove';
+  };
   const button = h('button', {
     class: 'danger',
     'data-remove': name,
     onclick: async () => {
-      if (!button.classList.contains('armed')) {
-        button.classList.add('armed');
-        button.textContent = 'Confirm';
-        setTimeout(() => {
-          button.classList.remove('armed');
-          button.textContent = 'Remove';
-        }, 4000);
+      failedRemovals.delete(key);
+      if (!isArmed()) {
+        armedRemovals.set(key, Date.now() + 4000);
+        label();
+        setTimeout(label, 4100);
         return;
       }
+      armedRemovals.delete(key);
       button.disabled = true;
       try {
         await api('DELETE', '/v1/functions/' + enc(tenant) + '/' + enc(name));
         if (after) after();
         else render();
       } catch (e) {
+        if (aborted(e)) return;
+        failedRemovals.set(key, e);
         button.replaceWith(errorBox(e));
       }
     },
   });
-  button.textContent = 'Remove';
-  return button;
+  label();
+  const failed = failedRemovals.get(key);
+  return failed ? h('span', {}, button, errorBox(failed)) : button;
 }
 
 function deployForm(tenant) {
@@ -614,6 +653,7 @@ async function functionPage(main, tenant, name) {
     try {
       activity = await api('GET', base + '/calls');
     } catch (e) {
+      if (!aborted(e)) clear(charts).appendChild(errorBox(e));
       return;
     }
     const last = activity.last_minute;
@@ -839,7 +879,13 @@ async function statePage(main, tenant) {
   const key = h('input', { type: 'text', id: 'state-key', placeholder: 'key' });
   const value = h('textarea', { id: 'state-value', placeholder: 'value (text)' });
   const result = h('div', { id: 'state-result' });
-  const keyPath = (k) => base + '/' + k.split('/').map(enc).join('/');
+  // The whole key is one path segment (its `/` escaped): a key holding
+  // `..` segments must never walk the request to another route with the
+  // signed-in token. A key of only `.` or `..` cannot be a segment at all.
+  const keyPath = (k) => {
+    if (k === '.' || k === '..') throw new Error('The key ' + JSON.stringify(k) + ' cannot be addressed in a URL: use `shoal state` for it.');
+    return base + '/' + enc(k);
+  };
   async function load() {
     try {
       const answer = await api('GET', base);
@@ -864,11 +910,13 @@ async function statePage(main, tenant) {
       if (!aborted(e)) viewer.appendChild(errorBox(e));
     }
   }
-  function keysTable(list) {
-    if (!list.length) return h('p', { class: 'muted' }, 'No keys.');
+  function keysTable(all) {
+    if (!all.length) return h('p', { class: 'muted' }, 'No keys.');
+    const list = all.slice(0, 1000);
     return h(
       'table',
       { id: 'state-table' },
+      h('caption', { class: 'muted' }, all.length > list.length ? 'The first ' + list.length + ' of ' + all.length + ' keys (`shoal state ls` lists them all).' : ''),
       h('thead', {}, h('tr', {}, h('th', {}, 'Key'), h('th', { class: 'num' }, 'Size'), h('th', {}, ''))),
       h(
         'tbody',

@@ -222,25 +222,34 @@ impl AsyncCalls {
         // What each tenant keeps, counted once from the records at start.
         let mut kept: std::collections::HashMap<String, Kept> = Default::default();
         if queue.is_none() {
-            // Records kept by a version of the node before the index are
-            // indexed now, once.
-            let indexed: std::collections::HashSet<String> =
-                store.scan_prefix(CALLS_OF, "")?.into_iter().map(|(key, _)| key).collect();
-            let mut unindexed = Vec::new();
+            // The index made right with the records (a version of the node
+            // before the index, or an older one run since, kept records it
+            // does not name or statuses it does not know): entries missing
+            // or stale are written, those of records gone removed.
+            let mut indexed: std::collections::HashMap<String, Vec<u8>> =
+                store.scan_prefix(CALLS_OF, "")?.into_iter().collect();
+            let mut writes: Vec<(String, Option<&'static str>)> = Vec::new();
             for (id, bytes) in store.scan_prefix(CALLS, "")? {
                 let Ok(record) = decode(&id, &bytes) else { continue };
                 let key = index_key(&record.tenant, &id);
-                if !indexed.contains(&key) {
-                    unindexed.push((key, record.status.as_str()));
+                let status = record.status.as_str();
+                if indexed.remove(&key).is_none_or(|s| s != status.as_bytes()) {
+                    writes.push((key, Some(status)));
                 }
                 let entry = kept.entry(record.tenant).or_default();
                 entry.records += 1;
                 entry.output_bytes += record.output_bytes.unwrap_or(0);
             }
-            for batch in unindexed.chunks(SWEEP_BATCH) {
+            writes.extend(indexed.into_keys().map(|orphan| (orphan, None)));
+            for batch in writes.chunks(SWEEP_BATCH) {
                 store.transaction(|tx| {
                     for (key, status) in batch {
-                        tx.put(CALLS_OF, key, status.as_bytes())?;
+                        match status {
+                            Some(status) => tx.put(CALLS_OF, key, status.as_bytes())?,
+                            None => {
+                                tx.delete(CALLS_OF, key)?;
+                            }
+                        }
                     }
                     Ok(())
                 })?;
@@ -479,7 +488,10 @@ impl AsyncCalls {
         most: usize,
     ) -> Result<Vec<CallRecord>, ApiError> {
         if let Some(queue) = &self.queue {
-            let found = queue.recent_of(tenant, LIST_SCAN_CLUSTER).await?;
+            // Any status: the newest `most` are enough; one status: read
+            // more and filter.
+            let read = if status.is_some() { LIST_SCAN_CLUSTER } else { most.min(LIST_SCAN_CLUSTER) };
+            let found = queue.recent_of(tenant, read).await?;
             let mut records: Vec<CallRecord> = found
                 .into_iter()
                 .filter_map(|(id, bytes)| decode(&id, &bytes).ok())

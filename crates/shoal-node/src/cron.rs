@@ -6,7 +6,8 @@
 //! step `*/n`, `a-b/n` or `a/n`, or a list of those (`1,15,30-40/5`);
 //! months and weekdays may be named (`JAN`, `MON`; Sunday is 0 or 7). As in
 //! classic cron, when both the day of the month and the day of the week are
-//! restricted, a day matching either is a match. `@yearly` (`@annually`),
+//! set (neither starts with `*`), a day matching either is a match;
+//! otherwise a day must match both. `@yearly` (`@annually`),
 //! `@monthly`, `@weekly`, `@daily` (`@midnight`) and `@hourly` are short for
 //! their five fields.
 //!
@@ -34,7 +35,7 @@ pub struct Schedule {
     months: u64,
     /// Bits 0..=6, Sunday 0.
     weekdays: u64,
-    /// Whether the day-of-month and day-of-week fields were restricted (not `*`).
+    /// Whether the day-of-month and day-of-week fields were set (not starting with `*`).
     days_restricted: bool,
     weekdays_restricted: bool,
     zone: TimeZone,
@@ -69,8 +70,8 @@ fn parse_field(text: &str, min: u32, max: u32, names: &[&str], name_base: u32) -
         let (range, step) = match item.split_once('/') {
             Some((range, step)) => {
                 let step: u32 = step.parse().map_err(|_| format!("step {step:?} is not a number"))?;
-                if step == 0 {
-                    return Err("a step of 0".to_string());
+                if step == 0 || step > max {
+                    return Err(format!("a step of {step} (1 to {max})"));
                 }
                 (range, step)
             }
@@ -94,7 +95,8 @@ fn parse_field(text: &str, min: u32, max: u32, names: &[&str], name_base: u32) -
             n += step;
         }
     }
-    Ok((set, text == "*"))
+    // `*/n` leaves the field unrestricted too (for the day fields' OR).
+    Ok((set, text.starts_with('*')))
 }
 
 impl Schedule {
@@ -144,12 +146,9 @@ impl Schedule {
     fn day_matches(&self, date: Date) -> bool {
         let day = self.days & bit(date.day() as u32) != 0;
         let weekday = self.weekdays & bit(date.weekday().to_sunday_zero_offset() as u32) != 0;
-        match (self.days_restricted, self.weekdays_restricted) {
-            (true, true) => day || weekday,
-            (true, false) => day,
-            (false, true) => weekday,
-            (false, false) => true,
-        }
+        // Both set: either will do. Otherwise both must match (a field
+        // that is `*` matches every day; one that is `*/n` only its days).
+        if self.days_restricted && self.weekdays_restricted { day || weekday } else { day && weekday }
     }
 
     /// The first tick strictly after `after`, if one falls in the next
@@ -263,6 +262,11 @@ mod tests {
             ticks("0 0 13 * FRI", None, "2026-12-01T00:00:00Z", 3),
             ["2026-12-04T00:00:00Z", "2026-12-11T00:00:00Z", "2026-12-13T00:00:00Z"]
         );
+        // A `*/n` day field does not count as set: every other day that is a Monday.
+        assert_eq!(
+            ticks("0 0 */2 * MON", None, "2026-12-01T00:00:00Z", 2),
+            ["2026-12-07T00:00:00Z", "2026-12-21T00:00:00Z"]
+        );
     }
 
     #[test]
@@ -302,6 +306,7 @@ mod tests {
             ("* * * 13 *", None, "month"),
             ("* * * * 8", None, "day of week"),
             ("*/0 * * * *", None, "step"),
+            ("5/4294967291 * * * *", None, "step"),
             ("* * * * BLU", None, "day of week"),
             ("5-1 * * * *", None, "outside"),
             ("@fortnightly", None, "unknown schedule"),

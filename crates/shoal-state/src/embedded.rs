@@ -214,6 +214,11 @@ impl ReadTx {
         for entry in entries.rev() {
             let (key, value) = entry.map_err(io)?;
             if !key.value().starts_with(prefix) {
+                // Past the prefix's keys (only without an upper bound: keys
+                // after them come first, then theirs, then smaller ones).
+                if key.value() < prefix {
+                    break;
+                }
                 continue;
             }
             if !f(key.value(), value.value()) {
