@@ -34,7 +34,10 @@ if [ ! -x "$bins/shoal-$parent" ]; then
   (cd "$tree" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release --bin shoal >/dev/null 2>&1)
   cp target/release/shoal "$bins/shoal-$parent"
   git worktree remove --force "$tree"
-  # Put the current build back.
+  # Put the current build back. The parent's crates were built into the
+  # same units, later than this checkout's sources were written: touch
+  # those, or cargo would take the parent's artifacts as fresh.
+  find crates -name '*.rs' -exec touch {} +
   cargo build --release --bin shoal >/dev/null 2>&1
 fi
 
