@@ -13,7 +13,9 @@
 //!
 //! Times are read in the schedule's time zone (UTC unless named): a local
 //! time that a daylight-saving change skips does not occur (its tick is
-//! skipped), and one that occurs twice ticks once, the first time.
+//! skipped); in the hour a change repeats, a schedule with set hours ticks
+//! once (`30 2 * * *` runs once that night) and one whose hour field is `*`
+//! keeps ticking by the clock (`*/5 * * * *` never pauses for an hour).
 
 // Cron triggers (issue 22) build on this; until they are wired in, only
 // its tests use it.
@@ -35,6 +37,8 @@ pub struct Schedule {
     months: u64,
     /// Bits 0..=6, Sunday 0.
     weekdays: u64,
+    /// Whether the hour field was set (not starting with `*`).
+    hours_restricted: bool,
     /// Whether the day-of-month and day-of-week fields were set (not starting with `*`).
     days_restricted: bool,
     weekdays_restricted: bool,
@@ -121,7 +125,7 @@ impl Schedule {
         let named = |what: &str, r: Result<(u64, bool), String>| r.map_err(|e| format!("{what}: {e}"));
         let (seconds, _) = named("seconds", parse_field(seconds, 0, 59, &[], 0))?;
         let (minutes, _) = named("minute", parse_field(rest[0], 0, 59, &[], 0))?;
-        let (hours, _) = named("hour", parse_field(rest[1], 0, 23, &[], 0))?;
+        let (hours, hours_any) = named("hour", parse_field(rest[1], 0, 23, &[], 0))?;
         let (days, days_any) = named("day of month", parse_field(rest[2], 1, 31, &[], 0))?;
         let (months, _) = named("month", parse_field(rest[3], 1, 12, &MONTHS, 1))?;
         let (mut weekdays, weekdays_any) = named("day of week", parse_field(rest[4], 0, 7, &WEEKDAYS, 0))?;
@@ -137,6 +141,7 @@ impl Schedule {
             days,
             months,
             weekdays,
+            hours_restricted: !hours_any,
             days_restricted: !days_any,
             weekdays_restricted: !weekdays_any,
             zone,
@@ -153,11 +158,56 @@ impl Schedule {
 
     /// The first tick strictly after `after`, if one falls in the next
     /// eight years.
+    ///
+    /// The search runs on the wall clock of the offset in force, from one
+    /// offset change to the next: a tick it finds past the next change is
+    /// looked for again from that change, on the new offset. Wall times a
+    /// change skips (spring) have no tick; those it repeats (autumn) tick
+    /// again only for a schedule whose hour field is `*` (every minute keeps
+    /// ticking through the repeated hour), once for one with set hours.
     pub fn next_after(&self, after: Timestamp) -> Option<Timestamp> {
-        let start = after.to_zoned(self.zone.clone()).datetime();
-        // The next whole second after `after`, in local time.
-        let mut at = start.with().subsec_nanosecond(0).build().ok()?.checked_add(1.second()).ok()?;
-        let horizon = start.year().saturating_add(HORIZON_YEARS);
+        let horizon = after.to_zoned(self.zone.clone()).year().saturating_add(HORIZON_YEARS);
+        let mut from = after;
+        // Where the wall-clock search starts (after a change: the change's
+        // own wall time, inclusive), and before which nothing ticks (after
+        // the clocks went back, for set hours).
+        let mut restart: Option<DateTime> = None;
+        let mut not_before: Option<DateTime> = None;
+        loop {
+            let offset = self.zone.to_offset(from);
+            let change = self.zone.following(from).map(|t| t.timestamp()).find(|t| *t > from);
+            let mut start = match restart.take() {
+                Some(start) => start,
+                // The next whole second after `from`, on this offset's clock.
+                None => {
+                    offset.to_datetime(from).with().subsec_nanosecond(0).build().ok()?.checked_add(1.second()).ok()?
+                }
+            };
+            if let Some(floor) = not_before.take() {
+                start = start.max(floor);
+            }
+            let at = self.next_wall_time(start, horizon)?;
+            let tick = offset.to_timestamp(at).ok()?;
+            match change {
+                Some(change) if tick >= change => {
+                    // Past the change: look again from it, on its offset.
+                    let (old, new) = (offset, self.zone.to_offset(change));
+                    if new < old && self.hours_restricted {
+                        // The clocks went back: wall times up to the old
+                        // offset's reading of the change already ticked.
+                        not_before = Some(old.to_datetime(change));
+                    }
+                    restart = Some(new.to_datetime(change));
+                    from = change;
+                }
+                _ => return Some(tick),
+            }
+        }
+    }
+
+    /// The first wall time from `at` that the fields match, up to the end
+    /// of year `horizon`.
+    fn next_wall_time(&self, mut at: DateTime, horizon: i16) -> Option<DateTime> {
         while at.year() <= horizon {
             if self.months & bit(at.month() as u32) == 0 {
                 // The first day of the next month.
@@ -181,15 +231,7 @@ impl Schedule {
                 at = at.checked_add(1.second()).ok()?;
                 continue;
             }
-            // A local time that exists once, or the first of two; one in a
-            // gap the clocks skip does not occur.
-            let ambiguous = self.zone.to_ambiguous_zoned(at);
-            let gap = matches!(ambiguous.offset(), jiff::tz::AmbiguousOffset::Gap { .. });
-            let zoned = if gap { None } else { ambiguous.earlier().ok() };
-            match zoned {
-                Some(zoned) if zoned.timestamp() > after => return Some(zoned.timestamp()),
-                _ => at = at.checked_add(1.second()).ok()?,
-            }
+            return Some(at);
         }
         None
     }
@@ -285,15 +327,24 @@ mod tests {
             ticks("30 2 * * *", Some("Europe/Berlin"), "2026-10-24T12:00:00Z", 2),
             ["2026-10-25T00:30:00Z", "2026-10-26T01:30:00Z"]
         );
-        // Every minute through the repeated hour: no minute ticks twice.
+        // Every 5 minutes through the repeated hour: by the clock, no pause.
+        let five = ticks("*/5 * * * *", Some("Europe/Berlin"), "2026-10-25T00:50:00Z", 4);
+        assert_eq!(
+            five,
+            ["2026-10-25T00:55:00Z", "2026-10-25T01:00:00Z", "2026-10-25T01:05:00Z", "2026-10-25T01:10:00Z"]
+        );
         let schedule = Schedule::parse("* * * * *", Some("Europe/Berlin")).unwrap();
-        let mut at = ts("2026-10-25T00:00:00Z");
+        let mut at = ts("2026-10-24T23:00:00Z");
         let mut seen = Vec::new();
-        while at < ts("2026-10-25T02:00:00Z") {
+        while at < ts("2026-10-25T03:00:00Z") {
             at = schedule.next_after(at).unwrap();
             seen.push(at);
         }
-        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(seen.len(), 240, "every minute of four hours, none twice, none missed");
+        assert!(seen.windows(2).all(|w| w[1].as_second() - w[0].as_second() == 60));
+        // Spring: minutes go on by the clock through the change too.
+        let spring = ticks("*/30 * * * *", Some("Europe/Berlin"), "2026-03-29T00:40:00Z", 3);
+        assert_eq!(spring, ["2026-03-29T01:00:00Z", "2026-03-29T01:30:00Z", "2026-03-29T02:00:00Z"]);
     }
 
     #[test]
