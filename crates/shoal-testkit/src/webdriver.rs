@@ -130,43 +130,49 @@ impl Browser {
             .unwrap_or_default()
     }
 
-    /// The element matching `selector`, waiting up to `wait` for it.
-    pub fn wait_for(&self, selector: &str, wait: Duration) -> Element {
+    /// Poll `probe` until it gives a value or `wait` runs out; then fail
+    /// with `what` (given the last probe's note), the page's text and its
+    /// console.
+    fn poll<T>(
+        &self,
+        wait: Duration,
+        mut probe: impl FnMut() -> Result<T, String>,
+        what: impl Fn(&str) -> String,
+    ) -> T {
         let deadline = Instant::now() + wait;
         loop {
-            if let Some(element) = self.find(selector) {
-                return element;
-            }
+            let last = match probe() {
+                Ok(found) => return found,
+                Err(last) => last,
+            };
             assert!(
                 Instant::now() < deadline,
-                "no `{selector}` on the page after {wait:?}; it shows:\n{}\nits console: {:#?}",
+                "{}; the page:\n{}\nits console: {:#?}",
+                what(&last),
                 self.body_text(),
                 self.console()
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(120));
         }
+    }
+
+    /// The element matching `selector`, waiting up to `wait` for it.
+    pub fn wait_for(&self, selector: &str, wait: Duration) -> Element {
+        self.poll(
+            wait,
+            || self.find(selector).ok_or_else(String::new),
+            |_| format!("no `{selector}` on the page after {wait:?}"),
+        )
     }
 
     /// Wait up to `wait` until the text of `selector` satisfies `test`;
     /// returns that text.
     pub fn wait_for_text(&self, selector: &str, wait: Duration, test: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + wait;
-        let mut last = String::new();
-        loop {
-            if let Some(element) = self.find(selector) {
-                last = self.try_text(&element).unwrap_or_default();
-                if test(&last) {
-                    return last;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "`{selector}` never showed the text awaited (last: {last:?}); the page:\n{}\nits console: {:#?}",
-                self.body_text(),
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(150));
-        }
+        let probe = || {
+            let text = self.find(selector).and_then(|element| self.try_text(&element)).unwrap_or_default();
+            if test(&text) { Ok(text) } else { Err(text) }
+        };
+        self.poll(wait, probe, |last| format!("`{selector}` never showed the text awaited (last: {last:?})"))
     }
 
     pub fn click(&self, element: &Element) {
