@@ -364,6 +364,54 @@ impl Client {
         Ok(())
     }
 
+    /// `shoal trigger add`: create or replace TENANT/NAME's trigger.
+    pub async fn trigger_put(&self, trigger: &str, spec: &serde_json::Value) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(trigger)?;
+        let view = self.json(self.request(Method::PUT, &format!("/v1/triggers/{tenant}/{name}")).json(spec)).await?;
+        let next = view["next_run_ms"].as_u64().map_or_else(|| "never".to_string(), utc);
+        eprintln!("set trigger {tenant}/{name}: {} runs next at {next}", view["function"].as_str().unwrap_or("?"));
+        Ok(())
+    }
+
+    /// `shoal trigger rm`.
+    pub async fn trigger_remove(&self, trigger: &str) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(trigger)?;
+        self.send(self.request(Method::DELETE, &format!("/v1/triggers/{tenant}/{name}"))).await?;
+        eprintln!("removed trigger {tenant}/{name}");
+        Ok(())
+    }
+
+    /// `shoal trigger ls`: each trigger with its schedule, last and next run.
+    pub async fn trigger_list(&self, tenant: &str) -> anyhow::Result<()> {
+        let listed = self.json(self.request(Method::GET, &format!("/v1/triggers/{tenant}"))).await?;
+        println!(
+            "{:<24} {:<20} {:<16} {:<16} {:<20} {:<20} LAST CALL",
+            "NAME", "SCHEDULE", "ZONE", "FUNCTION", "LAST RUN", "NEXT RUN"
+        );
+        for t in listed["triggers"].as_array().cloned().unwrap_or_default() {
+            let last = &t["last_run"];
+            let next = match (t["enabled"].as_bool(), t["next_run_ms"].as_u64()) {
+                (Some(false), _) => "disabled".to_string(),
+                (_, Some(ms)) => utc(ms),
+                (_, None) => "never".to_string(),
+            };
+            println!(
+                "{:<24} {:<20} {:<16} {:<16} {:<20} {:<20} {}",
+                t["name"].as_str().unwrap_or("?"),
+                t["schedule"].as_str().unwrap_or("?"),
+                t["zone"].as_str().unwrap_or("UTC"),
+                t["function"].as_str().unwrap_or("?"),
+                last["tick_ms"].as_u64().map_or_else(|| "-".to_string(), utc),
+                next,
+                last["call_id"].as_str().unwrap_or("-"),
+            );
+            if let Some(refusal) = t["last_refusal"].as_str() {
+                println!("  last tick refused: {refusal}");
+            }
+        }
+        Ok(())
+    }
+
     pub async fn create_tenant(&self, name: &str) -> anyhow::Result<()> {
         let created =
             self.json(self.request(Method::POST, "/v1/tenants").json(&serde_json::json!({ "name": name }))).await?;
@@ -475,4 +523,10 @@ pub struct DeployOptions {
     pub public: bool,
     pub allow_host: Vec<String>,
     pub secrets: Vec<String>,
+}
+
+/// Unix milliseconds as a UTC time to the second.
+fn utc(ms: u64) -> String {
+    let ts = i64::try_from(ms).ok().and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok());
+    ts.map_or_else(|| ms.to_string(), |ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
 }

@@ -132,6 +132,12 @@ enum Command {
         #[command(subcommand)]
         command: TenantCommand,
     },
+    /// Cron triggers: run a function of the tenant, with a fixed input,
+    /// as an asynchronous call at each tick of a schedule.
+    Trigger {
+        #[command(subcommand)]
+        command: TriggerCommand,
+    },
     /// A tenant's secrets: write-only values its functions get when their
     /// deploy names them (`shoal deploy --secret NAME`), as env vars and
     /// through wasi:config/store.
@@ -139,6 +145,37 @@ enum Command {
         #[command(subcommand)]
         command: SecretCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TriggerCommand {
+    /// Create (or replace) the trigger TENANT/NAME: run FUNCTION (of the
+    /// same tenant) at each tick of SCHEDULE, a cron expression of five
+    /// fields (minute hour day-of-month month day-of-week) or six (seconds
+    /// first), e.g. "*/5 * * * *" or "0 30 9 * * MON-FRI".
+    Add {
+        trigger: String,
+        schedule: String,
+        #[arg(long)]
+        function: String,
+        /// The IANA time zone the schedule is read in (default UTC),
+        /// e.g. Europe/Berlin.
+        #[arg(long)]
+        zone: Option<String>,
+        /// The input each call gets, inline.
+        #[arg(short = 'd', long = "data", conflicts_with = "data_file")]
+        data: Option<String>,
+        /// The input read from a file (`-` for stdin); at most 64 KiB.
+        #[arg(long = "data-file")]
+        data_file: Option<PathBuf>,
+        /// Create it paused (no tick runs until it is set again without).
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// List TENANT's triggers: schedule, function, last and next run.
+    Ls { tenant: String },
+    /// Remove the trigger TENANT/NAME.
+    Rm { trigger: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -324,6 +361,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             StateCommand::Set { key, value, data_file } => client.state_set(&key, read_input(value, data_file)?).await,
             StateCommand::Del { key } => client.state_delete(&key).await,
             StateCommand::Ls { tenant } => client.state_list(&tenant).await,
+        },
+        Command::Trigger { command } => match command {
+            TriggerCommand::Add { trigger, schedule, function, zone, data, data_file, disabled } => {
+                let input = read_input(data, data_file)?;
+                let mut spec = serde_json::json!({ "schedule": schedule, "function": function, "enabled": !disabled });
+                match String::from_utf8(input) {
+                    Ok(text) => spec["input"] = text.into(),
+                    Err(bytes) => {
+                        use base64::Engine;
+                        spec["input_base64"] =
+                            base64::engine::general_purpose::STANDARD.encode(bytes.as_bytes()).into();
+                    }
+                }
+                if let Some(zone) = zone {
+                    spec["zone"] = zone.into();
+                }
+                client.trigger_put(&trigger, &spec).await
+            }
+            TriggerCommand::Ls { tenant } => client.trigger_list(&tenant).await,
+            TriggerCommand::Rm { trigger } => client.trigger_remove(&trigger).await,
         },
         Command::Secret { command } => match command {
             SecretCommand::Set { tenant, name, value_file } => {

@@ -167,6 +167,9 @@ pub struct ServeArgs {
     /// Functions one tenant may have deployed at once (default 1000).
     #[arg(long, env = "SHOAL_MAX_FUNCTIONS_PER_TENANT")]
     max_functions_per_tenant: Option<usize>,
+    /// Cron triggers one tenant may have (default 100).
+    #[arg(long, env = "SHOAL_MAX_TRIGGERS_PER_TENANT")]
+    max_triggers_per_tenant: Option<usize>,
     /// Records of asynchronous calls one tenant may keep (default 100000;
     /// finished ones expire after the retention time).
     #[arg(long, env = "SHOAL_TENANT_ASYNC_RECORDS")]
@@ -207,6 +210,7 @@ struct ServeFile {
     max_concurrent_calls: Option<u32>,
     max_loaded_images: Option<usize>,
     max_functions_per_tenant: Option<usize>,
+    max_triggers_per_tenant: Option<usize>,
     tenant_async_records: Option<usize>,
     tenant_async_output: Option<String>,
     default_timeout: Option<String>,
@@ -344,6 +348,9 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
     if let Some(n) = args.max_functions_per_tenant.or(file.max_functions_per_tenant) {
         anyhow::ensure!(n > 0, "max_functions_per_tenant must be at least 1");
         config.max_functions_per_tenant = n;
+    }
+    if let Some(n) = args.max_triggers_per_tenant.or(file.max_triggers_per_tenant) {
+        config.max_triggers_per_tenant = n;
     }
     if let Some(n) = args.tenant_async_records.or(file.tenant_async_records) {
         anyhow::ensure!(n > 0, "tenant_async_records must be at least 1");

@@ -789,3 +789,102 @@ async fn a_node_killed_mid_load_loses_no_acknowledged_write_and_no_accepted_call
         http.invoke_once_visible(&nodes[2], &token, &format!("acme/{}", functions[0]), "pull log\nget log").await;
     assert_eq!(reply.text(), log, "the rejoined node reads the same log");
 }
+
+#[test]
+fn a_per_second_trigger_runs_each_tick_exactly_once_over_three_nodes_one_killed() {
+    one_at_a_time(a_per_second_trigger_runs_each_tick_exactly_once_over_three_nodes_one_killed_body());
+}
+
+/// The ticks of trigger `acme/beat` that became calls, oldest first: (tick
+/// ms, call id, status), from the cluster's call records.
+async fn trigger_runs(http: &Http, node: &NodeProcess, token: &str) -> Vec<(u64, String, String)> {
+    let listed = http.ok(Method::GET, format!("{}/v1/calls?tenant=acme&limit=1000", node.url), token, Vec::new()).await;
+    let mut runs: Vec<(u64, String, String)> = listed.json()["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["trigger"]["name"] == "beat")
+        .map(|c| {
+            let tick = c["trigger"]["tick_ms"].as_u64().unwrap();
+            (tick, c["call_id"].as_str().unwrap().to_string(), c["status"].as_str().unwrap().to_string())
+        })
+        .collect();
+    runs.sort();
+    runs
+}
+
+/// Wait until `acme/beat` has run at least `n` ticks.
+async fn wait_trigger_runs(http: &Http, node: &NodeProcess, token: &str, n: usize) -> Vec<(u64, String, String)> {
+    let started = Instant::now();
+    loop {
+        let runs = trigger_runs(http, node, token).await;
+        if runs.len() >= n {
+            return runs;
+        }
+        assert!(started.elapsed() < SETTLE, "only {} of {n} ticks ran", runs.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn a_per_second_trigger_runs_each_tick_exactly_once_over_three_nodes_one_killed_body() {
+    let redis = RedisServer::start();
+    let mut nodes: Vec<NodeProcess> =
+        ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().map(|h| start_node(&redis, h, &[])).collect();
+    let http = Http::new();
+    for node in &nodes {
+        http.wait_members(node, 3).await;
+        http.wait_ready(node, 3).await;
+    }
+    let token = http.create_tenant(&nodes[0], "acme").await;
+    http.deploy(&nodes[0], &token, "acme/echo", shoal_guests::ECHO).await;
+    let spec = json!({ "schedule": "* * * * * *", "function": "echo", "input": "beat" });
+    let url = format!("{}/v1/triggers/acme/beat", nodes[0].url);
+    let made = http.ok(Method::PUT, url.clone(), &token, serde_json::to_vec(&spec).unwrap()).await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+
+    // Every node offers every tick; a few seconds of that, then one is killed.
+    let before = wait_trigger_runs(&http, &nodes[0], &token, 4).await.len();
+    // The trigger and its last run are seen from every node.
+    for node in &nodes[1..] {
+        let started = Instant::now();
+        loop {
+            let shown = http.ok(Method::GET, format!("{}/v1/triggers/acme/beat", node.url), &token, Vec::new()).await;
+            if shown.json()["last_run"]["tick_ms"].as_u64().is_some() {
+                break;
+            }
+            assert!(started.elapsed() < SETTLE, "{} never showed a last run: {}", node.url, shown.text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    nodes[2].kill();
+    let killed_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    wait_trigger_runs(&http, &nodes[0], &token, before + 6).await;
+    http.ok(Method::DELETE, url, &token, Vec::new()).await;
+    // What was offered as it was removed lands or not; then nothing more.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let runs = trigger_runs(&http, &nodes[0], &token).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(trigger_runs(&http, &nodes[0], &token).await.len(), runs.len(), "a removed trigger ran");
+
+    // The history: each tick exactly once, consecutive seconds, from
+    // before the kill to after it.
+    let ticks: Vec<u64> = runs.iter().map(|(tick, ..)| *tick).collect();
+    for pair in ticks.windows(2) {
+        assert_eq!(pair[1] - pair[0], 1000, "ticks {pair:?} of {ticks:?}");
+    }
+    assert!(ticks[0] < killed_ms && *ticks.last().unwrap() > killed_ms + 3000, "{ticks:?}, killed at {killed_ms}");
+    // And every one of them ran: those the killed node held went back to
+    // the queue when its heartbeat ran out, and ran on a survivor.
+    let started = Instant::now();
+    loop {
+        let runs = trigger_runs(&http, &nodes[0], &token).await;
+        assert_eq!(runs.iter().map(|(tick, ..)| *tick).collect::<Vec<_>>(), ticks, "the history changed");
+        let unfinished: Vec<&(u64, String, String)> =
+            runs.iter().filter(|(.., status)| status != "succeeded").collect();
+        if unfinished.is_empty() {
+            break;
+        }
+        assert!(started.elapsed() < SETTLE, "not finished: {unfinished:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -188,7 +188,11 @@ async fn run(redis: &RedisServer, sizes: &Sizes, full: bool) -> Vec<Row> {
             .await
             .expect("join");
         members.push(member);
-        queue.accept("bench", &format!("held{n}"), b"{}", b"", 1000, 1000).await.expect("accept").expect("queued");
+        queue
+            .accept("bench", &format!("held{n}"), b"{}", b"", 1000, 1000, None)
+            .await
+            .expect("accept")
+            .expect("queued");
         queue.take(&format!("n{n}")).await.expect("take").expect("a call");
         let old = serde_json::to_string(members[n].me()).expect("json");
         redis::cmd("SET").arg(format!("shoal:node:n{n}")).arg(old).query_async::<()>(&mut conn).await.expect("set");

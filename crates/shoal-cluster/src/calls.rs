@@ -221,7 +221,18 @@ const KEPT_FOREVER: &str = "9000000000000000";
 /// tenant may keep, output bytes it may keep. Returns 1 when queued, 0
 /// when the cluster's queue is full, 2 when the tenant's is, 3 when the
 /// tenant keeps its limit of records, 4 of output bytes.
+///
+/// A trigger's tick (KEYS[7] the triggers' ticks hash, KEYS[8] their
+/// records, ARGV[11] the trigger, ARGV[12] the tick's ms) is queued only
+/// if the trigger still exists and the tick is later than its last
+/// accepted one, which it then becomes, in the same step: 5 when not
+/// (another node, or an earlier try, queued it; or it was removed).
 const ACCEPT: &str = r"
+if KEYS[7] then
+  if redis.call('HEXISTS', KEYS[8], ARGV[11]) == 0 then return 5 end
+  local last = redis.call('HGET', KEYS[7], ARGV[11])
+  if last and tonumber(string.match(last, '^%d+')) >= tonumber(ARGV[12]) then return 5 end
+end
 if tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[1]) then return 0 end
 local mine = redis.call('LLEN', KEYS[2])
 if mine >= tonumber(ARGV[5]) then return 2 end
@@ -236,6 +247,7 @@ redis.call('LPUSH', KEYS[2], ARGV[4])
 if mine == 0 then redis.call('RPUSH', KEYS[1], ARGV[6]) end
 redis.call('HSET', KEYS[6], ARGV[4], ARGV[6])
 redis.call('INCR', KEYS[5])
+if KEYS[7] then redis.call('HSET', KEYS[7], ARGV[11], ARGV[12] .. ' ' .. ARGV[4]) end
 return 1
 ";
 
@@ -250,6 +262,9 @@ pub enum Refused {
     TenantRecords,
     /// The tenant keeps its limit of output bytes.
     TenantOutput,
+    /// The trigger's tick was accepted already (by this node or another),
+    /// or the trigger is gone.
+    TickTaken,
 }
 
 /// How a finish went.
@@ -383,7 +398,10 @@ impl CallQueue {
     }
 
     /// Queue a call of `tenant`; refused when `max_queued` calls wait in
-    /// the cluster already, or `max_per_tenant` of this tenant's.
+    /// the cluster already, or `max_per_tenant` of this tenant's. With a
+    /// trigger's `tick` (`(trigger, tick ms)`), only if that tick is later
+    /// than the trigger's last accepted one (see `triggers.rs`).
+    #[expect(clippy::too_many_arguments, reason = "one script's arguments, named at the one call site")]
     pub async fn accept(
         &self,
         tenant: &str,
@@ -392,10 +410,11 @@ impl CallQueue {
         input: &[u8],
         max_queued: usize,
         max_per_tenant: usize,
+        tick: Option<(&str, u64)>,
     ) -> Result<Result<(), Refused>, ClusterError> {
         let key = self.record_key(id);
-        let accepted: i64 = self
-            .accept
+        let mut script = self.accept.prepare_invoke();
+        script
             .key(self.tenants_key())
             .key(format!("{}{tenant}", self.queue_prefix()))
             .key(&key)
@@ -411,15 +430,21 @@ impl CallQueue {
             .arg(self.calls_prefix())
             .arg(self.kept_records)
             .arg(self.kept_output_bytes)
-            .arg(KEPT_FOREVER)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(redis_error)?;
+            .arg(KEPT_FOREVER);
+        if let Some((trigger, tick_ms)) = tick {
+            script
+                .key(crate::triggers::ticks_key(&self.prefix))
+                .key(crate::triggers::records_key(&self.prefix))
+                .arg(trigger)
+                .arg(tick_ms);
+        }
+        let accepted: i64 = script.invoke_async(&mut self.conn.clone()).await.map_err(redis_error)?;
         Ok(match accepted {
             1 => Ok(()),
             2 => Err(Refused::Tenant),
             3 => Err(Refused::TenantRecords),
             4 => Err(Refused::TenantOutput),
+            5 => Err(Refused::TickTaken),
             _ => Err(Refused::Cluster),
         })
     }
@@ -664,7 +689,7 @@ mod tests {
         let retention = Duration::from_millis(300);
         // Two calls finish with 6 bytes each: the second's output would make 12 of 10.
         for id in ["a0", "a1"] {
-            assert_eq!(queue.accept("a", id, b"queued", b"in", 100, 100).await.unwrap(), Ok(()));
+            assert_eq!(queue.accept("a", id, b"queued", b"in", 100, 100, None).await.unwrap(), Ok(()));
             let taken = queue.take("n").await.unwrap().unwrap();
             assert_eq!(taken.id, id);
         }
@@ -675,15 +700,15 @@ mod tests {
         );
         assert_eq!(queue.held("n").await.unwrap(), vec!["a1".to_string()], "refused: nothing changed");
         assert_eq!(queue.finish("n", "a1", b"failed", None, retention).await.unwrap(), Finished::Recorded);
-        assert_eq!(queue.accept("a", "a2", b"queued", b"in", 100, 100).await.unwrap(), Ok(()));
+        assert_eq!(queue.accept("a", "a2", b"queued", b"in", 100, 100, None).await.unwrap(), Ok(()));
         // Three records kept: the fourth call is refused; another tenant's is not.
-        assert_eq!(queue.accept("a", "a3", b"q", b"", 100, 100).await.unwrap(), Err(Refused::TenantRecords));
-        assert_eq!(queue.accept("b", "b0", b"q", b"", 100, 100).await.unwrap(), Ok(()));
+        assert_eq!(queue.accept("a", "a3", b"q", b"", 100, 100, None).await.unwrap(), Err(Refused::TenantRecords));
+        assert_eq!(queue.accept("b", "b0", b"q", b"", 100, 100, None).await.unwrap(), Ok(()));
         // Once the finished records expire, they count no more.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(queue.accept("a", "a3", b"q", b"", 100, 100).await.unwrap(), Ok(()));
-        assert_eq!(queue.accept("a", "a4", b"q", b"", 100, 100).await.unwrap(), Ok(()));
-        assert_eq!(queue.accept("a", "a5", b"q", b"", 100, 100).await.unwrap(), Err(Refused::TenantRecords));
+        assert_eq!(queue.accept("a", "a3", b"q", b"", 100, 100, None).await.unwrap(), Ok(()));
+        assert_eq!(queue.accept("a", "a4", b"q", b"", 100, 100, None).await.unwrap(), Ok(()));
+        assert_eq!(queue.accept("a", "a5", b"q", b"", 100, 100, None).await.unwrap(), Err(Refused::TenantRecords));
         // Forgetting the tenant leaves nothing of it, and b's call as it was.
         assert_eq!(queue.forget_tenant("a").await.unwrap(), 3);
         let mut raw = conn.clone();
@@ -691,7 +716,73 @@ mod tests {
         assert!(left.iter().all(|k| !k.contains(":a") && !k.ends_with(":a")), "{left:?}");
         assert_eq!(queue.queued().await.unwrap(), 1);
         assert_eq!(queue.take("n").await.unwrap().unwrap().id, "b0");
-        assert_eq!(queue.accept("a", "a6", b"q", b"", 100, 100).await.unwrap(), Ok(()), "a starts afresh");
+        assert_eq!(queue.accept("a", "a6", b"q", b"", 100, 100, None).await.unwrap(), Ok(()), "a starts afresh");
+    }
+
+    #[tokio::test]
+    async fn a_triggers_tick_is_queued_once_whoever_tries_it_and_never_before_a_later_one() {
+        let redis = RedisServer::start();
+        let conn = connect(&redis.url(), Duration::from_secs(1)).await.unwrap();
+        let queue = CallQueue::new(conn.clone(), "k");
+        let triggers = crate::SharedTriggers::new(conn, "k");
+        let tick = |ms| Some(("a/every", ms));
+        assert_eq!(
+            queue.accept("a", "c0", b"q", b"", 100, 100, tick(1000)).await.unwrap(),
+            Err(Refused::TickTaken),
+            "no such trigger"
+        );
+        assert_eq!(triggers.put("a/every", "a", b"{}", 10).await.unwrap(), crate::TriggerPut::Created);
+        // Two nodes try tick 1000 at once: one call.
+        let (first, second) = tokio::join!(
+            queue.accept("a", "c1", b"q", b"", 100, 100, tick(1000)),
+            queue.accept("a", "c2", b"q", b"", 100, 100, tick(1000)),
+        );
+        let mut outcomes = [first.unwrap(), second.unwrap()];
+        outcomes.sort_by_key(|o| o.is_err());
+        assert_eq!(outcomes, [Ok(()), Err(Refused::TickTaken)]);
+        assert_eq!(queue.queued().await.unwrap(), 1, "the refused try queued nothing");
+        let won = if queue.get("c1").await.unwrap().is_some() { "c1" } else { "c2" };
+        assert_eq!(triggers.ticks(&["a/every", "a/other"]).await.unwrap(), vec![Some(format!("1000 {won}")), None]);
+        // A later tick runs; an earlier one (a slow node) never does.
+        assert_eq!(queue.accept("a", "c3", b"q", b"", 100, 100, tick(2000)).await.unwrap(), Ok(()));
+        assert_eq!(queue.accept("a", "c4", b"q", b"", 100, 100, tick(1500)).await.unwrap(), Err(Refused::TickTaken));
+        // A tick refused for the tenant's limits is not taken: it may be tried again.
+        assert_eq!(queue.accept("a", "c5", b"q", b"", 100, 2, tick(3000)).await.unwrap(), Err(Refused::Tenant));
+        assert_eq!(triggers.ticks(&["a/every"]).await.unwrap(), vec![Some("2000 c3".to_string())]);
+        assert_eq!(queue.accept("a", "c5", b"q", b"", 100, 100, tick(3000)).await.unwrap(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn triggers_are_capped_per_tenant_and_removed_with_their_progress() {
+        let redis = RedisServer::start();
+        let conn = connect(&redis.url(), Duration::from_secs(1)).await.unwrap();
+        let (queue, triggers) = (CallQueue::new(conn.clone(), "k"), crate::SharedTriggers::new(conn, "k"));
+        use crate::TriggerPut::*;
+        assert_eq!(triggers.version().await.unwrap(), 0);
+        assert_eq!(triggers.put("a/one", "a", b"1", 2).await.unwrap(), Created);
+        assert_eq!(triggers.put("a/two", "a", b"2", 2).await.unwrap(), Created);
+        assert_eq!(triggers.put("a/two", "a", b"2'", 2).await.unwrap(), Replaced, "a replacement is not one more");
+        assert_eq!(triggers.put("a/three", "a", b"3", 2).await.unwrap(), TenantFull);
+        assert_eq!(triggers.put("b/one", "b", b"b", 2).await.unwrap(), Created, "another tenant's cap is its own");
+        let (version, mut all) = triggers.all().await.unwrap();
+        all.sort();
+        assert_eq!(version, 4);
+        assert_eq!(
+            all,
+            vec![("a/one".into(), b"1".to_vec()), ("a/two".into(), b"2'".to_vec()), ("b/one".into(), b"b".to_vec())]
+        );
+        assert_eq!(queue.accept("a", "c1", b"q", b"", 100, 100, Some(("a/one", 5000))).await.unwrap(), Ok(()));
+        assert!(triggers.remove("a/one", "a").await.unwrap());
+        let late = queue.accept("a", "c2", b"q", b"", 100, 100, Some(("a/one", 6000))).await.unwrap();
+        assert_eq!(late, Err(Refused::TickTaken), "a tick offered after the removal");
+        assert!(!triggers.remove("a/one", "a").await.unwrap());
+        assert_eq!(triggers.ticks(&["a/one"]).await.unwrap(), vec![None], "its progress went with it");
+        assert_eq!(triggers.put("a/three", "a", b"3", 2).await.unwrap(), Created, "room again");
+        // Redis lost them: a node's copy goes back, without overwriting one there.
+        let republished =
+            [("a/one".to_string(), "a".to_string(), b"1".to_vec()), ("a/two".into(), "a".into(), b"x".to_vec())];
+        assert_eq!(triggers.republish(&republished).await.unwrap(), 1);
+        assert_eq!(triggers.put("a/four", "a", b"4", 3).await.unwrap(), TenantFull, "the put-back one counts");
     }
 
     #[tokio::test]
@@ -699,10 +790,11 @@ mod tests {
         let redis = RedisServer::start();
         let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
         for i in 0..3 {
-            let accepted = queue.accept("a", &format!("c{i}"), b"queued", format!("in{i}").as_bytes(), 3, 3).await;
+            let accepted =
+                queue.accept("a", &format!("c{i}"), b"queued", format!("in{i}").as_bytes(), 3, 3, None).await;
             assert_eq!(accepted.unwrap(), Ok(()));
         }
-        assert_eq!(queue.accept("b", "c3", b"queued", b"", 3, 3).await.unwrap(), Err(Refused::Cluster));
+        assert_eq!(queue.accept("b", "c3", b"queued", b"", 3, 3, None).await.unwrap(), Err(Refused::Cluster));
         assert_eq!(queue.get("c3").await.unwrap(), None, "a refused call leaves nothing");
         let first = queue.take("n1").await.unwrap().unwrap();
         assert_eq!((first.id.as_str(), first.input.as_slice()), ("c0", &b"in0"[..]));
@@ -765,7 +857,7 @@ mod tests {
         let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
         let accept = |tenant: &'static str, id: String| {
             let queue = queue.clone();
-            async move { queue.accept(tenant, &id, b"r", b"", 100, 5).await.unwrap() }
+            async move { queue.accept(tenant, &id, b"r", b"", 100, 5, None).await.unwrap() }
         };
         // A flooder fills its share of 5; its sixth call is refused, not
         // another tenant's.
@@ -815,7 +907,7 @@ mod tests {
     async fn finished_records_expire_after_the_retention() {
         let redis = RedisServer::start();
         let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
-        assert_eq!(queue.accept("a", "c", b"queued", b"x", 10, 10).await.unwrap(), Ok(()));
+        assert_eq!(queue.accept("a", "c", b"queued", b"x", 10, 10, None).await.unwrap(), Ok(()));
         queue.take("n").await.unwrap().unwrap();
         assert_eq!(queue.finish("n", "c", b"failed", None, Duration::from_secs(2)).await.unwrap(), Finished::Recorded);
         assert_eq!(queue.get("c").await.unwrap(), Some((b"failed".to_vec(), None)));
@@ -837,7 +929,7 @@ mod tests {
         let redis = RedisServer::start();
         let queue = CallQueue::new(connect(&redis.url(), Duration::from_secs(1)).await.unwrap(), "t");
         for i in 0..6 {
-            assert_eq!(queue.accept("a", &format!("c{i}"), b"r", b"", 10, 10).await.unwrap(), Ok(()));
+            assert_eq!(queue.accept("a", &format!("c{i}"), b"r", b"", 10, 10, None).await.unwrap(), Ok(()));
         }
         assert!(holders(&queue).await.is_empty());
         let c0 = queue.take("n1").await.unwrap().unwrap().id;
@@ -877,7 +969,7 @@ mod tests {
             ..MembershipConfig::new(redis.url())
         };
         let node = Membership::join(config, Member::new("n", "127.0.0.2:8080")).await.unwrap();
-        assert_eq!(queue.accept("a", "c", b"r", b"", 10, 10).await.unwrap(), Ok(()));
+        assert_eq!(queue.accept("a", "c", b"r", b"", 10, 10, None).await.unwrap(), Ok(()));
         assert_eq!(queue.take("n").await.unwrap().unwrap().id, "c");
         assert_eq!(queue.requeue_from("n").await.unwrap(), None, "alive: heartbeating");
         // Killed: no more heartbeats, no leave. Until its last heartbeat

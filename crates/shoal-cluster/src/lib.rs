@@ -13,6 +13,7 @@
 //! - [`Forwarder`]: HTTP/2 between nodes, with the cluster secret.
 //! - [`SharedUsage`]: what each tenant's calls used, per minute, summed
 //!   over the nodes.
+//! - [`SharedTriggers`]: cron triggers and the last tick each ran.
 //!
 //! The crate keeps records as bytes: what they mean is the node's
 //! business. It never sees HTTP routes or function images.
@@ -30,6 +31,7 @@ mod forward;
 mod membership;
 pub mod placement;
 mod registry;
+mod triggers;
 mod usage;
 
 use std::time::Duration;
@@ -40,6 +42,7 @@ pub use calls::{CallQueue, Finished, Refused, TakenCall};
 pub use forward::{Answer, ForwardError, Forwarder, SECRET_HEADER};
 pub use membership::{Load, Member, Membership, MembershipConfig};
 pub use registry::{RegistrySnapshot, Republished, SharedRegistry};
+pub use triggers::{SharedTriggers, TriggerPut};
 pub use usage::{SharedUsage, UsageRow};
 
 /// Why a cluster operation failed.
@@ -117,7 +120,7 @@ mod tests {
         a.heartbeat().await.unwrap();
         assert_eq!(a.read_members().await.unwrap().len(), 2);
         for i in 0..4 {
-            assert_eq!(queue.accept("acme", &format!("c{i}"), b"r", b"", 10, 10).await.unwrap(), Ok(()));
+            assert_eq!(queue.accept("acme", &format!("c{i}"), b"r", b"", 10, 10, None).await.unwrap(), Ok(()));
         }
         let c0 = queue.take("a").await.unwrap().unwrap().id;
         let c1 = queue.take("a").await.unwrap().unwrap().id;

@@ -10,6 +10,7 @@ mod functions;
 mod secrets;
 mod state;
 mod tenants;
+mod triggers;
 mod usage;
 
 use std::sync::Arc;
@@ -55,6 +56,8 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/functions/{tenant}/{name}/logs", get(functions::logs))
         .route("/v1/functions/{tenant}/{name}/calls", get(functions::recent_calls))
         .route("/internal/v1/functions/{tenant}/{name}/invoke", post(functions::internal_invoke))
+        .route("/v1/triggers/{tenant}", get(triggers::list))
+        .route("/v1/triggers/{tenant}/{name}", put(triggers::put).get(triggers::get).delete(triggers::delete))
         .route("/v1/calls", get(calls::list))
         .route("/v1/calls/{id}", get(calls::get))
         .route("/console", get(console::page))

@@ -104,6 +104,18 @@ pub struct CallRecord {
     /// its run hangs under that span.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The cron trigger's tick it runs, when a trigger made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<TriggerTick>,
+}
+
+/// A trigger's tick, as a call made by it records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriggerTick {
+    /// The trigger's name (of the call's tenant).
+    pub name: String,
+    /// When the tick fell (Unix ms).
+    pub tick_ms: u64,
 }
 
 impl CallRecord {
@@ -120,6 +132,7 @@ impl CallRecord {
             error: None,
             output_bytes: None,
             traceparent: None,
+            trigger: None,
         }
     }
 }
@@ -162,6 +175,15 @@ pub(crate) enum RecordError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
+}
+
+/// A trigger's tick to accept as a call at most once.
+#[derive(Clone, Debug)]
+pub(crate) struct Tick {
+    /// `tenant/name`: the trigger's progress is kept under it.
+    pub key: String,
+    pub name: String,
+    pub tick_ms: u64,
 }
 
 /// A tenant's asynchronous calls on this node.
@@ -398,24 +420,41 @@ impl AsyncCalls {
     }
 
     /// Record an accepted call, durably, and count it; refused when too
-    /// many are unfinished.
+    /// many are unfinished. A trigger's `tick` is accepted only if it is
+    /// later than the trigger's last accepted tick, which it becomes in the
+    /// same step (in the same transaction here, in the same script in a
+    /// cluster): None when it is not (the tick was run already), or the
+    /// trigger is gone.
     async fn accept(
         &self,
         tenant: &str,
         function: &str,
         input: Vec<u8>,
         trace: Option<shoal_runtime::TraceParent>,
-    ) -> Result<CallRecord, ApiError> {
+        tick: Option<&Tick>,
+    ) -> Result<Option<CallRecord>, ApiError> {
         let now = now_ms();
-        let queued =
-            |id| CallRecord { traceparent: trace.map(|t| t.header()), ..CallRecord::queued(id, tenant, function, now) };
+        let queued = |id| CallRecord {
+            traceparent: trace.map(|t| t.header()),
+            trigger: tick.map(|t| TriggerTick { name: t.name.clone(), tick_ms: t.tick_ms }),
+            ..CallRecord::queued(id, tenant, function, now)
+        };
         if let Some(queue) = &self.queue {
             let record = queued(Self::new_id(now));
             let queued = queue
-                .accept(tenant, &record.call_id, &encode(&record), &input, self.max_unfinished, self.max_per_tenant)
+                .accept(
+                    tenant,
+                    &record.call_id,
+                    &encode(&record),
+                    &input,
+                    self.max_unfinished,
+                    self.max_per_tenant,
+                    tick.map(|t| (t.key.as_str(), t.tick_ms)),
+                )
                 .await?;
             return match queued {
-                Ok(()) => Ok(record),
+                Ok(()) => Ok(Some(record)),
+                Err(Refused::TickTaken) => Ok(None),
                 Err(Refused::Cluster) => Err(self.full("the cluster")),
                 Err(Refused::Tenant) => Err(self.tenant_full(tenant, "queued in the cluster")),
                 Err(Refused::TenantRecords) => {
@@ -430,20 +469,37 @@ impl AsyncCalls {
         self.count(tenant, false)?;
         let record = queued(Self::new_id(now));
         let (store, stored) = (self.store.clone(), record.clone());
+        let tick = tick.map(|t| (t.key.clone(), t.tick_ms));
         let written = tokio::task::spawn_blocking(move || {
             let id = stored.call_id.as_str();
             store.transaction(|tx| {
+                if let Some((key, tick_ms)) = &tick {
+                    // Removed while its tick was being offered: not run.
+                    if tx.get(crate::triggers::TRIGGERS, key)?.is_none() {
+                        return Ok(false);
+                    }
+                    let last = tx.get(crate::triggers::TICKS, key)?;
+                    if last.as_deref().and_then(crate::triggers::parse_progress).is_some_and(|(t, _)| t >= *tick_ms) {
+                        return Ok(false);
+                    }
+                    tx.put(crate::triggers::TICKS, key, format!("{tick_ms} {id}").as_bytes())?;
+                }
                 tx.put(CALLS, id, &encode(&stored))?;
                 tx.put(CALLS_OF, &index_key(&stored.tenant, id), stored.status.as_str().as_bytes())?;
                 tx.put(INPUTS, id, &input)?;
-                tx.put(PENDING, id, b"")
+                tx.put(PENDING, id, b"")?;
+                Ok(true)
             })
         })
         .await;
         match written {
-            Ok(Ok(())) => {
+            Ok(Ok(true)) => {
                 self.kept().entry(tenant.to_string()).or_default().records += 1;
-                Ok(record)
+                Ok(Some(record))
+            }
+            Ok(Ok(false)) => {
+                self.uncount(tenant);
+                Ok(None)
             }
             failed => {
                 self.uncount(tenant);
@@ -638,7 +694,21 @@ impl Node {
         input: Vec<u8>,
         trace: Option<shoal_runtime::TraceParent>,
     ) -> Result<String, ApiError> {
-        let record = self.async_calls.accept(tenant, name, input, trace).await?;
+        let accepted = self.accept_async_tick(tenant, name, input, trace, None).await?;
+        accepted.ok_or_else(|| ApiError::internal("accepting an asynchronous call", "refused as a trigger's tick"))
+    }
+
+    /// [`Node::accept_async`], for a trigger's `tick` when given: None if
+    /// that tick was accepted already (here, or by another node).
+    pub(crate) async fn accept_async_tick(
+        self: &Arc<Self>,
+        tenant: &str,
+        name: &str,
+        input: Vec<u8>,
+        trace: Option<shoal_runtime::TraceParent>,
+        tick: Option<&Tick>,
+    ) -> Result<Option<String>, ApiError> {
+        let Some(record) = self.async_calls.accept(tenant, name, input, trace, tick).await? else { return Ok(None) };
         let id = record.call_id.clone();
         match &self.cluster {
             // Whichever node has room takes it from the queue; this one
@@ -646,7 +716,7 @@ impl Node {
             Some(cluster) => cluster.queued.notify_one(),
             None => self.spawn_async(record.call_id, record.tenant),
         }
-        Ok(id)
+        Ok(Some(id))
     }
 
     fn spawn_async(self: &Arc<Self>, id: String, tenant: String) {

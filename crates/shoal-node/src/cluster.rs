@@ -57,6 +57,8 @@ pub(crate) struct Cluster {
     pub(crate) queue: CallQueue,
     /// Where every node adds its usage (set when the node joins).
     pub(crate) usage: Option<shoal_cluster::SharedUsage>,
+    /// The cluster's cron triggers (set when the node joins).
+    pub(crate) triggers: Option<shoal_cluster::SharedTriggers>,
     pub(crate) forwarder: Forwarder,
     /// The secret peers must present: the cluster's current one, and the
     /// one before it while peers may still send it (Redis lost it and
@@ -111,6 +113,7 @@ impl Cluster {
             membership,
             queue,
             usage: None,
+            triggers: None,
             forwarder,
             secrets: std::sync::RwLock::new((secret, None)),
             capacity,

@@ -73,6 +73,8 @@ pub struct NodeConfig {
     pub max_env_vars: usize,
     /// Functions one tenant may have deployed at once. Default 1,000.
     pub max_functions_per_tenant: usize,
+    /// Cron triggers one tenant may have. Default 100.
+    pub max_triggers_per_tenant: usize,
     pub max_env_bytes: usize,
     /// Sandboxes in use at once (every running call, chained ones
     /// included). Default 1,000.
@@ -207,6 +209,7 @@ impl NodeConfig {
             max_memory_bytes: 256 * MIB,
             max_env_vars: 64,
             max_functions_per_tenant: 1000,
+            max_triggers_per_tenant: 100,
             max_env_bytes: 64 << 10,
             max_concurrent_calls: 1000,
             scheduler: shoal_sched::PolicyConfig::new(

@@ -17,10 +17,6 @@
 //! once (`30 2 * * *` runs once that night) and one whose hour field is `*`
 //! keeps ticking by the clock (`*/5 * * * *` never pauses for an hour).
 
-// Cron triggers (issue 22) build on this; until they are wired in, only
-// its tests use it.
-#![cfg_attr(not(test), expect(dead_code, reason = "the trigger chore of issue 22 is its first user"))]
-
 use jiff::civil::{Date, DateTime, Time};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};

@@ -29,6 +29,7 @@ mod secrets;
 mod server;
 mod tenancy;
 mod trace;
+mod triggers;
 pub mod usage;
 
 pub use calls::{CallFailure, CallRecord, CallStatus};
@@ -141,6 +142,8 @@ pub struct Node {
     /// What tenants' secrets are sealed with (from the admin token).
     secret_key: secrets::SecretKey,
     async_calls: Arc<AsyncCalls>,
+    /// Cron triggers (`triggers.rs`).
+    triggers: triggers::Triggers,
     /// This node's part in a cluster, when started with a Redis URL.
     cluster: Option<Arc<cluster::Cluster>>,
     /// The clock of function use, for evicting the least recently used.
@@ -307,6 +310,8 @@ impl Node {
             },
         )?);
         let usage_store = store.clone();
+        let shared_triggers = cluster.as_ref().and_then(|c| c.triggers.clone());
+        let triggers = triggers::Triggers::open(store.clone(), shared_triggers, config.max_triggers_per_tenant)?;
         let registry = Registry::open(store, shared)?;
         let node = Arc::new_cyclic(|node| {
             // A fresh runtime has no invoker yet: this cannot fail.
@@ -323,6 +328,7 @@ impl Node {
                 usage: usage::Meter::default(),
                 usage_store,
                 async_calls,
+                triggers,
                 cluster,
                 use_clock: std::sync::atomic::AtomicU64::new(0),
                 conn_stats: server::ConnStats::default(),
@@ -357,6 +363,7 @@ impl Node {
         node.apply_tenant_limits();
         node.resume_deletions();
         let resumed = node.resume_async_calls()?;
+        node.spawn_trigger_chore();
         if resumed > 0 {
             tracing::info!(resumed, "resuming asynchronous calls accepted before the last stop");
         }
@@ -785,6 +792,7 @@ async fn join_cluster(
     let forwarder = Forwarder::new(&secret, Duration::from_secs(1), config.max_body_bytes + (64 << 10))
         .map_err(StartError::Config)?;
     let usage = shoal_cluster::SharedUsage::new(conn.clone(), &config.cluster_prefix);
+    let triggers = shoal_cluster::SharedTriggers::new(conn.clone(), &config.cluster_prefix);
     let queue = CallQueue::new(conn, &config.cluster_prefix)
         .with_kept_limits(config.max_async_records_per_tenant, config.max_async_output_bytes_per_tenant);
     // Leases an older version of the node left are found once (by a scan
@@ -798,5 +806,6 @@ async fn join_cluster(
     let capacity = if config.gateway { 0 } else { capacity };
     let mut cluster = cluster::Cluster::new(shared.clone(), membership, queue, forwarder, secret, capacity);
     cluster.usage = Some(usage);
+    cluster.triggers = Some(triggers);
     Ok((shared, Arc::new(cluster)))
 }

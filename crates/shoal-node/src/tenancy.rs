@@ -131,7 +131,8 @@ impl Node {
 
     /// Every step of a deletion, each idempotent.
     async fn finish_deletion(&self, tenant: &str) -> Result<(), ApiError> {
-        // Its functions first: no call of it can start after this.
+        // Its triggers, then its functions: no call of it can start after this.
+        self.remove_triggers_of(tenant).await?;
         let functions = self.registry.list(tenant);
         for function in &functions {
             self.registry.remove(tenant, &function.name).await?;

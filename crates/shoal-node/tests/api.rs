@@ -2194,5 +2194,7 @@ mod console;
 mod http_functions;
 #[path = "api/tracing.rs"]
 mod tracing_spans;
+#[path = "api/triggers.rs"]
+mod triggers;
 #[path = "api/usage.rs"]
 mod usage;

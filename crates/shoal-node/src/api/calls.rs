@@ -26,7 +26,7 @@ const DEFAULT_LIST: usize = 50;
 
 /// A call's record as clients see it (without its output).
 fn view(record: &CallRecord) -> serde_json::Value {
-    json!({
+    let mut view = json!({
         "call_id": record.call_id,
         "function": format!("{}/{}", record.tenant, record.function),
         "status": record.status,
@@ -37,7 +37,11 @@ fn view(record: &CallRecord) -> serde_json::Value {
             "finished_at_ms": record.finished_at_ms,
         },
         "error": record.error,
-    })
+    });
+    if let Some(trigger) = &record.trigger {
+        view["trigger"] = json!({ "name": trigger.name, "tick_ms": trigger.tick_ms });
+    }
+    view
 }
 
 pub(super) async fn list(
