@@ -364,6 +364,56 @@ impl Client {
         Ok(())
     }
 
+    /// `shoal versions`: the versions kept, newest first.
+    pub async fn versions(&self, function: &str) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(function)?;
+        let listed = self.json(self.request(Method::GET, &format!("/v1/functions/{tenant}/{name}/versions"))).await?;
+        println!("{:<8} {:<20} {:<12} {:>9} {:>9}  ALIASES", "VERSION", "DEPLOYED", "SHA-256", "MEMORY", "TIMEOUT");
+        for v in listed["versions"].as_array().cloned().unwrap_or_default() {
+            let aliases: Vec<&str> =
+                v["aliases"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+            let sha = v["sha256"].as_str().unwrap_or("?");
+            println!(
+                "{:<8} {:<20} {:<12} {:>6}MiB {:>7}ms  {}",
+                v["version"].as_u64().unwrap_or(0),
+                v["deployed_ms"].as_u64().map_or_else(|| "-".to_string(), utc),
+                &sha[..12.min(sha.len())],
+                v["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+                v["timeout_ms"].as_u64().unwrap_or(0),
+                if aliases.is_empty() { "-".to_string() } else { aliases.join(",") }
+            );
+        }
+        Ok(())
+    }
+
+    /// `shoal alias set`.
+    pub async fn alias_set(&self, function: &str, alias: &str, target: &serde_json::Value) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(function)?;
+        let path = format!("/v1/functions/{tenant}/{name}/aliases/{alias}");
+        let set = self.json(self.request(Method::PUT, &path).json(target)).await?;
+        eprintln!("{tenant}/{name}@{alias} → {}", routes_text(&set["versions"]));
+        Ok(())
+    }
+
+    /// `shoal alias ls`.
+    pub async fn alias_list(&self, function: &str) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(function)?;
+        let listed = self.json(self.request(Method::GET, &format!("/v1/functions/{tenant}/{name}/aliases"))).await?;
+        println!("{:<24} ROUTES TO", "ALIAS");
+        for (alias, target) in listed["aliases"].as_object().cloned().unwrap_or_default() {
+            println!("{alias:<24} {}", routes_text(&target["versions"]));
+        }
+        Ok(())
+    }
+
+    /// `shoal alias rm`.
+    pub async fn alias_remove(&self, function: &str, alias: &str) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(function)?;
+        self.send(self.request(Method::DELETE, &format!("/v1/functions/{tenant}/{name}/aliases/{alias}"))).await?;
+        eprintln!("removed {tenant}/{name}@{alias}");
+        Ok(())
+    }
+
     /// `shoal trigger add`: create or replace TENANT/NAME's trigger.
     pub async fn trigger_put(&self, trigger: &str, spec: &serde_json::Value) -> anyhow::Result<()> {
         let (tenant, name) = function_ref(trigger)?;
@@ -529,4 +579,21 @@ pub struct DeployOptions {
 fn utc(ms: u64) -> String {
     let ts = i64::try_from(ms).ok().and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok());
     ts.map_or_else(|| ms.to_string(), |ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+}
+
+/// An alias's routes: `version 3`, or `3 (90%), 4 (10%)`.
+fn routes_text(routes: &serde_json::Value) -> String {
+    let routes = routes.as_array().cloned().unwrap_or_default();
+    let total: u64 = routes.iter().filter_map(|r| r["weight"].as_u64()).sum();
+    match routes.as_slice() {
+        [one] => format!("version {}", one["version"].as_u64().unwrap_or(0)),
+        _ => routes
+            .iter()
+            .map(|r| {
+                let share = r["weight"].as_u64().unwrap_or(0) as f64 * 100.0 / total.max(1) as f64;
+                format!("{} ({share:.0}%)", r["version"].as_u64().unwrap_or(0))
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }

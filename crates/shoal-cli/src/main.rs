@@ -132,6 +132,16 @@ enum Command {
         #[command(subcommand)]
         command: TenantCommand,
     },
+    /// The versions of TENANT/NAME kept (every deploy is one), newest
+    /// first, with the aliases routing calls to each.
+    Versions { function: String },
+    /// A function's aliases: names (prod, canary, …) that route its calls
+    /// to one version, or split them between two by weight. Call one as
+    /// TENANT/NAME@ALIAS (a version as TENANT/NAME@N).
+    Alias {
+        #[command(subcommand)]
+        command: AliasCommand,
+    },
     /// Cron triggers: run a function of the tenant, with a fixed input,
     /// as an asynchronous call at each tick of a schedule.
     Trigger {
@@ -145,6 +155,25 @@ enum Command {
         #[command(subcommand)]
         command: SecretCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AliasCommand {
+    /// Point ALIAS of TENANT/NAME at a version (`3`), or split its calls
+    /// between two by weight (`3=90 4=10`); atomic, so `set prod 3` is a
+    /// rollback. `latest` is what the unversioned name runs (the next
+    /// deploy moves it back to the newest version).
+    Set {
+        function: String,
+        alias: String,
+        /// VERSION, or VERSION=WEIGHT twice.
+        #[arg(required = true, num_args = 1..=2)]
+        versions: Vec<String>,
+    },
+    /// List the aliases of TENANT/NAME.
+    Ls { function: String },
+    /// Remove ALIAS of TENANT/NAME.
+    Rm { function: String, alias: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -361,6 +390,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             StateCommand::Set { key, value, data_file } => client.state_set(&key, read_input(value, data_file)?).await,
             StateCommand::Del { key } => client.state_delete(&key).await,
             StateCommand::Ls { tenant } => client.state_list(&tenant).await,
+        },
+        Command::Versions { function } => client.versions(&function).await,
+        Command::Alias { command } => match command {
+            AliasCommand::Set { function, alias, versions } => {
+                let mut routes = Vec::new();
+                for text in &versions {
+                    let (version, weight) = match text.split_once('=') {
+                        Some((v, w)) => (v, w.parse::<u32>().with_context(|| format!("weight in {text:?}"))?),
+                        None => (text.as_str(), 1),
+                    };
+                    let version: u32 = version.parse().with_context(|| format!("version in {text:?}"))?;
+                    routes.push(serde_json::json!({ "version": version, "weight": weight }));
+                }
+                client.alias_set(&function, &alias, &serde_json::json!({ "versions": routes })).await
+            }
+            AliasCommand::Ls { function } => client.alias_list(&function).await,
+            AliasCommand::Rm { function, alias } => client.alias_remove(&function, &alias).await,
         },
         Command::Trigger { command } => match command {
             TriggerCommand::Add { trigger, schedule, function, zone, data, data_file, disabled } => {

@@ -170,6 +170,10 @@ pub struct ServeArgs {
     /// Cron triggers one tenant may have (default 100).
     #[arg(long, env = "SHOAL_MAX_TRIGGERS_PER_TENANT")]
     max_triggers_per_tenant: Option<usize>,
+    /// Versions of a function kept (default 10; older ones go at the next
+    /// deploy unless an alias routes calls to them).
+    #[arg(long, env = "SHOAL_MAX_VERSIONS")]
+    max_versions: Option<usize>,
     /// Records of asynchronous calls one tenant may keep (default 100000;
     /// finished ones expire after the retention time).
     #[arg(long, env = "SHOAL_TENANT_ASYNC_RECORDS")]
@@ -211,6 +215,7 @@ struct ServeFile {
     max_loaded_images: Option<usize>,
     max_functions_per_tenant: Option<usize>,
     max_triggers_per_tenant: Option<usize>,
+    max_versions: Option<usize>,
     tenant_async_records: Option<usize>,
     tenant_async_output: Option<String>,
     default_timeout: Option<String>,
@@ -351,6 +356,10 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
     }
     if let Some(n) = args.max_triggers_per_tenant.or(file.max_triggers_per_tenant) {
         config.max_triggers_per_tenant = n;
+    }
+    if let Some(n) = args.max_versions.or(file.max_versions) {
+        anyhow::ensure!(n > 0, "max_versions must be at least 1");
+        config.max_versions = n;
     }
     if let Some(n) = args.tenant_async_records.or(file.tenant_async_records) {
         anyhow::ensure!(n > 0, "tenant_async_records must be at least 1");

@@ -888,3 +888,120 @@ async fn a_per_second_trigger_runs_each_tick_exactly_once_over_three_nodes_one_k
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[test]
+fn an_alias_rolled_back_under_load_serves_only_its_versions_and_reaches_every_node() {
+    one_at_a_time(an_alias_rolled_back_under_load_serves_only_its_versions_and_reaches_every_node_body());
+}
+
+async fn an_alias_rolled_back_under_load_serves_only_its_versions_and_reaches_every_node_body() {
+    let redis = RedisServer::start();
+    let nodes: Vec<NodeProcess> =
+        ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().map(|h| start_node(&redis, h, &[])).collect();
+    let http = Http::new();
+    for node in &nodes {
+        http.wait_members(node, 3).await;
+        http.wait_ready(node, 3).await;
+    }
+    let token = http.create_tenant(&nodes[0], "acme").await;
+    // Three versions, each deployed on another node: numbered by the
+    // cluster, 1, 2, 3. For input "x": "hello x", "x", "X".
+    for (node, wasm, version) in
+        [(&nodes[0], shoal_guests::HELLO, 1), (&nodes[1], shoal_guests::ECHO, 2), (&nodes[2], shoal_guests::UPPER, 3)]
+    {
+        let started = Instant::now();
+        // The tenant may not have reached this node's view yet.
+        let reply = loop {
+            let url = format!("{}/v1/functions/acme/f", node.url);
+            let reply = http.send(Method::PUT, url, &token, wasm.to_vec(), &[]).await.unwrap();
+            if reply.status != StatusCode::NOT_FOUND || started.elapsed() > SETTLE {
+                break reply;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+        assert_eq!(reply.json()["version"], version, "{}", reply.text());
+    }
+    for node in &nodes {
+        http.invoke_once_visible(node, &token, "acme/f@3", "x").await;
+    }
+    let set_alias = |node: &NodeProcess, body: Value| {
+        let url = format!("{}/v1/functions/acme/f/aliases/prod", node.url);
+        let (http, token) = (http.clone(), token.clone());
+        async move { http.ok(Method::PUT, url, &token, serde_json::to_vec(&body).unwrap()).await }
+    };
+    set_alias(&nodes[0], json!({ "versions": [{ "version": 2, "weight": 50 }, { "version": 3, "weight": 50 }] })).await;
+    // Every node routes the split before the load starts.
+    for node in &nodes {
+        let started = Instant::now();
+        let mut seen = BTreeSet::new();
+        while seen.len() < 2 {
+            let reply = http.invoke(node, &token, "acme/f@prod", "x").await.unwrap();
+            match reply.status {
+                // Not on this node yet (its next registry poll).
+                StatusCode::NOT_FOUND => tokio::time::sleep(Duration::from_millis(20)).await,
+                status => {
+                    assert_eq!(status, StatusCode::OK, "{}", reply.text());
+                    seen.insert(reply.text());
+                }
+            }
+            assert!(started.elapsed() < SETTLE, "{} never split: {seen:?}", node.url);
+        }
+        assert_eq!(seen, BTreeSet::from(["X".to_string(), "x".to_string()]));
+    }
+
+    // Load on every node; halfway, prod is rolled back to version 2 alone.
+    let started = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for _ in 0..2 {
+            let (http, token, url, stop) = (http.clone(), token.clone(), node.url.clone(), stop.clone());
+            load.spawn(async move {
+                let mut answers = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let sent = started.elapsed();
+                    let reply = http
+                        .send(
+                            Method::POST,
+                            format!("{url}/v1/functions/acme/f@prod/invoke"),
+                            &token,
+                            b"x".to_vec(),
+                            &[],
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+                    answers.push((i, sent, reply.text()));
+                }
+                answers
+            });
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    set_alias(&nodes[1], json!({ "version": 2 })).await;
+    let rolled_back = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answers = Vec::new();
+    while let Some(done) = load.join_next().await {
+        answers.extend(done.unwrap());
+    }
+    // Only the alias's versions ever answered: never version 1.
+    let outputs: BTreeMap<&str, usize> = answers.iter().fold(BTreeMap::new(), |mut n, (_, _, out)| {
+        *n.entry(out.as_str()).or_default() += 1;
+        n
+    });
+    assert!(outputs.keys().all(|o| *o == "x" || *o == "X"), "{outputs:?}");
+    assert!(answers.len() > 60, "{} calls", answers.len());
+    // Each node stopped sending calls to version 3 within the propagation
+    // bound (its registry poll, 200 ms; generous here for a loaded machine).
+    for (i, node) in nodes.iter().enumerate() {
+        let last_old = answers.iter().filter(|(n, _, out)| *n == i && out == "X").map(|(_, sent, _)| *sent).max();
+        let lag = last_old.map_or(Duration::ZERO, |t| t.saturating_sub(rolled_back));
+        eprintln!("{}: version 3 last answered {lag:?} after the rollback", node.url);
+        assert!(lag < Duration::from_secs(2), "{} kept routing to version 3 for {lag:?}", node.url);
+        let after = answers.iter().filter(|(n, sent, _)| *n == i && *sent > rolled_back + Duration::from_secs(2));
+        assert!(after.clone().count() > 5 && after.clone().all(|(.., out)| out == "x"), "{}", node.url);
+    }
+}

@@ -292,7 +292,7 @@ async fn run(redis: &RedisServer, sizes: &Sizes, full: bool) -> Vec<Row> {
             registry.put_function(&key, sha, body.as_bytes(), &wasm).await.expect("put");
             deploys.push(started.elapsed());
             let started = Instant::now();
-            assert!(registry.remove_function(&key).await.expect("remove"));
+            assert!(registry.remove_function(&key, &[]).await.expect("remove"));
             removals.push(started.elapsed());
             if i < o {
                 // The earlier deploy: the same wasm write, then its script.

@@ -41,7 +41,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 pub use calls::{CallQueue, Finished, Refused, TakenCall};
 pub use forward::{Answer, ForwardError, Forwarder, SECRET_HEADER};
 pub use membership::{Load, Member, Membership, MembershipConfig};
-pub use registry::{RegistrySnapshot, Republished, SharedRegistry};
+pub use registry::{AliasChange, RegistrySnapshot, Republished, SharedRegistry, VersionRemoval};
 pub use triggers::{SharedTriggers, TriggerPut};
 pub use usage::{SharedUsage, UsageRow};
 
@@ -139,8 +139,8 @@ mod tests {
         registry.put_function("acme/one", "s1", br#"{"sha256":"s1"}"#, b"w1").await.unwrap();
         registry.put_function("acme/two", "s1", br#"{"sha256":"s1"}"#, b"w1").await.unwrap();
         registry.put_function("acme/two", "s2", br#"{"sha256":"s2"}"#, b"w2").await.unwrap();
-        assert!(registry.remove_function("acme/one").await.unwrap());
-        assert!(registry.remove_function("acme/two").await.unwrap());
+        assert!(registry.remove_function("acme/one", &[]).await.unwrap());
+        assert!(registry.remove_function("acme/two", &[]).await.unwrap());
         registry.snapshot().await.unwrap();
         a.leave().await.unwrap();
 

@@ -5,6 +5,14 @@
 //! - `P:functions` — hash, `tenant/name` → the function's record (JSON);
 //! - `P:wasm:<sha256>` — the wasm bytes, once per content, shared by every
 //!   function deployed with them, deleted with the last of them;
+//! - `P:functions` also holds each version of a function, immutable, under
+//!   `tenant/name@N`; the `tenant/name` record is the newest version's;
+//! - `P:function-versions` — hash, `tenant/name` → the last version number
+//!   given out (a deploy takes the next, whichever node it is on);
+//! - `P:aliases` — hash, `tenant/name` → the function's aliases (JSON:
+//!   alias → `{"versions":[{"version":N,"weight":W},…]}`), changed only by
+//!   scripts that check what they name exists, and read by the script that
+//!   collects old versions, so an aliased version is never collected;
 //! - `P:wasm-refs` — hash, sha256 → how many function records name that
 //!   wasm. Deploys and removals keep it in the same script as the record,
 //!   so deciding whether a wasm is still used reads one field, not every
@@ -89,18 +97,33 @@ return 1
 ";
 
 /// Remove `functions[key]` (whatever its record says now, not what the
-/// caller last saw); its wasm loses a reference (and goes with the last);
-/// bump the version. Returns 1 if there was such a function. KEYS:
-/// functions, version, refs; ARGV: key, wasm prefix.
+/// caller last saw) with its versions — the last 64 given out and those
+/// the caller names (older ones it knows of: aliased, or kept by a larger
+/// count) — its aliases and its version counter; each record's wasm loses
+/// a reference (and goes with the last); bump the version. Returns 1 if
+/// there was such a function or version. KEYS: functions, version, refs,
+/// aliases, counters; ARGV: key, wasm prefix, versions.
 const REMOVE_FUNCTION: &str = r"
-local record = redis.call('HGET', KEYS[1], ARGV[1])
-if not record then return 0 end
 count_refs(KEYS[1], KEYS[3])
-redis.call('HDEL', KEYS[1], ARGV[1])
-local sha = sha_of(record)
-if sha then unref(KEYS[3], ARGV[2], sha) end
-redis.call('INCR', KEYS[2])
-return 1
+local removed = 0
+local function drop(key)
+  local record = redis.call('HGET', KEYS[1], key)
+  if not record then return end
+  redis.call('HDEL', KEYS[1], key)
+  local sha = sha_of(record)
+  if sha then unref(KEYS[3], ARGV[2], sha) end
+  removed = 1
+end
+local last = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
+local head = redis.call('HGET', KEYS[1], ARGV[1])
+if head then last = math.max(last, version_of(head)) end
+drop(ARGV[1])
+for v = math.max(1, last - 63), last do drop(ARGV[1] .. '@' .. v) end
+for i = 3, #ARGV do drop(ARGV[1] .. '@' .. ARGV[i]) end
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+if removed == 1 then redis.call('INCR', KEYS[2]) end
+return removed
 ";
 
 /// Put back a function Redis lost, unless a record is there already (a
@@ -120,6 +143,148 @@ redis.call('SET', KEYS[2], ARGV[3], 'NX')
 return 1
 ";
 
+/// Helpers of the versions' scripts (after `HELPERS`):
+/// - `version_of(record)`: a function record's `version` (0 if none);
+/// - `put(functions, refs, prefix, key, record)`: set a record, keeping
+///   its wasm's reference count (the old record's wasm loses one);
+/// - `aliases_of(aliases, function)`: the function's aliases, decoded;
+/// - `aliased(aliases, function, version)`: whether an alias routes any
+///   share of its calls to `version`.
+const VERSION_HELPERS: &str = r#"
+local function version_of(record)
+  local ok, decoded = pcall(cjson.decode, record)
+  if ok and type(decoded) == 'table' and tonumber(decoded['version']) then return tonumber(decoded['version']) end
+  return 0
+end
+local function put(functions, refs, prefix, key, record)
+  local old = redis.call('HGET', functions, key)
+  redis.call('HSET', functions, key, record)
+  local new_sha = sha_of(record)
+  local old_sha = old and sha_of(old)
+  if new_sha ~= old_sha then
+    if new_sha then redis.call('HINCRBY', refs, new_sha, 1) end
+    if old_sha then unref(refs, prefix, old_sha) end
+  end
+end
+local function aliases_of(aliases, function_key)
+  local raw = redis.call('HGET', aliases, function_key)
+  if not raw then return {} end
+  local ok, decoded = pcall(cjson.decode, raw)
+  if ok and type(decoded) == 'table' then return decoded end
+  return {}
+end
+local function aliased(aliases, function_key, version)
+  for _, target in pairs(aliases_of(aliases, function_key)) do
+    if type(target) == 'table' and type(target['versions']) == 'table' then
+      for _, route in ipairs(target['versions']) do
+        if tonumber(route['version']) == tonumber(version) then return true end
+      end
+    end
+  end
+  return false
+end
+local function save_aliases(aliases, function_key, decoded)
+  if next(decoded) == nil then redis.call('HDEL', aliases, function_key)
+  else redis.call('HSET', aliases, function_key, cjson.encode(decoded)) end
+end
+"#;
+
+/// Deploy a version: its record under `tenant/name@N` and as the
+/// function's (`tenant/name`), only if the wasm is there; a `latest` alias
+/// is dropped (the unversioned name runs the newest version again). With
+/// ARGV[5] = '1' (moving a function deployed before versions existed to
+/// version 1), only if the function's record still has no version.
+/// KEYS: functions, version, wasm, refs, aliases; ARGV: function key,
+/// version key, record, wasm prefix, only-unversioned. 1 done, 0 the wasm
+/// went missing, 2 not unversioned any more.
+const PUT_VERSION: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+if ARGV[5] == '1' then
+  local head = redis.call('HGET', KEYS[1], ARGV[1])
+  if not head or version_of(head) ~= 0 then return 2 end
+end
+count_refs(KEYS[1], KEYS[4])
+put(KEYS[1], KEYS[4], ARGV[4], ARGV[2], ARGV[3])
+put(KEYS[1], KEYS[4], ARGV[4], ARGV[1], ARGV[3])
+local aliases = aliases_of(KEYS[5], ARGV[1])
+if aliases['latest'] then
+  aliases['latest'] = nil
+  save_aliases(KEYS[5], ARGV[1], aliases)
+end
+redis.call('INCR', KEYS[2])
+return 1
+";
+
+/// The next version number of a function: one more than the last given
+/// out, and more than `floor` (the newest this node knows). KEYS:
+/// counters; ARGV: function key, floor.
+const NEXT_VERSION: &str = r"
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+if n <= tonumber(ARGV[2]) then
+  n = tonumber(ARGV[2]) + 1
+  redis.call('HSET', KEYS[1], ARGV[1], n)
+end
+return n
+";
+
+/// Collect one old version unless an alias routes calls to it or it is
+/// the function's newest. KEYS: functions, version, refs, aliases; ARGV:
+/// version key, wasm prefix, function key, version. 1 removed, 0 none,
+/// 2 kept.
+const REMOVE_VERSION: &str = r"
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if not record then return 0 end
+if aliased(KEYS[4], ARGV[3], ARGV[4]) then return 2 end
+local head = redis.call('HGET', KEYS[1], ARGV[3])
+if head and version_of(head) == tonumber(ARGV[4]) then return 2 end
+count_refs(KEYS[1], KEYS[3])
+redis.call('HDEL', KEYS[1], ARGV[1])
+local sha = sha_of(record)
+if sha then unref(KEYS[3], ARGV[2], sha) end
+redis.call('INCR', KEYS[2])
+return 1
+";
+
+/// Set (ARGV[3] a target, JSON) or remove (ARGV[3] empty) one alias of a
+/// function; a target's versions (ARGV[4..]) must exist. KEYS: functions,
+/// version, aliases; ARGV: function key, alias, target, versions. 1 done,
+/// 0 no such alias to remove, -N version N does not exist.
+const SET_ALIAS: &str = r"
+local aliases = aliases_of(KEYS[3], ARGV[1])
+if ARGV[3] == '' then
+  if aliases[ARGV[2]] == nil then return 0 end
+  aliases[ARGV[2]] = nil
+else
+  for i = 4, #ARGV do
+    if redis.call('HEXISTS', KEYS[1], ARGV[1] .. '@' .. ARGV[i]) == 0 then return -tonumber(ARGV[i]) end
+  end
+  aliases[ARGV[2]] = cjson.decode(ARGV[3])
+end
+save_aliases(KEYS[3], ARGV[1], aliases)
+redis.call('INCR', KEYS[2])
+return 1
+";
+
+/// How a version's collection went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionRemoval {
+    Removed,
+    /// No such version.
+    Missing,
+    /// An alias routes calls to it, or it is the newest: kept.
+    Kept,
+}
+
+/// How an alias change went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AliasChange {
+    Done,
+    /// Removing an alias the function does not have.
+    NoSuchAlias,
+    /// The target names a version that does not exist.
+    NoSuchVersion(u32),
+}
+
 /// Entries of a hash: field → value.
 type Entries = Vec<(String, Vec<u8>)>;
 
@@ -129,6 +294,8 @@ pub struct RegistrySnapshot {
     pub version: u64,
     pub tenants: Entries,
     pub functions: Entries,
+    /// `tenant/name` → the function's aliases (JSON).
+    pub aliases: Entries,
 }
 
 /// The shared registry: one multiplexed connection that reconnects by
@@ -140,6 +307,10 @@ pub struct SharedRegistry {
     put_function: Script,
     remove_function: Script,
     republish_function: Script,
+    put_version: Script,
+    next_version: Script,
+    remove_version: Script,
+    set_alias: Script,
     /// The admin token hash and secret this node claimed or got, to put
     /// back if Redis loses them.
     claimed: Arc<Mutex<Claimed>>,
@@ -158,7 +329,8 @@ fn random_hex() -> String {
     hex::encode(bytes)
 }
 
-/// A function as a node re-publishes it after Redis lost the registry.
+/// A function (or one of its versions, `tenant/name@N`) as a node
+/// re-publishes it after Redis lost the registry.
 #[derive(Debug)]
 pub struct Republished<'a> {
     pub key: &'a str,
@@ -179,8 +351,12 @@ impl SharedRegistry {
             conn,
             prefix: prefix.to_string(),
             put_function: Script::new(&format!("{HELPERS}{PUT_FUNCTION}")),
-            remove_function: Script::new(&format!("{HELPERS}{REMOVE_FUNCTION}")),
+            remove_function: Script::new(&format!("{HELPERS}{VERSION_HELPERS}{REMOVE_FUNCTION}")),
             republish_function: Script::new(&format!("{HELPERS}{REPUBLISH_FUNCTION}")),
+            put_version: Script::new(&format!("{HELPERS}{VERSION_HELPERS}{PUT_VERSION}")),
+            next_version: Script::new(NEXT_VERSION),
+            remove_version: Script::new(&format!("{HELPERS}{VERSION_HELPERS}{REMOVE_VERSION}")),
+            set_alias: Script::new(&format!("{HELPERS}{VERSION_HELPERS}{SET_ALIAS}")),
             claimed: Arc::default(),
         }
     }
@@ -323,32 +499,145 @@ impl SharedRegistry {
         Err(ClusterError::Redis(format!("the wasm of `{key}` kept being removed while it was deployed")))
     }
 
-    /// Remove a function (and its wasm when no other function uses it).
-    pub async fn remove_function(&self, key: &str) -> Result<bool, ClusterError> {
-        let removed: i64 = self
-            .remove_function
+    /// Remove a function with its versions (the last 64 given out and
+    /// `versions`, those older the caller knows of) and aliases, each wasm
+    /// when no other record uses it.
+    pub async fn remove_function(&self, key: &str, versions: &[u32]) -> Result<bool, ClusterError> {
+        let mut script = self.remove_function.prepare_invoke();
+        script
             .key(self.key("functions"))
             .key(self.key("registry:version"))
             .key(self.key("wasm-refs"))
+            .key(self.key("aliases"))
+            .key(self.key("function-versions"))
             .arg(key)
-            .arg(self.wasm_key(""))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(redis_error)?;
+            .arg(self.wasm_key(""));
+        for version in versions {
+            script.arg(version);
+        }
+        let removed: i64 = script.invoke_async(&mut self.conn.clone()).await.map_err(redis_error)?;
         Ok(removed == 1)
     }
 
-    /// The version with every tenant and function, read atomically.
+    /// The version with every tenant, function and alias, read atomically.
     pub async fn snapshot(&self) -> Result<RegistrySnapshot, ClusterError> {
-        let (version, tenants, functions): (Option<u64>, Entries, Entries) = redis::pipe()
+        let (version, tenants, functions, aliases): (Option<u64>, Entries, Entries, Entries) = redis::pipe()
             .atomic()
             .get(self.key("registry:version"))
             .hgetall(self.key("tenants"))
             .hgetall(self.key("functions"))
+            .hgetall(self.key("aliases"))
             .query_async(&mut self.conn.clone())
             .await
             .map_err(redis_error)?;
-        Ok(RegistrySnapshot { version: version.unwrap_or(0), tenants, functions })
+        Ok(RegistrySnapshot { version: version.unwrap_or(0), tenants, functions, aliases })
+    }
+
+    /// The next version number of `function` (`tenant/name`), above `floor`.
+    pub async fn next_version(&self, function: &str, floor: u32) -> Result<u32, ClusterError> {
+        self.next_version
+            .key(self.key("function-versions"))
+            .arg(function)
+            .arg(floor)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Deploy version `version` of `function` (`tenant/name`): the record
+    /// (which names its wasm in `sha256` and carries `version`) under
+    /// `tenant/name@N` and as the function's, the wasm stored once per
+    /// content, a `latest` alias dropped. With `only_unversioned`, only if
+    /// the function's record has no version yet (false returned if it has).
+    pub async fn put_version(
+        &self,
+        function: &str,
+        version: u32,
+        sha256: &str,
+        record: &[u8],
+        wasm: &[u8],
+        only_unversioned: bool,
+    ) -> Result<bool, ClusterError> {
+        let mut conn = self.conn.clone();
+        let wasm_key = self.wasm_key(sha256);
+        for _ in 0..3 {
+            let present: bool = conn.exists(&wasm_key).await.map_err(redis_error)?;
+            if !present {
+                let _: () = conn.set(&wasm_key, wasm).await.map_err(redis_error)?;
+            }
+            let stored: i64 = self
+                .put_version
+                .key(self.key("functions"))
+                .key(self.key("registry:version"))
+                .key(&wasm_key)
+                .key(self.key("wasm-refs"))
+                .key(self.key("aliases"))
+                .arg(function)
+                .arg(format!("{function}@{version}"))
+                .arg(record)
+                .arg(self.wasm_key(""))
+                .arg(if only_unversioned { "1" } else { "0" })
+                .invoke_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            match stored {
+                1 => return Ok(true),
+                2 => return Ok(false),
+                _ => {}
+            }
+        }
+        Err(ClusterError::Redis(format!("the wasm of `{function}` kept being removed while it was deployed")))
+    }
+
+    /// Collect version `version` of `function` unless an alias routes
+    /// calls to it or it is the newest.
+    pub async fn remove_version(&self, function: &str, version: u32) -> Result<VersionRemoval, ClusterError> {
+        let removed: i64 = self
+            .remove_version
+            .key(self.key("functions"))
+            .key(self.key("registry:version"))
+            .key(self.key("wasm-refs"))
+            .key(self.key("aliases"))
+            .arg(format!("{function}@{version}"))
+            .arg(self.wasm_key(""))
+            .arg(function)
+            .arg(version)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(match removed {
+            1 => VersionRemoval::Removed,
+            2 => VersionRemoval::Kept,
+            _ => VersionRemoval::Missing,
+        })
+    }
+
+    /// Set `alias` of `function` to `target` (JSON naming `versions`,
+    /// each of which must exist), or remove it (`target` None).
+    pub async fn set_alias(
+        &self,
+        function: &str,
+        alias: &str,
+        target: Option<&[u8]>,
+        versions: &[u32],
+    ) -> Result<AliasChange, ClusterError> {
+        let mut script = self.set_alias.prepare_invoke();
+        script
+            .key(self.key("functions"))
+            .key(self.key("registry:version"))
+            .key(self.key("aliases"))
+            .arg(function)
+            .arg(alias)
+            .arg(target.unwrap_or_default());
+        for version in versions {
+            script.arg(version);
+        }
+        let done: i64 = script.invoke_async(&mut self.conn.clone()).await.map_err(redis_error)?;
+        Ok(match done {
+            1 => AliasChange::Done,
+            0 => AliasChange::NoSuchAlias,
+            n => AliasChange::NoSuchVersion(u32::try_from(-n).unwrap_or(0)),
+        })
     }
 
     /// Put back what this node knows after Redis lost the registry (it
@@ -360,6 +649,7 @@ impl SharedRegistry {
         &self,
         tenants: &[(&str, Vec<u8>)],
         functions: &[Republished<'_>],
+        aliases: &[(String, Vec<u8>)],
     ) -> Result<(), ClusterError> {
         let (admin, secret) = {
             let claimed = self.claimed();
@@ -374,6 +664,9 @@ impl SharedRegistry {
         }
         for (name, record) in tenants {
             pipe.hset_nx(self.key("tenants"), name, record).ignore();
+        }
+        for (function, record) in aliases {
+            pipe.hset_nx(self.key("aliases"), function, record).ignore();
         }
         if !pipe.is_empty() {
             pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(redis_error)?;
@@ -443,19 +736,75 @@ mod tests {
         assert_eq!(keys, ["acme/one", "acme/two"]);
         assert_eq!(b.wasm("s1").await.unwrap().as_deref(), Some(&b"wasm-1"[..]));
 
-        assert!(a.remove_function("acme/one").await.unwrap());
+        assert!(a.remove_function("acme/one", &[]).await.unwrap());
         assert!(b.wasm("s1").await.unwrap().is_some(), "still used by acme/two");
-        assert!(!a.remove_function("acme/one").await.unwrap(), "already gone");
+        assert!(!a.remove_function("acme/one", &[]).await.unwrap(), "already gone");
         // A redeploy with other bytes lets go of the old wasm; an env var
         // that looks like a record's field keeps nothing alive.
         a.put_function("acme/nine", "s9", br#"{"sha256":"s9"}"#, b"wasm-9").await.unwrap();
         a.put_function("acme/nine", "s8", br#"{"sha256":"s8"}"#, b"wasm-8").await.unwrap();
         assert_eq!(b.wasm("s9").await.unwrap(), None, "replaced, and no one else's");
-        assert!(b.remove_function("acme/two").await.unwrap());
+        assert!(b.remove_function("acme/two", &[]).await.unwrap());
         assert_eq!(b.wasm("s1").await.unwrap(), None, "the last user took the wasm with it");
-        assert!(b.remove_function("acme/nine").await.unwrap());
+        assert!(b.remove_function("acme/nine", &[]).await.unwrap());
         assert_eq!(b.wasm("s8").await.unwrap(), None);
         assert_eq!(a.version().await.unwrap().0, 9);
+    }
+
+    #[tokio::test]
+    async fn versions_are_numbered_collected_unless_aliased_and_go_with_their_function() {
+        let redis = RedisServer::start();
+        let (a, b) = (registry(&redis).await, registry(&redis).await);
+        let record = |v: u32, sha: &str| format!(r#"{{"sha256":"{sha}","version":{v}}}"#).into_bytes();
+        // A function from before versions: moved to version 1 once, and
+        // not over a version deployed meanwhile.
+        a.put_function("acme/f", "s0", br#"{"sha256":"s0"}"#, b"wasm-0").await.unwrap();
+        assert!(a.put_version("acme/f", 1, "s0", &record(1, "s0"), b"wasm-0", true).await.unwrap());
+        assert!(!b.put_version("acme/f", 1, "s0", &record(1, "s0"), b"wasm-0", true).await.unwrap(), "done already");
+        // Two nodes deploying at once get distinct numbers, above what they know.
+        let (n2, n3) = tokio::join!(a.next_version("acme/f", 1), b.next_version("acme/f", 1));
+        let mut numbers = [n2.unwrap(), n3.unwrap()];
+        numbers.sort_unstable();
+        assert_eq!(numbers, [2, 3]);
+        assert_eq!(a.next_version("acme/f", 9).await.unwrap(), 10, "never below the floor");
+        for (v, sha) in [(2, "s1"), (3, "s1"), (10, "s2")] {
+            assert!(a.put_version("acme/f", v, sha, &record(v, sha), sha.as_bytes(), false).await.unwrap());
+        }
+        let functions = b.snapshot().await.unwrap().functions;
+        let head = functions.iter().find(|(k, _)| k == "acme/f").unwrap();
+        assert_eq!(head.1, record(10, "s2"), "the function's record is the newest version's");
+        assert_eq!(functions.len(), 5);
+        // Aliases name existing versions only; an aliased or the newest version is kept.
+        let prod = br#"{"versions":[{"version":2,"weight":90},{"version":3,"weight":10}]}"#;
+        assert_eq!(a.set_alias("acme/f", "prod", Some(prod), &[2, 3]).await.unwrap(), AliasChange::Done);
+        let bad = br#"{"versions":[{"version":7,"weight":1}]}"#;
+        assert_eq!(a.set_alias("acme/f", "x", Some(bad), &[7]).await.unwrap(), AliasChange::NoSuchVersion(7));
+        assert_eq!(a.set_alias("acme/f", "x", None, &[]).await.unwrap(), AliasChange::NoSuchAlias);
+        assert_eq!(b.remove_version("acme/f", 2).await.unwrap(), VersionRemoval::Kept);
+        assert_eq!(b.remove_version("acme/f", 3).await.unwrap(), VersionRemoval::Kept);
+        assert_eq!(b.remove_version("acme/f", 10).await.unwrap(), VersionRemoval::Kept, "the newest");
+        assert_eq!(b.remove_version("acme/f", 1).await.unwrap(), VersionRemoval::Removed);
+        assert_eq!(b.wasm("s0").await.unwrap(), None, "version 1's wasm went with it");
+        assert_eq!(b.remove_version("acme/f", 1).await.unwrap(), VersionRemoval::Missing);
+        // A pinned `latest` is dropped by the next deploy; others stay.
+        let pin = br#"{"versions":[{"version":3,"weight":1}]}"#;
+        assert_eq!(a.set_alias("acme/f", "latest", Some(pin), &[3]).await.unwrap(), AliasChange::Done);
+        assert!(a.put_version("acme/f", 11, "s2", &record(11, "s2"), b"s2", false).await.unwrap());
+        let aliases = b.snapshot().await.unwrap().aliases;
+        assert_eq!(aliases.len(), 1);
+        let decoded: serde_json::Value = serde_json::from_slice(&aliases[0].1).unwrap();
+        assert_eq!(decoded, serde_json::json!({ "prod": serde_json::from_slice::<serde_json::Value>(prod).unwrap() }));
+        assert_eq!(a.set_alias("acme/f", "prod", None, &[]).await.unwrap(), AliasChange::Done);
+        assert_eq!(b.remove_version("acme/f", 2).await.unwrap(), VersionRemoval::Removed, "no longer aliased");
+        // Removing the function takes every version, alias and the counter.
+        assert_eq!(a.set_alias("acme/f", "prod", Some(pin), &[3]).await.unwrap(), AliasChange::Done);
+        assert!(a.remove_function("acme/f", &[]).await.unwrap());
+        let after = b.snapshot().await.unwrap();
+        assert!(after.functions.is_empty() && after.aliases.is_empty(), "{after:?}");
+        for sha in ["s1", "s2"] {
+            assert_eq!(b.wasm(sha).await.unwrap(), None);
+        }
+        assert_eq!(a.next_version("acme/f", 0).await.unwrap(), 1, "a new function of the name starts again");
     }
 
     #[tokio::test]
@@ -501,12 +850,12 @@ mod tests {
         assert_eq!(refs(&r).await, counts(&[("s1", 2)]));
         assert_eq!(r.wasm("s2").await.unwrap(), None);
         // Removing one of two users keeps the wasm; the second takes it.
-        assert!(r.remove_function("acme/one").await.unwrap());
+        assert!(r.remove_function("acme/one", &[]).await.unwrap());
         assert_eq!(refs(&r).await, counts(&[("s1", 1)]));
         assert!(r.wasm("s1").await.unwrap().is_some());
-        assert!(!r.remove_function("acme/one").await.unwrap());
+        assert!(!r.remove_function("acme/one", &[]).await.unwrap());
         assert_eq!(refs(&r).await, counts(&[("s1", 1)]), "a removal of nothing changes no count");
-        assert!(r.remove_function("acme/two").await.unwrap());
+        assert!(r.remove_function("acme/two", &[]).await.unwrap());
         assert_eq!(r.wasm("s1").await.unwrap(), None);
         assert!(refs(&r).await.is_empty());
         assert_eq!(redis.command(&["EXISTS", "t:wasm-refs"]), ":0");
@@ -522,13 +871,13 @@ mod tests {
             redis.command(&["SET", &format!("t:wasm:{sha}"), "wasm"]);
         }
         // The first removal counts every record first, then lets go of one.
-        assert!(r.remove_function("acme/one").await.unwrap());
+        assert!(r.remove_function("acme/one", &[]).await.unwrap());
         assert_eq!(refs(&r).await, counts(&[("s1", 1), ("s3", 1)]));
         assert!(r.wasm("s1").await.unwrap().is_some(), "acme/two still uses it");
         // From then on the counts are kept, not rebuilt.
         r.put_function("acme/four", "s3", br#"{"sha256":"s3"}"#, b"wasm").await.unwrap();
         assert_eq!(refs(&r).await, counts(&[("s1", 1), ("s3", 2)]));
-        assert!(r.remove_function("acme/two").await.unwrap());
+        assert!(r.remove_function("acme/two", &[]).await.unwrap());
         assert_eq!(r.wasm("s1").await.unwrap(), None);
 
         // The same when the first change is a deploy, and when it is a
@@ -552,10 +901,10 @@ mod tests {
             },
             Republished { key: "acme/two", sha256: "s2", record: br#"{"sha256":"s2"}"#.to_vec(), wasm: b"w2".to_vec() },
         ];
-        r.republish(&[], &functions).await.unwrap();
+        r.republish(&[], &functions, &[]).await.unwrap();
         assert_eq!(refs(&r).await, counts(&[("s1", 1), ("s2", 1)]));
         assert_eq!(r.wasm("s2").await.unwrap().as_deref(), Some(&b"w2"[..]));
-        r.republish(&[], &functions).await.unwrap();
+        r.republish(&[], &functions, &[]).await.unwrap();
         assert_eq!(refs(&r).await, counts(&[("s1", 1), ("s2", 1)]), "a second republish adds nothing");
     }
 }

@@ -12,6 +12,7 @@ mod state;
 mod tenants;
 mod triggers;
 mod usage;
+mod versions;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -55,6 +56,9 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/functions/{tenant}/{name}/invoke", post(functions::invoke))
         .route("/v1/functions/{tenant}/{name}/logs", get(functions::logs))
         .route("/v1/functions/{tenant}/{name}/calls", get(functions::recent_calls))
+        .route("/v1/functions/{tenant}/{name}/versions", get(versions::list_versions))
+        .route("/v1/functions/{tenant}/{name}/aliases", get(versions::list_aliases))
+        .route("/v1/functions/{tenant}/{name}/aliases/{alias}", put(versions::put_alias).delete(versions::delete_alias))
         .route("/internal/v1/functions/{tenant}/{name}/invoke", post(functions::internal_invoke))
         .route("/v1/triggers/{tenant}", get(triggers::list))
         .route("/v1/triggers/{tenant}/{name}", put(triggers::put).get(triggers::get).delete(triggers::delete))

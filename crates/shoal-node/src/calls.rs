@@ -708,7 +708,10 @@ impl Node {
         trace: Option<shoal_runtime::TraceParent>,
         tick: Option<&Tick>,
     ) -> Result<Option<String>, ApiError> {
-        let Some(record) = self.async_calls.accept(tenant, name, input, trace, tick).await? else { return Ok(None) };
+        // The record names the version the call runs (an alias may split).
+        let resolved = self.registry.resolve(tenant, name, || crate::names::route_bucket(None));
+        let name = resolved.map_or_else(|| name.to_string(), |f| f.reference());
+        let Some(record) = self.async_calls.accept(tenant, &name, input, trace, tick).await? else { return Ok(None) };
         let id = record.call_id.clone();
         match &self.cluster {
             // Whichever node has room takes it from the queue; this one

@@ -34,10 +34,12 @@ impl Invoker for NodeInvoker {
                     "`{function}` is not a function of tenant `{tenant}`; functions may call only their own tenant's"
                 )));
             }
-            let deployed = node
-                .registry
-                .get(&tenant, name)
-                .ok_or_else(|| ChainError::NotFound(format!("function `{tenant}/{name}` does not exist")))?;
+            let missing = || ChainError::NotFound(format!("function `{tenant}/{name}` does not exist"));
+            if !crate::names::is_valid_reference(name) {
+                return Err(missing());
+            }
+            let deployed =
+                node.registry.resolve(&tenant, name, || crate::names::route_bucket(None)).ok_or_else(missing)?;
             let call_id = new_call_id();
             let started = Instant::now();
             let image = node

@@ -320,8 +320,10 @@ fn parse_load(text: &str) -> Option<Load> {
     Some(Load { running: running.parse().ok()?, capacity: capacity.parse().ok()? })
 }
 
+/// A forwarded call names the version it resolved to here, so the peer
+/// runs the same one (an alias may have split the call).
 fn internal_path(function: &DeployedFunction) -> String {
-    format!("/internal/v1/functions/{}/invoke", function.key)
+    format!("/internal/v1/functions/{}/{}/invoke", function.record.tenant, function.reference())
 }
 
 impl Node {

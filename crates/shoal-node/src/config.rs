@@ -75,6 +75,9 @@ pub struct NodeConfig {
     pub max_functions_per_tenant: usize,
     /// Cron triggers one tenant may have. Default 100.
     pub max_triggers_per_tenant: usize,
+    /// Versions of a function kept (the newest; older ones are collected
+    /// at the next deploy unless an alias routes calls to them). Default 10.
+    pub max_versions: usize,
     pub max_env_bytes: usize,
     /// Sandboxes in use at once (every running call, chained ones
     /// included). Default 1,000.
@@ -210,6 +213,7 @@ impl NodeConfig {
             max_env_vars: 64,
             max_functions_per_tenant: 1000,
             max_triggers_per_tenant: 100,
+            max_versions: 10,
             max_env_bytes: 64 << 10,
             max_concurrent_calls: 1000,
             scheduler: shoal_sched::PolicyConfig::new(

@@ -386,8 +386,10 @@ impl Node {
                 }
             }
         }
+        let n_versions = self.registry.insert_versions(self.config.log_lines_per_function)?;
         tracing::info!(
             n_functions = self.registry.n_functions(),
+            n_versions,
             n_stored,
             n_compiles = self.executor.runtime().n_compiles(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -639,9 +641,13 @@ impl Node {
             allowed_hosts: allowed.entries(),
             public: spec.public,
             secrets: spec.secrets,
+            // The registry gives it the next number.
+            version: 0,
         };
         let trail = self.registry.trail_for(tenant, name, self.config.log_lines_per_function);
-        let function = self.registry.deploy(DeployedFunction::new(record, image, trail), wasm).await?;
+        let function = DeployedFunction::new(record, image, trail);
+        let function = self.registry.deploy(function, wasm, self.config.max_versions).await?;
+        self.collect_orphans();
         function.touch(self.use_clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         self.enforce_image_budget();
         self.metrics.record_deploy();

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shoal_cluster::{RegistrySnapshot, SharedRegistry};
+use shoal_cluster::{AliasChange, RegistrySnapshot, SharedRegistry};
 use shoal_runtime::{CallSettings, FunctionImage};
 use shoal_state::{EmbeddedStore, StoreError, Table};
 
@@ -28,6 +28,8 @@ use crate::logs::LogRing;
 const TENANTS: Table = Table::new("tenants");
 const FUNCTIONS: Table = Table::new("functions");
 const MODULES: Table = Table::new("modules");
+/// `tenant/name` → the function's aliases (JSON).
+const ALIASES: Table = Table::new("aliases");
 /// The node's own notes: `ready` is written by each readiness check.
 const NODE: Table = Table::new("node");
 
@@ -148,7 +150,55 @@ pub struct FunctionRecord {
     /// The tenant's secrets it is given (as env vars and `wasi:config`).
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Its version: 1 for the first deploy of the name, one more for each
+    /// deploy after (0 in records written before versions existed).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Where an alias sends calls: one version, or a split between two by
+/// weight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasTarget {
+    pub versions: Vec<Route>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub version: u32,
+    pub weight: u32,
+}
+
+impl AliasTarget {
+    /// The version a call goes to: by `bucket` (a hash of the request's
+    /// key, for calls that must stick to one version; else random) among
+    /// the weights.
+    pub fn pick(&self, bucket: u64) -> u32 {
+        let total: u64 = self.versions.iter().map(|r| u64::from(r.weight)).sum();
+        let mut at = if total == 0 { 0 } else { bucket % total };
+        for route in &self.versions {
+            if at < u64::from(route.weight) {
+                return route.version;
+            }
+            at -= u64::from(route.weight);
+        }
+        self.versions.first().map_or(0, |r| r.version)
+    }
+
+    pub fn names(&self, version: u32) -> bool {
+        self.versions.iter().any(|r| r.version == version)
+    }
+}
+
+/// A function's aliases, by name.
+pub type Aliases = std::collections::BTreeMap<String, AliasTarget>;
+
+/// The alias the unversioned name means.
+pub const LATEST: &str = "latest";
 
 impl FunctionRecord {
     /// How the function's binary is loaded (again).
@@ -193,6 +243,15 @@ impl DeployedFunction {
         self.last_used.load(Ordering::Relaxed)
     }
 
+    /// How calls name exactly this version: `name@N` (`name` for a
+    /// function deployed before versions, which has none).
+    pub fn reference(&self) -> String {
+        match self.record.version {
+            0 => self.record.name.clone(),
+            n => version_name(&self.record.name, n),
+        }
+    }
+
     /// Let go of the image (a call using it keeps it until it ends).
     pub fn evict(&self) {
         self.image.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
@@ -235,6 +294,28 @@ fn function_key(tenant: &str, name: &str) -> String {
     format!("{tenant}/{name}")
 }
 
+/// A version's entry name: `name@N`.
+pub fn version_name(name: &str, version: u32) -> String {
+    format!("{name}@{version}")
+}
+
+/// Stored aliases (`tenant/name` → JSON) by tenant and function; an
+/// unreadable entry is skipped (and said so).
+fn aliases_by_function(entries: &[(String, Vec<u8>)]) -> HashMap<String, HashMap<String, Arc<Aliases>>> {
+    let mut out: HashMap<String, HashMap<String, Arc<Aliases>>> = HashMap::new();
+    for (key, bytes) in entries {
+        let Some((tenant, name)) = key.split_once('/') else { continue };
+        match decode::<Aliases>("aliases", key, bytes) {
+            Ok(aliases) if !aliases.is_empty() => {
+                out.entry(tenant.to_string()).or_default().insert(name.to_string(), Arc::new(aliases));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "skipping a function's aliases"),
+        }
+    }
+    out
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("registry records always serialise: plain strings and numbers")
 }
@@ -268,7 +349,11 @@ pub struct Registry {
     tenants: RwLock<HashMap<String, TenantRecord>>,
     /// tenant → name → function: looked up with borrowed strings, so the
     /// call path allocates nothing to find a function.
+    /// Versions are entries too, named `name@N`; the newest is the same
+    /// function as the name's own entry.
     functions: RwLock<HashMap<String, HashMap<String, Arc<DeployedFunction>>>>,
+    /// tenant → function name → its aliases (only functions that have any).
+    aliases: RwLock<HashMap<String, HashMap<String, Arc<Aliases>>>>,
     /// Binaries (SHA-256, hex) the last function using them left: their
     /// compiled code on disk goes next ([`Registry::take_orphaned`]).
     orphaned: Mutex<Vec<String>>,
@@ -303,11 +388,13 @@ impl Registry {
     /// [`Registry::mirror`]), not the local store.
     pub fn open(store: Arc<EmbeddedStore>, shared: Option<SharedRegistry>) -> Result<Self, StoreError> {
         let mut tenants = HashMap::new();
+        let mut aliases = Vec::new();
         if shared.is_none() {
             for (key, bytes) in store.scan_prefix(TENANTS, "")? {
                 let record: TenantRecord = decode("tenant", &key, &bytes)?;
                 tenants.insert(record.name.clone(), record);
             }
+            aliases = store.scan_prefix(ALIASES, "")?;
         }
         Ok(Self {
             store,
@@ -317,6 +404,7 @@ impl Registry {
             changes: tokio::sync::Mutex::new(()),
             tenants: RwLock::new(tenants),
             functions: RwLock::new(HashMap::new()),
+            aliases: RwLock::new(aliases_by_function(&aliases)),
             orphaned: Mutex::new(Vec::new()),
         })
     }
@@ -342,35 +430,45 @@ impl Registry {
         } else if !force && version == mirrored {
             return Ok(false);
         }
-        let RegistrySnapshot { version, tenants, functions } = shared.snapshot().await?;
+        let RegistrySnapshot { version, tenants, functions, aliases } = shared.snapshot().await?;
         let tenants: HashMap<String, TenantRecord> = tenants
             .iter()
             .filter_map(|(name, bytes)| decode::<TenantRecord>("tenant", name, bytes).ok())
             .map(|record| (record.name.clone(), record))
             .collect();
-        let records: Vec<FunctionRecord> = functions
+        // (entry name, record): `name` for a function, `name@N` for its versions.
+        let mut records: Vec<(String, FunctionRecord)> = functions
             .iter()
             .filter_map(|(key, bytes)| match decode::<FunctionRecord>("function", key, bytes) {
-                Ok(record) => Some(record),
+                Ok(record) => {
+                    let entry = key.split_once('/').map_or(record.name.as_str(), |(_, entry)| entry).to_string();
+                    Some((entry, record))
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "skipping a function record of the cluster's registry");
                     None
                 }
             })
             .collect();
+        // Versions first, so a function's own entry shares its newest version's.
+        records.sort_by_key(|(entry, _)| !entry.contains('@'));
         *self.tenants.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tenants;
         let mut next: HashMap<String, HashMap<String, Arc<DeployedFunction>>> = HashMap::new();
-        for record in records {
-            let function = match self.get(&record.tenant, &record.name) {
+        for (entry, record) in records {
+            let same_version = (record.version > 0)
+                .then(|| next.get(&record.tenant)?.get(&version_name(&record.name, record.version)).cloned())
+                .flatten()
+                .filter(|f| f.record == record);
+            let function = match same_version.or_else(|| self.get(&record.tenant, &entry)) {
                 Some(current) if current.record == record => current,
                 _ => {
                     let trail = self.trail_for(&record.tenant, &record.name, log_lines);
                     Arc::new(DeployedFunction::unloaded(record, trail))
                 }
             };
-            let record = &function.record;
-            next.entry(record.tenant.clone()).or_default().insert(record.name.clone(), function.clone());
+            next.entry(function.record.tenant.clone()).or_default().insert(entry, function.clone());
         }
+        *self.aliases.write().unwrap_or_else(std::sync::PoisonError::into_inner) = aliases_by_function(&aliases);
         let before: std::collections::HashSet<String> = self.all().iter().map(|f| f.record.sha256.clone()).collect();
         let after: std::collections::HashSet<&str> =
             next.values().flat_map(HashMap::values).map(|f| f.record.sha256.as_str()).collect();
@@ -452,26 +550,32 @@ impl Registry {
             .collect();
         let mut functions = Vec::new();
         let mut missing = 0;
-        let all = self.all();
-        for function in &all {
+        for (key, function) in self.entries() {
             match self.store.get(MODULES, &function.record.sha256)? {
-                Some(wasm) => functions.push((function, wasm)),
+                Some(wasm) => functions.push((key, function, wasm)),
                 None => missing += 1,
             }
         }
         let tenants: Vec<(&str, Vec<u8>)> = tenants.iter().map(|(n, r)| (n.as_str(), r.clone())).collect();
-        let keys: Vec<String> = functions.iter().map(|(f, _)| f.key.to_string()).collect();
         let republished: Vec<shoal_cluster::Republished<'_>> = functions
-            .into_iter()
-            .zip(&keys)
-            .map(|((f, wasm), key)| shoal_cluster::Republished {
+            .iter()
+            .map(|(key, f, wasm)| shoal_cluster::Republished {
                 key,
                 sha256: &f.record.sha256,
                 record: encode(&f.record),
-                wasm,
+                wasm: wasm.clone(),
             })
             .collect();
-        shared.republish(&tenants, &republished).await?;
+        let aliases: Vec<(String, Vec<u8>)> = {
+            let aliases = self.aliases.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            aliases
+                .iter()
+                .flat_map(|(tenant, by_name)| {
+                    by_name.iter().map(move |(name, a)| (function_key(tenant, name), encode(a.as_ref())))
+                })
+                .collect()
+        };
+        shared.republish(&tenants, &republished, &aliases).await?;
         tracing::warn!(
             n_tenants = tenants.len(),
             n_functions = republished.len(),
@@ -544,6 +648,7 @@ impl Registry {
         };
         self.tenants.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(tenant);
         self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(tenant);
+        self.aliases.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(tenant);
         Ok(removed)
     }
 
@@ -566,22 +671,170 @@ impl Registry {
             .collect()
     }
 
-    /// Every stored function with its wasm, for loading at start.
+    /// Every stored function (its own entry, the newest version) with its
+    /// wasm, for loading at start; versions are loaded lazily
+    /// ([`Registry::insert_versions`]). A function stored before versions
+    /// existed becomes version 1 here, once.
     pub fn stored_functions(&self) -> Result<Vec<(FunctionRecord, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for (key, bytes) in self.store.scan_prefix(FUNCTIONS, "")? {
-            let record: FunctionRecord = decode("function", &key, &bytes)?;
+            if key.contains('@') {
+                continue;
+            }
+            let mut record: FunctionRecord = decode("function", &key, &bytes)?;
             let Some(wasm) = self.store.get(MODULES, &record.sha256)? else {
                 tracing::error!(function = %key, sha256 = %record.sha256, "stored function has no wasm; skipping it");
                 continue;
             };
+            if record.version == 0 {
+                record.version = 1;
+                let encoded = encode(&record);
+                self.store.put_all(&[(FUNCTIONS, &key, &encoded), (FUNCTIONS, &format!("{key}@1"), &encoded)])?;
+            }
             out.push((record, wasm));
         }
         Ok(out)
     }
 
+    /// Make every stored version known, unloaded (each loads on its first
+    /// call); after the functions are loaded, so the newest version is the
+    /// function's own entry.
+    pub fn insert_versions(&self, log_lines: usize) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (key, bytes) in self.store.scan_prefix(FUNCTIONS, "")? {
+            let Some((_, entry)) = key.split_once('/').filter(|(_, entry)| entry.contains('@')) else { continue };
+            let record: FunctionRecord = decode("function", &key, &bytes)?;
+            let own = self.get(&record.tenant, &record.name).filter(|f| f.record == record);
+            let function = match own {
+                Some(own) => own,
+                None => {
+                    let trail = self.trail_for(&record.tenant, &record.name, log_lines);
+                    Arc::new(DeployedFunction::unloaded(record, trail))
+                }
+            };
+            let mut functions = self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            functions.entry(function.record.tenant.clone()).or_default().insert(entry.to_string(), function);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A function's entry: `name` (the function's newest version) or
+    /// `name@N` (version N).
     pub fn get(&self, tenant: &str, name: &str) -> Option<Arc<DeployedFunction>> {
         self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(tenant)?.get(name).cloned()
+    }
+
+    /// What `reference` names: `name` (the version the alias `latest`
+    /// routes to if it is set, else the newest), `name@N` (version N) or
+    /// `name@alias`. A split alias picks by `bucket` (a hash of the
+    /// request's key, or a random number).
+    pub fn resolve(
+        &self,
+        tenant: &str,
+        reference: &str,
+        bucket: impl FnOnce() -> u64,
+    ) -> Option<Arc<DeployedFunction>> {
+        let (name, at) = match reference.split_once('@') {
+            Some((name, at)) => (name, Some(at)),
+            None => (reference, None),
+        };
+        let alias = match at {
+            Some(at) if at.bytes().all(|b| b.is_ascii_digit()) => return self.get(tenant, reference),
+            Some(alias) => alias,
+            None => LATEST,
+        };
+        let target = {
+            let aliases = self.aliases.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            aliases.get(tenant).and_then(|by_name| by_name.get(name)).and_then(|a| a.get(alias).cloned())
+        };
+        match target {
+            Some(target) => self.get(tenant, &version_name(name, target.pick(bucket()))),
+            None if at.is_none() => self.get(tenant, name),
+            None => None,
+        }
+    }
+
+    /// The versions of `tenant/name` kept, newest first.
+    pub fn versions_of(&self, tenant: &str, name: &str) -> Vec<FunctionRecord> {
+        let prefix = format!("{name}@");
+        let functions = self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut versions: Vec<FunctionRecord> = functions
+            .get(tenant)
+            .into_iter()
+            .flat_map(|by_name| by_name.iter())
+            .filter(|(entry, _)| entry.starts_with(&prefix))
+            .map(|(_, f)| f.record.clone())
+            .collect();
+        versions.sort_by_key(|r| std::cmp::Reverse(r.version));
+        versions
+    }
+
+    /// The aliases of `tenant/name`.
+    pub fn aliases_of(&self, tenant: &str, name: &str) -> Arc<Aliases> {
+        let aliases = self.aliases.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        aliases.get(tenant).and_then(|by_name| by_name.get(name)).cloned().unwrap_or_default()
+    }
+
+    fn publish_aliases(&self, tenant: &str, name: &str, aliases: Aliases) {
+        let mut all = self.aliases.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if aliases.is_empty() {
+            if let Some(by_name) = all.get_mut(tenant) {
+                by_name.remove(name);
+            }
+        } else {
+            all.entry(tenant.to_string()).or_default().insert(name.to_string(), Arc::new(aliases));
+        }
+    }
+
+    /// Set (`target`) or remove (None) an alias of `tenant/name`; the
+    /// versions it names must exist.
+    pub async fn set_alias(
+        &self,
+        tenant: &str,
+        name: &str,
+        alias: &str,
+        target: Option<AliasTarget>,
+    ) -> Result<AliasChange, RegistryError> {
+        let key = function_key(tenant, name);
+        let _changes = self.changes.lock().await;
+        let versions: Vec<u32> =
+            target.as_ref().map(|t| t.versions.iter().map(|r| r.version).collect()).unwrap_or_default();
+        if let Some(shared) = &self.shared {
+            let encoded = target.as_ref().map(encode);
+            let change = shared.set_alias(&key, alias, encoded.as_deref(), &versions).await?;
+            if change == AliasChange::Done {
+                let mut aliases = (*self.aliases_of(tenant, name)).clone();
+                match target {
+                    Some(target) => aliases.insert(alias.to_string(), target),
+                    None => aliases.remove(alias),
+                };
+                self.publish_aliases(tenant, name, aliases);
+            }
+            return Ok(change);
+        }
+        if let Some(missing) = versions.iter().find(|v| self.get(tenant, &version_name(name, **v)).is_none()) {
+            return Ok(AliasChange::NoSuchVersion(*missing));
+        }
+        let mut aliases = (*self.aliases_of(tenant, name)).clone();
+        let changed = match target {
+            Some(target) => {
+                aliases.insert(alias.to_string(), target);
+                true
+            }
+            None => aliases.remove(alias).is_some(),
+        };
+        if !changed {
+            return Ok(AliasChange::NoSuchAlias);
+        }
+        let stored = (key, (!aliases.is_empty()).then(|| encode(&aliases)));
+        self.on_store(move |store| match &stored.1 {
+            Some(encoded) => store.put(ALIASES, &stored.0, encoded),
+            None => store.delete(ALIASES, &stored.0).map(drop),
+        })
+        .await?;
+        self.publish_aliases(tenant, name, aliases);
+        Ok(AliasChange::Done)
     }
 
     /// The wasm stored under `sha256` (hex): the local copy, else (in a
@@ -597,38 +850,65 @@ impl Registry {
         Ok(Some(wasm))
     }
 
-    /// Every function deployed now.
+    /// Every function and kept version deployed now, each once.
     pub fn all(&self) -> Vec<Arc<DeployedFunction>> {
-        self.functions
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let functions = self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = std::collections::HashSet::new();
+        functions
             .values()
-            .flat_map(|by_name| by_name.values().cloned())
+            .flat_map(|by_name| by_name.values())
+            .filter(|f| seen.insert(Arc::as_ptr(f)))
+            .cloned()
             .collect()
     }
 
+    /// Every entry (`tenant/name` and `tenant/name@N`) with its function.
+    fn entries(&self) -> Vec<(String, Arc<DeployedFunction>)> {
+        let functions = self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        functions
+            .iter()
+            .flat_map(|(tenant, by_name)| {
+                by_name.iter().map(move |(entry, f)| (function_key(tenant, entry), f.clone()))
+            })
+            .collect()
+    }
+
+    /// `tenant`'s functions (their newest versions), by name.
     pub fn list(&self, tenant: &str) -> Vec<FunctionRecord> {
         let functions = self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut records: Vec<FunctionRecord> =
-            functions.get(tenant).into_iter().flat_map(|by_name| by_name.values()).map(|f| f.record.clone()).collect();
+        let mut records: Vec<FunctionRecord> = functions
+            .get(tenant)
+            .into_iter()
+            .flat_map(|by_name| by_name.iter())
+            .filter(|(entry, _)| !entry.contains('@'))
+            .map(|(_, f)| f.record.clone())
+            .collect();
         records.sort_by(|a, b| a.name.cmp(&b.name));
         records
     }
 
-    /// Functions `tenant` has deployed.
+    /// Functions `tenant` has deployed (not counting their versions).
     pub fn n_functions_of(&self, tenant: &str) -> usize {
-        self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(tenant).map_or(0, HashMap::len)
+        let functions = self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        functions.get(tenant).map_or(0, |by_name| by_name.keys().filter(|e| !e.contains('@')).count())
     }
 
     pub fn n_functions(&self) -> usize {
-        self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner).values().map(HashMap::len).sum()
+        let functions = self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        functions.values().map(|by_name| by_name.keys().filter(|e| !e.contains('@')).count()).sum()
     }
 
+    /// Make `function` the function's own entry and, when it has a
+    /// version, that version's.
     fn publish(&self, function: Arc<DeployedFunction>) {
         let record = &function.record;
         let replaced = {
             let mut functions = self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-            functions.entry(record.tenant.clone()).or_default().insert(record.name.clone(), function.clone())
+            let by_name = functions.entry(record.tenant.clone()).or_default();
+            if record.version > 0 {
+                by_name.insert(version_name(&record.name, record.version), function.clone());
+            }
+            by_name.insert(record.name.clone(), function.clone())
         };
         // The function it replaces (and perhaps its image, code and all) is
         // dropped here, with the lock calls read released.
@@ -644,35 +924,141 @@ impl Registry {
         }
     }
 
-    /// Persist a deploy (wasm and record in one durable transaction), then
-    /// make it visible to calls.
+    /// Persist a deploy as the function's next version (wasm, record and
+    /// version in one durable transaction; in a cluster one script), make
+    /// it visible to calls, drop a `latest` alias, and collect versions
+    /// past the newest `keep` that no alias routes to.
     pub async fn deploy(
         &self,
-        function: DeployedFunction,
+        mut function: DeployedFunction,
         wasm: &[u8],
+        keep: usize,
     ) -> Result<Arc<DeployedFunction>, RegistryError> {
-        let record = &function.record;
-        let key = function_key(&record.tenant, &record.name);
-        let encoded = encode(record);
+        let (tenant, name) = (function.record.tenant.clone(), function.record.name.clone());
+        let key = function_key(&tenant, &name);
         let _changes = self.changes.lock().await;
+        let previous = self.get(&tenant, &name);
+        // A function deployed before versions existed is version 1.
+        let unversioned = previous.filter(|p| p.record.version == 0);
+        let floor =
+            self.versions_of(&tenant, &name).first().map_or(0, |r| r.version).max(u32::from(unversioned.is_some()));
+        let version = match &self.shared {
+            Some(shared) => shared.next_version(&key, floor).await?,
+            None => floor + 1,
+        };
+        function.record.version = version;
+        let record = &function.record;
+        let encoded = encode(record);
+        let first = unversioned.map(|old| FunctionRecord { version: 1, ..old.record.clone() });
         if let Some(shared) = &self.shared {
-            shared.put_function(&key, &record.sha256, &encoded, wasm).await?;
+            if let Some(first) = &first
+                && let Some(old_wasm) = self.module(&first.sha256).await?
+            {
+                shared.put_version(&key, 1, &first.sha256, &encode(first), &old_wasm, true).await?;
+            }
+            shared.put_version(&key, version, &record.sha256, &encoded, wasm, false).await?;
         }
         let (sha, wasm, local_record) = (record.sha256.clone(), wasm.to_vec(), self.shared.is_none());
+        let versioned = format!("{key}@{version}");
+        let first_stored = first.as_ref().map(|first| (format!("{key}@1"), encode(first)));
+        let drop_latest = self.aliases_of(&tenant, &name).contains_key(LATEST);
+        let mut aliases = (*self.aliases_of(&tenant, &name)).clone();
+        aliases.remove(LATEST);
+        let stored_aliases = (!aliases.is_empty()).then(|| encode(&aliases));
+        let alias_key = key.clone();
         self.on_store(move |store| {
             let have_wasm = store.get(MODULES, &sha)?.is_some();
-            match (local_record, have_wasm) {
-                // In a cluster the record lives in Redis; keep the wasm.
-                (false, true) => Ok(()),
-                (false, false) => store.put(MODULES, &sha, &wasm),
-                (true, true) => store.put(FUNCTIONS, &key, &encoded),
-                (true, false) => store.put_all(&[(MODULES, &sha, &wasm), (FUNCTIONS, &key, &encoded)]),
+            if !local_record {
+                // In a cluster the records live in Redis; keep the wasm.
+                return if have_wasm { Ok(()) } else { store.put(MODULES, &sha, &wasm) };
             }
+            store.transaction(|tx| {
+                if !have_wasm {
+                    tx.put(MODULES, &sha, &wasm)?;
+                }
+                if let Some((first_key, first)) = &first_stored {
+                    tx.put(FUNCTIONS, first_key, first)?;
+                }
+                tx.put(FUNCTIONS, &versioned, &encoded)?;
+                tx.put(FUNCTIONS, &key, &encoded)?;
+                if drop_latest {
+                    match &stored_aliases {
+                        Some(aliases) => tx.put(ALIASES, &alias_key, aliases)?,
+                        None => {
+                            tx.delete(ALIASES, &alias_key)?;
+                        }
+                    }
+                }
+                Ok(())
+            })
         })
         .await?;
+        if let Some(first) = first {
+            let trail = self.trail_for(&tenant, &name, 0);
+            let first = Arc::new(DeployedFunction::unloaded(first, trail));
+            self.functions
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(tenant.clone())
+                .or_default()
+                .insert(version_name(&name, 1), first);
+        }
+        if drop_latest {
+            self.publish_aliases(&tenant, &name, aliases);
+        }
         let function = Arc::new(function);
         self.publish(function.clone());
+        self.collect_versions(&tenant, &name, keep).await?;
         Ok(function)
+    }
+
+    /// Remove versions of `tenant/name` past the newest `keep` that no
+    /// alias routes to (caller holds `changes`).
+    async fn collect_versions(&self, tenant: &str, name: &str, keep: usize) -> Result<(), RegistryError> {
+        let aliases = self.aliases_of(tenant, name);
+        let old: Vec<u32> = self
+            .versions_of(tenant, name)
+            .iter()
+            .skip(keep.max(1))
+            .map(|r| r.version)
+            .filter(|v| !aliases.values().any(|a| a.names(*v)))
+            .collect();
+        let key = function_key(tenant, name);
+        for version in old {
+            if let Some(shared) = &self.shared {
+                if shared.remove_version(&key, version).await? != shoal_cluster::VersionRemoval::Removed {
+                    continue;
+                }
+            } else {
+                let stored = format!("{key}@{version}");
+                self.on_store(move |store| store.delete(FUNCTIONS, &stored)).await?;
+            }
+            self.forget_entry(tenant, &version_name(name, version)).await?;
+        }
+        Ok(())
+    }
+
+    /// Drop an entry from memory; the node's copy of its wasm goes with
+    /// the last entry using it.
+    async fn forget_entry(&self, tenant: &str, entry: &str) -> Result<(), RegistryError> {
+        let (gone, still_used) = {
+            let mut functions = self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let gone = functions.get_mut(tenant).and_then(|by_name| by_name.remove(entry));
+            let still_used = gone.as_ref().is_some_and(|g| {
+                functions.values().flat_map(HashMap::values).any(|f| f.record.sha256 == g.record.sha256)
+            });
+            (gone, still_used)
+        };
+        if let Some(gone) = gone
+            && !still_used
+        {
+            let sha = gone.record.sha256.clone();
+            drop(gone);
+            let key = sha.clone();
+            self.on_store(move |store| store.delete(MODULES, &key)).await?;
+            self.orphan(sha);
+        }
+        Ok(())
     }
 
     fn orphan(&self, sha256: String) {
@@ -696,50 +1082,40 @@ impl Registry {
         self.publish(Arc::new(function));
     }
 
-    /// Remove a function; its wasm goes too when no other function uses it.
+    /// Remove a function with its versions and aliases; each wasm goes
+    /// too when no other function uses it.
     pub async fn remove(&self, tenant: &str, name: &str) -> Result<bool, RegistryError> {
-        if let Some(shared) = &self.shared {
-            let _changes = self.changes.lock().await;
+        let _changes = self.changes.lock().await;
+        let versions: Vec<u32> = self.versions_of(tenant, name).iter().map(|r| r.version).collect();
+        let key = function_key(tenant, name);
+        let removed = match &self.shared {
             // Whatever the cluster holds under the name now, even if this
             // node has not mirrored it yet.
-            let removed = shared.remove_function(&function_key(tenant, name)).await?;
-            let (gone, still_used) = {
-                let mut functions = self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let gone = functions.get_mut(tenant).and_then(|by_name| by_name.remove(name));
-                let still_used = gone.as_ref().is_some_and(|g| {
-                    functions.values().flat_map(HashMap::values).any(|f| f.record.sha256 == g.record.sha256)
-                });
-                (gone, still_used)
-            };
-            // The node's own copy of the wasm goes with its last function here.
-            if let Some(gone) = gone
-                && !still_used
-            {
-                let sha = gone.record.sha256.clone();
-                drop(gone);
-                let key = sha.clone();
-                self.on_store(move |store| store.delete(MODULES, &key)).await?;
-                self.orphan(sha);
+            Some(shared) => shared.remove_function(&key, &versions).await?,
+            None => {
+                if self.get(tenant, name).is_none() {
+                    return Ok(false);
+                }
+                let stored: Vec<String> =
+                    std::iter::once(key.clone()).chain(versions.iter().map(|v| format!("{key}@{v}"))).collect();
+                self.on_store(move |store| {
+                    store.transaction(|tx| {
+                        for entry in &stored {
+                            tx.delete(FUNCTIONS, entry)?;
+                        }
+                        tx.delete(ALIASES, &key)?;
+                        Ok(())
+                    })
+                })
+                .await?;
+                true
             }
-            return Ok(removed);
-        }
-        let _changes = self.changes.lock().await;
-        let Some(sha) = self.get(tenant, name).map(|f| f.record.sha256.clone()) else {
-            return Ok(false);
         };
-        let key = function_key(tenant, name);
-        self.on_store(move |store| store.delete(FUNCTIONS, &key)).await?;
-        let (gone, still_used) = {
-            let mut functions = self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let gone = functions.get_mut(tenant).and_then(|by_name| by_name.remove(name));
-            (gone, functions.values().flat_map(HashMap::values).any(|f| f.record.sha256 == sha))
-        };
-        drop(gone);
-        if !still_used {
-            let key = sha.clone();
-            self.on_store(move |store| store.delete(MODULES, &key)).await?;
-            self.orphan(sha);
+        self.publish_aliases(tenant, name, Aliases::new());
+        for version in versions {
+            self.forget_entry(tenant, &version_name(name, version)).await?;
         }
-        Ok(true)
+        self.forget_entry(tenant, name).await?;
+        Ok(removed)
     }
 }

@@ -75,9 +75,13 @@ async fn route(node: &Arc<Node>, request: Request<Body>, call_id: &str) -> Resul
     let not_found = || ApiError::not_found(format!("no HTTP function at {shown}"));
     let (tenant, name, path) = target(node, &request).ok_or_else(not_found)?;
     let path = path.to_string();
+    if !crate::names::is_valid_reference(&name) {
+        return Err(not_found());
+    }
+    let key = request.headers().get(crate::names::ROUTE_KEY_HEADER).map(|v| v.as_bytes().to_vec());
     let function = node
         .registry
-        .get(&tenant, &name)
+        .resolve(&tenant, &name, || crate::names::route_bucket(key.as_deref()))
         .filter(|f| f.record.kind == shoal_runtime::FunctionKind::Http.as_str())
         .ok_or_else(not_found)?;
     // A platform token never reaches a guest: a `token` function's caller

@@ -406,7 +406,7 @@ impl Node {
         if spec.zone.as_ref().is_some_and(|z| z.len() > MAX_ZONE_LEN) {
             return Err(ApiError::bad_request(format!("a time zone name is at most {MAX_ZONE_LEN} bytes")));
         }
-        crate::names::check_name("function", &spec.function)?;
+        crate::names::check_reference(&spec.function)?;
         let schedule = Schedule::parse(&spec.schedule, spec.zone.as_deref())
             .map_err(|e| ApiError::bad_request(format!("schedule {:?}: {e}", spec.schedule)))?;
         let now = now_ms();
@@ -433,11 +433,12 @@ impl Node {
         if !self.registry.tenant_active(tenant) {
             return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist")));
         }
-        if self.registry.get(tenant, &spec.function).is_none() {
+        let exists = || self.registry.resolve(tenant, &spec.function, || 0).is_some();
+        if !exists() {
             if self.cluster.is_some() {
                 self.registry.mirror(true, self.config.log_lines_per_function).await?;
             }
-            if self.registry.get(tenant, &spec.function).is_none() {
+            if !exists() {
                 return Err(ApiError::not_found(format!("function `{tenant}/{}` does not exist", spec.function)));
             }
         }

@@ -2065,7 +2065,8 @@ mod tenant_lifecycle {
         let rows = |name: &'static str, prefix: &str| store.scan_prefix(table(name), prefix).unwrap();
         assert!(rows("tenants", "leaving").is_empty());
         assert!(rows("functions", "leaving/").is_empty());
-        assert_eq!(rows("functions", "staying/").len(), 1);
+        // The function and its one version.
+        assert_eq!(rows("functions", "staying/").len(), 2);
         for state_table in ["state_meta", "state_chunks", "state_usage", "state_usage2"] {
             assert!(rows(state_table, "leaving").is_empty(), "{state_table} holds some of it");
         }
@@ -2198,3 +2199,5 @@ mod tracing_spans;
 mod triggers;
 #[path = "api/usage.rs"]
 mod usage;
+#[path = "api/versions.rs"]
+mod versions;

@@ -26,9 +26,15 @@ const DEFAULT_LIST: usize = 50;
 
 /// A call's record as clients see it (without its output).
 fn view(record: &CallRecord) -> serde_json::Value {
+    // The record names the version it runs (`name@N`).
+    let (name, version) = match record.function.split_once('@') {
+        Some((name, version)) => (name, version.parse::<u32>().ok()),
+        None => (record.function.as_str(), None),
+    };
     let mut view = json!({
         "call_id": record.call_id,
-        "function": format!("{}/{}", record.tenant, record.function),
+        "function": format!("{}/{name}", record.tenant),
+        "version": version,
         "status": record.status,
         "attempts": record.attempts,
         "timings": {

@@ -27,7 +27,7 @@ use crate::{DeploySpec, Node, new_call_id, now_ms};
 const CALL_ID_HEADER: &str = "x-shoal-call-id";
 
 /// A function as clients see it: env var names, never their values.
-fn description(node: &Node, record: &FunctionRecord) -> serde_json::Value {
+pub(super) fn description(node: &Node, record: &FunctionRecord) -> serde_json::Value {
     let url = match node.config.http_listen {
         Some(addr) if record.kind == "http" => Some(format!("http://{addr}/{}/{}/", record.tenant, record.name)),
         _ => None,
@@ -36,6 +36,7 @@ fn description(node: &Node, record: &FunctionRecord) -> serde_json::Value {
         "url": url,
         "tenant": record.tenant,
         "name": record.name,
+        "version": record.version.max(1),
         "kind": record.kind,
         "snapshot": record.snapshot,
         "sha256": record.sha256,
@@ -69,6 +70,28 @@ fn authorise_existing(node: &Node, headers: &HeaderMap, tenant: &str, name: &str
         Err(e) if e.kind == ErrorKind::Forbidden => Err(missing(tenant, name)),
         other => other,
     }
+}
+
+/// [`authorise_existing`] for a call: `name`, `name@N` or `name@alias`.
+fn authorise_call(node: &Node, headers: &HeaderMap, tenant: &str, reference: &str) -> Result<(), ApiError> {
+    let checked = node
+        .authenticate(headers)
+        .and_then(|caller| caller.check_tenant(tenant))
+        .and_then(|()| check_name("tenant", tenant))
+        .and_then(|()| crate::names::check_reference(reference));
+    match checked {
+        Err(e) if e.kind == ErrorKind::Forbidden => Err(missing(tenant, reference)),
+        other => other,
+    }
+}
+
+/// The version a call of `reference` runs (a split alias picks by the
+/// request's route key, else at random), or the 404 of a missing function.
+fn resolve(node: &Node, tenant: &str, reference: &str, headers: &HeaderMap) -> Result<Arc<DeployedFunction>, ApiError> {
+    let key = headers.get(crate::names::ROUTE_KEY_HEADER).map(HeaderValue::as_bytes);
+    node.registry
+        .resolve(tenant, reference, || crate::names::route_bucket(key))
+        .ok_or_else(|| missing(tenant, reference))
 }
 
 fn missing(tenant: &str, name: &str) -> ApiError {
@@ -390,7 +413,7 @@ async fn invoke_inner(
     mut traced: Option<&mut Traced>,
 ) -> Result<Response, ApiError> {
     let Path((tenant, name)) = path.map_err(path_error)?;
-    authorise_existing(node, headers, &tenant, &name)?;
+    authorise_call(node, headers, &tenant, &name)?;
     if let Some(traced) = traced.as_deref_mut() {
         traced.span.attr("shoal.tenant", tenant.as_str());
         traced.span.attr("shoal.function", name.as_str());
@@ -403,11 +426,11 @@ async fn invoke_inner(
             (key, value) => return Err(ApiError::bad_request(format!("unknown query parameter {key}={value:?}"))),
         }
     }
-    let function = find(node, &tenant, &name)?;
+    let function = resolve(node, &tenant, &name, headers)?;
     let input = read_body(node, body, headers, node.config.max_body_bytes).await?;
     if is_async {
         let parent = traced.as_deref().map(|t| t.span.context());
-        let id = node.accept_async(&tenant, &name, input.to_vec(), parent).await?;
+        let id = node.accept_async(&tenant, &function.reference(), input.to_vec(), parent).await?;
         let mut response = (StatusCode::ACCEPTED, Json(json!({ "call_id": id }))).into_response();
         if let Ok(value) = HeaderValue::from_str(&id) {
             response.headers_mut().insert(CALL_ID_HEADER, value);
@@ -545,7 +568,7 @@ async fn run_placed(
     let input = read_body(node, body, headers, node.config.max_body_bytes).await?;
     // Traced where it was placed from: its span here hangs under that.
     let mut traced = incoming(headers)
-        .and_then(|parent| node.tracer.begin(Some(parent), || format!("call {tenant}/{name}"), Kind::Server))
+        .and_then(|parent| node.tracer.begin(Some(parent), || format!("call {}", function.key), Kind::Server))
         .map(Traced::new);
     let number = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let Some(depth) = number(crate::cluster::DEPTH_HEADER) else {
