@@ -223,13 +223,22 @@ const KEPT_FOREVER: &str = "9000000000000000";
 /// tenant keeps its limit of records, 4 of output bytes.
 ///
 /// A trigger's tick (KEYS[7] the triggers' ticks hash, KEYS[8] their
-/// records, ARGV[11] the trigger, ARGV[12] the tick's ms) is queued only
-/// if the trigger still exists and the tick is later than its last
-/// accepted one, which it then becomes, in the same step: 5 when not
-/// (another node, or an earlier try, queued it; or it was removed).
+/// records, ARGV[11] the trigger, ARGV[12] the tick's ms, ARGV[13] the
+/// record's `updated_ms` the offering node knows) is queued only if the
+/// trigger is still that record and enabled, and the tick is later than
+/// its last accepted one, which it then becomes, in the same step: 5 when
+/// not (another node, or an earlier try, queued it; or it was changed,
+/// paused or removed). 6 when the tick is more than a second ahead of
+/// Redis's clock (the offering node's clock runs ahead): not yet.
 const ACCEPT: &str = r"
 if KEYS[7] then
-  if redis.call('HEXISTS', KEYS[8], ARGV[11]) == 0 then return 5 end
+  local trigger = redis.call('HGET', KEYS[8], ARGV[11])
+  if not trigger then return 5 end
+  local ok, decoded = pcall(cjson.decode, trigger)
+  if not ok or type(decoded) ~= 'table' or tonumber(decoded['updated_ms']) ~= tonumber(ARGV[13]) or decoded['enabled'] ~= true then
+    return 5
+  end
+  if tonumber(ARGV[12]) > now_ms() + 1000 then return 6 end
   local last = redis.call('HGET', KEYS[7], ARGV[11])
   if last and tonumber(string.match(last, '^%d+')) >= tonumber(ARGV[12]) then return 5 end
 end
@@ -263,8 +272,19 @@ pub enum Refused {
     /// The tenant keeps its limit of output bytes.
     TenantOutput,
     /// The trigger's tick was accepted already (by this node or another),
-    /// or the trigger is gone.
+    /// or the trigger is gone, changed or paused.
     TickTaken,
+    /// The tick is ahead of Redis's clock: offer it again later.
+    TickEarly,
+}
+
+/// A trigger's tick offered with a call: `trigger` (`tenant/name`), the
+/// tick, and the trigger record's `updated_ms` the offering node knows.
+#[derive(Debug, Clone, Copy)]
+pub struct TickClaim<'a> {
+    pub trigger: &'a str,
+    pub tick_ms: u64,
+    pub generation: u64,
 }
 
 /// How a finish went.
@@ -400,7 +420,8 @@ impl CallQueue {
     /// Queue a call of `tenant`; refused when `max_queued` calls wait in
     /// the cluster already, or `max_per_tenant` of this tenant's. With a
     /// trigger's `tick` (`(trigger, tick ms)`), only if that tick is later
-    /// than the trigger's last accepted one (see `triggers.rs`).
+    /// than the trigger's last accepted one and the trigger is still the
+    /// record the offering node knows (see `triggers.rs`).
     #[expect(clippy::too_many_arguments, reason = "one script's arguments, named at the one call site")]
     pub async fn accept(
         &self,
@@ -410,7 +431,7 @@ impl CallQueue {
         input: &[u8],
         max_queued: usize,
         max_per_tenant: usize,
-        tick: Option<(&str, u64)>,
+        tick: Option<TickClaim<'_>>,
     ) -> Result<Result<(), Refused>, ClusterError> {
         let key = self.record_key(id);
         let mut script = self.accept.prepare_invoke();
@@ -431,12 +452,13 @@ impl CallQueue {
             .arg(self.kept_records)
             .arg(self.kept_output_bytes)
             .arg(KEPT_FOREVER);
-        if let Some((trigger, tick_ms)) = tick {
+        if let Some(TickClaim { trigger, tick_ms, generation }) = tick {
             script
                 .key(crate::triggers::ticks_key(&self.prefix))
                 .key(crate::triggers::records_key(&self.prefix))
                 .arg(trigger)
-                .arg(tick_ms);
+                .arg(tick_ms)
+                .arg(generation);
         }
         let accepted: i64 = script.invoke_async(&mut self.conn.clone()).await.map_err(redis_error)?;
         Ok(match accepted {
@@ -445,6 +467,7 @@ impl CallQueue {
             3 => Err(Refused::TenantRecords),
             4 => Err(Refused::TenantOutput),
             5 => Err(Refused::TickTaken),
+            6 => Err(Refused::TickEarly),
             _ => Err(Refused::Cluster),
         })
     }
@@ -725,13 +748,14 @@ mod tests {
         let conn = connect(&redis.url(), Duration::from_secs(1)).await.unwrap();
         let queue = CallQueue::new(conn.clone(), "k");
         let triggers = crate::SharedTriggers::new(conn, "k");
-        let tick = |ms| Some(("a/every", ms));
+        let tick = |ms| Some(TickClaim { trigger: "a/every", tick_ms: ms, generation: 7 });
         assert_eq!(
             queue.accept("a", "c0", b"q", b"", 100, 100, tick(1000)).await.unwrap(),
             Err(Refused::TickTaken),
             "no such trigger"
         );
-        assert_eq!(triggers.put("a/every", "a", b"{}", 10).await.unwrap(), crate::TriggerPut::Created);
+        let record = br#"{"updated_ms":7,"enabled":true}"#;
+        assert_eq!(triggers.put("a/every", "a", record, 10).await.unwrap(), crate::TriggerPut::Created);
         // Two nodes try tick 1000 at once: one call.
         let (first, second) = tokio::join!(
             queue.accept("a", "c1", b"q", b"", 100, 100, tick(1000)),
@@ -750,6 +774,17 @@ mod tests {
         assert_eq!(queue.accept("a", "c5", b"q", b"", 100, 2, tick(3000)).await.unwrap(), Err(Refused::Tenant));
         assert_eq!(triggers.ticks(&["a/every"]).await.unwrap(), vec![Some("2000 c3".to_string())]);
         assert_eq!(queue.accept("a", "c5", b"q", b"", 100, 100, tick(3000)).await.unwrap(), Ok(()));
+        // A tick an hour ahead of Redis's clock (a node's clock runs fast): not yet.
+        let ahead =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 3_600_000;
+        assert_eq!(queue.accept("a", "c6", b"q", b"", 100, 100, tick(ahead)).await.unwrap(), Err(Refused::TickEarly));
+        // A node that knows an older record of the trigger (changed since), or
+        // a paused one, has its ticks refused.
+        let stale = Some(TickClaim { trigger: "a/every", tick_ms: 4000, generation: 6 });
+        assert_eq!(queue.accept("a", "c7", b"q", b"", 100, 100, stale).await.unwrap(), Err(Refused::TickTaken));
+        triggers.put("a/every", "a", br#"{"updated_ms":7,"enabled":false}"#, 10).await.unwrap();
+        assert_eq!(queue.accept("a", "c8", b"q", b"", 100, 100, tick(4000)).await.unwrap(), Err(Refused::TickTaken));
+        assert_eq!(triggers.ticks(&["a/every"]).await.unwrap(), vec![Some("3000 c5".to_string())]);
     }
 
     #[tokio::test]
@@ -759,7 +794,8 @@ mod tests {
         let (queue, triggers) = (CallQueue::new(conn.clone(), "k"), crate::SharedTriggers::new(conn, "k"));
         use crate::TriggerPut::*;
         assert_eq!(triggers.version().await.unwrap(), 0);
-        assert_eq!(triggers.put("a/one", "a", b"1", 2).await.unwrap(), Created);
+        let live = br#"{"updated_ms":1,"enabled":true}"#;
+        assert_eq!(triggers.put("a/one", "a", live, 2).await.unwrap(), Created);
         assert_eq!(triggers.put("a/two", "a", b"2", 2).await.unwrap(), Created);
         assert_eq!(triggers.put("a/two", "a", b"2'", 2).await.unwrap(), Replaced, "a replacement is not one more");
         assert_eq!(triggers.put("a/three", "a", b"3", 2).await.unwrap(), TenantFull);
@@ -769,11 +805,28 @@ mod tests {
         assert_eq!(version, 4);
         assert_eq!(
             all,
-            vec![("a/one".into(), b"1".to_vec()), ("a/two".into(), b"2'".to_vec()), ("b/one".into(), b"b".to_vec())]
+            vec![("a/one".into(), live.to_vec()), ("a/two".into(), b"2'".to_vec()), ("b/one".into(), b"b".to_vec())]
         );
-        assert_eq!(queue.accept("a", "c1", b"q", b"", 100, 100, Some(("a/one", 5000))).await.unwrap(), Ok(()));
+        assert_eq!(
+            queue
+                .accept(
+                    "a",
+                    "c1",
+                    b"q",
+                    b"",
+                    100,
+                    100,
+                    Some(TickClaim { trigger: "a/one", tick_ms: 5000, generation: 1 })
+                )
+                .await
+                .unwrap(),
+            Ok(())
+        );
         assert!(triggers.remove("a/one", "a").await.unwrap());
-        let late = queue.accept("a", "c2", b"q", b"", 100, 100, Some(("a/one", 6000))).await.unwrap();
+        let late = queue
+            .accept("a", "c2", b"q", b"", 100, 100, Some(TickClaim { trigger: "a/one", tick_ms: 6000, generation: 1 }))
+            .await
+            .unwrap();
         assert_eq!(late, Err(Refused::TickTaken), "a tick offered after the removal");
         assert!(!triggers.remove("a/one", "a").await.unwrap());
         assert_eq!(triggers.ticks(&["a/one"]).await.unwrap(), vec![None], "its progress went with it");

@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-pub use calls::{CallQueue, Finished, Refused, TakenCall};
+pub use calls::{CallQueue, Finished, Refused, TakenCall, TickClaim};
 pub use forward::{Answer, ForwardError, Forwarder, SECRET_HEADER};
 pub use membership::{Load, Member, Membership, MembershipConfig};
 pub use registry::{AliasChange, RegistrySnapshot, Republished, SharedRegistry, VersionRemoval};

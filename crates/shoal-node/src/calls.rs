@@ -184,6 +184,9 @@ pub(crate) struct Tick {
     pub key: String,
     pub name: String,
     pub tick_ms: u64,
+    /// The trigger's `updated_ms` when the tick was found due: a tick of a
+    /// trigger changed (or paused) since is not run.
+    pub generation: u64,
 }
 
 /// A tenant's asynchronous calls on this node.
@@ -449,12 +452,21 @@ impl AsyncCalls {
                     &input,
                     self.max_unfinished,
                     self.max_per_tenant,
-                    tick.map(|t| (t.key.as_str(), t.tick_ms)),
+                    tick.map(|t| shoal_cluster::TickClaim {
+                        trigger: &t.key,
+                        tick_ms: t.tick_ms,
+                        generation: t.generation,
+                    }),
                 )
                 .await?;
             return match queued {
                 Ok(()) => Ok(Some(record)),
                 Err(Refused::TickTaken) => Ok(None),
+                Err(Refused::TickEarly) => Err(ApiError {
+                    kind: ErrorKind::Unavailable,
+                    message: "the tick is not due yet by Redis's clock (this node's clock runs ahead)".into(),
+                    retry_after: Some(Duration::from_secs(1)),
+                }),
                 Err(Refused::Cluster) => Err(self.full("the cluster")),
                 Err(Refused::Tenant) => Err(self.tenant_full(tenant, "queued in the cluster")),
                 Err(Refused::TenantRecords) => {
@@ -469,13 +481,15 @@ impl AsyncCalls {
         self.count(tenant, false)?;
         let record = queued(Self::new_id(now));
         let (store, stored) = (self.store.clone(), record.clone());
-        let tick = tick.map(|t| (t.key.clone(), t.tick_ms));
+        let tick = tick.map(|t| (t.key.clone(), t.tick_ms, t.generation));
         let written = tokio::task::spawn_blocking(move || {
             let id = stored.call_id.as_str();
             store.transaction(|tx| {
-                if let Some((key, tick_ms)) = &tick {
-                    // Removed while its tick was being offered: not run.
-                    if tx.get(crate::triggers::TRIGGERS, key)?.is_none() {
+                if let Some((key, tick_ms, generation)) = &tick {
+                    // Removed, changed or paused while its tick was being
+                    // offered: not run.
+                    let current = tx.get(crate::triggers::TRIGGERS, key)?;
+                    if !current.as_deref().is_some_and(|r| crate::triggers::is_generation(r, *generation)) {
                         return Ok(false);
                     }
                     let last = tx.get(crate::triggers::TICKS, key)?;

@@ -17,8 +17,12 @@
 //! is less than [`GRACE_MS`] old, each runs, in order; if older ones were
 //! missed, only the newest due tick runs: at most one catch-up run after
 //! downtime, never a burst. A tick refused for its tenant's limits (too
-//! many asynchronous calls queued) is offered again at the next round,
-//! under the same rule, and the refusal shown with the trigger.
+//! many asynchronous calls queued) is offered again after half a second
+//! (or the refusal's `Retry-After`), under the same rule, and the refusal
+//! shown with the trigger. A tick carries the trigger's `updated_ms` as
+//! the offering node read it, and is refused unless the trigger is still
+//! that record and enabled: a change, pause or removal stops the old
+//! definition's ticks on every node at once.
 //!
 //! Tables: `triggers` (`tenant/name` → the record), `trigger_ticks`
 //! (`tenant/name` → `"<tick ms> <call id>"`, the last accepted tick). In a
@@ -44,9 +48,10 @@ use crate::{Node, now_ms};
 pub(crate) const TRIGGERS: Table = Table::new("triggers");
 pub(crate) const TICKS: Table = Table::new("trigger_ticks");
 
-/// The largest input a trigger carries (it is kept with the trigger, and
-/// in a cluster read by every node).
-pub const MAX_TRIGGER_INPUT: usize = 64 << 10;
+/// The largest input a trigger carries (it is kept with the trigger, in
+/// memory on every node of a cluster: 100 triggers of a tenant hold at
+/// most 1.6 MiB of inputs).
+pub const MAX_TRIGGER_INPUT: usize = 16 << 10;
 /// The longest schedule expression and time zone name.
 const MAX_SCHEDULE_LEN: usize = 200;
 const MAX_ZONE_LEN: usize = 64;
@@ -133,6 +138,12 @@ pub(crate) fn parse_progress(bytes: &[u8]) -> Option<(u64, &str)> {
     Some((tick.parse().ok()?, id))
 }
 
+/// Whether a stored trigger record is still the one of `generation` (its
+/// `updated_ms`), and enabled.
+pub(crate) fn is_generation(record: &[u8], generation: u64) -> bool {
+    serde_json::from_slice::<TriggerRecord>(record).is_ok_and(|r| r.updated_ms == generation && r.enabled)
+}
+
 fn last_run(bytes: &[u8]) -> Option<LastRun> {
     parse_progress(bytes).map(|(tick_ms, id)| LastRun { tick_ms, call_id: id.to_string() })
 }
@@ -165,27 +176,20 @@ fn due_ticks(schedule: &Schedule, base_ms: u64, now_ms: u64) -> Vec<u64> {
     ticks
 }
 
-/// The newest tick at or before `now_ms`, `first` being one: looked for in
-/// growing windows back from now, so a long downtime is not walked tick by
-/// tick.
+/// The newest tick at or before `now_ms`, `first` being one: a binary
+/// search between the newest tick known and now (some forty steps for any
+/// downtime), so a long downtime is never walked tick by tick.
 fn newest_due(schedule: &Schedule, first: u64, now_ms: u64) -> u64 {
-    const DAY: u64 = 86_400_000;
-    let mut newest = first;
-    for window in [1_000, 60_000, 3_600_000, DAY, 31 * DAY, 366 * DAY] {
-        let from = now_ms.saturating_sub(window).max(first);
-        if let Some(tick) = next_tick(schedule, from).filter(|t| *t <= now_ms) {
-            newest = tick;
-            break;
+    // `lo` is a tick; no tick falls after `hi`, up to now.
+    let (mut lo, mut hi) = (first, now_ms);
+    while hi > lo {
+        let mid = lo + (hi - lo) / 2;
+        match next_tick(schedule, mid).filter(|t| *t <= hi) {
+            Some(tick) => lo = tick,
+            None => hi = mid,
         }
     }
-    // Within the window that has one: the rest of its ticks, bounded.
-    for _ in 0..100_000 {
-        match next_tick(schedule, newest).filter(|t| *t <= now_ms) {
-            Some(tick) => newest = tick,
-            None => break,
-        }
-    }
-    newest
+    lo
 }
 
 /// A trigger this node knows, ready for its chore.
@@ -195,16 +199,30 @@ struct Armed {
     schedule: Schedule,
     input: Arc<[u8]>,
     last: Option<LastRun>,
+    /// Ticks up to this were offered and found taken (by another node, or
+    /// refused as no longer this trigger's): never offered again.
+    offered_through: u64,
     /// When its next tick falls (None: disabled, or it never ticks again).
     next_ms: Option<u64>,
     refused: Option<String>,
+    /// A refused tick is offered again from this time on (Unix ms).
+    retry_at: u64,
 }
 
 impl Armed {
     fn new(record: TriggerRecord, last: Option<LastRun>) -> Result<Self, String> {
         let schedule = Schedule::parse(&record.schedule, record.zone.as_deref())?;
         let input = BASE64.decode(&record.input_base64).map_err(|e| format!("its input is not base64: {e}"))?;
-        let mut armed = Self { record, schedule, input: input.into(), last, next_ms: None, refused: None };
+        let mut armed = Self {
+            record,
+            schedule,
+            input: input.into(),
+            last,
+            offered_through: 0,
+            next_ms: None,
+            refused: None,
+            retry_at: 0,
+        };
         armed.plan();
         Ok(armed)
     }
@@ -212,7 +230,13 @@ impl Armed {
     /// Ticks after this are offered: the last accepted, or the trigger's
     /// last change (a new or changed trigger runs nothing from before it).
     fn base(&self) -> u64 {
-        self.last.as_ref().map_or(0, |l| l.tick_ms).max(self.record.updated_ms)
+        self.last.as_ref().map_or(0, |l| l.tick_ms).max(self.record.updated_ms).max(self.offered_through)
+    }
+
+    /// When the chore should look at it next: its next tick, or after a
+    /// refusal the time it may be offered again.
+    fn due_at(&self) -> Option<u64> {
+        self.next_ms.map(|next| next.max(self.retry_at))
     }
 
     fn plan(&mut self) {
@@ -239,6 +263,15 @@ impl Armed {
     }
 }
 
+/// What became of a round's offer of a trigger's ticks.
+#[derive(Debug, Default)]
+struct Settled {
+    last: Option<LastRun>,
+    offered_through: u64,
+    /// Why a tick was refused, and when to offer it again.
+    refused: Option<(String, u64)>,
+}
+
 /// A trigger's due ticks, to offer to the call queue.
 struct Offer {
     key: String,
@@ -257,6 +290,9 @@ pub(crate) struct Triggers {
     /// Wakes the chore: a trigger changed on this node.
     changed: Arc<Notify>,
     max_per_tenant: usize,
+    /// Held across a put's count, write and arming, so concurrent puts on
+    /// one node cannot pass the cap together.
+    puts: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Triggers {
@@ -280,6 +316,7 @@ impl Triggers {
             version: AtomicU64::new(0),
             changed: Arc::default(),
             max_per_tenant,
+            puts: tokio::sync::Mutex::new(()),
         };
         if triggers.shared.is_none() {
             let ticks: BTreeMap<String, Vec<u8>> = triggers.store.scan_prefix(TICKS, "")?.into_iter().collect();
@@ -313,7 +350,8 @@ impl Triggers {
         let Some(shared) = &self.shared else { return Ok(()) };
         let version = shared.version().await?;
         let seen = self.version.load(Ordering::Acquire);
-        if version == 0 && seen > 0 {
+        // Redis lost them (restarted empty, or from an older snapshot).
+        if seen > 0 && version < seen {
             let records: Vec<(String, String, Vec<u8>)> = self
                 .armed()
                 .iter()
@@ -381,13 +419,15 @@ impl Triggers {
 
     /// Note what became of a round's offer of the trigger `key` (unless it
     /// changed meanwhile).
-    fn settle(&self, key: &str, record: &TriggerRecord, last: Option<LastRun>, refused: Option<String>) {
+    fn settle(&self, key: &str, record: &TriggerRecord, settled: Settled) {
         let mut armed = self.armed();
         let Some(known) = armed.get_mut(key).filter(|k| k.record == *record) else { return };
-        if last.as_ref().map(|l| l.tick_ms) > known.last.as_ref().map(|l| l.tick_ms) {
-            known.last = last;
+        if settled.last.as_ref().map(|l| l.tick_ms) > known.last.as_ref().map(|l| l.tick_ms) {
+            known.last = settled.last;
         }
-        known.refused = refused;
+        known.offered_through = known.offered_through.max(settled.offered_through);
+        known.retry_at = settled.refused.as_ref().map_or(0, |(_, retry_at)| *retry_at);
+        known.refused = settled.refused.map(|(why, _)| why);
         known.plan();
     }
 }
@@ -444,6 +484,7 @@ impl Node {
         }
         let key = trigger_key(tenant, name);
         let triggers = &self.triggers;
+        let _put = triggers.puts.lock().await;
         let created_ms = triggers.armed().get(&key).map_or(now, |a| a.record.created_ms);
         let record = TriggerRecord {
             tenant: tenant.to_string(),
@@ -516,16 +557,24 @@ impl Node {
         Ok(removed)
     }
 
-    /// Remove every trigger of `tenant` (its deletion's first step).
+    /// Remove every trigger of `tenant` (its deletion's first step): all
+    /// stored under its name, readable or not.
     pub(crate) async fn remove_triggers_of(&self, tenant: &str) -> Result<usize, ApiError> {
-        self.triggers.mirror(true).await?;
-        let names: Vec<String> = self
-            .triggers
-            .armed()
-            .values()
-            .filter(|a| a.record.tenant == tenant)
-            .map(|a| a.record.name.clone())
-            .collect();
+        let prefix = trigger_key(tenant, "");
+        let stored: Vec<String> = match &self.triggers.shared {
+            Some(shared) => shared.all().await?.1.into_iter().map(|(key, _)| key).collect(),
+            None => {
+                let store = self.triggers.store.clone();
+                let scan = prefix.clone();
+                tokio::task::spawn_blocking(move || store.scan_prefix(TRIGGERS, &scan))
+                    .await
+                    .map_err(|e| ApiError::internal("listing a tenant's triggers", e))??
+                    .into_iter()
+                    .map(|(key, _)| key)
+                    .collect()
+            }
+        };
+        let names: Vec<&str> = stored.iter().filter_map(|key| key.strip_prefix(&prefix)).collect();
         for name in &names {
             self.remove_trigger(tenant, name).await?;
         }
@@ -534,8 +583,9 @@ impl Node {
 
     /// `tenant`'s triggers (or the one named), with their last runs as
     /// stored now.
+    /// (In a cluster, as this node mirrors them: the chore reads changes
+    /// within half a second.)
     pub async fn triggers_of(&self, tenant: &str, only: Option<&str>) -> Result<Vec<TriggerView>, ApiError> {
-        self.triggers.mirror(false).await?;
         let mut views: Vec<TriggerView> = self
             .triggers
             .armed()
@@ -578,18 +628,23 @@ impl Node {
             tracing::warn!(error = %e.message, "reading the cluster's triggers failed");
         }
         let now = now_ms();
-        let due: Vec<Offer> = self
+        // What is due is read under the lock; its ticks are worked out
+        // after (a catch-up's search takes some steps).
+        let due: Vec<(Offer, Schedule, u64)> = self
             .triggers
             .armed()
             .iter()
-            .filter(|(_, a)| a.next_ms.is_some_and(|next| next <= now))
+            .filter(|(_, a)| a.due_at().is_some_and(|at| at <= now))
             .filter(|(_, a)| self.registry.tenant_active(&a.record.tenant))
-            .map(|(key, a)| Offer {
-                key: key.clone(),
-                record: a.record.clone(),
-                input: a.input.clone(),
-                ticks: due_ticks(&a.schedule, a.base(), now),
+            .map(|(key, a)| {
+                let offer =
+                    Offer { key: key.clone(), record: a.record.clone(), input: a.input.clone(), ticks: Vec::new() };
+                (offer, a.schedule.clone(), a.base())
             })
+            .collect();
+        let due: Vec<Offer> = due
+            .into_iter()
+            .map(|(offer, schedule, base)| Offer { ticks: due_ticks(&schedule, base, now), ..offer })
             .filter(|offer| !offer.ticks.is_empty())
             .collect();
         let mut offers = tokio::task::JoinSet::new();
@@ -601,7 +656,7 @@ impl Node {
             offers.spawn(async move { node.offer_ticks(offer).await });
         }
         while offers.join_next().await.is_some() {}
-        let next = self.triggers.armed().values().filter_map(|a| a.next_ms).min();
+        let next = self.triggers.armed().values().filter_map(Armed::due_at).min();
         let now = now_ms();
         next.map_or(POLL, |next| Duration::from_millis(next.saturating_sub(now)).min(POLL))
     }
@@ -609,27 +664,36 @@ impl Node {
     /// Offer a trigger's due ticks, in order, stopping at a refusal.
     async fn offer_ticks(self: Arc<Self>, offer: Offer) {
         let Offer { key, record, input, ticks } = offer;
-        let (mut last, mut refused) = (None, None);
+        let mut settled = Settled::default();
         for tick_ms in ticks {
-            let tick = Tick { key: key.clone(), name: record.name.clone(), tick_ms };
+            let tick = Tick { key: key.clone(), name: record.name.clone(), tick_ms, generation: record.updated_ms };
             match self.accept_async_tick(&record.tenant, &record.function, input.to_vec(), None, Some(&tick)).await {
                 Ok(Some(call_id)) => {
                     tracing::debug!(tenant = %record.tenant, trigger = %record.name, tick_ms, %call_id, "trigger ran");
-                    last = Some(LastRun { tick_ms, call_id });
+                    settled.last = Some(LastRun { tick_ms, call_id });
                 }
-                // Accepted already (by another node): learn how far it got.
-                Ok(None) => match self.triggers.progress(vec![key.clone()]).await {
-                    Ok(mut found) => last = found.pop().flatten().or(last),
-                    Err(e) => tracing::warn!(trigger = %key, error = %e.message, "reading a trigger's progress failed"),
-                },
+                // Taken already (by another node), or no longer this
+                // trigger's (changed or removed meanwhile): never offered
+                // again; learn how far it got.
+                Ok(None) => {
+                    settled.offered_through = tick_ms;
+                    match self.triggers.progress(vec![key.clone()]).await {
+                        Ok(mut found) => settled.last = found.pop().flatten().or(settled.last),
+                        Err(e) => {
+                            tracing::warn!(trigger = %key, error = %e.message, "reading a trigger's progress failed");
+                        }
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(tenant = %record.tenant, trigger = %record.name, tick_ms, error = %e.message, "a trigger's tick could not be queued; offered again next round");
-                    refused = Some(format!("{}: {}", e.kind.as_str(), e.message));
+                    tracing::warn!(tenant = %record.tenant, trigger = %record.name, tick_ms, error = %e.message, "a trigger's tick could not be queued; offered again later");
+                    let wait = e.retry_after.unwrap_or(POLL).max(POLL);
+                    let retry_at = now_ms() + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX / 2);
+                    settled.refused = Some((format!("{}: {}", e.kind.as_str(), e.message), retry_at));
                     break;
                 }
             }
         }
-        self.triggers.settle(&key, &record, last, refused);
+        self.triggers.settle(&key, &record, settled);
     }
 }
 
@@ -659,9 +723,28 @@ mod tests {
             due_ticks(&daily, ms("2026-12-01T00:00:00Z"), ms("2026-12-04T12:00:00Z")),
             vec![ms("2026-12-04T01:30:00Z")]
         );
-        // A storm of missed ticks within the grace is bounded.
+        // Within the grace every missed tick runs: a stall of 29 s, 29 ticks.
         let base = ms("2026-12-04T10:00:00Z");
-        assert!(due_ticks(&every_second, base, base + GRACE_MS).len() <= MAX_BURST);
+        assert_eq!(due_ticks(&every_second, base, base + 29_500).len(), 29);
+    }
+
+    #[test]
+    fn the_newest_due_tick_is_found_by_search_as_a_walk_would() {
+        let cases = [
+            ("* * * * * *", "2026-12-04T10:00:00Z", "2026-12-04T11:00:00.500Z"),
+            ("* * * 1 * *", "2026-11-01T00:00:05Z", "2026-12-20T12:00:00Z"),
+            ("*/7 3-5 * * MON", "2026-11-02T03:00:00Z", "2026-12-04T12:00:00Z"),
+            ("0 30 2 * * *", "2026-03-20T00:00:00Z", "2026-04-02T00:00:00Z"),
+        ];
+        for (expr, first_after, now) in cases {
+            let schedule = Schedule::parse(expr, Some("Europe/Berlin")).unwrap();
+            let (first, now) = (next_tick(&schedule, ms(first_after)).unwrap(), ms(now));
+            let mut walked = first;
+            while let Some(t) = next_tick(&schedule, walked).filter(|t| *t <= now) {
+                walked = t;
+            }
+            assert_eq!(newest_due(&schedule, first, now), walked, "{expr}");
+        }
     }
 
     #[test]

@@ -19,8 +19,9 @@ use crate::error::ApiError;
 use crate::names::check_name;
 use crate::triggers::{MAX_TRIGGER_INPUT, TriggerSpec};
 
-/// A body holds the input base64-encoded, and the rest is small.
-const MAX_BODY: usize = MAX_TRIGGER_INPUT * 4 / 3 + 4096;
+/// A body holds the input as JSON text (each byte at most six, escaped)
+/// or base64, and the rest is small.
+const MAX_BODY: usize = MAX_TRIGGER_INPUT * 6 + 4096;
 
 fn authorise(node: &Node, headers: &HeaderMap, tenant: &str, name: Option<&str>) -> Result<(), ApiError> {
     node.authenticate(headers)?.check_tenant(tenant)?;

@@ -169,7 +169,7 @@ async fn bad_triggers_are_refused_with_their_reason_and_tenants_keep_to_their_ow
         (with("zone", "Mars/Olympus".into()), StatusCode::BAD_REQUEST, "bad_request"),
         (with("function", "nosuch".into()), StatusCode::NOT_FOUND, "not_found"),
         (with("function", "../x".into()), StatusCode::BAD_REQUEST, "bad_request"),
-        (with("input", "x".repeat(70_000).into()), StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        (with("input", "x".repeat(17_000).into()), StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
         (with("input_base64", "!!".into()), StatusCode::BAD_REQUEST, "bad_request"),
         (with("surprise", true.into()), StatusCode::BAD_REQUEST, "bad_request"),
     ];
@@ -221,5 +221,36 @@ async fn bad_triggers_are_refused_with_their_reason_and_tenants_keep_to_their_ow
     node.create_tenant("acme").await;
     assert_eq!(get(&node, "/v1/triggers/acme", ADMIN).await.1["triggers"], serde_json::json!([]));
     assert_eq!(get(&node, "/v1/triggers/nosuch", ADMIN).await.0, StatusCode::NOT_FOUND);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn ticks_refused_for_the_tenants_async_limit_are_offered_again_and_all_run_late() {
+    // One unfinished asynchronous call per tenant; each run takes 1.5 s,
+    // so most ticks of a per-second schedule are refused when first due.
+    let node = TestNode::start_with(|c| c.max_async_calls_per_tenant = Some(1)).await;
+    let acme = node.create_tenant("acme").await;
+    assert_eq!(node.deploy("acme/slow", "", shoal_guests::CHAIN).await.0, StatusCode::CREATED);
+    let spec = serde_json::json!({ "schedule": "* * * * * *", "function": "slow", "input": "sleep 1500" });
+    assert_eq!(put(&node, "acme/beat", &acme, spec).await.0, StatusCode::CREATED);
+    let started = Instant::now();
+    let mut refusal = None;
+    while refusal.is_none() {
+        let (_, shown) = get(&node, "/v1/triggers/acme/beat", &acme).await;
+        refusal = shown["last_refusal"].as_str().map(str::to_string);
+        assert!(started.elapsed() < Duration::from_secs(30), "no tick was ever refused: {shown}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refusal.as_deref().is_some_and(|r| r.starts_with("overloaded")), "{refusal:?}");
+    // Offered again (not dropped): every tick since the first still runs
+    // once, in order, each after the one before it finished.
+    let runs = wait_runs(&node, "acme", "beat", 5).await;
+    assert_every_second_once(&runs);
+    for pair in runs.windows(2) {
+        let started_at = |run: &Value| run["timings"]["queued_at_ms"].as_u64().unwrap();
+        assert!(started_at(&pair[1].1) >= started_at(&pair[0].1), "{pair:?}");
+    }
+    let late = runs.iter().map(|(tick, run)| run["timings"]["queued_at_ms"].as_u64().unwrap() - tick).max().unwrap();
+    assert!(late >= 1000, "ticks were queued at most {late} ms late: none waited for the limit");
     node.stop().await;
 }
