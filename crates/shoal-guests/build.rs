@@ -24,6 +24,7 @@ const COMPONENTS: &[(&str, bool)] = &[
     ("notes", false),
     ("compat-wstd", false),
     ("compat-spin", false),
+    ("queue-consumer", false),
 ];
 /// WASI preview-1 command modules (wasm32-wasip1).
 const COMMANDS: &[(&str, bool)] = &[("upper", true), ("noop-cmd", false)];

@@ -7,6 +7,7 @@ mod calls;
 mod cluster;
 mod console;
 mod functions;
+mod queues;
 mod secrets;
 mod state;
 mod tenants;
@@ -60,6 +61,11 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/functions/{tenant}/{name}/aliases", get(versions::list_aliases))
         .route("/v1/functions/{tenant}/{name}/aliases/{alias}", put(versions::put_alias).delete(versions::delete_alias))
         .route("/internal/v1/functions/{tenant}/{name}/invoke", post(functions::internal_invoke))
+        .route("/v1/queues/{tenant}", get(queues::list))
+        .route("/v1/queues/{tenant}/{queue}", put(queues::put).get(queues::get).delete(queues::delete))
+        .route("/v1/queues/{tenant}/{queue}/messages", post(queues::send))
+        .route("/v1/queues/{tenant}/{queue}/dead", get(queues::dead).delete(queues::purge))
+        .route("/v1/queues/{tenant}/{queue}/dead/redrive", post(queues::redrive))
         .route("/v1/triggers/{tenant}", get(triggers::list))
         .route("/v1/triggers/{tenant}/{name}", put(triggers::put).get(triggers::get).delete(triggers::delete))
         .route("/v1/calls", get(calls::list))

@@ -75,6 +75,8 @@ pub struct NodeConfig {
     pub max_functions_per_tenant: usize,
     /// Cron triggers one tenant may have. Default 100.
     pub max_triggers_per_tenant: usize,
+    /// What a tenant may keep in queues, and the sizes of what it sends.
+    pub queue_limits: crate::QueueLimits,
     /// Versions of a function kept (the newest; older ones are collected
     /// at the next deploy unless an alias routes calls to them). Default 10.
     pub max_versions: usize,
@@ -214,6 +216,7 @@ impl NodeConfig {
             max_functions_per_tenant: 1000,
             max_triggers_per_tenant: 100,
             max_versions: 10,
+            queue_limits: crate::QueueLimits::default(),
             max_env_bytes: 64 << 10,
             max_concurrent_calls: 1000,
             scheduler: shoal_sched::PolicyConfig::new(

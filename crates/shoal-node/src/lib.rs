@@ -23,6 +23,7 @@ mod linger;
 mod logs;
 mod metrics;
 mod names;
+mod queues;
 mod registry;
 mod routes;
 mod secrets;
@@ -36,6 +37,7 @@ pub use calls::{CallFailure, CallRecord, CallStatus};
 pub use config::{NodeConfig, Secret};
 pub use error::{ApiError, ErrorKind};
 pub use linger::Linger;
+pub use queues::QueueLimits;
 pub use registry::FunctionRecord;
 pub use server::HttpLimits;
 
@@ -144,6 +146,8 @@ pub struct Node {
     async_calls: Arc<AsyncCalls>,
     /// Cron triggers (`triggers.rs`).
     triggers: triggers::Triggers,
+    /// Queues and their consumers (`queues.rs`).
+    queues: queues::Queues,
     /// This node's part in a cluster, when started with a Redis URL.
     cluster: Option<Arc<cluster::Cluster>>,
     /// The clock of function use, for evicting the least recently used.
@@ -312,6 +316,7 @@ impl Node {
         let usage_store = store.clone();
         let shared_triggers = cluster.as_ref().and_then(|c| c.triggers.clone());
         let triggers = triggers::Triggers::open(store.clone(), shared_triggers, config.max_triggers_per_tenant)?;
+        let queues = queues::Queues::open(store.clone(), config.queue_limits, cluster.is_some())?;
         let registry = Registry::open(store, shared)?;
         let node = Arc::new_cyclic(|node| {
             // A fresh runtime has no invoker yet: this cannot fail.
@@ -329,6 +334,7 @@ impl Node {
                 usage_store,
                 async_calls,
                 triggers,
+                queues,
                 cluster,
                 use_clock: std::sync::atomic::AtomicU64::new(0),
                 conn_stats: server::ConnStats::default(),
@@ -364,6 +370,7 @@ impl Node {
         node.resume_deletions();
         let resumed = node.resume_async_calls()?;
         node.spawn_trigger_chore();
+        node.start_consumers();
         if resumed > 0 {
             tracing::info!(resumed, "resuming asynchronous calls accepted before the last stop");
         }

@@ -133,6 +133,7 @@ impl Node {
     async fn finish_deletion(&self, tenant: &str) -> Result<(), ApiError> {
         // Its triggers, then its functions: no call of it can start after this.
         self.remove_triggers_of(tenant).await?;
+        self.remove_queues_of(tenant).await?;
         let functions = self.registry.list(tenant);
         for function in &functions {
             self.registry.remove(tenant, &function.name).await?;

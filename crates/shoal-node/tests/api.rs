@@ -2193,6 +2193,8 @@ async fn in_a_cluster_kept_records_are_capped_per_tenant_and_go_with_their_tenan
 mod console;
 #[path = "api/http_functions.rs"]
 mod http_functions;
+#[path = "api/queues.rs"]
+mod queues;
 #[path = "api/tracing.rs"]
 mod tracing_spans;
 #[path = "api/triggers.rs"]

@@ -186,6 +186,21 @@ impl ReadTx {
         Ok(t.get(key).map_err(io)?.map(|v| v.value().to_vec()))
     }
 
+    /// Call `f` on each entry whose key starts with `prefix`, in key
+    /// order, until it returns false or the prefix's entries end.
+    pub fn visit_prefix(
+        &self,
+        table: Table,
+        prefix: &str,
+        f: impl FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        match self.tx.open_table(table.definition()) {
+            Ok(t) => visit_prefix(&t, prefix, f),
+            Err(TableError::TableDoesNotExist(_)) => Ok(()),
+            Err(e) => Err(io(e)),
+        }
+    }
+
     /// Call `f` on each entry whose key starts with `prefix`, in reverse
     /// key order (newest first, for keys that end in a time), until it
     /// returns false or the prefix's entries end.
