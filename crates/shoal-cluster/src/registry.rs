@@ -196,7 +196,8 @@ end
 /// version 1), only if the function's record still has no version.
 /// KEYS: functions, version, wasm, refs, aliases; ARGV: function key,
 /// version key, record, wasm prefix, only-unversioned. 1 done, 0 the wasm
-/// went missing, 2 not unversioned any more.
+/// went missing, 2 not unversioned any more, 3 stored as a version only (a
+/// newer version is the function's already).
 const PUT_VERSION: &str = r"
 if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
 if ARGV[5] == '1' then
@@ -205,6 +206,13 @@ if ARGV[5] == '1' then
 end
 count_refs(KEYS[1], KEYS[4])
 put(KEYS[1], KEYS[4], ARGV[4], ARGV[2], ARGV[3])
+-- The function's own record moves only forward: a deploy that took its
+-- number before another's, and writes after it, leaves the newer.
+local head = redis.call('HGET', KEYS[1], ARGV[1])
+if head and ARGV[5] ~= '1' and version_of(head) >= version_of(ARGV[3]) then
+  redis.call('INCR', KEYS[2])
+  return 3
+end
 put(KEYS[1], KEYS[4], ARGV[4], ARGV[1], ARGV[3])
 local aliases = aliases_of(KEYS[5], ARGV[1])
 if aliases['latest'] then
@@ -246,16 +254,23 @@ return 1
 ";
 
 /// Set (ARGV[3] a target, JSON) or remove (ARGV[3] empty) one alias of a
-/// function; a target's versions (ARGV[4..]) must exist. KEYS: functions,
-/// version, aliases; ARGV: function key, alias, target, versions. 1 done,
-/// 0 no such alias to remove, -N version N does not exist.
+/// function; a target's versions (ARGV[5..]) must exist, and a new alias
+/// must leave the function at most ARGV[4] of them. KEYS: functions,
+/// version, aliases; ARGV: function key, alias, target, most aliases,
+/// versions. 1 done, 0 no such alias to remove, -N version N does not
+/// exist, 2 too many aliases.
 const SET_ALIAS: &str = r"
 local aliases = aliases_of(KEYS[3], ARGV[1])
 if ARGV[3] == '' then
   if aliases[ARGV[2]] == nil then return 0 end
   aliases[ARGV[2]] = nil
 else
-  for i = 4, #ARGV do
+  if aliases[ARGV[2]] == nil then
+    local n = 0
+    for _ in pairs(aliases) do n = n + 1 end
+    if n >= tonumber(ARGV[4]) then return 2 end
+  end
+  for i = 5, #ARGV do
     if redis.call('HEXISTS', KEYS[1], ARGV[1] .. '@' .. ARGV[i]) == 0 then return -tonumber(ARGV[i]) end
   end
   aliases[ARGV[2]] = cjson.decode(ARGV[3])
@@ -283,6 +298,8 @@ pub enum AliasChange {
     NoSuchAlias,
     /// The target names a version that does not exist.
     NoSuchVersion(u32),
+    /// The function has its most aliases.
+    TooMany,
 }
 
 /// Entries of a hash: field → value.
@@ -549,6 +566,9 @@ impl SharedRegistry {
     /// `tenant/name@N` and as the function's, the wasm stored once per
     /// content, a `latest` alias dropped. With `only_unversioned`, only if
     /// the function's record has no version yet (false returned if it has).
+    /// If a newer version is the function's already (a deploy that took its
+    /// number later wrote first), this one is stored as a version only
+    /// (false returned).
     pub async fn put_version(
         &self,
         function: &str,
@@ -582,7 +602,7 @@ impl SharedRegistry {
                 .map_err(redis_error)?;
             match stored {
                 1 => return Ok(true),
-                2 => return Ok(false),
+                2 | 3 => return Ok(false),
                 _ => {}
             }
         }
@@ -620,6 +640,7 @@ impl SharedRegistry {
         alias: &str,
         target: Option<&[u8]>,
         versions: &[u32],
+        most: usize,
     ) -> Result<AliasChange, ClusterError> {
         let mut script = self.set_alias.prepare_invoke();
         script
@@ -628,7 +649,8 @@ impl SharedRegistry {
             .key(self.key("aliases"))
             .arg(function)
             .arg(alias)
-            .arg(target.unwrap_or_default());
+            .arg(target.unwrap_or_default())
+            .arg(most);
         for version in versions {
             script.arg(version);
         }
@@ -636,6 +658,7 @@ impl SharedRegistry {
         Ok(match done {
             1 => AliasChange::Done,
             0 => AliasChange::NoSuchAlias,
+            2 => AliasChange::TooMany,
             n => AliasChange::NoSuchVersion(u32::try_from(-n).unwrap_or(0)),
         })
     }
@@ -767,7 +790,13 @@ mod tests {
         numbers.sort_unstable();
         assert_eq!(numbers, [2, 3]);
         assert_eq!(a.next_version("acme/f", 9).await.unwrap(), 10, "never below the floor");
-        for (v, sha) in [(2, "s1"), (3, "s1"), (10, "s2")] {
+        // Version 3 written before version 2 (which took its number first):
+        // the function stays on 3, version 2 is kept as a version.
+        assert!(a.put_version("acme/f", 3, "s1", &record(3, "s1"), b"s1", false).await.unwrap());
+        assert!(!b.put_version("acme/f", 2, "s1", &record(2, "s1"), b"s1", false).await.unwrap());
+        let head = b.snapshot().await.unwrap().functions.into_iter().find(|(k, _)| k == "acme/f").unwrap();
+        assert_eq!(head.1, record(3, "s1"));
+        for (v, sha) in [(10, "s2")] {
             assert!(a.put_version("acme/f", v, sha, &record(v, sha), sha.as_bytes(), false).await.unwrap());
         }
         let functions = b.snapshot().await.unwrap().functions;
@@ -776,10 +805,17 @@ mod tests {
         assert_eq!(functions.len(), 5);
         // Aliases name existing versions only; an aliased or the newest version is kept.
         let prod = br#"{"versions":[{"version":2,"weight":90},{"version":3,"weight":10}]}"#;
-        assert_eq!(a.set_alias("acme/f", "prod", Some(prod), &[2, 3]).await.unwrap(), AliasChange::Done);
+        assert_eq!(a.set_alias("acme/f", "prod", Some(prod), &[2, 3], 16).await.unwrap(), AliasChange::Done);
         let bad = br#"{"versions":[{"version":7,"weight":1}]}"#;
-        assert_eq!(a.set_alias("acme/f", "x", Some(bad), &[7]).await.unwrap(), AliasChange::NoSuchVersion(7));
-        assert_eq!(a.set_alias("acme/f", "x", None, &[]).await.unwrap(), AliasChange::NoSuchAlias);
+        assert_eq!(a.set_alias("acme/f", "x", Some(bad), &[7], 16).await.unwrap(), AliasChange::NoSuchVersion(7));
+        assert_eq!(a.set_alias("acme/f", "x", None, &[], 16).await.unwrap(), AliasChange::NoSuchAlias);
+        let one = br#"{"versions":[{"version":3,"weight":1}]}"#;
+        assert_eq!(a.set_alias("acme/f", "more", Some(one), &[3], 1).await.unwrap(), AliasChange::TooMany);
+        assert_eq!(
+            a.set_alias("acme/f", "prod", Some(prod), &[2, 3], 1).await.unwrap(),
+            AliasChange::Done,
+            "a change is no new one"
+        );
         assert_eq!(b.remove_version("acme/f", 2).await.unwrap(), VersionRemoval::Kept);
         assert_eq!(b.remove_version("acme/f", 3).await.unwrap(), VersionRemoval::Kept);
         assert_eq!(b.remove_version("acme/f", 10).await.unwrap(), VersionRemoval::Kept, "the newest");
@@ -788,16 +824,16 @@ mod tests {
         assert_eq!(b.remove_version("acme/f", 1).await.unwrap(), VersionRemoval::Missing);
         // A pinned `latest` is dropped by the next deploy; others stay.
         let pin = br#"{"versions":[{"version":3,"weight":1}]}"#;
-        assert_eq!(a.set_alias("acme/f", "latest", Some(pin), &[3]).await.unwrap(), AliasChange::Done);
+        assert_eq!(a.set_alias("acme/f", "latest", Some(pin), &[3], 16).await.unwrap(), AliasChange::Done);
         assert!(a.put_version("acme/f", 11, "s2", &record(11, "s2"), b"s2", false).await.unwrap());
         let aliases = b.snapshot().await.unwrap().aliases;
         assert_eq!(aliases.len(), 1);
         let decoded: serde_json::Value = serde_json::from_slice(&aliases[0].1).unwrap();
         assert_eq!(decoded, serde_json::json!({ "prod": serde_json::from_slice::<serde_json::Value>(prod).unwrap() }));
-        assert_eq!(a.set_alias("acme/f", "prod", None, &[]).await.unwrap(), AliasChange::Done);
+        assert_eq!(a.set_alias("acme/f", "prod", None, &[], 16).await.unwrap(), AliasChange::Done);
         assert_eq!(b.remove_version("acme/f", 2).await.unwrap(), VersionRemoval::Removed, "no longer aliased");
         // Removing the function takes every version, alias and the counter.
-        assert_eq!(a.set_alias("acme/f", "prod", Some(pin), &[3]).await.unwrap(), AliasChange::Done);
+        assert_eq!(a.set_alias("acme/f", "prod", Some(pin), &[3], 16).await.unwrap(), AliasChange::Done);
         assert!(a.remove_function("acme/f", &[]).await.unwrap());
         let after = b.snapshot().await.unwrap();
         assert!(after.functions.is_empty() && after.aliases.is_empty(), "{after:?}");

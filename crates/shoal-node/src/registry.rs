@@ -200,6 +200,10 @@ pub type Aliases = std::collections::BTreeMap<String, AliasTarget>;
 /// The alias the unversioned name means.
 pub const LATEST: &str = "latest";
 
+/// The most aliases a function has (each may keep a version from being
+/// collected: this bounds what a tenant keeps past `max_versions`).
+pub const MAX_ALIASES: usize = 16;
+
 impl FunctionRecord {
     /// How the function's binary is loaded (again).
     pub fn load_options(&self) -> shoal_runtime::LoadOptions {
@@ -704,7 +708,12 @@ impl Registry {
         for (key, bytes) in self.store.scan_prefix(FUNCTIONS, "")? {
             let Some((_, entry)) = key.split_once('/').filter(|(_, entry)| entry.contains('@')) else { continue };
             let record: FunctionRecord = decode("function", &key, &bytes)?;
-            let own = self.get(&record.tenant, &record.name).filter(|f| f.record == record);
+            // A version of a function that did not load is not callable either.
+            let Some(head) = self.get(&record.tenant, &record.name) else {
+                tracing::error!(function = %key, "a version of a function that is not loaded; skipping it");
+                continue;
+            };
+            let own = Some(head).filter(|f| f.record == record);
             let function = match own {
                 Some(own) => own,
                 None => {
@@ -744,6 +753,8 @@ impl Registry {
             Some(alias) => alias,
             None => LATEST,
         };
+        // `name@latest` is the bare name.
+        let at = at.filter(|a| *a != LATEST);
         let target = {
             let aliases = self.aliases.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             aliases.get(tenant).and_then(|by_name| by_name.get(name)).and_then(|a| a.get(alias).cloned())
@@ -802,7 +813,7 @@ impl Registry {
             target.as_ref().map(|t| t.versions.iter().map(|r| r.version).collect()).unwrap_or_default();
         if let Some(shared) = &self.shared {
             let encoded = target.as_ref().map(encode);
-            let change = shared.set_alias(&key, alias, encoded.as_deref(), &versions).await?;
+            let change = shared.set_alias(&key, alias, encoded.as_deref(), &versions, MAX_ALIASES).await?;
             if change == AliasChange::Done {
                 let mut aliases = (*self.aliases_of(tenant, name)).clone();
                 match target {
@@ -817,6 +828,9 @@ impl Registry {
             return Ok(AliasChange::NoSuchVersion(*missing));
         }
         let mut aliases = (*self.aliases_of(tenant, name)).clone();
+        if target.is_some() && !aliases.contains_key(alias) && aliases.len() >= MAX_ALIASES {
+            return Ok(AliasChange::TooMany);
+        }
         let changed = match target {
             Some(target) => {
                 aliases.insert(alias.to_string(), target);
@@ -950,13 +964,16 @@ impl Registry {
         let record = &function.record;
         let encoded = encode(record);
         let first = unversioned.map(|old| FunctionRecord { version: 1, ..old.record.clone() });
+        // Whether this version is the function's now (in a cluster, a
+        // deploy that took a later number may have written first).
+        let mut newest = true;
         if let Some(shared) = &self.shared {
             if let Some(first) = &first
                 && let Some(old_wasm) = self.module(&first.sha256).await?
             {
                 shared.put_version(&key, 1, &first.sha256, &encode(first), &old_wasm, true).await?;
             }
-            shared.put_version(&key, version, &record.sha256, &encoded, wasm, false).await?;
+            newest = shared.put_version(&key, version, &record.sha256, &encoded, wasm, false).await?;
         }
         let (sha, wasm, local_record) = (record.sha256.clone(), wasm.to_vec(), self.shared.is_none());
         let versioned = format!("{key}@{version}");
@@ -1007,8 +1024,17 @@ impl Registry {
             self.publish_aliases(&tenant, &name, aliases);
         }
         let function = Arc::new(function);
-        self.publish(function.clone());
-        self.collect_versions(&tenant, &name, keep).await?;
+        if newest {
+            self.publish(function.clone());
+        } else {
+            let mut functions = self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            functions.entry(tenant.clone()).or_default().insert(version_name(&name, version), function.clone());
+        }
+        // Stored and callable: a collection that fails now is tried again
+        // at the next deploy, and does not fail this one.
+        if let Err(e) = self.collect_versions(&tenant, &name, keep).await {
+            tracing::warn!(%tenant, function = %name, error = %e, "collecting old versions failed");
+        }
         Ok(function)
     }
 
@@ -1093,7 +1119,7 @@ impl Registry {
             // node has not mirrored it yet.
             Some(shared) => shared.remove_function(&key, &versions).await?,
             None => {
-                if self.get(tenant, name).is_none() {
+                if self.get(tenant, name).is_none() && versions.is_empty() {
                     return Ok(false);
                 }
                 let stored: Vec<String> =

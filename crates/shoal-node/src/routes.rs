@@ -90,7 +90,10 @@ async fn route(node: &Arc<Node>, request: Request<Body>, call_id: &str) -> Resul
     // the answer is the 404 of a missing function (names of functions
     // behind tokens cannot be probed).
     let caller = node.authenticate(request.headers());
-    if !function.record.public {
+    // Public means the function as it is now: its other versions and its
+    // aliases (an older version may have been public, or had a flaw since
+    // fixed) take the tenant's token.
+    if !function.record.public || name.contains('@') {
         caller.as_ref().map_err(|_| not_found())?.check_tenant(&tenant).map_err(|_| not_found())?;
     }
     let platform_token = caller.is_ok();

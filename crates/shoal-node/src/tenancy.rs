@@ -135,6 +135,14 @@ impl Node {
         self.remove_triggers_of(tenant).await?;
         self.remove_queues_of(tenant).await?;
         let functions = self.registry.list(tenant);
+        // Their versions' timeouts count too: an older version may run longer.
+        let longest = functions
+            .iter()
+            .flat_map(|f| self.registry.versions_of(tenant, &f.name))
+            .chain(functions.iter().cloned())
+            .map(|f| f.timeout_ms)
+            .max()
+            .unwrap_or(0);
         for function in &functions {
             self.registry.remove(tenant, &function.name).await?;
         }
@@ -152,7 +160,6 @@ impl Node {
             // mirrored the removal: those end within their timeout. (Each
             // node drops the tenant's local values when it mirrors the
             // deletion.)
-            let longest = functions.iter().map(|f| f.timeout_ms).max().unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(longest) + Duration::from_secs(2)).await;
         }
         // Both tiers: the global tier's keys first, then this node's local values.

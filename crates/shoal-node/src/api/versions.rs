@@ -151,6 +151,15 @@ pub(super) async fn put_alias(
         AliasChange::NoSuchVersion(v) => {
             return Err(ApiError::not_found(format!("function `{tenant}/{name}` has no version {v} (kept)")));
         }
+        AliasChange::TooMany => {
+            return Err(ApiError::new(
+                ErrorKind::LimitExceeded,
+                format!(
+                    "function `{tenant}/{name}` has {} aliases, its limit; remove one first",
+                    crate::registry::MAX_ALIASES
+                ),
+            ));
+        }
         AliasChange::NoSuchAlias => return Err(ApiError::internal("setting an alias", "refused as a removal")),
     }
     tracing::info!(%tenant, function = %name, %alias, "alias set");

@@ -126,6 +126,25 @@ async fn every_deploy_is_a_version_callable_by_number_and_old_ones_go_unless_ali
             let (got, answer) = set_alias(&node, &acme, "acme/f", alias, body.clone()).await;
             assert_eq!((got, answer["error"]["kind"].as_str()), (status, Some(kind)), "{alias} {body}: {answer}");
         }
+        // `NAME@latest` is the bare name.
+        assert_eq!(call(&node, &acme, "acme/f@latest", None).await.1, V_HELLO);
+        // At most 16 aliases (each may keep a version): a 17th is refused, a change is not.
+        for n in 0..15 {
+            let alias = format!("a{n}");
+            assert_eq!(
+                set_alias(&node, &acme, "acme/f", &alias, serde_json::json!({ "version": 6 })).await.0,
+                StatusCode::OK
+            );
+        }
+        let (status, answer) = set_alias(&node, &acme, "acme/f", "one-more", serde_json::json!({ "version": 6 })).await;
+        assert_eq!(
+            (status, answer["error"]["kind"].as_str()),
+            (StatusCode::INSUFFICIENT_STORAGE, Some("limit_exceeded"))
+        );
+        assert_eq!(
+            set_alias(&node, &acme, "acme/f", "a0", serde_json::json!({ "version": 5 })).await.0,
+            StatusCode::OK
+        );
         // Another tenant sees none of it: the 404 of a missing function.
         assert_eq!(call(&node, &rival, "acme/f@prod", None).await.0, StatusCode::NOT_FOUND);
         assert_eq!(
@@ -224,4 +243,29 @@ async fn a_weighted_alias_splits_10000_calls_within_two_percent_and_sticks_by_ro
     let expected = if sync == V_ECHO { 2 } else { 1 };
     assert_eq!((record["function"].as_str(), record["version"].as_u64()), (Some("acme/f"), Some(expected)), "{record}");
     Arc::into_inner(node).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn a_public_http_functions_other_versions_and_aliases_take_its_tenants_token() {
+    let node = TestNode::start().await;
+    let acme = node.create_tenant("acme").await;
+    for _ in 0..2 {
+        let (status, body) = node.deploy("acme/site", "access=public", shoal_guests::NOTES).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (status, body) = set_alias(&node, &acme, "acme/site", "prod", serde_json::json!({ "version": 1 })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let visit = |path: &str, token: Option<&str>| {
+        let mut request = node.http.post(format!("{}/acme/{path}/visits", node.fn_base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().status() }
+    };
+    assert_eq!(visit("site", None).await, StatusCode::OK, "the public function as it is now");
+    for reference in ["site@1", "site@2", "site@prod"] {
+        assert_eq!(visit(reference, None).await, StatusCode::NOT_FOUND, "{reference} without a token");
+        assert_eq!(visit(reference, Some(&acme)).await, StatusCode::OK, "{reference} with acme's token");
+    }
+    node.stop().await;
 }
