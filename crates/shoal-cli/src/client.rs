@@ -414,6 +414,99 @@ impl Client {
         Ok(())
     }
 
+    /// `shoal queue add`.
+    pub async fn queue_put(&self, queue: &str, spec: &serde_json::Value) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(queue)?;
+        // Unset settings take the node's defaults.
+        let spec: serde_json::Map<String, serde_json::Value> =
+            spec.as_object().cloned().unwrap_or_default().into_iter().filter(|(_, v)| !v.is_null()).collect();
+        let view = self.json(self.request(Method::PUT, &format!("/v1/queues/{tenant}/{name}")).json(&spec)).await?;
+        eprintln!(
+            "set queue {tenant}/{name}: consumed by {} in batches of up to {}",
+            view["consumer"].as_str().unwrap_or("?"),
+            view["batch_size"]
+        );
+        Ok(())
+    }
+
+    /// `shoal queue ls`.
+    pub async fn queue_list(&self, tenant: &str) -> anyhow::Result<()> {
+        let listed = self.json(self.request(Method::GET, &format!("/v1/queues/{tenant}"))).await?;
+        println!(
+            "{:<24} {:<20} {:>10} {:>8} {:>8} {:>10} {:>10} {:>8}",
+            "QUEUE", "CONSUMER", "MESSAGES", "DEAD", "RUNNING", "ACKED", "RETRIED", "DIED"
+        );
+        for q in listed["queues"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "{:<24} {:<20} {:>10} {:>8} {:>8} {:>10} {:>10} {:>8}",
+                q["name"].as_str().unwrap_or("?"),
+                q["consumer"].as_str().unwrap_or("?"),
+                q["messages"],
+                q["dead"],
+                q["batches_running"],
+                q["acked"],
+                q["retried"],
+                q["died"]
+            );
+        }
+        Ok(())
+    }
+
+    /// `shoal queue send`: the messages, 1,000 per request.
+    pub async fn queue_send(&self, queue: &str, messages: Vec<Vec<u8>>) -> anyhow::Result<()> {
+        use base64::Engine;
+        let (tenant, name) = function_ref(queue)?;
+        let path = format!("/v1/queues/{tenant}/{name}/messages");
+        let mut sent = 0;
+        for chunk in messages.chunks(1000) {
+            let encoded: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|m| match std::str::from_utf8(m) {
+                    Ok(text) => serde_json::json!({ "body": text }),
+                    Err(_) => serde_json::json!({ "body_base64": base64::engine::general_purpose::STANDARD.encode(m) }),
+                })
+                .collect();
+            let answer =
+                self.json(self.request(Method::POST, &path).json(&serde_json::json!({ "messages": encoded }))).await?;
+            for id in answer["ids"].as_array().cloned().unwrap_or_default() {
+                println!("{}", id.as_str().unwrap_or("?"));
+            }
+            sent += chunk.len();
+        }
+        eprintln!("sent {sent} message(s) to {tenant}/{name}");
+        Ok(())
+    }
+
+    /// `shoal queue dead`.
+    pub async fn queue_dead(&self, queue: &str, limit: usize) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(queue)?;
+        let dead =
+            self.json(self.request(Method::GET, &format!("/v1/queues/{tenant}/{name}/dead?limit={limit}"))).await?;
+        println!("{}", serde_json::to_string_pretty(&dead["dead"])?);
+        Ok(())
+    }
+
+    /// `shoal queue redrive` and `purge`.
+    pub async fn queue_dead_settle(&self, queue: &str, purge: bool) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(queue)?;
+        let answer = if purge {
+            self.json(self.request(Method::DELETE, &format!("/v1/queues/{tenant}/{name}/dead"))).await?
+        } else {
+            self.json(self.request(Method::POST, &format!("/v1/queues/{tenant}/{name}/dead/redrive"))).await?
+        };
+        let (what, n) = if purge { ("purged", &answer["purged"]) } else { ("redriven", &answer["redriven"]) };
+        eprintln!("{what} {n} dead letter(s) of {tenant}/{name}");
+        Ok(())
+    }
+
+    /// `shoal queue rm`.
+    pub async fn queue_remove(&self, queue: &str) -> anyhow::Result<()> {
+        let (tenant, name) = function_ref(queue)?;
+        self.send(self.request(Method::DELETE, &format!("/v1/queues/{tenant}/{name}"))).await?;
+        eprintln!("removed queue {tenant}/{name}");
+        Ok(())
+    }
+
     /// `shoal trigger add`: create or replace TENANT/NAME's trigger.
     pub async fn trigger_put(&self, trigger: &str, spec: &serde_json::Value) -> anyhow::Result<()> {
         let (tenant, name) = function_ref(trigger)?;

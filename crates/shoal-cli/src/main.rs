@@ -142,6 +142,12 @@ enum Command {
         #[command(subcommand)]
         command: AliasCommand,
     },
+    /// Queues: messages a consumer function of the tenant takes in
+    /// batches, at least once, with retries and dead letters.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
     /// Cron triggers: run a function of the tenant, with a fixed input,
     /// as an asynchronous call at each tick of a schedule.
     Trigger {
@@ -174,6 +180,62 @@ enum AliasCommand {
     Ls { function: String },
     /// Remove ALIAS of TENANT/NAME.
     Rm { function: String, alias: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// Create (or change) the queue TENANT/QUEUE, consumed by FUNCTION (of
+    /// the same tenant; `name`, `name@N` or `name@alias`).
+    Add {
+        queue: String,
+        #[arg(long)]
+        consumer: String,
+        /// Messages per batch, at most (default 10).
+        #[arg(long)]
+        batch_size: Option<u32>,
+        /// How long a partial batch waits for more, e.g. 1s (default).
+        #[arg(long, value_parser = units::parse_duration)]
+        batch_wait: Option<std::time::Duration>,
+        /// How long a batch's messages stay taken before they are offered
+        /// again (default the consumer's timeout + 5 s, at least 30 s).
+        #[arg(long, value_parser = units::parse_duration)]
+        visibility_timeout: Option<std::time::Duration>,
+        /// Attempts before a message moves to the dead letters (default 5).
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// The first retry's delay, doubled at each attempt (default 1s).
+        #[arg(long, value_parser = units::parse_duration)]
+        retry_delay: Option<std::time::Duration>,
+        /// Batches running at once (default 2).
+        #[arg(long)]
+        concurrency: Option<u32>,
+    },
+    /// List TENANT's queues: what each holds and has done.
+    Ls { tenant: String },
+    /// Send a message (or, with --lines, one per line of the input).
+    Send {
+        queue: String,
+        #[arg(short = 'd', long = "data", conflicts_with = "data_file")]
+        data: Option<String>,
+        /// The message read from a file (`-` for stdin).
+        #[arg(long = "data-file")]
+        data_file: Option<PathBuf>,
+        /// Each line of the input is a message (sent 1,000 at a time).
+        #[arg(long)]
+        lines: bool,
+    },
+    /// Print the queue's dead letters as JSON.
+    Dead {
+        queue: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Send the dead letters back to the queue (attempts from 0).
+    Redrive { queue: String },
+    /// Remove the dead letters.
+    Purge { queue: String },
+    /// Remove the queue and every message it holds.
+    Rm { queue: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -407,6 +469,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             AliasCommand::Ls { function } => client.alias_list(&function).await,
             AliasCommand::Rm { function, alias } => client.alias_remove(&function, &alias).await,
+        },
+        Command::Queue { command } => match command {
+            QueueCommand::Add {
+                queue,
+                consumer,
+                batch_size,
+                batch_wait,
+                visibility_timeout,
+                max_attempts,
+                retry_delay,
+                concurrency,
+            } => {
+                let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
+                let spec = serde_json::json!({
+                    "consumer": consumer,
+                    "batch_size": batch_size,
+                    "batch_wait_ms": ms(batch_wait),
+                    "visibility_timeout_ms": ms(visibility_timeout),
+                    "max_attempts": max_attempts,
+                    "retry_delay_ms": ms(retry_delay),
+                    "concurrency": concurrency,
+                });
+                client.queue_put(&queue, &spec).await
+            }
+            QueueCommand::Ls { tenant } => client.queue_list(&tenant).await,
+            QueueCommand::Send { queue, data, data_file, lines } => {
+                let input = read_input(data, data_file)?;
+                let messages: Vec<Vec<u8>> = if lines {
+                    input.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect()
+                } else {
+                    vec![input]
+                };
+                client.queue_send(&queue, messages).await
+            }
+            QueueCommand::Dead { queue, limit } => client.queue_dead(&queue, limit).await,
+            QueueCommand::Redrive { queue } => client.queue_dead_settle(&queue, false).await,
+            QueueCommand::Purge { queue } => client.queue_dead_settle(&queue, true).await,
+            QueueCommand::Rm { queue } => client.queue_remove(&queue).await,
         },
         Command::Trigger { command } => match command {
             TriggerCommand::Add { trigger, schedule, function, zone, data, data_file, disabled } => {
