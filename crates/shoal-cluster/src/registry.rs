@@ -487,9 +487,16 @@ impl SharedRegistry {
         Ok(removed == 1)
     }
 
-    /// Deploy: store the wasm (once per content) and the record, which
-    /// must name it in its `sha256` field (that is what counts as a use).
-    pub async fn put_function(&self, key: &str, sha256: &str, record: &[u8], wasm: &[u8]) -> Result<(), ClusterError> {
+    /// Store `wasm` under its content's key (once per content), then run
+    /// `script`, which writes a record naming it only if the wasm is still
+    /// there (0 when a removal took it meanwhile): tried three times.
+    async fn store_with_wasm(
+        &self,
+        what: &str,
+        sha256: &str,
+        wasm: &[u8],
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Result<i64, ClusterError> {
         let mut conn = self.conn.clone();
         let wasm_key = self.wasm_key(sha256);
         for _ in 0..3 {
@@ -497,23 +504,27 @@ impl SharedRegistry {
             if !present {
                 let _: () = conn.set(&wasm_key, wasm).await.map_err(redis_error)?;
             }
-            let stored: i64 = self
-                .put_function
-                .key(self.key("functions"))
-                .key(self.key("registry:version"))
-                .key(&wasm_key)
-                .key(self.key("wasm-refs"))
-                .arg(key)
-                .arg(record)
-                .arg(self.wasm_key(""))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            if stored == 1 {
-                return Ok(());
+            let stored: i64 = script.invoke_async(&mut conn).await.map_err(redis_error)?;
+            if stored != 0 {
+                return Ok(stored);
             }
         }
-        Err(ClusterError::Redis(format!("the wasm of `{key}` kept being removed while it was deployed")))
+        Err(ClusterError::Redis(format!("the wasm of `{what}` kept being removed while it was deployed")))
+    }
+
+    /// Deploy: store the wasm (once per content) and the record, which
+    /// must name it in its `sha256` field (that is what counts as a use).
+    pub async fn put_function(&self, key: &str, sha256: &str, record: &[u8], wasm: &[u8]) -> Result<(), ClusterError> {
+        let mut script = self.put_function.prepare_invoke();
+        script
+            .key(self.key("functions"))
+            .key(self.key("registry:version"))
+            .key(self.wasm_key(sha256))
+            .key(self.key("wasm-refs"))
+            .arg(key)
+            .arg(record)
+            .arg(self.wasm_key(""));
+        self.store_with_wasm(key, sha256, wasm, &script).await.map(drop)
     }
 
     /// Remove a function with its versions (the last 64 given out and
@@ -578,35 +589,20 @@ impl SharedRegistry {
         wasm: &[u8],
         only_unversioned: bool,
     ) -> Result<bool, ClusterError> {
-        let mut conn = self.conn.clone();
-        let wasm_key = self.wasm_key(sha256);
-        for _ in 0..3 {
-            let present: bool = conn.exists(&wasm_key).await.map_err(redis_error)?;
-            if !present {
-                let _: () = conn.set(&wasm_key, wasm).await.map_err(redis_error)?;
-            }
-            let stored: i64 = self
-                .put_version
-                .key(self.key("functions"))
-                .key(self.key("registry:version"))
-                .key(&wasm_key)
-                .key(self.key("wasm-refs"))
-                .key(self.key("aliases"))
-                .arg(function)
-                .arg(format!("{function}@{version}"))
-                .arg(record)
-                .arg(self.wasm_key(""))
-                .arg(if only_unversioned { "1" } else { "0" })
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            match stored {
-                1 => return Ok(true),
-                2 | 3 => return Ok(false),
-                _ => {}
-            }
-        }
-        Err(ClusterError::Redis(format!("the wasm of `{function}` kept being removed while it was deployed")))
+        let mut script = self.put_version.prepare_invoke();
+        script
+            .key(self.key("functions"))
+            .key(self.key("registry:version"))
+            .key(self.wasm_key(sha256))
+            .key(self.key("wasm-refs"))
+            .key(self.key("aliases"))
+            .arg(function)
+            .arg(format!("{function}@{version}"))
+            .arg(record)
+            .arg(self.wasm_key(""))
+            .arg(if only_unversioned { "1" } else { "0" });
+        // 1: the function's now; 2, 3: stored as a version only, or not at all.
+        Ok(self.store_with_wasm(function, sha256, wasm, &script).await? == 1)
     }
 
     /// Collect version `version` of `function` unless an alias routes

@@ -107,6 +107,33 @@ pub struct Summary {
     pub p99_ms: Option<f64>,
 }
 
+/// A latency histogram of its own (two bins per octave from 1 µs), for
+/// what is not a call: a queue's delivery delays.
+#[derive(Debug)]
+pub(crate) struct Latencies {
+    bins: std::sync::Mutex<[u32; BINS]>,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Self { bins: std::sync::Mutex::new([0; BINS]) }
+    }
+}
+
+impl Latencies {
+    pub(crate) fn record(&self, elapsed: Duration) {
+        let mut bins = self.bins.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bin = &mut bins[bin_of(elapsed)];
+        *bin = bin.saturating_add(1);
+    }
+
+    /// How many were recorded, and their p50 and p99 in ms (None before any).
+    pub(crate) fn summary(&self) -> (u64, Option<f64>, Option<f64>) {
+        let bins = *self.bins.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (bins.iter().map(|&n| u64::from(n)).sum(), quantile(&bins, 0.5), quantile(&bins, 0.99))
+    }
+}
+
 fn bin_of(elapsed: Duration) -> usize {
     let us = elapsed.as_secs_f64() * 1e6;
     if us < 1.0 {

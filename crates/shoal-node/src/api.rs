@@ -92,6 +92,15 @@ impl Node {
     }
 }
 
+/// Authenticate a request about `tenant`'s own things (the admin's or the
+/// tenant's token), with the tenant's name and the thing's (`what`, e.g.
+/// "queue") checked.
+fn authorise_own(node: &Node, headers: &HeaderMap, tenant: &str, named: Option<(&str, &str)>) -> Result<(), ApiError> {
+    node.authenticate(headers)?.check_tenant(tenant)?;
+    crate::names::check_name("tenant", tenant)?;
+    named.map_or(Ok(()), |(what, name)| crate::names::check_name(what, name))
+}
+
 fn path_error(rejection: PathRejection) -> ApiError {
     ApiError::bad_request(format!("bad path: {}", rejection.body_text()))
 }

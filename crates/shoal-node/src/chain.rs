@@ -97,6 +97,24 @@ impl Invoker for NodeInvoker {
             out.result.map_err(ChainError::Failed)
         })
     }
+
+    fn send_to_queue(&self, tenant: &str, queue: &str, bodies: Vec<Vec<u8>>) -> shoal_runtime::SendFuture {
+        use shoal_runtime::SendError;
+        let node = self.node.upgrade();
+        let (tenant, queue) = (tenant.to_string(), queue.to_string());
+        Box::pin(async move {
+            let node = node.ok_or_else(|| SendError::Unavailable("the node is shutting down".into()))?;
+            if !crate::names::is_valid_name(&queue) {
+                return Err(SendError::NotFound(format!("`{queue}` is not a queue's name")));
+            }
+            node.send_messages(&tenant, &queue, bodies).await.map_err(|e| match e.kind {
+                ErrorKind::NotFound => SendError::NotFound(e.message),
+                ErrorKind::TooLarge => SendError::TooLarge(e.message),
+                ErrorKind::LimitExceeded | ErrorKind::BadRequest => SendError::LimitExceeded(e.message),
+                _ => SendError::Unavailable(e.message),
+            })
+        })
+    }
 }
 
 pub(crate) fn invoker(node: &Weak<Node>) -> Arc<dyn Invoker> {

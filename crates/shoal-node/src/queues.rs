@@ -177,6 +177,9 @@ struct QueueState {
     dead: AtomicU64,
     bytes: AtomicU64,
     in_flight: AtomicU32,
+    /// From send to the consumer's start, for each message's first attempt
+    /// (on this node, since it started).
+    delivery: crate::activity::Latencies,
     /// Batches that ended, and messages acknowledged, retried, dead.
     acked: AtomicU64,
     retried: AtomicU64,
@@ -186,6 +189,23 @@ struct QueueState {
 }
 
 impl QueueState {
+    /// A queue holding `messages` and `dead` letters of `bytes` in all.
+    fn new(config: QueueConfig, messages: u64, dead: u64, bytes: u64) -> Self {
+        Self {
+            config: RwLock::new(config),
+            messages: AtomicU64::new(messages),
+            dead: AtomicU64::new(dead),
+            bytes: AtomicU64::new(bytes),
+            in_flight: AtomicU32::new(0),
+            delivery: Default::default(),
+            acked: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            died: AtomicU64::new(0),
+            wake: Notify::new(),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
     fn config(&self) -> QueueConfig {
         self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
@@ -249,19 +269,7 @@ impl Queues {
             let entry = held.entry(config.tenant.clone()).or_default();
             entry.messages += n + dead;
             entry.bytes += size + dead_size;
-            let state = QueueState {
-                config: RwLock::new(config),
-                messages: AtomicU64::new(n),
-                dead: AtomicU64::new(dead),
-                bytes: AtomicU64::new(size + dead_size),
-                in_flight: AtomicU32::new(0),
-                acked: AtomicU64::new(0),
-                retried: AtomicU64::new(0),
-                died: AtomicU64::new(0),
-                wake: Notify::new(),
-                stopped: AtomicBool::new(false),
-            };
-            queues.insert(key, Arc::new(state));
+            queues.insert(key, Arc::new(QueueState::new(config, n, dead, size + dead_size)));
         }
         Ok(Self {
             store,
@@ -331,6 +339,7 @@ pub fn queue_view(config: &QueueConfig, state: &QueueStateView) -> serde_json::V
         "acked": state.acked,
         "retried": state.retried,
         "died": state.died,
+        "delivery_ms": { "count": state.delivered, "p50": state.delivery_p50_ms, "p99": state.delivery_p99_ms },
     })
 }
 
@@ -344,11 +353,19 @@ pub struct QueueStateView {
     pub acked: u64,
     pub retried: u64,
     pub died: u64,
+    /// First deliveries timed, and their send-to-start delay.
+    pub delivered: u64,
+    pub delivery_p50_ms: Option<f64>,
+    pub delivery_p99_ms: Option<f64>,
 }
 
 impl QueueState {
     fn view(&self) -> QueueStateView {
+        let (delivered, delivery_p50_ms, delivery_p99_ms) = self.delivery.summary();
         QueueStateView {
+            delivered,
+            delivery_p50_ms,
+            delivery_p99_ms,
             messages: self.messages.load(Ordering::Relaxed),
             dead: self.dead.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
@@ -445,18 +462,7 @@ impl Node {
                 state
             }
             None => {
-                let state = Arc::new(QueueState {
-                    config: RwLock::new(config),
-                    messages: AtomicU64::new(0),
-                    dead: AtomicU64::new(0),
-                    bytes: AtomicU64::new(0),
-                    in_flight: AtomicU32::new(0),
-                    acked: AtomicU64::new(0),
-                    retried: AtomicU64::new(0),
-                    died: AtomicU64::new(0),
-                    wake: Notify::new(),
-                    stopped: AtomicBool::new(false),
-                });
+                let state = Arc::new(QueueState::new(config, 0, 0, 0));
                 queues.queues().insert(key, state.clone());
                 self.spawn_consumer(state.clone());
                 state
@@ -730,7 +736,17 @@ impl Node {
             .collect();
         let input =
             serde_json::to_vec(&serde_json::json!({ "queue": config.name, "messages": messages })).unwrap_or_default();
-        let outcome = self.run_consumer(&config, input).await;
+        // Each first attempt's delay from its send (its sequence number is
+        // the send time in µs) to the consumer's start.
+        let started_at = || {
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+            for t in taken.iter().filter(|t| t.message.attempts == 1) {
+                state.delivery.record(Duration::from_micros(now_us.saturating_sub(t.seq)));
+            }
+        };
+        let outcome = self.run_consumer(&config, input, started_at).await;
         // Which failed, and why: all, or those the consumer named.
         let failed: HashMap<u64, String> = match outcome {
             Ok(output) => {
@@ -757,7 +773,12 @@ impl Node {
     }
 
     /// Run the consumer function on a batch, in its tenant's turns.
-    async fn run_consumer(&self, config: &QueueConfig, input: Vec<u8>) -> Result<Vec<u8>, ApiError> {
+    async fn run_consumer(
+        &self,
+        config: &QueueConfig,
+        input: Vec<u8>,
+        started_at: impl FnOnce(),
+    ) -> Result<Vec<u8>, ApiError> {
         let function =
             self.registry.resolve(&config.tenant, &config.consumer, || crate::names::route_bucket(None)).ok_or_else(
                 || ApiError::not_found(format!("function `{}/{}` does not exist", config.tenant, config.consumer)),
@@ -768,6 +789,7 @@ impl Node {
             .executor
             .admit_accepted(&function.settings.tenant, &function.key, function.settings.memory_limit)
             .await;
+        started_at();
         let image = self.image_of(&function).await.map_err(|e| ApiError::internal("loading the consumer", e))?;
         let settings = self.settings_for(&function, None);
         let mut out = slot.run(&image, &settings, bytes::Bytes::from(input)).await;

@@ -104,6 +104,22 @@ pub enum ChainError {
 /// What an invoker returns: owned, so it can run on its own task.
 pub type InvokeFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, ChainError>> + Send + 'static>>;
 
+/// Why a guest's send to a queue failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    LimitExceeded(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What a send to a queue returns: the messages' ids.
+pub type SendFuture = Pin<Box<dyn Future<Output = Result<Vec<String>, SendError>> + Send + 'static>>;
+
 /// Runs a chained call. Implemented by the crate that knows the deployed
 /// functions and admits calls; given to the runtime with
 /// [`Runtime::set_invoker`](crate::Runtime::set_invoker).
@@ -113,4 +129,13 @@ pub trait Invoker: Send + Sync {
     /// caller, with the caller's deadline). The same tenant only: a
     /// function of another tenant answers [`ChainError::Denied`].
     fn invoke(&self, tenant: &str, function: &str, input: Vec<u8>, lineage: Lineage) -> InvokeFuture;
+
+    /// Send `bodies` to `tenant`'s queue `queue` (the caller's tenant
+    /// only: the host gives no way to name another's). Without queues:
+    /// unavailable.
+    fn send_to_queue(&self, tenant: &str, queue: &str, bodies: Vec<Vec<u8>>) -> SendFuture {
+        let _ = (tenant, bodies);
+        let queue = queue.to_string();
+        Box::pin(async move { Err(SendError::Unavailable(format!("queue `{queue}`: no queues here"))) })
+    }
 }

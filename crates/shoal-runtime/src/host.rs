@@ -6,6 +6,7 @@
 //! `call.rs`): nothing here grants files, sockets or the host's env.
 
 mod invoke;
+mod queue;
 mod state;
 
 pub(crate) use self::invoke::ChainCtx;

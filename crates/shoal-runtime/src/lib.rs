@@ -29,7 +29,7 @@ mod source;
 mod trace;
 
 pub use call::{CallOutput, CallSettings, CallUsage, ConfigValues, LogLine, LogStream};
-pub use chain::{ChainError, InvokeFuture, Invoker, Lineage, RootCall};
+pub use chain::{ChainError, InvokeFuture, Invoker, Lineage, RootCall, SendError, SendFuture};
 pub use config::{RuntimeBinary, RuntimeConfig};
 pub use error::{CallError, DeployError, RuntimeError};
 pub use http::{AllowList, CallInput, HttpAnswer, HttpBody, HttpError, HttpExchange, MAX_ALLOWED_HOSTS};

@@ -16,6 +16,7 @@
 
 import * as state from "shoal:function/state@0.1.0";
 import * as invoke from "shoal:function/invoke@0.1.0";
+import * as queue from "shoal:function/queue@0.1.0";
 import * as environment from "shoal:function/environment@0.1.0";
 
 const ENTRY = "app.js";
@@ -67,6 +68,11 @@ const shoal = Object.freeze({
   call: (name, input = "") => host(invoke.call, name, bytes(input)),
   spawn: (name, input = "") => host(invoke.spawn, name, bytes(input)),
   wait: (id) => host(invoke.await, BigInt(id)),
+  /** This tenant's queues: `shoal.queue.send("orders", body)` → the message's id. */
+  queue: Object.freeze({
+    send: (name, body) => host(queue.send, name, bytes(body)),
+    sendBatch: (name, bodies) => host(queue.sendBatch, name, bodies.map(bytes)),
+  }),
   text: (input) => decoder.decode(input),
   /** The env vars set at deploy, as an object. */
   env: () => Object.fromEntries(environment.get()),

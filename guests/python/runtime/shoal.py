@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from componentize_py_types import Err, Ok
 from wit_world.imports import invoke as _invoke
 from wit_world.imports import outgoing_handler as _outgoing
+from wit_world.imports import queue as _queue
 from wit_world.imports import state as _state
 from wit_world.imports import streams as _streams
 from wit_world.imports import shoal_function_types as _types
@@ -143,6 +144,21 @@ def spawn(function: str, input: bytes | str = b"") -> int:
 def wait(call_id: int) -> bytes:
     """The output of a call started by `spawn`."""
     return _host(_invoke.await_, call_id)
+
+
+class _Queue:
+    """This tenant's queues: `shoal.queue.send("orders", b"...")` stores a
+    message durably and returns its id; the queue's consumer function gets
+    it in a batch."""
+
+    def send(self, queue: str, body: bytes | str) -> str:
+        return _host(_queue.send, queue, _bytes(body))
+
+    def send_batch(self, queue: str, bodies) -> list:
+        return _host(_queue.send_batch, queue, [_bytes(b) for b in bodies])
+
+
+queue = _Queue()
 
 
 # --- HTTP --------------------------------------------------------------------

@@ -47,7 +47,7 @@ pub mod bindings_init {
 }
 
 pub use bindings::shoal::function::types::Error;
-pub use bindings::shoal::function::{invoke, state};
+pub use bindings::shoal::function::{invoke, queue, state};
 
 /// A Shoal function: bytes in, bytes out, or an error message.
 pub trait Function {

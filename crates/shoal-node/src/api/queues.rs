@@ -21,13 +21,10 @@ use serde_json::json;
 use super::{path_error, read_body};
 use crate::Node;
 use crate::error::ApiError;
-use crate::names::check_name;
 use crate::queues::QueueSpec;
 
-fn authorise(node: &Node, headers: &HeaderMap, tenant: &str, queue: Option<&str>) -> Result<(), ApiError> {
-    node.authenticate(headers)?.check_tenant(tenant)?;
-    check_name("tenant", tenant)?;
-    queue.map_or(Ok(()), |queue| check_name("queue", queue))
+fn authorise(node: &Node, headers: &HeaderMap, tenant: &str, name: Option<&str>) -> Result<(), ApiError> {
+    super::authorise_own(node, headers, tenant, name.map(|name| ("queue", name)))
 }
 
 pub(super) async fn put(

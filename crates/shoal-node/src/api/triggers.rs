@@ -16,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use super::{path_error, read_body};
 use crate::Node;
 use crate::error::ApiError;
-use crate::names::check_name;
 use crate::triggers::{MAX_TRIGGER_INPUT, TriggerSpec};
 
 /// A body holds the input as JSON text (each byte at most six, escaped)
@@ -24,9 +23,7 @@ use crate::triggers::{MAX_TRIGGER_INPUT, TriggerSpec};
 const MAX_BODY: usize = MAX_TRIGGER_INPUT * 6 + 4096;
 
 fn authorise(node: &Node, headers: &HeaderMap, tenant: &str, name: Option<&str>) -> Result<(), ApiError> {
-    node.authenticate(headers)?.check_tenant(tenant)?;
-    check_name("tenant", tenant)?;
-    name.map_or(Ok(()), |name| check_name("trigger", name))
+    super::authorise_own(node, headers, tenant, name.map(|name| ("trigger", name)))
 }
 
 pub(super) async fn put(

@@ -39,9 +39,13 @@ async fn handled(node: &TestNode, token: &str) -> HashMap<String, usize> {
 }
 
 async fn queue(node: &TestNode, token: &str) -> Value {
+    queue_named(node, token, "work").await
+}
+
+async fn queue_named(node: &TestNode, token: &str, name: &str) -> Value {
+    let path = format!("/v1/queues/acme/{name}");
     let (status, view) =
-        status_and_json(node.req(reqwest::Method::GET, "/v1/queues/acme/work", Some(token)).send().await.unwrap())
-            .await;
+        status_and_json(node.req(reqwest::Method::GET, &path, Some(token)).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::OK, "{view}");
     view
 }
@@ -101,6 +105,8 @@ async fn a_hundred_thousand_messages_are_each_handled_and_poison_ends_in_the_dea
     let drained_in = started.elapsed();
     assert_eq!(view["dead"], 20, "{view}");
     assert_eq!(view["acked"], 100_000 - 20, "{view}");
+    assert_eq!(view["delivery_ms"]["count"], 100_000, "each first attempt timed: {view}");
+    assert!(view["delivery_ms"]["p99"].as_f64().unwrap() >= view["delivery_ms"]["p50"].as_f64().unwrap());
     assert!(view["retried"].as_u64().unwrap() >= 5_000, "about a tenth retried at least once: {view}");
     // Every message handled at least once; the poison never.
     let counts = handled(&node, &acme).await;
@@ -142,10 +148,15 @@ async fn a_hundred_thousand_messages_are_each_handled_and_poison_ends_in_the_dea
     node.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queues_are_bounded_checked_and_their_tenants_own() {
     let node = TestNode::start_with(|c| {
-        c.queue_limits = shoal_node::QueueLimits { messages_per_tenant: 50, message_bytes: 1000, ..Default::default() }
+        c.queue_limits = shoal_node::QueueLimits { messages_per_tenant: 50, message_bytes: 1000, ..Default::default() };
+        // Python and JavaScript functions send too (the runtimes compiled
+        // once for every test run).
+        c.python_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+        c.js_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
+        c.runtime_cache_dir = Some(concat!(env!("CARGO_TARGET_TMPDIR"), "/runtime-cache").into());
     })
     .await;
     let acme = node.create_tenant("acme").await;
@@ -204,11 +215,41 @@ async fn queues_are_bounded_checked_and_their_tenants_own() {
         put(&rival, "/v1/queues/rival/steal", serde_json::json!({ "consumer": "consume" })).await.0,
         StatusCode::NOT_FOUND
     );
+    // A function sends to its own tenant's queues through the host
+    // interface: ids back, the same limits, a missing queue named.
+    assert_eq!(node.deploy("acme/ops", "", shoal_guests::STATE_OPS).await.0, StatusCode::CREATED);
+    let (status, out) = node.invoke_as(&acme, "acme/ops", b"qsend q fail").await;
+    assert_eq!(
+        status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the tenant is at its limit: {}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(String::from_utf8_lossy(&out).contains("LimitExceeded"), "{}", String::from_utf8_lossy(&out));
+    let (status, out) = node.invoke_as(&acme, "acme/ops", b"qsend nosuch x").await;
+    assert!(status == StatusCode::INTERNAL_SERVER_ERROR && String::from_utf8_lossy(&out).contains("NotFound"));
+    // The same from Python and JavaScript: at the limit, each language's error.
+    let python = b"import shoal\ndef handle(i):\n    try:\n        return shoal.queue.send('q', i).encode()\n    except shoal.LimitExceeded:\n        return b'full'\n";
+    let (status, body) = node.deploy("acme/py", "language=python", python).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let js = b"const shoal = require('shoal');\nexports.handle = (i) => { try { return shoal.queue.send('q', i); } catch (e) { return e.kind; } };";
+    let (status, body) = node.deploy("acme/js", "language=javascript", js).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(node.invoke_as(&acme, "acme/py", b"fail").await, (StatusCode::OK, b"full".to_vec()));
+    assert_eq!(node.invoke_as(&acme, "acme/js", b"fail").await, (StatusCode::OK, b"limit-exceeded".to_vec()));
     // Removing the queue frees what it held.
     let removal = node.req(reqwest::Method::DELETE, "/v1/queues/acme/q", Some(&acme)).send().await.unwrap();
     assert_eq!(removal.status(), StatusCode::NO_CONTENT);
     let spec = serde_json::json!({ "consumer": "consume", "batch_wait_ms": 60000 });
     assert_eq!(put(&acme, "/v1/queues/acme/q", spec).await.0, StatusCode::CREATED);
-    assert_eq!(send(&acme, 50, fail()).await.0, StatusCode::ACCEPTED, "the removed queue's messages no longer count");
+    assert_eq!(send(&acme, 47, fail()).await.0, StatusCode::ACCEPTED, "the removed queue's messages no longer count");
+    for function in ["acme/py", "acme/js"] {
+        let (status, id) = node.invoke_as(&acme, function, b"fail").await;
+        assert_eq!((status, id.len()), (StatusCode::OK, 16), "{function}: {}", String::from_utf8_lossy(&id));
+    }
+    let (status, id) = node.invoke_as(&acme, "acme/ops", b"qsend q fail").await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&id));
+    assert_eq!(id.len(), 16, "a message id: {}", String::from_utf8_lossy(&id));
+    assert_eq!(queue_named(&node, &acme, "q").await["messages"], 50, "sent by the guest");
     node.stop().await;
 }

@@ -45,6 +45,11 @@ impl ChainCtx {
 }
 
 impl ChainCtx {
+    /// The node's invoker, if the runtime has one.
+    pub(crate) fn invoker(&self) -> Option<std::sync::Arc<dyn Invoker>> {
+        self.invoker.clone()
+    }
+
     /// Calls started with `spawn` (awaited or not).
     pub(crate) fn n_spawned(&self) -> u32 {
         u32::try_from(self.next_id - 1).unwrap_or(u32::MAX)

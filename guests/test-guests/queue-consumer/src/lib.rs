@@ -1,7 +1,8 @@
 //! A queue's consumer for the host's tests: for a batch
 //! (`{"queue", "messages": [{"id", "body", "attempt", …}]}`) it asks to
 //! retry every message whose body starts with `poison`, and one in ten of
-//! the others at random; the rest it handles by writing their ids, one
+//! the others at random (but never one that starts with `keep:`, for
+//! benchmarks); the rest it handles by writing their ids, one
 //! per line, to the state key `seen/<first id of the batch>/<attempt>`
 //! (pushed to the global tier), so a test can count how often each
 //! message was handled. A body of `fail` fails the whole batch.
@@ -25,7 +26,7 @@ impl shoal_sdk::Function for QueueConsumer {
             if body == "fail" {
                 return Err("asked to fail the batch".into());
             }
-            if body.starts_with("poison") || random.hash_one(id) % 10 == 0 {
+            if body.starts_with("poison") || (!body.starts_with("keep:") && random.hash_one(id) % 10 == 0) {
                 retry.push(id.to_string());
             } else {
                 handled.push(id.to_string());

@@ -4,7 +4,8 @@
 //! `append K DATA`, `incr K DELTA`, `push K`, `pull K`, `fill K BYTE LEN`,
 //! `lock K`, `unlock K`, `bump K` (add 1 to the decimal local value, a
 //! read-modify-write that only a lock makes safe), `panic K` (trap),
-//! `sleep K MS` (K is ignored), and
+//! `sleep K MS` (K is ignored), `qsend Q BODY` (send BODY to the
+//! tenant's queue Q; the output is the message's id), and
 //! for benchmarks `loopget K N`, `loopset K LEN N` and
 //! `looprange K LEN N SPAN` (N reads of LEN bytes spread over SPAN).
 //! The output is the last operation's result; an error stops the run and
@@ -46,6 +47,9 @@ fn run(line: &str) -> Result<Vec<u8>, String> {
         "incr" => {
             state::incr(&key, num(words.next())?).map(|v| v.to_string().into_bytes()).map_err(|e| format!("{e:?}"))
         }
+        "qsend" => shoal_sdk::queue::send(&key, arg(op, words.next())?.as_bytes())
+            .map(String::into_bytes)
+            .map_err(|e| format!("{e:?}")),
         "push" => ok(state::push(&key)),
         "pull" => ok(state::pull(&key)),
         "lock" => ok(state::lock(&key)),
