@@ -14,6 +14,8 @@
 //! - [`SharedUsage`]: what each tenant's calls used, per minute, summed
 //!   over the nodes.
 //! - [`SharedTriggers`]: cron triggers and the last tick each ran.
+//! - [`SharedQueues`]: queues as Redis streams read by one consumer group
+//!   (not yet used by the node: its queues are single-node for now).
 //!
 //! The crate keeps records as bytes: what they mean is the node's
 //! business. It never sees HTTP routes or function images.
@@ -30,6 +32,7 @@ mod calls;
 mod forward;
 mod membership;
 pub mod placement;
+mod queues;
 mod registry;
 mod triggers;
 mod usage;
@@ -41,6 +44,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 pub use calls::{CallQueue, Finished, Refused, TakenCall, TickClaim};
 pub use forward::{Answer, ForwardError, Forwarder, SECRET_HEADER};
 pub use membership::{Load, Member, Membership, MembershipConfig};
+pub use queues::{DeadMessage, QueueCounts, Settle, SharedQueues, TakenMessage};
 pub use registry::{AliasChange, RegistrySnapshot, Republished, SharedRegistry, VersionRemoval};
 pub use triggers::{SharedTriggers, TriggerPut};
 pub use usage::{SharedUsage, UsageRow};
