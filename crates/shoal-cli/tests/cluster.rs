@@ -1005,3 +1005,159 @@ async fn an_alias_rolled_back_under_load_serves_only_its_versions_and_reaches_ev
         assert!(after.clone().count() > 5 && after.clone().all(|(.., out)| out == "x"), "{}", node.url);
     }
 }
+
+#[test]
+fn queued_messages_over_three_nodes_are_all_handled_across_kill_9_of_a_consumer_and_a_redis_restart() {
+    one_at_a_time(
+        queued_messages_over_three_nodes_are_all_handled_across_kill_9_of_a_consumer_and_a_redis_restart_body(),
+    );
+}
+
+/// `acme/work` as `node` shows it.
+async fn work_queue(http: &Http, node: &NodeProcess, token: &str) -> Value {
+    http.ok(Method::GET, format!("{}/v1/queues/acme/work", node.url), token, Vec::new()).await.json()
+}
+
+async fn queued_messages_over_three_nodes_are_all_handled_across_kill_9_of_a_consumer_and_a_redis_restart_body() {
+    // Redis writes every change to its append-only file before answering.
+    let mut redis = RedisServer::start_durable();
+    let mut nodes: Vec<NodeProcess> =
+        ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().map(|h| start_node(&redis, h, &[])).collect();
+    let http = Http::new();
+    for node in &nodes {
+        http.wait_members(node, 3).await;
+        http.wait_ready(node, 3).await;
+    }
+    let token = http.create_tenant(&nodes[0], "acme").await;
+    http.deploy(&nodes[0], &token, "acme/consume", shoal_guests::QUEUE_CONSUMER).await;
+    for node in &nodes {
+        http.invoke_once_visible(node, &token, "acme/consume", r#"{"queue":"work","messages":[]}"#).await;
+    }
+    // Made on one node, it is seen and fed through the others at once.
+    let spec = json!({
+        "consumer": "consume", "batch_size": 100, "batch_wait_ms": 20, "max_attempts": 8,
+        "retry_delay_ms": 100, "concurrency": 2, "visibility_timeout_ms": 6000,
+    });
+    let made = http
+        .ok(Method::PUT, format!("{}/v1/queues/acme/work", nodes[1].url), &token, serde_json::to_vec(&spec).unwrap())
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+    assert_eq!(work_queue(&http, &nodes[2], &token).await["consumer"], "consume");
+
+    // 100,000 messages in sends of 1,000 through every node, 20 of them
+    // poison; a consuming node is killed after 30 sends, Redis after 60.
+    let started = Instant::now();
+    let (mut ids, mut poison) = (Vec::new(), Vec::new());
+    let mut killed_had_acked = 0;
+    for send in 0..100 {
+        if send == 30 {
+            killed_had_acked = work_queue(&http, &nodes[2], &token).await["acked"].as_u64().unwrap();
+            nodes[2].kill();
+        }
+        if send == 60 {
+            redis.restart();
+        }
+        let messages: Vec<Value> = (0..1000)
+            .map(|i| {
+                let n = send * 1000 + i;
+                json!({ "body": if n % 5000 == 1234 { format!("poison {n}") } else { format!("m{n}") } })
+            })
+            .collect();
+        let body = serde_json::to_vec(&json!({ "messages": messages })).unwrap();
+        let via = &nodes[send % if send < 30 { 3 } else { 2 }];
+        let url = format!("{}/v1/queues/acme/work/messages", via.url);
+        // Until the nodes have reconnected to the restarted Redis a send
+        // may be refused (nothing of it written: the script runs whole or
+        // not at all); it is sent again.
+        let sent = loop {
+            let reply = http.send(Method::POST, url.clone(), &token, body.clone(), &[]).await.unwrap();
+            if reply.status == StatusCode::ACCEPTED {
+                break reply.json();
+            }
+            assert!(reply.status.is_server_error(), "send {send}: {} {}", reply.status, reply.text());
+            assert!(started.elapsed() < SETTLE * 2, "send {send} never went through: {}", reply.text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for (i, id) in sent["ids"].as_array().unwrap().iter().enumerate() {
+            let id = id.as_str().unwrap().to_string();
+            if (send * 1000 + i) % 5000 == 1234 {
+                poison.push(id.clone());
+            }
+            ids.push(id);
+        }
+    }
+    assert!(killed_had_acked > 0, "the killed node was consuming");
+    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 100_000, "ids are unique");
+
+    // Drained, as Redis counts it: nothing waits or is leased; the poison is dead.
+    let view = loop {
+        let view = work_queue(&http, &nodes[0], &token).await;
+        if view["messages"] == 0 {
+            break view;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "not drained: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("cluster queue: 100,000 drained in {:?}", started.elapsed());
+    assert_eq!(view["dead"], 20, "{view}");
+    // Both survivors consumed.
+    for node in &nodes[..2] {
+        let view = work_queue(&http, node, &token).await;
+        assert!(view["acked"].as_u64().unwrap() > 1000, "{}: {view}", node.url);
+    }
+    let dead = http.ok(Method::GET, format!("{}/v1/queues/acme/work/dead", nodes[1].url), &token, Vec::new()).await;
+    let letters = dead.json()["dead"].as_array().unwrap().clone();
+    assert_eq!(letters.len(), 20);
+    for letter in &letters {
+        assert!(poison.contains(&letter["id"].as_str().unwrap().to_string()), "{letter}");
+        assert_eq!(letter["attempts"], 8, "{letter}");
+    }
+
+    // Every message handled at least once (the consumer's `seen/…` keys,
+    // in Redis), the poison never; handled twice at most what was in
+    // flight when the node died (2 batches of 100) and when Redis did (2
+    // batches of 100 on each of 2 nodes).
+    let listed = http.ok(Method::GET, format!("{}/v1/state/acme", nodes[0].url), &token, Vec::new()).await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for key in listed.json()["keys"].as_array().unwrap() {
+        let key = key["key"].as_str().unwrap();
+        if key.starts_with("seen/") {
+            for id in http.state(&nodes[0], &token, &format!("acme/{}", key.replace('/', "%2F"))).await.lines() {
+                *counts.entry(id.to_string()).or_default() += 1;
+            }
+        }
+    }
+    let missing: Vec<&String> = ids.iter().filter(|id| !poison.contains(id) && !counts.contains_key(*id)).collect();
+    assert!(missing.is_empty(), "{} never handled, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(poison.iter().all(|id| !counts.contains_key(id)));
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    eprintln!("cluster queue: {duplicates} handled twice");
+    assert!(duplicates <= 600, "{duplicates} handled twice");
+
+    // Purged from any node, the dead letters are gone; the queue removed, so is all it kept.
+    let purged =
+        http.ok(Method::DELETE, format!("{}/v1/queues/acme/work/dead", nodes[1].url), &token, Vec::new()).await;
+    assert_eq!(purged.json()["purged"], 20);
+    assert_eq!(work_queue(&http, &nodes[0], &token).await["dead"], 0);
+    http.ok(Method::DELETE, format!("{}/v1/queues/acme/work", nodes[0].url), &token, Vec::new()).await;
+    let gone = http.send(Method::GET, format!("{}/v1/queues/acme/work", nodes[1].url), &token, Vec::new(), &[]).await;
+    assert_eq!(gone.unwrap().status, StatusCode::NOT_FOUND);
+    assert_eq!(redis.command(&["EXISTS", "shoal:q:acme/work:s", "shoal:q:acme/work:m"]), ":0");
+
+    // A deleted tenant's queues go with it, whatever they held.
+    let spec =
+        serde_json::to_vec(&json!({ "consumer": "consume", "batch_wait_ms": 60_000, "batch_size": 1000 })).unwrap();
+    http.ok(Method::PUT, format!("{}/v1/queues/acme/later", nodes[0].url), &token, spec).await;
+    let ten = serde_json::to_vec(&json!({ "messages": vec![json!({ "body": "keep:x" }); 10] })).unwrap();
+    http.ok(Method::POST, format!("{}/v1/queues/acme/later/messages", nodes[1].url), &token, ten).await;
+    assert_eq!(redis.command(&["HLEN", "shoal:q:acme/later:m"]), ":10");
+    http.ok(Method::DELETE, format!("{}/v1/tenants/acme", nodes[1].url), ADMIN, Vec::new()).await;
+    let deleting = Instant::now();
+    while redis.command(&["EXISTS", "shoal:q:acme/later:m", "shoal:q:acme/later:s"]) != ":0"
+        || redis.command(&["HLEN", "shoal:queues"]) != ":0"
+    {
+        assert!(deleting.elapsed() < SETTLE, "the deleted tenant's queue is still in Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(redis.command(&["HEXISTS", "shoal:queues:held", "acme:n"]), ":0");
+}

@@ -44,7 +44,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 pub use calls::{CallQueue, Finished, Refused, TakenCall, TickClaim};
 pub use forward::{Answer, ForwardError, Forwarder, SECRET_HEADER};
 pub use membership::{Load, Member, Membership, MembershipConfig};
-pub use queues::{DeadMessage, QueueCounts, Settle, SharedQueues, TakenMessage};
+pub use queues::{DeadMessage, QueueCounts, QueuePut, Sent, Settle, SharedQueues, Take, TakenMessage};
 pub use registry::{AliasChange, RegistrySnapshot, Republished, SharedRegistry, VersionRemoval};
 pub use triggers::{SharedTriggers, TriggerPut};
 pub use usage::{SharedUsage, UsageRow};

@@ -59,6 +59,8 @@ pub(crate) struct Cluster {
     pub(crate) usage: Option<shoal_cluster::SharedUsage>,
     /// The cluster's cron triggers (set when the node joins).
     pub(crate) triggers: Option<shoal_cluster::SharedTriggers>,
+    /// The cluster's queues (set when the node joins).
+    pub(crate) queues: Option<shoal_cluster::SharedQueues>,
     pub(crate) forwarder: Forwarder,
     /// The secret peers must present: the cluster's current one, and the
     /// one before it while peers may still send it (Redis lost it and
@@ -114,6 +116,7 @@ impl Cluster {
             queue,
             usage: None,
             triggers: None,
+            queues: None,
             forwarder,
             secrets: std::sync::RwLock::new((secret, None)),
             capacity,

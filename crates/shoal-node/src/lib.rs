@@ -316,7 +316,8 @@ impl Node {
         let usage_store = store.clone();
         let shared_triggers = cluster.as_ref().and_then(|c| c.triggers.clone());
         let triggers = triggers::Triggers::open(store.clone(), shared_triggers, config.max_triggers_per_tenant)?;
-        let queues = queues::Queues::open(store.clone(), config.queue_limits, cluster.is_some())?;
+        let shared_queues = cluster.as_ref().and_then(|c| Some((c.queues.clone()?, c.id().to_string())));
+        let queues = queues::Queues::open(store.clone(), config.queue_limits, shared_queues)?;
         let registry = Registry::open(store, shared)?;
         let node = Arc::new_cyclic(|node| {
             // A fresh runtime has no invoker yet: this cannot fail.
@@ -806,6 +807,7 @@ async fn join_cluster(
         .map_err(StartError::Config)?;
     let usage = shoal_cluster::SharedUsage::new(conn.clone(), &config.cluster_prefix);
     let triggers = shoal_cluster::SharedTriggers::new(conn.clone(), &config.cluster_prefix);
+    let queues = shoal_cluster::SharedQueues::new(conn.clone(), &config.cluster_prefix);
     let queue = CallQueue::new(conn, &config.cluster_prefix)
         .with_kept_limits(config.max_async_records_per_tenant, config.max_async_output_bytes_per_tenant);
     // Leases an older version of the node left are found once (by a scan
@@ -820,5 +822,6 @@ async fn join_cluster(
     let mut cluster = cluster::Cluster::new(shared.clone(), membership, queue, forwarder, secret, capacity);
     cluster.usage = Some(usage);
     cluster.triggers = Some(triggers);
+    cluster.queues = Some(queues);
     Ok((shared, Arc::new(cluster)))
 }

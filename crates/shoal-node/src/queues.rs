@@ -26,8 +26,16 @@
 //! What a tenant keeps — messages waiting, in flight and dead — is
 //! bounded (`QueueLimits`), and so is what one queue's consumer runs at
 //! once (`concurrency`); batches run in the tenant's turns like
-//! asynchronous calls. Queues need the node's embedded store: a node of a
-//! cluster refuses them for now.
+//! asynchronous calls.
+//!
+//! On a node of a cluster the queues live in Redis instead
+//! (`shoal_cluster::SharedQueues`: a stream per queue and one consumer
+//! group, each node a consumer): every node mirrors the queues' settings
+//! and runs a consumer loop for each, so any node takes a batch and a
+//! batch leased by a node that died is claimed by another once its lease
+//! runs out. Settings, messages, dead letters and what each tenant holds
+//! are Redis's; the batch, retry and delivery counts a queue shows are the
+//! answering node's since it started.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -37,6 +45,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
+use shoal_cluster::{QueuePut, Sent, Settle, SharedQueues};
 use shoal_state::{EmbeddedStore, StoreError, Table};
 use tokio::sync::Notify;
 
@@ -53,6 +62,8 @@ const MAX_RETRY_DELAY_MS: u64 = 300_000;
 /// How long an idle consumer loop sleeps before it looks again (a send
 /// wakes it at once).
 const IDLE: Duration = Duration::from_millis(500);
+/// How often a node of a cluster looks for changed queue settings.
+const MIRROR_EVERY: Duration = Duration::from_millis(500);
 /// Dead letters one redrive or purge moves at most.
 const DEAD_BATCH: usize = 10_000;
 
@@ -226,8 +237,11 @@ pub(crate) struct Queues {
     /// The last message sequence number given out.
     seq: AtomicU64,
     limits: QueueLimits,
-    /// Queues are refused on a node of a cluster (for now).
-    clustered: bool,
+    /// On a node of a cluster: the queues in Redis, and this node's name
+    /// as their consumer.
+    shared: Option<(SharedQueues, String)>,
+    /// The shared settings' version last mirrored (cluster only).
+    version: AtomicU64,
 }
 
 impl std::fmt::Debug for Queues {
@@ -236,21 +250,40 @@ impl std::fmt::Debug for Queues {
     }
 }
 
-/// A taken message: its sequence number, its lease (when it becomes
-/// visible again unless settled) and the message.
+/// A taken message, as its consumer gets it.
 struct Taken {
-    seq: u64,
-    lease_ms: u64,
-    message: Message,
+    id: String,
+    /// Its attempts so far, this one included.
+    attempts: u32,
+    sent_ms: u64,
+    /// When it was sent, in µs (its first delivery's delay is timed from it).
+    sent_us: u64,
+    body: Vec<u8>,
+    lease: Lease,
+}
+
+/// What a taken message is settled by.
+enum Lease {
+    /// On one node: its sequence number and when it becomes visible again
+    /// unless settled.
+    Store { seq: u64, until_ms: u64 },
+    /// In a cluster: the stream entry that carried it.
+    Stream(String),
 }
 
 impl Queues {
-    /// Read every queue and count what it holds.
-    pub(crate) fn open(store: Arc<EmbeddedStore>, limits: QueueLimits, clustered: bool) -> Result<Self, StoreError> {
+    /// Read every queue and count what it holds (on one node; in a
+    /// cluster the first mirror fills them).
+    pub(crate) fn open(
+        store: Arc<EmbeddedStore>,
+        limits: QueueLimits,
+        shared: Option<(SharedQueues, String)>,
+    ) -> Result<Self, StoreError> {
         let mut queues = HashMap::new();
         let mut held: HashMap<String, Held> = HashMap::new();
         let mut last_seq = 0u64;
-        for (key, bytes) in store.scan_prefix(QUEUES, "")? {
+        let stored = if shared.is_some() { Vec::new() } else { store.scan_prefix(QUEUES, "")? };
+        for (key, bytes) in stored {
             let Ok(config) = serde_json::from_slice::<QueueConfig>(&bytes) else {
                 tracing::error!(queue = %key, "a stored queue is unreadable; skipping it");
                 continue;
@@ -277,7 +310,8 @@ impl Queues {
             held: Mutex::new(held),
             seq: AtomicU64::new(last_seq),
             limits,
-            clustered,
+            shared,
+            version: AtomicU64::new(0),
         })
     }
 
@@ -293,11 +327,13 @@ impl Queues {
         self.queues().get(&format!("{tenant}/{queue}")).cloned()
     }
 
+    fn shared(&self) -> Option<&SharedQueues> {
+        self.shared.as_ref().map(|(shared, _)| shared)
+    }
+
     /// The next sequence numbers: send time in microseconds, unique.
     fn next_seqs(&self, n: usize) -> u64 {
-        let now_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
+        let now_us = now_us();
         let mut first = 0;
         let _ = self.seq.fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
             first = last.saturating_add(1).max(now_us);
@@ -381,16 +417,6 @@ impl QueueState {
 pub type Outgoing = Vec<u8>;
 
 impl Node {
-    fn queues_here(&self) -> Result<&Queues, ApiError> {
-        if self.queues.clustered {
-            return Err(ApiError::new(
-                ErrorKind::Unavailable,
-                "queues need a node's embedded store; a node of a cluster does not offer them yet",
-            ));
-        }
-        Ok(&self.queues)
-    }
-
     /// Create or replace a queue; true when created.
     pub async fn put_queue(
         self: &Arc<Self>,
@@ -398,7 +424,7 @@ impl Node {
         name: &str,
         spec: QueueSpec,
     ) -> Result<(serde_json::Value, bool), ApiError> {
-        let queues = self.queues_here()?;
+        let queues = &self.queues;
         crate::names::check_reference(&spec.consumer)?;
         if !self.registry.tenant_active(tenant) {
             return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist")));
@@ -428,16 +454,29 @@ impl Node {
         let concurrency = range("concurrency", u64::from(spec.concurrency.unwrap_or(2)), 1, 16)? as u32;
         let key = format!("{tenant}/{name}");
         let now = now_ms();
-        let existing = queues.queues().get(&key).cloned();
-        if existing.is_none() {
-            let n = queues.queues().values().filter(|q| q.config().tenant == tenant).count();
-            if n >= queues.limits.queues_per_tenant {
-                return Err(ApiError::new(
-                    ErrorKind::LimitExceeded,
-                    format!("tenant `{tenant}` has {n} queues, its limit; remove one first"),
-                ));
+        let full = |n: usize| {
+            ApiError::new(
+                ErrorKind::LimitExceeded,
+                format!("tenant `{tenant}` has {n} queues, its limit; remove one first"),
+            )
+        };
+        // When it was created, if it was: from Redis in a cluster (another
+        // node may have made it).
+        let created_ms = match queues.shared() {
+            Some(shared) => shared
+                .get(&key)
+                .await?
+                .and_then(|bytes| serde_json::from_slice::<QueueConfig>(&bytes).ok())
+                .map(|c| c.created_ms),
+            None => {
+                let existing = queues.queues().get(&key).map(|q| q.config().created_ms);
+                let n = queues.queues().values().filter(|q| q.config().tenant == tenant).count();
+                if existing.is_none() && n >= queues.limits.queues_per_tenant {
+                    return Err(full(n));
+                }
+                existing
             }
-        }
+        };
         let config = QueueConfig {
             tenant: tenant.to_string(),
             name: name.to_string(),
@@ -448,51 +487,115 @@ impl Node {
             max_attempts,
             retry_delay_ms,
             concurrency,
-            created_ms: existing.as_ref().map_or(now, |q| q.config().created_ms),
+            created_ms: created_ms.unwrap_or(now),
             updated_ms: now,
         };
         let encoded = serde_json::to_vec(&config).map_err(|e| ApiError::internal("encoding a queue", e))?;
-        let stored = key.clone();
-        queues.blocking(move |store| store.put(QUEUES, &stored, &encoded)).await?;
-        let created = existing.is_none();
-        let state = match existing {
-            Some(state) => {
-                *state.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = config;
-                state.wake.notify_one();
-                state
-            }
+        let created = match queues.shared() {
+            Some(shared) => match shared.put(&key, tenant, &encoded, queues.limits.queues_per_tenant).await? {
+                QueuePut::Created => true,
+                QueuePut::Replaced => false,
+                QueuePut::TenantFull => return Err(full(queues.limits.queues_per_tenant)),
+            },
             None => {
-                let state = Arc::new(QueueState::new(config, 0, 0, 0));
-                queues.queues().insert(key, state.clone());
-                self.spawn_consumer(state.clone());
-                state
+                let stored = key.clone();
+                queues.blocking(move |store| store.put(QUEUES, &stored, &encoded)).await?;
+                created_ms.is_none()
             }
         };
+        let state = self.install_queue(config);
         tracing::info!(%tenant, queue = %name, "queue set");
-        Ok((queue_view(&state.config(), &state.view()), created))
+        Ok((self.queue_view_of(&state.config(), Some(&state)).await?, created))
+    }
+
+    /// Run a queue with these settings here: start its consumer loop, or
+    /// give a running one its new settings.
+    fn install_queue(self: &Arc<Self>, config: QueueConfig) -> Arc<QueueState> {
+        let key = format!("{}/{}", config.tenant, config.name);
+        let mut all = self.queues.queues();
+        if let Some(state) = all.get(&key) {
+            let mut current = state.config.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *current != config {
+                *current = config;
+                state.wake.notify_one();
+            }
+            return state.clone();
+        }
+        let state = Arc::new(QueueState::new(config, 0, 0, 0));
+        all.insert(key, state.clone());
+        drop(all);
+        self.spawn_consumer(state.clone());
+        state
+    }
+
+    /// Stop running a queue here.
+    fn uninstall_queue(&self, key: &str) -> Option<Arc<QueueState>> {
+        let state = self.queues.queues().remove(key)?;
+        state.stopped.store(true, Ordering::Release);
+        state.wake.notify_one();
+        Some(state)
+    }
+
+    /// A queue's view: what it holds from the store (Redis in a cluster),
+    /// what its batches did from this node's counts.
+    async fn queue_view_of(
+        &self,
+        config: &QueueConfig,
+        state: Option<&Arc<QueueState>>,
+    ) -> Result<serde_json::Value, ApiError> {
+        let fresh;
+        let state = match state {
+            Some(state) => state,
+            None => {
+                fresh = Arc::new(QueueState::new(config.clone(), 0, 0, 0));
+                &fresh
+            }
+        };
+        let mut view = state.view();
+        if let Some(shared) = self.queues.shared() {
+            let counts = shared.counts(&format!("{}/{}", config.tenant, config.name)).await?;
+            (view.messages, view.dead, view.bytes) = (counts.messages, counts.dead, counts.bytes);
+        }
+        Ok(queue_view(config, &view))
     }
 
     /// A tenant's queues (or the one named), with what each holds.
-    pub fn queues_of(&self, tenant: &str, only: Option<&str>) -> Result<Vec<serde_json::Value>, ApiError> {
-        let queues = self.queues_here()?;
-        let mut found: Vec<(String, serde_json::Value)> = queues
-            .queues()
-            .values()
-            .map(|q| (q.config(), q.view()))
-            .filter(|(c, _)| c.tenant == tenant && only.is_none_or(|name| c.name == name))
-            .map(|(c, v)| (c.name.clone(), queue_view(&c, &v)))
-            .collect();
-        found.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(found.into_iter().map(|(_, v)| v).collect())
+    pub async fn queues_of(&self, tenant: &str, only: Option<&str>) -> Result<Vec<serde_json::Value>, ApiError> {
+        let queues = &self.queues;
+        let mut found: Vec<QueueConfig> = match queues.shared() {
+            // Redis's settings, not this node's mirror (which may lag).
+            Some(shared) => {
+                let records = match only {
+                    Some(name) => shared.get(&format!("{tenant}/{name}")).await?.into_iter().collect(),
+                    None => shared.all().await?.1.into_iter().map(|(_, record)| record).collect::<Vec<_>>(),
+                };
+                records.iter().filter_map(|bytes| serde_json::from_slice::<QueueConfig>(bytes).ok()).collect()
+            }
+            None => queues.queues().values().map(|q| q.config()).collect(),
+        };
+        found.retain(|c| c.tenant == tenant && only.is_none_or(|name| c.name == name));
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut views = Vec::with_capacity(found.len());
+        for config in &found {
+            let state = queues.get(tenant, &config.name);
+            views.push(self.queue_view_of(config, state.as_ref()).await?);
+        }
+        Ok(views)
     }
 
     /// Remove a queue with every message and dead letter it holds.
     pub async fn remove_queue(&self, tenant: &str, name: &str) -> Result<bool, ApiError> {
-        let queues = self.queues_here()?;
+        let queues = &self.queues;
         let key = format!("{tenant}/{name}");
-        let Some(state) = queues.queues().remove(&key) else { return Ok(false) };
-        state.stopped.store(true, Ordering::Release);
-        state.wake.notify_one();
+        if let Some(shared) = queues.shared() {
+            let removed = shared.remove(&key, tenant).await?;
+            self.uninstall_queue(&key);
+            if removed {
+                tracing::info!(%tenant, queue = %name, "queue removed");
+            }
+            return Ok(removed);
+        }
+        let Some(state) = self.uninstall_queue(&key) else { return Ok(false) };
         let prefix = prefix_of(tenant, name);
         queues
             .blocking(move |store| {
@@ -527,15 +630,33 @@ impl Node {
 
     /// Remove every queue of `tenant` (its deletion).
     pub(crate) async fn remove_queues_of(&self, tenant: &str) -> Result<usize, ApiError> {
-        if self.queues.clustered {
-            return Ok(0);
-        }
-        let names: Vec<String> =
-            self.queues.queues().values().map(|q| q.config()).filter(|c| c.tenant == tenant).map(|c| c.name).collect();
+        let prefix = format!("{tenant}/");
+        let names: Vec<String> = match self.queues.shared() {
+            Some(shared) => shared
+                .all()
+                .await?
+                .1
+                .into_iter()
+                .filter_map(|(key, _)| Some(key.strip_prefix(&prefix)?.to_string()))
+                .collect(),
+            None => self
+                .queues
+                .queues()
+                .values()
+                .map(|q| q.config())
+                .filter(|c| c.tenant == tenant)
+                .map(|c| c.name)
+                .collect(),
+        };
         for name in &names {
             self.remove_queue(tenant, name).await?;
         }
-        self.queues.held().remove(tenant);
+        match self.queues.shared() {
+            Some(shared) => shared.forget_tenant(tenant).await?,
+            None => {
+                self.queues.held().remove(tenant);
+            }
+        }
         Ok(names.len())
     }
 
@@ -546,10 +667,14 @@ impl Node {
         name: &str,
         bodies: Vec<Outgoing>,
     ) -> Result<Vec<String>, ApiError> {
-        let queues = self.queues_here()?;
-        let state = queues
-            .get(tenant, name)
-            .ok_or_else(|| ApiError::not_found(format!("tenant `{tenant}` has no queue `{name}`")))?;
+        let queues = &self.queues;
+        let no_queue = || ApiError::not_found(format!("tenant `{tenant}` has no queue `{name}`"));
+        // In a cluster Redis says whether the queue exists (this node's
+        // mirror may lag behind its creation).
+        let state = queues.get(tenant, name);
+        if state.is_none() && queues.shared.is_none() {
+            return Err(no_queue());
+        }
         let limits = queues.limits;
         if bodies.is_empty() || bodies.len() > limits.batch_send {
             return Err(ApiError::bad_request(format!("a send carries 1 to {} messages", limits.batch_send)));
@@ -560,6 +685,36 @@ impl Node {
                 format!("a message is at most {} bytes (one has {})", limits.message_bytes, big.len()),
             ));
         }
+        let full = |messages: u64, bytes: u64| ApiError {
+            kind: ErrorKind::LimitExceeded,
+            message: format!(
+                "tenant `{tenant}` keeps {messages} messages ({bytes} bytes) in queues; its limits are {} messages and {} bytes",
+                limits.messages_per_tenant, limits.bytes_per_tenant
+            ),
+            retry_after: Some(Duration::from_secs(1)),
+        };
+        if let Some(shared) = queues.shared() {
+            let sent = shared
+                .send(
+                    &format!("{tenant}/{name}"),
+                    tenant,
+                    &bodies,
+                    now_us(),
+                    (limits.messages_per_tenant, limits.bytes_per_tenant),
+                )
+                .await?;
+            return match sent {
+                Sent::Ids(ids) => {
+                    if let Some(state) = state {
+                        state.wake.notify_one();
+                    }
+                    Ok(ids)
+                }
+                Sent::Full(messages, bytes) => Err(full(messages, bytes)),
+                Sent::Gone => Err(no_queue()),
+            };
+        }
+        let Some(state) = state else { return Err(no_queue()) };
         let (n, size) = (bodies.len() as u64, bodies.iter().map(|b| b.len() as u64).sum::<u64>());
         {
             // Counted before the write (and given back if it fails), so
@@ -567,14 +722,7 @@ impl Node {
             let mut held = queues.held();
             let entry = held.entry(tenant.to_string()).or_default();
             if entry.messages + n > limits.messages_per_tenant || entry.bytes + size > limits.bytes_per_tenant {
-                return Err(ApiError {
-                    kind: ErrorKind::LimitExceeded,
-                    message: format!(
-                        "tenant `{tenant}` keeps {} messages ({} bytes) in queues; its limits are {} messages and {} bytes",
-                        entry.messages, entry.bytes, limits.messages_per_tenant, limits.bytes_per_tenant
-                    ),
-                    retry_after: Some(Duration::from_secs(1)),
-                });
+                return Err(full(entry.messages, entry.bytes));
             }
             entry.messages += n;
             entry.bytes += size;
@@ -609,12 +757,41 @@ impl Node {
         Ok((0..n).map(|i| format!("{:016x}", first + i)).collect())
     }
 
+    /// The queue `tenant/name`, or a 404: this node's, or Redis's in a
+    /// cluster.
+    async fn queue_exists(&self, tenant: &str, name: &str) -> Result<Option<Arc<QueueState>>, ApiError> {
+        let state = self.queues.get(tenant, name);
+        let exists = match self.queues.shared() {
+            Some(shared) => shared.get(&format!("{tenant}/{name}")).await?.is_some(),
+            None => state.is_some(),
+        };
+        if !exists {
+            return Err(ApiError::not_found(format!("tenant `{tenant}` has no queue `{name}`")));
+        }
+        Ok(state)
+    }
+
     /// Up to `limit` of a queue's dead letters, oldest first.
     pub async fn dead_letters(&self, tenant: &str, name: &str, limit: usize) -> Result<Vec<DeadLetter>, ApiError> {
-        let queues = self.queues_here()?;
-        queues
-            .get(tenant, name)
-            .ok_or_else(|| ApiError::not_found(format!("tenant `{tenant}` has no queue `{name}`")))?;
+        let queues = &self.queues;
+        self.queue_exists(tenant, name).await?;
+        if let Some(shared) = queues.shared() {
+            let mut dead: Vec<DeadLetter> = shared
+                .dead(&format!("{tenant}/{name}"), limit)
+                .await?
+                .into_iter()
+                .map(|d| DeadLetter {
+                    id: d.id,
+                    attempts: d.attempts,
+                    sent_ms: d.sent_us / 1000,
+                    died_ms: d.died_ms,
+                    error: d.error,
+                    body_base64: BASE64.encode(&d.body),
+                })
+                .collect();
+            dead.sort_by(|a, b| a.id.cmp(&b.id));
+            return Ok(dead);
+        }
         let prefix = prefix_of(tenant, name);
         let found = queues
             .blocking(move |store| {
@@ -634,12 +811,19 @@ impl Node {
     }
 
     /// Move a queue's dead letters back to it (attempts from 0), or
-    /// (`purge`) remove them; at most `DEAD_BATCH` per call. How many.
+    /// (`purge`) remove them; at most `DEAD_BATCH` per call (1,000 in a
+    /// cluster). How many.
     pub async fn settle_dead(&self, tenant: &str, name: &str, purge: bool) -> Result<usize, ApiError> {
-        let queues = self.queues_here()?;
-        let state = queues
-            .get(tenant, name)
-            .ok_or_else(|| ApiError::not_found(format!("tenant `{tenant}` has no queue `{name}`")))?;
+        let queues = &self.queues;
+        let state = self.queue_exists(tenant, name).await?;
+        if let Some(shared) = queues.shared() {
+            let n = shared.settle_dead(&format!("{tenant}/{name}"), tenant, purge).await?;
+            if let Some(state) = state {
+                state.wake.notify_one();
+            }
+            return Ok(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        let Some(state) = state else { return Ok(0) };
         let prefix = prefix_of(tenant, name);
         let now = now_ms();
         let (moved, dead_bytes, body_bytes) = queues
@@ -688,15 +872,58 @@ impl Node {
         Ok(moved)
     }
 
-    /// Start every queue's consumer loop (at start).
+    /// Start every queue's consumer loop (at start); in a cluster, the
+    /// chore that mirrors the queues' settings and starts and stops them.
     pub(crate) fn start_consumers(self: &Arc<Self>) {
-        if self.queues.clustered {
+        if self.queues.shared.is_some() {
+            let weak = Arc::downgrade(self);
+            crate::supervise(self, "queues", move || {
+                let node = weak.clone();
+                async move {
+                    loop {
+                        let Some(n) = node.upgrade() else { return };
+                        if let Err(e) = n.mirror_queues().await {
+                            tracing::warn!(error = %e.message, "reading the cluster's queues failed");
+                        }
+                        drop(n);
+                        tokio::time::sleep(MIRROR_EVERY).await;
+                    }
+                }
+            });
             return;
         }
         let all: Vec<Arc<QueueState>> = self.queues.queues().values().cloned().collect();
         for state in all {
             self.spawn_consumer(state);
         }
+    }
+
+    /// Run here the queues Redis has, with their settings, and no other
+    /// (cluster only; a no-op while their version is unchanged).
+    async fn mirror_queues(self: &Arc<Self>) -> Result<(), ApiError> {
+        let Some(shared) = self.queues.shared() else { return Ok(()) };
+        if shared.version().await? == self.queues.version.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let (version, records) = shared.all().await?;
+        let mut fresh = HashMap::new();
+        for (key, bytes) in records {
+            match serde_json::from_slice::<QueueConfig>(&bytes) {
+                Ok(config) => {
+                    fresh.insert(key, config);
+                }
+                Err(e) => tracing::error!(queue = %key, error = %e, "a shared queue is unreadable; skipping it"),
+            }
+        }
+        let gone: Vec<String> = self.queues.queues().keys().filter(|key| !fresh.contains_key(*key)).cloned().collect();
+        for key in gone {
+            self.uninstall_queue(&key);
+        }
+        for config in fresh.into_values() {
+            self.install_queue(config);
+        }
+        self.queues.version.store(version, Ordering::Release);
+        Ok(())
     }
 
     fn spawn_consumer(self: &Arc<Self>, state: Arc<QueueState>) {
@@ -719,36 +946,31 @@ impl Node {
 
     /// Run one batch through the consumer and settle each message.
     async fn run_batch(self: Arc<Self>, state: Arc<QueueState>, config: QueueConfig, taken: Vec<Taken>) {
-        let ids: Vec<String> = taken.iter().map(|t| format!("{:016x}", t.seq)).collect();
         let messages: Vec<serde_json::Value> = taken
             .iter()
-            .zip(&ids)
-            .map(|(t, id)| {
-                let text = std::str::from_utf8(&t.message.body).ok();
+            .map(|t| {
+                let text = std::str::from_utf8(&t.body).ok();
                 serde_json::json!({
-                    "id": id,
+                    "id": t.id,
                     "body": text,
-                    "body_base64": if text.is_some() { None } else { Some(BASE64.encode(&t.message.body)) },
-                    "attempt": t.message.attempts,
-                    "sent_ms": t.message.sent_ms,
+                    "body_base64": if text.is_some() { None } else { Some(BASE64.encode(&t.body)) },
+                    "attempt": t.attempts,
+                    "sent_ms": t.sent_ms,
                 })
             })
             .collect();
         let input =
             serde_json::to_vec(&serde_json::json!({ "queue": config.name, "messages": messages })).unwrap_or_default();
-        // Each first attempt's delay from its send (its sequence number is
-        // the send time in µs) to the consumer's start.
+        // Each first attempt's delay from its send to the consumer's start.
         let started_at = || {
-            let now_us = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-            for t in taken.iter().filter(|t| t.message.attempts == 1) {
-                state.delivery.record(Duration::from_micros(now_us.saturating_sub(t.seq)));
+            let now_us = now_us();
+            for t in taken.iter().filter(|t| t.attempts == 1) {
+                state.delivery.record(Duration::from_micros(now_us.saturating_sub(t.sent_us)));
             }
         };
         let outcome = self.run_consumer(&config, input, started_at).await;
         // Which failed, and why: all, or those the consumer named.
-        let failed: HashMap<u64, String> = match outcome {
+        let failed: HashMap<String, String> = match outcome {
             Ok(output) => {
                 let retry: Vec<String> = serde_json::from_slice::<serde_json::Value>(&output)
                     .ok()
@@ -757,12 +979,11 @@ impl Node {
                     .unwrap_or_default();
                 taken
                     .iter()
-                    .zip(&ids)
-                    .filter(|(_, id)| retry.contains(id))
-                    .map(|(t, _)| (t.seq, "the consumer asked to retry it".to_string()))
+                    .filter(|t| retry.contains(&t.id))
+                    .map(|t| (t.id.clone(), "the consumer asked to retry it".to_string()))
                     .collect()
             }
-            Err(e) => taken.iter().map(|t| (t.seq, format!("{}: {}", e.kind.as_str(), e.message))).collect(),
+            Err(e) => taken.iter().map(|t| (t.id.clone(), format!("{}: {}", e.kind.as_str(), e.message))).collect(),
         };
         if let Err(e) = self.settle(&state, &config, taken, failed).await {
             // The leases run out and the messages are taken again.
@@ -806,11 +1027,38 @@ impl Node {
         state: &QueueState,
         config: &QueueConfig,
         taken: Vec<Taken>,
-        failed: HashMap<u64, String>,
+        failed: HashMap<String, String>,
     ) -> Result<(), ApiError> {
-        let prefix = prefix_of(&config.tenant, &config.name);
         let (max_attempts, base_delay) = (config.max_attempts, config.retry_delay_ms);
         let now = now_ms();
+        let outcome = |t: &Taken| match failed.get(&t.id) {
+            None => Settle::Ack,
+            Some(error) if t.attempts >= max_attempts => Settle::Dead(error.clone()),
+            Some(_) => Settle::Retry(now + retry_delay(base_delay, t.attempts)),
+        };
+        if let Some((shared, node)) = &self.queues.shared {
+            let plan: Vec<(&str, &str, Settle)> = taken
+                .iter()
+                .filter_map(|t| match &t.lease {
+                    Lease::Stream(entry) => Some((entry.as_str(), t.id.as_str(), outcome(t))),
+                    Lease::Store { .. } => None,
+                })
+                .collect();
+            let queue = format!("{}/{}", config.tenant, config.name);
+            let (acked, retried, died) = shared.settle(&queue, &config.tenant, node, now, &plan).await?;
+            state.acked.fetch_add(acked, Ordering::Relaxed);
+            state.retried.fetch_add(retried, Ordering::Relaxed);
+            state.died.fetch_add(died, Ordering::Relaxed);
+            return Ok(());
+        }
+        let prefix = prefix_of(&config.tenant, &config.name);
+        let plan: Vec<(Taken, Settle)> = taken
+            .into_iter()
+            .map(|t| {
+                let settle = outcome(&t);
+                (t, settle)
+            })
+            .collect();
         // (acknowledged, retried, died, bytes removed, dead bytes added)
         let counts = self
             .queues
@@ -818,42 +1066,42 @@ impl Node {
                 store.transaction(|tx| {
                     let (mut acked, mut retried, mut died, mut removed, mut dead_bytes) =
                         (0u64, 0u64, 0u64, 0u64, 0u64);
-                    for t in &taken {
-                        let lease = ready_key(&prefix, t.lease_ms, t.seq);
-                        let key = message_key(&prefix, t.seq);
-                        match failed.get(&t.seq) {
-                            None => {
+                    for (t, settle) in &plan {
+                        let Lease::Store { seq, until_ms } = t.lease else { continue };
+                        let lease = ready_key(&prefix, until_ms, seq);
+                        let key = message_key(&prefix, seq);
+                        match settle {
+                            Settle::Ack => {
                                 // Done, whoever else holds it now.
                                 tx.delete(READY, &lease)?;
                                 if tx.delete(MESSAGES, &key)? {
                                     acked += 1;
-                                    removed += t.message.body.len() as u64;
+                                    removed += t.body.len() as u64;
                                 }
                             }
                             // Leased again by another delivery (this one ran
                             // past its lease): that one settles it.
-                            Some(_) if tx.get(READY, &lease)?.is_none() => {}
-                            Some(error) if t.message.attempts >= max_attempts => {
+                            _ if tx.get(READY, &lease)?.is_none() => {}
+                            Settle::Dead(error) => {
                                 tx.delete(READY, &lease)?;
                                 tx.delete(MESSAGES, &key)?;
                                 let dead = DeadLetter {
-                                    id: format!("{:016x}", t.seq),
-                                    attempts: t.message.attempts,
-                                    sent_ms: t.message.sent_ms,
+                                    id: t.id.clone(),
+                                    attempts: t.attempts,
+                                    sent_ms: t.sent_ms,
                                     died_ms: now,
                                     error: error.clone(),
-                                    body_base64: BASE64.encode(&t.message.body),
+                                    body_base64: BASE64.encode(&t.body),
                                 };
                                 let encoded = serde_json::to_vec(&dead).unwrap_or_default();
                                 dead_bytes += encoded.len() as u64;
-                                removed += t.message.body.len() as u64;
+                                removed += t.body.len() as u64;
                                 tx.put(DEAD, &key, &encoded)?;
                                 died += 1;
                             }
-                            Some(_) => {
+                            Settle::Retry(visible) => {
                                 tx.delete(READY, &lease)?;
-                                let visible = now + retry_delay(base_delay, t.message.attempts);
-                                tx.put(READY, &ready_key(&prefix, visible, t.seq), b"")?;
+                                tx.put(READY, &ready_key(&prefix, *visible, seq), b"")?;
                                 retried += 1;
                             }
                         }
@@ -880,6 +1128,13 @@ impl Node {
     }
 }
 
+/// Now, in microseconds since the Unix epoch.
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+}
+
 /// One turn of a queue's consumer loop: take a batch if one is due and
 /// there is room, start it, and say how long to wait before the next turn
 /// (zero: at once). None when the node is gone.
@@ -889,11 +1144,56 @@ async fn consume_once(node: &Weak<Node>, state: &Arc<QueueState>) -> Option<Dura
     if state.in_flight.load(Ordering::Acquire) >= config.concurrency {
         return Some(IDLE);
     }
+    let taken = match &node.queues.shared {
+        Some((shared, name)) => {
+            let queue = format!("{}/{}", config.tenant, config.name);
+            let timing = (now_ms(), config.visibility_timeout_ms, config.batch_wait_ms);
+            match shared.take(&queue, name, config.batch_size as usize, timing).await {
+                Ok(take) if take.messages.is_empty() => {
+                    return Some(take.retry_in_ms.map_or(IDLE, |ms| Duration::from_millis(ms).min(IDLE)));
+                }
+                Ok(take) => take
+                    .messages
+                    .into_iter()
+                    .map(|m| Taken {
+                        id: m.id,
+                        attempts: m.attempts,
+                        sent_ms: m.sent_us / 1000,
+                        sent_us: m.sent_us,
+                        body: m.body,
+                        lease: Lease::Stream(m.entry),
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(queue = %config.name, error = %e, "taking a batch failed");
+                    return Some(IDLE);
+                }
+            }
+        }
+        None => match take_stored(&node, &config).await {
+            Ok(Ok(taken)) => taken,
+            Ok(Err(wait)) => return Some(wait),
+            Err(e) => {
+                tracing::warn!(queue = %config.name, error = %e.message, "taking a batch failed");
+                return Some(IDLE);
+            }
+        },
+    };
+    if !taken.is_empty() {
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(node.clone().run_batch(state.clone(), config, taken));
+    }
+    Some(Duration::ZERO)
+}
+
+/// Take a batch from the node's store if one is due: the batch, or how
+/// long to wait for one.
+async fn take_stored(node: &Node, config: &QueueConfig) -> Result<Result<Vec<Taken>, Duration>, ApiError> {
     let prefix = prefix_of(&config.tenant, &config.name);
     let now = now_ms();
     let batch = config.batch_size as usize;
     let peek_prefix = prefix.clone();
-    let peek = node
+    let visible = node
         .queues
         .blocking(move |store| {
             store.snapshot(|tx| {
@@ -905,61 +1205,48 @@ async fn consume_once(node: &Weak<Node>, state: &Arc<QueueState>) -> Option<Dura
                 Ok(visible)
             })
         })
-        .await;
-    let visible = match peek {
-        Ok(visible) => visible,
-        Err(e) => {
-            tracing::warn!(queue = %config.name, error = %e.message, "reading a queue failed");
-            return Some(IDLE);
-        }
-    };
+        .await?;
     let ready = visible.iter().filter(|at| **at <= now).count();
-    let Some(first) = visible.first().copied() else { return Some(IDLE) };
+    let Some(first) = visible.first().copied() else { return Ok(Err(IDLE)) };
     if ready == 0 {
-        return Some(Duration::from_millis(first - now).min(IDLE));
+        return Ok(Err(Duration::from_millis(first - now).min(IDLE)));
     }
     if ready < batch && first + config.batch_wait_ms > now {
-        return Some(Duration::from_millis(first + config.batch_wait_ms - now).min(IDLE));
+        return Ok(Err(Duration::from_millis(first + config.batch_wait_ms - now).min(IDLE)));
     }
-    let lease_ms = now + config.visibility_timeout_ms;
-    let take_prefix = prefix.clone();
-    let taken = node
-        .queues
+    let until_ms = now + config.visibility_timeout_ms;
+    node.queues
         .blocking(move |store| {
             store.transaction(|tx| {
                 let mut taken = Vec::new();
-                for (key, _) in tx.scan_prefix(READY, &take_prefix, batch)? {
-                    let Some((at, seq)) = parse_ready(&take_prefix, &key) else { continue };
+                for (key, _) in tx.scan_prefix(READY, &prefix, batch)? {
+                    let Some((at, seq)) = parse_ready(&prefix, &key) else { continue };
                     if at > now {
                         break;
                     }
                     tx.delete(READY, &key)?;
-                    let message_key = message_key(&take_prefix, seq);
+                    let message_key = message_key(&prefix, seq);
                     // Settled by a delivery that ran past its lease: gone.
                     let Some(mut message) = tx.get(MESSAGES, &message_key)?.as_deref().and_then(Message::decode) else {
                         continue;
                     };
                     message.attempts += 1;
                     tx.put(MESSAGES, &message_key, &message.encode())?;
-                    tx.put(READY, &ready_key(&take_prefix, lease_ms, seq), b"")?;
-                    taken.push(Taken { seq, lease_ms, message });
+                    tx.put(READY, &ready_key(&prefix, until_ms, seq), b"")?;
+                    taken.push(Taken {
+                        id: format!("{seq:016x}"),
+                        attempts: message.attempts,
+                        sent_ms: message.sent_ms,
+                        // The sequence number is the send time in µs.
+                        sent_us: seq,
+                        body: message.body,
+                        lease: Lease::Store { seq, until_ms },
+                    });
                 }
-                Ok(taken)
+                Ok(Ok(taken))
             })
         })
-        .await;
-    match taken {
-        Ok(taken) if !taken.is_empty() => {
-            state.in_flight.fetch_add(1, Ordering::AcqRel);
-            tokio::spawn(node.clone().run_batch(state.clone(), config, taken));
-            Some(Duration::ZERO)
-        }
-        Ok(_) => Some(Duration::ZERO),
-        Err(e) => {
-            tracing::warn!(queue = %config.name, error = %e.message, "taking a batch failed");
-            Some(IDLE)
-        }
-    }
+        .await
 }
 
 #[cfg(test)]

@@ -17,12 +17,15 @@ use std::time::{Duration, Instant};
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A `redis-server` child process on 127.0.0.1, killed when dropped.
-/// Nothing is persisted; the server's files live in a temporary directory.
+/// Nothing is persisted (but with [`RedisServer::start_durable`]); the
+/// server's files live in a temporary directory.
 #[derive(Debug)]
 pub struct RedisServer {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
+    /// Every write in the append-only file, synced before it is answered.
+    durable: bool,
 }
 
 impl RedisServer {
@@ -32,14 +35,25 @@ impl RedisServer {
     /// When `redis-server` is not installed or does not come up: tests that
     /// need Redis must fail loudly, never skip.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Start a server that keeps every write in its append-only file
+    /// (`appendonly yes`, `appendfsync always`), so a [`RedisServer::restart`]
+    /// (after a `SIGKILL`) finds every write it answered.
+    pub fn start_durable() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory for redis-server");
         // A port picked free can be taken before the server binds it; try
         // a few times.
         for _ in 0..5 {
             let port = free_port();
-            let mut child = spawn(port, dir.path());
+            let mut child = spawn(port, dir.path(), durable);
             if wait_for_ping(port, &mut child) {
-                return Self { child, port, dir };
+                return Self { child, port, dir, durable };
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -102,12 +116,13 @@ impl RedisServer {
         let _ = self.child.wait();
     }
 
-    /// Start the server again on the same port (empty: nothing persists).
+    /// Kill the server and start it again on the same port: empty, or
+    /// (durable) with every write it answered.
     pub fn restart(&mut self) {
         self.stop();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            let mut child = spawn(self.port, self.dir.path());
+            let mut child = spawn(self.port, self.dir.path(), self.durable);
             if wait_for_ping(self.port, &mut child) {
                 self.child = child;
                 return;
@@ -153,9 +168,12 @@ fn free_port() -> u16 {
     listener.local_addr().expect("bound address").port()
 }
 
-fn spawn(port: u16, dir: &std::path::Path) -> Child {
+fn spawn(port: u16, dir: &std::path::Path, durable: bool) -> Child {
+    let persistence: &[&str] =
+        if durable { &["--appendonly", "yes", "--appendfsync", "always"] } else { &["--appendonly", "no"] };
     Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args(persistence)
         .args(["--protected-mode", "no", "--loglevel", "warning"])
         .arg("--dir")
         .arg(dir)
@@ -240,5 +258,18 @@ mod tests {
         assert!(ping(server.port()));
         server.stop();
         assert!(!ping(server.port()));
+    }
+
+    #[test]
+    fn a_durable_server_keeps_its_writes_across_a_kill_and_an_ordinary_one_does_not() {
+        let mut durable = RedisServer::start_durable();
+        let mut plain = RedisServer::start();
+        for server in [&durable, &plain] {
+            assert_eq!(server.command(&["SET", "k", "kept"]), "+OK");
+        }
+        durable.restart();
+        plain.restart();
+        assert_eq!(durable.get("k").as_deref(), Some("kept"));
+        assert_eq!(plain.get("k"), None);
     }
 }

@@ -49,7 +49,7 @@ pub(super) async fn get(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path((tenant, queue)) = path.map_err(path_error)?;
     authorise(&node, &headers, &tenant, Some(&queue))?;
-    let found = node.queues_of(&tenant, Some(&queue))?.pop();
+    let found = node.queues_of(&tenant, Some(&queue)).await?.pop();
     Ok(Json(found.ok_or_else(|| ApiError::not_found(format!("tenant `{tenant}` has no queue `{queue}`")))?))
 }
 
@@ -63,7 +63,7 @@ pub(super) async fn list(
     if !node.registry.tenant_exists(&tenant) {
         return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist")));
     }
-    Ok(Json(json!({ "queues": node.queues_of(&tenant, None)? })))
+    Ok(Json(json!({ "queues": node.queues_of(&tenant, None).await? })))
 }
 
 pub(super) async fn delete(
