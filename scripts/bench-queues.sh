@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Queues end to end (release build): on one node (the embedded store), or
 # with NODES=n on n nodes of a cluster on a local redis-server (appendonly
-# yes, appendfsync always: every send is on disk before it is answered).
+# yes, appendfsync always: every send is on disk before it is answered;
+# APPENDFSYNC=everysec to compare).
 # A burst of N messages sent 1,000 per request (round robin over the
 # nodes) and drained by the test consumer (batches of 100, 4 at once per
 # node, a durable state write per batch; `keep:` bodies, which it never
@@ -18,10 +19,10 @@ N=${N:-100000}
 RATE=${RATE:-2000}
 PACED_S=${PACED_S:-10}
 NODES=${NODES:-}
-cargo build --release -q -p shoal-cli
+[ -n "${SHOAL_BIN:-}" ] || cargo build --release -q -p shoal-cli
 cargo build -q -p shoal-guests
 CONSUMER=target/guests/wasm32-wasip2/release/queue_consumer.wasm
-SHOAL=target/release/shoal
+SHOAL=${SHOAL_BIN:-target/release/shoal}
 dir=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$dir"' EXIT
@@ -47,7 +48,7 @@ if [ -z "$NODES" ]; then
     serve node --listen 127.0.0.1:0
 else
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync always \
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync "${APPENDFSYNC:-always}" \
         --dir "$dir" --loglevel warning > /dev/null &
     pids+=($!)
     until redis-cli -p "$port" ping > /dev/null 2>&1; do sleep 0.1; done

@@ -1033,10 +1033,13 @@ async fn queued_messages_over_three_nodes_are_all_handled_across_kill_9_of_a_con
     for node in &nodes {
         http.invoke_once_visible(node, &token, "acme/consume", r#"{"queue":"work","messages":[]}"#).await;
     }
-    // Made on one node, it is seen and fed through the others at once.
+    // Made on one node, it is answered for by the others at once (from
+    // Redis) and every node runs its consumer. The consumer refuses one
+    // message in ten at random: with 10 attempts, a message that is not
+    // poison dies with a chance of 1 in 10^10.
     let spec = json!({
-        "consumer": "consume", "batch_size": 100, "batch_wait_ms": 20, "max_attempts": 8,
-        "retry_delay_ms": 100, "concurrency": 2, "visibility_timeout_ms": 6000,
+        "consumer": "consume", "batch_size": 100, "batch_wait_ms": 20, "max_attempts": 10,
+        "retry_delay_ms": 20, "concurrency": 2, "visibility_timeout_ms": 6000,
     });
     let made = http
         .ok(Method::PUT, format!("{}/v1/queues/acme/work", nodes[1].url), &token, serde_json::to_vec(&spec).unwrap())
@@ -1110,7 +1113,8 @@ async fn queued_messages_over_three_nodes_are_all_handled_across_kill_9_of_a_con
     assert_eq!(letters.len(), 20);
     for letter in &letters {
         assert!(poison.contains(&letter["id"].as_str().unwrap().to_string()), "{letter}");
-        assert_eq!(letter["attempts"], 8, "{letter}");
+        // (One more if a take's answer was lost as Redis was killed.)
+        assert!(matches!(letter["attempts"].as_u64(), Some(10 | 11)), "{letter}");
     }
 
     // Every message handled at least once (the consumer's `seen/…` keys,
@@ -1155,9 +1159,9 @@ async fn queued_messages_over_three_nodes_are_all_handled_across_kill_9_of_a_con
     let deleting = Instant::now();
     while redis.command(&["EXISTS", "shoal:q:acme/later:m", "shoal:q:acme/later:s"]) != ":0"
         || redis.command(&["HLEN", "shoal:queues"]) != ":0"
+        || redis.command(&["HEXISTS", "shoal:queues:held", "acme:n"]) != ":0"
     {
         assert!(deleting.elapsed() < SETTLE, "the deleted tenant's queue is still in Redis");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(redis.command(&["HEXISTS", "shoal:queues:held", "acme:n"]), ":0");
 }

@@ -15,7 +15,9 @@
 //!   to its acknowledgement (or purge), whatever stream entry carries it;
 //! - `P:q:Q:d` — sorted set of retried message ids, by when they become
 //!   visible again; a take moves those due back into the stream;
-//! - `P:q:Q:x` — hash, message id → its death (JSON: when, why): dead
+//! - `P:q:Q:x` — hash, message id → its death (JSON: when, why), and
+//!   `P:q:Q:o` — sorted set of the same ids by when they died (dead
+//!   letters are listed, redriven and purged oldest first from it): dead
 //!   letters keep their data in the hashes above until redriven or purged;
 //! - `P:queues:held` — hash, `tenant:n` / `tenant:b` → messages and body
 //!   bytes the tenant keeps (dead letters included), checked and added in
@@ -33,9 +35,16 @@ use redis::aio::ConnectionManager;
 use crate::{ClusterError, redis_error};
 
 /// Write a queue's settings (making its stream and group) unless its
-/// tenant has `max` queues already. KEYS: configs, count, version, stream;
-/// ARGV: queue, record, tenant, max. 1 created, 2 replaced, 0 full.
+/// tenant has `max` queues already, or is not (or no longer) a tenant in
+/// the cluster's registry. KEYS: configs, count, version, stream, tenants;
+/// ARGV: queue, record, tenant, max. 1 created, 2 replaced, 0 full, -1 no
+/// such tenant (its deletion begun: none of its queues can be made after
+/// the deletion listed them).
 const PUT: &str = r"
+local tenant = redis.call('HGET', KEYS[5], ARGV[3])
+if not tenant then return -1 end
+local deleting = cjson.decode(tenant)['deleting_since_ms']
+if deleting ~= nil and deleting ~= cjson.null then return -1 end
 local exists = redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1
 if not exists then
   if tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0') >= tonumber(ARGV[4]) then return 0 end
@@ -50,7 +59,7 @@ return 1
 
 /// Remove a queue with everything it holds, giving its tenant's held
 /// messages and bytes back. KEYS: configs, count, version, held, then the
-/// queue's stream, bodies, times, attempts, delayed, dead; ARGV: queue,
+/// queue's stream, bodies, times, attempts, delayed, dead, dead by time; ARGV: queue,
 /// tenant. 1 if there was one. (Counts go down by `0 - n`, never `-n`:
 /// Lua's `-0` reaches Redis as "-0", which `HINCRBY` refuses.)
 const REMOVE: &str = r"
@@ -61,7 +70,7 @@ local b = tonumber(redis.call('HGET', KEYS[4], ARGV[1] .. ':b') or '0')
 redis.call('HINCRBY', KEYS[4], ARGV[2] .. ':n', 0 - n)
 redis.call('HINCRBY', KEYS[4], ARGV[2] .. ':b', 0 - b)
 redis.call('HDEL', KEYS[4], ARGV[1] .. ':b')
-redis.call('UNLINK', KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10])
+redis.call('UNLINK', KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11])
 redis.call('INCR', KEYS[3])
 return 1
 ";
@@ -112,8 +121,9 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', ARGV[3], 'LIMIT
 end
 local want = tonumber(ARGV[2])
 local out = {'0'}
-local taken = 0
+local taken, seen = 0, 0
 local function take(entry)
+  seen = seen + 1
   local id = entry[2][2]
   local body = redis.call('HGET', KEYS[2], id)
   if not body then
@@ -160,6 +170,11 @@ if hint == -1 then
     for _, entry in ipairs(read[1][2]) do take(entry) end
   end
 end
+if taken == 0 and seen > 0 then
+  -- Only settled entries were read: more may be waiting behind them.
+  out[1] = '0'
+  return out
+end
 if taken == 0 then
   local due = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
   if due[2] then
@@ -172,7 +187,7 @@ return out
 ";
 
 /// Settle a batch's messages. KEYS: stream, bodies, times, attempts,
-/// delayed, dead, held; ARGV: tenant, node, now (ms), queue, then per
+/// delayed, dead, held, dead by time; ARGV: tenant, node, now (ms), queue, then per
 /// message four values: `a` (acknowledge), `r` (retry; the fourth is when it is
 /// visible again) or `x` (dead; the fourth is why), entry id, message id,
 /// that value. A retry or death of an entry this node no longer holds (it
@@ -194,6 +209,11 @@ for i = 5, #ARGV, 4 do
     if redis.call('HDEL', KEYS[2], id) == 1 then
       redis.call('HDEL', KEYS[3], id)
       redis.call('HDEL', KEYS[4], id)
+      -- Another node may have retried or buried it after this delivery's
+      -- lease ran out: it is done all the same.
+      redis.call('ZREM', KEYS[5], id)
+      redis.call('HDEL', KEYS[6], id)
+      redis.call('ZREM', KEYS[8], id)
       redis.call('HINCRBY', KEYS[7], ARGV[1] .. ':n', -1)
       redis.call('HINCRBY', KEYS[7], ARGV[1] .. ':b', 0 - size)
       redis.call('HINCRBY', KEYS[7], ARGV[4] .. ':b', 0 - size)
@@ -207,6 +227,7 @@ for i = 5, #ARGV, 4 do
       retried = retried + 1
     else
       redis.call('HSET', KEYS[6], id, cjson.encode({died_ms = tonumber(ARGV[3]), error = extra}))
+      redis.call('ZADD', KEYS[8], ARGV[3], id)
       died = died + 1
     end
   end
@@ -214,14 +235,14 @@ end
 return {acked, retried, died}
 ";
 
-/// Send up to 1,000 dead letters back to the stream (attempts from 0), or
-/// purge them (ARGV[2] = '1'). KEYS: stream, bodies, times, attempts,
-/// dead, held; ARGV: tenant, purge, queue. How many.
+/// Send up to 1,000 dead letters, oldest first, back to the stream
+/// (attempts from 0), or purge them (ARGV[2] = '1'). KEYS: stream,
+/// bodies, times, attempts, dead, held, dead by time; ARGV: tenant, purge,
+/// queue. How many.
 const SETTLE_DEAD: &str = r"
-local scanned = redis.call('HSCAN', KEYS[5], '0', 'COUNT', 1000)
-local ids = {}
-for i = 1, #scanned[2], 2 do ids[#ids + 1] = scanned[2][i] end
+local ids = redis.call('ZRANGE', KEYS[7], 0, 999)
 for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[7], id)
   redis.call('HDEL', KEYS[5], id)
   if ARGV[2] == '1' then
     local size = redis.call('HSTRLEN', KEYS[2], id)
@@ -299,6 +320,8 @@ pub enum QueuePut {
     Replaced,
     /// Its tenant has its most queues already.
     TenantFull,
+    /// Its tenant is not in the cluster's registry, or is being deleted.
+    NoTenant,
 }
 
 /// What a take found: messages, or none and how long until some may be
@@ -362,6 +385,7 @@ impl SharedQueues {
             .key(self.configs_key(":count"))
             .key(self.configs_key(":version"))
             .key(self.key(queue, "s"))
+            .key(format!("{}:tenants", self.prefix))
             .arg(queue)
             .arg(record)
             .arg(tenant)
@@ -372,7 +396,8 @@ impl SharedQueues {
         Ok(match done {
             1 => QueuePut::Created,
             2 => QueuePut::Replaced,
-            _ => QueuePut::TenantFull,
+            0 => QueuePut::TenantFull,
+            _ => QueuePut::NoTenant,
         })
     }
 
@@ -381,7 +406,7 @@ impl SharedQueues {
     pub async fn remove(&self, queue: &str, tenant: &str) -> Result<bool, ClusterError> {
         let mut script = self.remove.key(self.configs_key(""));
         script.key(self.configs_key(":count")).key(self.configs_key(":version")).key(self.held_key());
-        for part in ["s", "m", "t", "a", "d", "x"] {
+        for part in ["s", "m", "t", "a", "d", "x", "o"] {
             script.key(self.key(queue, part));
         }
         let removed: i64 =
@@ -535,6 +560,7 @@ impl SharedQueues {
             .key(self.key(queue, "d"))
             .key(self.key(queue, "x"))
             .key(self.held_key())
+            .key(self.key(queue, "o"))
             .arg(tenant)
             .arg(node)
             .arg(now_ms)
@@ -565,37 +591,43 @@ impl SharedQueues {
         Ok(QueueCounts { messages: kept.saturating_sub(dead), dead, bytes })
     }
 
-    /// Up to `limit` dead letters.
+    /// Up to `limit` dead letters, oldest first.
     pub async fn dead(&self, queue: &str, limit: usize) -> Result<Vec<DeadMessage>, ClusterError> {
         let mut conn = self.conn.clone();
-        let (_, entries): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-            .arg(self.key(queue, "x"))
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.key(queue, "o"))
             .arg(0)
-            .arg("COUNT")
-            .arg(limit)
+            .arg(limit.saturating_sub(1))
             .query_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        let mut out = Vec::new();
-        for (id, death) in entries.into_iter().take(limit) {
-            let (body, sent, attempts): (Option<Vec<u8>>, Option<u64>, Option<u32>) = redis::pipe()
-                .hget(self.key(queue, "m"), &id)
-                .hget(self.key(queue, "t"), &id)
-                .hget(self.key(queue, "a"), &id)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            let death: serde_json::Value = serde_json::from_str(&death).unwrap_or_default();
-            out.push(DeadMessage {
-                id,
-                attempts: attempts.unwrap_or(0),
-                sent_us: sent.unwrap_or(0),
-                died_ms: death["died_ms"].as_u64().unwrap_or(0),
-                error: death["error"].as_str().unwrap_or_default().to_string(),
-                body: body.unwrap_or_default(),
-            });
+        if ids.is_empty() || limit == 0 {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hget(self.key(queue, "x"), id)
+                .hget(self.key(queue, "m"), id)
+                .hget(self.key(queue, "t"), id)
+                .hget(self.key(queue, "a"), id);
+        }
+        type Row = (Option<String>, Option<Vec<u8>>, Option<u64>, Option<u32>);
+        let rows: Vec<Row> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+        Ok(ids
+            .into_iter()
+            .zip(rows)
+            .filter_map(|(id, (death, body, sent, attempts))| {
+                let death: serde_json::Value = serde_json::from_str(&death?).unwrap_or_default();
+                Some(DeadMessage {
+                    id,
+                    attempts: attempts.unwrap_or(0),
+                    sent_us: sent.unwrap_or(0),
+                    died_ms: death["died_ms"].as_u64().unwrap_or(0),
+                    error: death["error"].as_str().unwrap_or_default().to_string(),
+                    body: body.unwrap_or_default(),
+                })
+            })
+            .collect())
     }
 
     /// Redrive (or, with `purge`, remove) up to 1,000 dead letters; how many.
@@ -607,6 +639,7 @@ impl SharedQueues {
             .key(self.key(queue, "a"))
             .key(self.key(queue, "x"))
             .key(self.held_key())
+            .key(self.key(queue, "o"))
             .arg(tenant)
             .arg(if purge { "1" } else { "0" })
             .arg(queue)
@@ -634,6 +667,10 @@ mod tests {
         let redis = RedisServer::start();
         let conn = connect(&redis.url(), Duration::from_secs(1)).await.unwrap();
         let queues = SharedQueues::new(conn, "k");
+        redis.command(&["HSET", "k:tenants", "a", r#"{"name":"a"}"#, "b", r#"{"name":"b","deleting_since_ms":1}"#]);
+        // Only a tenant of the registry, not being deleted, gets a queue.
+        assert_eq!(queues.put("z/q", "z", b"{}", 1).await.unwrap(), QueuePut::NoTenant);
+        assert_eq!(queues.put("b/q", "b", b"{}", 1).await.unwrap(), QueuePut::NoTenant);
         let take = |node: &'static str, n: usize, now: u64, lease: u64| {
             let queues = queues.clone();
             async move { queues.take("a/q", node, n, (now, lease, 0)).await.unwrap().messages }
@@ -701,6 +738,7 @@ mod tests {
         let redis = RedisServer::start();
         let conn = connect(&redis.url(), Duration::from_secs(1)).await.unwrap();
         let queues = SharedQueues::new(conn, "k");
+        redis.command(&["HSET", "k:tenants", "a", r#"{"name":"a"}"#]);
         queues.put("a/q", "a", b"{}", 10).await.unwrap();
         queues.put("a/r", "a", b"{}", 10).await.unwrap();
         let two = vec![b"ab".to_vec(), b"cd".to_vec()];
@@ -739,5 +777,50 @@ mod tests {
         assert_eq!(redis.command(&["EXISTS", "k:q:a/q:s", "k:q:a/q:m", "k:q:a/r:m"]), ":0");
         assert_eq!(queues.all().await.unwrap().1, vec![]);
         assert!(queues.version().await.unwrap() >= 4);
+    }
+
+    #[tokio::test]
+    async fn a_late_acknowledgement_settles_a_buried_message_and_dead_letters_go_back_oldest_first() {
+        let redis = RedisServer::start();
+        let conn = connect(&redis.url(), Duration::from_secs(1)).await.unwrap();
+        let queues = SharedQueues::new(conn, "k");
+        redis.command(&["HSET", "k:tenants", "a", r#"{"name":"a"}"#]);
+        queues.put("a/q", "a", b"{}", 10).await.unwrap();
+        queues.send("a/q", "a", &[b"late".to_vec()], 0, (10_000, 1 << 20)).await.unwrap();
+        // n1's lease runs out; n2 claims the message and buries it; then
+        // n1's consumer succeeds after all: the message is done, not dead.
+        let first = queues.take("a/q", "n1", 1, (0, 60_000, 0)).await.unwrap().messages;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = queues.take("a/q", "n2", 1, (0, 1, 0)).await.unwrap().messages;
+        assert_eq!((second.len(), second[0].attempts), (1, 2));
+        queues.settle("a/q", "a", "n2", 5, &plan(&second, [Settle::Dead("no".into())])).await.unwrap();
+        assert_eq!(queues.counts("a/q").await.unwrap(), QueueCounts { messages: 0, dead: 1, bytes: 4 });
+        assert_eq!(queues.settle("a/q", "a", "n1", 6, &plan(&first, [Settle::Ack])).await.unwrap(), (1, 0, 0));
+        assert_eq!(queues.counts("a/q").await.unwrap(), QueueCounts::default());
+        assert_eq!(queues.dead("a/q", 10).await.unwrap(), vec![]);
+        assert_eq!(queues.settle_dead("a/q", "a", true).await.unwrap(), 0);
+
+        // 2,500 dead letters: listed, redriven and purged oldest first, a thousand at a time, to the last.
+        let bodies: Vec<Vec<u8>> = (0..1000).map(|i| format!("d{i}").into_bytes()).collect();
+        for _ in 0..3 {
+            queues.send("a/q", "a", &bodies, 0, (10_000, 1 << 20)).await.unwrap();
+        }
+        let mut died = 0;
+        while died < 2500 {
+            let taken = queues.take("a/q", "n1", 500, (0, 60_000, 0)).await.unwrap().messages;
+            let why = (died..).map(|n| Settle::Dead(format!("death {n}")));
+            died += queues.settle("a/q", "a", "n1", died as u64, &plan(&taken, why)).await.unwrap().2 as usize;
+        }
+        let oldest = queues.dead("a/q", 3).await.unwrap();
+        let errors: Vec<&str> = oldest.iter().map(|d| d.error.as_str()).collect();
+        assert_eq!(errors, ["death 0", "death 1", "death 2"]);
+        assert_eq!(queues.settle_dead("a/q", "a", false).await.unwrap(), 1000);
+        assert_eq!(queues.dead("a/q", 1).await.unwrap()[0].error, "death 1000", "the oldest went back first");
+        assert_eq!(queues.settle_dead("a/q", "a", true).await.unwrap(), 1000);
+        assert_eq!(queues.settle_dead("a/q", "a", true).await.unwrap(), 500);
+        assert_eq!(queues.settle_dead("a/q", "a", true).await.unwrap(), 0);
+        let counts = queues.counts("a/q").await.unwrap();
+        // The redriven thousand wait again, beside the 500 never taken.
+        assert_eq!((counts.messages, counts.dead), (1500, 0));
     }
 }

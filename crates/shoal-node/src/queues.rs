@@ -242,6 +242,9 @@ pub(crate) struct Queues {
     shared: Option<(SharedQueues, String)>,
     /// The shared settings' version last mirrored (cluster only).
     version: AtomicU64,
+    /// Bumped when this node applies its own change of a queue (cluster
+    /// only): a mirror that overlapped one cannot trust the version it read.
+    local_changes: AtomicU64,
 }
 
 impl std::fmt::Debug for Queues {
@@ -312,6 +315,7 @@ impl Queues {
             limits,
             shared,
             version: AtomicU64::new(0),
+            local_changes: AtomicU64::new(0),
         })
     }
 
@@ -329,6 +333,14 @@ impl Queues {
 
     fn shared(&self) -> Option<&SharedQueues> {
         self.shared.as_ref().map(|(shared, _)| shared)
+    }
+
+    /// This node applied its own change of a queue after writing it to
+    /// Redis: a mirror may have read the settings before the write and
+    /// applied them after this, so the next one reads them all again.
+    fn changed_here(&self) {
+        self.local_changes.fetch_add(1, Ordering::AcqRel);
+        self.version.store(0, Ordering::Release);
     }
 
     /// The next sequence numbers: send time in microseconds, unique.
@@ -496,6 +508,7 @@ impl Node {
                 QueuePut::Created => true,
                 QueuePut::Replaced => false,
                 QueuePut::TenantFull => return Err(full(queues.limits.queues_per_tenant)),
+                QueuePut::NoTenant => return Err(ApiError::not_found(format!("tenant `{tenant}` does not exist"))),
             },
             None => {
                 let stored = key.clone();
@@ -504,6 +517,7 @@ impl Node {
             }
         };
         let state = self.install_queue(config);
+        queues.changed_here();
         tracing::info!(%tenant, queue = %name, "queue set");
         Ok((self.queue_view_of(&state.config(), Some(&state)).await?, created))
     }
@@ -590,6 +604,7 @@ impl Node {
         if let Some(shared) = queues.shared() {
             let removed = shared.remove(&key, tenant).await?;
             self.uninstall_queue(&key);
+            queues.changed_here();
             if removed {
                 tracing::info!(%tenant, queue = %name, "queue removed");
             }
@@ -905,6 +920,7 @@ impl Node {
         if shared.version().await? == self.queues.version.load(Ordering::Acquire) {
             return Ok(());
         }
+        let changes = self.queues.local_changes.load(Ordering::Acquire);
         let (version, records) = shared.all().await?;
         let mut fresh = HashMap::new();
         for (key, bytes) in records {
@@ -922,7 +938,11 @@ impl Node {
         for config in fresh.into_values() {
             self.install_queue(config);
         }
-        self.queues.version.store(version, Ordering::Release);
+        // Trusted only if no change of this node's overlapped the read
+        // (else what it applied may be older than that change).
+        if self.queues.local_changes.load(Ordering::Acquire) == changes {
+            self.queues.version.store(version, Ordering::Release);
+        }
         Ok(())
     }
 
