@@ -86,9 +86,12 @@ pub struct ServeArgs {
     /// Where the registry, the compiled-artifact cache and the admin token live.
     #[arg(long, env = "SHOAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Where compiled language runtimes (the shared Python runtime) are
-    /// cached; default DATA_DIR/cache. Nodes on one machine may share one,
-    /// so the runtime is compiled once for all of them.
+    /// Where compiled language runtimes (the shared Python and JavaScript
+    /// runtimes) are cached: by default the user's cache,
+    /// $XDG_CACHE_HOME/shoal/runtimes or ~/.cache/shoal/runtimes, shared
+    /// by every node the user starts on this machine, so they are compiled
+    /// once, not per data directory (DATA_DIR/cache when there is no home,
+    /// or that directory is not the user's alone).
     #[arg(long, env = "SHOAL_RUNTIME_CACHE")]
     runtime_cache: Option<PathBuf>,
     /// Largest invoke request and response body, e.g. 6MiB.
@@ -262,7 +265,13 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
     let mut config = NodeConfig::new(data_dir);
     config.python_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
     config.js_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
-    config.runtime_cache_dir = args.runtime_cache.clone();
+    config.runtime_cache_dir = args.runtime_cache.clone().or_else(|| {
+        runtime_cache_under(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))
+            .map_err(|(dir, e)| {
+                tracing::warn!(dir = %dir.display(), error = %e, "not sharing compiled runtimes through the user's cache; using the data directory's")
+            })
+            .ok()
+    });
     config.admin_token = std::env::var("SHOAL_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Into::into);
     if let Some(listen) = args.listen.or(file.listen) {
         config.listen = listen;
@@ -631,6 +640,40 @@ fn source_examples() -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         .collect()
 }
 
+/// The user's cache of compiled language runtimes under `xdg_cache`
+/// (`$XDG_CACHE_HOME`), else under `home`'s `.cache`: `shoal/runtimes`,
+/// made if missing. Compiled code is loaded from it as trusted, so it must
+/// be a directory of this user that nobody else can write (made 0700);
+/// otherwise (or with no home at all) the error says why not.
+pub(crate) fn runtime_cache_under(
+    xdg_cache: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Result<PathBuf, (PathBuf, String)> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let base = match (xdg_cache.filter(|v| !v.is_empty()), home.filter(|v| !v.is_empty())) {
+        (Some(xdg), _) => PathBuf::from(xdg),
+        (None, Some(home)) => PathBuf::from(home).join(".cache"),
+        (None, None) => return Err((PathBuf::new(), "neither XDG_CACHE_HOME nor HOME is set".into())),
+    };
+    let dir = base.join("shoal").join("runtimes");
+    let fail = |e: String| (dir.clone(), e);
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| fail(e.to_string()))?;
+    // The process's own user: /proc/self belongs to it.
+    let me = std::fs::metadata("/proc/self").map_err(|e| fail(format!("reading /proc/self: {e}")))?.uid();
+    for path in [dir.parent().unwrap_or(&dir), dir.as_path()] {
+        let meta = std::fs::symlink_metadata(path).map_err(|e| fail(e.to_string()))?;
+        if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+            return Err(fail(format!(
+                "{} must be a directory of this user that no one else can write (owner {}, mode {:o})",
+                path.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            )));
+        }
+    }
+    Ok(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -736,5 +779,30 @@ mod tests {
         assert_eq!((http.max_connections, http.idle_timeout), (70, Duration::from_secs(5)));
         let zero = Cli::parse_from(["serve", "--max-connections", "0"]);
         assert!(node_config(&zero.serve).is_err(), "no connections at all is refused");
+    }
+
+    #[test]
+    fn compiled_runtimes_are_shared_through_the_users_own_cache_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let home = tempfile::tempdir().unwrap();
+        let xdg = tempfile::tempdir().unwrap();
+        // XDG_CACHE_HOME first, else ~/.cache; made private.
+        let dir = runtime_cache_under(Some(xdg.path().into()), Some(home.path().into())).unwrap();
+        assert_eq!(dir, xdg.path().join("shoal/runtimes"));
+        let dir = runtime_cache_under(Some("".into()), Some(home.path().into())).unwrap();
+        assert_eq!(dir, home.path().join(".cache/shoal/runtimes"));
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        // Found again as it is.
+        assert_eq!(runtime_cache_under(None, Some(home.path().into())).unwrap(), dir);
+        assert!(runtime_cache_under(None, None).is_err());
+        // A directory others may write is refused (someone could plant code in it).
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (refused, why) = runtime_cache_under(None, Some(home.path().into())).unwrap_err();
+        assert_eq!(refused, dir);
+        assert!(why.contains("no one else can write"), "{why}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let parent = dir.parent().unwrap();
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(runtime_cache_under(None, Some(home.path().into())).is_err(), "its parent too");
     }
 }
