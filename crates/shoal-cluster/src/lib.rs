@@ -62,6 +62,29 @@ pub(crate) fn redis_error(e: redis::RedisError) -> ClusterError {
     ClusterError::Redis(e.to_string())
 }
 
+/// The counter at `key` (0 when missing): a version nodes poll.
+pub(crate) async fn read_version(conn: &ConnectionManager, key: &str) -> Result<u64, ClusterError> {
+    let version: Option<u64> = redis::cmd("GET").arg(key).query_async(&mut conn.clone()).await.map_err(redis_error)?;
+    Ok(version.unwrap_or(0))
+}
+
+/// Every field of the hash at `key`, with the version at `version_key`
+/// read in the same step.
+pub(crate) async fn read_versioned_hash(
+    conn: &ConnectionManager,
+    version_key: &str,
+    key: &str,
+) -> Result<(u64, Vec<(String, Vec<u8>)>), ClusterError> {
+    let (version, fields): (Option<u64>, Vec<(String, Vec<u8>)>) = redis::pipe()
+        .atomic()
+        .get(version_key)
+        .hgetall(key)
+        .query_async(&mut conn.clone())
+        .await
+        .map_err(redis_error)?;
+    Ok((version.unwrap_or(0), fields))
+}
+
 /// A connection to Redis that reconnects by itself, each command bounded
 /// by `timeout`. Fails if Redis does not answer a `PING` now.
 pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, ClusterError> {

@@ -416,24 +416,12 @@ impl SharedQueues {
 
     /// The settings' version (0: Redis has none).
     pub async fn version(&self) -> Result<u64, ClusterError> {
-        let version: Option<u64> = redis::cmd("GET")
-            .arg(self.configs_key(":version"))
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(redis_error)?;
-        Ok(version.unwrap_or(0))
+        crate::read_version(&self.conn, &self.configs_key(":version")).await
     }
 
     /// Every queue's settings, with the version they were read at.
     pub async fn all(&self) -> Result<(u64, Vec<(String, Vec<u8>)>), ClusterError> {
-        let (version, records): (Option<u64>, Vec<(String, Vec<u8>)>) = redis::pipe()
-            .atomic()
-            .get(self.configs_key(":version"))
-            .hgetall(self.configs_key(""))
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(redis_error)?;
-        Ok((version.unwrap_or(0), records))
+        crate::read_versioned_hash(&self.conn, &self.configs_key(":version"), &self.configs_key("")).await
     }
 
     /// One queue's settings, if it exists.

@@ -152,24 +152,12 @@ impl SharedTriggers {
 
     /// The triggers' version (0: Redis has none, it lost them or never had any).
     pub async fn version(&self) -> Result<u64, ClusterError> {
-        let version: Option<u64> = redis::cmd("GET")
-            .arg(self.key(":version"))
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(redis_error)?;
-        Ok(version.unwrap_or(0))
+        crate::read_version(&self.conn, &self.key(":version")).await
     }
 
     /// Every trigger's record, with the version they were read at.
     pub async fn all(&self) -> Result<(u64, Vec<(String, Vec<u8>)>), ClusterError> {
-        let (version, records): (Option<u64>, Vec<(String, Vec<u8>)>) = redis::pipe()
-            .atomic()
-            .get(self.key(":version"))
-            .hgetall(self.key(""))
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(redis_error)?;
-        Ok((version.unwrap_or(0), records))
+        crate::read_versioned_hash(&self.conn, &self.key(":version"), &self.key("")).await
     }
 
     /// The last accepted tick of each of `keys` (`"<tick ms> <call id>"`).
