@@ -34,13 +34,20 @@ fn usage_charges_the_cpu_calls_spent_and_a_kill_9_loses_at_most_one_flush() {
         // A fib that takes a while, so that /proc's 10 ms ticks are small
         // beside it: chosen by the CPU time the node spends on one call
         // (not its wall time, which a busy machine stretches).
+        // The least of two calls counts: the first call of a size may
+        // carry work of its own (a compile, a page-in) that later ones do not.
+        let call_cpu = |n: u32| {
+            (0..2)
+                .map(|_| {
+                    let before = shoal_testkit::cpu_time_of(pid);
+                    stdout(&run(&["invoke", "demo/fib", "-d", &n.to_string()]));
+                    shoal_testkit::cpu_time_of(pid) - before
+                })
+                .min()
+                .unwrap()
+        };
         let mut n = 28;
-        while n < 40 {
-            let before = shoal_testkit::cpu_time_of(pid);
-            stdout(&run(&["invoke", "demo/fib", "-d", &n.to_string()]));
-            if shoal_testkit::cpu_time_of(pid) - before >= Duration::from_millis(60) {
-                break;
-            }
+        while n < 40 && call_cpu(n) < Duration::from_millis(80) {
             n += 1;
         }
         // What the 8 calls are charged is what the node spends running
@@ -49,7 +56,10 @@ fn usage_charges_the_cpu_calls_spent_and_a_kill_9_loses_at_most_one_flush() {
         // can be disturbed: the best of three attempts counts.
         let mut attempts = Vec::new();
         let (mut calls, mut cpu_ms) = (0, 0.0);
-        for _ in 0..3 {
+        let mut tries = 0;
+        while attempts.len() < 3 {
+            tries += 1;
+            assert!(tries <= 8, "no measurable attempt: {attempts:?}");
             let before_table = stdout(&run(&["usage", "demo", "--by", "function", "--since", "1h"]));
             let (calls_before, cpu_before) = usage_row(&before_table, "demo/fib");
             // What the idle node spends anyway (its timer threads), per second.
@@ -67,7 +77,11 @@ fn usage_charges_the_cpu_calls_spent_and_a_kill_9_loses_at_most_one_flush() {
             (calls, cpu_ms) = usage_row(&table, "demo/fib");
             assert_eq!(calls - calls_before, 8, "{table}");
             let charged = cpu_ms - cpu_before;
-            assert!(spent >= 400.0, "fib({n}) ran too briefly to measure: {spent} ms");
+            if spent < 400.0 && n < 40 {
+                // Too brief beside /proc's 10 ms ticks: a larger fib.
+                n += 1;
+                continue;
+            }
             assert!(charged <= spent * 1.1, "charged {charged} ms, more than the node spent, {spent} ms");
             attempts.push((charged, spent));
             if (charged - spent).abs() <= spent * 0.1 {
