@@ -187,6 +187,13 @@ impl Interpreter {
         writeln!(out, "/// The shared {} runtime ({}, world `interpreter`).", self.name, self.version).unwrap();
         writeln!(out, "pub const {constant}_RUNTIME: &[u8] = include_bytes!({:?});", output.display().to_string())
             .unwrap();
+        // Its digest, so a node finds the runtime's compiled code in its
+        // cache without reading the bytes.
+        let built = std::fs::read(&output).expect("read the runtime just built");
+        let digest: [u8; 32] =
+            sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &built)).into();
+        writeln!(out, "/// SHA-256 of [`{constant}_RUNTIME`].").unwrap();
+        writeln!(out, "pub const {constant}_RUNTIME_SHA256: [u8; 32] = {digest:?};").unwrap();
 
         let mut examples: Vec<PathBuf> = std::fs::read_dir(&examples_dir)
             .expect("the examples directory exists")

@@ -263,8 +263,10 @@ fn node_config(args: &ServeArgs) -> anyhow::Result<(NodeConfig, bool, Option<Soc
     };
     let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(".shoal"));
     let mut config = NodeConfig::new(data_dir);
-    config.python_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
-    config.js_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
+    config.python_runtime =
+        shoal_runtime::RuntimeBinary::prehashed(shoal_guests::PYTHON_RUNTIME, shoal_guests::PYTHON_RUNTIME_SHA256);
+    config.js_runtime =
+        shoal_runtime::RuntimeBinary::prehashed(shoal_guests::JS_RUNTIME, shoal_guests::JS_RUNTIME_SHA256);
     config.runtime_cache_dir = args.runtime_cache.clone().or_else(|| {
         runtime_cache_under(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))
             .map_err(|(dir, e)| {
@@ -565,6 +567,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("deploying the HTTP example: {}", e.message))?;
         }
     }
+    // What opening the store and deploying the examples allocated is free.
+    shoal_runtime::release_free_memory();
     // Announced before the API's address, which ends what tests read.
     if let Some(addr) = metrics_listen {
         let metrics = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;

@@ -7,16 +7,21 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{serve, serve_with, shoal, stdout};
+use common::{http_get, metric, serve, serve_with, shoal, stdout};
 
 #[test]
 fn serve_deploys_the_examples_and_the_client_commands_work() {
     let dir = tempfile::tempdir().unwrap();
-    let served = serve(dir.path());
+    let served = serve_with(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
     let run = |args: &[&str]| shoal(dir.path(), &served.url, args);
+    // The examples are deployed and none is loaded: an idle node holds
+    // neither their images nor a language runtime until they are called.
+    let metrics_url = served.metrics.clone().expect("a metrics listener");
+    assert_eq!(metric(&http_get(&metrics_url), "shoal_images_loaded"), 0.0);
 
     // The client finds the admin token in ./.shoal by itself.
     assert_eq!(stdout(&run(&["invoke", "demo/hello", "-d", "world"])), "hello world");
+    assert_eq!(metric(&http_get(&metrics_url), "shoal_images_loaded"), 1.0, "loaded by its first call");
     assert_eq!(stdout(&run(&["invoke", "demo/fib", "-d", "30"])), "832040");
     std::fs::write(dir.path().join("input.txt"), "from a file").unwrap();
     assert_eq!(stdout(&run(&["invoke", "demo/upper", "--data-file", "input.txt"])), "FROM A FILE");

@@ -910,11 +910,13 @@ async fn an_alias_rolled_back_under_load_serves_only_its_versions_and_reaches_ev
         [(&nodes[0], shoal_guests::HELLO, 1), (&nodes[1], shoal_guests::ECHO, 2), (&nodes[2], shoal_guests::UPPER, 3)]
     {
         let started = Instant::now();
-        // The tenant may not have reached this node's view yet.
+        // The tenant (and so its token) may not have reached this node's
+        // view yet: 404 or 401 until it does.
         let reply = loop {
             let url = format!("{}/v1/functions/acme/f", node.url);
             let reply = http.send(Method::PUT, url, &token, wasm.to_vec(), &[]).await.unwrap();
-            if reply.status != StatusCode::NOT_FOUND || started.elapsed() > SETTLE {
+            let unseen = [StatusCode::NOT_FOUND, StatusCode::UNAUTHORIZED].contains(&reply.status);
+            if !unseen || started.elapsed() > SETTLE {
                 break reply;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

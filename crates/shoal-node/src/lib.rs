@@ -363,7 +363,7 @@ impl Node {
                 "joined the cluster"
             );
         } else {
-            node.load_functions().await?;
+            node.read_functions().await?;
         }
         usage::spawn_chore(&node);
         node.enforce_image_budget();
@@ -378,30 +378,26 @@ impl Node {
         Ok(node)
     }
 
-    async fn load_functions(&self) -> Result<(), StartError> {
+    /// Make the stored functions known, none loaded: each image loads on
+    /// its function's first call (from the compiled cache, no compiling),
+    /// so a node starts in the same time and memory whatever it holds, and
+    /// a Python or JavaScript runtime is prepared only once one of its
+    /// functions is called.
+    async fn read_functions(&self) -> Result<(), StartError> {
         let stored = self.registry.stored_functions()?;
         let n_stored = stored.len();
         let started = std::time::Instant::now();
-        for (record, wasm) in stored {
-            match self.executor.runtime().load_with(&wasm, &record.load_options()).await {
-                Ok(image) => {
-                    let trail =
-                        self.registry.trail_for(&record.tenant, &record.name, self.config.log_lines_per_function);
-                    self.registry.insert_loaded(DeployedFunction::new(record, image, trail));
-                }
-                Err(e) => {
-                    tracing::error!(tenant = %record.tenant, function = %record.name, error = %e, "cannot load a stored function; skipping it")
-                }
-            }
+        for record in stored {
+            let trail = self.registry.trail_for(&record.tenant, &record.name, self.config.log_lines_per_function);
+            self.registry.insert_known(DeployedFunction::unloaded(record, trail));
         }
         let n_versions = self.registry.insert_versions(self.config.log_lines_per_function)?;
         tracing::info!(
             n_functions = self.registry.n_functions(),
             n_versions,
             n_stored,
-            n_compiles = self.executor.runtime().n_compiles(),
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "loaded deployed functions"
+            "read deployed functions"
         );
         Ok(())
     }
@@ -665,7 +661,8 @@ impl Node {
 
     /// Deploy `functions` under `tenant` with default limits, creating the
     /// tenant if needed; a function already deployed with the same bytes is
-    /// left as it is.
+    /// left as it is. Each is left unloaded after its deploy, as a restart
+    /// leaves it: defaults nobody calls hold no memory.
     pub async fn deploy_defaults(&self, tenant: &str, functions: &[(&str, &[u8])]) -> Result<(), ApiError> {
         self.deploy_defaults_with(tenant, functions, false).await
     }
@@ -694,6 +691,7 @@ impl Node {
         spec: &DeploySpec,
     ) -> Result<(), ApiError> {
         self.create_tenant(tenant).await?;
+        let mut deployed = Vec::new();
         for (name, wasm) in functions {
             let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(wasm));
             // Source (Python, JavaScript) always starts from a snapshot.
@@ -706,6 +704,15 @@ impl Node {
                 continue;
             }
             self.deploy(tenant, name, wasm, spec.clone()).await?;
+            deployed.push(*name);
+        }
+        // Left as a restart leaves them: known, each loaded on its first
+        // call (after all deploys, so that functions of one language
+        // runtime share one preparation of it).
+        for name in deployed {
+            if let Some(function) = self.registry.get(tenant, name) {
+                function.evict();
+            }
         }
         Ok(())
     }

@@ -387,7 +387,7 @@ impl Registry {
     }
 
     /// Open the registry and read the tenants; functions are loaded by the
-    /// node with [`Registry::stored_functions`] and [`Registry::insert_loaded`].
+    /// node with [`Registry::stored_functions`] and [`Registry::insert_known`].
     /// With `shared`, tenants and functions come from the cluster (by
     /// [`Registry::mirror`]), not the local store.
     pub fn open(store: Arc<EmbeddedStore>, shared: Option<SharedRegistry>) -> Result<Self, StoreError> {
@@ -675,42 +675,38 @@ impl Registry {
             .collect()
     }
 
-    /// Every stored function (its own entry, the newest version) with its
-    /// wasm, for loading at start; versions are loaded lazily
+    /// Every stored function (its own entry, the newest version), made
+    /// known at start; each loads on its first call, as its versions do
     /// ([`Registry::insert_versions`]). A function stored before versions
     /// existed becomes version 1 here, once.
-    pub fn stored_functions(&self) -> Result<Vec<(FunctionRecord, Vec<u8>)>, StoreError> {
+    pub fn stored_functions(&self) -> Result<Vec<FunctionRecord>, StoreError> {
         let mut out = Vec::new();
         for (key, bytes) in self.store.scan_prefix(FUNCTIONS, "")? {
             if key.contains('@') {
                 continue;
             }
             let mut record: FunctionRecord = decode("function", &key, &bytes)?;
-            let Some(wasm) = self.store.get(MODULES, &record.sha256)? else {
-                tracing::error!(function = %key, sha256 = %record.sha256, "stored function has no wasm; skipping it");
-                continue;
-            };
             if record.version == 0 {
                 record.version = 1;
                 let encoded = encode(&record);
                 self.store.put_all(&[(FUNCTIONS, &key, &encoded), (FUNCTIONS, &format!("{key}@1"), &encoded)])?;
             }
-            out.push((record, wasm));
+            out.push(record);
         }
         Ok(out)
     }
 
     /// Make every stored version known, unloaded (each loads on its first
-    /// call); after the functions are loaded, so the newest version is the
-    /// function's own entry.
+    /// call); after the functions, so the newest version is the function's
+    /// own entry.
     pub fn insert_versions(&self, log_lines: usize) -> Result<usize, StoreError> {
         let mut n = 0;
         for (key, bytes) in self.store.scan_prefix(FUNCTIONS, "")? {
             let Some((_, entry)) = key.split_once('/').filter(|(_, entry)| entry.contains('@')) else { continue };
             let record: FunctionRecord = decode("function", &key, &bytes)?;
-            // A version of a function that did not load is not callable either.
+            // A version of a function that could not be read is not callable either.
             let Some(head) = self.get(&record.tenant, &record.name) else {
-                tracing::error!(function = %key, "a version of a function that is not loaded; skipping it");
+                tracing::error!(function = %key, "a version of a function that is not known; skipping it");
                 continue;
             };
             let own = Some(head).filter(|f| f.record == record);
@@ -1103,8 +1099,8 @@ impl Registry {
         functions.values().flat_map(HashMap::values).any(|f| f.record.sha256 == sha256)
     }
 
-    /// Make a function loaded from the store at start visible to calls.
-    pub fn insert_loaded(&self, function: DeployedFunction) {
+    /// Make a function read from the store at start visible to calls.
+    pub fn insert_known(&self, function: DeployedFunction) {
         self.publish(Arc::new(function));
     }
 

@@ -749,7 +749,10 @@ async fn a_restart_keeps_every_function_without_compiling() {
         node.stop().await;
     }
     let node = TestNode::start_in(config(dir.path())).await;
+    // Known at start, none loaded: each loads on its first call.
+    assert!(["greeter", "up", "counter"].iter().all(|name| !node.node.is_loaded("acme", name)));
     assert_eq!(node.invoke_as(&acme_token, "acme/greeter", b"env").await, (StatusCode::OK, b"GREETING=hej".to_vec()));
+    assert!(node.node.is_loaded("acme", "greeter") && !node.node.is_loaded("acme", "up"));
     assert_eq!(node.invoke_as(&acme_token, "acme/up", b"abc").await, (StatusCode::OK, b"ABC".to_vec()));
     assert_eq!(
         node.invoke_as(&acme_token, "acme/counter", b"").await,
@@ -1850,7 +1853,7 @@ mod source_functions {
 
     async fn python_node() -> TestNode {
         TestNode::start_with(|config| {
-            config.python_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+            config.python_runtime = shoal_runtime::RuntimeBinary::new(shoal_guests::PYTHON_RUNTIME);
             // Compiled once for every run of these tests.
             config.runtime_cache_dir = Some(concat!(env!("CARGO_TARGET_TMPDIR"), "/runtime-cache").into());
         })

@@ -13,7 +13,7 @@ fn cold_start(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
     let mut config = RuntimeConfig::new(dir.path().join("cache"));
-    config.python_runtime = RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+    config.python_runtime = RuntimeBinary::new(shoal_guests::PYTHON_RUNTIME);
     let runtime = Runtime::new(config).expect("runtime");
     let settings = CallSettings {
         tenant: Arc::from("bench"),

@@ -71,8 +71,8 @@ fn main() {
     let cache = std::env::var_os("SHOAL_BENCH_DIR").map_or_else(|| dir.path().to_path_buf(), Into::into).join("cache");
     let config = || {
         let mut config = RuntimeConfig::new(&cache);
-        config.python_runtime = RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
-        config.js_runtime = RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
+        config.python_runtime = RuntimeBinary::new(shoal_guests::PYTHON_RUNTIME);
+        config.js_runtime = RuntimeBinary::new(shoal_guests::JS_RUNTIME);
         config
     };
     let settings = CallSettings {

@@ -92,7 +92,8 @@ impl ArtifactCache {
     }
 
     /// Remove everything kept under `key` (its compiled code of either
-    /// kind, their sums, what it declares): no function uses it any more.
+    /// kind, their sums, what it declares, its snapshots): no function
+    /// uses it any more.
     /// Returns the bytes freed.
     pub(crate) fn remove(&self, key: &[u8; 32]) -> u64 {
         let before = self.bytes();
@@ -102,6 +103,16 @@ impl ArtifactCache {
             self.remove_file(&path);
         }
         self.remove_file(&self.declared_path(key));
+        // Snapshots of functions of language runtimes, one per runtime.
+        let prefix = format!("{}-", hex::encode(key));
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) && (name.ends_with(".snapshot") || name.ends_with(".snapshot.sum")) {
+                    self.remove_file(&entry.path());
+                }
+            }
+        }
         before.saturating_sub(self.bytes())
     }
 
@@ -115,8 +126,11 @@ impl ArtifactCache {
         self.dir.join(format!("{}-{}.{suffix}.cwasm", hex::encode(sha256), self.fingerprint))
     }
 
+    /// The sum beside the file at `path`: its name with `.sum` added.
     fn sum_path(path: &Path) -> PathBuf {
-        path.with_extension("cwasm.sum")
+        let mut name = path.as_os_str().to_owned();
+        name.push(".sum");
+        PathBuf::from(name)
     }
 
     /// The sum kept beside an artifact: SHA-256 of its key and its bytes.
@@ -171,6 +185,34 @@ impl ArtifactCache {
 }
 
 impl ArtifactCache {
+    fn blob_path(&self, key: &[u8; 32], what: &str) -> PathBuf {
+        self.dir.join(format!("{}-{}.{what}", hex::encode(key), self.fingerprint))
+    }
+
+    /// Keep `bytes` under `key` as `what` (a runtime's memory image, read
+    /// back with [`ArtifactCache::load_blob`]), written and summed as an
+    /// artifact is.
+    pub(crate) fn store_blob(&self, key: &[u8; 32], what: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let path = self.blob_path(key, what);
+        self.write(&Self::sum_path(&path), Self::sum(key, bytes).as_bytes())?;
+        self.write(&path, bytes)
+    }
+
+    /// The bytes kept under `key` as `what`, if they are there whole (a
+    /// file that does not match its sum is removed).
+    pub(crate) fn load_blob(&self, key: &[u8; 32], what: &str) -> Option<Vec<u8>> {
+        let path = self.blob_path(key, what);
+        let bytes = std::fs::read(&path).ok()?;
+        let kept = std::fs::read_to_string(Self::sum_path(&path)).unwrap_or_default();
+        if kept.trim() == Self::sum(key, &bytes) {
+            return Some(bytes);
+        }
+        tracing::warn!(path = %path.display(), "dropping a cached file that does not match its checksum");
+        self.remove_file(&path);
+        self.remove_file(&Self::sum_path(&path));
+        None
+    }
+
     fn declared_path(&self, key: &[u8; 32]) -> PathBuf {
         self.dir.join(format!("{}-{}.declared", hex::encode(key), self.fingerprint))
     }

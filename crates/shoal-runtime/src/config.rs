@@ -82,11 +82,35 @@ pub struct RuntimeConfig {
 
 /// A language runtime's component, built into the binary.
 #[derive(Clone, Copy, Default)]
-pub struct RuntimeBinary(pub Option<&'static [u8]>);
+pub struct RuntimeBinary {
+    bytes: Option<&'static [u8]>,
+    sha256: Option<[u8; 32]>,
+}
+
+impl RuntimeBinary {
+    /// `bytes`, hashed when the runtime is first needed.
+    pub fn new(bytes: &'static [u8]) -> Self {
+        Self { bytes: Some(bytes), sha256: None }
+    }
+
+    /// `bytes` with their SHA-256 computed when they were built: finding
+    /// the runtime's compiled code in the cache then never reads them.
+    pub fn prehashed(bytes: &'static [u8], sha256: [u8; 32]) -> Self {
+        Self { bytes: Some(bytes), sha256: Some(sha256) }
+    }
+
+    pub(crate) fn bytes(&self) -> Option<&'static [u8]> {
+        self.bytes
+    }
+
+    pub(crate) fn sha256(&self) -> Option<[u8; 32]> {
+        self.sha256
+    }
+}
 
 impl std::fmt::Debug for RuntimeBinary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
+        match self.bytes {
             Some(bytes) => write!(f, "RuntimeBinary({} bytes)", bytes.len()),
             None => f.write_str("RuntimeBinary(none)"),
         }

@@ -128,6 +128,9 @@ pub(crate) enum ImagePre {
         proxy: Option<ProxyPre<ComponentCtx>>,
         snapshot: Arc<MemorySnapshot>,
         language: FunctionKind,
+        /// The runtime, kept while any of its functions is loaded (held,
+        /// never read: its code and base image are in `pre` and `snapshot`).
+        _runtime: Arc<crate::interp::SharedRuntime>,
     },
 }
 
@@ -249,10 +252,12 @@ impl FunctionImage {
     pub(crate) fn interpreted(
         sha256: [u8; 32],
         language: FunctionKind,
-        pre: FunctionPre<ComponentCtx>,
-        proxy: Option<ProxyPre<ComponentCtx>>,
+        runtime: Arc<crate::interp::SharedRuntime>,
+        http: bool,
         snapshot: Arc<MemorySnapshot>,
     ) -> Self {
+        let pre = runtime.pre.clone();
+        let proxy = http.then(|| runtime.proxy.clone());
         let size = snapshot.size() as u64;
         let declared = Declared {
             memory_bytes: size,
@@ -260,7 +265,12 @@ impl FunctionImage {
             most_memories_in_a_module: 1,
             ..Declared::default()
         };
-        Self { sha256, declared, pre: ImagePre::Interpreted { pre, proxy, snapshot, language }, snapshot: true }
+        Self {
+            sha256,
+            declared,
+            pre: ImagePre::Interpreted { pre, proxy, snapshot, language, _runtime: runtime },
+            snapshot: true,
+        }
     }
 
     /// Bytes of memory this function holds alone: for a function of a

@@ -34,7 +34,7 @@ pub use config::{RuntimeBinary, RuntimeConfig};
 pub use error::{CallError, DeployError, RuntimeError};
 pub use http::{AllowList, CallInput, HttpAnswer, HttpBody, HttpError, HttpExchange, MAX_ALLOWED_HOSTS};
 pub use image::{Declared, FunctionImage, FunctionKind};
-pub use os::{CpuClock, lower_this_thread};
+pub use os::{CpuClock, lower_this_thread, release_free_memory, release_static, tune_allocator};
 pub use outbound::OutboundLimits;
 pub use trace::{StateOpTiming, TraceParent};
 
@@ -200,6 +200,13 @@ impl Runtime {
             .unwrap_or_default()
     }
 
+    /// Language runtimes (Python, JavaScript) held now: each is prepared
+    /// when a function of its language is loaded, and let go with the
+    /// last such image.
+    pub async fn n_language_runtimes(&self) -> usize {
+        self.interp.n_prepared().await
+    }
+
     pub fn n_compiling(&self) -> u64 {
         self.n_compiling.load(Ordering::Relaxed)
     }
@@ -338,13 +345,30 @@ impl Runtime {
         options: &LoadOptions,
     ) -> Result<Arc<FunctionImage>, DeployError> {
         let shared = self.interp.runtime(bundle.language).await?;
+        // Loaded before: its snapshot is kept, its code need not run again.
+        let kept = shared.snapshot_name();
+        if let Some((snapshot, entry)) =
+            self.cache.load_blob(&sha256, &kept).and_then(|bytes| shared.decode_snapshot(&bytes))
+        {
+            return Ok(Arc::new(FunctionImage::interpreted(
+                sha256,
+                kind,
+                shared,
+                entry == interp::Entry::Http,
+                snapshot,
+            )));
+        }
         let _ticking = self.ticker.enter();
         let turns = call::Turns::new(self.long_lanes.clone(), options.tenant());
         let limit = self.config.compile_timeout;
         let (snapshot, entry) =
             self.interp.snapshot(&shared, &bundle, &self.config, limit, turns, options.tenant.clone()).await?;
-        let proxy = (entry == interp::Entry::Http).then(|| shared.proxy.clone());
-        Ok(Arc::new(FunctionImage::interpreted(sha256, kind, shared.pre.clone(), proxy, snapshot)))
+        let encoded = interp::SharedRuntime::encode_snapshot(&snapshot, entry);
+        if let Err(e) = self.cache.store_blob(&sha256, &kept, &encoded) {
+            tracing::warn!(error = %e, "keeping a function's snapshot failed; its code runs again when it is next loaded");
+        }
+        let http = entry == interp::Entry::Http;
+        Ok(Arc::new(FunctionImage::interpreted(sha256, kind, shared, http, snapshot)))
     }
 
     /// Keep `image` as the one image of these bytes (another task may have
@@ -393,6 +417,8 @@ impl Runtime {
                 let artifact = image::precompile(&engine, kind, &bytes);
                 let compiled = artifact.and_then(|artifact| cache.store(&engine, &sha256, kind, &artifact));
                 n_compiling.fetch_sub(1, Ordering::Relaxed);
+                // What the compiler allocated is free now: give it back.
+                os::release_free_memory();
                 let used = cpu.elapsed();
                 let mut uses = compile_use.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let of_tenant = uses.entry(tenant).or_default();

@@ -1,5 +1,7 @@
-//! What Shoal asks of the OS about the calling thread: its priority
-//! (Linux `nice`, which applies per thread) and the CPU time it has used.
+//! What Shoal asks of the OS: about the calling thread, its priority
+//! (Linux `nice`, which applies per thread) and the CPU time it has used;
+//! about the process's memory, to give back what a compile or a load held
+//! once it is done.
 #![allow(unsafe_code)]
 
 use std::time::{Duration, Instant};
@@ -57,6 +59,65 @@ pub fn lower_this_thread(nice: i32) {
     let _ = nice;
 }
 
+/// Set the C allocator up for a long-lived node, once at the start of the
+/// process (before its threads). glibc's malloc raises its threshold for
+/// serving a block by its own mapping to the size of the largest such block
+/// freed (up to 32 MiB), and then keeps up to twice that free in its arenas:
+/// after one compile or one read of a large artifact, tens of MiB freed
+/// stay resident for good. A fixed threshold turns that off: blocks of
+/// 1 MiB and more are mapped on their own and unmapped when freed.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt takes two integers and changes only malloc's
+        // parameters; it is safe to call at any time.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
+        }
+    }
+}
+
+/// Give back to the OS the memory the C allocator holds free (in every
+/// arena, not only at the top of each). Costs a walk of the free lists:
+/// for after a compile, a load or the node's start, not for every call.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only returns free pages to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
+/// Drop from the process's resident set the pages of `bytes`, data built
+/// into the executable (e.g. an interpreter runtime read once to compile
+/// it). Only whole pages inside `bytes` that are clean copies of a file
+/// go: they are read from the file again if they are ever used again.
+/// Anything else (memory of the process's own, written pages) stays as it
+/// is, so this never changes what `bytes` holds.
+pub fn release_static(bytes: &'static [u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = (bytes.as_ptr() as usize).next_multiple_of(PAGE);
+        let end = (bytes.as_ptr() as usize + bytes.len()) & !(PAGE - 1);
+        if end > start {
+            // SAFETY: the range lies inside `bytes`. MADV_PAGEOUT reclaims
+            // pages as memory pressure would: a clean page of a file is
+            // dropped and faulted back in from the file, anything else is
+            // swapped out or left, never lost. No reference is affected.
+            let result = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT) };
+            if result != 0 {
+                tracing::debug!(error = %std::io::Error::last_os_error(), "could not release built-in data");
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bytes;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +134,30 @@ mod tests {
         while spin.elapsed() < Duration::from_millis(5) {
             assert!(wall.elapsed() < Duration::from_secs(30), "the thread's CPU clock does not advance");
         }
+    }
+
+    /// Built-in data: a static the compiler places in the executable's
+    /// read-only data (a non-zero pattern, so it is not in .bss).
+    static BUILT_IN: [u8; 5 * 4096] = {
+        let mut bytes = [0u8; 5 * 4096];
+        let mut i = 0;
+        while i < bytes.len() {
+            bytes[i] = (i % 251) as u8;
+            i += 1;
+        }
+        bytes
+    };
+
+    #[test]
+    fn released_built_in_data_reads_back_the_same() {
+        let sum = |b: &[u8]| b.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8);
+        assert!(sum(&BUILT_IN));
+        release_static(&BUILT_IN);
+        assert!(sum(&BUILT_IN), "released pages come back from the file unchanged");
+        // Memory of the process's own is never lost either.
+        let owned: &'static [u8] = Box::leak(vec![9u8; 4 * 4096].into_boxed_slice());
+        release_static(owned);
+        assert!(owned.iter().all(|&x| x == 9));
+        release_free_memory();
     }
 }

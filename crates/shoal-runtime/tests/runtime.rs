@@ -1245,8 +1245,8 @@ mod python {
         let mut config = RuntimeConfig::new(concat!(env!("CARGO_TARGET_TMPDIR"), "/python-cache"));
         config.max_instances = 8;
         config.max_memory_bytes = 256 << 20;
-        config.python_runtime = RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
-        config.js_runtime = RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
+        config.python_runtime = RuntimeBinary::new(shoal_guests::PYTHON_RUNTIME);
+        config.js_runtime = RuntimeBinary::new(shoal_guests::JS_RUNTIME);
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
         let limits = StateLimits { max_value_bytes: 1 << 20, tenant_quota_bytes: 16 << 20 };
         let tiers = Arc::new(StateTiers::new(Arc::new(EmbeddedTier::new(EmbeddedGlobal::new(store, limits)))));
@@ -1256,6 +1256,16 @@ mod python {
     fn source(files: &[(&str, &str)]) -> Vec<u8> {
         let files = files.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect();
         SourceBundle::new(Language::Python, files).unwrap().encode()
+    }
+
+    /// `shoal serve` finds the runtimes' compiled code by the digests the
+    /// build computed, without reading the runtimes: they must match.
+    #[test]
+    fn the_built_in_runtimes_digests_are_of_their_bytes() {
+        use sha2::Digest;
+        let digest = |bytes: &[u8]| -> [u8; 32] { sha2::Sha256::digest(bytes).into() };
+        assert_eq!(digest(shoal_guests::PYTHON_RUNTIME), shoal_guests::PYTHON_RUNTIME_SHA256);
+        assert_eq!(digest(shoal_guests::JS_RUNTIME), shoal_guests::JS_RUNTIME_SHA256);
     }
 
     fn py_settings() -> CallSettings {
@@ -1326,8 +1336,8 @@ mod python {
         let port = outside_server().await;
         let mut config = RuntimeConfig::new(concat!(env!("CARGO_TARGET_TMPDIR"), "/python-cache"));
         config.max_memory_bytes = 256 << 20;
-        config.js_runtime = RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
-        config.python_runtime = RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+        config.js_runtime = RuntimeBinary::new(shoal_guests::JS_RUNTIME);
+        config.python_runtime = RuntimeBinary::new(shoal_guests::PYTHON_RUNTIME);
         config.outbound = shoal_runtime::OutboundLimits {
             max_in_flight: 2,
             max_bytes: 256 << 10,
@@ -1473,6 +1483,20 @@ mod python {
         let again = restarted.load(&example("hello-py")).await.unwrap();
         assert_eq!(restarted.n_compiles(), 0);
         assert_eq!(ok(restarted.call(&again, &py_settings(), b"back").await), "hello back from python");
+        // The runtime is held while a function of it is loaded, and made
+        // again from the cache (its code and its memory image) after.
+        assert_eq!(restarted.n_language_runtimes().await, 1);
+        drop(again);
+        assert_eq!(restarted.n_language_runtimes().await, 0, "let go with its last function");
+        let images = std::fs::read_dir(concat!(env!("CARGO_TARGET_TMPDIR"), "/python-cache"))
+            .unwrap()
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().ends_with(".memory"))
+            .count();
+        assert!(images >= 1, "the runtime's memory image is cached beside its code");
+        let back = restarted.load(&example("hello-py")).await.unwrap();
+        assert_eq!((restarted.n_compiles(), restarted.n_language_runtimes().await), (0, 1));
+        assert_eq!(ok(restarted.call(&back, &py_settings(), b"home").await), "hello home from python");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1541,7 +1565,7 @@ mod python {
         let endless = source(&[("app.py", "while True:\n    pass\n")]);
         let mut config = RuntimeConfig::new(concat!(env!("CARGO_TARGET_TMPDIR"), "/python-cache"));
         config.compile_timeout = Duration::from_millis(500);
-        config.python_runtime = RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
+        config.python_runtime = RuntimeBinary::new(shoal_guests::PYTHON_RUNTIME);
         let impatient = Runtime::new(config).unwrap();
         match impatient.load(&endless).await {
             Err(DeployError::InvalidSource(message)) => assert!(message.contains("loading took longer"), "{message}"),

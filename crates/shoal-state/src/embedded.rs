@@ -37,6 +37,11 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+/// Memory redb may keep for the pages it reads and writes (its default is
+/// 1 GiB, which a node's deploys and queues would fill and keep). The
+/// kernel's page cache holds the file besides.
+const CACHE_BYTES: usize = 64 << 20;
+
 /// One redb file; cheap to share behind an `Arc`.
 pub struct EmbeddedStore {
     db: Database,
@@ -52,7 +57,9 @@ impl EmbeddedStore {
     /// Open or create the store at `path`. A second open of the same file in
     /// another process fails (redb locks the file) rather than corrupting it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
             .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
         Ok(Self { db })
     }

@@ -14,6 +14,8 @@ pub struct Served {
     /// Where its HTTP functions are served (`http://host:port`), if it said.
     #[allow(dead_code)]
     pub functions: Option<String>,
+    /// Its metrics listener's `/metrics` URL, if it has one.
+    pub metrics: Option<String>,
 }
 
 impl Drop for Served {
@@ -42,11 +44,14 @@ pub fn serve_with(dir: &Path, extra: &[&str]) -> Served {
         .spawn()
         .expect("start shoal serve");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut url, mut functions) = (None, None);
+    let (mut url, mut functions, mut metrics) = (None, None, None);
     for line in lines.by_ref() {
         let line = line.expect("read serve's stderr");
         if let Some(rest) = line.strip_prefix("shoal: HTTP functions at ") {
             functions = rest.strip_suffix("/TENANT/NAME/").map(str::to_string);
+        }
+        if let Some(rest) = line.strip_prefix("shoal: metrics at ") {
+            metrics = Some(rest.trim().to_string());
         }
         if let Some(rest) = line.strip_prefix("shoal: serving ") {
             url = Some(rest.split_whitespace().next().unwrap().to_string());
@@ -55,7 +60,27 @@ pub fn serve_with(dir: &Path, extra: &[&str]) -> Served {
     }
     // Keep draining, so the node never writes into a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    Served { child, url: url.expect("shoal serve printed its address"), functions }
+    Served { child, url: url.expect("shoal serve printed its address"), functions, metrics }
+}
+
+/// A plain GET of `url` (`http://host:port/path`) over a socket: the body.
+pub fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = std::net::TcpStream::connect(host).expect("connect");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of the metric line starting with `name ` in `metrics`.
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 /// Run the `shoal` client in `dir` against the node at `url`.

@@ -583,8 +583,8 @@ export default {
 async fn python_and_javascript_functions_answer_http_and_fetch_behind_the_allow_list() {
     let node = TestNode::start_with(|config| {
         config.outbound_open = vec!["127.0.0.1".parse().unwrap()];
-        config.python_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
-        config.js_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
+        config.python_runtime = shoal_runtime::RuntimeBinary::new(shoal_guests::PYTHON_RUNTIME);
+        config.js_runtime = shoal_runtime::RuntimeBinary::new(shoal_guests::JS_RUNTIME);
         // Compiled once for every run of these tests.
         config.runtime_cache_dir = Some(concat!(env!("CARGO_TARGET_TMPDIR"), "/runtime-cache").into());
     })

@@ -154,8 +154,8 @@ async fn queues_are_bounded_checked_and_their_tenants_own() {
         c.queue_limits = shoal_node::QueueLimits { messages_per_tenant: 50, message_bytes: 1000, ..Default::default() };
         // Python and JavaScript functions send too (the runtimes compiled
         // once for every test run).
-        c.python_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::PYTHON_RUNTIME));
-        c.js_runtime = shoal_runtime::RuntimeBinary(Some(shoal_guests::JS_RUNTIME));
+        c.python_runtime = shoal_runtime::RuntimeBinary::new(shoal_guests::PYTHON_RUNTIME);
+        c.js_runtime = shoal_runtime::RuntimeBinary::new(shoal_guests::JS_RUNTIME);
         c.runtime_cache_dir = Some(concat!(env!("CARGO_TARGET_TMPDIR"), "/runtime-cache").into());
     })
     .await;

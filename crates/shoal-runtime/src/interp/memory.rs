@@ -224,6 +224,53 @@ impl MemorySnapshot {
     pub(crate) fn size(&self) -> usize {
         self.size
     }
+
+    /// The snapshot as bytes to keep on disk (its base is not in them):
+    /// its size, its number of runs, then each run's offset, length and
+    /// pages, the numbers as little-endian u64.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.runs.len() * 16 + self.own_bytes());
+        out.extend_from_slice(&(self.size as u64).to_le_bytes());
+        out.extend_from_slice(&(self.runs.len() as u64).to_le_bytes());
+        for (offset, bytes) in &self.runs {
+            out.extend_from_slice(&(*offset as u64).to_le_bytes());
+            out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            out.extend_from_slice(bytes);
+        }
+        out
+    }
+
+    /// A snapshot of `base` from [`MemorySnapshot::encode`]'s bytes, or
+    /// `None` if they do not describe one: runs of whole pages, in order,
+    /// not overlapping, inside a size of whole wasm pages.
+    pub(crate) fn decode(base: Arc<BaseImage>, bytes: &[u8]) -> Option<Self> {
+        const WASM_PAGE: usize = 64 << 10;
+        fn number(rest: &mut &[u8]) -> Option<usize> {
+            let (head, tail) = rest.split_first_chunk::<8>()?;
+            *rest = tail;
+            usize::try_from(u64::from_le_bytes(*head)).ok()
+        }
+        let mut rest = bytes;
+        let size = number(&mut rest)?;
+        let n_runs = number(&mut rest)?;
+        if size % WASM_PAGE != 0 || n_runs > size / PAGE {
+            return None;
+        }
+        let mut runs = Vec::with_capacity(n_runs);
+        let mut end_of_last = 0;
+        for _ in 0..n_runs {
+            let (offset, len) = (number(&mut rest)?, number(&mut rest)?);
+            let end = offset.checked_add(len)?;
+            if offset % PAGE != 0 || len == 0 || len % PAGE != 0 || end > size || offset < end_of_last {
+                return None;
+            }
+            let (pages, tail) = rest.split_at_checked(len)?;
+            rest = tail;
+            runs.push((offset, Box::from(pages)));
+            end_of_last = end;
+        }
+        rest.is_empty().then(|| Self::new(base, size, runs))
+    }
 }
 
 /// What the next memory created on this thread starts from, and where to
@@ -815,6 +862,32 @@ mod tests {
         assert_eq!(base.bytes()[PAGE], 1, "writes never reach the shared base");
         let second = SnapMemory::fresh(&snapshot, 8 * PAGE, None, 1 << 30, 1 << 16, None).unwrap();
         assert_eq!(read_all(&second)[PAGE], 1, "nor another memory of the same snapshot");
+    }
+
+    #[test]
+    fn a_snapshot_kept_on_disk_reads_back_the_same_and_nonsense_is_refused() {
+        let base = Arc::new(BaseImage::new("test", &vec![1u8; 8 * PAGE]).unwrap());
+        let mut content = vec![1u8; 8 * PAGE];
+        content.extend(vec![0u8; 8 * PAGE]); // 64 KiB: one wasm page
+        content[2 * PAGE + 9] = 5;
+        content[12 * PAGE] = 6;
+        let snapshot = MemorySnapshot::diff(base.clone(), &content);
+        let encoded = snapshot.encode();
+        let back = MemorySnapshot::decode(base.clone(), &encoded).expect("reads back");
+        assert_eq!((back.size(), back.runs.len(), back.own_bytes()), (16 * PAGE, 2, 2 * PAGE));
+        let memory = SnapMemory::fresh(&back, 16 * PAGE, None, 1 << 30, 1 << 16, None).unwrap();
+        assert_eq!(read_all(&memory), content, "the same memory as the snapshot it was taken from");
+        // Truncated, trailing bytes, a run past the size, runs out of order.
+        assert!(MemorySnapshot::decode(base.clone(), &encoded[..encoded.len() - 1]).is_none());
+        assert!(MemorySnapshot::decode(base.clone(), &[encoded.as_slice(), &[0]].concat()).is_none());
+        let mut past = encoded.clone();
+        past[0..8].copy_from_slice(&(8 * PAGE as u64).to_le_bytes());
+        assert!(MemorySnapshot::decode(base.clone(), &past).is_none(), "size 32 KiB: not whole wasm pages");
+        let mut swapped = encoded.clone();
+        let second = 16 + 16 + PAGE;
+        swapped[16..24].copy_from_slice(&(12 * PAGE as u64).to_le_bytes());
+        swapped[second..second + 8].copy_from_slice(&(2 * PAGE as u64).to_le_bytes());
+        assert!(MemorySnapshot::decode(base, &swapped).is_none(), "runs out of order");
     }
 
     /// Where `found` first differs from `expected` (lengths included).

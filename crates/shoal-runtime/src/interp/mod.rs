@@ -2,9 +2,14 @@
 //! function, each function a snapshot of that runtime's memory taken
 //! after its source was loaded.
 //!
-//! The runtime component is compiled once per node (and cached on disk
-//! like any artifact) on a second engine whose linear memories are made
-//! by [`memory::SnapshotMemories`]. Deploying a function instantiates the
+//! The runtime component is compiled once (and cached on disk, with the
+//! memory image split from it, under a key made of the digest of the
+//! runtime's bytes: a node that finds both never reads those bytes) on a
+//! second engine whose linear memories are made by
+//! [`memory::SnapshotMemories`]. A runtime is prepared when a function of
+//! its language is first loaded and goes when the last such function's
+//! image does: an idle node whose interpreted functions are not loaded
+//! holds none of it. Deploying a function instantiates the
 //! runtime from its base image, calls the `loader` export with the
 //! function's files, and keeps the pages of memory that differ from the
 //! base as the function's [`MemorySnapshot`]. A call instantiates the same
@@ -24,7 +29,7 @@ mod strip;
 mod tracking;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -36,22 +41,30 @@ use self::memory::{BaseImage, MemorySnapshot, Plan, SnapshotMemories};
 use crate::artifact_cache::{ArtifactCache, Compiled};
 use crate::host::{ComponentCtx, FunctionPre, Linkers, deploy_store};
 use crate::source::{Language, SourceBundle};
-use crate::{DeployError, FunctionKind, RuntimeConfig, RuntimeError};
+use crate::{DeployError, FunctionKind, RuntimeBinary, RuntimeConfig, RuntimeError};
 
 /// The loader interface's export name (wit/interpreter.wit).
 const LOADER: &str = "shoal:function/loader@0.1.0";
+
+/// Tags a runtime's cache key (with the digest of its bytes). A new tag
+/// whenever how a runtime is split into code and memory changes
+/// (`strip.rs`), so that code and memory cached by an older split are
+/// never paired with a newer one.
+const RUNTIME_KEY_TAG: &[u8] = b"shoal-interpreter-runtime/2\0";
+/// The name under which a runtime's memory image is cached beside its code.
+const MEMORY_IMAGE: &str = "memory";
 
 /// The interpreter engine and the runtimes compiled on it.
 pub(crate) struct Interpreters {
     pub(crate) engine: Engine,
     linkers: Linkers,
     cache: ArtifactCache,
-    python: Option<&'static [u8]>,
-    javascript: Option<&'static [u8]>,
+    python: RuntimeBinary,
+    javascript: RuntimeBinary,
     /// Runtimes compiled (not loaded from the cache) since start.
     pub(crate) n_compiles: std::sync::atomic::AtomicU64,
-    /// Each language's runtime, compiled on first use.
-    runtimes: tokio::sync::Mutex<HashMap<Language, Arc<SharedRuntime>>>,
+    /// Each language's runtime while any image of its functions holds it.
+    runtimes: tokio::sync::Mutex<HashMap<Language, Weak<SharedRuntime>>>,
 }
 
 /// What a loaded function answers (wit/interpreter.wit, `loader.entry`).
@@ -61,7 +74,6 @@ pub(crate) struct Interpreters {
 pub(crate) enum Entry {
     /// `handler.handle`: bytes in, bytes out.
     #[component(name = "bytes")]
-    #[allow(dead_code, reason = "made by lifting the loader's answer, never by name")]
     Bytes,
     /// `wasi:http/incoming-handler`: an HTTP function.
     #[component(name = "http")]
@@ -79,6 +91,41 @@ pub(crate) struct SharedRuntime {
     base: Arc<BaseImage>,
     /// The base as a snapshot of itself, for instantiating before a load.
     base_snapshot: Arc<MemorySnapshot>,
+    /// Its key in the cache (see `prepare`).
+    key: [u8; 32],
+}
+
+/// The layout of a function's snapshot kept on disk (its first byte).
+const SNAPSHOT_FORMAT: u8 = 1;
+
+impl SharedRuntime {
+    /// What a function's snapshot on this runtime is kept as in the cache,
+    /// beside the function's code: named after this runtime, so that it is
+    /// never read back over another runtime's memory.
+    pub(crate) fn snapshot_name(&self) -> String {
+        format!("{}.snapshot", &hex::encode(self.key)[..16])
+    }
+
+    /// A function's snapshot and entry as bytes to keep: read back by
+    /// [`SharedRuntime::decode_snapshot`], a restart loads the function
+    /// without running its code again.
+    pub(crate) fn encode_snapshot(snapshot: &MemorySnapshot, entry: Entry) -> Vec<u8> {
+        let entry = match entry {
+            Entry::Bytes => 0,
+            Entry::Http => 1,
+        };
+        [vec![SNAPSHOT_FORMAT, entry], snapshot.encode()].concat()
+    }
+
+    pub(crate) fn decode_snapshot(&self, bytes: &[u8]) -> Option<(Arc<MemorySnapshot>, Entry)> {
+        let [SNAPSHOT_FORMAT, entry, rest @ ..] = bytes else { return None };
+        let entry = match entry {
+            0 => Entry::Bytes,
+            1 => Entry::Http,
+            _ => return None,
+        };
+        Some((Arc::new(MemorySnapshot::decode(self.base.clone(), rest)?), entry))
+    }
 }
 
 pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
@@ -105,61 +152,83 @@ impl Interpreters {
             engine,
             linkers,
             cache,
-            python: config.python_runtime.0,
-            javascript: config.js_runtime.0,
+            python: config.python_runtime,
+            javascript: config.js_runtime,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
             n_compiles: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
-    /// `language`'s runtime, compiling it (or loading it from the cache)
-    /// the first time.
+    /// `language`'s runtime: the one in use, or else prepared (loaded from
+    /// the cache, or compiled the first time). The caller keeps it alive.
     pub(crate) async fn runtime(&self, language: Language) -> Result<Arc<SharedRuntime>, DeployError> {
         let mut runtimes = self.runtimes.lock().await;
-        if let Some(runtime) = runtimes.get(&language) {
-            return Ok(runtime.clone());
+        if let Some(runtime) = runtimes.get(&language).and_then(Weak::upgrade) {
+            return Ok(runtime);
         }
-        let bytes = match language {
+        let binary = match language {
             Language::Python => self.python,
             Language::JavaScript => self.javascript,
-        }
-        .ok_or_else(|| {
+        };
+        let bytes = binary.bytes().ok_or_else(|| {
             DeployError::Unsupported(format!(
                 "this node has no {} runtime (it was built without one)",
                 language.as_str()
             ))
         })?;
         let started = Instant::now();
-        let runtime = Arc::new(self.prepare(bytes).await?);
+        let runtime = Arc::new(self.prepare(bytes, binary.sha256()).await?);
         tracing::info!(language = language.as_str(), elapsed_ms = started.elapsed().as_millis(), "runtime ready");
-        runtimes.insert(language, runtime.clone());
+        runtimes.insert(language, Arc::downgrade(&runtime));
+        // What reading, splitting or compiling it allocated is free now.
+        crate::os::release_free_memory();
         Ok(runtime)
     }
 
-    async fn prepare(&self, bytes: &'static [u8]) -> Result<SharedRuntime, DeployError> {
+    /// Runtimes held by some function's image now.
+    pub(crate) async fn n_prepared(&self) -> usize {
+        self.runtimes.lock().await.values().filter(|runtime| runtime.strong_count() > 0).count()
+    }
+
+    async fn prepare(&self, bytes: &'static [u8], digest: Option<[u8; 32]>) -> Result<SharedRuntime, DeployError> {
         let engine = self.engine.clone();
         let internal = |what: &str, e: &dyn std::fmt::Display| DeployError::Internal(format!("{what}: {e}"));
-        let stripped = tokio::task::spawn_blocking(move || strip::strip(bytes))
-            .await
-            .map_err(|e| internal("splitting the runtime", &e))?
-            .map_err(|e| DeployError::Internal(format!("the runtime cannot be used: {e}")))?;
-        // Keyed by what is compiled, tagged: never the key of a function
-        // that deployed the same bytes as an ordinary component.
-        let sha256: [u8; 32] = Sha256::new()
-            .chain_update(b"shoal-interpreter-runtime\0")
-            .chain_update(&stripped.component)
-            .finalize()
-            .into();
-        let compiled = match self.cache.load(&engine, &sha256, FunctionKind::Component) {
-            Some(compiled) => compiled,
-            None => {
-                self.n_compiles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let component = stripped.component.clone();
-                let artifact = tokio::task::spawn_blocking(move || engine.precompile_component(&component))
+        let digest: [u8; 32] = match digest {
+            Some(digest) => digest,
+            None => tokio::task::spawn_blocking(move || Sha256::digest(bytes).into())
+                .await
+                .map_err(|e| internal("hashing the runtime", &e))?,
+        };
+        // Keyed by the runtime's bytes and how they are split, tagged:
+        // never the key of a function that deployed the same bytes.
+        let key: [u8; 32] = Sha256::new().chain_update(RUNTIME_KEY_TAG).chain_update(digest).finalize().into();
+        let cached = self.cache.load(&engine, &key, FunctionKind::Component);
+        let memory = cached.as_ref().and_then(|_| self.cache.load_blob(&key, MEMORY_IMAGE));
+        let (compiled, memory) = match (cached, memory) {
+            (Some(compiled), Some(memory)) => (compiled, memory),
+            (cached, _) => {
+                let stripped = tokio::task::spawn_blocking(move || strip::strip(bytes))
                     .await
-                    .map_err(|e| internal("compiling the runtime", &e))?
-                    .map_err(|e| internal("compiling the runtime", &format!("{e:#}")))?;
-                self.cache.store(&self.engine, &sha256, FunctionKind::Component, &artifact)?
+                    .map_err(|e| internal("splitting the runtime", &e))?
+                    .map_err(|e| DeployError::Internal(format!("the runtime cannot be used: {e}")))?;
+                // Read once: its pages go back to the executable's file.
+                crate::os::release_static(bytes);
+                if let Err(e) = self.cache.store_blob(&key, MEMORY_IMAGE, &stripped.memory) {
+                    tracing::warn!(error = %e, "keeping the runtime's memory image failed; it is split again next time");
+                }
+                let compiled = match cached {
+                    Some(compiled) => compiled,
+                    None => {
+                        self.n_compiles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let component = stripped.component;
+                        let artifact = tokio::task::spawn_blocking(move || engine.precompile_component(&component))
+                            .await
+                            .map_err(|e| internal("compiling the runtime", &e))?
+                            .map_err(|e| internal("compiling the runtime", &format!("{e:#}")))?;
+                        self.cache.store(&self.engine, &key, FunctionKind::Component, &artifact)?
+                    }
+                };
+                (compiled, stripped.memory)
             }
         };
         let Compiled::Component(component) = compiled else {
@@ -177,12 +246,12 @@ impl Interpreters {
             .get_export_index(None, LOADER)
             .and_then(|interface| component.get_export_index(Some(&interface), "load"))
             .ok_or_else(|| DeployError::Internal(format!("the runtime does not export {LOADER}")))?;
-        let size = stripped.memory.len();
-        let base = Arc::new(
-            BaseImage::new("shoal-runtime-base", &stripped.memory).map_err(|e| internal("the runtime's image", &e))?,
-        );
+        let size = memory.len();
+        let base =
+            Arc::new(BaseImage::new("shoal-runtime-base", &memory).map_err(|e| internal("the runtime's image", &e))?);
+        drop(memory);
         let base_snapshot = Arc::new(MemorySnapshot::of_base(base.clone(), size));
-        Ok(SharedRuntime { pre, proxy, instance_pre, loader, base, base_snapshot })
+        Ok(SharedRuntime { pre, proxy, instance_pre, loader, base, base_snapshot, key })
     }
 
     /// Load `bundle` into a fresh instance of its runtime and keep the
