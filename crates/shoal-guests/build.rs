@@ -184,12 +184,20 @@ impl Interpreter {
         let status = command.status().expect("run the runtime's build tool");
         assert!(status.success(), "{} failed to build the {} runtime", self.version, self.name);
         let constant = self.constant;
+        // Embedded from a copy of this build script's own: the work
+        // directory is shared by every profile's build (and the tool's
+        // output differs from run to run), so the file there may change
+        // without this script running again, and the digest below must be
+        // of exactly the bytes embedded.
+        let built = std::fs::read(&output).expect("read the runtime just built");
+        let embedded =
+            PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join(format!("{}-runtime.wasm", self.name));
+        std::fs::write(&embedded, &built).expect("copy the runtime into OUT_DIR");
         writeln!(out, "/// The shared {} runtime ({}, world `interpreter`).", self.name, self.version).unwrap();
-        writeln!(out, "pub const {constant}_RUNTIME: &[u8] = include_bytes!({:?});", output.display().to_string())
+        writeln!(out, "pub const {constant}_RUNTIME: &[u8] = include_bytes!({:?});", embedded.display().to_string())
             .unwrap();
         // Its digest, so a node finds the runtime's compiled code in its
         // cache without reading the bytes.
-        let built = std::fs::read(&output).expect("read the runtime just built");
         let digest: [u8; 32] =
             sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &built)).into();
         writeln!(out, "/// SHA-256 of [`{constant}_RUNTIME`].").unwrap();

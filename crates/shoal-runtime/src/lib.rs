@@ -296,7 +296,9 @@ impl Runtime {
                 engine::TABLE_ELEMENTS
             )));
         }
-        let cached = self.cache.load(&self.engine, &key, kind);
+        let (cache, engine) = (self.cache.clone(), self.engine.clone());
+        // Read and checked whole: off the async threads.
+        let cached = off_the_async_threads(move || cache.load(&engine, &key, kind)).await?;
         if snapshot && cached.is_some() {
             // A snapshot's memories are larger than the wasm declares:
             // what its own binary declared was kept beside the artifact.
@@ -347,9 +349,9 @@ impl Runtime {
         let shared = self.interp.runtime(bundle.language).await?;
         // Loaded before: its snapshot is kept, its code need not run again.
         let kept = shared.snapshot_name();
-        if let Some((snapshot, entry)) =
-            self.cache.load_blob(&sha256, &kept).and_then(|bytes| shared.decode_snapshot(&bytes))
-        {
+        let (cache, name) = (self.cache.clone(), kept.clone());
+        let stored = off_the_async_threads(move || cache.load_blob(&sha256, &name)).await?;
+        if let Some((snapshot, entry)) = stored.and_then(|bytes| shared.decode_snapshot(&bytes)) {
             return Ok(Arc::new(FunctionImage::interpreted(
                 sha256,
                 kind,
@@ -364,7 +366,8 @@ impl Runtime {
         let (snapshot, entry) =
             self.interp.snapshot(&shared, &bundle, &self.config, limit, turns, options.tenant.clone()).await?;
         let encoded = interp::SharedRuntime::encode_snapshot(&snapshot, entry);
-        if let Err(e) = self.cache.store_blob(&sha256, &kept, &encoded) {
+        let cache = self.cache.clone();
+        if let Err(e) = off_the_async_threads(move || cache.store_blob(&sha256, &kept, &encoded)).await? {
             tracing::warn!(error = %e, "keeping a function's snapshot failed; its code runs again when it is next loaded");
         }
         let http = entry == interp::Entry::Http;
@@ -488,6 +491,14 @@ impl Drop for Runtime {
 /// which would otherwise stall every connection they serve (~100 ms for
 /// 64 MiB).
 const BLOCKING_ABOVE_BYTES: usize = 1 << 20;
+
+/// `work` on a blocking thread: file reads, checksums and writes that
+/// would stall every connection an async thread serves.
+pub(crate) async fn off_the_async_threads<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, DeployError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| DeployError::Internal(format!("a blocking task failed: {e}")))
+}
 
 async fn on_a_blocking_thread_if_large<T: Send + 'static>(wasm: &[u8], work: fn(&[u8]) -> T) -> Result<T, DeployError> {
     if wasm.len() <= BLOCKING_ABOVE_BYTES {

@@ -58,7 +58,7 @@ const MEMORY_IMAGE: &str = "memory";
 pub(crate) struct Interpreters {
     pub(crate) engine: Engine,
     linkers: Linkers,
-    cache: ArtifactCache,
+    cache: Arc<ArtifactCache>,
     python: RuntimeBinary,
     javascript: RuntimeBinary,
     /// Runtimes compiled (not loaded from the cache) since start.
@@ -147,7 +147,8 @@ impl Interpreters {
     pub(crate) fn new(config: &RuntimeConfig) -> Result<Self, RuntimeError> {
         let engine = build_engine(config)?;
         let linkers = Linkers::new(&engine)?;
-        let cache = ArtifactCache::open(config.runtime_cache_dir.as_ref().unwrap_or(&config.cache_dir), &engine)?;
+        let cache =
+            Arc::new(ArtifactCache::open(config.runtime_cache_dir.as_ref().unwrap_or(&config.cache_dir), &engine)?);
         Ok(Self {
             engine,
             linkers,
@@ -181,7 +182,7 @@ impl Interpreters {
         tracing::info!(language = language.as_str(), elapsed_ms = started.elapsed().as_millis(), "runtime ready");
         runtimes.insert(language, Arc::downgrade(&runtime));
         // What reading, splitting or compiling it allocated is free now.
-        crate::os::release_free_memory();
+        crate::off_the_async_threads(crate::os::release_free_memory).await?;
         Ok(runtime)
     }
 
@@ -202,8 +203,14 @@ impl Interpreters {
         // Keyed by the runtime's bytes and how they are split, tagged:
         // never the key of a function that deployed the same bytes.
         let key: [u8; 32] = Sha256::new().chain_update(RUNTIME_KEY_TAG).chain_update(digest).finalize().into();
-        let cached = self.cache.load(&engine, &key, FunctionKind::Component);
-        let memory = cached.as_ref().and_then(|_| self.cache.load_blob(&key, MEMORY_IMAGE));
+        // Read and checked whole (tens of MB): off the async threads.
+        let (cache, loading) = (self.cache.clone(), engine.clone());
+        let (cached, memory) = crate::off_the_async_threads(move || {
+            let cached = cache.load(&loading, &key, FunctionKind::Component);
+            let memory = cached.as_ref().and_then(|_| cache.load_blob(&key, MEMORY_IMAGE));
+            (cached, memory)
+        })
+        .await?;
         let (compiled, memory) = match (cached, memory) {
             (Some(compiled), Some(memory)) => (compiled, memory),
             (cached, _) => {
@@ -213,7 +220,13 @@ impl Interpreters {
                     .map_err(|e| DeployError::Internal(format!("the runtime cannot be used: {e}")))?;
                 // Read once: its pages go back to the executable's file.
                 crate::os::release_static(bytes);
-                if let Err(e) = self.cache.store_blob(&key, MEMORY_IMAGE, &stripped.memory) {
+                let (cache, memory) = (self.cache.clone(), stripped.memory);
+                let (stored, memory) = crate::off_the_async_threads(move || {
+                    let stored = cache.store_blob(&key, MEMORY_IMAGE, &memory);
+                    (stored, memory)
+                })
+                .await?;
+                if let Err(e) = stored {
                     tracing::warn!(error = %e, "keeping the runtime's memory image failed; it is split again next time");
                 }
                 let compiled = match cached {
@@ -225,10 +238,14 @@ impl Interpreters {
                             .await
                             .map_err(|e| internal("compiling the runtime", &e))?
                             .map_err(|e| internal("compiling the runtime", &format!("{e:#}")))?;
-                        self.cache.store(&self.engine, &key, FunctionKind::Component, &artifact)?
+                        let (cache, storing) = (self.cache.clone(), self.engine.clone());
+                        crate::off_the_async_threads(move || {
+                            cache.store(&storing, &key, FunctionKind::Component, &artifact)
+                        })
+                        .await??
                     }
                 };
-                (compiled, stripped.memory)
+                (compiled, memory)
             }
         };
         let Compiled::Component(component) = compiled else {
@@ -247,9 +264,10 @@ impl Interpreters {
             .and_then(|interface| component.get_export_index(Some(&interface), "load"))
             .ok_or_else(|| DeployError::Internal(format!("the runtime does not export {LOADER}")))?;
         let size = memory.len();
-        let base =
-            Arc::new(BaseImage::new("shoal-runtime-base", &memory).map_err(|e| internal("the runtime's image", &e))?);
-        drop(memory);
+        let base = crate::off_the_async_threads(move || BaseImage::new("shoal-runtime-base", &memory))
+            .await?
+            .map_err(|e| internal("the runtime's image", &e))?;
+        let base = Arc::new(base);
         let base_snapshot = Arc::new(MemorySnapshot::of_base(base.clone(), size));
         Ok(SharedRuntime { pre, proxy, instance_pre, loader, base, base_snapshot, key })
     }
