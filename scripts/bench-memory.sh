@@ -42,7 +42,8 @@ start() {
     "$bin" serve --data-dir "$home" --listen 127.0.0.1:0 > /dev/null 2> "$home.log" &
     pid=$!
     url=
-    for _ in $(seq 1 6000); do
+    # Up to 10 minutes: the first start of a build compiles its runtimes.
+    while [ $(( $(now_ms) - t0 )) -lt 600000 ]; do
         url=$(grep -o 'serving http://[0-9.:]*' "$home.log" | head -1 | cut -d' ' -f2 || true)
         [ -n "$url" ] && break
         kill -0 "$pid" 2>/dev/null || { cat "$home.log" >&2; exit 1; }
