@@ -1528,6 +1528,37 @@ mod python {
         assert_eq!(second, r#"{"greeting": "hello ann", "visits": 2}"#);
     }
 
+    /// A function's top-level code runs once, at its first load: a restart
+    /// (another runtime on the same cache) reads its snapshot back, and
+    /// forgetting the function's compiled files removes that snapshot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_python_functions_snapshot_is_kept_and_its_code_not_run_again() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let code =
+            format!("# {unique}\nimport time\nSTAMP = str(time.time_ns())\n\ndef handle(input):\n    return STAMP\n");
+        let bundle = source(&[("app.py", &code)]);
+        let rt = python_runtime(&dir);
+        let first = ok(rt.call(&rt.load(&bundle).await.unwrap(), &py_settings(), b"").await);
+        let restarted = python_runtime(&tempfile::tempdir().unwrap());
+        let image = restarted.load(&bundle).await.unwrap();
+        assert_eq!(ok(restarted.call(&image, &py_settings(), b"").await), first, "the stamp its first load took");
+        let sha256: [u8; 32] = sha2::Sha256::digest(&bundle).into();
+        let prefix: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
+        let kept = || {
+            std::fs::read_dir(concat!(env!("CARGO_TARGET_TMPDIR"), "/python-cache"))
+                .unwrap()
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(&prefix) && name.ends_with(".snapshot"))
+                .count()
+        };
+        assert_eq!(kept(), 1);
+        assert!(restarted.forget_compiled(&sha256) > 0);
+        assert_eq!(kept(), 0, "removed with the function's other files");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_python_is_refused_at_deploy_and_failing_calls_say_why() {
         let dir = tempfile::tempdir().unwrap();
