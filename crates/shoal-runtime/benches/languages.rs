@@ -15,6 +15,9 @@
 //!
 //! `cargo bench -p shoal-runtime --bench languages` (N = 100 per language); run as a test
 //! (`cargo test --all-targets`), N = 3 and a few calls, as a smoke test.
+//! To profile one path: `SHOAL_BENCH_LANGUAGE=python|javascript` runs one
+//! language, `SHOAL_BENCH_CALLS=N` sets the calls per cold-start loop,
+//! `SHOAL_BENCH_DIR` keeps the compiled runtimes between runs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +69,9 @@ fn example(language: Language, name: &str) -> Vec<u8> {
 fn main() {
     let full = std::env::args().any(|arg| arg == "--bench");
     let (n_functions, n_calls) = if full { (100, 2000) } else { (3, 5) };
+    // For profiling one path: more calls, one language.
+    let n_calls = std::env::var("SHOAL_BENCH_CALLS").ok().and_then(|n| n.parse().ok()).unwrap_or(n_calls);
+    let only = std::env::var("SHOAL_BENCH_LANGUAGE").ok();
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
     let dir = tempfile::tempdir().expect("temp dir");
     let cache = std::env::var_os("SHOAL_BENCH_DIR").map_or_else(|| dir.path().to_path_buf(), Into::into).join("cache");
@@ -127,6 +133,9 @@ fn main() {
     let mut deployed = Vec::new();
     for (((language, _), hello), hello_afresh) in hellos.iter().zip(loaded).zip(afresh_hellos) {
         let name = language.as_str();
+        if only.as_deref().is_some_and(|only| only != name) {
+            continue;
+        }
 
         // N distinct functions: deploy each, call each once. On a runtime
         // of their own, so the idle memories this language's calls keep
