@@ -25,7 +25,8 @@
 #   queues      messages through a consumer, one node and three on Redis
 #               (scripts/bench-queues.sh)
 #   overload    `shoal bench`: no collapse past capacity (pinned)
-#   flat        `shoal bench`: N functions of distinct names, 1 to 1,000
+#   flat        `shoal bench`: N functions, 1 to 1,000: N names of one binary,
+#               then N distinct binaries
 #   slicing     `shoal bench`: no-op calls beside `fib(38)` calls
 #   fairness    `shoal bench`: two tenants, one offering 10x (pinned)
 #   noisy       `shoal bench --noisy`: a victim beside each attacker
@@ -132,8 +133,12 @@ run_part() {
         flat)
             if [ $short = 1 ]; then
                 shoal_bench sweep --functions 1,10 --rates 200 --duration 1s --connections 64
+                shoal_bench distinct --distinct --functions 1,10 --rates 200 --duration 1s --connections 64
             else
                 shoal_bench sweep --functions 1,10,100,1000 --rates 5000,10000,15000,20000,30000,40000 \
+                    --duration 4s --connections 512
+                # Each function its own code (as a provider's are).
+                shoal_bench distinct --distinct --functions 1,10,100,1000 --rates 2000,5000,10000 \
                     --duration 4s --connections 512
             fi
             ;;

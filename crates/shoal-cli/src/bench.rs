@@ -95,6 +95,38 @@ pub struct BenchArgs {
     /// the generator itself under `taskset -c` on the others.
     #[arg(long)]
     node_cpus: Option<String>,
+    /// Deploy N distinct binaries (the workload's, each with a custom
+    /// section naming its function): each its own compiled code, as a
+    /// provider's functions are. Without it every name deploys the same
+    /// binary, compiled once.
+    #[arg(long)]
+    distinct: bool,
+}
+
+/// `wasm` with a custom section `shoal-bench` holding `index`: another
+/// binary (another digest, compiled on its own) that runs the same.
+fn distinct_binary(wasm: &[u8], index: u32) -> Vec<u8> {
+    fn leb128(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    const NAME: &[u8] = b"shoal-bench";
+    let mut body = Vec::new();
+    leb128(NAME.len(), &mut body);
+    body.extend_from_slice(NAME);
+    body.extend_from_slice(&index.to_le_bytes());
+    let mut out = wasm.to_vec();
+    out.push(0); // a custom section
+    leb128(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
 }
 
 const ADMIN: &str = "bench-admin-token-0123456789abcdef";
@@ -252,7 +284,7 @@ async fn deploy(
     base: &str,
     function: &str,
     query: &str,
-    wasm: &'static [u8],
+    wasm: impl Into<reqwest::Body>,
 ) -> anyhow::Result<()> {
     let response = http
         .put(format!("{base}/v1/functions/{function}?{query}"))
@@ -412,7 +444,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         for i in 0..n {
             let tenant = (i as usize) % tenants.len();
             let function = format!("{}/f{i}", tenants[tenant]);
-            deploy(&http, &node.base, &function, "", wasm).await?;
+            let binary = if args.distinct { distinct_binary(wasm, i) } else { wasm.to_vec() };
+            deploy(&http, &node.base, &function, "", binary).await?;
             targets.push(Target { url: format!("{}/v1/functions/{function}/invoke", node.base), tenant, input });
         }
         // Warm every function once.
@@ -551,5 +584,30 @@ mod tests {
         assert_eq!(percentile(&us, 0.5), 501.0);
         assert_eq!(percentile(&us, 0.99), 990.0);
         assert_eq!(percentile(&[], 0.99), 0.0);
+    }
+
+    #[test]
+    fn a_distinct_binary_is_other_bytes_that_answer_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = shoal_runtime::Runtime::new(shoal_runtime::RuntimeConfig::new(dir.path())).unwrap();
+        let settings = shoal_runtime::CallSettings {
+            tenant: Arc::from("t"),
+            memory_limit: 64 << 20,
+            timeout: Duration::from_secs(10),
+            env: Arc::from(Vec::new()),
+            allowed_hosts: Arc::default(),
+            config: Default::default(),
+            trace: None,
+        };
+        let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (one, two) = (distinct_binary(shoal_guests::ECHO, 1), distinct_binary(shoal_guests::ECHO, 300));
+        assert_ne!(one, two);
+        assert_ne!(one.as_slice(), shoal_guests::ECHO);
+        for wasm in [shoal_guests::ECHO, &one, &two] {
+            let image = tokio.block_on(runtime.load(wasm)).expect("a valid binary");
+            let out = tokio.block_on(runtime.call(&image, &settings, b"same"));
+            assert_eq!(out.result.expect("the call succeeds"), b"same");
+        }
+        assert_eq!(runtime.n_compiles(), 3, "each compiled on its own");
     }
 }

@@ -46,7 +46,14 @@ pub(crate) fn build(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
         .linear_memory_keep_resident(1 << 20)
         .table_keep_resident(64 << 10)
         .async_stack_keep_resident(64 << 10)
-        .pagemap_scan(Enabled::Auto);
+        .pagemap_scan(Enabled::Auto)
+        // Every slot may stay warm for the module that last used it: with
+        // wasmtime's default (100) a node calling more than ~50 distinct
+        // functions in turn re-mapped a slot's image for nearly every call
+        // (~50% more CPU per call, a third less capacity: BENCHMARKS.md,
+        // "Flat in N with distinct code"). The cost is what reset slots
+        // keep resident: at most `linear_memory_keep_resident` of each.
+        .max_unused_warm_slots(n.saturating_mul(MEMORIES_PER_SANDBOX));
 
     let mut wasm = Config::new();
     wasm.strategy(wasmtime::Strategy::Cranelift)
