@@ -103,32 +103,6 @@ pub struct BenchArgs {
     distinct: bool,
 }
 
-/// `wasm` with a custom section `shoal-bench` holding `index`: another
-/// binary (another digest, compiled on its own) that runs the same.
-fn distinct_binary(wasm: &[u8], index: u32) -> Vec<u8> {
-    fn leb128(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    const NAME: &[u8] = b"shoal-bench";
-    let mut body = Vec::new();
-    leb128(NAME.len(), &mut body);
-    body.extend_from_slice(NAME);
-    body.extend_from_slice(&index.to_le_bytes());
-    let mut out = wasm.to_vec();
-    out.push(0); // a custom section
-    leb128(body.len(), &mut out);
-    out.extend_from_slice(&body);
-    out
-}
-
 const ADMIN: &str = "bench-admin-token-0123456789abcdef";
 
 /// A node under test: a `shoal serve` child process.
@@ -444,7 +418,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         for i in 0..n {
             let tenant = (i as usize) % tenants.len();
             let function = format!("{}/f{i}", tenants[tenant]);
-            let binary = if args.distinct { distinct_binary(wasm, i) } else { wasm.to_vec() };
+            let binary = if args.distinct { shoal_guests::tagged(wasm, i) } else { wasm.to_vec() };
             deploy(&http, &node.base, &function, "", binary).await?;
             targets.push(Target { url: format!("{}/v1/functions/{function}/invoke", node.base), tenant, input });
         }
@@ -587,7 +561,7 @@ mod tests {
     }
 
     #[test]
-    fn a_distinct_binary_is_other_bytes_that_answer_the_same() {
+    fn a_tagged_binary_is_other_bytes_that_answer_the_same() {
         let dir = tempfile::tempdir().unwrap();
         let runtime = shoal_runtime::Runtime::new(shoal_runtime::RuntimeConfig::new(dir.path())).unwrap();
         let settings = shoal_runtime::CallSettings {
@@ -600,7 +574,7 @@ mod tests {
             trace: None,
         };
         let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let (one, two) = (distinct_binary(shoal_guests::ECHO, 1), distinct_binary(shoal_guests::ECHO, 300));
+        let (one, two) = (shoal_guests::tagged(shoal_guests::ECHO, 1), shoal_guests::tagged(shoal_guests::ECHO, 300));
         assert_ne!(one, two);
         assert_ne!(one.as_slice(), shoal_guests::ECHO);
         for wasm in [shoal_guests::ECHO, &one, &two] {

@@ -18,3 +18,30 @@ pub fn slow_to_compile(tag: u64, n_functions: usize) -> Vec<u8> {
     text.push_str(r#"(func (export "_start")))"#);
     wat::parse_str(&text).expect("the module's text is valid")
 }
+
+/// `wasm` (a module or a component) with a custom section `shoal-bench`
+/// holding `tag` appended: other bytes (another digest, compiled on its
+/// own) that run exactly the same.
+pub fn tagged(wasm: &[u8], tag: u32) -> Vec<u8> {
+    fn leb128(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    const NAME: &[u8] = b"shoal-bench";
+    let mut body = Vec::new();
+    leb128(NAME.len(), &mut body);
+    body.extend_from_slice(NAME);
+    body.extend_from_slice(&tag.to_le_bytes());
+    let mut out = wasm.to_vec();
+    out.push(0); // the custom section's id
+    leb128(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
+}

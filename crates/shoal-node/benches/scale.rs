@@ -25,32 +25,6 @@ fn rss_bytes() -> u64 {
     kib * 1024
 }
 
-/// `wasm` plus a custom section carrying `tag`: different bytes, same code.
-fn with_custom_section(wasm: &[u8], tag: u32) -> Vec<u8> {
-    fn leb(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    let name = b"shoal-bench";
-    let payload = tag.to_le_bytes();
-    let mut section = Vec::new();
-    leb(name.len(), &mut section);
-    section.extend_from_slice(name);
-    section.extend_from_slice(&payload);
-    let mut out = wasm.to_vec();
-    out.push(0);
-    leb(section.len(), &mut out);
-    out.extend_from_slice(&section);
-    out
-}
-
 struct Served {
     node: Arc<Node>,
     base: String,
@@ -160,7 +134,7 @@ fn main() {
                 &http,
                 &base,
                 &format!("distinct/f{i}"),
-                with_custom_section(shoal_guests::HELLO, i as u32),
+                shoal_guests::tagged(shoal_guests::HELLO, i as u32),
             )
             .await;
         }
