@@ -5,7 +5,7 @@
 //! histogram (two bins per octave) from which p50 and p99 are read.
 //!
 //! Each function has one, kept across redeploys like its logs and made
-//! (about 7 KiB) on its first call, so a tenant's thousand idle functions
+//! (about 14 KiB) on its first call, so a tenant's thousand idle functions
 //! cost a pointer each. Recording a call takes the function's own lock
 //! once; readers copy out under it.
 
@@ -63,8 +63,62 @@ impl Slot {
     const EMPTY: Slot = Slot { number: 0, calls: 0, errors: 0, bins: [0; BINS] };
 }
 
+/// A call as kept: its ids in place, so that recording one allocates
+/// nothing (a node's thousand functions keep 50 each, and a call is
+/// recorded on every call's path).
+struct Kept {
+    call_id: Id,
+    trace_id: Option<Id>,
+    time_ms: u64,
+    outcome: &'static str,
+    duration_us: Option<u64>,
+    cpu_us: Option<u64>,
+}
+
+/// An id of up to [`Id::INLINE`] bytes kept in place (the node's call and
+/// trace ids are 16 and 32), a longer one (another node's) on the heap.
+enum Id {
+    Inline { len: u8, bytes: [u8; Id::INLINE] },
+    Heap(Box<str>),
+}
+
+impl Id {
+    const INLINE: usize = 32;
+
+    fn new(text: &str) -> Self {
+        if text.len() <= Self::INLINE {
+            let mut bytes = [0; Self::INLINE];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            Self::Inline { len: text.len() as u8, bytes }
+        } else {
+            Self::Heap(text.into())
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // The bytes are a whole `str`'s, copied.
+            Self::Inline { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default(),
+            Self::Heap(text) => text,
+        }
+    }
+}
+
+impl Kept {
+    fn view(&self) -> RecentCall {
+        RecentCall {
+            call_id: self.call_id.as_str().to_string(),
+            time_ms: self.time_ms,
+            outcome: self.outcome,
+            duration_us: self.duration_us,
+            cpu_us: self.cpu_us,
+            trace_id: self.trace_id.as_ref().map(|id| id.as_str().to_string()),
+        }
+    }
+}
+
 struct History {
-    recent: VecDeque<RecentCall>,
+    recent: VecDeque<Kept>,
     /// Indexed by slot number modulo SLOTS; a slot whose number is not the
     /// one asked for holds older time and counts as empty.
     slots: [Slot; SLOTS],
@@ -170,8 +224,8 @@ fn quantile(bins: &[u32; BINS], q: f64) -> Option<f64> {
 impl CallHistory {
     /// Note a call that ended at `now_ms`.
     pub fn record(&self, now_ms: u64, call: Ended<'_>) {
-        let entry = RecentCall {
-            call_id: call.call_id.to_string(),
+        let entry = Kept {
+            call_id: Id::new(call.call_id),
             time_ms: now_ms,
             outcome: match call.outcome {
                 Ok(()) => "ok",
@@ -179,7 +233,7 @@ impl CallHistory {
             },
             duration_us: call.elapsed.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
             cpu_us: call.cpu.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-            trace_id: call.trace_id.map(str::to_string),
+            trace_id: call.trace_id.map(Id::new),
         };
         let number = now_ms / 1000 / SLOT_SECONDS;
         let mut guard = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -207,7 +261,7 @@ impl CallHistory {
     /// The calls kept, newest first.
     pub fn recent(&self) -> Vec<RecentCall> {
         let guard = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        guard.as_ref().map(|h| h.recent.iter().rev().cloned().collect()).unwrap_or_default()
+        guard.as_ref().map(|h| h.recent.iter().rev().map(Kept::view).collect()).unwrap_or_default()
     }
 
     /// The slots of the last five minutes up to `now_ms`, oldest first
@@ -281,6 +335,26 @@ mod tests {
             elapsed: Some(Duration::from_millis(ms)),
             cpu: Some(Duration::from_micros(ms * 500)),
         }
+    }
+
+    #[test]
+    fn ids_of_any_length_come_back_as_they_were_recorded() {
+        let history = CallHistory::default();
+        let long = "n".repeat(Id::INLINE) + "é-and-more";
+        let mut call = ended(&long, Ok(()), 1);
+        call.trace_id = Some("0123456789abcdef0123456789abcdef");
+        history.record(1_000, call);
+        history.record(2_000, ended("short", Ok(()), 1));
+        let exact = "x".repeat(Id::INLINE);
+        history.record(3_000, ended(&exact, Ok(()), 1));
+        let recent = history.recent();
+        assert_eq!(recent[0].call_id, exact);
+        assert_eq!((recent[1].call_id.as_str(), recent[1].trace_id.as_deref()), ("short", None));
+        assert_eq!(recent[2].call_id, long);
+        assert_eq!(recent[2].trace_id.as_deref(), Some("0123456789abcdef0123456789abcdef"));
+        // The size the docs and LIMITS.md give.
+        let size = std::mem::size_of::<History>() + RECENT * std::mem::size_of::<Kept>();
+        assert!((12 << 10..16 << 10).contains(&size), "{size} bytes per function");
     }
 
     #[test]

@@ -223,15 +223,17 @@ impl Labels {
     }
 
     fn record(&self, key: &Arc<str>, outcome: Result<(), ErrorKind>, call: Option<(Duration, Duration)>) {
-        {
+        let room = {
             let chosen = self.chosen.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(series) = chosen.get(key) {
                 series.record(&self.families, outcome, call);
                 return;
             }
-        }
-        // Room left: it gets series of its own at once.
-        {
+            chosen.len() < self.max
+        };
+        // Room left: it gets series of its own at once (a call of a function
+        // without takes no write lock).
+        if room {
             let mut chosen = self.chosen.write().unwrap_or_else(std::sync::PoisonError::into_inner);
             if chosen.len() < self.max || chosen.contains_key(key) {
                 let (tenant, function) = Self::split(key);
@@ -244,8 +246,10 @@ impl Labels {
         }
         self.other.record(&self.families, outcome, call);
         let mut candidates = self.candidates.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if candidates.len() < 4 * self.max.max(1) || candidates.contains_key(key) {
-            *candidates.entry(key.clone()).or_default() += 1;
+        if let Some(count) = candidates.get_mut(key) {
+            *count += 1;
+        } else if candidates.len() < 4 * self.max.max(1) {
+            candidates.insert(key.clone(), 1);
         }
     }
 
