@@ -65,14 +65,17 @@ pub fn lower_this_thread(nice: i32) {
 /// freed (up to 32 MiB), and then keeps up to twice that free in its arenas:
 /// after one compile or one read of a large artifact, tens of MiB freed
 /// stay resident for good. A fixed threshold turns that off: blocks of
-/// 1 MiB and more are mapped on their own and unmapped when freed.
+/// 2 MiB and more are mapped on their own and unmapped when freed. Not
+/// lower: a streamed body moves in chunks of up to 1 MiB or so, and a
+/// chunk mapped, faulted in page by page and unmapped each time streamed
+/// at a third of the speed.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt takes two integers and changes only malloc's
         // parameters; it is safe to call at any time.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
         }
     }
