@@ -139,6 +139,33 @@ mod tests {
         }
     }
 
+    /// A streamed body's 1 MiB chunk comes from malloc's arenas (as its own
+    /// mapping it was faulted in and unmapped every time: a third of the
+    /// speed), while a large block still gets a mapping of its own (the
+    /// threshold is fixed, not raised by what was freed).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn a_chunk_of_a_stream_is_not_a_mapping_of_its_own_and_a_large_block_is() {
+        tune_allocator();
+        // SAFETY: mallinfo2 only reads malloc's counters.
+        let mapped = || unsafe { libc::mallinfo2() }.hblks;
+        // Other tests' threads may map or unmap blocks at the same time:
+        // one undisturbed look of several is enough.
+        let grows_by = |bytes: usize, by: usize| {
+            (0..8).any(|_| {
+                let before = mapped();
+                let block = std::hint::black_box(vec![7u8; bytes]);
+                let during = mapped();
+                drop(block);
+                during == before + by
+            })
+        };
+        assert!(grows_by(1 << 20, 0), "a 1 MiB block was mapped on its own");
+        assert!(grows_by(8 << 20, 1), "an 8 MiB block came from the arenas");
+        // Freeing it did not raise the threshold.
+        assert!(grows_by(8 << 20, 1), "the threshold moved");
+    }
+
     /// Built-in data: a static the compiler places in the executable's
     /// read-only data (a non-zero pattern, so it is not in .bss).
     static BUILT_IN: [u8; 5 * 4096] = {
