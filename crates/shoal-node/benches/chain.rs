@@ -33,6 +33,12 @@ impl Bench {
         let mut config = NodeConfig::new(dir.path());
         config.admin_token = Some(ADMIN.into());
         config.max_body_bytes = 128 << 20;
+        // Raised too: `wordcount`'s parent and its 25 mappers (the same
+        // function, 256 MiB each) hold 6.5 GiB of memory limits at once,
+        // more than a tenant's default share (half the node's call memory,
+        // itself half the machine's), so some spawns would be refused.
+        config.call_memory_bytes = config.call_memory_bytes.max(8 << 30);
+        config.tenant_call_memory_bytes = Some(config.call_memory_bytes);
         let (node, base) = tokio.block_on(async {
             let node = Node::start(config).await.expect("node starts");
             node.deploy_defaults("demo", shoal_guests::EXAMPLES).await.expect("examples");

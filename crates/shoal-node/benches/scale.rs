@@ -124,8 +124,10 @@ fn main() {
         let base = served.base.clone();
         create_tenant(&http, &base, "distinct").await;
         create_tenant(&http, &base, "same").await;
-        // Warm up everything that is paid once (linkers, pools, HTTP).
-        deploy_and_invoke(&http, &base, "same/warmup", shoal_guests::HELLO.to_vec()).await;
+        create_tenant(&http, &base, "warm").await;
+        // Warm up everything that is paid once (linkers, pools, HTTP), in
+        // a tenant of its own: each group fills its tenant's 1,000.
+        deploy_and_invoke(&http, &base, "warm/up", shoal_guests::HELLO.to_vec()).await;
 
         let rss0 = rss_bytes();
         let started = Instant::now();
