@@ -27,7 +27,7 @@ pub(crate) enum ImageError {
 
 impl Node {
     /// The image of `function`, loading it again if it was dropped.
-    pub(crate) async fn image_of(&self, function: &DeployedFunction) -> Result<Arc<FunctionImage>, ImageError> {
+    pub(crate) async fn image_of(&self, function: &Arc<DeployedFunction>) -> Result<Arc<FunctionImage>, ImageError> {
         function.touch(self.use_clock.fetch_add(1, Ordering::Relaxed));
         if let Some(image) = function.loaded() {
             return Ok(image);
@@ -39,8 +39,14 @@ impl Node {
             .ok_or_else(|| ImageError::Missing(function.key.to_string()))?;
         let image = self.runtime().load_with(&wasm, &function.record.load_options()).await?;
         function.set_image(image.clone());
+        self.note_loaded(function);
         self.enforce_image_budget();
         Ok(image)
+    }
+
+    /// Remember that `function` holds an image now (see `enforce_image_budget`).
+    pub(crate) fn note_loaded(&self, function: &Arc<DeployedFunction>) {
+        self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Arc::downgrade(function));
     }
 
     /// Whether `tenant/name`'s image is loaded now (false if there is no
@@ -61,12 +67,22 @@ impl Node {
     /// dropped from every function sharing it; a call using it keeps it
     /// alive until it ends (and a call starting meanwhile gets that same
     /// image back from the runtime, not a second copy).
+    ///
+    /// Only the functions given an image are looked at (those that let it
+    /// go, or are gone, are forgotten here): with thousands deployed and a
+    /// budget of a hundred, a reload no longer walks every function.
     pub(crate) fn enforce_image_budget(&self) {
-        let all = self.registry.all();
-        let loaded: Vec<&Arc<DeployedFunction>> = all.iter().filter(|f| f.loaded().is_some()).collect();
+        let mut noted = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut loaded: Vec<Arc<DeployedFunction>> =
+            noted.drain(..).filter_map(|weak| weak.upgrade()).filter(|f| f.loaded().is_some()).collect();
+        // A function noted twice (loaded, let go and loaded again between
+        // two passes) counts once.
+        loaded.sort_unstable_by_key(Arc::as_ptr);
+        loaded.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        noted.extend(loaded.iter().map(Arc::downgrade));
         let uses = loaded.iter().map(|f| (f.record.sha256.as_str(), f.last_used()));
         let drop = images_to_drop(uses, self.config.max_loaded_images);
-        for function in loaded {
+        for function in &loaded {
             if drop.contains(function.record.sha256.as_str()) {
                 function.evict();
             }

@@ -152,6 +152,10 @@ pub struct Node {
     cluster: Option<Arc<cluster::Cluster>>,
     /// The clock of function use, for evicting the least recently used.
     use_clock: std::sync::atomic::AtomicU64,
+    /// The functions this node gave an image to (some may have let it go
+    /// since, or be gone): what the image budget looks at, so that a
+    /// reload costs the loaded functions, not every function deployed.
+    loaded: std::sync::Mutex<Vec<std::sync::Weak<registry::DeployedFunction>>>,
     conn_stats: server::ConnStats,
     /// Set when the node begins to stop: not ready for new work.
     draining: std::sync::atomic::AtomicBool,
@@ -338,6 +342,7 @@ impl Node {
                 queues,
                 cluster,
                 use_clock: std::sync::atomic::AtomicU64::new(0),
+                loaded: std::sync::Mutex::default(),
                 conn_stats: server::ConnStats::default(),
                 draining: std::sync::atomic::AtomicBool::new(false),
                 chores_beat: std::sync::atomic::AtomicU64::new(0),
@@ -653,6 +658,7 @@ impl Node {
         let function = self.registry.deploy(function, wasm, self.config.max_versions).await?;
         self.collect_orphans();
         function.touch(self.use_clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        self.note_loaded(&function);
         self.enforce_image_budget();
         self.metrics.record_deploy();
         tracing::info!(%tenant, function = %name, sha256 = %function.record.sha256, "deployed");

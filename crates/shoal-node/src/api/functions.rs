@@ -447,7 +447,7 @@ async fn invoke_inner(
 /// Run a sync call on this node, with admission, and answer with its output.
 async fn run_here(
     node: &Node,
-    function: &DeployedFunction,
+    function: &Arc<DeployedFunction>,
     input: bytes::Bytes,
     call_id: &str,
     traced: Option<&mut Traced>,
@@ -474,7 +474,10 @@ async fn run_here(
     answer(node, function, out, started, call_id, trace_id.as_deref())
 }
 
-async fn load_image(node: &Node, function: &DeployedFunction) -> Result<Arc<shoal_runtime::FunctionImage>, ApiError> {
+async fn load_image(
+    node: &Node,
+    function: &Arc<DeployedFunction>,
+) -> Result<Arc<shoal_runtime::FunctionImage>, ApiError> {
     node.image_of(function).await.map_err(|e| match e {
         // A reload that had to compile again (the cache was lost) and ran
         // past the compile limit: worth a retry, not an internal error.
