@@ -123,6 +123,11 @@ pub struct Meter {
     pending: [Shard; SHARDS],
     /// Sums a flush failed to store, for the next one.
     unwritten: Mutex<Vec<(String, Usage)>>,
+    /// Held by a flush from taking the rows until they are written: a
+    /// flush that finds nothing pending because another took it first
+    /// returns only once that one's rows are stored (a usage query flushes
+    /// and then reads, and must see them).
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Meter {
@@ -217,6 +222,7 @@ impl Meter {
     /// Add what is pending to the store (on a blocking thread). On a
     /// failure the sums are kept, for the next flush.
     pub async fn flush(&self, store: &Arc<EmbeddedStore>) -> Result<(), StoreError> {
+        let _flushing = self.flushing.lock().await;
         let rows = self.take_rows();
         if rows.is_empty() {
             return Ok(());
@@ -247,6 +253,7 @@ impl Meter {
     /// Add what is pending to the cluster's sums in Redis, each minute kept
     /// for `retention`. On a failure the sums are kept, for the next flush.
     pub async fn flush_shared(&self, shared: &SharedUsage, retention: Duration) -> Result<(), String> {
+        let _flushing = self.flushing.lock().await;
         let rows = self.take_rows();
         if rows.is_empty() {
             return Ok(());
@@ -529,4 +536,35 @@ pub struct Bucket {
     pub start: u64,
     pub function: Option<String>,
     pub usage: Usage,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flush that finds the pending rows taken by another flush still
+    /// writing them returns only once they are stored: a usage query
+    /// (flush, then read) sees every call counted before it, even when the
+    /// node's periodic flush ran at the same moment.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_returns_only_once_what_was_pending_before_it_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("usage.redb")).unwrap());
+        let meter = Arc::new(Meter::default());
+        let function: Arc<str> = Arc::from("acme/f");
+        let from = this_minute();
+        for round in 1..=40u64 {
+            meter.record(&function, Ok(()), None);
+            let chore = {
+                let (meter, store) = (meter.clone(), store.clone());
+                tokio::spawn(async move { meter.flush(&store).await })
+            };
+            meter.flush(&store).await.unwrap();
+            let query =
+                Query { tenant: "acme".into(), from, to: from + 5, step: 5, function: None, by_function: false };
+            let calls: u64 = Meter::query(&store, query).await.unwrap().iter().map(|b| b.usage.calls).sum();
+            assert_eq!(calls, round, "a flush returned before the calls counted ahead of it were stored");
+            chore.await.unwrap().unwrap();
+        }
+    }
 }
