@@ -39,14 +39,15 @@ impl Node {
             .ok_or_else(|| ImageError::Missing(function.key.to_string()))?;
         let image = self.runtime().load_with(&wasm, &function.record.load_options()).await?;
         function.set_image(image.clone());
-        self.note_loaded(function);
-        self.enforce_image_budget();
+        self.took_image(function);
         Ok(image)
     }
 
-    /// Remember that `function` holds an image now (see `enforce_image_budget`).
-    pub(crate) fn note_loaded(&self, function: &Arc<DeployedFunction>) {
+    /// `function` holds an image now: remember it (see
+    /// `enforce_image_budget`) and keep to the budget.
+    pub(crate) fn took_image(&self, function: &Arc<DeployedFunction>) {
         self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Arc::downgrade(function));
+        self.enforce_image_budget();
     }
 
     /// Whether `tenant/name`'s image is loaded now (false if there is no

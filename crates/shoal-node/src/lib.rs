@@ -658,8 +658,7 @@ impl Node {
         let function = self.registry.deploy(function, wasm, self.config.max_versions).await?;
         self.collect_orphans();
         function.touch(self.use_clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        self.note_loaded(&function);
-        self.enforce_image_budget();
+        self.took_image(&function);
         self.metrics.record_deploy();
         tracing::info!(%tenant, function = %name, sha256 = %function.record.sha256, "deployed");
         Ok(function.record.clone())
