@@ -25,7 +25,10 @@
 //! a place on the CPU like any call, but take no running place (their root
 //! holds one) and never wait for a sandbox — with none free, or over their
 //! tenant's caps, they are refused at once (a parent waiting for a child
-//! that waits for its parent's sandbox would deadlock).
+//! that waits for its parent's sandbox would deadlock). Asked on the pool,
+//! a chained call runs in the task that asked for it, inside its caller's
+//! poll, on the place its waiting caller lends it
+//! ([`Executor::run_chained`]).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -199,7 +202,25 @@ const POOL_NICE: i32 = 10;
 thread_local! {
     /// Whether this thread is one of a call pool's.
     static IN_POOL: Cell<bool> = const { Cell::new(false) };
+    /// While a call is polled on this thread and holds a short place on
+    /// the CPU: its expected cost (what the policy counts it by), so that
+    /// a chained call it runs in its own poll can take that place while
+    /// it runs (the caller, waiting for it, is not on the CPU).
+    static ON_CPU: Cell<Option<Duration>> = const { Cell::new(None) };
+    /// CPU time of the calls polled inside the poll of the call being
+    /// polled on this thread (its chained calls run in its task), which
+    /// that call's own measurement leaves out.
+    static NESTED_CPU: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+    /// When the outermost poll of a call on this thread started, by the
+    /// thread's CPU clock and by the wall clock: polls inside it are timed
+    /// from these (see [`Polling`]).
+    static OUTERMOST: Cell<Option<(CpuClock, Instant)>> = const { Cell::new(None) };
 }
+
+/// A poll inside another call's poll that took longer than this by the
+/// wall clock has its time scaled by the share of the CPU its thread had
+/// (it may have been preempted); a shorter one counts its wall time.
+const NESTED_EXACT_ABOVE: Duration = Duration::from_micros(50);
 
 /// The threads calls run on: a tokio runtime of their own. Dropped, it
 /// stops without waiting for the calls on it (they are dropped, which
@@ -500,9 +521,16 @@ impl Executor {
 
     /// Run a chained call of `function`, charged to `tenant` (its root's):
     /// after its turn, if one comes before its caller's deadline, in a
-    /// sandbox that must be free now (else it is refused). It runs on the
-    /// call pool, on a task of its own, so its caller is blocked (and off
-    /// the CPU) while it runs.
+    /// sandbox that must be free now (else it is refused).
+    ///
+    /// Asked on the call pool (its caller runs there, or a task its caller
+    /// spawned), it runs in the task that asked, inside its caller's poll:
+    /// no hand-off to another task or thread, whose wake-ups cost more
+    /// than a small call. Its caller, waiting for it, lends it its short
+    /// place on the CPU for each of those polls ([`Lent`]); its CPU time
+    /// is its own, left out of its caller's. Asked elsewhere (its caller
+    /// runs on a thread that serves HTTP), it runs on the pool, on a task
+    /// of its own.
     pub async fn run_chained(
         &self,
         tenant: &Arc<str>,
@@ -514,8 +542,19 @@ impl Executor {
     ) -> Result<CallOutput, Overloaded> {
         let own = Instant::now() + settings.timeout;
         let deadline = lineage.deadline.map_or(own, |caller| caller.min(own));
-        let admitted = self.admit_as(tenant, function, deadline, settings.memory_limit, Origin::Chained).await?;
-        Ok(admitted.run_in(image, settings, input.into(), lineage).await)
+        let run = async {
+            let admitted = self.admit_as(tenant, function, deadline, settings.memory_limit, Origin::Chained).await?;
+            Ok(admitted.run_in(image, settings, input.into(), lineage).await)
+        };
+        if !IN_POOL.with(Cell::get) {
+            return run.await;
+        }
+        let mut run = std::pin::pin!(run);
+        std::future::poll_fn(|cx| {
+            let _lent = Lent::take(&self.inner);
+            run.as_mut().poll(cx)
+        })
+        .await
     }
 
     /// A running call ended (or never started): settle it with the
@@ -673,8 +712,18 @@ impl Admitted<'_> {
         let call =
             measured(executor.runtime.clone(), image.clone(), settings.clone(), input, lineage, sandbox, account);
         let inline = self.origin == Origin::Root && self.cost < INLINE_BELOW;
-        if self.origin == Origin::Root && IN_POOL.with(Cell::get) {
-            return call.await;
+        if IN_POOL.with(Cell::get) {
+            if self.origin == Origin::Root {
+                return call.await;
+            }
+            // A chained call, in its caller's task: a panic ends it alone
+            // (as it would on a task of its own), not its caller.
+            let mut call = std::pin::pin!(call);
+            return std::future::poll_fn(|cx| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call.as_mut().poll(cx)))
+                    .unwrap_or_else(|_| Poll::Ready(failed("the chained call panicked".into())))
+            })
+            .await;
         }
         if !inline {
             return executor.pool.run(call).await.unwrap_or_else(failed);
@@ -694,8 +743,9 @@ impl Admitted<'_> {
 /// run long enough to be long, when it takes turns with the long calls and
 /// must not keep a short call's place; and, when it ends, the CPU time it
 /// took (its thread's CPU time while its future was being polled: the
-/// guest running, host calls included; waits, and time the thread was
-/// preempted, excluded), settled with the policy. (Wall time would count
+/// guest running, host calls included; waits, time the thread was
+/// preempted, and chained calls polled inside its polls excluded — see
+/// [`Polling`]), settled with the policy. (Wall time would count
 /// preemption: a call on the pool, whose threads yield to the HTTP
 /// threads, would look costlier the busier the node — and cheap functions
 /// would stop running inline just when it matters most.)
@@ -721,9 +771,9 @@ async fn measured(
         });
         std::future::poll_fn(|cx| {
             account.set_blocked(false);
-            let polled_at = CpuClock::now();
+            let polling = Polling::start(account.holds_short_place().then_some(account.cost));
             let poll = call.as_mut().poll(cx);
-            account.used += polled_at.elapsed();
+            account.used += polling.own_cpu();
             if poll.is_pending() {
                 account.set_blocked(true);
                 account.note_long();
@@ -764,6 +814,11 @@ struct Account {
 }
 
 impl Account {
+    /// Whether it counts on a short place while it runs (see `set_blocked`).
+    fn holds_short_place(&self) -> bool {
+        !self.long && !self.turned_long
+    }
+
     fn set_blocked(&mut self, blocked: bool) {
         if self.long || self.turned_long || self.blocked == blocked {
             return;
@@ -812,6 +867,112 @@ impl Drop for Account {
         }
         inner.policy.finish(&self.tenant, self.cost, used, self.origin);
         pump(&mut inner);
+    }
+}
+
+/// One poll of a measured call on this thread: what it tells the calls
+/// polled inside it (its place on the CPU, to lend) and the CPU time it
+/// used itself. Dropped (also by a panic), it restores what the poll of an
+/// enclosing call had set.
+///
+/// The outermost poll on a thread is timed by the thread's CPU clock (a
+/// system call: about a microsecond on a virtual machine). A poll inside
+/// it (a chained call run in its caller's poll) is timed by the wall clock
+/// (tens of nanoseconds), which counts the time its thread was preempted:
+/// one longer than [`NESTED_EXACT_ABOVE`] is scaled by the share of the
+/// CPU the thread had since the outermost poll began.
+struct Polling {
+    /// Set when this is the outermost poll on its thread.
+    cpu_at: Option<CpuClock>,
+    wall_at: Instant,
+    outer_on_cpu: Option<Duration>,
+    outer_nested: Duration,
+    done: bool,
+}
+
+impl Polling {
+    fn start(on_cpu: Option<Duration>) -> Self {
+        let outer_on_cpu = ON_CPU.replace(on_cpu);
+        let outer_nested = NESTED_CPU.replace(Duration::ZERO);
+        let wall_at = Instant::now();
+        let cpu_at = match OUTERMOST.get() {
+            Some(_) => None,
+            None => {
+                let cpu_at = CpuClock::now();
+                OUTERMOST.set(Some((cpu_at, wall_at)));
+                Some(cpu_at)
+            }
+        };
+        Self { cpu_at, wall_at, outer_on_cpu, outer_nested, done: false }
+    }
+
+    /// The CPU time of the poll, less that of the calls polled inside it;
+    /// the whole of it counts as nested for an enclosing call's poll.
+    fn own_cpu(mut self) -> Duration {
+        let spent = match self.cpu_at {
+            Some(cpu_at) => cpu_at.elapsed(),
+            None => {
+                let wall = self.wall_at.elapsed();
+                match OUTERMOST.get() {
+                    Some((cpu_then, wall_then)) if wall > NESTED_EXACT_ABOVE => {
+                        let share = cpu_then.elapsed().as_secs_f64() / wall_then.elapsed().as_secs_f64().max(1e-9);
+                        wall.mul_f64(share.min(1.0))
+                    }
+                    _ => wall,
+                }
+            }
+        };
+        let nested = NESTED_CPU.replace(self.outer_nested + spent);
+        self.restore();
+        spent.saturating_sub(nested)
+    }
+
+    fn restore(&mut self) {
+        self.done = true;
+        ON_CPU.set(self.outer_on_cpu);
+        if self.cpu_at.is_some() {
+            OUTERMOST.set(None);
+        }
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        if !self.done {
+            NESTED_CPU.set(self.outer_nested);
+            self.restore();
+        }
+    }
+}
+
+/// The short place of the call being polled on this thread, lent to a
+/// chained call it runs in its own poll (its caller waits for it, so is
+/// not on the CPU): for the policy the caller is blocked until this is
+/// dropped, within the same poll. A caller that holds no short place (it
+/// is long, or none is polled here) lends nothing.
+struct Lent<'a> {
+    inner: &'a Mutex<Inner>,
+    cost: Option<Duration>,
+}
+
+impl<'a> Lent<'a> {
+    fn take(inner: &'a Mutex<Inner>) -> Self {
+        let cost = ON_CPU.take();
+        if let Some(cost) = cost {
+            let mut inner = inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            inner.policy.block(cost);
+            pump(&mut inner);
+        }
+        Self { inner, cost }
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(cost) = self.cost {
+            self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).policy.unblock(cost);
+            ON_CPU.set(Some(cost));
+        }
     }
 }
 
@@ -1168,5 +1329,94 @@ mod tests {
         assert!(!looping.is_finished());
         let out = looping.await.unwrap().unwrap();
         assert!(matches!(out.result, Err(shoal_runtime::CallError::Timeout { .. })), "{:?}", out.result);
+    }
+
+    /// Runs the chained calls of a test's runtime as the node does (with
+    /// `run_chained`, charged to the caller's tenant), the callee looked up
+    /// by name; keeps the CPU time each child reports.
+    struct Chainer {
+        executor: std::sync::OnceLock<std::sync::Weak<Executor>>,
+        images: HashMap<String, Arc<FunctionImage>>,
+        child_cpu: Arc<Mutex<Vec<Duration>>>,
+    }
+
+    impl shoal_runtime::Invoker for Chainer {
+        fn invoke(
+            &self,
+            tenant: &str,
+            function: &str,
+            input: Vec<u8>,
+            lineage: Lineage,
+        ) -> shoal_runtime::InvokeFuture {
+            use shoal_runtime::ChainError;
+            let executor = self.executor.get().and_then(std::sync::Weak::upgrade).expect("the executor is set");
+            let image = self.images.get(function).cloned();
+            let (tenant, key): (Arc<str>, Arc<str>) = (Arc::from(tenant), Arc::from(format!("{tenant}/{function}")));
+            let child_cpu = self.child_cpu.clone();
+            Box::pin(async move {
+                let image = image.ok_or_else(|| ChainError::NotFound(key.to_string()))?;
+                let quick = settings(Duration::from_secs(20));
+                let out = executor
+                    .run_chained(&tenant, &key, &image, &quick, Bytes::from(input), lineage)
+                    .await
+                    .map_err(|e| ChainError::Unavailable(e.reason))?;
+                child_cpu.lock().unwrap().push(out.usage.cpu);
+                out.result.map_err(ChainError::Failed)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chained_call_runs_on_its_callers_place_and_its_cpu_is_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Arc::new(Runtime::new(RuntimeConfig::new(dir.path())).unwrap());
+        let fanout = runtime.load(shoal_guests::FANOUT).await.unwrap();
+        let fib = runtime.load(shoal_guests::FIB).await.unwrap();
+        let chainer = Arc::new(Chainer {
+            executor: std::sync::OnceLock::new(),
+            images: HashMap::from([("fib".to_string(), fib)]),
+            child_cpu: Arc::default(),
+        });
+        runtime.set_invoker(chainer.clone()).unwrap();
+        let executor = Arc::new(Executor::new(runtime.clone(), 16, PolicyConfig::new(2)));
+        chainer.executor.set(Arc::downgrade(&executor)).unwrap();
+        // Both measured short: the parent holds a short place, goes to the
+        // pool (it costs more than the hand-off), and so do its children.
+        let parent: Arc<str> = Arc::from("t/fanout");
+        for (function, cost) in [("t/fanout", 2 * INLINE_BELOW), ("t/fib", INLINE_BELOW)] {
+            executor.costs.lock().unwrap().insert(Arc::from(function), cost);
+        }
+
+        // While the children run one after another, the short places on
+        // the CPU are watched: the parent, waiting, lends its place to the
+        // child running, so there is never more than one.
+        let call = {
+            let (executor, fanout, parent) = (executor.clone(), fanout.clone(), parent.clone());
+            tokio::spawn(async move {
+                let input = Bytes::from_static(b"call 200 fib 16");
+                executor.run(&t(), &parent, &fanout, &settings(Duration::from_secs(60)), input).await
+            })
+        };
+        let (mut most, mut seen_running) = (0, 0);
+        while !call.is_finished() {
+            let on_cpu = executor.inner.lock().unwrap().policy.short_on_cpu();
+            most = most.max(on_cpu);
+            seen_running += u32::from(on_cpu > 0);
+            tokio::task::yield_now().await;
+        }
+        let out = call.await.unwrap().unwrap();
+        assert_eq!(out.result.as_deref().map(String::from_utf8_lossy).unwrap(), "200/200 ok");
+        assert!(seen_running > 10, "the calls were seen running {seen_running} times");
+        assert_eq!(most, 1, "a caller and its child held two short places");
+        assert_eq!(executor.inner.lock().unwrap().policy.short_on_cpu(), 0, "every place came back");
+
+        // The parent's CPU time leaves out its child's, run in its poll.
+        chainer.child_cpu.lock().unwrap().clear();
+        let input = Bytes::from_static(b"call 1 fib 27");
+        let out = executor.run(&t(), &parent, &fanout, &settings(Duration::from_secs(60)), input).await.unwrap();
+        assert_eq!(out.result.as_deref().map(String::from_utf8_lossy).unwrap(), "1/1 ok");
+        let child = chainer.child_cpu.lock().unwrap()[0];
+        assert!(child > Duration::from_millis(1), "fib(27) took {child:?}");
+        assert!(out.usage.cpu < child / 2, "the parent was charged {:?}, its child {child:?}", out.usage.cpu);
     }
 }
