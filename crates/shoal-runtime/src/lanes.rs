@@ -4,10 +4,7 @@
 //! A call past its first few milliseconds is long: it yields at every
 //! epoch tick and runs each tick only while it holds a lane (see
 //! `call.rs`). There are fewer lanes than cores, so short calls always
-//! find a core — unless no short call is on a core or waiting for one:
-//! then long calls may also use the cores the scheduler reports idle
-//! ([`IdleCores`]), and give them back at their next tick once short
-//! calls want them (a place given back then goes to no one). Waiters are served round robin by tenant, not first come
+//! find a core. Waiters are served round robin by tenant, not first come
 //! first served: a tenant with a thousand long calls waiting gets one
 //! turn in each round, as does a tenant with one, so the number of calls
 //! a tenant keeps running never buys it more of the lanes' time. A tenant
@@ -21,11 +18,7 @@ use tokio::sync::oneshot;
 
 #[derive(Default)]
 struct State {
-    /// Places held.
-    in_use: u32,
-    /// Places that may be held now: the capacity, or more while the
-    /// scheduler reports more cores idle.
-    limit: u32,
+    free: u32,
     /// Places each tenant holds.
     held: HashMap<Arc<str>, u32>,
     /// Waiters by tenant, oldest first.
@@ -76,36 +69,6 @@ pub(crate) struct FairLanes {
     state: Mutex<State>,
 }
 
-/// What the scheduler tells the runtime's long-call lanes: how many cores
-/// no short call is on or waiting for. While that is more than the lanes,
-/// long calls may hold that many places; it is set after every change
-/// and costs an atomic read when nothing changed.
-#[derive(Clone)]
-pub struct IdleCores {
-    lanes: Arc<FairLanes>,
-    last: Arc<std::sync::atomic::AtomicU32>,
-}
-
-impl IdleCores {
-    pub(crate) fn new(lanes: Arc<FairLanes>) -> Self {
-        let last = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        Self { lanes, last }
-    }
-
-    /// `cores` are idle of short calls now.
-    pub fn set(&self, cores: u32) {
-        use std::sync::atomic::Ordering;
-        if self.last.load(Ordering::Relaxed) == cores {
-            return;
-        }
-        // Under the lanes' lock, so that the last value set is the one kept.
-        let mut state = self.lanes.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.last.store(cores, Ordering::Relaxed);
-        state.limit = self.lanes.capacity.max(cores);
-        self.lanes.hand_out(&mut state);
-    }
-}
-
 /// A place held; dropping it hands it to the next tenant's waiter.
 pub(crate) struct Lane {
     lanes: Arc<FairLanes>,
@@ -145,13 +108,13 @@ impl FairLanes {
 
     /// `capacity` places, a tenant at most `per_tenant` of them.
     pub(crate) fn with_per_tenant(capacity: u32, per_tenant: u32) -> Arc<Self> {
-        let state = Mutex::new(State { limit: capacity, ..State::default() });
+        let state = Mutex::new(State { free: capacity, ..State::default() });
         Arc::new(Self { capacity, per_tenant: per_tenant.clamp(1, capacity.max(1)), state })
     }
 
     /// Places held now.
     pub(crate) fn in_use(&self) -> u32 {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).in_use
+        self.capacity - self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).free
     }
 
     /// Places `tenant` holds now.
@@ -164,8 +127,8 @@ impl FairLanes {
         let rx = {
             let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let first = !state.waiting.contains_key(tenant);
-            if state.in_use < state.limit && first && state.held_by(tenant) < self.per_tenant(&state) {
-                state.in_use += 1;
+            if state.free > 0 && first && state.held_by(tenant) < self.per_tenant {
+                state.free -= 1;
                 state.take(tenant);
                 return Lane { lanes: self.clone(), tenant: tenant.clone() };
             }
@@ -188,35 +151,20 @@ impl FairLanes {
         Lane { lanes: self.clone(), tenant: tenant.clone() }
     }
 
-    /// A tenant may hold `per_tenant` places, and all of them when the
-    /// limit is raised past the capacity (a tenant held to fewer keeps
-    /// its share of the capacity).
-    fn per_tenant(&self, state: &State) -> u32 {
-        if self.per_tenant >= self.capacity { state.limit } else { self.per_tenant }
-    }
-
     /// `tenant` gives a place back: to the next waiter, or free.
     fn release(&self, tenant: &str) {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         state.give_back(tenant);
-        state.in_use -= 1;
-        self.hand_out(&mut state);
-    }
-
-    /// Give free places to waiters, in turn, while the limit allows.
-    fn hand_out(&self, state: &mut State) {
-        while state.in_use < state.limit {
-            let per_tenant = self.per_tenant(state);
-            let Some((next, waiter)) = state.next_waiter(per_tenant) else { return };
+        while let Some((next, waiter)) = state.next_waiter(self.per_tenant) {
             // Counted as the next tenant's before it is sent: a waiter that
             // left gives it back through its `Waiting`.
             state.take(&next);
-            state.in_use += 1;
-            if waiter.send(()).is_err() {
-                state.give_back(&next);
-                state.in_use -= 1;
+            if waiter.send(()).is_ok() {
+                return;
             }
+            state.give_back(&next);
         }
+        state.free += 1;
     }
 }
 
@@ -305,45 +253,6 @@ mod tests {
         let a_again = tokio::time::timeout(Duration::from_secs(5), a_again).await.expect("a's turn came").unwrap();
         assert_eq!((lanes.in_use(), lanes.held_by("a")), (1, 1));
         drop(a_again);
-        assert_eq!(lanes.in_use(), 0);
-    }
-
-    #[tokio::test]
-    async fn idle_cores_raise_the_places_until_short_calls_want_them() {
-        let lanes = FairLanes::new(1);
-        let idle = IdleCores::new(lanes.clone());
-        let first = lanes.acquire(&tenant("a")).await;
-        let waiter = |who: &'static str| {
-            let lanes = lanes.clone();
-            tokio::spawn(async move { lanes.acquire(&tenant(who)).await })
-        };
-        let second = waiter("a");
-        while lanes.state.lock().unwrap().round.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        // Both cores idle of short calls: the waiting long call takes the
-        // second; one idle core (or none) is the lanes' own capacity.
-        idle.set(1);
-        assert!(!second.is_finished());
-        idle.set(2);
-        let second = tokio::time::timeout(Duration::from_secs(5), second).await.expect("a core was idle").unwrap();
-        assert_eq!(lanes.in_use(), 2);
-        // A short call wants a core: the places held stay held until given
-        // back (at the holders' next tick), and one given back goes to no
-        // one while the lanes are over their capacity.
-        idle.set(1);
-        let third = waiter("b");
-        while lanes.state.lock().unwrap().round.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        drop(first);
-        tokio::task::yield_now().await;
-        assert_eq!(lanes.in_use(), 1);
-        assert!(!third.is_finished(), "b got the core a short call wants");
-        drop(second);
-        let third = tokio::time::timeout(Duration::from_secs(5), third).await.expect("b's turn came").unwrap();
-        assert_eq!(lanes.in_use(), 1);
-        drop(third);
         assert_eq!(lanes.in_use(), 0);
     }
 }
