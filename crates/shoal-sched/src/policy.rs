@@ -30,9 +30,12 @@
 //!   else it is queued only if its tenant's queue and the node's queue
 //!   have room *and* its expected completion fits its deadline; else it is
 //!   refused at once with a `retry_after`. The expected wait is the
-//!   smaller of the node's whole backlog spread over the cores and the
-//!   tenant's own backlog at its weighted share of the cores, so a light
-//!   tenant is not refused because a heavy one filled the queue.
+//!   running work spread over the places the call runs on, plus the
+//!   smaller of the node's queued work over them and the tenant's own at
+//!   its weighted share of them, so a light tenant is not refused because
+//!   a heavy one filled the queue. A short call counts only short work
+//!   over the short places: another tenant's long calls, however many,
+//!   do not hold up short ones.
 //! - **Pick next**: deficit round robin over tenants with queued calls, on
 //!   expected CPU time, corrected by the measured time when a call ends;
 //!   quanta are proportional to tenant weights. A sparse tenant — one with
@@ -183,7 +186,7 @@ struct Tenant {
     /// negative when calls use more than expected).
     deficit: i128,
     /// Expected CPU time of its queued calls.
-    queued_cost: Duration,
+    queued_work: Work,
     /// Whether it is in the round-robin list.
     active: bool,
     /// No queued call can expire before this (the earliest deadline less
@@ -213,9 +216,37 @@ pub struct Policy {
     blocked_short: u32,
     queued: usize,
     next_seq: u64,
-    /// Expected CPU time of running and queued calls, and of queued ones.
-    backlog: Duration,
-    queued_cost: Duration,
+    /// Expected CPU time of the calls running and of those queued.
+    running_work: Work,
+    queued_work: Work,
+}
+
+/// Expected CPU time of a set of calls, short and long apart: a short
+/// call waits only for the short work ahead of it (long calls take turns
+/// on the CPU in the runtime, not the short places).
+#[derive(Clone, Copy, Debug, Default)]
+struct Work {
+    short: Duration,
+    long: Duration,
+}
+
+impl Work {
+    fn add(&mut self, cost: Duration, long: bool) {
+        if long {
+            self.long += cost;
+        } else {
+            self.short += cost;
+        }
+    }
+
+    fn take(&mut self, cost: Duration, long: bool) {
+        let of = if long { &mut self.long } else { &mut self.short };
+        *of = of.saturating_sub(cost);
+    }
+
+    fn total(self) -> Duration {
+        self.short + self.long
+    }
 }
 
 fn nanos(d: Duration) -> i128 {
@@ -236,8 +267,8 @@ impl Policy {
             blocked_short: 0,
             queued: 0,
             next_seq: 0,
-            backlog: Duration::ZERO,
-            queued_cost: Duration::ZERO,
+            running_work: Work::default(),
+            queued_work: Work::default(),
         }
     }
 
@@ -357,7 +388,7 @@ impl Policy {
     /// Take the places of a call of `tenant` starting now.
     fn start(&mut self, tenant: &str, origin: Origin, cost: Duration) {
         let long = self.is_long(cost);
-        self.backlog += cost;
+        self.running_work.add(cost, long);
         self.running_short += u32::from(!long);
         match origin {
             Origin::Root => {
@@ -372,19 +403,32 @@ impl Policy {
     }
 
     /// How long until a call of `tenant` costing `cost` would be done if
-    /// queued now: the running calls' work spread over the cores, then the
-    /// smaller of all queued work over the cores and the tenant's own
-    /// queued work at its weighted share of the cores.
+    /// queued now: the running calls' work spread over the places it runs
+    /// on, then the smaller of all queued work over those places and the
+    /// tenant's own queued work at its weighted share of them. A short
+    /// call counts only short work (running and queued) over the short
+    /// places: long calls, however many, take turns on the CPU in the
+    /// runtime and leave the short places to short calls. A long call
+    /// counts all work over the cores.
     fn expected_wait(&self, tenant: &str, cost: Duration) -> Duration {
-        // Calls run on at most this many cores at once.
-        let cores = self.config.cores.min(self.config.max_running).max(1);
-        let running_cost = self.backlog.saturating_sub(self.queued_cost);
-        let node_wide = (self.queued_cost + cost) / cores;
-        let Some(t) = self.tenants.get(tenant) else { return (running_cost + self.queued_cost + cost) / cores };
-        // Its share of the cores among the tenants waiting, itself included.
+        let long = self.is_long(cost);
+        let (places, running, queued, own_queued) = {
+            let own = self.tenants.get(tenant).map(|t| t.queued_work).unwrap_or_default();
+            if long {
+                // Calls run on at most this many cores at once.
+                let cores = self.config.cores.min(self.config.max_running);
+                (cores, self.running_work.total(), self.queued_work.total(), own.total())
+            } else {
+                (self.config.short_places, self.running_work.short, self.queued_work.short, own.short)
+            }
+        };
+        let places = places.max(1);
+        let node_wide = (queued + cost) / places;
+        let Some(t) = self.tenants.get(tenant) else { return running / places + node_wide };
+        // Its share of the places among the tenants waiting, itself included.
         let total_weight = self.active_weight + if t.active { 0 } else { u64::from(t.weight) };
-        let own = (t.queued_cost + cost).mul_f64(total_weight as f64 / (f64::from(t.weight) * f64::from(cores)));
-        running_cost / cores + node_wide.min(own)
+        let own = (own_queued + cost).mul_f64(total_weight as f64 / (f64::from(t.weight) * f64::from(places)));
+        running / places + node_wide.min(own)
     }
 
     /// A call arrives: run it now, queue it, or refuse it.
@@ -437,7 +481,7 @@ impl Policy {
         t.expires_from = earliest(t.expires_from, waiting.expires_from(now));
         t.queues[kind_index(origin, long)].push_back(waiting);
         t.queued += 1;
-        t.queued_cost += cost;
+        t.queued_work.add(cost, long);
         let newly_active = !t.active;
         t.active = true;
         if newly_active {
@@ -453,8 +497,7 @@ impl Policy {
             }
         }
         self.queued += 1;
-        self.backlog += cost;
-        self.queued_cost += cost;
+        self.queued_work.add(cost, long);
         Admission::Queued
     }
 
@@ -501,10 +544,10 @@ impl Policy {
             let head = t.queues[kind].pop_front().expect("a startable queue has a head");
             t.deficit -= nanos(head.cost);
             t.queued -= 1;
-            t.queued_cost = t.queued_cost.saturating_sub(head.cost);
+            let long = KINDS[kind].1;
+            t.queued_work.take(head.cost, long);
             let emptied = t.queued == 0;
-            self.queued_cost = self.queued_cost.saturating_sub(head.cost);
-            self.backlog = self.backlog.saturating_sub(head.cost);
+            self.queued_work.take(head.cost, long);
             self.queued -= 1;
             self.start(&name, KINDS[kind].0, head.cost);
             decisions.push(Decision::Run(head.ticket));
@@ -567,12 +610,13 @@ impl Policy {
 
     fn expire(&mut self, now: Instant, decisions: &mut Vec<Decision>) {
         let mut emptied = Vec::new();
+        let long_after = self.config.long_after;
         for (name, t) in &mut self.tenants {
             if t.expires_from.is_none_or(|from| now <= from) {
                 continue;
             }
             let mut expired = 0;
-            let mut expired_cost = Duration::ZERO;
+            let mut expired_work = Work::default();
             let mut expires_from = None;
             for queue in &mut t.queues {
                 queue.retain(|w| {
@@ -582,7 +626,7 @@ impl Policy {
                     } else {
                         decisions.push(Decision::Expire(w.ticket));
                         expired += 1;
-                        expired_cost += w.cost;
+                        expired_work.add(w.cost, w.cost >= long_after);
                     }
                     keep
                 });
@@ -590,9 +634,10 @@ impl Policy {
             t.expires_from = expires_from;
             t.queued -= expired;
             self.queued -= expired;
-            t.queued_cost = t.queued_cost.saturating_sub(expired_cost);
-            self.backlog = self.backlog.saturating_sub(expired_cost);
-            self.queued_cost = self.queued_cost.saturating_sub(expired_cost);
+            for (cost, long) in [(expired_work.short, false), (expired_work.long, true)] {
+                t.queued_work.take(cost, long);
+                self.queued_work.take(cost, long);
+            }
             if t.queued == 0 && t.active {
                 emptied.push(name.clone());
             }
@@ -613,11 +658,11 @@ impl Policy {
         }) else {
             return false;
         };
+        let long = w.cost >= self.config.long_after;
         t.queued -= 1;
-        t.queued_cost = t.queued_cost.saturating_sub(w.cost);
+        t.queued_work.take(w.cost, long);
         let emptied = t.queued == 0;
-        self.backlog = self.backlog.saturating_sub(w.cost);
-        self.queued_cost = self.queued_cost.saturating_sub(w.cost);
+        self.queued_work.take(w.cost, long);
         self.queued -= 1;
         if emptied {
             self.deactivate(tenant);
@@ -634,7 +679,7 @@ impl Policy {
         if !long {
             self.running_short = self.running_short.saturating_sub(1);
         }
-        self.backlog = self.backlog.saturating_sub(expected);
+        self.running_work.take(expected, long);
         match origin {
             Origin::Root => {
                 self.running = self.running.saturating_sub(1);
@@ -710,6 +755,30 @@ mod tests {
         // 900 ms of heavy work queued; light's own call needs ~2 ms at a
         // half share.
         assert_eq!(p.admit(now, "light", 100, MS, now + 50 * MS, Origin::Root), Admission::Queued);
+    }
+
+    #[test]
+    fn long_calls_running_do_not_refuse_a_short_call_queued_for_a_moment() {
+        let mut p = Policy::new(PolicyConfig { max_running: 8, max_running_per_tenant: 8, ..PolicyConfig::new(2) });
+        let now = Instant::now();
+        let far = now + Duration::from_secs(100);
+        // A tenant's root call spawned 50 long children (a second of CPU
+        // each: 25 s of work on two cores) and holds both short places.
+        assert_eq!(p.admit(now, "loud", 0, MS, far, Origin::Root), Admission::Run);
+        for i in 1..=50 {
+            assert_eq!(p.admit(now, "loud", i, Duration::from_secs(1), far, Origin::Chained), Admission::Run);
+        }
+        assert_eq!(p.admit(now, "loud", 99, MS, far, Origin::Chained), Admission::Run);
+        // Another tenant's short call waits for a short place, a
+        // millisecond's work ahead of it, not for the long calls.
+        assert_eq!(p.admit(now, "quiet", 100, MS, now + Duration::from_secs(1), Origin::Root), Admission::Queued);
+        // A long call does wait for them.
+        assert!(matches!(
+            p.admit(now, "quiet", 101, 10 * MS, now + Duration::from_secs(1), Origin::Root),
+            Admission::Refused { .. }
+        ));
+        p.finish("loud", MS, MS, Origin::Chained);
+        assert_eq!(p.next(now), vec![Decision::Run(100)]);
     }
 
     /// `heavy` runs call 0 (the one short place of a one-core policy) with
@@ -1073,6 +1142,21 @@ mod tests {
                 }
                 let weights: u64 = p.round.iter().map(|name| u64::from(p.tenants[name].weight)).sum();
                 prop_assert_eq!(p.active_weight, weights, "the round's weight is kept exactly");
+                // The expected work is kept exactly, short and long apart.
+                let work = |calls: &mut dyn Iterator<Item = Duration>| {
+                    let mut w = Work::default();
+                    calls.for_each(|c| w.add(c, c >= config.long_after));
+                    (w.short, w.long)
+                };
+                let run = work(&mut running.iter().map(|c| c.2));
+                prop_assert_eq!((p.running_work.short, p.running_work.long), run);
+                let queued = work(&mut waiting.values().map(|c| c.2));
+                prop_assert_eq!((p.queued_work.short, p.queued_work.long), queued);
+                for (i, name) in TENANTS.iter().enumerate() {
+                    let own = work(&mut waiting.values().filter(|c| c.1 == i).map(|c| c.2));
+                    let t = p.tenants.get(*name).map(|t| (t.queued_work.short, t.queued_work.long));
+                    prop_assert_eq!(t.unwrap_or_default(), own);
+                }
             }
             // Drain: finish everything; every waiting call is eventually
             // started or expired.
