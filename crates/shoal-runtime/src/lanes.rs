@@ -4,8 +4,12 @@
 //! A call past its first few milliseconds is long: it yields at every
 //! epoch tick and runs each tick only while it holds a lane (see
 //! `call.rs`). There are fewer lanes than cores, so short calls always
-//! find a core. Waiters are served round robin by tenant, not first come
-//! first served: a tenant with a thousand long calls waiting gets one
+//! find a core — unless no short call has been on a core or waiting for
+//! one for a while ([`IDLE_HOLD`]): then long calls may also use the
+//! cores the scheduler reports idle ([`IdleCores`]), and give them back at
+//! their next tick once short calls want them (a place given back then
+//! goes to no one). Waiters are served round robin by tenant, not first
+//! come first served: a tenant with a thousand long calls waiting gets one
 //! turn in each round, as does a tenant with one, so the number of calls
 //! a tenant keeps running never buys it more of the lanes' time. A tenant
 //! may also be held to fewer places than there are (`per_tenant`): the
@@ -13,12 +17,22 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 #[derive(Default)]
 struct State {
-    free: u32,
+    /// Places held.
+    in_use: u32,
+    /// Places that may be held now: the capacity, or more once the
+    /// scheduler has reported more cores idle for [`IDLE_HOLD`].
+    limit: u32,
+    /// Cores the scheduler last reported idle of short calls.
+    idle: u32,
+    /// Since when more cores than the capacity have been idle (reset
+    /// whenever a short call takes or wants one).
+    idle_since: Option<Instant>,
     /// Places each tenant holds.
     held: HashMap<Arc<str>, u32>,
     /// Waiters by tenant, oldest first.
@@ -28,6 +42,17 @@ struct State {
 }
 
 impl State {
+    /// Raise the limit to the idle cores once they have been idle for
+    /// [`IDLE_HOLD`].
+    fn raise_if_idle(&mut self) {
+        if let Some(since) = self.idle_since
+            && self.limit < self.idle
+            && since.elapsed() >= IDLE_HOLD
+        {
+            self.limit = self.idle;
+        }
+    }
+
     fn held_by(&self, tenant: &str) -> u32 {
         self.held.get(tenant).copied().unwrap_or(0)
     }
@@ -69,6 +94,57 @@ pub(crate) struct FairLanes {
     state: Mutex<State>,
 }
 
+/// How long more cores than the lanes must have been idle of short calls
+/// before long calls may use them: short calls arriving in bursts keep
+/// them (a short call finding its core taken waits for the long call's
+/// next tick), while long work on an otherwise idle node gets every core
+/// after a few ticks.
+pub const IDLE_HOLD: Duration = Duration::from_millis(10);
+
+/// What the scheduler tells the runtime's long-call lanes: how many cores
+/// no short call is on or waiting for. Once that has been more than the
+/// lanes for [`IDLE_HOLD`], long calls may hold that many places (checked
+/// as places come back, at every long call's tick); fewer takes effect at
+/// once. It is set after every change and costs an atomic read when
+/// nothing changed.
+#[derive(Clone)]
+pub struct IdleCores {
+    lanes: Arc<FairLanes>,
+    last: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl IdleCores {
+    pub(crate) fn new(lanes: Arc<FairLanes>) -> Self {
+        let last = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        Self { lanes, last }
+    }
+
+    /// `cores` are idle of short calls now.
+    pub fn set(&self, cores: u32) {
+        use std::sync::atomic::Ordering;
+        if self.last.load(Ordering::Relaxed) == cores {
+            return;
+        }
+        // Under the lanes' lock, so that the last value set is the one kept.
+        let mut state = self.lanes.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.last.store(cores, Ordering::Relaxed);
+        let capacity = self.lanes.capacity;
+        if cores <= capacity {
+            state.idle_since = None;
+        } else if cores < state.idle || state.idle_since.is_none() {
+            // A short call took or wants a core (or the cores just became
+            // idle): wait for the hold again.
+            state.idle_since = Some(Instant::now());
+        }
+        if cores < state.idle || cores <= capacity {
+            state.limit = capacity;
+        }
+        state.idle = cores;
+        state.raise_if_idle();
+        self.lanes.hand_out(&mut state);
+    }
+}
+
 /// A place held; dropping it hands it to the next tenant's waiter.
 pub(crate) struct Lane {
     lanes: Arc<FairLanes>,
@@ -108,13 +184,13 @@ impl FairLanes {
 
     /// `capacity` places, a tenant at most `per_tenant` of them.
     pub(crate) fn with_per_tenant(capacity: u32, per_tenant: u32) -> Arc<Self> {
-        let state = Mutex::new(State { free: capacity, ..State::default() });
+        let state = Mutex::new(State { limit: capacity, ..State::default() });
         Arc::new(Self { capacity, per_tenant: per_tenant.clamp(1, capacity.max(1)), state })
     }
 
     /// Places held now.
     pub(crate) fn in_use(&self) -> u32 {
-        self.capacity - self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).free
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).in_use
     }
 
     /// Places `tenant` holds now.
@@ -127,8 +203,13 @@ impl FairLanes {
         let rx = {
             let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let first = !state.waiting.contains_key(tenant);
-            if state.free > 0 && first && state.held_by(tenant) < self.per_tenant {
-                state.free -= 1;
+            if state.in_use >= state.limit {
+                // Cores idle long enough go to the waiters first.
+                state.raise_if_idle();
+                self.hand_out(&mut state);
+            }
+            if state.in_use < state.limit && first && state.held_by(tenant) < self.per_tenant(&state) {
+                state.in_use += 1;
                 state.take(tenant);
                 return Lane { lanes: self.clone(), tenant: tenant.clone() };
             }
@@ -151,27 +232,42 @@ impl FairLanes {
         Lane { lanes: self.clone(), tenant: tenant.clone() }
     }
 
+    /// A tenant may hold `per_tenant` places, and all of them when the
+    /// limit is raised past the capacity (a tenant held to fewer keeps
+    /// its share of the capacity).
+    fn per_tenant(&self, state: &State) -> u32 {
+        if self.per_tenant >= self.capacity { state.limit } else { self.per_tenant }
+    }
+
     /// `tenant` gives a place back: to the next waiter, or free.
     fn release(&self, tenant: &str) {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         state.give_back(tenant);
-        while let Some((next, waiter)) = state.next_waiter(self.per_tenant) {
+        state.in_use -= 1;
+        state.raise_if_idle();
+        self.hand_out(&mut state);
+    }
+
+    /// Give free places to waiters, in turn, while the limit allows.
+    fn hand_out(&self, state: &mut State) {
+        while state.in_use < state.limit {
+            let per_tenant = self.per_tenant(state);
+            let Some((next, waiter)) = state.next_waiter(per_tenant) else { return };
             // Counted as the next tenant's before it is sent: a waiter that
             // left gives it back through its `Waiting`.
             state.take(&next);
-            if waiter.send(()).is_ok() {
-                return;
+            state.in_use += 1;
+            if waiter.send(()).is_err() {
+                state.give_back(&next);
+                state.in_use -= 1;
             }
-            state.give_back(&next);
         }
-        state.free += 1;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn tenant(name: &str) -> Arc<str> {
         Arc::from(name)
@@ -253,6 +349,74 @@ mod tests {
         let a_again = tokio::time::timeout(Duration::from_secs(5), a_again).await.expect("a's turn came").unwrap();
         assert_eq!((lanes.in_use(), lanes.held_by("a")), (1, 1));
         drop(a_again);
+        assert_eq!(lanes.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn idle_cores_raise_the_places_once_idle_for_a_while_until_short_calls_want_them() {
+        let lanes = FairLanes::new(1);
+        let idle = IdleCores::new(lanes.clone());
+        let first = lanes.acquire(&tenant("a")).await;
+        let waiter = |who: &'static str| {
+            let lanes = lanes.clone();
+            tokio::spawn(async move { lanes.acquire(&tenant(who)).await })
+        };
+        let waiting = |n: usize| {
+            let lanes = lanes.clone();
+            async move {
+                let enough = async {
+                    while lanes.state.lock().unwrap().waiting.values().map(VecDeque::len).sum::<usize>() < n {
+                        tokio::task::yield_now().await;
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(5), enough)
+                    .await
+                    .unwrap_or_else(|_| panic!("never {n} waiting"));
+            }
+        };
+        let second = waiter("a");
+        waiting(1).await;
+        // One idle core (or none) is the lanes' own capacity; both idle,
+        // the waiting long call takes the second once they have been idle
+        // for the hold, at the next place asked for or given back.
+        idle.set(1);
+        idle.set(2);
+        let third = waiter("b");
+        waiting(2).await;
+        assert!(!second.is_finished(), "the second core was taken before the hold");
+        tokio::time::sleep(IDLE_HOLD + Duration::from_millis(5)).await;
+        let fourth = waiter("c");
+        let second = tokio::time::timeout(Duration::from_secs(5), second).await.expect("a core was idle").unwrap();
+        waiting(2).await;
+        assert_eq!(lanes.in_use(), 2);
+        assert!(!third.is_finished() && !fourth.is_finished());
+        // A short call wants a core: the places held stay held until given
+        // back (at the holders' next tick), and one given back goes to no
+        // one while the lanes are over their capacity.
+        idle.set(1);
+        drop(first);
+        tokio::task::yield_now().await;
+        assert_eq!(lanes.in_use(), 1);
+        assert!(!third.is_finished(), "b got the core a short call wants");
+        drop(second);
+        let third = tokio::time::timeout(Duration::from_secs(5), third).await.expect("b's turn came").unwrap();
+        assert_eq!(lanes.in_use(), 1);
+        // Cores idle again past the hold, but a short call came just now:
+        // the hold starts over.
+        idle.set(2);
+        tokio::time::sleep(IDLE_HOLD + Duration::from_millis(5)).await;
+        idle.set(1);
+        idle.set(2);
+        let fifth = waiter("d");
+        waiting(2).await;
+        assert!(!fourth.is_finished(), "the hold did not start over when a short call came");
+        tokio::time::sleep(IDLE_HOLD + Duration::from_millis(5)).await;
+        drop(third);
+        let fourth = tokio::time::timeout(Duration::from_secs(5), fourth).await.expect("c's turn came").unwrap();
+        let fifth = tokio::time::timeout(Duration::from_secs(5), fifth).await.expect("d's turn came").unwrap();
+        assert_eq!(lanes.in_use(), 2);
+        drop(fifth);
+        drop(fourth);
         assert_eq!(lanes.in_use(), 0);
     }
 }

@@ -34,6 +34,7 @@ pub use config::{RuntimeBinary, RuntimeConfig};
 pub use error::{CallError, DeployError, RuntimeError};
 pub use http::{AllowList, CallInput, HttpAnswer, HttpBody, HttpError, HttpExchange, MAX_ALLOWED_HOSTS};
 pub use image::{Declared, FunctionImage, FunctionKind};
+pub use lanes::IdleCores;
 pub use os::{CpuClock, lower_this_thread, release_free_memory, release_static, tune_allocator};
 pub use outbound::OutboundLimits;
 pub use trace::{StateOpTiming, TraceParent};
@@ -107,6 +108,8 @@ pub struct Runtime {
     invoker: OnceLock<Arc<dyn Invoker>>,
     /// Places for long calls to run in (see `call.rs`).
     long_lanes: Arc<lanes::FairLanes>,
+    /// What the scheduler tells those places of the cores short calls leave idle.
+    idle_cores: IdleCores,
     /// `config.outbound`, shared by every call's `Outbound`.
     outbound_limits: Arc<OutboundLimits>,
 }
@@ -158,6 +161,7 @@ impl Runtime {
             compile_use: Arc::default(),
             state,
             invoker: OnceLock::new(),
+            idle_cores: lanes::IdleCores::new(long_lanes.clone()),
             long_lanes,
             outbound_limits: Arc::new(config.outbound.clone()),
             config,
@@ -222,6 +226,13 @@ impl Runtime {
 
     pub fn long_calls_running(&self) -> u32 {
         self.long_lanes.in_use()
+    }
+
+    /// Where the scheduler reports the cores no short call is on or
+    /// waiting for: long calls may run on as many (more than
+    /// `long_call_lanes`) while it says so.
+    pub fn idle_cores(&self) -> &IdleCores {
+        &self.idle_cores
     }
 
     pub fn config(&self) -> &RuntimeConfig {

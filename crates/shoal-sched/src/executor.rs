@@ -134,9 +134,24 @@ struct Inner {
     overrides: HashMap<Arc<str>, TenantLimits>,
     in_use: HashMap<Arc<str>, InUse>,
     node_memory: u64,
+    /// Where the runtime's long calls learn which cores short calls leave
+    /// idle.
+    idle_cores: shoal_runtime::IdleCores,
 }
 
 impl Inner {
+    /// Tell the runtime how many cores no short call is on or waiting for
+    /// (none while any call waits): long calls may run on them until short
+    /// calls want them back. After every change of the policy's counts.
+    fn note_idle_cores(&self) {
+        let idle = if self.policy.queued() > 0 {
+            0
+        } else {
+            self.policy.config().cores.saturating_sub(self.policy.short_on_cpu())
+        };
+        self.idle_cores.set(idle);
+    }
+
     /// Count a sandbox with `memory` for `tenant`, or say which limit it
     /// would pass.
     fn reserve(&mut self, tenant: &Arc<str>, memory: u64) -> Result<(), String> {
@@ -303,6 +318,7 @@ impl Executor {
             overrides: HashMap::new(),
             in_use: HashMap::new(),
             node_memory: 0,
+            idle_cores: runtime.idle_cores().clone(),
         };
         Self {
             runtime,
@@ -413,6 +429,7 @@ impl Executor {
             inner.next_ticket += 1;
             match inner.policy.admit(now, tenant, ticket, cost, deadline, origin) {
                 Admission::Run => {
+                    inner.note_idle_cores();
                     drop(inner);
                     return self.take_sandbox(tenant, function, cost, deadline, memory, origin);
                 }
@@ -572,6 +589,7 @@ fn pump(inner: &mut Inner) {
     loop {
         let decisions = inner.policy.next(Instant::now());
         if decisions.is_empty() {
+            inner.note_idle_cores();
             return;
         }
         for decision in decisions {
@@ -830,6 +848,7 @@ impl Account {
             pump(&mut inner);
         } else {
             inner.policy.unblock(self.cost);
+            inner.note_idle_cores();
         }
     }
 
@@ -970,7 +989,9 @@ impl<'a> Lent<'a> {
 impl Drop for Lent<'_> {
     fn drop(&mut self) {
         if let Some(cost) = self.cost {
-            self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).policy.unblock(cost);
+            let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            inner.policy.unblock(cost);
+            inner.note_idle_cores();
             ON_CPU.set(Some(cost));
         }
     }
@@ -1418,5 +1439,36 @@ mod tests {
         let child = chainer.child_cpu.lock().unwrap()[0];
         assert!(child > Duration::from_millis(1), "fib(27) took {child:?}");
         assert!(out.usage.cpu < child / 2, "the parent was charged {:?}, its child {child:?}", out.usage.cpu);
+    }
+
+    #[tokio::test]
+    async fn long_calls_use_the_cores_no_short_call_wants() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RuntimeConfig::new(dir.path());
+        config.long_call_lanes = 1;
+        let runtime = Arc::new(Runtime::new(config).unwrap());
+        let executor = Arc::new(Executor::new(runtime.clone(), 8, PolicyConfig::new(2)));
+        let image = runtime.load(shoal_guests::MISBEHAVE).await.unwrap();
+        // Two calls looping until their deadline, expected long from the
+        // start: with no short call on either core, both run at once.
+        let looping = |tenant: &'static str| {
+            let (executor, image) = (executor.clone(), image.clone());
+            tokio::spawn(async move {
+                let quick = settings(Duration::from_millis(1500));
+                executor.run(&Arc::from(tenant), &f(), &image, &quick, Bytes::from_static(b"loop")).await
+            })
+        };
+        let calls = [looping("a"), looping("b")];
+        let mut most = 0;
+        while calls.iter().any(|call| !call.is_finished()) {
+            most = most.max(runtime.long_calls_running());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(most, 2, "two long calls took turns on one lane while the other core was idle");
+        for call in calls {
+            let out = call.await.unwrap().unwrap();
+            assert!(matches!(out.result, Err(shoal_runtime::CallError::Timeout { .. })), "{:?}", out.result);
+        }
+        assert_eq!(runtime.long_calls_running(), 0);
     }
 }
