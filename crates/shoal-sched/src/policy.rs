@@ -30,12 +30,11 @@
 //!   else it is queued only if its tenant's queue and the node's queue
 //!   have room *and* its expected completion fits its deadline; else it is
 //!   refused at once with a `retry_after`. The expected wait is the
-//!   running work spread over the places the call runs on, plus the
-//!   smaller of the node's queued work over them and the tenant's own at
-//!   its weighted share of them, so a light tenant is not refused because
-//!   a heavy one filled the queue. A short call counts only short work
-//!   over the short places: another tenant's long calls, however many,
-//!   do not hold up short ones.
+//!   smaller of the node's work (running and queued) spread over the
+//!   places the call runs on and the tenant's own work at its weighted
+//!   share of them, so a light tenant is not refused because a heavy one
+//!   filled the node. A short call counts only short work over the short
+//!   places: long calls, however many, do not hold up short ones.
 //! - **Pick next**: deficit round robin over tenants with queued calls, on
 //!   expected CPU time, corrected by the measured time when a call ends;
 //!   quanta are proportional to tenant weights. A sparse tenant — one with
@@ -185,8 +184,10 @@ struct Tenant {
     /// CPU time it may still use this round, in nanoseconds (may go
     /// negative when calls use more than expected).
     deficit: i128,
-    /// Expected CPU time of its queued calls.
+    /// Expected CPU time of its queued calls, and of its running ones
+    /// (its chained calls included).
     queued_work: Work,
+    running_work: Work,
     /// Whether it is in the round-robin list.
     active: bool,
     /// No queued call can expire before this (the earliest deadline less
@@ -390,6 +391,7 @@ impl Policy {
         let long = self.is_long(cost);
         self.running_work.add(cost, long);
         self.running_short += u32::from(!long);
+        self.tenant(tenant).running_work.add(cost, long);
         match origin {
             Origin::Root => {
                 self.running += 1;
@@ -403,32 +405,30 @@ impl Policy {
     }
 
     /// How long until a call of `tenant` costing `cost` would be done if
-    /// queued now: the running calls' work spread over the places it runs
-    /// on, then the smaller of all queued work over those places and the
-    /// tenant's own queued work at its weighted share of them. A short
-    /// call counts only short work (running and queued) over the short
-    /// places: long calls, however many, take turns on the CPU in the
-    /// runtime and leave the short places to short calls. A long call
-    /// counts all work over the cores.
+    /// queued now: the smaller of all work (running and queued) spread
+    /// over the places it runs on and the tenant's own work at its
+    /// weighted share of them — so a light tenant is not refused because a
+    /// heavy one filled the node, whether with queued calls or running
+    /// ones. A short call counts only short work over the short places:
+    /// long calls, however many, take turns on the CPU in the runtime and
+    /// leave the short places to short calls. A long call counts all work
+    /// over the cores.
     fn expected_wait(&self, tenant: &str, cost: Duration) -> Duration {
         let long = self.is_long(cost);
-        let (places, running, queued, own_queued) = {
-            let own = self.tenants.get(tenant).map(|t| t.queued_work).unwrap_or_default();
-            if long {
-                // Calls run on at most this many cores at once.
-                let cores = self.config.cores.min(self.config.max_running);
-                (cores, self.running_work.total(), self.queued_work.total(), own.total())
-            } else {
-                (self.config.short_places, self.running_work.short, self.queued_work.short, own.short)
-            }
+        let (places, of): (u32, fn(Work) -> Duration) = if long {
+            // Calls run on at most this many cores at once.
+            (self.config.cores.min(self.config.max_running), Work::total)
+        } else {
+            (self.config.short_places, |w| w.short)
         };
         let places = places.max(1);
-        let node_wide = (queued + cost) / places;
-        let Some(t) = self.tenants.get(tenant) else { return running / places + node_wide };
+        let node_wide = (of(self.running_work) + of(self.queued_work) + cost) / places;
+        let Some(t) = self.tenants.get(tenant) else { return node_wide };
         // Its share of the places among the tenants waiting, itself included.
         let total_weight = self.active_weight + if t.active { 0 } else { u64::from(t.weight) };
-        let own = (own_queued + cost).mul_f64(total_weight as f64 / (f64::from(t.weight) * f64::from(places)));
-        running / places + node_wide.min(own)
+        let own = (of(t.running_work) + of(t.queued_work) + cost)
+            .mul_f64(total_weight as f64 / (f64::from(t.weight) * f64::from(places)));
+        node_wide.min(own)
     }
 
     /// A call arrives: run it now, queue it, or refuse it.
@@ -690,6 +690,7 @@ impl Policy {
             Origin::Chained => self.running_chained = self.running_chained.saturating_sub(1),
         }
         if let Some(t) = self.tenants.get_mut(tenant) {
+            t.running_work.take(expected, long);
             if origin == Origin::Root {
                 t.running = t.running.saturating_sub(1);
                 if long {
@@ -758,7 +759,7 @@ mod tests {
     }
 
     #[test]
-    fn long_calls_running_do_not_refuse_a_short_call_queued_for_a_moment() {
+    fn another_tenants_long_calls_do_not_refuse_a_call_queued_for_a_moment() {
         let mut p = Policy::new(PolicyConfig { max_running: 8, max_running_per_tenant: 8, ..PolicyConfig::new(2) });
         let now = Instant::now();
         let far = now + Duration::from_secs(100);
@@ -772,13 +773,17 @@ mod tests {
         // Another tenant's short call waits for a short place, a
         // millisecond's work ahead of it, not for the long calls.
         assert_eq!(p.admit(now, "quiet", 100, MS, now + Duration::from_secs(1), Origin::Root), Admission::Queued);
-        // A long call does wait for them.
+        // Its long call waits for its share of the cores, not for the
+        // other tenant's long calls to end.
+        assert_eq!(p.admit(now, "quiet", 101, 10 * MS, now + Duration::from_secs(1), Origin::Root), Admission::Queued);
+        // Those of the tenant with the long calls wait for them.
+        assert!(matches!(p.admit(now, "loud", 102, MS, now + Duration::from_secs(1), Origin::Root), Admission::Queued));
         assert!(matches!(
-            p.admit(now, "quiet", 101, 10 * MS, now + Duration::from_secs(1), Origin::Root),
+            p.admit(now, "loud", 103, 10 * MS, now + Duration::from_secs(1), Origin::Root),
             Admission::Refused { .. }
         ));
         p.finish("loud", MS, MS, Origin::Chained);
-        assert_eq!(p.next(now), vec![Decision::Run(100)]);
+        assert_eq!(p.next(now), vec![Decision::Run(100), Decision::Run(101)], "quiet goes first; loud's waits");
     }
 
     /// `heavy` runs call 0 (the one short place of a one-core policy) with
@@ -1155,6 +1160,9 @@ mod tests {
                 for (i, name) in TENANTS.iter().enumerate() {
                     let own = work(&mut waiting.values().filter(|c| c.1 == i).map(|c| c.2));
                     let t = p.tenants.get(*name).map(|t| (t.queued_work.short, t.queued_work.long));
+                    prop_assert_eq!(t.unwrap_or_default(), own);
+                    let own = work(&mut running.iter().filter(|c| c.1 == i).map(|c| c.2));
+                    let t = p.tenants.get(*name).map(|t| (t.running_work.short, t.running_work.long));
                     prop_assert_eq!(t.unwrap_or_default(), own);
                 }
             }
