@@ -19,6 +19,8 @@
 #   chain       criterion: chained calls, fan-out, map-reduce
 #   scale       criterion: 1,000 functions, memory per function, restart
 #   cluster     criterion: forwarding, propagation, Redis bookkeeping
+#   policy      criterion: the scheduling policy's cost per call, beside 1 and
+#               10,000 tenants seen
 #   http        end to end over HTTP beside `wasmtime serve` and native hyper
 #               (scripts/bench-http.sh; the peers are built when missing)
 #   memory      start-up and idle memory (scripts/bench-memory.sh)
@@ -33,7 +35,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_PARTS="cold-start languages state chain scale cluster http memory queues overload flat slicing fairness noisy"
+ALL_PARTS="cold-start languages state chain scale cluster policy http memory queues overload flat slicing fairness noisy"
 short=0
 parts=()
 for arg in "$@"; do
@@ -100,6 +102,7 @@ run_part() {
         state) criterion shoal-runtime state ;;
         chain) criterion shoal-node chain ;;
         scale) criterion shoal-node scale ;;
+        policy) criterion shoal-sched policy ;;
         cluster)
             criterion shoal-node cluster
             criterion shoal-cluster bookkeeping

@@ -608,10 +608,18 @@ impl Policy {
         }
     }
 
+    /// Hand back the queued calls that can no longer make their deadline.
+    /// Only tenants with calls queued can have any, and they are the ones
+    /// in the round: the work is in the tenants waiting, not in all the
+    /// tenants the node has seen.
     fn expire(&mut self, now: Instant, decisions: &mut Vec<Decision>) {
-        let mut emptied = Vec::new();
+        if self.queued == 0 {
+            return;
+        }
         let long_after = self.config.long_after;
-        for (name, t) in &mut self.tenants {
+        let mut emptied = Vec::new();
+        for name in &self.round {
+            let Some(t) = self.tenants.get_mut(name) else { continue };
             if t.expires_from.is_none_or(|from| now <= from) {
                 continue;
             }
@@ -641,6 +649,9 @@ impl Policy {
             if t.queued == 0 && t.active {
                 emptied.push(name.clone());
             }
+        }
+        if emptied.is_empty() {
+            return;
         }
         for name in &emptied {
             self.deactivate(name);
