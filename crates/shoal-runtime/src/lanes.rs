@@ -131,12 +131,11 @@ impl IdleCores {
         let capacity = self.lanes.capacity;
         if cores <= capacity {
             state.idle_since = None;
+            state.limit = capacity;
         } else if cores < state.idle || state.idle_since.is_none() {
             // A short call took or wants a core (or the cores just became
-            // idle): wait for the hold again.
+            // idle): back to the lanes' own number until the hold passes.
             state.idle_since = Some(Instant::now());
-        }
-        if cores < state.idle || cores <= capacity {
             state.limit = capacity;
         }
         state.idle = cores;
