@@ -30,7 +30,8 @@
 #   flat        `shoal bench`: N functions, 1 to 1,000: N names of one binary,
 #               then N distinct binaries
 #   slicing     `shoal bench`: no-op calls beside `fib(38)` calls
-#   fairness    `shoal bench`: two tenants, one offering 10x (pinned)
+#   fairness    `shoal bench`: two tenants, one offering 10x (pinned), and
+#               again with the node's core shared with a spinning process
 #   noisy       `shoal bench --noisy`: a victim beside each attacker
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -162,6 +163,17 @@ run_part() {
                     --rates 100,200 --duration 30s --out "$out/fairness-alone"
                 taskset -c 0 "$abs_shoal" bench --node-cpus 1 --functions 2 --workload cpu --fib 27 \
                     --skew 10 --rates 1100,2200 --duration 30s --out "$out/fairness"
+                # The node's core shared with a process spinning at the
+                # calls' nice (10): queues drain slower than the cores
+                # alone would let them, and admission has to see it.
+                echo "fairness: the node's core shared with a spinning process at nice 10"
+                taskset -c 1 nice -n 10 sh -c 'while :; do :; done' &
+                spinner=$!
+                rc=0
+                taskset -c 0 "$abs_shoal" bench --node-cpus 1 --functions 2 --workload cpu --fib 27 \
+                    --skew 10 --rates 2200 --duration 30s --out "$out/fairness-shared-core" || rc=$?
+                kill "$spinner"
+                [ $rc = 0 ]
             fi
             ;;
         noisy)

@@ -34,7 +34,11 @@
 //!   places the call runs on and the tenant's own work at its weighted
 //!   share of them, so a light tenant is not refused because a heavy one
 //!   filled the node. A short call counts only short work over the short
-//!   places: long calls, however many, do not hold up short ones.
+//!   places: long calls, however many, do not hold up short ones. That
+//!   estimate takes the cores as the calls' alone; where a tenant's queue
+//!   has lately drained slower than that (the node's own threads, or
+//!   other processes, take part of the cores), the wait is read from the
+//!   rate it drained at instead, so a call is not queued only to expire.
 //! - **Pick next**: deficit round robin over tenants with queued calls, on
 //!   expected CPU time, corrected by the measured time when a call ends;
 //!   quanta are proportional to tenant weights. A sparse tenant — one with
@@ -194,6 +198,118 @@ struct Tenant {
     /// cost among them; may be earlier than that after calls left the
     /// queue, which only costs a needless look).
     expires_from: Option<Instant>,
+    /// How fast its queues of short and of long calls drained lately.
+    drain: [Drain; 2],
+}
+
+impl Tenant {
+    /// Whether calls of this kind (short or long, of any origin) wait.
+    fn waits(&self, long: bool) -> bool {
+        !self.queues[kind_index(Origin::Root, long)].is_empty()
+            || !self.queues[kind_index(Origin::Chained, long)].is_empty()
+    }
+}
+
+/// A window over which a drain rate is measured, at least: shorter ones
+/// (a queue that emptied sooner) are measured only from a tenth of it.
+const DRAIN_WINDOW: Duration = Duration::from_millis(100);
+/// Calls a window must see start to be measured: a call or two that
+/// waited behind a long one say how long that one ran, not how fast the
+/// queue drains.
+const DRAIN_STARTS: u32 = 8;
+/// A rate measured longer ago than this says nothing about now.
+const DRAIN_FRESH: Duration = Duration::from_secs(1);
+/// The weight of a new window's rate in the running mean.
+const DRAIN_SMOOTHING: f64 = 0.3;
+/// The slowest rate taken (a thousandth of a core), so that calls
+/// expected to cost nothing do not make it zero.
+const DRAIN_SLOWEST: f64 = 0.001;
+/// A measured rate swings from window to window: a wait read from it is
+/// taken this much longer, so that a queue filled to what the rate
+/// allows keeps room for it to drop.
+const DRAIN_MARGIN: f64 = 1.25;
+/// The longest wait the policy reckons with.
+const LONGEST_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// How fast a tenant's queue of one kind drains: the expected CPU time of
+/// its calls started per wall second, measured over windows throughout
+/// which calls of the kind waited (so what limited the starts was the
+/// node, never a lack of calls). One core's worth of calls is a rate of
+/// 1.0; a rate below the places the tenant's share gives it means the
+/// cores do other work besides.
+#[derive(Debug, Default)]
+struct Drain {
+    /// The open window: since when calls have waited, and the calls and
+    /// work started since.
+    since: Option<Instant>,
+    starts: u32,
+    started: Duration,
+    /// The mean rate over the last windows, and when it was last measured.
+    rate: Option<(f64, Instant)>,
+}
+
+impl Drain {
+    /// Calls wait from `now`: open a window unless one is open.
+    fn waiting(&mut self, now: Instant) {
+        if self.since.is_none() {
+            self.since = Some(now);
+            self.starts = 0;
+            self.started = Duration::ZERO;
+        }
+    }
+
+    /// No call of the kind waits any more, and not because one started
+    /// (they expired or were cancelled): the window closes unmeasured.
+    fn stopped(&mut self) {
+        self.since = None;
+    }
+
+    /// A waiting call costing `cost` started at `now`; `emptied`: it was
+    /// the last of its kind. Windows end at a start, so each measures work
+    /// started over the time it took; one that lasted a `DRAIN_WINDOW`
+    /// goes into the mean and the next opens; the last of a queue that
+    /// emptied goes in if it lasted a tenth of that. Either needs
+    /// `DRAIN_STARTS` calls started in it.
+    fn started(&mut self, now: Instant, cost: Duration, emptied: bool) {
+        let Some(since) = self.since else { return };
+        self.starts += 1;
+        self.started += cost;
+        let elapsed = now.saturating_duration_since(since);
+        let at_least = if emptied { DRAIN_WINDOW / 10 } else { DRAIN_WINDOW };
+        if elapsed >= at_least && !elapsed.is_zero() && self.starts >= DRAIN_STARTS {
+            self.measure(now, elapsed);
+        }
+        if emptied {
+            self.since = None;
+        }
+    }
+
+    /// Fold the window just ended (`elapsed` long) into the mean, and open
+    /// the next one.
+    fn measure(&mut self, now: Instant, elapsed: Duration) {
+        let sample = (self.started.as_secs_f64() / elapsed.as_secs_f64()).max(DRAIN_SLOWEST);
+        let rate = match self.rate {
+            Some((rate, at)) if now.saturating_duration_since(at) <= DRAIN_FRESH => {
+                rate + (sample - rate) * DRAIN_SMOOTHING
+            }
+            _ => sample,
+        };
+        self.rate = Some((rate, now));
+        self.since = Some(now);
+        self.starts = 0;
+        self.started = Duration::ZERO;
+    }
+
+    /// How long `work` takes to drain at the rate measured lately (with a
+    /// margin for its swings), if one was measured lately.
+    fn time_for(&self, now: Instant, work: Duration) -> Option<(Duration, f64)> {
+        let (rate, at) = self.rate?;
+        if now.saturating_duration_since(at) > DRAIN_FRESH {
+            return None;
+        }
+        let time = Duration::try_from_secs_f64(work.as_secs_f64() * DRAIN_MARGIN / rate).unwrap_or(LONGEST_WAIT);
+        Some((time.min(LONGEST_WAIT), rate))
+    }
 }
 
 /// The scheduler's state.
@@ -412,8 +528,10 @@ impl Policy {
     /// ones. A short call counts only short work over the short places:
     /// long calls, however many, take turns on the CPU in the runtime and
     /// leave the short places to short calls. A long call counts all work
-    /// over the cores.
-    fn expected_wait(&self, tenant: &str, cost: Duration) -> Duration {
+    /// over the cores. Where the tenant's calls of this kind wait and their
+    /// queue drained slower than that lately, the wait at the rate it
+    /// drained at (which is returned too).
+    fn expected_wait(&self, now: Instant, tenant: &str, cost: Duration) -> (Duration, Option<f64>) {
         let long = self.is_long(cost);
         let (places, of): (u32, fn(Work) -> Duration) = if long {
             // Calls run on at most this many cores at once.
@@ -423,12 +541,17 @@ impl Policy {
         };
         let places = places.max(1);
         let node_wide = (of(self.running_work) + of(self.queued_work) + cost) / places;
-        let Some(t) = self.tenants.get(tenant) else { return node_wide };
+        let Some(t) = self.tenants.get(tenant) else { return (node_wide, None) };
         // Its share of the places among the tenants waiting, itself included.
         let total_weight = self.active_weight + if t.active { 0 } else { u64::from(t.weight) };
         let own = (of(t.running_work) + of(t.queued_work) + cost)
             .mul_f64(total_weight as f64 / (f64::from(t.weight) * f64::from(places)));
-        node_wide.min(own)
+        let planned = node_wide.min(own);
+        let queued = if long { t.queued_work.long } else { t.queued_work.short };
+        match t.drain[usize::from(long)].time_for(now, queued + cost) {
+            Some((measured, rate)) if t.waits(long) && measured > planned => (measured, Some(rate)),
+            _ => (planned, None),
+        }
     }
 
     /// A call arrives: run it now, queue it, or refuse it.
@@ -453,7 +576,7 @@ impl Policy {
             retry_after: retry_after.max(Duration::from_secs(1)),
             reason,
         };
-        let wait = self.expected_wait(tenant, cost);
+        let (wait, drained_at) = self.expected_wait(now, tenant, cost);
         if self.queued >= self.config.max_queued {
             return refuse(wait, format!("the node's queue holds {} calls, its limit", self.config.max_queued));
         }
@@ -467,8 +590,12 @@ impl Policy {
             return refuse(
                 wait,
                 format!(
-                    "the expected wait of {} ms would pass the call's deadline in {} ms",
+                    "the expected wait of {} ms{} would pass the call's deadline in {} ms",
                     wait.as_millis(),
+                    drained_at.map_or(String::new(), |rate| format!(
+                        " (its queue drained at {:.0}% of a core's calls lately)",
+                        rate * 100.0
+                    )),
                     deadline.saturating_duration_since(now).as_millis()
                 ),
             );
@@ -482,6 +609,7 @@ impl Policy {
         t.queues[kind_index(origin, long)].push_back(waiting);
         t.queued += 1;
         t.queued_work.add(cost, long);
+        t.drain[usize::from(long)].waiting(now);
         let newly_active = !t.active;
         t.active = true;
         if newly_active {
@@ -546,6 +674,8 @@ impl Policy {
             t.queued -= 1;
             let long = KINDS[kind].1;
             t.queued_work.take(head.cost, long);
+            let none_of_kind = !t.waits(long);
+            t.drain[usize::from(long)].started(now, head.cost, none_of_kind);
             let emptied = t.queued == 0;
             self.queued_work.take(head.cost, long);
             self.queued -= 1;
@@ -640,6 +770,11 @@ impl Policy {
                 });
             }
             t.expires_from = expires_from;
+            for long in [false, true] {
+                if !t.waits(long) {
+                    t.drain[usize::from(long)].stopped();
+                }
+            }
             t.queued -= expired;
             self.queued -= expired;
             for (cost, long) in [(expired_work.short, false), (expired_work.long, true)] {
@@ -670,6 +805,9 @@ impl Policy {
             return false;
         };
         let long = w.cost >= self.config.long_after;
+        if !t.waits(long) {
+            t.drain[usize::from(long)].stopped();
+        }
         t.queued -= 1;
         t.queued_work.take(w.cost, long);
         let emptied = t.queued == 0;
@@ -795,6 +933,66 @@ mod tests {
         ));
         p.finish("loud", MS, MS, Origin::Chained);
         assert_eq!(p.next(now), vec![Decision::Run(100), Decision::Run(101)], "quiet goes first; loud's waits");
+    }
+
+    /// One tenant on a one-core policy: call 0 runs and calls 1..=60 (10 ms
+    /// each) wait; then every `every`, the running call ends and the next
+    /// starts, 20 times. Then, `later` after the last start, a call with
+    /// 600 ms to its deadline arrives: 40 calls (400 ms of work) and the
+    /// running one are ahead of it.
+    fn after_draining_every(every: Duration, later: Duration) -> Admission {
+        let mut p = policy(1, 1);
+        let start = Instant::now();
+        let far = start + Duration::from_secs(100);
+        let cost = 10 * MS;
+        assert_eq!(p.admit(start, "a", 0, cost, far, Origin::Root), Admission::Run);
+        for i in 1..=60 {
+            assert_eq!(p.admit(start, "a", i, cost, far, Origin::Root), Admission::Queued);
+        }
+        let mut now = start;
+        for i in 1..=20 {
+            now += every;
+            p.finish("a", cost, cost, Origin::Root);
+            assert_eq!(p.next(now), vec![Decision::Run(i)]);
+        }
+        now += later;
+        p.admit(now, "a", 100, cost, now + 600 * MS, Origin::Root)
+    }
+
+    #[test]
+    fn a_queue_draining_slower_than_planned_refuses_what_it_could_not_finish_in_time() {
+        // The core does other work too: a call ends every 20 ms, not every
+        // 10. Planned, the new call is done in 420 ms; at the rate the queue
+        // drained at, in 820 ms (1,025 with the margin), past its deadline.
+        match after_draining_every(20 * MS, Duration::ZERO) {
+            Admission::Refused { reason, .. } => {
+                assert!(reason.contains("expected wait of 1025 ms"), "{reason}");
+                assert!(reason.contains("drained at 50% of a core"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // At the planned rate the call is queued (its 410 ms of work ahead
+        // drain in 512 ms with the margin).
+        assert_eq!(after_draining_every(10 * MS, Duration::ZERO), Admission::Queued);
+        // A rate measured long ago says nothing about now.
+        assert_eq!(after_draining_every(20 * MS, 2 * DRAIN_FRESH), Admission::Queued);
+    }
+
+    #[test]
+    fn a_call_that_waited_alone_behind_a_long_one_sets_no_rate() {
+        let mut p = policy(1, 1);
+        let now = Instant::now();
+        let far = now + Duration::from_secs(100);
+        // Call 1 waits 800 ms for call 0 (expected short, it ran long).
+        assert_eq!(p.admit(now, "a", 0, MS, far, Origin::Root), Admission::Run);
+        assert_eq!(p.admit(now, "a", 1, MS, far, Origin::Root), Admission::Queued);
+        let now = now + 800 * MS;
+        p.finish("a", MS, 800 * MS, Origin::Root);
+        assert_eq!(p.next(now), vec![Decision::Run(1)]);
+        // A millisecond's work in 800 ms says nothing of how fast the next
+        // calls go: they wait for a few milliseconds' work, as planned.
+        assert_eq!(p.admit(now, "a", 2, MS, now + 100 * MS, Origin::Root), Admission::Queued);
+        assert_eq!(p.admit(now, "a", 3, MS, now + 100 * MS, Origin::Root), Admission::Queued);
     }
 
     /// `heavy` runs call 0 (the one short place of a one-core policy) with
