@@ -35,10 +35,12 @@
 //!   share of them, so a light tenant is not refused because a heavy one
 //!   filled the node. A short call counts only short work over the short
 //!   places: long calls, however many, do not hold up short ones. That
-//!   estimate takes the cores as the calls' alone; where a tenant's queue
-//!   has lately drained slower than that (the node's own threads, or
-//!   other processes, take part of the cores), the wait is read from the
-//!   rate it drained at instead, so a call is not queued only to expire.
+//!   plan takes the cores as the calls' alone. While a tenant's calls of
+//!   a kind wait and their queue has drained slower than planned (part of
+//!   the cores going to the node's own threads or other processes, or its
+//!   calls holding its places blocked), a root call's wait is read from
+//!   the rate it drained at, a quarter longer, so that a call is not
+//!   queued only to expire.
 //! - **Pick next**: deficit round robin over tenants with queued calls, on
 //!   expected CPU time, corrected by the measured time when a call ends;
 //!   quanta are proportional to tenant weights. A sparse tenant — one with
@@ -217,7 +219,8 @@ const DRAIN_WINDOW: Duration = Duration::from_millis(100);
 /// waited behind a long one say how long that one ran, not how fast the
 /// queue drains.
 const DRAIN_STARTS: u32 = 8;
-/// A rate measured longer ago than this says nothing about now.
+/// A rate measured longer ago than this, before the calls that wait now
+/// began to wait, says nothing about them.
 const DRAIN_FRESH: Duration = Duration::from_secs(1);
 /// The weight of a new window's rate in the running mean.
 const DRAIN_SMOOTHING: f64 = 0.3;
@@ -228,59 +231,81 @@ const DRAIN_SLOWEST: f64 = 0.001;
 /// taken this much longer, so that a queue filled to what the rate
 /// allows keeps room for it to drop.
 const DRAIN_MARGIN: f64 = 1.25;
+/// The longest a refused caller is told to wait before trying again: a
+/// wait longer than that is reckoned again by then.
+const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// The longest wait the policy reckons with.
 const LONGEST_WAIT: Duration = Duration::from_secs(24 * 3600);
 
-/// How fast a tenant's queue of one kind drains: the expected CPU time of
-/// its calls started per wall second, measured over windows throughout
-/// which calls of the kind waited (so what limited the starts was the
-/// node, never a lack of calls). One core's worth of calls is a rate of
-/// 1.0; a rate below the places the tenant's share gives it means the
-/// cores do other work besides.
+/// How fast a tenant's queue of calls of one kind drains: the
+/// expected CPU time of its calls started per wall second, measured from
+/// one start to the next ones while calls of the kind waited throughout —
+/// so the starts were held back by the places and the turns, never by a
+/// lack of calls, and a stall before the first start (calls waiting for a
+/// running one that took long) is not counted. One core's worth of calls
+/// is a rate of 1.0; a rate below what the tenant's share of the places
+/// gives it means the cores do other work besides, or its calls hold its
+/// places blocked.
 #[derive(Debug, Default)]
 struct Drain {
-    /// The open window: since when calls have waited, and the calls and
-    /// work started since.
+    /// Whether calls of the kind wait now.
+    waiting: bool,
+    /// The open window: from which start (none until the first since
+    /// calls began to wait), and the calls and work started since.
     since: Option<Instant>,
     starts: u32,
     started: Duration,
     /// The mean rate over the last windows, and when it was last measured.
     rate: Option<(f64, Instant)>,
+    /// Whether that rate was measured since calls began to wait this time.
+    rate_now: bool,
 }
 
 impl Drain {
-    /// Calls wait from `now`: open a window unless one is open.
-    fn waiting(&mut self, now: Instant) {
-        if self.since.is_none() {
-            self.since = Some(now);
-            self.starts = 0;
-            self.started = Duration::ZERO;
+    /// Calls of the kind wait (a window opens at the next start).
+    fn waiting(&mut self) {
+        if !self.waiting {
+            self.waiting = true;
+            self.since = None;
+            self.rate_now = false;
         }
     }
 
     /// No call of the kind waits any more, and not because one started
     /// (they expired or were cancelled): the window closes unmeasured.
     fn stopped(&mut self) {
+        self.waiting = false;
         self.since = None;
     }
 
     /// A waiting call costing `cost` started at `now`; `emptied`: it was
-    /// the last of its kind. Windows end at a start, so each measures work
-    /// started over the time it took; one that lasted a `DRAIN_WINDOW`
-    /// goes into the mean and the next opens; the last of a queue that
-    /// emptied goes in if it lasted a tenth of that. Either needs
-    /// `DRAIN_STARTS` calls started in it.
+    /// the last of its kind. The first start opens a window; each later
+    /// one may end it, so a window measures the work started over the
+    /// time it took. It goes into the mean once it lasted a
+    /// `DRAIN_WINDOW` with `DRAIN_STARTS` starts in it (and the next
+    /// opens), or, when the queue emptied, a tenth of that with as many.
     fn started(&mut self, now: Instant, cost: Duration, emptied: bool) {
-        let Some(since) = self.since else { return };
-        self.starts += 1;
-        self.started += cost;
-        let elapsed = now.saturating_duration_since(since);
-        let at_least = if emptied { DRAIN_WINDOW / 10 } else { DRAIN_WINDOW };
-        if elapsed >= at_least && !elapsed.is_zero() && self.starts >= DRAIN_STARTS {
-            self.measure(now, elapsed);
+        if !self.waiting {
+            return;
+        }
+        match self.since {
+            None => {
+                self.since = Some(now);
+                self.starts = 0;
+                self.started = Duration::ZERO;
+            }
+            Some(since) => {
+                self.starts += 1;
+                self.started += cost;
+                let elapsed = now.saturating_duration_since(since);
+                let at_least = if emptied { DRAIN_WINDOW / 10 } else { DRAIN_WINDOW };
+                if elapsed >= at_least && !elapsed.is_zero() && self.starts >= DRAIN_STARTS {
+                    self.measure(now, elapsed);
+                }
+            }
         }
         if emptied {
-            self.since = None;
+            self.stopped();
         }
     }
 
@@ -295,16 +320,18 @@ impl Drain {
             _ => sample,
         };
         self.rate = Some((rate, now));
+        self.rate_now = true;
         self.since = Some(now);
         self.starts = 0;
         self.started = Duration::ZERO;
     }
 
     /// How long `work` takes to drain at the rate measured lately (with a
-    /// margin for its swings), if one was measured lately.
+    /// margin for its swings), if one was: while the calls that wait now
+    /// have waited, or else in the last `DRAIN_FRESH`.
     fn time_for(&self, now: Instant, work: Duration) -> Option<(Duration, f64)> {
         let (rate, at) = self.rate?;
-        if now.saturating_duration_since(at) > DRAIN_FRESH {
+        if !self.rate_now && now.saturating_duration_since(at) > DRAIN_FRESH {
             return None;
         }
         let time = Duration::try_from_secs_f64(work.as_secs_f64() * DRAIN_MARGIN / rate).unwrap_or(LONGEST_WAIT);
@@ -528,10 +555,12 @@ impl Policy {
     /// ones. A short call counts only short work over the short places:
     /// long calls, however many, take turns on the CPU in the runtime and
     /// leave the short places to short calls. A long call counts all work
-    /// over the cores. Where the tenant's calls of this kind wait and their
-    /// queue drained slower than that lately, the wait at the rate it
-    /// drained at (which is returned too).
-    fn expected_wait(&self, now: Instant, tenant: &str, cost: Duration) -> (Duration, Option<f64>) {
+    /// over the cores. For a root call, where the tenant's calls of this
+    /// kind wait and their queue drained slower than that lately: the wait
+    /// at the rate it drained at (which is returned too). A chained call
+    /// keeps the plan: it needs no running place, so it may start before
+    /// root calls held back by the tenant's places.
+    fn expected_wait(&self, now: Instant, tenant: &str, cost: Duration, origin: Origin) -> (Duration, Option<f64>) {
         let long = self.is_long(cost);
         let (places, of): (u32, fn(Work) -> Duration) = if long {
             // Calls run on at most this many cores at once.
@@ -549,7 +578,9 @@ impl Policy {
         let planned = node_wide.min(own);
         let queued = if long { t.queued_work.long } else { t.queued_work.short };
         match t.drain[usize::from(long)].time_for(now, queued + cost) {
-            Some((measured, rate)) if t.waits(long) && measured > planned => (measured, Some(rate)),
+            Some((measured, rate)) if origin == Origin::Root && t.waits(long) && measured > planned => {
+                (measured, Some(rate))
+            }
             _ => (planned, None),
         }
     }
@@ -573,10 +604,10 @@ impl Policy {
             return Admission::Run;
         }
         let refuse = |retry_after: Duration, reason: String| Admission::Refused {
-            retry_after: retry_after.max(Duration::from_secs(1)),
+            retry_after: retry_after.clamp(Duration::from_secs(1), LONGEST_RETRY_AFTER),
             reason,
         };
-        let (wait, drained_at) = self.expected_wait(now, tenant, cost);
+        let (wait, drained_at) = self.expected_wait(now, tenant, cost, origin);
         if self.queued >= self.config.max_queued {
             return refuse(wait, format!("the node's queue holds {} calls, its limit", self.config.max_queued));
         }
@@ -593,8 +624,7 @@ impl Policy {
                     "the expected wait of {} ms{} would pass the call's deadline in {} ms",
                     wait.as_millis(),
                     drained_at.map_or(String::new(), |rate| format!(
-                        " (its queue drained at {:.0}% of a core's calls lately)",
-                        rate * 100.0
+                        " (at the rate its queue drained lately: {rate:.3} cores' worth of calls)"
                     )),
                     deadline.saturating_duration_since(now).as_millis()
                 ),
@@ -609,7 +639,7 @@ impl Policy {
         t.queues[kind_index(origin, long)].push_back(waiting);
         t.queued += 1;
         t.queued_work.add(cost, long);
-        t.drain[usize::from(long)].waiting(now);
+        t.drain[usize::from(long)].waiting();
         let newly_active = !t.active;
         t.active = true;
         if newly_active {
@@ -937,13 +967,12 @@ mod tests {
 
     /// One tenant on a one-core policy: call 0 runs and calls 1..=60 (10 ms
     /// each) wait; then every `every`, the running call ends and the next
-    /// starts, 20 times. Then, `later` after the last start, a call with
-    /// 600 ms to its deadline arrives: 40 calls (400 ms of work) and the
-    /// running one are ahead of it.
-    fn after_draining_every(every: Duration, later: Duration) -> Admission {
+    /// starts, 20 times. Returns the policy and the time of the last
+    /// start: 40 calls (400 ms of work) and the running one are queued.
+    fn after_draining_every(every: Duration) -> (Policy, Instant) {
         let mut p = policy(1, 1);
         let start = Instant::now();
-        let far = start + Duration::from_secs(100);
+        let far = start + Duration::from_secs(1000);
         let cost = 10 * MS;
         assert_eq!(p.admit(start, "a", 0, cost, far, Origin::Root), Admission::Run);
         for i in 1..=60 {
@@ -955,44 +984,86 @@ mod tests {
             p.finish("a", cost, cost, Origin::Root);
             assert_eq!(p.next(now), vec![Decision::Run(i)]);
         }
-        now += later;
-        p.admit(now, "a", 100, cost, now + 600 * MS, Origin::Root)
+        (p, now)
     }
 
     #[test]
     fn a_queue_draining_slower_than_planned_refuses_what_it_could_not_finish_in_time() {
         // The core does other work too: a call ends every 20 ms, not every
-        // 10. Planned, the new call is done in 420 ms; at the rate the queue
-        // drained at, in 820 ms (1,025 with the margin), past its deadline.
-        match after_draining_every(20 * MS, Duration::ZERO) {
+        // 10. Planned, a call with 600 ms to live is done in 420 ms; at the
+        // rate the queue drained at, in 820 ms (1,025 with the margin).
+        let (mut p, now) = after_draining_every(20 * MS);
+        match p.admit(now, "a", 100, 10 * MS, now + 600 * MS, Origin::Root) {
             Admission::Refused { reason, .. } => {
                 assert!(reason.contains("expected wait of 1025 ms"), "{reason}");
-                assert!(reason.contains("drained at 50% of a core"), "{reason}");
+                assert!(reason.contains("drained lately: 0.500 cores' worth"), "{reason}");
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+        // A chained call needs no running place: it keeps the plan.
+        assert_eq!(p.admit(now, "a", 101, 10 * MS, now + 600 * MS, Origin::Chained), Admission::Queued);
         // At the planned rate the call is queued (its 410 ms of work ahead
         // drain in 512 ms with the margin).
-        assert_eq!(after_draining_every(10 * MS, Duration::ZERO), Admission::Queued);
-        // A rate measured long ago says nothing about now.
-        assert_eq!(after_draining_every(20 * MS, 2 * DRAIN_FRESH), Admission::Queued);
+        let (mut p, now) = after_draining_every(10 * MS);
+        assert_eq!(p.admit(now, "a", 100, 10 * MS, now + 600 * MS, Origin::Root), Admission::Queued);
+        // While the same calls wait, the rate holds however long ago it was
+        // measured; a refused caller is told to come back within a minute
+        // (the wait, at 0.005 cores, would be 102 s).
+        let (mut p, now) = after_draining_every(Duration::from_secs(2));
+        match p.admit(now + 2 * DRAIN_FRESH, "a", 100, 10 * MS, now + Duration::from_secs(60), Origin::Root) {
+            Admission::Refused { reason, retry_after } => {
+                assert!(reason.contains("expected wait of 102"), "{reason}");
+                assert_eq!(retry_after, LONGEST_RETRY_AFTER);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[test]
-    fn a_call_that_waited_alone_behind_a_long_one_sets_no_rate() {
+    fn a_rate_from_before_the_calls_waiting_now_is_not_theirs_once_stale() {
+        let (mut p, mut now) = after_draining_every(20 * MS);
+        // The rest drain at the same rate; the queue empties.
+        for i in 21..=60 {
+            now += 20 * MS;
+            p.finish("a", 10 * MS, 10 * MS, Origin::Root);
+            assert_eq!(p.next(now), vec![Decision::Run(i)]);
+        }
+        p.finish("a", 10 * MS, 10 * MS, Origin::Root);
+        assert_eq!(p.next(now), vec![]);
+        // Calls wait again, long after: 30 ms of work planned, which the
+        // old rate would make 50 ms.
+        let now = now + 2 * DRAIN_FRESH;
+        assert_eq!(p.admit(now, "a", 70, 10 * MS, now + 30 * MS, Origin::Root), Admission::Run);
+        assert_eq!(p.admit(now, "a", 71, 10 * MS, now + 30 * MS, Origin::Root), Admission::Queued);
+        assert_eq!(p.admit(now, "a", 72, 10 * MS, now + 30 * MS, Origin::Root), Admission::Queued);
+    }
+
+    #[test]
+    fn calls_that_waited_behind_a_long_one_measure_from_their_first_start() {
         let mut p = policy(1, 1);
         let now = Instant::now();
         let far = now + Duration::from_secs(100);
-        // Call 1 waits 800 ms for call 0 (expected short, it ran long).
-        assert_eq!(p.admit(now, "a", 0, MS, far, Origin::Root), Admission::Run);
-        assert_eq!(p.admit(now, "a", 1, MS, far, Origin::Root), Admission::Queued);
-        let now = now + 800 * MS;
-        p.finish("a", MS, 800 * MS, Origin::Root);
+        let cost = 4 * MS;
+        // Call 0, expected short, runs 800 ms; 40 calls wait behind it.
+        assert_eq!(p.admit(now, "a", 0, cost, far, Origin::Root), Admission::Run);
+        for i in 1..=40 {
+            assert_eq!(p.admit(now, "a", i, cost, far, Origin::Root), Admission::Queued);
+        }
+        let mut now = now + 800 * MS;
+        p.finish("a", cost, 800 * MS, Origin::Root);
         assert_eq!(p.next(now), vec![Decision::Run(1)]);
-        // A millisecond's work in 800 ms says nothing of how fast the next
-        // calls go: they wait for a few milliseconds' work, as planned.
-        assert_eq!(p.admit(now, "a", 2, MS, now + 100 * MS, Origin::Root), Admission::Queued);
-        assert_eq!(p.admit(now, "a", 3, MS, now + 100 * MS, Origin::Root), Admission::Queued);
+        // Then they start as planned, one every 4 ms: the 800 ms before the
+        // first is not how fast they drain.
+        for i in 2..=30 {
+            now += cost;
+            p.finish("a", cost, cost, Origin::Root);
+            assert_eq!(p.next(now), vec![Decision::Run(i)]);
+        }
+        let drain = &p.tenants["a"].drain[0];
+        assert!(drain.rate.is_some_and(|(rate, _)| rate > 0.9), "{drain:?}");
+        // 44 ms of work ahead, 48 with its own (55 at the rate, with the
+        // margin): it fits 70 ms.
+        assert_eq!(p.admit(now, "a", 100, cost, now + 70 * MS, Origin::Root), Admission::Queued);
     }
 
     /// `heavy` runs call 0 (the one short place of a one-core policy) with
