@@ -965,19 +965,26 @@ mod tests {
         assert_eq!(p.next(now), vec![Decision::Run(100), Decision::Run(101)], "quiet goes first; loud's waits");
     }
 
+    /// One tenant on a one-core policy: call 0 runs and calls 1..=`queued`
+    /// wait, each expected to cost `cost`, with deadlines far off.
+    fn one_running_and_queued(queued: u64, cost: Duration) -> (Policy, Instant) {
+        let mut p = policy(1, 1);
+        let now = Instant::now();
+        let far = now + Duration::from_secs(1000);
+        assert_eq!(p.admit(now, "a", 0, cost, far, Origin::Root), Admission::Run);
+        for i in 1..=queued {
+            assert_eq!(p.admit(now, "a", i, cost, far, Origin::Root), Admission::Queued);
+        }
+        (p, now)
+    }
+
     /// One tenant on a one-core policy: call 0 runs and calls 1..=60 (10 ms
     /// each) wait; then every `every`, the running call ends and the next
     /// starts, 20 times. Returns the policy and the time of the last
     /// start: 40 calls (400 ms of work) and the running one are queued.
     fn after_draining_every(every: Duration) -> (Policy, Instant) {
-        let mut p = policy(1, 1);
-        let start = Instant::now();
-        let far = start + Duration::from_secs(1000);
         let cost = 10 * MS;
-        assert_eq!(p.admit(start, "a", 0, cost, far, Origin::Root), Admission::Run);
-        for i in 1..=60 {
-            assert_eq!(p.admit(start, "a", i, cost, far, Origin::Root), Admission::Queued);
-        }
+        let (mut p, start) = one_running_and_queued(60, cost);
         let mut now = start;
         for i in 1..=20 {
             now += every;
@@ -1040,15 +1047,9 @@ mod tests {
 
     #[test]
     fn calls_that_waited_behind_a_long_one_measure_from_their_first_start() {
-        let mut p = policy(1, 1);
-        let now = Instant::now();
-        let far = now + Duration::from_secs(100);
         let cost = 4 * MS;
         // Call 0, expected short, runs 800 ms; 40 calls wait behind it.
-        assert_eq!(p.admit(now, "a", 0, cost, far, Origin::Root), Admission::Run);
-        for i in 1..=40 {
-            assert_eq!(p.admit(now, "a", i, cost, far, Origin::Root), Admission::Queued);
-        }
+        let (mut p, now) = one_running_and_queued(40, cost);
         let mut now = now + 800 * MS;
         p.finish("a", cost, 800 * MS, Origin::Root);
         assert_eq!(p.next(now), vec![Decision::Run(1)]);
