@@ -1027,6 +1027,17 @@ mod tests {
     }
 
     #[test]
+    fn one_tenants_slow_queue_refuses_no_other_tenants_calls() {
+        // `a`'s queue drained at half the planned rate; `b`'s calls wait for
+        // their half share of the place as planned (20 and 40 ms), which
+        // `a`'s rate would make 25 and 50 ms, past their 45.
+        let (mut p, now) = after_draining_every(20 * MS);
+        assert!(matches!(p.admit(now, "a", 100, 10 * MS, now + 600 * MS, Origin::Root), Admission::Refused { .. }));
+        assert_eq!(p.admit(now, "b", 200, 10 * MS, now + 45 * MS, Origin::Root), Admission::Queued);
+        assert_eq!(p.admit(now, "b", 201, 10 * MS, now + 45 * MS, Origin::Root), Admission::Queued);
+    }
+
+    #[test]
     fn a_rate_from_before_the_calls_waiting_now_is_not_theirs_once_stale() {
         let (mut p, mut now) = after_draining_every(20 * MS);
         // The rest drain at the same rate; the queue empties.
