@@ -33,6 +33,18 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kib| kib << 10)
 }
 
+/// Minor page faults of the process so far.
+fn minor_faults() -> i64 {
+    // SAFETY: getrusage writes only into the struct it is given.
+    #[allow(unsafe_code)]
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    usage.ru_minflt
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -74,7 +86,10 @@ fn main() {
     let only = std::env::var("SHOAL_BENCH_LANGUAGE").ok();
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
     let dir = tempfile::tempdir().expect("temp dir");
-    let cache = std::env::var_os("SHOAL_BENCH_DIR").map_or_else(|| dir.path().to_path_buf(), Into::into).join("cache");
+    // The compile step (a child process) and this one share the cache.
+    let base: std::path::PathBuf =
+        std::env::var_os("SHOAL_BENCH_DIR").map_or_else(|| dir.path().to_path_buf(), Into::into);
+    let cache = base.join("cache");
     let config = || {
         let mut config = RuntimeConfig::new(&cache);
         config.python_runtime = RuntimeBinary::new(shoal_guests::PYTHON_RUNTIME);
@@ -101,15 +116,17 @@ fn main() {
     if std::env::var_os("SHOAL_BENCH_COMPILE_ONLY").is_some() {
         let runtime = Runtime::new(config()).expect("runtime");
         for (language, hello) in &hellos {
-            let started = Instant::now();
+            let (started, compiles) = (Instant::now(), runtime.n_compiles());
             drop(tokio.block_on(runtime.load(hello)).expect("hello loads"));
-            println!("{} runtime: first deploy on a node (compiling it) {:.2?}", language.as_str(), started.elapsed());
+            let compiled =
+                if runtime.n_compiles() > compiles { "compiling it" } else { "found in SHOAL_BENCH_DIR's cache" };
+            println!("{} runtime: first deploy on a node ({compiled}) {:.2?}", language.as_str(), started.elapsed());
         }
         return;
     }
     let status = std::process::Command::new(std::env::current_exe().expect("own path"))
         .env("SHOAL_BENCH_COMPILE_ONLY", "1")
-        .env("SHOAL_BENCH_DIR", dir.path())
+        .env("SHOAL_BENCH_DIR", &base)
         .status()
         .expect("run the compile step");
     assert!(status.success(), "the compile step failed");
@@ -191,17 +208,33 @@ fn main() {
         ];
         for (what, runtime, image) in runs {
             let mut times = Vec::with_capacity(n_calls);
+            // Where each call's time went: making the sandbox (its memory
+            // and the instances), running the call, and after it (dropping
+            // the store: the memory reset or unmapped).
+            let (mut making, mut running, mut after) = (Vec::new(), Vec::new(), Vec::new());
+            let faults_before = minor_faults();
             for _ in 0..n_calls {
                 let started = Instant::now();
                 let out = tokio.block_on(runtime.call(image, &settings, b"bench"));
-                times.push(started.elapsed());
+                let total = started.elapsed();
+                times.push(total);
                 assert!(out.result.is_ok(), "{:?}", out.result);
+                making.push(out.usage.instantiate);
+                running.push(out.usage.wall.saturating_sub(out.usage.instantiate));
+                after.push(total.saturating_sub(out.usage.wall));
             }
-            times.sort();
+            let faults = (minor_faults() - faults_before) as f64 / n_calls as f64;
+            for list in [&mut times, &mut making, &mut running, &mut after] {
+                list.sort();
+            }
             println!(
-                "cold start {what}: median {:.1?}, p99 {:.1?} over {n_calls} calls",
+                "cold start {what}: median {:.1?}, p99 {:.1?} over {n_calls} calls \
+                 (medians: making the sandbox {:.1?}, the call {:.1?}, after it {:.1?}; {faults:.0} page faults per call)",
                 percentile(&times, 0.5),
-                percentile(&times, 0.99)
+                percentile(&times, 0.99),
+                percentile(&making, 0.5),
+                percentile(&running, 0.5),
+                percentile(&after, 0.5),
             );
         }
     }
