@@ -8,7 +8,10 @@
 //! one every 1/R s, round robin over the functions) whatever the node
 //! does, and each latency runs from the *intended* send time, so a slow
 //! node cannot hide its queueing by slowing the generator down
-//! (coordinated omission). For every rate it records what was achieved:
+//! (coordinated omission). Each rate is first offered for a warm-up
+//! (`--warmup`, not counted), so that the window measures the node in its
+//! steady state, not the generator opening its connections. For every
+//! rate it records what was achieved:
 //! responses per second, latency p50/p99/p999, refusals (429) and their
 //! latency, errors, the node's CPU seconds and RSS. Results go to a CSV
 //! file and four SVG charts: latency vs throughput, CPU vs throughput,
@@ -47,6 +50,18 @@ pub struct BenchArgs {
     /// How long each rate is offered.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     duration: Duration,
+    /// Before each rate's measured window, the same rate offered for this
+    /// long and not counted: the generator opens the connections the rate
+    /// needs (a connection opened mid-window costs its request a connect
+    /// and an accept: without a warm-up, the first tenth of a second of a
+    /// 8,000/s window waited up to 130 ms) and the node settles.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Also write every measured request's send time (ms from the window's
+    /// start) and latency to `OUT/timeline-N-RATE.csv`: where in the
+    /// window the slow ones were.
+    #[arg(long)]
+    timeline: bool,
     #[arg(long, value_enum, default_value = "noop")]
     workload: Workload,
     /// The input of `fib` for `--workload cpu`.
@@ -92,7 +107,9 @@ pub struct BenchArgs {
     victim_rate: u32,
     /// Run the node on these CPUs only (`taskset -c LIST`, e.g. `1`), so
     /// that it and the generator do not take turns on the same cores. Run
-    /// the generator itself under `taskset -c` on the others.
+    /// the generator itself under `taskset -c` on the others: it then
+    /// keeps one of them busy, polling between sends rather than sleeping
+    /// (a thread woken per request cost it more than the node's call).
     #[arg(long)]
     node_cpus: Option<String>,
     /// Deploy N distinct binaries (the workload's, each with a custom
@@ -198,6 +215,13 @@ struct Target {
 struct Tally {
     ok_us: Vec<u64>,
     refused_us: Vec<u64>,
+    /// Every answered request: its intended send time (µs from the
+    /// window's start), its latency (µs) and whether it succeeded.
+    timeline: Vec<(u64, u64, bool)>,
+    /// How late the generator sent each request (µs after its intended
+    /// time, a free connection included): what of a latency is the
+    /// generator's own.
+    lag_us: Vec<u64>,
     errors: u64,
     /// From the first intended send to this tenant's last response.
     span: Duration,
@@ -223,18 +247,22 @@ struct Row {
     p999_ms: f64,
     refused: usize,
     refused_p99_ms: f64,
+    generator_lag_p99_ms: f64,
+    /// The node's own view: the upper bound of the bucket of its call
+    /// duration histogram that holds the window's p99 (all tenants).
+    node_p99_bound_ms: Option<f64>,
     errors: u64,
     cpu_cores: f64,
     cpu_us_per_call: f64,
     rss_mib: f64,
 }
 
-const CSV_HEADER: &str = "n_functions,tenant,offered_rps,achieved_rps,goodput_rps,p50_ms,p99_ms,p999_ms,refused,refused_p99_ms,errors,node_cpu_cores,node_cpu_us_per_response,node_rss_mib";
+const CSV_HEADER: &str = "n_functions,tenant,offered_rps,achieved_rps,goodput_rps,p50_ms,p99_ms,p999_ms,refused,refused_p99_ms,errors,node_cpu_cores,node_cpu_us_per_response,node_rss_mib,generator_lag_p99_ms,node_p99_bound_ms";
 
 impl Row {
     fn csv(&self) -> String {
         format!(
-            "{},{},{:.0},{:.1},{:.1},{:.3},{:.3},{:.3},{},{:.3},{},{:.3},{:.1},{:.1}",
+            "{},{},{:.0},{:.1},{:.1},{:.3},{:.3},{:.3},{},{:.3},{},{:.3},{:.1},{:.1},{:.3},{}",
             self.n_functions,
             self.tenant,
             self.offered,
@@ -248,7 +276,9 @@ impl Row {
             self.errors,
             self.cpu_cores,
             self.cpu_us_per_call,
-            self.rss_mib
+            self.rss_mib,
+            self.generator_lag_p99_ms,
+            self.node_p99_bound_ms.map_or(String::new(), |ms| format!("{ms}"))
         )
     }
 }
@@ -286,13 +316,16 @@ async fn create_tenant(http: &reqwest::Client, base: &str, name: &str) -> anyhow
     Ok(())
 }
 
-/// Offer `rate` requests/s over `targets` (round robin) for `duration`,
-/// on a fixed schedule; tally per tenant. The schedule is kept by a
-/// thread of its own sleeping to each intended send time (the runtime's
-/// timers have a 1 ms grain, which would add up to a millisecond of the
-/// generator's own delay to every latency); requests run on the runtime.
+/// Offer `rate` requests/s for `duration`, round robin over `targets`,
+/// on a fixed schedule; tally per tenant. Requests run on the caller's
+/// runtime, the schedule is kept by a thread of its own sleeping to each
+/// intended send time (the runtime's timers have a 1 ms grain, which
+/// would add up to a millisecond of the generator's own delay to every
+/// latency) — or, with a [`Spinner`], both on the spinner's thread.
+#[allow(clippy::too_many_arguments)]
 async fn offer(
     http: &reqwest::Client,
+    spinner: Option<&Spinner>,
     targets: &[Target],
     weights: &[u32],
     rate: f64,
@@ -306,51 +339,187 @@ async fn offer(
     let cycle: Vec<Target> =
         targets.iter().flat_map(|t| std::iter::repeat_n(t.clone(), weights[t.tenant] as usize)).collect();
     let total = (rate * duration.as_secs_f64()).round() as u64;
-    let runtime = tokio::runtime::Handle::current();
-    let (http, in_flight, tallies_for_thread) = (http.clone(), in_flight.to_vec(), tallies.clone());
-    let scheduler = std::thread::spawn(move || {
-        let start = Instant::now() + Duration::from_millis(50);
-        let mut tasks = Vec::with_capacity(total as usize);
-        for i in 0..total {
-            let intended = start + Duration::from_secs_f64(i as f64 / rate);
-            if let Some(wait) = intended.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            let target = cycle[(i as usize) % cycle.len()].clone();
-            // Each tenant has connections of its own, as separate clients would.
-            let (http, in_flight, tallies) =
-                (http.clone(), in_flight[target.tenant].clone(), tallies_for_thread.clone());
-            tasks.push(runtime.spawn(async move {
-                let _permit = in_flight.acquire_owned().await;
-                let response = http.post(&target.url).bearer_auth(ADMIN).body(target.input).send().await;
-                let outcome = match response {
-                    Ok(r) => {
-                        let status = r.status();
-                        let _ = r.bytes().await;
-                        Some(status)
+    // Each request's task ends by adding a permit here (also if it
+    // panics): the window is over when all have. Tasks are not joined one
+    // by one: a finished task's memory then stays until its handle is
+    // awaited, and a window's tens of thousands of them grew the
+    // generator by hundreds of MiB, its page faults stalling the schedule
+    // by up to 300 ms.
+    let finished = Arc::new(Semaphore::new(0));
+    let window = Window { cycle, rate, total, in_flight: in_flight.to_vec(), tallies: tallies.clone(), finished };
+    match spinner {
+        Some(spinner) => spinner.run(window).await,
+        None => {
+            let (http, runtime, finished) = (http.clone(), tokio::runtime::Handle::current(), window.finished.clone());
+            let scheduler = std::thread::spawn(move || {
+                let start = Instant::now() + Duration::from_millis(50);
+                for i in 0..window.total {
+                    let intended = window.intended(start, i);
+                    if let Some(wait) = intended.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
                     }
-                    Err(_) => None,
-                };
-                let elapsed = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX);
-                let mut tallies = tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let tally = &mut tallies[target.tenant];
-                tally.span = tally.span.max(start.elapsed());
-                match outcome {
-                    Some(s) if s.is_success() => tally.ok_us.push(elapsed),
-                    Some(s) if s == reqwest::StatusCode::TOO_MANY_REQUESTS => tally.refused_us.push(elapsed),
-                    _ => tally.errors += 1,
+                    runtime.spawn(window.request(&http, start, i));
                 }
-            }));
-        }
-        tasks
-    });
-    let tasks = tokio::task::spawn_blocking(move || scheduler.join()).await;
-    if let Ok(Ok(tasks)) = tasks {
-        for task in tasks {
-            let _ = task.await;
+            });
+            let scheduled = tokio::task::spawn_blocking(move || scheduler.join()).await;
+            if let Ok(Ok(())) = scheduled {
+                let _all = finished.acquire_many(u32::try_from(total).unwrap_or(u32::MAX)).await;
+            }
         }
     }
     std::mem::take(&mut *tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+}
+
+/// One window of an offered rate.
+struct Window {
+    /// The targets in round-robin order (a tenant's weight times each).
+    cycle: Vec<Target>,
+    rate: f64,
+    total: u64,
+    in_flight: Vec<Arc<Semaphore>>,
+    tallies: Arc<Mutex<Vec<Tally>>>,
+    finished: Arc<Semaphore>,
+}
+
+impl Window {
+    fn intended(&self, start: Instant, i: u64) -> Instant {
+        start + Duration::from_secs_f64(i as f64 / self.rate)
+    }
+
+    /// The `i`th request, meant to be sent at its intended time: send it,
+    /// read the response and tally it.
+    fn request(&self, http: &reqwest::Client, start: Instant, i: u64) -> impl Future<Output = ()> + Send + 'static {
+        let intended = self.intended(start, i);
+        let target = self.cycle[(i as usize) % self.cycle.len()].clone();
+        // Each tenant has connections of its own, as separate clients would.
+        let (http, in_flight, tallies) = (http.clone(), self.in_flight[target.tenant].clone(), self.tallies.clone());
+        let done = Finished(self.finished.clone());
+        async move {
+            let _done = done;
+            let _permit = in_flight.acquire_owned().await;
+            let lag = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let response = http.post(&target.url).bearer_auth(ADMIN).body(target.input).send().await;
+            let outcome = match response {
+                Ok(r) => {
+                    let status = r.status();
+                    let _ = r.bytes().await;
+                    Some(status)
+                }
+                Err(_) => None,
+            };
+            let elapsed = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let sent = u64::try_from(intended.duration_since(start).as_micros()).unwrap_or(u64::MAX);
+            let mut tallies = tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let tally = &mut tallies[target.tenant];
+            tally.span = tally.span.max(start.elapsed());
+            tally.timeline.push((sent, elapsed, outcome.is_some_and(|s| s.is_success())));
+            tally.lag_us.push(lag);
+            match outcome {
+                Some(s) if s.is_success() => tally.ok_us.push(elapsed),
+                Some(s) if s == reqwest::StatusCode::TOO_MANY_REQUESTS => tally.refused_us.push(elapsed),
+                _ => tally.errors += 1,
+            }
+        }
+    }
+}
+
+/// A generator for a core of its own (`--node-cpus`: the node elsewhere):
+/// one thread runs a single-threaded runtime that both keeps the schedule
+/// and does the requests, polling between sends instead of sleeping. It
+/// keeps its core busy, and in exchange pays no thread wake-up per
+/// request: the sleeping scheduler's wake-ups and hand-offs cost the
+/// generator ~80 µs of CPU per request and, at 5,000–8,000/s on one core,
+/// sent requests late by 6–85 ms (p99), bursts the node then queued.
+struct Spinner {
+    windows: std::sync::mpsc::Sender<(Window, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl Spinner {
+    fn start(connections: usize) -> anyhow::Result<Self> {
+        let (windows, receiver) = std::sync::mpsc::channel::<(Window, tokio::sync::oneshot::Sender<()>)>();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("a runtime")?;
+        let http = {
+            let _in = runtime.enter();
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(connections)
+                .timeout(Duration::from_secs(60))
+                .build()
+                .context("an HTTP client")?
+        };
+        std::thread::Builder::new()
+            .name("bench-generator".into())
+            .spawn(move || {
+                // One window at a time; the connections stay for the next.
+                for (window, done) in receiver {
+                    runtime.block_on(async {
+                        let start = Instant::now() + Duration::from_millis(50);
+                        for i in 0..window.total {
+                            let intended = window.intended(start, i);
+                            while Instant::now() < intended {
+                                tokio::task::yield_now().await;
+                            }
+                            tokio::spawn(window.request(&http, start, i));
+                        }
+                        let total = u32::try_from(window.total).unwrap_or(u32::MAX);
+                        let _all = window.finished.acquire_many(total).await;
+                    });
+                    let _ = done.send(());
+                }
+            })
+            .context("the generator's thread")?;
+        Ok(Self { windows })
+    }
+
+    async fn run(&self, window: Window) {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        if self.windows.send((window, done)).is_ok() {
+            let _ = finished.await;
+        }
+    }
+}
+
+/// The node's own histogram of call durations, as cumulative counts per
+/// bucket bound (seconds), read from its metrics; empty if unreadable.
+async fn node_durations(http: &reqwest::Client, base: &str) -> Vec<(f64, u64)> {
+    let text = match http.get(format!("{base}/metrics")).bearer_auth(ADMIN).send().await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => return Vec::new(),
+    };
+    text.lines()
+        .filter_map(|line| line.strip_prefix("shoal_call_duration_seconds_bucket{le=\""))
+        .filter_map(|rest| {
+            let (bound, count) = rest.split_once("\"} ")?;
+            let bound = if bound == "+Inf" { f64::INFINITY } else { bound.parse().ok()? };
+            Some((bound, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bound of the node's bucket that holds the p99 of the calls it ran
+/// between two reads of its histogram (seconds), if it ran any.
+fn node_p99_bound(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<f64> {
+    let counts: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(bound, n)| {
+            let earlier = before.iter().find(|(b, _)| *b == bound).map_or(0, |&(_, n)| n);
+            (bound, n.saturating_sub(earlier))
+        })
+        .collect();
+    let total = counts.iter().map(|&(_, n)| n).max()?;
+    if total == 0 {
+        return None;
+    }
+    let rank = (total as f64 * 0.99).ceil() as u64;
+    counts.iter().find(|&&(_, n)| n >= rank).map(|&(bound, _)| bound)
+}
+
+/// Adds a permit to its semaphore when dropped: a request's task is over.
+struct Finished(Arc<Semaphore>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
 }
 
 /// Background CPU-bound load until `stop` (for the time-slicing run).
@@ -392,6 +561,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(60))
         .build()
         .context("an HTTP client")?;
+    // With the node on cores of its own, the generator's are its own too.
+    let spinner = args.node_cpus.as_ref().map(|_| Spinner::start(args.connections)).transpose()?;
     let n_tenants = if args.skew.is_some() { 2 } else { 1 };
     let in_flight: Vec<Arc<Semaphore>> = (0..n_tenants).map(|_| Arc::new(Semaphore::new(args.connections))).collect();
     let tenants: Vec<&'static str> = if args.skew.is_some() { vec!["a", "b"] } else { vec!["bench"] };
@@ -434,21 +605,42 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         for &rate in &args.rates {
             let rate = f64::from(rate);
+            if !args.warmup.is_zero() {
+                offer(&http, spinner.as_ref(), &targets, &weights, rate, args.warmup, &in_flight, tenants.len()).await;
+            }
+            let durations_before = node_durations(&http, &node.base).await;
             let cpu_before = node.cpu_seconds();
             let started = Instant::now();
-            let tallies = offer(&http, &targets, &weights, rate, args.duration, &in_flight, tenants.len()).await;
+            let tallies =
+                offer(&http, spinner.as_ref(), &targets, &weights, rate, args.duration, &in_flight, tenants.len())
+                    .await;
             // A tenant's rates are over the time until its last response: a
             // node that falls behind shows a lower rate, not the offered one.
             let elapsed = started.elapsed().as_secs_f64();
             let cpu = node.cpu_seconds() - cpu_before;
             let rss = node.rss_mib();
+            let node_p99 = node_p99_bound(&durations_before, &node_durations(&http, &node.base).await);
             let total_ok: usize = tallies.iter().map(|t| t.ok_us.len()).sum();
             let deadline_us = u64::try_from(args.deadline.as_micros()).unwrap_or(u64::MAX);
             let weight_sum: u32 = weights.iter().sum();
+            if args.timeline {
+                let mut lines = vec!["tenant,sent_ms,latency_ms,ok".to_string()];
+                for (i, tally) in tallies.iter().enumerate() {
+                    let mut timeline = tally.timeline.clone();
+                    timeline.sort_unstable();
+                    lines.extend(timeline.iter().map(|(sent, latency, ok)| {
+                        format!("{},{:.3},{:.3},{ok}", tenants[i], *sent as f64 / 1e3, *latency as f64 / 1e3)
+                    }));
+                }
+                let path = args.out.join(format!("timeline-{n}-{rate:.0}.csv"));
+                std::fs::write(&path, lines.join("\n") + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             for (i, mut tally) in tallies.into_iter().enumerate() {
                 let wall = tally.span.as_secs_f64().max(args.duration.as_secs_f64());
                 tally.ok_us.sort_unstable();
                 tally.refused_us.sort_unstable();
+                tally.lag_us.sort_unstable();
                 let row = Row {
                     n_functions: n,
                     tenant: tenants[i],
@@ -460,13 +652,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     p999_ms: percentile(&tally.ok_us, 0.999),
                     refused: tally.refused_us.len(),
                     refused_p99_ms: percentile(&tally.refused_us, 0.99),
+                    generator_lag_p99_ms: percentile(&tally.lag_us, 0.99),
+                    node_p99_bound_ms: node_p99.map(|s| s * 1e3),
                     errors: tally.errors,
                     cpu_cores: cpu / elapsed,
                     cpu_us_per_call: if total_ok > 0 { cpu * 1e6 / total_ok as f64 } else { 0.0 },
                     rss_mib: rss,
                 };
                 eprintln!(
-                    "bench: N={n} {} offered {:.0}/s: {:.0}/s ok ({:.0}/s in time), p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, {} refused (p99 {:.2} ms), {} errors, CPU {:.2} cores, RSS {:.0} MiB",
+                    "bench: N={n} {} offered {:.0}/s: {:.0}/s ok ({:.0}/s in time), p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, {} refused (p99 {:.2} ms), {} errors, CPU {:.2} cores, RSS {:.0} MiB; the generator sent late by up to {:.2} ms (p99); the node's p99 <= {} ms",
                     row.tenant,
                     row.offered,
                     row.achieved,
@@ -478,7 +672,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     row.refused_p99_ms,
                     row.errors,
                     row.cpu_cores,
-                    row.rss_mib
+                    row.rss_mib,
+                    row.generator_lag_p99_ms,
+                    row.node_p99_bound_ms.map_or("?".to_string(), |ms| format!("{ms}"))
                 );
                 csv.push(row.csv());
                 rows.push(row);

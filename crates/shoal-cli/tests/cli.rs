@@ -442,7 +442,8 @@ fn bench_sweeps_rates_and_writes_csv_and_charts() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("results");
     let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["bench", "--functions", "1,3", "--rates", "40,80", "--duration", "250ms", "--out"])
+        .args(["bench", "--functions", "1,3", "--rates", "40,80", "--duration", "250ms", "--warmup", "100ms"])
+        .args(["--timeline", "--out"])
         .arg(&out)
         .env("SHOAL_LOG", "warn")
         .output()
@@ -457,11 +458,41 @@ fn bench_sweeps_rates_and_writes_csv_and_charts() {
         let (offered, achieved): (f64, f64) = (fields[2].parse().unwrap(), fields[3].parse().unwrap());
         assert!(achieved > 0.0 && achieved <= offered * 1.01, "{row}");
         assert_eq!(fields[10], "0", "no errors: {row}");
+        let lag: f64 = fields[14].parse().unwrap();
+        assert!((0.0..250.0).contains(&lag), "the generator's lag is a time within the window: {row}");
+        let node_p99: f64 = fields[15].parse().expect("the node's own p99 bound");
+        assert!(node_p99 > 0.0 && node_p99 <= 10_000.0, "a bucket of the node's histogram: {row}");
+    }
+    // Every measured request (not the warm-up's) is in its timeline, in
+    // the order it was meant to be sent.
+    for (n, rate) in [(1, 40), (1, 80), (3, 40), (3, 80)] {
+        let timeline = std::fs::read_to_string(out.join(format!("timeline-{n}-{rate}.csv"))).unwrap();
+        let sent: Vec<f64> =
+            timeline.lines().skip(1).map(|line| line.split(',').nth(1).unwrap().parse().unwrap()).collect();
+        assert_eq!(sent.len(), rate / 4, "{rate}/s for 250 ms: {timeline}");
+        assert!(sent.windows(2).all(|w| w[0] <= w[1]) && sent[0] >= 0.0 && sent[sent.len() - 1] < 250.0, "{timeline}");
     }
     for chart in ["latency.svg", "cpu.svg", "memory.svg", "responses.svg"] {
         let svg = std::fs::read_to_string(out.join(chart)).unwrap();
         assert_eq!(svg.matches("<polyline").count(), 2, "{chart}: a line per N");
     }
+
+    // With the node on a core of its own, the generator keeps its schedule
+    // on a thread of its own (polling, not sleeping): the same rows.
+    let pinned = dir.path().join("pinned");
+    let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["bench", "--functions", "1", "--rates", "80", "--duration", "250ms", "--warmup", "100ms"])
+        .args(["--node-cpus", "0", "--timeline", "--out"])
+        .arg(&pinned)
+        .env("SHOAL_LOG", "warn")
+        .output()
+        .expect("run shoal bench");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let csv = std::fs::read_to_string(pinned.join("results.csv")).unwrap();
+    let row: Vec<&str> = csv.lines().nth(1).expect("a row").split(',').collect();
+    assert_eq!((row[2], row[10]), ("80", "0"), "80/s offered, no errors: {csv}");
+    let timeline = std::fs::read_to_string(pinned.join("timeline-1-80.csv")).unwrap();
+    assert_eq!(timeline.lines().filter(|line| line.ends_with(",true")).count(), 20, "{timeline}");
 }
 
 /// RSS of process `pid`, in bytes.
