@@ -107,9 +107,7 @@ pub struct BenchArgs {
     victim_rate: u32,
     /// Run the node on these CPUs only (`taskset -c LIST`, e.g. `1`), so
     /// that it and the generator do not take turns on the same cores. Run
-    /// the generator itself under `taskset -c` on the others: it then
-    /// keeps one of them busy, polling between sends rather than sleeping
-    /// (a thread woken per request cost it more than the node's call).
+    /// the generator itself under `taskset -c` on the others.
     #[arg(long)]
     node_cpus: Option<String>,
     /// Deploy N distinct binaries (the workload's, each with a custom
@@ -321,11 +319,9 @@ async fn create_tenant(http: &reqwest::Client, base: &str, name: &str) -> anyhow
 /// runtime, the schedule is kept by a thread of its own sleeping to each
 /// intended send time (the runtime's timers have a 1 ms grain, which
 /// would add up to a millisecond of the generator's own delay to every
-/// latency) — or, with a [`Spinner`], both on the spinner's thread.
-#[allow(clippy::too_many_arguments)]
+/// latency).
 async fn offer(
     http: &reqwest::Client,
-    spinner: Option<&Spinner>,
     targets: &[Target],
     weights: &[u32],
     rate: f64,
@@ -347,25 +343,20 @@ async fn offer(
     // by up to 300 ms.
     let finished = Arc::new(Semaphore::new(0));
     let window = Window { cycle, rate, total, in_flight: in_flight.to_vec(), tallies: tallies.clone(), finished };
-    match spinner {
-        Some(spinner) => spinner.run(window).await,
-        None => {
-            let (http, runtime, finished) = (http.clone(), tokio::runtime::Handle::current(), window.finished.clone());
-            let scheduler = std::thread::spawn(move || {
-                let start = Instant::now() + Duration::from_millis(50);
-                for i in 0..window.total {
-                    let intended = window.intended(start, i);
-                    if let Some(wait) = intended.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    runtime.spawn(window.request(&http, start, i));
-                }
-            });
-            let scheduled = tokio::task::spawn_blocking(move || scheduler.join()).await;
-            if let Ok(Ok(())) = scheduled {
-                let _all = finished.acquire_many(u32::try_from(total).unwrap_or(u32::MAX)).await;
+    let (http, runtime, finished) = (http.clone(), tokio::runtime::Handle::current(), window.finished.clone());
+    let scheduler = std::thread::spawn(move || {
+        let start = Instant::now() + Duration::from_millis(50);
+        for i in 0..window.total {
+            let intended = window.intended(start, i);
+            if let Some(wait) = intended.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
             }
+            runtime.spawn(window.request(&http, start, i));
         }
+    });
+    let scheduled = tokio::task::spawn_blocking(move || scheduler.join()).await;
+    if let Ok(Ok(())) = scheduled {
+        let _all = finished.acquire_many(u32::try_from(total).unwrap_or(u32::MAX)).await;
     }
     std::mem::take(&mut *tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
@@ -419,61 +410,6 @@ impl Window {
                 Some(s) if s == reqwest::StatusCode::TOO_MANY_REQUESTS => tally.refused_us.push(elapsed),
                 _ => tally.errors += 1,
             }
-        }
-    }
-}
-
-/// A generator for a core of its own (`--node-cpus`: the node elsewhere):
-/// one thread runs a single-threaded runtime that both keeps the schedule
-/// and does the requests, polling between sends instead of sleeping. It
-/// keeps its core busy, and in exchange pays no thread wake-up per
-/// request: the sleeping scheduler's wake-ups and hand-offs cost the
-/// generator ~80 µs of CPU per request and, at 5,000–8,000/s on one core,
-/// sent requests late by 6–85 ms (p99), bursts the node then queued.
-struct Spinner {
-    windows: std::sync::mpsc::Sender<(Window, tokio::sync::oneshot::Sender<()>)>,
-}
-
-impl Spinner {
-    fn start(connections: usize) -> anyhow::Result<Self> {
-        let (windows, receiver) = std::sync::mpsc::channel::<(Window, tokio::sync::oneshot::Sender<()>)>();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("a runtime")?;
-        let http = {
-            let _in = runtime.enter();
-            reqwest::Client::builder()
-                .pool_max_idle_per_host(connections)
-                .timeout(Duration::from_secs(60))
-                .build()
-                .context("an HTTP client")?
-        };
-        std::thread::Builder::new()
-            .name("bench-generator".into())
-            .spawn(move || {
-                // One window at a time; the connections stay for the next.
-                for (window, done) in receiver {
-                    runtime.block_on(async {
-                        let start = Instant::now() + Duration::from_millis(50);
-                        for i in 0..window.total {
-                            let intended = window.intended(start, i);
-                            while Instant::now() < intended {
-                                tokio::task::yield_now().await;
-                            }
-                            tokio::spawn(window.request(&http, start, i));
-                        }
-                        let total = u32::try_from(window.total).unwrap_or(u32::MAX);
-                        let _all = window.finished.acquire_many(total).await;
-                    });
-                    let _ = done.send(());
-                }
-            })
-            .context("the generator's thread")?;
-        Ok(Self { windows })
-    }
-
-    async fn run(&self, window: Window) {
-        let (done, finished) = tokio::sync::oneshot::channel();
-        if self.windows.send((window, done)).is_ok() {
-            let _ = finished.await;
         }
     }
 }
@@ -561,8 +497,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(60))
         .build()
         .context("an HTTP client")?;
-    // With the node on cores of its own, the generator's are its own too.
-    let spinner = args.node_cpus.as_ref().map(|_| Spinner::start(args.connections)).transpose()?;
     let n_tenants = if args.skew.is_some() { 2 } else { 1 };
     let in_flight: Vec<Arc<Semaphore>> = (0..n_tenants).map(|_| Arc::new(Semaphore::new(args.connections))).collect();
     let tenants: Vec<&'static str> = if args.skew.is_some() { vec!["a", "b"] } else { vec!["bench"] };
@@ -606,14 +540,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         for &rate in &args.rates {
             let rate = f64::from(rate);
             if !args.warmup.is_zero() {
-                offer(&http, spinner.as_ref(), &targets, &weights, rate, args.warmup, &in_flight, tenants.len()).await;
+                offer(&http, &targets, &weights, rate, args.warmup, &in_flight, tenants.len()).await;
             }
             let durations_before = node_durations(&http, &node.base).await;
             let cpu_before = node.cpu_seconds();
             let started = Instant::now();
-            let tallies =
-                offer(&http, spinner.as_ref(), &targets, &weights, rate, args.duration, &in_flight, tenants.len())
-                    .await;
+            let tallies = offer(&http, &targets, &weights, rate, args.duration, &in_flight, tenants.len()).await;
             // A tenant's rates are over the time until its last response: a
             // node that falls behind shows a lower rate, not the offered one.
             let elapsed = started.elapsed().as_secs_f64();

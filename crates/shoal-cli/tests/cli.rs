@@ -477,8 +477,7 @@ fn bench_sweeps_rates_and_writes_csv_and_charts() {
         assert_eq!(svg.matches("<polyline").count(), 2, "{chart}: a line per N");
     }
 
-    // With the node on a core of its own, the generator keeps its schedule
-    // on a thread of its own (polling, not sleeping): the same rows.
+    // The node on a core of its own (`taskset`): the same rows.
     let pinned = dir.path().join("pinned");
     let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
         .args(["bench", "--functions", "1", "--rates", "80", "--duration", "250ms", "--warmup", "100ms"])
