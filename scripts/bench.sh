@@ -28,7 +28,8 @@
 #               (scripts/bench-queues.sh)
 #   overload    `shoal bench`: no collapse past capacity (pinned)
 #   flat        `shoal bench`: N functions, 1 to 1,000: N names of one binary,
-#               then N distinct binaries
+#               then N distinct binaries, then 1 against 1,000 distinct
+#               (pinned, three runs)
 #   slicing     `shoal bench`: no-op calls beside `fib(38)` calls
 #   fairness    `shoal bench`: two tenants, one offering 10x (pinned), and
 #               again with the node's core shared with a spinning process
@@ -144,6 +145,13 @@ run_part() {
                 # Each function its own code (as a provider's are).
                 shoal_bench distinct --distinct --functions 1,10,100,1000 --rates 2000,5000,10000 \
                     --duration 4s --connections 512
+                # Item 7's comparison: pinned, N = 1 against 1,000 distinct
+                # at ~50% and ~80% of N = 1,000's capacity, three runs.
+                for run in 1 2 3; do
+                    taskset -c 0 "$abs_shoal" bench --distinct --node-cpus 1 --functions 1,1000 \
+                        --rates 5000,8000 --duration 6s --connections 512 --timeline \
+                        --out "$out/flat-pinned-$run"
+                done
             fi
             ;;
         slicing)
