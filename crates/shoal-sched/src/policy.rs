@@ -494,8 +494,15 @@ impl Policy {
         self.tenant(tenant).running_cap = cap.map(|c| c.max(1));
     }
 
+    /// `name`'s state, made on its first call. Looked up by `&str` first:
+    /// making the key (an `Arc<str>`) only for a new tenant keeps an
+    /// allocation off every admission (this runs up to three times per
+    /// call).
     fn tenant(&mut self, name: &str) -> &mut Tenant {
-        self.tenants.entry(Arc::from(name)).or_insert_with(|| Tenant { weight: 1, ..Tenant::default() })
+        if !self.tenants.contains_key(name) {
+            self.tenants.insert(Arc::from(name), Tenant { weight: 1, ..Tenant::default() });
+        }
+        self.tenants.get_mut(name).expect("inserted just now")
     }
 
     /// The most of `total` places `t` may hold: `alone` while no other
