@@ -53,7 +53,7 @@ pub struct BenchArgs {
     /// Before each rate's measured window, the same rate offered for this
     /// long and not counted: the generator opens the connections the rate
     /// needs (a connection opened mid-window costs its request a connect
-    /// and an accept: without a warm-up, the first tenth of a second of a
+    /// and an accept: without a warm-up, the first fifth of a second of an
     /// 8,000/s window waited up to 130 ms) and the node settles.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     warmup: Duration,
@@ -213,12 +213,12 @@ struct Target {
 struct Tally {
     ok_us: Vec<u64>,
     refused_us: Vec<u64>,
-    /// Every answered request: its intended send time (µs from the
-    /// window's start), its latency (µs) and whether it succeeded.
+    /// With `--timeline`, every request: its intended send time (µs from
+    /// the window's start), its latency (µs) and whether it succeeded.
     timeline: Vec<(u64, u64, bool)>,
-    /// How late the generator sent each request (µs after its intended
-    /// time, a free connection included): what of a latency is the
-    /// generator's own.
+    /// How late the generator got to each request (µs after its intended
+    /// time, before any wait for a free connection): what of a latency is
+    /// the generator's own.
     lag_us: Vec<u64>,
     errors: u64,
     /// From the first intended send to this tenant's last response.
@@ -246,9 +246,10 @@ struct Row {
     refused: usize,
     refused_p99_ms: f64,
     generator_lag_p99_ms: f64,
-    /// The node's own view: the upper bound of the bucket of its call
-    /// duration histogram that holds the window's p99 (all tenants).
-    node_p99_bound_ms: Option<f64>,
+    /// The node's own view: the upper bound (seconds) of the bucket of its
+    /// call-duration histogram that holds the window's p99 (all tenants;
+    /// from admission to the call's end, HTTP excluded).
+    node_p99_bound: Option<f64>,
     errors: u64,
     cpu_cores: f64,
     cpu_us_per_call: f64,
@@ -276,7 +277,7 @@ impl Row {
             self.cpu_us_per_call,
             self.rss_mib,
             self.generator_lag_p99_ms,
-            self.node_p99_bound_ms.map_or(String::new(), |ms| format!("{ms}"))
+            self.node_p99_bound.map_or(String::new(), bound_ms)
         )
     }
 }
@@ -320,8 +321,10 @@ async fn create_tenant(http: &reqwest::Client, base: &str, name: &str) -> anyhow
 /// intended send time (the runtime's timers have a 1 ms grain, which
 /// would add up to a millisecond of the generator's own delay to every
 /// latency).
+#[allow(clippy::too_many_arguments)]
 async fn offer(
     http: &reqwest::Client,
+    timeline: bool,
     targets: &[Target],
     weights: &[u32],
     rate: f64,
@@ -342,7 +345,8 @@ async fn offer(
     // generator by hundreds of MiB, its page faults stalling the schedule
     // by up to 300 ms.
     let finished = Arc::new(Semaphore::new(0));
-    let window = Window { cycle, rate, total, in_flight: in_flight.to_vec(), tallies: tallies.clone(), finished };
+    let window =
+        Window { cycle, rate, total, in_flight: in_flight.to_vec(), tallies: tallies.clone(), finished, timeline };
     let (http, runtime, finished) = (http.clone(), tokio::runtime::Handle::current(), window.finished.clone());
     let scheduler = std::thread::spawn(move || {
         let start = Instant::now() + Duration::from_millis(50);
@@ -354,9 +358,11 @@ async fn offer(
             runtime.spawn(window.request(&http, start, i));
         }
     });
-    let scheduled = tokio::task::spawn_blocking(move || scheduler.join()).await;
-    if let Ok(Ok(())) = scheduled {
-        let _all = finished.acquire_many(u32::try_from(total).unwrap_or(u32::MAX)).await;
+    match tokio::task::spawn_blocking(move || scheduler.join()).await {
+        // `run` keeps a window's requests within u32.
+        Ok(Ok(())) => drop(finished.acquire_many(u32::try_from(total).unwrap_or(u32::MAX)).await),
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(e) => panic!("the generator's scheduler was lost: {e}"),
     }
     std::mem::take(&mut *tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
@@ -370,6 +376,8 @@ struct Window {
     in_flight: Vec<Arc<Semaphore>>,
     tallies: Arc<Mutex<Vec<Tally>>>,
     finished: Arc<Semaphore>,
+    /// Whether to keep every request's timing (`--timeline`).
+    timeline: bool,
 }
 
 impl Window {
@@ -384,11 +392,13 @@ impl Window {
         let target = self.cycle[(i as usize) % self.cycle.len()].clone();
         // Each tenant has connections of its own, as separate clients would.
         let (http, in_flight, tallies) = (http.clone(), self.in_flight[target.tenant].clone(), self.tallies.clone());
-        let done = Finished(self.finished.clone());
+        let (done, timeline) = (Finished(self.finished.clone()), self.timeline);
         async move {
             let _done = done;
-            let _permit = in_flight.acquire_owned().await;
+            // The generator's own lateness: before any wait for one of the
+            // `--connections` (that wait is the node's backpressure).
             let lag = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let _permit = in_flight.acquire_owned().await;
             let response = http.post(&target.url).bearer_auth(ADMIN).body(target.input).send().await;
             let outcome = match response {
                 Ok(r) => {
@@ -403,7 +413,9 @@ impl Window {
             let mut tallies = tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let tally = &mut tallies[target.tenant];
             tally.span = tally.span.max(start.elapsed());
-            tally.timeline.push((sent, elapsed, outcome.is_some_and(|s| s.is_success())));
+            if timeline {
+                tally.timeline.push((sent, elapsed, outcome.is_some_and(|s| s.is_success())));
+            }
             tally.lag_us.push(lag);
             match outcome {
                 Some(s) if s.is_success() => tally.ok_us.push(elapsed),
@@ -417,10 +429,14 @@ impl Window {
 /// The node's own histogram of call durations, as cumulative counts per
 /// bucket bound (seconds), read from its metrics; empty if unreadable.
 async fn node_durations(http: &reqwest::Client, base: &str) -> Vec<(f64, u64)> {
-    let text = match http.get(format!("{base}/metrics")).bearer_auth(ADMIN).send().await {
-        Ok(response) => response.text().await.unwrap_or_default(),
-        Err(_) => return Vec::new(),
-    };
+    match http.get(format!("{base}/metrics")).bearer_auth(ADMIN).send().await {
+        Ok(response) if response.status().is_success() => parse_durations(&response.text().await.unwrap_or_default()),
+        _ => Vec::new(),
+    }
+}
+
+/// The node-wide call-duration buckets of a metrics text.
+fn parse_durations(text: &str) -> Vec<(f64, u64)> {
     text.lines()
         .filter_map(|line| line.strip_prefix("shoal_call_duration_seconds_bucket{le=\""))
         .filter_map(|rest| {
@@ -432,21 +448,25 @@ async fn node_durations(http: &reqwest::Client, base: &str) -> Vec<(f64, u64)> {
 }
 
 /// The bound of the node's bucket that holds the p99 of the calls it ran
-/// between two reads of its histogram (seconds), if it ran any.
+/// between two reads of its histogram (seconds; infinite: past the last
+/// finite bound). None if either read failed, the two do not have the
+/// same buckets, or it ran no call in between.
 fn node_p99_bound(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<f64> {
-    let counts: Vec<(f64, u64)> = after
-        .iter()
-        .map(|&(bound, n)| {
-            let earlier = before.iter().find(|(b, _)| *b == bound).map_or(0, |&(_, n)| n);
-            (bound, n.saturating_sub(earlier))
-        })
-        .collect();
+    if before.is_empty() || before.len() != after.len() || before.iter().zip(after).any(|(b, a)| b.0 != a.0) {
+        return None;
+    }
+    let counts: Vec<(f64, u64)> = before.iter().zip(after).map(|(b, a)| (a.0, a.1.saturating_sub(b.1))).collect();
     let total = counts.iter().map(|&(_, n)| n).max()?;
     if total == 0 {
         return None;
     }
     let rank = (total as f64 * 0.99).ceil() as u64;
     counts.iter().find(|&&(_, n)| n >= rank).map(|&(bound, _)| bound)
+}
+
+/// A bucket bound in ms as the CSV and the summary show it.
+fn bound_ms(bound_s: f64) -> String {
+    if bound_s.is_finite() { format!("{}", bound_s * 1e3) } else { "inf".to_string() }
 }
 
 /// Adds a permit to its semaphore when dropped: a request's task is over.
@@ -490,6 +510,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             node_cpus: args.node_cpus.as_deref(),
         })
         .await;
+    }
+    if args.functions.contains(&0) {
+        bail!("--functions: every number of functions must be at least 1");
+    }
+    let longest = args.duration.max(args.warmup).as_secs_f64();
+    if args.rates.iter().any(|&rate| f64::from(rate) * longest > f64::from(u32::MAX)) {
+        bail!("--rates × --duration: over {} requests in one window", u32::MAX);
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let http = reqwest::Client::builder()
@@ -540,12 +567,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         for &rate in &args.rates {
             let rate = f64::from(rate);
             if !args.warmup.is_zero() {
-                offer(&http, &targets, &weights, rate, args.warmup, &in_flight, tenants.len()).await;
+                offer(&http, false, &targets, &weights, rate, args.warmup, &in_flight, tenants.len()).await;
             }
             let durations_before = node_durations(&http, &node.base).await;
             let cpu_before = node.cpu_seconds();
             let started = Instant::now();
-            let tallies = offer(&http, &targets, &weights, rate, args.duration, &in_flight, tenants.len()).await;
+            let tallies =
+                offer(&http, args.timeline, &targets, &weights, rate, args.duration, &in_flight, tenants.len()).await;
             // A tenant's rates are over the time until its last response: a
             // node that falls behind shows a lower rate, not the offered one.
             let elapsed = started.elapsed().as_secs_f64();
@@ -585,7 +613,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     refused: tally.refused_us.len(),
                     refused_p99_ms: percentile(&tally.refused_us, 0.99),
                     generator_lag_p99_ms: percentile(&tally.lag_us, 0.99),
-                    node_p99_bound_ms: node_p99.map(|s| s * 1e3),
+                    node_p99_bound: node_p99,
                     errors: tally.errors,
                     cpu_cores: cpu / elapsed,
                     cpu_us_per_call: if total_ok > 0 { cpu * 1e6 / total_ok as f64 } else { 0.0 },
@@ -606,7 +634,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     row.cpu_cores,
                     row.rss_mib,
                     row.generator_lag_p99_ms,
-                    row.node_p99_bound_ms.map_or("?".to_string(), |ms| format!("{ms}"))
+                    row.node_p99_bound.map_or("?".to_string(), bound_ms)
                 );
                 csv.push(row.csv());
                 rows.push(row);
@@ -686,6 +714,36 @@ mod tests {
         assert_eq!(percentile(&us, 0.5), 501.0);
         assert_eq!(percentile(&us, 0.99), 990.0);
         assert_eq!(percentile(&[], 0.99), 0.0);
+    }
+
+    #[test]
+    fn the_nodes_p99_is_the_bucket_its_window_reaches_99_percent_in() {
+        let metrics = |counts: [u64; 4]| {
+            format!(
+                "# TYPE shoal_call_duration_seconds histogram\n\
+                 shoal_call_duration_seconds_bucket{{le=\"0.0001\"}} {}\n\
+                 shoal_call_duration_seconds_bucket{{le=\"0.001\"}} {}\n\
+                 shoal_call_duration_seconds_bucket{{le=\"10\"}} {}\n\
+                 shoal_call_duration_seconds_bucket{{le=\"+Inf\"}} {}\n\
+                 shoal_function_call_duration_seconds_bucket{{tenant=\"t\",function=\"f\",le=\"10\"}} 7\n",
+                counts[0], counts[1], counts[2], counts[3]
+            )
+        };
+        let before = parse_durations(&metrics([5, 10, 10, 10]));
+        assert_eq!(before, vec![(0.0001, 5), (0.001, 10), (10.0, 10), (f64::INFINITY, 10)]);
+        // 1,000 calls in the window, 985 under 100 µs: the p99 is in the
+        // bucket up to 1 ms (what came before the window does not count).
+        let after = parse_durations(&metrics([990, 1010, 1010, 1010]));
+        assert_eq!(node_p99_bound(&before, &after), Some(0.001));
+        let slow = parse_durations(&metrics([990, 995, 999, 1010]));
+        assert_eq!(node_p99_bound(&before, &slow), Some(f64::INFINITY));
+        assert_eq!(bound_ms(f64::INFINITY), "inf");
+        assert_eq!(bound_ms(0.001), "1");
+        // No call in the window, or a read that failed: no bound, never
+        // one counted from the node's start.
+        assert_eq!(node_p99_bound(&before, &before), None);
+        assert_eq!(node_p99_bound(&[], &after), None);
+        assert_eq!(node_p99_bound(&before, &after[..2]), None);
     }
 
     #[test]
