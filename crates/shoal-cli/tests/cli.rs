@@ -440,6 +440,15 @@ fn async_calls_accepted_before_kill_9_all_finish_after_the_restart() {
 #[test]
 fn bench_sweeps_rates_and_writes_csv_and_charts() {
     let dir = tempfile::tempdir().unwrap();
+    // Nonsense is refused before any node starts, saying why.
+    for (args, says) in [
+        (["--functions", "0", "--rates", "40"], "at least 1"),
+        (["--functions", "1", "--rates", "4000000000"], "requests in one window"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_shoal")).arg("bench").args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains(says), "{args:?}: {stderr}");
+    }
     let out = dir.path().join("results");
     let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
         .args(["bench", "--functions", "1,3", "--rates", "40,80", "--duration", "250ms", "--warmup", "100ms"])
