@@ -7,7 +7,7 @@
 #   http    An HTTP function: the `wstd` hello component (built for
 #           `wasmtime serve`, guests/test-guests/compat-wstd) on Shoal's
 #           function listener, public, GET /; the same component under
-#           `wasmtime serve -Scli` 48.0.4 (Rust std imports wasi:cli) with
+#           `wasmtime serve -Scli` 48.0.8 (Rust std imports wasi:cli) with
 #           default and tuned pooling settings;
 #           and a native hyper server (native-http) — each at 1, 16, 64
 #           connections.
@@ -17,7 +17,7 @@
 # For each wrk run: requests/s, latency p50/p99, and the server's CPU time
 # per request (user and system, from /proc/PID/stat).
 #
-# The peers are built when missing: wasmtime-cli 48.0.4 (the wasmtime Shoal
+# The peers are built when missing: wasmtime-cli 48.0.8 (the wasmtime Shoal
 # links) with `cargo install --locked` into target/tools/wasmtime (~20 min
 # on 2 cores, once), native-http with cargo. WASMTIME=path uses another;
 # PEERS=0 skips them.
@@ -97,8 +97,8 @@ fi
 if [ "$peers" = 1 ] && { has http || has stream; }; then
   cargo build --release -p shoal-testkit --bin native-http >/dev/null 2>&1
   if has http && [ -z "${WASMTIME:-}" ] && ! target/tools/wasmtime/bin/wasmtime --version 2>/dev/null | grep -q '^wasmtime 48\.0\.4\b'; then
-    echo "building wasmtime-cli 48.0.4 into target/tools/wasmtime (once)" >&2
-    cargo install --locked --quiet wasmtime-cli --version 48.0.4 --root target/tools/wasmtime
+    echo "building wasmtime-cli 48.0.8 into target/tools/wasmtime (once)" >&2
+    cargo install --locked --quiet wasmtime-cli --version 48.0.8 --root target/tools/wasmtime
   fi
 fi
 wasmtime=${WASMTIME:-target/tools/wasmtime/bin/wasmtime}

@@ -255,6 +255,62 @@ async fn failures_after_the_head_cut_the_stream_and_are_logged() {
     node.stop().await;
 }
 
+#[tokio::test]
+async fn an_answer_is_held_to_its_declared_length_both_ways() {
+    // A function declares a length and writes more: a second response
+    // after the declared bytes. Past the length nothing may reach the
+    // connection (a proxy in front may reuse it for another client's
+    // request). Writing less must end the connection, not leave the client
+    // waiting for bytes that never come.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start().await;
+    node.deploy_probe("probe", "access=public").await;
+    let address = node.fn_base.trim_start_matches("http://").to_string();
+    let read_all = |mut stream: tokio::net::TcpStream| async move {
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut seen))
+            .await
+            .expect("the connection ends, not hangs")
+            .ok();
+        String::from_utf8_lossy(&seen).into_owned()
+    };
+
+    // Longer, with a second request behind it on the same connection.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let requests = format!(
+        "GET /demo/probe/lie?declared=5 HTTP/1.1\r\nhost: {address}\r\n\r\n\
+         GET /demo/probe/hello HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    let seen = read_all(stream).await;
+    assert!(!seen.contains("smuggled"), "bytes past the declared length reached the client: {seen}");
+    let (head, rest) = seen.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200 OK") && head.contains("content-length: 5"), "{head}");
+    // At most the declared bytes, then the next answer whole, or the end.
+    let body_len = rest.find("HTTP/1.1").unwrap_or(rest.len());
+    assert!(body_len <= 5 && rest[..body_len].bytes().all(|b| b == b'a'), "{rest}");
+    let next = &rest[body_len..];
+    assert!(next.is_empty() || (next.starts_with("HTTP/1.1 200 OK") && next.contains("hello GET /hello")), "{next}");
+
+    // Shorter: half the declared bytes, and the connection ends.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let request = format!("GET /demo/probe/lie?declared=64&short=1 HTTP/1.1\r\nhost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Cut before its head left the node or after: never a whole answer.
+    let seen = read_all(stream).await;
+    if let Some((head, rest)) = seen.split_once("\r\n\r\n") {
+        assert!(head.contains("content-length: 64"), "{head}");
+        assert!(rest.len() < 64, "{} bytes", rest.len());
+    } else {
+        assert!(!seen.contains("HTTP/1.1"), "{seen}");
+    }
+
+    // And the node serves on.
+    let (status, text) = node.get_text(&node.route("demo/probe", "/hello")).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "hello GET /hello"));
+    node.stop().await;
+}
+
 /// An HTTP server on 127.0.0.1 for outbound requests: `/data` answers
 /// `outside`, `/redirect?to=URL` redirects there.
 async fn outside_server() -> (u16, tokio::task::JoinHandle<()>) {

@@ -17,6 +17,10 @@
 //! - `/config?name=K`: `wasi:config/store`'s value for K (`none` if unset).
 //! - `/fetch?url=U&follow=1`: GETs U (following one redirect when asked)
 //!   and answers `{status} {body}`, or `error {code}`.
+//! - `/lie?declared=N`: declares a body of N bytes, then writes N bytes of
+//!   `a` and a whole second response after them (what a tenant smuggling a
+//!   response to a shared proxy's connection would write); with `short=1`
+//!   it writes N/2 bytes and ends. Write errors are ignored.
 
 use std::io::{Read as _, Write as _};
 
@@ -262,6 +266,24 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
                 let url = query_param(query, "url").unwrap_or_default();
                 let follow = query_param(query, "follow").as_deref() == Some("1");
                 respond(out, 200, &[], fetch(&url, follow).as_bytes());
+            }
+            "/lie" => {
+                let declared: usize = query_param(query, "declared").and_then(|n| n.parse().ok()).unwrap_or(5);
+                let short = query_param(query, "short").as_deref() == Some("1");
+                let fields = Fields::new();
+                fields.append("content-length", declared.to_string().as_bytes()).expect("a valid header");
+                let response = OutgoingResponse::new(fields);
+                let outgoing = response.body().expect("the body, once");
+                ResponseOutparam::set(out, Ok(response));
+                let mut body = vec![b'a'; if short { declared / 2 } else { declared }];
+                if !short {
+                    body.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled");
+                }
+                if let Ok(mut stream) = outgoing.write() {
+                    let _ = stream.write_all(&body);
+                    let _ = stream.flush();
+                }
+                let _ = OutgoingBody::finish(outgoing, None);
             }
             _ => respond(out, 404, &[], format!("no route {path}").as_bytes()),
         }
