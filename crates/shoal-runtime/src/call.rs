@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use wasmtime::component::ResourceTable;
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -28,7 +27,6 @@ use crate::interp::memory::Plan;
 use crate::lanes::{FairLanes, Lane};
 use crate::outbound::Outbound;
 use crate::{CallError, FunctionImage, Lineage, Runtime};
-use wasmtime_wasi_http::WasiHttpCtx;
 
 /// How long past its deadline a call may take to notice it (epoch ticks
 /// are checked at function entries and loop heads) before the host stops
@@ -408,7 +406,7 @@ pub(crate) async fn run(
             wasi.stdout(stdout.clone());
             let ctx = ComponentCtx {
                 wasi: wasi.build(),
-                table: ResourceTable::new(),
+                table: crate::host::call_table(),
                 limiter,
                 tenant: settings.tenant.clone(),
                 state: runtime.state.clone(),
@@ -418,7 +416,7 @@ pub(crate) async fn run(
                 max_call_depth: config.max_call_depth,
                 max_spawns_per_root: config.max_spawns_per_root,
                 env: settings.env.clone(),
-                http: WasiHttpCtx::new(),
+                http: crate::host::call_http_ctx(),
                 outbound: Outbound::new(
                     settings.allowed_hosts.clone(),
                     runtime.outbound_limits.clone(),

@@ -34,6 +34,31 @@ wasmtime::component::bindgen!({
 
 pub(crate) use self::shoal::function::types::Error as GuestError;
 
+/// Host resources (handles: streams, header sets, requests, …) a call may
+/// hold at once. What the host keeps for a guest lives outside its linear
+/// memory and its limit, so a call that made them without end would take
+/// the node's memory from every tenant; real functions hold a few dozen.
+pub(crate) const MAX_CALL_HANDLES: usize = 4096;
+
+/// Bytes of one header set a guest builds (`wasi:http` fields): names and
+/// values together. With [`MAX_CALL_HANDLES`], header sets can hold at
+/// most 128 MiB of the host's memory for a call.
+pub(crate) const MAX_FIELDS_BYTES: usize = 32 << 10;
+
+/// A call's resource table, held to [`MAX_CALL_HANDLES`].
+pub(crate) fn call_table() -> ResourceTable {
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_CALL_HANDLES);
+    table
+}
+
+/// A call's `wasi:http` context, its header sets held to [`MAX_FIELDS_BYTES`].
+pub(crate) fn call_http_ctx() -> WasiHttpCtx {
+    let mut http = WasiHttpCtx::new();
+    http.set_field_size_limit(MAX_FIELDS_BYTES);
+    http
+}
+
 /// Store data of a component call.
 pub(crate) struct ComponentCtx {
     pub(crate) wasi: WasiCtx,
@@ -234,7 +259,7 @@ pub(crate) fn deploy_store(
     limiter.plan = plan;
     let ctx = ComponentCtx {
         wasi: wasi.build(),
-        table: ResourceTable::new(),
+        table: call_table(),
         limiter,
         tenant: Arc::from(""),
         state: None,
@@ -244,7 +269,7 @@ pub(crate) fn deploy_store(
         max_call_depth: 0,
         max_spawns_per_root: 0,
         env: Arc::from(Vec::new()),
-        http: WasiHttpCtx::new(),
+        http: call_http_ctx(),
         outbound: Outbound::denied(stderr.clone()),
         response_cut: None,
         config: Arc::default(),

@@ -152,7 +152,7 @@ pub(crate) async fn handle_bytes(
     let guest = async {
         let handled = handle(pre, store, exchange).await;
         // What the guest left open (its answer, its body) ends with it.
-        store.data_mut().table = wasmtime::component::ResourceTable::new();
+        store.data_mut().table = crate::host::call_table();
         handled
     };
     let (handled, output) = tokio::join!(guest, collect(answer, max_output));

@@ -311,6 +311,28 @@ async fn an_answer_is_held_to_its_declared_length_both_ways() {
     node.stop().await;
 }
 
+#[tokio::test]
+async fn a_call_cannot_take_the_nodes_memory_through_host_resources() {
+    // Header sets live in the host's memory, outside the call's own limit:
+    // a call holds at most 4,096 handles, a header set at most 32 KiB.
+    let node = TestNode::start().await;
+    node.deploy_probe("probe", "access=public").await;
+    let (status, text) = node.get_text(&node.route("demo/probe", "/hog?n=100&kib=16")).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "100"));
+    // One header set over 32 KiB: the call traps there.
+    let (status, text) = node.get_text(&node.route("demo/probe", "/hog?n=10&kib=40")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(text.contains(r#""kind":"trap""#) && text.contains("total size of fields exceeds limit"), "{text}");
+    // Handles without end: the call traps at the limit (unbounded, this one
+    // held ~1.3 GB of the node's memory at 20,000), and the node serves on.
+    let (status, text) = node.get_text(&node.route("demo/probe", "/hog?n=100000&kib=1")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(text.contains(r#""kind":"trap""#) && text.contains("resource table has no free keys"), "{text}");
+    let (status, text) = node.get_text(&node.route("demo/probe", "/hello")).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "hello GET /hello"));
+    node.stop().await;
+}
+
 /// An HTTP server on 127.0.0.1 for outbound requests: `/data` answers
 /// `outside`, `/redirect?to=URL` redirects there.
 async fn outside_server() -> (u16, tokio::task::JoinHandle<()>) {

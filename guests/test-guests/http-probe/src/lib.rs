@@ -17,6 +17,9 @@
 //! - `/config?name=K`: `wasi:config/store`'s value for K (`none` if unset).
 //! - `/fetch?url=U&follow=1`: GETs U (following one redirect when asked)
 //!   and answers `{status} {body}`, or `error {code}`.
+//! - `/hog?n=N&kib=K`: makes N header sets of one K KiB header each and
+//!   holds them all, stopping at the first the host refuses; answers how
+//!   many it made.
 //! - `/lie?declared=N`: declares a body of N bytes, then writes N bytes of
 //!   `a` and a whole second response after them (what a tenant smuggling a
 //!   response to a shared proxy's connection would write); with `short=1`
@@ -266,6 +269,22 @@ impl wasip2::exports::http::incoming_handler::Guest for Probe {
                 let url = query_param(query, "url").unwrap_or_default();
                 let follow = query_param(query, "follow").as_deref() == Some("1");
                 respond(out, 200, &[], fetch(&url, follow).as_bytes());
+            }
+            "/hog" => {
+                let n: usize = query_param(query, "n").and_then(|n| n.parse().ok()).unwrap_or(1000);
+                let kib: usize = query_param(query, "kib").and_then(|n| n.parse().ok()).unwrap_or(64);
+                let value = vec![b'v'; kib << 10];
+                let mut kept = Vec::new();
+                let mut made = 0;
+                for i in 0..n {
+                    let fields = Fields::new();
+                    if fields.append(&format!("x-{i}"), &value).is_err() {
+                        break;
+                    }
+                    kept.push(fields);
+                    made += 1;
+                }
+                respond(out, 200, &[], made.to_string().as_bytes());
             }
             "/lie" => {
                 let declared: usize = query_param(query, "declared").and_then(|n| n.parse().ok()).unwrap_or(5);
